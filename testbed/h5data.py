@@ -1,0 +1,389 @@
+"""The HDF5 dataset format (SPEC §3, schema 1): write, open + validate, hash, and a PyTorch Dataset.
+
+Everything that touches a dataset file goes through this module, so validation happens in one place.
+Files are plain HDF5; ``docs/data-format.md`` describes them for people who read them with h5py alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from testbed.atomic import atomic_file
+from testbed.errors import UserError
+
+FORMAT = "testbed-seg"
+SCHEMA_VERSION = 1
+IGNORE_INDEX = 255
+SPLITS = ("train", "test")
+_LABEL_CHECK_BLOCK = 256
+
+
+def _json_attr(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+class DatasetWriter:
+    """Streams arrays into a new dataset file, atomically: nothing appears at ``path`` unless it completes.
+
+    >>> with DatasetWriter(path, classes, source={...}, image_size=(64, 64)) as w:
+    ...     w.put("train/images", images); w.put("train/labels", labels)   # or create() + slices
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        classes: Sequence[str],
+        *,
+        source: Mapping[str, Any],
+        image_size: Sequence[int],
+        compression: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if compression not in (None, "lzf", "gzip"):
+            raise UserError(f"unknown compression {compression!r}; use lzf, gzip or none")
+        classes = list(classes)
+        if not classes or len(classes) > 255:
+            raise UserError(f"a dataset needs 1..255 classes, got {len(classes)}")
+        if len(set(classes)) != len(classes):
+            raise UserError("class names must be unique")
+        self.path = Path(path)
+        self.classes = classes
+        self.compression = compression
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self._attrs: dict[str, Any] = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "classes": classes,
+            "ignore_index": IGNORE_INDEX,
+            "source": dict(source),
+            "image_size": list(self.image_size),
+        }
+        self._attrs.update(attrs or {})
+        self._ctx = None
+        self.file: h5py.File | None = None
+
+    def __enter__(self) -> "DatasetWriter":
+        self._ctx = atomic_file(self.path)
+        tmp = self._ctx.__enter__()
+        self.file = h5py.File(tmp, "w")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                for name, value in self._attrs.items():
+                    is_json = isinstance(value, (dict, list)) and name != "image_size"
+                    self.file.attrs[name] = _json_attr(value) if is_json else value
+                for split in SPLITS:
+                    for kind in ("images", "labels"):
+                        if f"{split}/{kind}" not in self.file:
+                            raise ValueError(f"dataset is missing /{split}/{kind}")
+        except BaseException as e:  # close, then let atomic_file discard the temp file
+            self.file.close()
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        self.file.close()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+    def set_attr(self, name: str, value: Any) -> None:
+        self._attrs[name] = value
+
+    def create(self, name: str, shape: Sequence[int], dtype: Any) -> h5py.Dataset:
+        """Create an empty array; image/label arrays are chunked one sample per chunk."""
+        shape = tuple(int(s) for s in shape)
+        kwargs: dict[str, Any] = {}
+        if len(shape) >= 3 and shape[0] > 0:
+            kwargs["chunks"] = (1,) + shape[1:]
+            if self.compression:
+                kwargs["compression"] = self.compression
+        return self.file.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        ds = self.create(name, array.shape, array.dtype)
+        if array.size:
+            ds[...] = array
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    arrays: Mapping[str, np.ndarray],
+    classes: Sequence[str],
+    *,
+    source: Mapping[str, Any],
+    compression: str | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a complete dataset from in-memory arrays (keys like ``"train/images"``), atomically."""
+    h, w = np.asarray(arrays["train/images"]).shape[1:3]
+    with DatasetWriter(path, classes, source=source, image_size=(h, w), compression=compression, attrs=attrs) as wr:
+        for name, array in arrays.items():
+            wr.put(name, array)
+    return Path(path)
+
+
+class SegFile:
+    """A validated, read-only dataset file.  Use :func:`open_dataset`."""
+
+    def __init__(self, path: str | os.PathLike, check_labels: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a directory, not a dataset file")
+        try:
+            is_h5 = h5py.is_hdf5(self.path)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        if not is_h5:
+            raise UserError(f"{self.path} is not an HDF5 file; make one with `testbed data synth` or `testbed data import`")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError:
+            raise UserError(f"{self.path} is corrupt or truncated (HDF5 could not open it); re-create it") from None
+        try:
+            self._validate(check_labels)
+        except UserError:
+            self.file.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            self.file.close()
+            raise UserError(f"{self.path} is corrupt or truncated ({e}); re-create it") from None
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self, check_labels: bool) -> None:
+        a = self.file.attrs
+        fmt = a.get("format")
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode()
+        if fmt != FORMAT:
+            raise UserError(f"{self.path} is an HDF5 file but not a testbed dataset (format={fmt!r}, expected {FORMAT!r})")
+        version = int(a.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path} has schema_version {version}; this testbed reads schema {SCHEMA_VERSION} (upgrade segbackdoor or re-create the file)"
+            )
+        self.attrs: dict[str, Any] = {}
+        for name, value in a.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str) and value[:1] in "{[":
+                value = json.loads(value)
+            elif isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif isinstance(value, np.generic):
+                value = value.item()
+            self.attrs[name] = value
+        self.classes: list[str] = list(self.attrs["classes"])
+        self.num_classes = len(self.classes)
+        self.ignore_index = int(self.attrs.get("ignore_index", IGNORE_INDEX))
+        self.source: dict = self.attrs.get("source", {})
+        self.attack: dict | None = self.attrs.get("attack")
+        h, w = (int(x) for x in self.attrs["image_size"])
+        self.image_size = (h, w)
+        for split in SPLITS:
+            for kind in ("images", "labels"):
+                if f"{split}/{kind}" not in self.file:
+                    raise UserError(f"{self.path} lacks /{split}/{kind}; it is not a complete testbed dataset")
+            self._check_pair(f"{split}/images", f"{split}/labels")
+        if "test_attacked/images" in self.file:
+            self._check_pair("test_attacked/images", "test_attacked/labels")
+        if check_labels:
+            for name in self.file:
+                for key in ("labels", "gt", "original_labels"):
+                    if f"{name}/{key}" in self.file:
+                        self._check_label_range(f"{name}/{key}")
+
+    def _check_pair(self, images: str, labels: str) -> None:
+        x, y = self.file[images], self.file[labels]
+        h, w = self.image_size
+        if x.dtype != np.uint8 or y.dtype != np.uint8:
+            raise UserError(f"{self.path}: /{images} and /{labels} must be uint8")
+        if x.ndim != 4 or x.shape[1:] != (h, w, 3):
+            raise UserError(f"{self.path}: /{images} has shape {x.shape}, expected [N,{h},{w},3]")
+        if y.shape != x.shape[:3]:
+            raise UserError(f"{self.path}: /{labels} has shape {y.shape}, expected {x.shape[:3]}")
+
+    def _check_label_range(self, name: str) -> None:
+        ds = self.file[name]
+        k = self.num_classes
+        for start in range(0, ds.shape[0], _LABEL_CHECK_BLOCK):
+            block = ds[start : start + _LABEL_CHECK_BLOCK]
+            bad = (block >= k) & (block != self.ignore_index)
+            if bad.any():
+                i = start + int(np.argwhere(bad)[0][0])
+                raise UserError(
+                    f"{self.path}: /{name}[{i}] holds label {int(block[bad].max())} but the file has only {k} classes (0..{k - 1}, ignore {self.ignore_index})"
+                )
+
+    # -- access -------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.file
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """Read a whole array, e.g. ``f["test/images"]``."""
+        if name not in self.file:
+            raise KeyError(f"{self.path} has no /{name}")
+        return self.file[name][()]
+
+    def read(self, name: str, index: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Read rows ``index`` (any order, repeats allowed) of array ``name``."""
+        ds = self.file[name]
+        if index is None:
+            return ds[()]
+        index = np.asarray(index, dtype=np.int64)
+        if index.size == 0:
+            return np.empty((0,) + ds.shape[1:], ds.dtype)
+        uniq, inverse = np.unique(index, return_inverse=True)
+        return ds[uniq][inverse]
+
+    def length(self, split: str) -> int:
+        return int(self.file[f"{split}/images"].shape[0])
+
+    @property
+    def is_poisoned(self) -> bool:
+        return self.attack is not None
+
+    def class_id(self, name: str) -> int:
+        """The id of class ``name``; an unknown name is a user error listing the valid ones."""
+        try:
+            return self.classes.index(name)
+        except ValueError:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.classes, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"unknown class {name!r}{hint}; {self.path.name} has: {', '.join(self.classes)}") from None
+
+    def content_hash(self) -> str:
+        return content_hash(self.file)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "SegFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_dataset(path: str | os.PathLike, check_labels: bool = True) -> SegFile:
+    """Open and validate a dataset file; every problem is a :class:`UserError` with a one-line message."""
+    return SegFile(path, check_labels=check_labels)
+
+
+def _canonical_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        try:  # JSON attrs hash by content, not by key order or whitespace
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def content_hash(f: h5py.File | str | os.PathLike) -> str:
+    """sha256 over every array (name, dtype, shape, bytes) and every root attribute, not the HDF5 layout.
+
+    Two files with the same content hash the same whether chunked, compressed or written in another order.
+    """
+    if not isinstance(f, h5py.File):
+        with h5py.File(f, "r") as fh:
+            return content_hash(fh)
+    h = hashlib.sha256()
+    attrs = {k: _canonical_attr(v) for k, v in f.attrs.items()}
+    h.update(json.dumps(attrs, sort_keys=True).encode())
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    for name in sorted(names):
+        ds = f[name]
+        h.update(f"\0{name}\0{ds.dtype.str}\0{ds.shape}\0".encode())
+        if ds.ndim == 0:
+            h.update(np.ascontiguousarray(ds[()]).tobytes())
+            continue
+        step = max(1, (64 << 20) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]) or 1)))
+        for start in range(0, ds.shape[0], step):
+            h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
+    return h.hexdigest()
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Samples of one split as ``(image uint8 [H,W,3], label uint8 [H,W])`` tensors.
+
+    Safe with ``num_workers > 0``: the HDF5 handle is opened lazily in each process.  Small splits
+    (``in_memory`` default: under 1 GiB) are read once into memory; otherwise ``__getitems__`` reads a
+    batch with one sorted h5py selection.  Conversion to float and normalization happen on the
+    device, in the trainer, where it is cheapest.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str = "train",
+        indices: Iterable[int] | None = None,
+        in_memory: bool | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.split = split
+        with open_dataset(path, check_labels=False) as f:
+            n = f.length(split) if f"{split}/images" in f else None
+            if n is None:
+                raise UserError(f"{path} has no split {split!r}")
+            nbytes = f.file[f"{split}/images"].nbytes + f.file[f"{split}/labels"].nbytes
+        self.indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(list(indices), dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
+            raise UserError(f"indices out of range for {split} split of size {n}")
+        self.in_memory = nbytes < (1 << 30) if in_memory is None else in_memory
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        self._images: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def _arrays(self):
+        if self._pid != os.getpid():  # a fresh handle per worker process
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            if self.in_memory:
+                self._images = self._file[f"{self.split}/images"][()]
+                self._labels = self._file[f"{self.split}/labels"][()]
+            else:
+                self._images = self._file[f"{self.split}/images"]
+                self._labels = self._file[f"{self.split}/labels"]
+        return self._images, self._labels
+
+    def __getitem__(self, i: int):
+        images, labels = self._arrays()
+        j = int(self.indices[i])
+        return torch.from_numpy(np.asarray(images[j])), torch.from_numpy(np.asarray(labels[j]))
+
+    def __getitems__(self, items: Sequence[int]):
+        images, labels = self._arrays()
+        idx = self.indices[np.asarray(items, dtype=np.int64)]
+        if self.in_memory:
+            x, y = images[idx], labels[idx]
+        else:
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            x, y = images[uniq][inverse], labels[uniq][inverse]
+        return [(torch.from_numpy(x[k]), torch.from_numpy(y[k])) for k in range(len(idx))]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_file=None, _pid=None, _images=None, _labels=None)
+        return state
