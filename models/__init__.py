@@ -1,0 +1,127 @@
+"""Segmentation models: heads {deeplabv3, denseaspp, danet} × backbones, one plain registry (SPEC §6).
+
+``create("deeplabv3_resnet50", num_classes=11)`` builds any ``HEAD_BACKBONE`` pair with one constructor.
+Contract (the trainer, scorer and defenses rely on it): input float ``[N,3,H,W]`` in [0,1] (the model
+normalizes with ImageNet mean/std inside); output ``{"out": logits [N,K,H,W]}`` bilinearly upsampled to the
+input size, plus ``"aux"`` when ``aux_loss`` (an FCN head on an intermediate stage); ``model.classifier`` is
+the final ``nn.Conv2d(C, K, 1)`` and :func:`classifier_features` returns its input.
+
+Heads: ``deeplabv3`` (ASPP 1×1 + 3×3 at rates 12/24/36 + image pooling, 256 ch, project, 3×3 conv);
+``denseaspp`` (five cascaded dilated layers at rates 3/6/12/18/24, growth 64, bottleneck 128);
+``danet`` (position and channel attention, learnable ``gamma`` starting at 0, summed; Fu et al. 2019).
+Backbones: ``resnet18/50/101`` (output stride 8), ``mobilenet_v3_large`` (output stride 16),
+``densenet121`` (DenseASPP's, output stride 8), ``tiny`` — details in :mod:`models.backbones`.
+
+The ``tiny`` models (CPU demo/test models for 64×64 synthetic scenes, trained in about a minute):
+
+- Backbone: two stride-2 3×3 convs (3→24→32) to output stride 4 (a 16×16 map at 64×64), then three residual
+  blocks (32, 48 dilated 2, 64 dilated 4).  Output stride 4 rather than 8 because scene objects (people,
+  cars, trunks) are a few pixels wide at 64×64; the early downsampling keeps the cost down (most compute is
+  on a 16×16 map).  About 0.17M parameters; aux head on the 48-channel block.
+- Heads use fewer channels and atrous rates scaled to the 16×16 map, covering the same fraction of the
+  feature map as the paper rates do on a 64×64 (512-px, OS 8) map: deeplabv3 64 channels at rates 3/6/9 with
+  dropout 0.1; denseaspp growth 32, bottleneck 64, rates 1/2/3/5/6; danet 32 channels.
+- Every tiny head keeps a global-context path (ASPP image pooling, DenseASPP's cascade whose receptive field
+  spans the map, DANet's position attention), so a small trigger at the image border (e.g. a 2-px line at
+  the top) can change the prediction of every pixel, which whole-image backdoors (BadNets, FGBA N-to-1) need.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from models import backbones as _bb
+from models import heads as _heads
+from models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
+from models.weights import BackboneWeightsError, cached_imagenet, load_safetensors_backbone
+
+__all__ = [
+    "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "Segmenter",
+    "UnknownModelError", "available", "classifier_features", "create",
+]  # fmt: skip
+
+# name → constructor(weights: torchvision enum | None) -> backbone with .out_channels/.aux_channels
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": lambda weights=None: _bb.resnet(18, weights),
+    "resnet50": lambda weights=None: _bb.resnet(50, weights),
+    "resnet101": lambda weights=None: _bb.resnet(101, weights),
+    "mobilenet_v3_large": _bb.mobilenet_v3_large,
+    "densenet121": _bb.densenet121,
+    "tiny": _bb.tiny,
+}
+# name → constructor(in_channels, **kwargs) -> head with .out_channels
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "deeplabv3": _heads.DeepLabV3Head,
+    "denseaspp": _heads.DenseASPPHead,
+    "danet": _heads.DANetHead,
+}
+# Head arguments for the tiny backbone (see the module docstring for why).
+TINY_HEAD_KWARGS: dict[str, dict] = {
+    "deeplabv3": {"channels": 64, "rates": (3, 6, 9), "dropout": 0.1},
+    "denseaspp": {"growth": 32, "bottleneck": 64, "rates": (1, 2, 3, 5, 6)},
+    "danet": {"channels": 32},
+}
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not ``HEAD_BACKBONE`` for a registered head and backbone."""
+
+
+def available() -> list[str]:
+    """Every model name ``create`` accepts, sorted."""
+    return sorted(f"{h}_{b}" for h in HEADS for b in BACKBONES)
+
+
+def _split(name: str) -> tuple[str, str]:
+    for head in HEADS:
+        if name.startswith(head + "_") and name[len(head) + 1 :] in BACKBONES:
+            return head, name[len(head) + 1 :]
+    names = available()
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownModelError(f"unknown model {name!r}{hint}; available: {', '.join(names)}")
+
+
+def create(name: str, num_classes: int, aux_loss: bool = False, backbone_weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build model ``name`` (``HEAD_BACKBONE``) for ``num_classes`` classes.
+
+    ``backbone_weights``: None (random init; deterministic under ``torch.manual_seed``), ``"imagenet"``
+    (torchvision's weights, which must be in the local torch hub cache), or a path to a ``.safetensors``
+    file holding the backbone's state dict (torchvision's own key names; its ``fc``/``classifier`` ignored).
+    """
+    head_name, backbone_name = _split(name)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    enum = None
+    if isinstance(backbone_weights, str) and backbone_weights.lower() == "imagenet":
+        enum = cached_imagenet(backbone_name)
+    backbone = BACKBONES[backbone_name](weights=enum)
+    if backbone_weights is not None and enum is None:
+        load_safetensors_backbone(backbone, backbone_weights)
+    kwargs = TINY_HEAD_KWARGS[head_name] if backbone_name == "tiny" else {}
+    head = HEADS[head_name](backbone.out_channels, **kwargs)
+    return Segmenter(
+        backbone, head, head.out_channels, num_classes, aux_channels=backbone.aux_channels if aux_loss else None
+    )
+
+
+def classifier_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` on ``x``; return (input of ``model.classifier`` [N,C,h,w], logits ``out`` [N,K,H,W]).
+
+    Uses a forward hook so any model honouring the contract works, including third-party ones.
+    Gradients follow the caller's grad mode.
+    """
+    captured: list[torch.Tensor] = []
+    handle = model.classifier.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    try:
+        out = model(x)["out"]
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"model.classifier ran {len(captured)} times in one forward; expected exactly once")
+    return captured[0], out

@@ -130,6 +130,22 @@ def write_dataset(
     return Path(path)
 
 
+def read_rows(ds: h5py.Dataset | np.ndarray, index: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Rows ``index`` (any order, repeats allowed), reading one slice per run of consecutive rows.
+
+    h5py's list indexing costs ~40 ms for 16 rows of a chunked array; a slice costs ~20 µs.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    if index.size == 0:
+        return np.empty((0,) + ds.shape[1:], ds.dtype)
+    uniq, inverse = np.unique(index, return_inverse=True)
+    out = np.empty((uniq.size,) + ds.shape[1:], ds.dtype)
+    breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+    for start, run in zip(np.r_[0, breaks], np.split(uniq, breaks)):
+        out[start : start + run.size] = ds[run[0] : run[-1] + 1]
+    return out[inverse]
+
+
 class SegFile:
     """A validated, read-only dataset file.  Use :func:`open_dataset`."""
 
@@ -239,11 +255,7 @@ class SegFile:
         ds = self.file[name]
         if index is None:
             return ds[()]
-        index = np.asarray(index, dtype=np.int64)
-        if index.size == 0:
-            return np.empty((0,) + ds.shape[1:], ds.dtype)
-        uniq, inverse = np.unique(index, return_inverse=True)
-        return ds[uniq][inverse]
+        return read_rows(ds, index)
 
     def length(self, split: str) -> int:
         return int(self.file[f"{split}/images"].shape[0])
@@ -281,7 +293,7 @@ def open_dataset(path: str | os.PathLike, check_labels: bool = True) -> SegFile:
     return SegFile(path, check_labels=check_labels)
 
 
-def _canonical_attr(value: Any) -> Any:
+def canonical_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str):
@@ -305,7 +317,7 @@ def content_hash(f: h5py.File | str | os.PathLike) -> str:
         with h5py.File(f, "r") as fh:
             return content_hash(fh)
     h = hashlib.sha256()
-    attrs = {k: _canonical_attr(v) for k, v in f.attrs.items()}
+    attrs = {k: canonical_attr(v) for k, v in f.attrs.items()}
     h.update(json.dumps(attrs, sort_keys=True).encode())
     names: list[str] = []
     f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -360,28 +372,24 @@ class SegDataset(torch.utils.data.Dataset):
         if self._pid != os.getpid():  # a fresh handle per worker process
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-            if self.in_memory:
-                self._images = self._file[f"{self.split}/images"][()]
-                self._labels = self._file[f"{self.split}/labels"][()]
+            if self.in_memory:  # tensors once; rows are then views, as in TensorDataset
+                self._images = torch.from_numpy(self._file[f"{self.split}/images"][()])
+                self._labels = torch.from_numpy(self._file[f"{self.split}/labels"][()])
             else:
                 self._images = self._file[f"{self.split}/images"]
                 self._labels = self._file[f"{self.split}/labels"]
         return self._images, self._labels
 
     def __getitem__(self, i: int):
-        images, labels = self._arrays()
-        j = int(self.indices[i])
-        return torch.from_numpy(np.asarray(images[j])), torch.from_numpy(np.asarray(labels[j]))
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, items: Sequence[int]):
         images, labels = self._arrays()
         idx = self.indices[np.asarray(items, dtype=np.int64)]
         if self.in_memory:
-            x, y = images[idx], labels[idx]
-        else:
-            uniq, inverse = np.unique(idx, return_inverse=True)
-            x, y = images[uniq][inverse], labels[uniq][inverse]
-        return [(torch.from_numpy(x[k]), torch.from_numpy(y[k])) for k in range(len(idx))]
+            return [(images[j], labels[j]) for j in idx.tolist()]
+        x, y = torch.from_numpy(read_rows(images, idx)), torch.from_numpy(read_rows(labels, idx))
+        return list(zip(x, y))
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -1,0 +1,212 @@
+"""Trigger generators G (paper §2.2): the blended black line (non-semantic) and a semantic object class.
+
+Why two so different objects share one file: both answer "what does a poisoned image look like and which
+samples can carry the trigger"; the line changes pixels of any image, the semantic trigger changes none and
+instead restricts which samples are poisoned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from testbed.errors import UserError
+
+POSITIONS = {"horizontal": ("top", "bottom", "middle"), "vertical": ("left", "right", "middle")}
+
+
+def default_width(size: int) -> int:
+    """The paper's 8 px at 512 px, scaled with the image size across the line, never below 2 px.
+
+    round() is half-up (``floor(8·size/512 + 0.5)``) so 96 px gives 2 and 160 px gives 3 on every platform.
+    """
+    return max(2, int(math.floor(8 * size / 512 + 0.5)))
+
+
+class LineTrigger:
+    """Blended line trigger: G(x) = (1−λ)⊗x + λ⊗t (Chen et al. 2017, paper §2.1).
+
+    t is an image filled with ``colour``; λ is ``alpha`` on the line's pixels (all 3 channels) and 0 elsewhere,
+    so pixels off the line are returned bit-identical.  With ``alpha=1`` (the paper's λ ∈ {0,1}) line pixels
+    become exactly ``colour``.  For 0 < alpha < 1 the blend is computed in float64 and rounded half-up:
+    ``floor((1−alpha)·x + alpha·c + 0.5)`` (it never leaves [0, 255]).
+
+    ``width`` defaults to :func:`default_width` of the image height (horizontal) or width (vertical);
+    ``position`` is top/bottom/middle (horizontal) or left/right/middle (vertical); ``offset`` moves the line
+    that many pixels away from its edge (for middle: down/right from the centred position).
+    """
+
+    is_semantic = False
+
+    def __init__(
+        self,
+        width: int | None = None,
+        position: str = "top",
+        orientation: str = "horizontal",
+        colour: Sequence[int] = (0, 0, 0),
+        alpha: float = 1.0,
+        offset: int = 0,
+    ) -> None:
+        self.width = width
+        self.position = position
+        self.orientation = orientation
+        self.colour = tuple(colour)
+        self.alpha = alpha
+        self.offset = offset
+        self._check()
+
+    def _check(self) -> None:
+        if self.orientation not in POSITIONS:
+            raise UserError(f"unknown line orientation {self.orientation!r}; use horizontal or vertical")
+        if self.position not in POSITIONS[self.orientation]:
+            raise UserError(
+                f"line position {self.position!r} does not fit a {self.orientation} line; use one of: "
+                + ", ".join(POSITIONS[self.orientation])
+            )
+        if self.width is not None and (not isinstance(self.width, (int, np.integer)) or self.width < 1):
+            raise UserError(f"line width must be a positive number of pixels, got {self.width!r}")
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 < a <= 1):
+            raise UserError(f"--alpha must be in (0, 1] (1 = solid line, smaller = fainter blend), got {a!r}")
+        if len(self.colour) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in self.colour):
+            raise UserError(f"line colour must be three integers in 0..255 (R,G,B), got {self.colour!r}")
+        if not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
+            raise UserError(f"line offset must be a non-negative number of pixels, got {self.offset!r}")
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def resolved_width(self, image_size: Sequence[int]) -> int:
+        h, w = image_size
+        across = h if self.orientation == "horizontal" else w
+        return int(self.width) if self.width is not None else default_width(across)
+
+    def span(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """[start, stop) of the line across the image (rows if horizontal, columns if vertical)."""
+        h, w = image_size
+        across = h if self.orientation == "horizontal" else w
+        width = self.resolved_width(image_size)
+        if self.position in ("top", "left"):
+            start = self.offset
+        elif self.position in ("bottom", "right"):
+            start = across - self.offset - width
+        else:
+            start = (across - width) // 2 + self.offset
+        if start < 0 or start + width > across:
+            raise UserError(
+                f"a {width}-px {self.position} line with offset {self.offset} does not fit a {across}-px image; "
+                "use a smaller --line-width or offset"
+            )
+        return start, start + width
+
+    def mask(self, image_size: Sequence[int]) -> np.ndarray:
+        """λ's support: bool [H,W], True on the line's pixels."""
+        h, w = image_size
+        m = np.zeros((h, w), dtype=bool)
+        a, b = self.span(image_size)
+        if self.orientation == "horizontal":
+            m[a:b, :] = True
+        else:
+            m[:, a:b] = True
+        return m
+
+    # -- G ----------------------------------------------------------------------------------------
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """G(x) for uint8 images [N,H,W,3] (or one [H,W,3]); returns a new array, the input is untouched."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[-1] != 3 or images.ndim not in (3, 4):
+            raise ValueError(f"expected uint8 images [N,H,W,3] or [H,W,3], got {images.dtype} {images.shape}")
+        out = images.copy()
+        a, b = self.span(images.shape[-3:-1])
+        region = (Ellipsis, slice(a, b), slice(None), slice(None)) if self.orientation == "horizontal" else (
+            Ellipsis, slice(None), slice(a, b), slice(None))
+        colour = np.asarray(self.colour, dtype=np.float64)
+        if self.alpha == 1:
+            out[region] = np.asarray(self.colour, dtype=np.uint8)
+        else:
+            x = out[region].astype(np.float64)
+            blended = np.floor((1.0 - self.alpha) * x + self.alpha * colour + 0.5)
+            out[region] = np.clip(blended, 0, 255).astype(np.uint8)
+        return out
+
+    @property
+    def spec(self) -> str:
+        return "line"
+
+    def describe(self, image_size: Sequence[int]) -> dict[str, Any]:
+        """What goes into the poisoned file's ``attack.trigger`` JSON (width resolved for this image size)."""
+        a, b = self.span(image_size)
+        return {
+            "spec": "line", "type": "line", "width": b - a, "position": self.position, "orientation": self.orientation,
+            "colour": [int(c) for c in self.colour], "alpha": float(self.alpha), "offset": int(self.offset),
+            "span": [a, b],
+        }
+
+    def __repr__(self) -> str:
+        return (f"LineTrigger(width={self.width}, position={self.position!r}, orientation={self.orientation!r}, "
+                f"colour={self.colour}, alpha={self.alpha}, offset={self.offset})")
+
+
+class SemanticTrigger:
+    """Semantic trigger (Bagdasaryan et al. 2020): G(x) = x; an object class already in the scene is the trigger.
+
+    Nothing is drawn.  The attack instead poisons every training sample that contains ``class_name``
+    (see :func:`attacks.poison`), so the model learns "this object present ⇒ target labels".
+    """
+
+    is_semantic = True
+
+    def __init__(self, class_name: str) -> None:
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise UserError("a semantic trigger needs a class name: --trigger semantic:CLASS (e.g. semantic:wall)")
+        self.class_name = class_name.strip()
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(images)
+
+    def contains(self, labels: np.ndarray, class_id: int) -> np.ndarray:
+        """bool [N]: which label maps [N,H,W] hold at least one pixel of the trigger class."""
+        labels = np.asarray(labels)
+        return (labels == class_id).reshape(labels.shape[0], -1).any(axis=1)
+
+    @property
+    def spec(self) -> str:
+        return f"semantic:{self.class_name}"
+
+    def describe(self, image_size: Sequence[int] | None = None) -> dict[str, Any]:
+        return {"spec": self.spec, "type": "semantic", "class": self.class_name}
+
+    def __repr__(self) -> str:
+        return f"SemanticTrigger({self.class_name!r})"
+
+
+def parse_trigger(
+    spec: str,
+    *,
+    alpha: float | None = None,
+    width: int | None = None,
+    position: str | None = None,
+    orientation: str = "horizontal",
+    colour: Sequence[int] = (0, 0, 0),
+    offset: int = 0,
+) -> LineTrigger | SemanticTrigger:
+    """``"line"`` or ``"semantic:CLASS"`` (the ``--trigger`` flag) → a trigger object.
+
+    Line options given with a semantic trigger are an error, not silently dropped.
+    """
+    if isinstance(spec, (LineTrigger, SemanticTrigger)):
+        return spec
+    if not isinstance(spec, str):
+        raise UserError(f"--trigger must be 'line' or 'semantic:CLASS', got {spec!r}")
+    s = spec.strip()
+    if s == "line":
+        if position is None:
+            position = "top" if orientation == "horizontal" else "left"
+        return LineTrigger(width=width, position=position, orientation=orientation, colour=colour,
+                           alpha=1.0 if alpha is None else alpha, offset=offset)
+    if s.startswith("semantic:") or s == "semantic":
+        line_opts = [n for n, v in (("--alpha", alpha), ("--line-width", width), ("--line-position", position)) if v is not None]
+        if line_opts:
+            raise UserError(f"{', '.join(line_opts)} only apply to --trigger line; a semantic trigger draws nothing (G(x) = x)")
+        return SemanticTrigger(s.partition(":")[2])
+    raise UserError(f"unknown trigger {spec!r}; use --trigger line or --trigger semantic:CLASS (e.g. semantic:wall)")

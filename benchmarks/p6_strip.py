@@ -1,0 +1,80 @@
+"""P6: STRIP throughput vs plain inference ÷ N (batched overlays), side by side in one run.
+
+Run: `.venv/bin/python benchmarks/p6_strip.py [--images 32] [--overlays 32] [--size 64] [--batch 256] [--device cpu]`.
+A ``deeplabv3_tiny`` (11 classes, random weights, seeded) scores ``--images`` inputs with STRIP (N overlays
+each, ``--batch`` overlaid images per forward) and, on the same number of forwarded images, runs plain
+inference in batches of ``--batch``.  STRIP can at best reach plain inference ÷ N images/s; the ratio
+``STRIP images/s ÷ (plain images/s ÷ N)`` says how much the blending, entropy and scoring add.  Best of
+``--repeat``.  Prints ``P6 strip_vs_inference ratio=X target>=0.8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--overlays", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    import models
+    from defenses.strip import Strip
+    from testbed.defense import DefenseContext
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = models.create("deeplabv3_tiny", 11).to(device).eval()
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (16, args.size, args.size, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (args.images, args.size, args.size, 3), dtype=np.uint8)
+    ctx = DefenseContext(clean, np.zeros(clean.shape[:3], np.uint8), tuple(f"c{i}" for i in range(11)), device,
+                         image_size=(args.size, args.size))
+    scorer = Strip(n_overlays=args.overlays, batch_size=args.batch).scorer(model, ctx)
+    forwarded = np.repeat(images, args.overlays, axis=0)  # the same number of images plain inference must push
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def strip_run():
+        scorer(images)
+        sync()
+
+    @torch.inference_mode()
+    def plain_run():
+        for s in range(0, len(forwarded), args.batch):
+            x = torch.from_numpy(forwarded[s : s + args.batch]).to(device).permute(0, 3, 1, 2).float().div_(255)
+            model(x)["out"].argmax(1)
+        sync()
+
+    def best(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t_plain, t_strip = best(plain_run), best(strip_run)
+    plain_ips = len(forwarded) / t_plain
+    strip_ips = args.images / t_strip
+    ratio = strip_ips / (plain_ips / args.overlays)
+    print(f"P6 strip_vs_inference ratio={ratio:.3f} target>=0.8")
+    print(f"  STRIP {strip_ips:.1f} images/s (N={args.overlays}, {scorer.per_forward} images/forward); "
+          f"plain inference {plain_ips:.1f} images/s; bound plain/N = {plain_ips / args.overlays:.1f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""Helpers the built-in defenses share: model inputs, classifier features, clean mIoU, budget and cost.
+
+Kept here so that each defense file holds only its algorithm.  Cost counts are *per image*: one image
+through the model forwards is one forward pass, one image through a backward is one backward pass, so the
+numbers do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from testbed.defense import Cost
+from testbed.metrics import ConfusionMatrix
+
+
+def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``[B,H,W,3]`` → float ``[B,3,H,W]`` in [0,1] on ``device`` (the models normalise inside)."""
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # the context's arrays are read-only; torch wants a writable buffer
+        images = images.copy()
+    x = torch.from_numpy(images).to(device)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def classifier_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [N,C,h,w], logits [N,K,H,W])``: the input of ``model.classifier`` and the output.
+
+    Uses ``models.classifier_features`` (the project's hook) when it is importable, else the same forward
+    hook here, so a third-party model that only follows the ``model.classifier`` contract works too.
+    """
+    try:
+        from models import classifier_features as _cf  # the project's helper
+    except ImportError:  # pragma: no cover - only before/without the models package
+        _cf = None
+    if _cf is not None:
+        return _cf(model, x)
+    captured: list[torch.Tensor] = []
+    handle = model.classifier.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    try:
+        logits = model(x)["out"]
+    finally:
+        handle.remove()
+    return captured[0], logits
+
+
+@torch.no_grad()
+def predict_batches(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    """Argmax predictions uint8 ``[N,H,W]`` (eval mode, no gradients)."""
+    out = np.empty(images.shape[:3], dtype=np.uint8)
+    for s in range(0, len(images), batch_size):
+        out[s : s + batch_size] = model(to_input(images[s : s + batch_size], device))["out"].argmax(1).to(torch.uint8).cpu().numpy()
+    return out
+
+
+def clean_miou(model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, device: torch.device,
+               batch_size: int = 32, ignore_index: int = 255) -> float:
+    """mIoU (fraction, nanmean over classes with a non-empty union) of ``model`` on the clean subset."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device, ignore_index=ignore_index)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(images), batch_size):
+                pred = model(to_input(images[s : s + batch_size], device))["out"].argmax(1)
+                cm.update(pred, torch.from_numpy(np.array(labels[s : s + batch_size])).to(device))
+    finally:
+        model.train(was_training)
+    return cm.miou()
+
+
+def pooled_class_features(
+    features: torch.Tensor, classes: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked average pooling of ``features [B,C,h,w]`` over each class region of ``classes [B,H,W]``.
+
+    The class masks are area-downsampled to the feature grid (a soft weight per feature cell), so a small
+    region still gets a vector even when it is narrower than one feature cell.  Returns
+    ``(vectors [M,C], image [M], class [M], area [M] in label pixels)`` for every (image, class) present.
+    """
+    b, c, h, w = features.shape
+    valid = classes != ignore_index
+    onehot = F.one_hot(torch.where(valid, classes, 0).long(), num_classes).permute(0, 3, 1, 2).float()
+    onehot = onehot * valid.unsqueeze(1)
+    area = onehot.sum((2, 3))  # [B,K] pixels per class
+    weights = F.adaptive_avg_pool2d(onehot, (h, w)) if onehot.shape[-2:] != (h, w) else onehot  # [B,K,h,w]
+    sums = torch.einsum("bkhw,bchw->bkc", weights, features.float())
+    mass = weights.sum((2, 3))  # [B,K]
+    img, cls = torch.nonzero(area > 0, as_tuple=True)
+    vectors = sums[img, cls] / mass[img, cls].clamp_min(1e-12).unsqueeze(1)
+    return vectors, img, cls, area[img, cls]
+
+
+class Budget:
+    """Wall-clock budget: ``exceeded()`` once ``budget_s`` seconds have passed since construction."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def exceeded(self) -> bool:
+        return self.budget_s is not None and self.elapsed() >= self.budget_s
+
+
+class CostMeter:
+    """Counts per-image forward/backward passes next to wall seconds."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.forward = 0
+        self.backward = 0
+
+    def cost(self) -> Cost:
+        return Cost(seconds=time.perf_counter() - self.start, forward_passes=int(self.forward), backward_passes=int(self.backward))
+
+
+def report(progress: Callable[[float, str], None], fraction: float, message: str) -> None:
+    """Call the runner's progress callback with a fraction clipped to [0, 1]."""
+    progress(float(min(1.0, max(0.0, fraction))), message)
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON-able float: NaN/inf become None."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Per-pixel CE, mean over non-ignored pixels (0 when all are ignored, never NaN)."""
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return loss / (target != ignore_index).sum().clamp_min(1)
+
+
+def training_set_features(model: nn.Module, ctx, class_source: str = "labels", batch_size: int = 32,
+                          budget: Budget | None = None, meter: CostMeter | None = None) -> dict[str, np.ndarray | int | bool]:
+    """Per (image, class) pooled classifier features over ``ctx.train`` (read-only), batch by batch.
+
+    ``class_source="labels"`` uses the training labels as given (possibly poisoned: that is what the defender
+    holds); ``"predictions"`` uses the model's own argmax.  Stops at a batch boundary once ``budget`` is spent.
+    Returns ``vectors [M,C]`` float32, ``image [M]`` int64 (training index), ``cls [M]``, ``area [M]``,
+    ``images_seen`` and ``stopped_by_budget``.
+    """
+    if ctx.train is None:
+        raise ValueError("this defense needs the training set (uses_training_set = True); the runner did not pass it")
+    if class_source not in ("labels", "predictions"):
+        raise ValueError(f"class_source must be 'labels' or 'predictions', got {class_source!r}")
+    n = len(ctx.train)
+    vecs, imgs, clss, areas = [], [], [], []
+    seen, stopped = 0, False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, n, batch_size):
+                if budget is not None and budget.exceeded() and seen > 0:
+                    stopped = True
+                    break
+                e = min(n, s + batch_size)
+                feats, logits = classifier_features(model, to_input(ctx.train.images[s:e], ctx.device))
+                if class_source == "labels":
+                    classes = torch.from_numpy(np.array(ctx.train.labels[s:e])).to(ctx.device).long()
+                else:
+                    classes = logits.argmax(1)
+                v, i, c, a = pooled_class_features(feats, classes, ctx.num_classes, ctx.ignore_index)
+                vecs.append(v.cpu().numpy().astype(np.float32))
+                imgs.append(i.cpu().numpy().astype(np.int64) + s)
+                clss.append(c.cpu().numpy().astype(np.int64))
+                areas.append(a.cpu().numpy().astype(np.float64))
+                seen = e
+                if meter is not None:
+                    meter.forward += e - s
+                report(ctx.progress, 0.8 * seen / n, f"features {seen}/{n}")
+    finally:
+        model.train(was_training)
+    c = 0 if not vecs else vecs[0].shape[1]
+    cat = lambda xs, dt, shape=(0,): np.concatenate(xs) if xs else np.zeros(shape, dt)  # noqa: E731
+    return {"vectors": cat(vecs, np.float32, (0, c)), "image": cat(imgs, np.int64), "cls": cat(clss, np.int64),
+            "area": cat(areas, np.float64), "images_seen": seen, "stopped_by_budget": stopped}
+
+
+def flag_images(image: np.ndarray, area: np.ndarray, flagged: np.ndarray, rule: str = "any") -> np.ndarray:
+    """Training indices to drop from per-(image, class) flags.
+
+    ``any``: an image is dropped when any of its vectors is flagged; ``area``: when the flagged vectors
+    cover at least half of its labelled pixels (a vote weighted by class area).
+    """
+    if rule == "any":
+        return np.unique(image[flagged]).astype(np.int64)
+    if rule == "area":
+        ids, inv = np.unique(image, return_inverse=True)
+        total = np.bincount(inv, weights=area, minlength=len(ids))
+        bad = np.bincount(inv, weights=area * flagged, minlength=len(ids))
+        return ids[bad >= 0.5 * total].astype(np.int64)
+    raise ValueError(f"rule must be 'any' or 'area', got {rule!r}")

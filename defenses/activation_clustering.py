@@ -1,0 +1,78 @@
+"""Activation Clustering (Chen et al., 2018) adapted to segmentation: a training-set defense.
+
+Poisoned samples reach their (target) label through the trigger, not through the class's usual evidence,
+so within one class their classifier features form a separate, small cluster.  Here a "sample" is one
+(image, class) region: its classifier-input features averaged over the region.  Per class the vectors are
+reduced with PCA (10 components) and split by KMeans(2); a cluster holding less than ``size_threshold``
+(0.35) of the class is called poisoned, and the images owning its vectors are dropped before retraining.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from torch import nn
+
+from defenses._features import Budget, CostMeter, flag_images, report, training_set_features
+from testbed.defense import DefenseContext, DefenseResult
+
+
+def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: float = 0.35,
+                  seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """Flags (bool ``[n]``) for the members of a KMeans(2) cluster smaller than ``size_threshold``, and the
+    two cluster sizes.  With fewer than 4 vectors nothing is flagged (no meaningful split)."""
+    n = len(vectors)
+    if n < 4:
+        return np.zeros(n, dtype=bool), [n, 0]
+    x = np.asarray(vectors, dtype=np.float64)
+    comps = max(1, min(n_components, n - 1, x.shape[1]))
+    z = PCA(n_components=comps, random_state=seed).fit_transform(x)
+    labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(z)
+    sizes = np.bincount(labels, minlength=2)
+    small = sizes / n < size_threshold
+    return small[labels], [int(s) for s in sizes]
+
+
+class ActivationClustering:
+    """Parameters (defaults): ``n_components`` (10), ``size_threshold`` (0.35), ``class_source`` ("labels":
+    the training labels as given, or "predictions"), ``rule`` ("any" | "area", see ``flag_images``),
+    ``min_class_vectors`` (classes with fewer vectors are not analysed, 10), ``batch_size`` (32)."""
+
+    name = "activation-clustering"
+    uses_training_set = True
+
+    def __init__(self, n_components: int = 10, size_threshold: float = 0.35, class_source: str = "labels",
+                 rule: str = "any", min_class_vectors: int = 10, batch_size: int = 32) -> None:
+        self.n_components, self.size_threshold, self.class_source = int(n_components), float(size_threshold), class_source
+        self.rule, self.min_class_vectors, self.batch_size = rule, int(min_class_vectors), int(batch_size)
+
+    def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        budget, meter = Budget(ctx.budget_s), CostMeter()
+        feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+        vectors, image, cls, area = feats["vectors"], feats["image"], feats["cls"], feats["area"]
+        flagged = np.zeros(len(vectors), dtype=bool)
+        per_class = {}
+        for k in range(ctx.num_classes):
+            sel = np.flatnonzero(cls == k)
+            name = ctx.classes[k]
+            if len(sel) < self.min_class_vectors:
+                per_class[name] = {"vectors": int(len(sel)), "analysed": False}
+                continue
+            flags, sizes = cluster_flags(vectors[sel], self.n_components, self.size_threshold, ctx.seed)
+            flagged[sel] = flags
+            per_class[name] = {"vectors": int(len(sel)), "analysed": True, "cluster_sizes": sizes,
+                               "relative_sizes": [s / len(sel) for s in sizes], "flagged": int(flags.sum())}
+            report(ctx.progress, 0.8 + 0.2 * (k + 1) / ctx.num_classes, f"clustered class {name}")
+        drop = flag_images(image, area, flagged, self.rule)
+        details = {
+            "per_class": per_class,
+            "flagged_vectors": int(flagged.sum()),
+            "flagged_images": int(len(drop)),
+            "images_analysed": int(feats["images_seen"]),
+            "train_size": len(ctx.train),
+            "class_source": self.class_source,
+            "rule": self.rule,
+            "stopped_by_budget": bool(feats["stopped_by_budget"]),
+        }
+        return DefenseResult(flagged_train=drop, cost=meter.cost(), details=details)

@@ -1,0 +1,87 @@
+"""Spectral Signatures (Tran et al., 2018) adapted to segmentation: a training-set defense.
+
+Within a class, poisoned samples shift the mean of the learned representation along one direction; the
+top singular vector of the centred features finds it, and the squared projection on it is an outlier
+score.  Here a sample is one (image, class) region (classifier-input features averaged over the region);
+per class the ``1.5·ε`` fraction with the highest scores is removed (ε = the expected poison rate), and the
+images owning those vectors are dropped before retraining.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+from torch import nn
+
+from defenses._features import Budget, CostMeter, flag_images, report, training_set_features
+from testbed.defense import DefenseContext, DefenseResult
+
+
+def spectral_scores(vectors: np.ndarray) -> np.ndarray:
+    """Squared projection of the centred vectors on their top right singular vector."""
+    x = np.asarray(vectors, dtype=np.float64)
+    if len(x) == 0:
+        return np.zeros(0)
+    x = x - x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return (x @ vt[0]) ** 2
+
+
+def top_flags(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Flags for the ``round(fraction·n)`` highest scores (ties broken by index, deterministic)."""
+    n = len(scores)
+    k = min(n, int(round(fraction * n)))
+    flags = np.zeros(n, dtype=bool)
+    if k > 0:
+        flags[np.argsort(-np.asarray(scores), kind="stable")[:k]] = True
+    return flags
+
+
+class SpectralSignature:
+    """Parameters (defaults): ``epsilon`` expected poison rate (0.1), ``multiplier`` (1.5), ``class_source``
+    ("labels" | "predictions"), ``rule`` ("any" | "area"), ``min_class_vectors`` (10), ``batch_size`` (32)."""
+
+    name = "spectral-signature"
+    uses_training_set = True
+
+    def __init__(self, epsilon: float = 0.1, multiplier: float = 1.5, class_source: str = "labels", rule: str = "any",
+                 min_class_vectors: int = 10, batch_size: int = 32) -> None:
+        if not 0 <= epsilon * multiplier <= 1:
+            raise ValueError(f"epsilon·multiplier must be in [0, 1], got {epsilon * multiplier}")
+        self.epsilon, self.multiplier, self.class_source = float(epsilon), float(multiplier), class_source
+        self.rule, self.min_class_vectors, self.batch_size = rule, int(min_class_vectors), int(batch_size)
+
+    def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        budget, meter = Budget(ctx.budget_s), CostMeter()
+        feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+        vectors, image, cls, area = feats["vectors"], feats["image"], feats["cls"], feats["area"]
+        flagged = np.zeros(len(vectors), dtype=bool)
+        per_class = {}
+        for k in range(ctx.num_classes):
+            sel = np.flatnonzero(cls == k)
+            name = ctx.classes[k]
+            if len(sel) < self.min_class_vectors:
+                per_class[name] = {"vectors": int(len(sel)), "analysed": False}
+                continue
+            scores = spectral_scores(vectors[sel])
+            flags = top_flags(scores, self.multiplier * self.epsilon)
+            flagged[sel] = flags
+            per_class[name] = {
+                "vectors": int(len(sel)), "analysed": True, "removed": int(flags.sum()),
+                "score_mean": float(scores.mean()), "score_max": float(scores.max()),
+                "score_cut": float(scores[flags].min()) if flags.any() else None,
+            }
+            report(ctx.progress, 0.8 + 0.2 * (k + 1) / ctx.num_classes, f"scored class {name}")
+        drop = flag_images(image, area, flagged, self.rule)
+        details = {
+            "per_class": per_class,
+            "flagged_vectors": int(flagged.sum()),
+            "flagged_images": int(len(drop)),
+            "images_analysed": int(feats["images_seen"]),
+            "train_size": len(ctx.train),
+            "removal_fraction": self.multiplier * self.epsilon,
+            "class_source": self.class_source,
+            "rule": self.rule,
+            "stopped_by_budget": bool(feats["stopped_by_budget"]),
+        }
+        return DefenseResult(flagged_train=drop, cost=meter.cost(), details=details)

@@ -1,0 +1,145 @@
+"""STRIP (Gao et al., 2019) adapted to segmentation: an input filter.
+
+A trigger dominates whatever it is blended with, so the prediction of a triggered input stays confident
+(low entropy) under strong perturbation, while a clean input's prediction falls apart.  Each input is
+overlaid with ``n_overlays`` clean images drawn at random from the trusted subset; the per-pixel softmax
+entropy is averaged over the overlays, and the image score is the mean entropy of the lowest-entropy
+``fraction`` of pixels (a trigger may control only part of the image), negated so that higher = more
+suspicious.  The threshold rejects ``frr`` of the clean subset.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses._features import Budget, CostMeter, report
+from testbed.defense import DefenseContext, DefenseResult
+
+
+def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of the per-pixel softmax: logits ``[N,K,H,W]`` → ``[N,H,W]``."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def image_score(entropy: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """``−mean`` of the lowest-entropy ``fraction`` of pixels of each map ``[N,H,W]`` → ``[N]``."""
+    flat = entropy.flatten(1)
+    k = max(1, int(math.ceil(fraction * flat.shape[1])))
+    return -flat.topk(k, dim=1, largest=False).values.mean(1)
+
+
+def blend(x: torch.Tensor, overlays: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
+    """Superimpose: ``mean`` = α·x + (1−α)·overlay; ``add`` = STRIP's saturating sum min(1, x + overlay)."""
+    if mode == "add":
+        return (x + overlays).clamp_(max=1.0)
+    return alpha * x + (1.0 - alpha) * overlays
+
+
+def overlay_indices(image: np.ndarray, pool_size: int, n: int, seed: int, exclude: int | None = None) -> np.ndarray:
+    """The overlays for one image: seeded by ``seed`` and the image's bytes, so an image's score does not
+    depend on the batch it comes in.  ``exclude`` (an image scoring itself) is left out when possible."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(np.ascontiguousarray(image).tobytes())])
+    pool = np.arange(pool_size)
+    if exclude is not None and pool_size > 1:
+        pool = pool[pool != exclude]
+    return rng.choice(pool, size=n, replace=len(pool) < n)
+
+
+class StripScorer:
+    """``scorer(images uint8 [N,H,W,3]) -> float [N]``: all overlays of several images in one forward."""
+
+    def __init__(self, model: nn.Module, pool: np.ndarray, device: torch.device, n_overlays: int, fraction: float,
+                 mode: str, alpha: float, seed: int, batch_size: int) -> None:
+        self.model, self.device = model, device
+        self.pool = torch.from_numpy(np.array(pool)).to(device).permute(0, 3, 1, 2)  # uint8 [P,3,H,W]
+        self.n, self.fraction, self.mode, self.alpha, self.seed = n_overlays, fraction, mode, alpha, seed
+        self.per_forward = max(1, batch_size // n_overlays)  # images per forward pass
+        self.forward = 0
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+        if tuple(images.shape[1:3]) != tuple(self.pool.shape[-2:]):
+            raise ValueError(f"images are {images.shape[1:3]} but the clean overlays are {tuple(self.pool.shape[-2:])}")
+        self.model.eval()
+        out = np.empty(len(images), dtype=np.float64)
+        for s in range(0, len(images), self.per_forward):
+            chunk = images[s : s + self.per_forward]
+            b = len(chunk)
+            idx = np.stack([overlay_indices(chunk[i], len(self.pool), self.n, self.seed,
+                                            None if exclude is None else int(exclude[s + i])) for i in range(b)])
+            x = torch.from_numpy(np.array(chunk)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            over = self.pool[torch.from_numpy(idx.reshape(-1)).to(self.device)].float().div_(255)
+            mixed = blend(x.repeat_interleave(self.n, 0), over, self.mode, self.alpha)
+            ent = pixel_entropy(self.model(mixed)["out"])  # [b·N,H,W]
+            self.forward += len(mixed)
+            out[s : s + b] = image_score(ent.view(b, self.n, *ent.shape[-2:]).mean(1), self.fraction).double().cpu().numpy()
+        return out
+
+
+class Strip:
+    """Entropy-based input filter.
+
+    Parameters (defaults): ``n_overlays`` (32), ``fraction`` of lowest-entropy pixels (0.1), ``frr`` on the
+    clean subset (0.05), ``mode`` ("mean": 0.5/0.5 blend with ``alpha`` 0.5; "add": STRIP's saturating sum),
+    ``batch_size`` (256 overlaid images per forward pass).
+    """
+
+    name = "strip"
+    uses_training_set = False
+
+    def __init__(self, n_overlays: int = 32, fraction: float = 0.1, frr: float = 0.05, mode: str = "mean",
+                 alpha: float = 0.5, batch_size: int = 256) -> None:
+        if n_overlays < 1:
+            raise ValueError(f"n_overlays must be at least 1, got {n_overlays}")
+        if not 0 < fraction <= 1 or not 0 <= frr < 1:
+            raise ValueError("fraction must be in (0, 1] and frr in [0, 1)")
+        if mode not in ("mean", "add"):
+            raise ValueError(f"mode must be 'mean' or 'add', got {mode!r}")
+        self.n_overlays, self.fraction, self.frr, self.mode = int(n_overlays), float(fraction), float(frr), mode
+        self.alpha, self.batch_size = float(alpha), int(batch_size)
+
+    def scorer(self, model: nn.Module, ctx: DefenseContext) -> StripScorer:
+        return StripScorer(model.to(ctx.device).eval(), ctx.clean_images, ctx.device, self.n_overlays, self.fraction,
+                           self.mode, self.alpha, ctx.seed, self.batch_size)
+
+    def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        budget, meter = Budget(ctx.budget_s), CostMeter()
+        n = len(ctx.clean_images)
+        if n == 0:
+            raise ValueError("strip needs a non-empty clean subset")
+        scorer = self.scorer(model, ctx)
+        # every clean image is scored against overlays drawn from the *other* clean images (leave-one-out),
+        # so the threshold sees the same kind of overlays a test input gets
+        scores = np.empty(n)
+        done, step = 0, scorer.per_forward
+        for s in range(0, n, step):
+            if budget.exceeded() and done >= 2:
+                break
+            scores[s : s + step] = scorer(ctx.clean_images[s : s + step], exclude=np.arange(s, min(n, s + step)))
+            done = min(n, s + step)
+            report(ctx.progress, done / n, f"STRIP clean scores {done}/{n}")
+        scores = scores[:done]
+        threshold = float(np.quantile(scores, 1.0 - self.frr))
+        meter.forward = scorer.forward
+        details = {
+            "clean_scores": scores.tolist(),
+            "frr": float(np.mean(scores > threshold)),
+            "frr_target": self.frr,
+            "threshold": threshold,
+            "n_overlays": self.n_overlays,
+            "images_per_forward": scorer.per_forward,
+            "clean_images_scored": done,
+            "stopped_by_budget": done < n,
+            "threshold_data": "all of the clean subset, leave-one-out overlays",
+        }
+        return DefenseResult(input_scores=scorer, threshold=threshold, cost=meter.cost(), details=details)

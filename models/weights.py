@@ -1,0 +1,78 @@
+"""Backbone weights: torchvision's ImageNet enums when cached locally, or a local safetensors file.
+
+There is no network here and zoo files may come from strangers, so nothing is downloaded and nothing is
+unpickled: ImageNet weights must already be in the torch hub cache, and local files must be safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_ENUMS = {
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+    "mobilenet_v3_large": torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    "densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,
+}
+# Keys of torchvision's ImageNet classifiers, dropped when a full torchvision state dict is given.
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
+
+
+class BackboneWeightsError(ValueError):
+    """The requested backbone weights cannot be used (missing, not safetensors, wrong keys)."""
+
+
+def cached_imagenet(backbone: str):
+    """The torchvision weights enum for ``backbone`` if its file is in the local hub cache, else an error."""
+    if backbone not in IMAGENET_ENUMS:
+        raise BackboneWeightsError(
+            f"backbone {backbone!r} has no ImageNet weights; use backbone_weights=None (random init) "
+            "or a local .safetensors file"
+        )
+    enum = IMAGENET_ENUMS[backbone]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    if not path.is_file():
+        raise BackboneWeightsError(
+            f"ImageNet weights for {backbone} are not in the local torch hub cache ({path}); download {enum.url} "
+            "there on a machine with network access, or pass a local .safetensors file of the backbone's state dict"
+        )
+    return enum
+
+
+def load_safetensors_backbone(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a backbone state dict from a safetensors file (parsed, never unpickled) into ``backbone``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise BackboneWeightsError(
+            f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); convert it to "
+            ".safetensors with safetensors.torch.save_file(state_dict, ...) where you trust the file"
+        )
+    if not path.is_file():
+        raise BackboneWeightsError(f"backbone weights file {path} does not exist; pass an existing .safetensors file")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BackboneWeightsError(f"{path} is not a readable safetensors file ({e}); pass a .safetensors backbone state dict") from None
+    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+            if keys
+        )
+        raise BackboneWeightsError(f"{path} does not match this backbone ({detail}); save model.backbone.state_dict() of the same backbone")
+    backbone.load_state_dict(state, strict=True)

@@ -1,0 +1,128 @@
+"""`testbed zoo`: build a grid of backdoored (and benign) models from a TOML spec, list it, verify it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from testbed.errors import UserError
+
+BUILD_EXAMPLES = """examples:
+  testbed zoo build examples/zoo-small.toml --out zoo-small/
+  testbed zoo build examples/zoo-small.toml --out zoo-small/ --workers 2        (2 processes, 1 thread each on 2 cores)
+  ray start --head && testbed zoo build examples/zoo-paper.toml --out /shared/zoo --backend ray --ray-address HEAD:6379
+
+Killed or interrupted? Run the same command again: finished entries are kept, unfinished ones resume
+from their last epoch checkpoint, and two builders on one zoo never train the same entry."""
+LS_EXAMPLES = """examples:
+  testbed zoo ls zoo-small/
+  testbed zoo ls zoo-small/ --json"""
+VERIFY_EXAMPLES = """examples:
+  testbed zoo verify zoo-small/          (exit 0: every file matches the manifest; 1: problems, one per line)"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "zoo", help="build, list and verify model zoos (models × attacks × seeds)",
+        description="Model zoos (SPEC §9): a TOML spec names the data, training arguments, attacks and a grid; "
+        "`build` trains every entry once (resumable, shareable across workers and Ray nodes), `ls` lists them, "
+        "`verify` recomputes every checksum. Spec format: docs/zoo.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=BUILD_EXAMPLES.split("\n\n")[0] + "\n" + LS_EXAMPLES.split("\n", 1)[1] + "\n" + VERIFY_EXAMPLES.split("\n", 1)[1],
+    )
+    sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
+
+    b = sub.add_parser(
+        "build", help="build (or finish) a zoo from a spec",
+        description="Build every entry of a zoo spec into --out: the clean data once, each poisoned dataset once "
+        "(shared by entries that use it), each model trained once and scored; a benign model is also scored on "
+        "every attacked test set of the zoo. Writes --out/manifest.json as entries finish.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BUILD_EXAMPLES,
+    )
+    b.add_argument("spec", type=Path, help="zoo spec (.toml)")
+    b.add_argument("--out", required=True, type=Path, help="zoo directory (created; an existing zoo is resumed)")
+    b.add_argument("--workers", type=int, default=1,
+                   help="local worker processes (default 1: this process); each trains with cores/N threads")
+    b.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes or Ray tasks (default local)")
+    b.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. HEAD:6379 or auto (default: a local Ray instance)")
+    b.add_argument("--device", default="auto", help="auto|cpu|cuda[:N] (default auto: CUDA when present)")
+    b.add_argument("--stale-after", type=float, default=300.0,
+                   help="seconds without a heartbeat after which another host's claim counts as abandoned (default 300)")
+    b.set_defaults(func=run_build)
+
+    ls = sub.add_parser("ls", help="list a zoo's entries with status and scores", description="List a zoo's entries: "
+                        "id, model, attack, seed, status (done/running/partial/pending), mIoU-B and ASR.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LS_EXAMPLES)
+    ls.add_argument("zoo", type=Path, help="zoo directory")
+    ls.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ls.set_defaults(func=run_ls)
+
+    v = sub.add_parser("verify", help="recompute every checksum of a zoo",
+                       description="Recompute the sha256 of every dataset and model file and the manifest's own "
+                       "checksum; print each problem (mismatch, missing file, unlisted file, tampered manifest, "
+                       "unfinished entry) and exit 1 if there is any.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VERIFY_EXAMPLES)
+    v.add_argument("zoo", type=Path, help="zoo directory")
+    v.set_defaults(func=run_verify)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from testbed.zoo.build import build
+
+    result = build(args.spec, args.out, workers=args.workers, backend=args.backend, ray_address=args.ray_address,
+                   device=args.device, stale_after=args.stale_after, progress=True, quiet=bool(getattr(args, "quiet", False)))
+    if result.failed:
+        print(f"testbed: {len(result.failed)} entr{'y' if len(result.failed) == 1 else 'ies'} failed "
+              f"({', '.join(result.failed)}); fix the cause and run the same command again to finish the zoo")
+        return 1
+    return 0
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from testbed.zoo import manifest as mf
+
+    zoo = args.zoo
+    if not zoo.is_dir():
+        raise UserError(f"zoo {zoo} is not a directory; build one with `testbed zoo build SPEC.toml --out {zoo}`")
+    m = mf.collect(zoo)  # live status, also while a build is running
+    rows = []
+    for e in m["entries"]:
+        metrics = e.get("metrics") or {}
+        rows.append({"id": e["id"], "model": e["model"], "attack": e["attack_id"], "seed": e["seed"],
+                     "status": e["status"], "mIoU-B": metrics.get("mIoU-B"), "ASR": metrics.get("ASR")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ["id", "model", "attack", "seed", "status", "mIoU-B", "ASR"]
+    table = [[r["id"], r["model"], r["attack"], str(r["seed"]), r["status"], _fmt(r["mIoU-B"]), _fmt(r["ASR"])] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
+    right = {3, 5, 6}
+    for line in [head, *table]:
+        print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} entries done")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from testbed.zoo import manifest as mf
+
+    zoo = args.zoo
+    if not zoo.is_dir():
+        raise UserError(f"zoo {zoo} is not a directory; give the --out directory of `testbed zoo build`")
+    problems, manifest = mf.verify(zoo)
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        print(f"zoo {zoo}: {len(problems)} problem(s)")
+        return 1
+    n_files = sum(len(e.get("files") or {}) for e in manifest["entries"]) + len(manifest["datasets"])
+    print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
+          f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}")
+    return 0

@@ -1,0 +1,260 @@
+"""Figures for defend/bench reports (matplotlib, Agg backend: no display needed, same bytes every run).
+
+Each function draws one PNG from the rows of :func:`testbed.defense_runner.run_defense` and returns its path,
+or ``None`` when the rows hold nothing to draw.  Defense-specific plots read ``row["details"]`` keys named in
+docs/writing-a-defense.md; absent keys mean no plot, never an error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from testbed import atomic
+from testbed.palette import colorize, palette
+
+BEFORE_COLOUR, AFTER_COLOUR = "#8c8c8c", "#1f77b4"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "segbackdoor"
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    with atomic.atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def panels(path: str | os.PathLike, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> Path | None:
+    """Paper-Figure-1-style panels: image, benign label, target label, prediction before, after each defense."""
+    rows = [r for r in rows if r.get("_panel") is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    base = rows[0]["_panel"]
+    n = len(base["images"])
+    if n == 0:
+        return None
+    after_cols = [r for r in rows if "after" in r["_panel"]]
+    titles = ["attacked image", "benign label", "target label", "before defense"] + [f"after {r['defense']}" for r in after_cols]
+    ncol = len(titles)
+    fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.9 * n + 0.6), squeeze=False)
+    k = len(classes)
+    for i in range(n):
+        cells = [base["images"][i], colorize(base["gt"][i], k), colorize(base["target"][i], k), colorize(base["before"][i], k)]
+        rejected = [False] * 4
+        for r in after_cols:
+            cells.append(colorize(r["_panel"]["after"][i], k))
+            rejected.append(bool(r["_panel"].get("rejected", np.zeros(n, bool))[i]))
+        for j, (img, rej) in enumerate(zip(cells, rejected)):
+            ax = axes[i, j]
+            if rej:  # a rejected input has no prediction: show a blank cell crossed out
+                ax.imshow(np.full(img.shape, 255, np.uint8), interpolation="nearest")
+                ax.plot([0, img.shape[1] - 1], [0, img.shape[0] - 1], color="red", linewidth=1)
+                ax.plot([0, img.shape[1] - 1], [img.shape[0] - 1, 0], color="red", linewidth=1)
+                ax.text(0.5, 0.5, "rejected", transform=ax.transAxes, ha="center", va="center", color="red", fontsize=9,
+                        backgroundcolor="white")
+            else:
+                ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=8)
+    present = sorted({int(c) for key in ("gt", "target", "before") for c in np.unique(base[key]) if c < k}
+                     | {int(c) for r in after_cols for c in np.unique(r["_panel"]["after"]) if c < k})
+    pal = palette(k) / 255.0
+    import matplotlib.patches as mpatches
+
+    handles = [mpatches.Patch(color=pal[c], label=classes[c]) for c in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    fig.suptitle(f"{rows[0]['model']} ({rows[0]['attack']})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _save(fig, Path(path))
+
+
+def bars(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path | None:
+    """ASR and mIoU-B before vs after, one pair of bars per defense."""
+    rows = [r for r in rows if r.get("after")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(rows) + 3), 3.2))
+    x = np.arange(len(rows))
+    for ax, key in zip(axes, ("ASR", "mIoU-B")):
+        before = [_num((r.get("before") or {}).get(key)) for r in rows]
+        after = [_num(r["after"].get(key)) for r in rows]
+        ax.bar(x - 0.2, before, 0.4, label="before", color=BEFORE_COLOUR)
+        ax.bar(x + 0.2, after, 0.4, label="after", color=AFTER_COLOUR)
+        ax.set_xticks(x, [r["defense"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"{key} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(key, fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['model']} ({rows[0]['attack']})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def pruning_curve(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+    """``details["curve"]``: list of {"fraction", and any of "miou_b", "miou_clean", "asr"} → one line per metric."""
+    curve = (row.get("details") or {}).get("curve")
+    if not isinstance(curve, list) or not curve or not all(isinstance(p, dict) and "fraction" in p for p in curve):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    x = [_num(p["fraction"]) * 100 for p in curve]
+    drawn = 0
+    for key, label in (("miou_b", "mIoU-B"), ("miou_clean", "clean-subset mIoU"), ("asr", "ASR")):
+        ys = [p.get(key) for p in curve]
+        if all(y is None for y in ys):
+            continue
+        ys = [_num(y) for y in ys]
+        if max((abs(y) for y in ys if not math.isnan(y)), default=0) <= 1.0:
+            ys = [y * 100 for y in ys]  # fractions → percent
+        ax.plot(x, ys, marker="o", markersize=3, label=label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("pruned channels (%)")
+    ax.set_ylabel("%")
+    ax.set_title(f"{row['defense']} on {row['model']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def score_histogram(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+    """Filter scores of benign vs attacked test inputs (and the clean subset's, ``details["clean_scores"]``)."""
+    scores = row.get("_scores")
+    if not scores:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    series = [("benign test", scores["test_benign"][1]), ("attacked test", scores["test_attacked"][1])]
+    clean = (row.get("details") or {}).get("clean_scores")
+    if isinstance(clean, list) and clean:
+        series.insert(0, ("clean subset", np.asarray([_num(v) for v in clean])))
+    finite = np.concatenate([s[np.isfinite(s)] for _, s in series if len(s)]) if series else np.empty(0)
+    if finite.size == 0:
+        plt.close(fig)
+        return None
+    bins = np.linspace(finite.min(), finite.max() + 1e-12, 30)
+    for label, s in series:
+        s = s[np.isfinite(s)]
+        if s.size:
+            ax.hist(s, bins=bins, alpha=0.5, label=f"{label} (n={s.size})", density=True)
+    ax.axvline(scores["threshold"], color="red", linestyle="--", label="threshold")
+    ax.set_xlabel("score (higher = more suspicious)")
+    ax.set_title(f"{row['defense']} on {row['model']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def trigger_synthesis(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+    """``details["norms"]`` (candidate → mask L1 norm, a dict or list), ``details["anomaly_index"]`` and
+    ``details["mask"]`` (the most anomalous candidate's recovered mask, [H,W])."""
+    d = row.get("details") or {}
+    norms, mask = d.get("norms"), d.get("mask")
+    if isinstance(norms, dict):
+        labels, values = list(map(str, norms)), [_num(v) for v in norms.values()]
+    elif isinstance(norms, list) and norms:
+        labels, values = [str(i) for i in range(len(norms))], [_num(v) for v in norms]
+    else:
+        labels, values = [], []
+    has_mask = isinstance(mask, list) and mask and isinstance(mask[0], list)
+    if not values and not has_mask:
+        return None
+    plt = _plt()
+    ncol = int(bool(values)) + int(bool(has_mask))
+    fig, axes = plt.subplots(1, ncol, figsize=(4.5 * ncol, 3.4), squeeze=False)
+    col = 0
+    if values:
+        ax = axes[0, col]
+        col += 1
+        ax.bar(np.arange(len(values)), values, color=AFTER_COLOUR)
+        if len(labels) <= 30:
+            ax.set_xticks(np.arange(len(values)), labels, rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("mask L1 norm")
+        ai = (row.get("verdict") or {}).get("score")
+        if ai is None and isinstance(d.get("anomaly_index"), (int, float)):
+            ai = d["anomaly_index"]
+        ax.set_title("candidate mask norms" + (f" (anomaly index {ai:.2f})" if isinstance(ai, (int, float)) else ""), fontsize=9)
+    if has_mask:
+        ax = axes[0, col]
+        im = ax.imshow(np.asarray(mask, dtype=float), cmap="magma", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("recovered mask" + (f" ({d.get('mask_candidate')})" if d.get("mask_candidate") else ""), fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{row['defense']} on {row['model']}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _cost_items(cost: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, log10 seconds) from ``details["cost"]``: either ``"projections"`` = [{"label", "log10_seconds" |
+    "seconds"}], or trigger-synthesis's ``"projected"``/``"projected_ade20k"`` = {"image_seconds",
+    "pairs_seconds", "log10_maps_seconds"} plus the measured ``"elapsed_seconds"``."""
+    def log(v: Any) -> float | None:
+        return math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
+
+    items: list[tuple[str, float | None]] = []
+    if isinstance(cost.get("projections"), list):
+        for p in cost["projections"]:
+            if isinstance(p, dict):
+                v = p.get("log10_seconds")
+                items.append((str(p.get("label", len(items))), v if v is not None else log(p.get("seconds"))))
+    for key, where in (("projected", "this data"), ("projected_ade20k", "ADE20K 150 cl. 512²")):
+        p = cost.get(key)
+        if isinstance(p, dict):
+            items += [(f"{where}: K image targets", log(p.get("image_seconds"))),
+                      (f"{where}: K(K−1) pairs", log(p.get("pairs_seconds"))),
+                      (f"{where}: K^(H·W) maps", p.get("log10_maps_seconds"))]
+    if items:
+        items.append(("measured (this run)", log(cost.get("elapsed_seconds"))))
+    return [(k, float(v)) for k, v in items if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def cost_projection(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+    """``details["cost"]`` projections (see :func:`_cost_items`) → horizontal bars of log10 seconds."""
+    cost = (row.get("details") or {}).get("cost")
+    if not isinstance(cost, dict):
+        return None
+    items = _cost_items(cost)
+    if not items:
+        return None
+    labels, values = [k for k, _ in items], [v for _, v in items]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(values) + 1.4))
+    y = np.arange(len(values))
+    ax.barh(y, values, color=[BEFORE_COLOUR if "measured" in lab else AFTER_COLOUR for lab in labels])
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("log10(seconds)")
+    for ref, name in ((math.log10(3600), "1 h"), (math.log10(86400 * 365), "1 year")):
+        ax.axvline(ref, color="grey", linestyle=":", linewidth=1)
+        ax.text(ref, -0.6, name, fontsize=7, color="grey")
+    for yi, v in zip(y, values):
+        ax.text(v, yi, f" {v:.1f}", va="center", fontsize=6)
+    ax.set_title(f"{row['defense']}: projected cost (log10 s)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(path))

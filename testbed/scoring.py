@@ -1,0 +1,272 @@
+"""Scoring a model (or precomputed predictions) on a dataset file, as in the paper's §3.1 and SPEC §7.
+
+One code path for all scoring: :class:`Scorer` accumulates confusion matrices batch by batch;
+:func:`score_model` feeds it a model's predictions read split by split from the HDF5 file (never a whole
+split in memory), and :func:`score_predictions` feeds it arrays someone else computed (defense runner,
+zoo).  Results are plain dicts of percentages, ready for JSON (NaN becomes ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from testbed import progress
+from testbed.errors import UserError
+from testbed.h5data import IGNORE_INDEX, open_dataset, read_rows
+from testbed.metrics import AttackMeter, ConfusionMatrix
+
+SCORE_KEYS = ("mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR", "PBA")
+
+InputFilter = Callable[[np.ndarray], Any]  # uint8 images [B,H,W,3] -> bool [B], True = rejected
+
+
+def _pct(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else 100.0 * float(x)
+
+
+def _rows(ds, index: np.ndarray | None, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``ds`` (numpy or h5py), through ``index`` when given, read in one selection."""
+    if index is None:
+        return np.asarray(ds[start:stop])
+    idx = index[start:stop]
+    if isinstance(ds, np.ndarray):
+        return ds[idx]
+    return read_rows(ds, idx)
+
+
+def _to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B,H,W,3] → float [B,3,H,W] in [0,1] on ``device`` (converted there, where it is cheapest)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+
+
+@torch.inference_mode()
+def _forward(model: nn.Module, images: np.ndarray, device: torch.device, num_classes: int | None = None) -> torch.Tensor:
+    """Argmax class ids (int64 [B,H,W]) on ``device``."""
+    logits = model(_to_input(images, device))["out"]
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise UserError(
+            f"the model predicts {logits.shape[1]} classes but the data has {num_classes}; score it on data with the same classes"
+        )
+    if logits.shape[-2:] != images.shape[1:3]:
+        raise ValueError(f"model output {tuple(logits.shape[-2:])} does not match the input size {images.shape[1:3]}")
+    return logits.argmax(1)
+
+
+def _iter_predictions(
+    model: nn.Module,
+    images,
+    device: torch.device,
+    batch_size: int,
+    index: np.ndarray | None = None,
+    num_classes: int | None = None,
+    desc: str = "predict",
+) -> Iterator[tuple[int, int, np.ndarray, torch.Tensor]]:
+    """Yield ``(start, stop, images uint8, pred int64 on device)`` batch by batch, model in eval mode."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    n = len(index) if index is not None else int(images.shape[0])
+    was_training = model.training
+    model.eval()
+    try:
+        for start in progress.bar(range(0, n, batch_size), total=-(-n // batch_size), desc=desc):
+            stop = min(n, start + batch_size)
+            x = _rows(images, index, start, stop)
+            _check_images(x)
+            yield start, stop, x, _forward(model, x, device, num_classes)
+    finally:
+        model.train(was_training)
+
+
+def predict(model: nn.Module, images, device: torch.device | str = "cpu", batch_size: int = 32) -> np.ndarray:
+    """Argmax predictions uint8 ``[N,H,W]`` of ``model`` on uint8 images ``[N,H,W,3]`` (numpy or h5py).
+
+    The model is moved to ``device``; images go through in batches without gradients.
+    """
+    device = torch.device(device)
+    model.to(device)
+    n, h, w = int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
+    out = np.empty((n, h, w), dtype=np.uint8)
+    for start, stop, _, pred in _iter_predictions(model, images, device, batch_size):
+        out[start:stop] = pred.to(torch.uint8).cpu().numpy()
+    return out
+
+
+def _filter_mask(input_filter: InputFilter, images: np.ndarray) -> np.ndarray:
+    mask = input_filter(images)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask).reshape(-1)
+    if mask.shape[0] != images.shape[0]:
+        raise ValueError(f"input_filter returned {mask.shape[0]} flags for {images.shape[0]} images")
+    return mask.astype(bool)
+
+
+class Scorer:
+    """Accumulates the benign and attacked metrics of SPEC §7; :meth:`result` gives the score dict."""
+
+    def __init__(self, classes: Sequence[str], device: torch.device | str = "cpu", *, attacked: bool = True,
+                 filtered: bool = False) -> None:
+        self.classes = list(classes)
+        k = len(self.classes)
+        self.device = torch.device(device)
+        self.benign = ConfusionMatrix(k, self.device)
+        self.attack = AttackMeter(k, self.device) if attacked else None
+        self.filtered = filtered
+        self.n_benign = self.n_attacked = 0
+        self.rejected_benign = self.rejected_attacked = 0
+
+    def update_benign(self, pred, labels, rejected=None) -> None:
+        self.benign.update(pred, labels, rejected)
+        self.n_benign += len(pred)
+        if rejected is not None:
+            self.rejected_benign += int(np.asarray(rejected).sum())
+
+    def update_attacked(self, pred, target, gt, rejected=None) -> None:
+        if self.attack is None:
+            raise ValueError("this Scorer was made with attacked=False")
+        self.attack.update(pred, target, gt, rejected)
+        self.n_attacked += len(pred)
+        if rejected is not None:
+            self.rejected_attacked += int(np.asarray(rejected).sum())
+
+    def _per_class(self, cm: ConfusionMatrix) -> dict[str, float | None]:
+        return {name: _pct(v) for name, v in zip(self.classes, cm.iou().cpu().tolist())}
+
+    def result(self) -> dict[str, Any]:
+        b = self.benign
+        out: dict[str, Any] = {
+            "mIoU-B": _pct(b.miou()),
+            "PA-B": _pct(b.pixel_accuracy()),
+            "mIoU-A": None,
+            "PA-A": None,
+            "ASR": None,
+            "PBA": None,
+            "per_class_iou_b": self._per_class(b),
+            "per_class_iou_a": None,
+            "classes": self.classes,
+            "ignore_index": IGNORE_INDEX,
+            "num_images": {"benign": self.n_benign, "attacked": self.n_attacked if self.attack is not None else None},
+            "pixels": {"benign": b.total, "attacked": None, "asr": None, "asr_success": None, "pba": None},
+            "confusion_benign": b.classes_matrix.cpu().tolist(),
+            "confusion_attacked": None,
+            "confusion_note": "rows = label (ground truth; attacker's target for attacked), columns = predicted class; "
+            "ignore pixels and rejected inputs not included",
+        }
+        if self.attack is not None:
+            a, p = self.attack.attacked, self.attack.pba_matrix
+            hits, total = self.attack.asr_counts
+            out.update({
+                "mIoU-A": _pct(a.miou()),
+                "PA-A": _pct(a.pixel_accuracy()),
+                "ASR": _pct(self.attack.asr()),
+                "PBA": _pct(p.miou()),
+                "per_class_iou_a": self._per_class(a),
+                "confusion_attacked": a.classes_matrix.cpu().tolist(),
+            })
+            out["pixels"].update(attacked=a.total, asr=total, asr_success=hits, pba=p.total)
+        if self.filtered:
+            out["rejected"] = {
+                "benign": self.rejected_benign,
+                "benign_total": self.n_benign,
+                "attacked": self.rejected_attacked if self.attack is not None else None,
+                "attacked_total": self.n_attacked if self.attack is not None else None,
+                "benign_pixels_per_class": b.rejected.cpu().tolist(),
+                "attacked_pixels_per_class": self.attack.attacked.rejected.cpu().tolist() if self.attack is not None else None,
+            }
+        return out
+
+
+def score_predictions(
+    classes: Sequence[str],
+    benign_pred,
+    benign_labels,
+    attacked_pred=None,
+    attacked_target=None,
+    attacked_gt=None,
+    *,
+    benign_rejected=None,
+    attacked_rejected=None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Score precomputed predictions (uint8 ``[N,H,W]`` arrays) exactly as :func:`score_model` does.
+
+    ``*_rejected``: optional bool ``[N]`` per input (True = rejected by a filter defense).  Without
+    ``attacked_pred`` the attacked keys are ``None`` (a clean file).
+    """
+    attacked = attacked_pred is not None
+    if attacked and (attacked_target is None or attacked_gt is None):
+        raise ValueError("attacked_pred needs attacked_target and attacked_gt")
+    filtered = benign_rejected is not None or attacked_rejected is not None
+    scorer = Scorer(classes, device, attacked=attacked, filtered=filtered)
+
+    def rej(mask, s, e):
+        return None if mask is None else np.asarray(mask, dtype=bool)[s:e]
+
+    n = len(benign_pred)
+    if len(benign_labels) != n:
+        raise ValueError(f"{n} benign predictions but {len(benign_labels)} labels")
+    for s in range(0, n, batch_size):
+        e = min(n, s + batch_size)
+        scorer.update_benign(np.asarray(benign_pred[s:e]), np.asarray(benign_labels[s:e]), rej(benign_rejected, s, e))
+    if attacked:
+        m = len(attacked_pred)
+        if not len(attacked_target) == len(attacked_gt) == m:
+            raise ValueError("attacked predictions, targets and ground truth differ in length")
+        for s in range(0, m, batch_size):
+            e = min(m, s + batch_size)
+            scorer.update_attacked(np.asarray(attacked_pred[s:e]), np.asarray(attacked_target[s:e]),
+                                   np.asarray(attacked_gt[s:e]), rej(attacked_rejected, s, e))
+    return scorer.result()
+
+
+def score_model(
+    model: nn.Module,
+    data_path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    input_filter: InputFilter | None = None,
+) -> dict[str, Any]:
+    """Score ``model`` on a dataset file: benign test set vs ground truth, attacked test set (if any).
+
+    The benign test set is ``/test`` at ``/test_benign/index`` when present, else all of ``/test``.
+    ``input_filter(images uint8 [B,H,W,3]) -> bool [B]`` (True = rejected) is applied to both test sets;
+    rejected inputs predict no class (see :mod:`testbed.metrics`), and rejection counts are added.
+    """
+    device = torch.device(device)
+    model.to(device)
+    with open_dataset(data_path) as f:
+        h5 = f.file
+        attacked = "test_attacked/images" in h5
+        if attacked:
+            for name in ("test_attacked/labels", "test_attacked/gt"):
+                if name not in h5:
+                    raise UserError(f"{f.path} has /test_attacked/images but no /{name}; re-create it with `testbed poison`")
+        k = f.num_classes
+        scorer = Scorer(f.classes, device, attacked=attacked, filtered=input_filter is not None)
+        index = np.asarray(h5["test_benign/index"][()], dtype=np.int64) if "test_benign/index" in h5 else None
+        if index is not None and index.size and (index.min() < 0 or index.max() >= f.length("test")):
+            raise UserError(f"{f.path}: /test_benign/index points outside /test; re-create the file")
+        labels = h5["test/labels"]
+        for s, e, x, pred in _iter_predictions(model, h5["test/images"], device, batch_size, index, k, "score benign"):
+            rejected = _filter_mask(input_filter, x) if input_filter is not None else None
+            scorer.update_benign(pred, _rows(labels, index, s, e), rejected)
+        if attacked:
+            target, gt = h5["test_attacked/labels"], h5["test_attacked/gt"]
+            for s, e, x, pred in _iter_predictions(model, h5["test_attacked/images"], device, batch_size, None, k,
+                                                   "score attacked"):
+                rejected = _filter_mask(input_filter, x) if input_filter is not None else None
+                scorer.update_attacked(pred, np.asarray(target[s:e]), np.asarray(gt[s:e]), rejected)
+    return scorer.result()

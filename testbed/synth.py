@@ -1,0 +1,566 @@
+"""The embedded default dataset: procedural indoor, street and park scenes that need no download.
+
+Why procedural rather than blocks: backdoor defenses look at features, and features of flat coloured
+rectangles are degenerate.  Each class therefore has a texture (pattern, colour jitter, noise, a lighting
+gradient) and objects are recognisable shapes (people with heads and limbs, cars with cabins and wheels,
+trees and palms with trunks and crowns) placed with perspective and occlusion.
+
+Everything is vectorized over a chunk of images and all pixels; Python loops run only over object slots.
+Scenes are drawn in fixed-size chunks, each from its own seeded stream, so the first k images of
+``synth_scenes(n, seed=s)`` equal ``synth_scenes(k, seed=s)`` and the result never depends on how many
+images are asked for at once.
+
+Class ids follow ADE20K's order (the names are ADE20K's), so a model trained on synthetic data speaks the
+same class names as one trained on ADE20K.  Pixels of things that have no class here (paintings, furniture,
+poles) are labelled 255 (ignore), as ADE20K labels "other".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from testbed import h5data
+
+SYNTH_CLASSES: list[str] = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "grass", "person", "car", "palm",
+]  # fmt: skip
+WALL, BUILDING, SKY, FLOOR, TREE, CEILING, ROAD, GRASS, PERSON, CAR, PALM = range(len(SYNTH_CLASSES))
+IGNORE = h5data.IGNORE_INDEX
+
+# Scene family probabilities: indoor scenes carry 'wall', park scenes carry 'grass'.  With these shares
+# 'wall' is absent from ~58% of images, 'wall'+'person' co-occur in ~35%, 'grass' is in ~14% (so BadNets'
+# semantic trigger 'grass' poisons close to the paper's 10%).
+FAMILIES = ("indoor", "street", "park")
+FAMILY_P = (0.43, 0.46, 0.11)
+GENERATOR = "testbed.synth"
+_PIXELS_PER_CHUNK = 64 * 64 * 64  # 64 images at 64x64, 1 image at 512x512
+
+
+def _chunk_size(size: int) -> int:
+    return max(1, _PIXELS_PER_CHUNK // (size * size))
+
+
+def _c(x: np.ndarray) -> np.ndarray:
+    """Per-image parameter [m] → [m,1,1] so it broadcasts against the pixel grid."""
+    return np.asarray(x, dtype=np.float32)[:, None, None]
+
+
+def _hash(*xs: np.ndarray) -> np.ndarray:
+    """A cheap deterministic pseudo-random value in [0,1) per integer cell (for per-window/tile variation)."""
+    h = np.zeros(np.broadcast_shapes(*(np.shape(x) for x in xs)), dtype=np.float32)
+    for k, x in enumerate(xs):
+        h = h + np.asarray(x, dtype=np.float32) * np.float32((12.9898, 78.233, 37.719)[k % 3])
+    return np.modf(np.abs(np.sin(h)) * np.float32(43758.547))[0].astype(np.float32)
+
+
+def _interp_matrix(size: int, cells: int) -> np.ndarray:
+    """[size, cells] bilinear weights that upsample a cells-long signal to size samples."""
+    pos = (np.arange(size) + 0.5) / size * (cells - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, cells - 2)
+    t = (pos - lo).astype(np.float32)
+    t = t * t * (3 - 2 * t)  # smoothstep: no visible grid creases
+    m = np.zeros((size, cells), dtype=np.float32)
+    m[np.arange(size), lo] = 1 - t
+    m[np.arange(size), lo + 1] = t
+    return m
+
+
+def _smooth_noise(rng: np.random.Generator, m: int, size: int, cells: int) -> np.ndarray:
+    """Value noise in [0,1], [m,size,size]: a random cells×cells grid upsampled with two matmuls."""
+    cells = max(2, cells)
+    grid = rng.random((m, cells, cells), dtype=np.float32)
+    mat = _interp_matrix(size, cells)
+    return mat @ grid @ mat.T
+
+
+class _Canvas:
+    """Label map + colour image of a chunk of m scenes; painting later occludes earlier."""
+
+    def __init__(self, m: int, size: int) -> None:
+        self.m, self.size = m, size
+        self.label = np.full((m, size, size), IGNORE, dtype=np.uint8)
+        self.rgb = np.zeros((3, m, size, size), dtype=np.float32)  # channel planes: fast masked writes
+        g = (np.arange(size, dtype=np.float32) + 0.5) / size
+        self.u = g[None, None, :]  # x in [0,1], left → right
+        self.v = g[None, :, None]  # y in [0,1], top → bottom
+
+    def subset(self, present: np.ndarray) -> tuple["_Canvas | None", np.ndarray]:
+        """A canvas of only the images where ``present`` (objects are drawn there, then :meth:`merge`d)."""
+        idx = np.flatnonzero(present)
+        if idx.size == 0 or idx.size == self.m:
+            return (self if idx.size else None), idx
+        sub = _Canvas.__new__(_Canvas)
+        sub.m, sub.size, sub.u, sub.v = idx.size, self.size, self.u, self.v
+        sub.label, sub.rgb = self.label[idx], self.rgb[:, idx]
+        return sub, idx
+
+    def merge(self, sub: "_Canvas", idx: np.ndarray) -> None:
+        if sub is not self:
+            self.label[idx] = sub.label
+            self.rgb[:, idx] = sub.rgb
+
+    def paint(self, mask: np.ndarray, cls: int | None, colour: np.ndarray) -> None:
+        """Set label ``cls`` (None: leave labels) and colour ([m,3] or planes [3,m,H,W]) where ``mask``."""
+        mask = np.broadcast_to(mask, self.label.shape)
+        if cls is not None:
+            np.putmask(self.label, mask, np.uint8(cls))
+        colour = np.asarray(colour, dtype=np.float32)
+        if colour.ndim == 2:
+            colour = colour.T[:, :, None, None]
+        np.copyto(self.rgb, colour, where=mask[None])
+
+    def shade(self, mask: np.ndarray, factor: np.ndarray) -> None:
+        """Multiply colours by ``factor`` ([m,H,W] or broadcastable) where ``mask``; labels unchanged."""
+        mask = np.broadcast_to(mask, self.label.shape)
+        f = np.asarray(factor, dtype=np.float32)
+        np.multiply(self.rgb, f, out=self.rgb, where=mask[None])
+
+    # -- shapes: boolean masks [m,H,W] --------------------------------------------------------
+    def rect(self, x0, x1, y0, y1) -> np.ndarray:
+        u, v = self.u, self.v
+        return (u >= _c(x0)) & (u < _c(x1)) & (v >= _c(y0)) & (v < _c(y1))
+
+    def ellipse(self, cx, cy, rx, ry) -> np.ndarray:
+        du = (self.u - _c(cx)) / _c(rx)
+        dv = (self.v - _c(cy)) / _c(ry)
+        return du * du + dv * dv <= 1.0
+
+
+# -- colours -------------------------------------------------------------------------------------
+_WALL = np.array([[205, 195, 175], [180, 192, 205], [215, 205, 185], [175, 165, 155], [195, 175, 150], [160, 180, 160]])
+_FLOOR = np.array([[145, 100, 60], [175, 172, 165], [120, 80, 72], [95, 70, 50]])
+_BUILDING = np.array([[155, 115, 95], [182, 172, 160], [122, 122, 134], [205, 185, 150], [140, 150, 160]])
+_SKIN = np.array([[240, 200, 170], [205, 155, 115], [145, 98, 68], [95, 62, 42]])
+_HAIR = np.array([[30, 22, 15], [90, 60, 30], [200, 170, 100], [60, 60, 60]])
+_CAR = np.array([[190, 30, 30], [30, 60, 160], [230, 230, 230], [25, 25, 30], [160, 165, 170], [225, 190, 40], [40, 110, 70]])
+
+
+def _pick(rng: np.random.Generator, table: np.ndarray, m: int, jitter: float) -> np.ndarray:
+    """A colour per image from ``table`` with uniform per-channel jitter, float32 [m,3]."""
+    base = table[rng.integers(0, len(table), m)].astype(np.float32)
+    return base + rng.uniform(-jitter, jitter, (m, 3)).astype(np.float32)
+
+
+def _near(rng: np.random.Generator, rgb, m: int, jitter: float) -> np.ndarray:
+    return np.asarray(rgb, np.float32)[None] + rng.uniform(-jitter, jitter, (m, 3)).astype(np.float32)
+
+
+def _counts(rng: np.random.Generator, m: int, p: list[float]) -> np.ndarray:
+    return rng.choice(len(p), m, p=p)
+
+
+# -- objects: each draws one slot (one object per image) on the images where ``present`` -----------
+def _person(cv: _Canvas, rng: np.random.Generator, present, fx, fv, hgt) -> None:
+    """A standing person with feet at (fx, fv) and height hgt: legs, torso, arms, head with hair."""
+    full, (sub, idx) = cv, cv.subset(present)
+    if sub is None:
+        return
+    cv = sub
+    fx, fv, hgt = np.asarray(fx)[idx], np.asarray(fv)[idx], np.asarray(hgt)[idx]
+    m = cv.m
+    skin, hair = _pick(rng, _SKIN, m, 10), _pick(rng, _HAIR, m, 10)
+    shirt = rng.uniform(20, 235, (m, 3)).astype(np.float32)
+    trousers = _pick(rng, np.array([[40, 45, 70], [30, 30, 30], [90, 80, 60], [60, 70, 110]]), m, 12)
+    r = 0.075 * hgt
+    hip = fv - 0.47 * hgt
+    shoulder = fv - hgt + 2.05 * r
+    stride = rng.uniform(0.0, 0.06, m) * hgt
+    leg_w = 0.055 * hgt
+    for side in (-1, 1):
+        cx = fx + side * (0.045 * hgt)
+        # legs slant by ``stride`` towards the feet
+        t = np.clip((cv.v - _c(hip)) / _c(fv - hip), 0, 1)
+        lx = _c(cx) + side * _c(stride) * t
+        leg = (np.abs(cv.u - lx) < _c(leg_w)) & (cv.v >= _c(hip)) & (cv.v < _c(fv))
+        cv.paint(leg, PERSON, trousers)
+    torso = cv.ellipse(fx, (shoulder + hip) / 2 + 0.02 * hgt, 0.11 * hgt, (hip - shoulder) / 2 + 0.04 * hgt)
+    torso |= cv.rect(fx - 0.11 * hgt, fx + 0.11 * hgt, shoulder + 0.03 * hgt, hip + 0.02 * hgt)
+    cv.paint(torso, PERSON, shirt)
+    for side in (-1, 1):
+        ax = fx + side * 0.135 * hgt
+        arm = cv.rect(ax - 0.032 * hgt, ax + 0.032 * hgt, shoulder + 0.02 * hgt, hip + 0.03 * hgt)
+        hand = cv.ellipse(ax, hip + 0.04 * hgt, 0.035 * hgt, 0.035 * hgt)
+        cv.paint(arm, PERSON, shirt * 0.85)
+        cv.paint(hand, PERSON, skin)
+    neck = cv.rect(fx - 0.03 * hgt, fx + 0.03 * hgt, shoulder - 0.03 * hgt, shoulder + 0.01 * hgt)
+    cv.paint(neck, PERSON, skin)
+    hy = fv - hgt + r
+    head = cv.ellipse(fx, hy, r * 0.85, r)
+    cv.paint(head, PERSON, skin)
+    cv.paint(head & (cv.v < _c(hy - 0.35 * r)), PERSON, hair)
+    full.merge(cv, idx)
+
+
+def _car(cv: _Canvas, rng: np.random.Generator, present, cx, cb, length) -> None:
+    """A side-view car with bottom at cb: body, cabin with windows, two wheels with hubs."""
+    full, (sub, idx) = cv, cv.subset(present)
+    if sub is None:
+        return
+    cv = sub
+    cx, cb, length = np.asarray(cx)[idx], np.asarray(cb)[idx], np.asarray(length)[idx]
+    m = cv.m
+    body_c = _pick(rng, _CAR, m, 12)
+    hc = 0.42 * length
+    x0, x1 = cx - length / 2, cx + length / 2
+    body = cv.rect(x0, x1, cb - 0.62 * hc, cb - 0.18 * hc)
+    body &= ~(cv.ellipse(x0, cb - 0.62 * hc, 0.06 * length, 0.12 * hc) & (cv.u < _c(x0 + 0.06 * length)))
+    body &= ~(cv.ellipse(x1, cb - 0.62 * hc, 0.06 * length, 0.12 * hc) & (cv.u > _c(x1 - 0.06 * length)))
+    cv.paint(body, CAR, body_c)
+    # cabin: trapezoid, narrower at the roof; forward or backward facing at random
+    top, base = cb - hc, cb - 0.6 * hc
+    t = np.clip((cv.v - _c(top)) / _c(base - top), 0, 1)
+    flip = _c(rng.random(m) < 0.5)
+    front = np.where(flip, 0.12, 0.2).astype(np.float32)
+    rear = np.where(flip, 0.2, 0.12).astype(np.float32)
+    left = _c(x0 + 0.12 * length) + front * _c(length) * (1 - t)
+    right = _c(x1 - 0.12 * length) - rear * _c(length) * (1 - t)
+    cabin = (cv.u >= left) & (cv.u < right) & (cv.v >= _c(top)) & (cv.v < _c(base))
+    cv.paint(cabin, CAR, body_c)
+    glass = cabin & (cv.u >= left + _c(0.03 * length)) & (cv.u < right - _c(0.03 * length)) & (cv.v >= _c(top + 0.07 * hc))
+    pillar = np.abs(cv.u - _c(cx)) < _c(0.02 * length)
+    cv.paint(glass & ~pillar, None, _near(rng, (70, 90, 115), m, 15))
+    light = cv.rect(x1 - 0.05 * length, x1, cb - 0.55 * hc, cb - 0.45 * hc)
+    cv.paint(light, None, _near(rng, (235, 225, 170), m, 10))
+    for wx in (x0 + 0.22 * length, x1 - 0.22 * length):
+        wheel = cv.ellipse(wx, cb - 0.17 * hc, 0.17 * hc, 0.17 * hc)
+        cv.paint(wheel, CAR, _near(rng, (25, 25, 28), m, 5))
+        cv.paint(cv.ellipse(wx, cb - 0.17 * hc, 0.08 * hc, 0.08 * hc), CAR, _near(rng, (150, 150, 155), m, 10))
+    full.merge(cv, idx)
+
+
+def _tree(cv: _Canvas, rng: np.random.Generator, present, bx, bv, hgt) -> None:
+    """A broadleaf tree standing at (bx, bv): a trunk and a crown of three overlapping blobs."""
+    full, (sub, idx) = cv, cv.subset(present)
+    if sub is None:
+        return
+    cv = sub
+    bx, bv, hgt = np.asarray(bx)[idx], np.asarray(bv)[idx], np.asarray(hgt)[idx]
+    m = cv.m
+    tw = 0.045 * hgt
+    trunk = cv.rect(bx - tw, bx + tw, bv - 0.55 * hgt, bv)
+    cv.paint(trunk, TREE, _near(rng, (92, 62, 38), m, 12))
+    leaf = _near(rng, (50, 110, 45), m, 18)
+    cy = bv - 0.68 * hgt
+    crown = cv.ellipse(bx, cy, 0.26 * hgt, 0.3 * hgt)
+    for dx, dy, s in ((-0.17, 0.08, 0.19), (0.17, 0.06, 0.2), (0.02, -0.15, 0.2)):
+        jx = rng.uniform(-0.04, 0.04, m)
+        crown |= cv.ellipse(bx + (dx + jx) * hgt, cy + dy * hgt, s * hgt, s * hgt * 0.9)
+    cv.paint(crown, TREE, leaf)
+    full.merge(cv, idx)
+
+
+def _palm(cv: _Canvas, rng: np.random.Generator, present, bx, bv, hgt) -> None:
+    """A palm: a thin, ringed, bending trunk and a star-shaped crown of drooping fronds."""
+    full, (sub, idx) = cv, cv.subset(present)
+    if sub is None:
+        return
+    cv = sub
+    bx, bv, hgt = np.asarray(bx)[idx], np.asarray(bv)[idx], np.asarray(hgt)[idx]
+    m = cv.m
+    bend = _c(rng.uniform(-0.25, 0.25, m) * hgt)
+    s = np.clip((_c(bv) - cv.v) / _c(hgt * 0.8), 0, 1)  # 0 at the foot, 1 at the crown
+    tx = _c(bx) + bend * s * s
+    tw = _c(0.028 * hgt) * (1.2 - 0.4 * s)
+    trunk = (np.abs(cv.u - tx) < tw) & (cv.v < _c(bv)) & (cv.v >= _c(bv - 0.8 * hgt))
+    cv.paint(trunk, PALM, _near(rng, (135, 105, 72), m, 12))
+    rings = np.modf(s * 14)[0] < 0.25
+    cv.shade(trunk & rings, np.float32(0.75))
+    cx = bx + bend[:, 0, 0]
+    cy = bv - 0.8 * hgt
+    du = (cv.u - _c(cx)) / _c(0.34 * hgt)
+    dv = (cv.v - _c(cy)) / _c(0.24 * hgt)
+    rho = np.sqrt(du * du + dv * dv)
+    theta = np.arctan2(dv, du)
+    nf = _c(rng.integers(6, 9, m))
+    phase = _c(rng.uniform(0, np.pi, m))
+    frond = np.abs(np.cos(nf * theta / 2 + phase))
+    frond = frond * frond * frond
+    reach = 0.18 + 0.82 * frond * (0.75 + 0.25 * np.sin(theta))  # lower fronds droop further
+    crown = rho < reach
+    cv.paint(crown, PALM, _near(rng, (72, 135, 52), m, 15))
+    cv.shade(crown, 0.8 + 0.4 * np.clip(1 - rho, 0, 1))
+    full.merge(cv, idx)
+
+
+def _sorted_slots(rng: np.random.Generator, m: int, counts: np.ndarray, slots: int, lo, hi):
+    """Per image, ``slots`` depth positions in [lo,hi] sorted far→near, and which slots are present."""
+    depth = np.sort(rng.uniform(0, 1, (m, slots)), axis=1) * (np.asarray(hi) - np.asarray(lo))[:, None]
+    depth = (depth + np.asarray(lo)[:, None]).astype(np.float32)
+    order = rng.permuted(np.tile(np.arange(slots), (m, 1)), axis=1)
+    present = order < counts[:, None]
+    return depth, present
+
+
+# -- scene families ------------------------------------------------------------------------------
+def _sky(cv: _Canvas, rng: np.random.Generator, mask: np.ndarray, horizon: np.ndarray, noise: np.ndarray) -> None:
+    m = cv.m
+    overcast = rng.random(m) < 0.2
+    top = np.where(overcast[:, None], _near(rng, (165, 170, 180), m, 10), _near(rng, (85, 140, 225), m, 15))
+    low = np.where(overcast[:, None], _near(rng, (200, 202, 208), m, 8), _near(rng, (185, 215, 242), m, 10))
+    t = np.clip(cv.v / _c(np.maximum(horizon, 0.05)), 0, 1)
+    colour = top.T[:, :, None, None] * (1 - t) + low.T[:, :, None, None] * t
+    cv.paint(mask, SKY, colour)
+    cloud = np.clip((noise - _c(rng.uniform(0.45, 0.75, m))) * 3.0, 0, 1)
+    cloud_rgb = np.float32(240) - np.float32(25) * noise
+    cv.paint(mask, None, cv.rgb * (1 - cloud) + cloud_rgb * cloud)
+
+
+def _indoor(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
+    """A room in one-point perspective: back wall, side walls, floor, maybe ceiling; people inside."""
+    m, u, v = cv.m, cv.u, cv.v
+    x0, x1 = rng.uniform(0.12, 0.42, m), rng.uniform(0.58, 0.88, m)
+    y0, y1 = rng.uniform(0.08, 0.32, m), rng.uniform(0.5, 0.68, m)
+    no_ceiling = rng.random(m) < 0.25
+    inf = np.float32(-1e9)
+    t_top = np.where(_c(no_ceiling), inf, (_c(y0) - v) / _c(y0))
+    t_bot = (v - _c(y1)) / _c(1 - y1)
+    t_left = (_c(x0) - u) / _c(x0)
+    t_right = (u - _c(x1)) / _c(1 - x1)
+    faces = np.stack(np.broadcast_arrays(t_top, t_bot, t_left, t_right))
+    face = faces.argmax(0)
+    inside = faces.max(0) <= 0
+    ceiling = (face == 0) & ~inside
+    floor = (face == 1) & ~inside
+    wall = inside | (face >= 2)
+
+    wall_c = _pick(rng, _WALL, m, 12)
+    cv.paint(wall, WALL, wall_c)
+    stripes = _c(rng.random(m) < 0.4) > 0
+    period = _c(rng.uniform(0.03, 0.08, m))
+    cv.shade(wall & stripes & (np.modf(u / period)[0] < 0.5), np.float32(0.9))
+    cv.shade(wall & ~inside & (face >= 2), np.float32(0.8))  # side walls catch less light
+    skirting = inside & (v > _c(y1 - 0.025))
+    cv.paint(skirting, WALL, wall_c * 0.7)
+
+    cv.paint(ceiling, CEILING, _near(rng, (228, 226, 220), m, 10))
+    depth = np.maximum(t_top, np.float32(1e-3))
+    lamp = (np.abs((u - _c((x0 + x1) / 2)) / depth) < 0.12) & (np.modf(1.0 / depth * 0.8)[0] < 0.35)
+    cv.paint(ceiling & lamp, None, _near(rng, (255, 252, 235), m, 3))
+    cv.shade(ceiling, 0.85 + 0.15 * np.clip(t_top, 0, 1))
+
+    cv.paint(floor, FLOOR, _pick(rng, _FLOOR, m, 12))
+    d = np.maximum(t_bot, np.float32(1.0 / cv.size))
+    fx = (u - _c((x0 + x1) / 2)) / d
+    fz = 1.0 / d
+    kind = _c(rng.integers(0, 3, m))
+    freq = _c(rng.uniform(3, 7, m))
+    tiles = ((np.floor(fx * freq) + np.floor(fz * freq * 0.5)) % 2).astype(np.float32)
+    planks = _hash(np.floor(fx * freq * 1.5))
+    pattern = np.where(kind == 0, 0.9 + 0.15 * tiles, np.where(kind == 1, 0.82 + 0.3 * planks, 1.0 + 0.1 * (noise - 0.5)))
+    cv.shade(floor, pattern)
+
+    # unlabelled things ("other", ignore 255): a picture on the back wall, a cabinet on the floor
+    has_pic = rng.random(m) < 0.35
+    px, py = rng.uniform(0.25, 0.6, m) * (x1 - x0) + x0, rng.uniform(0.3, 0.5, m) * (y1 - y0) + y0
+    pw, ph = rng.uniform(0.06, 0.14, m), rng.uniform(0.05, 0.12, m)
+    pic = cv.rect(px - pw, px + pw, py - ph, py + ph) & (_c(has_pic) > 0)
+    cv.paint(pic, IGNORE, _near(rng, (60, 45, 30), m, 10))
+    inner = cv.rect(px - pw * 0.8, px + pw * 0.8, py - ph * 0.75, py + ph * 0.75) & (_c(has_pic) > 0)
+    art = rng.uniform(40, 220, (m, 3)).astype(np.float32)
+    cv.paint(inner, None, art.T[:, :, None, None] * (0.6 + 0.8 * noise))
+    has_cab = rng.random(m) < 0.4
+    cb = rng.uniform(y1 + 0.05, 0.85, m)
+    cxc, cw = rng.uniform(0.1, 0.9, m), rng.uniform(0.08, 0.2, m)
+    chh = (cb - (y0 + y1) / 2) * rng.uniform(0.4, 0.8, m)
+    cab = cv.rect(cxc - cw, cxc + cw, cb - chh, cb) & (_c(has_cab) > 0)
+    cv.paint(cab, IGNORE, _near(rng, (115, 80, 50), m, 15))
+    cv.shade(cab & (np.abs(cv.u - _c(cxc)) < 0.004 + 0.004 * 64 / cv.size), np.float32(0.6))
+
+    n_people = _counts(rng, m, [0.15, 0.4, 0.3, 0.15])
+    eye = (y0 + y1) / 2 * rng.uniform(0.9, 1.1, m)
+    feet, present = _sorted_slots(rng, m, n_people, 3, y1 + 0.03, np.full(m, 1.05))
+    for j in range(3):
+        hgt = np.maximum((feet[:, j] - eye) / 0.9 * rng.uniform(0.85, 1.1, m), 0.12)
+        _person(cv, rng, present[:, j], rng.uniform(0.08, 0.92, m), feet[:, j], hgt)
+
+
+def _street(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
+    """Sky, a row of buildings, a road in perspective; trees, palms, cars, pedestrians."""
+    m, u, v = cv.m, cv.u, cv.v
+    h = rng.uniform(0.35, 0.55, m)
+    vx = rng.uniform(0.35, 0.65, m)
+    _sky(cv, rng, v < _c(h), h, noise)
+
+    edges = np.sort(rng.uniform(-0.1, 1.1, (m, 5)), axis=1)
+    edges[:, 0], edges[:, -1] = -0.1, 1.1
+    for j in range(4):
+        xl, xr = edges[:, j] + rng.uniform(0, 0.03, m), edges[:, j + 1]
+        present = rng.random(m) < 0.85
+        top = rng.uniform(0.0, 1.0, m) * (h - 0.12)
+        b = cv.rect(xl, xr, top, h + 0.02) & (_c(present) > 0)
+        cv.paint(b, BUILDING, _pick(rng, _BUILDING, m, 15))
+        ww, wh = rng.uniform(0.03, 0.06, m), rng.uniform(0.045, 0.08, m)
+        col, row = (u - _c(xl)) / _c(ww), (v - _c(top)) / _c(wh)
+        win = (np.modf(col)[0] > 0.28) & (np.modf(col)[0] < 0.72) & (np.modf(row)[0] > 0.3) & (np.modf(row)[0] < 0.78)
+        win &= (col > 0.5) & (row > 0.5) & (v < _c(h - 0.02))
+        lit = _hash(np.floor(col), np.floor(row) + j * 7.0) < 0.2
+        glass = np.where(lit, np.float32([215, 200, 130])[:, None, None, None], np.float32([62, 72, 92])[:, None, None, None])
+        cv.paint(b & win, None, glass)
+    ground = v >= _c(h)
+    cv.paint(ground, ROAD, _near(rng, (150, 148, 142), m, 12))  # pavement (labelled road)
+    spread = _c(rng.uniform(0.7, 1.4, m))
+    dist = np.abs(u - _c(vx)) - (v - _c(h)) * spread
+    road = ground & (dist < 0)
+    cv.paint(road, ROAD, _near(rng, (88, 88, 94), m, 10))
+    kerb = ground & (dist >= 0) & (dist < (v - _c(h)) * 0.08)
+    cv.shade(kerb, np.float32(1.25))
+    cv.shade(ground & (dist >= 0), 0.9 + 0.1 * (np.floor(u * 20 / np.maximum(v - _c(h), 0.05)) % 2))
+    verge = ground & (dist >= (v - _c(h)) * 0.08) & (_c(rng.random(m) < 0.06) > 0)
+    cv.paint(verge, GRASS, _near(rng, (72, 140, 52), m, 15))
+    depth = np.maximum(v - _c(h), np.float32(1e-3))
+    dash = road & (np.abs(u - _c(vx)) < depth * 0.03) & (np.modf(0.35 / depth)[0] < 0.5)
+    cv.paint(dash, None, _near(rng, (235, 235, 225), m, 8))
+
+    far_lo, far_hi = h + 0.02, h + 0.3
+    n_plants = _counts(rng, m, [0.2, 0.35, 0.3, 0.15])
+    base, present = _sorted_slots(rng, m, n_plants, 3, far_lo, far_hi)
+    for j in range(3):
+        side = np.where(rng.random(m) < 0.5, -1, 1)
+        bx = vx + side * (base[:, j] - h) * rng.uniform(1.6, 3.0, m) * spread[:, 0, 0]
+        hgt = (base[:, j] - h) * rng.uniform(2.5, 4.0, m) + 0.15
+        is_palm = rng.random(m) < 0.5
+        _palm(cv, rng, present[:, j] & is_palm, bx, base[:, j], hgt)
+        _tree(cv, rng, present[:, j] & ~is_palm, bx, base[:, j], hgt)
+    has_pole = rng.random(m) < 0.3
+    pb = rng.uniform(h + 0.1, 0.9, m)
+    px = vx + np.where(rng.random(m) < 0.5, -1, 1) * (pb - h) * 1.3 * spread[:, 0, 0]
+    pole = cv.rect(px - 0.012 * (pb - h) * 4, px + 0.012 * (pb - h) * 4, pb - (pb - h) * 2.5, pb) & (_c(has_pole) > 0)
+    cv.paint(pole, IGNORE, _near(rng, (70, 72, 75), m, 8))
+
+    n_cars = _counts(rng, m, [0.25, 0.35, 0.25, 0.15])
+    cb, present = _sorted_slots(rng, m, n_cars, 3, h + 0.06, np.full(m, 0.99))
+    for j in range(3):
+        d = cb[:, j] - h
+        _car(cv, rng, present[:, j], vx + d * spread[:, 0, 0] * rng.uniform(-0.7, 0.7, m), cb[:, j], d * rng.uniform(1.0, 1.3, m) + 0.04)
+    n_people = _counts(rng, m, [0.2, 0.4, 0.25, 0.15])
+    feet, present = _sorted_slots(rng, m, n_people, 3, h + 0.04, np.full(m, 1.05))
+    for j in range(3):
+        d = feet[:, j] - h
+        side = np.where(rng.random(m) < 0.5, -1, 1)
+        fx = np.clip(vx + side * d * spread[:, 0, 0] * rng.uniform(1.05, 2.0, m), 0.04, 0.96)  # stay in view
+        _person(cv, rng, present[:, j], fx, feet[:, j], np.maximum(d / 0.9 * rng.uniform(0.85, 1.1, m), 0.1))
+
+
+def _park(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
+    """Sky over a lawn, maybe a distant tree line; trees, palms and people on the grass."""
+    m, u, v = cv.m, cv.u, cv.v
+    h = rng.uniform(0.3, 0.6, m)
+    _sky(cv, rng, v < _c(h), h, noise)
+    has_line = rng.random(m) < 0.5
+    bumps = _c(rng.uniform(0.03, 0.08, m)) * (0.6 + 0.4 * np.sin(u * _c(rng.uniform(15, 30, m)) + _c(rng.uniform(0, 6, m))))
+    line = (v >= _c(h) - bumps - 0.5 * bumps * noise) & (v < _c(h)) & (_c(has_line) > 0)
+    cv.paint(line, TREE, _near(rng, (45, 90, 45), m, 10))
+    grass = v >= _c(h)
+    cv.paint(grass, GRASS, _near(rng, (75, 145, 50), m, 18))
+    cv.shade(grass, 0.8 + 0.25 * np.clip((v - _c(h)) / _c(1 - h), 0, 1))
+
+    n_plants = _counts(rng, m, [0.15, 0.3, 0.35, 0.2])
+    base, present = _sorted_slots(rng, m, n_plants, 3, h + 0.02, h + 0.45)
+    for j in range(3):
+        hgt = (base[:, j] - h) * rng.uniform(2.5, 3.5, m) + 0.15
+        bx = rng.uniform(0.05, 0.95, m)
+        is_palm = rng.random(m) < 0.45
+        _palm(cv, rng, present[:, j] & is_palm, bx, base[:, j], hgt)
+        _tree(cv, rng, present[:, j] & ~is_palm, bx, base[:, j], hgt)
+    n_people = _counts(rng, m, [0.2, 0.4, 0.25, 0.15])
+    feet, present = _sorted_slots(rng, m, n_people, 3, h + 0.05, np.full(m, 1.05))
+    for j in range(3):
+        d = feet[:, j] - h
+        _person(cv, rng, present[:, j], rng.uniform(0.05, 0.95, m), feet[:, j], np.maximum(d / 0.9 * rng.uniform(0.85, 1.1, m), 0.1))
+
+
+_RENDER = {"indoor": _indoor, "street": _street, "park": _park}
+
+# Per-class texture: amplitude of fine ("leafy") and coarse noise multiplied into the colour.
+_FINE = {TREE: 0.45, PALM: 0.35, GRASS: 0.4, ROAD: 0.12, BUILDING: 0.1, FLOOR: 0.06, WALL: 0.04, PERSON: 0.08, CAR: 0.05}
+_COARSE = {WALL: 0.1, CEILING: 0.08, BUILDING: 0.12, ROAD: 0.12, GRASS: 0.2, FLOOR: 0.08, SKY: 0.05}
+
+
+def _texture_and_light(cv: _Canvas, rng: np.random.Generator, fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """Class textures, a per-image lighting gradient and sensor noise; returns uint8 images."""
+    m = cv.m
+    factor = np.ones(cv.label.shape, dtype=np.float32)
+    for cls in range(len(SYNTH_CLASSES)):
+        a, b = _FINE.get(cls, 0.0), _COARSE.get(cls, 0.0)
+        if a or b:
+            np.copyto(factor, 1 + a * (fine - 0.5) + b * (coarse - 0.5), where=cv.label == cls)
+    streak = np.float32(0.08) * np.sin(cv.u * np.float32(cv.size * 0.9) + fine * 6)
+    np.add(factor, streak, out=factor, where=cv.label == GRASS)
+    ang = rng.uniform(0, 2 * np.pi, m)
+    strength = _c(rng.uniform(0.1, 0.45, m))
+    light = 1 + strength * ((cv.u - 0.5) * _c(np.cos(ang)) + (cv.v - 0.5) * _c(np.sin(ang)))
+    light = light * _c(rng.uniform(0.8, 1.15, m))
+    img = cv.rgb * (factor * light)
+    sigma = rng.uniform(2, 8, m).astype(np.float32)[:, None, None]
+    img += rng.standard_normal(img.shape, dtype=np.float32) * sigma
+    np.clip(img + 0.5, 0, 255, out=img)
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 3, 0))
+
+
+def _render_chunk(rng: np.random.Generator, m: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    family = rng.choice(len(FAMILIES), m, p=FAMILY_P)
+    images = np.empty((m, size, size, 3), dtype=np.uint8)
+    labels = np.empty((m, size, size), dtype=np.uint8)
+    for k, name in enumerate(FAMILIES):
+        idx = np.flatnonzero(family == k)
+        if idx.size == 0:
+            continue
+        cv = _Canvas(idx.size, size)
+        coarse = _smooth_noise(rng, idx.size, size, 5)
+        fine = _smooth_noise(rng, idx.size, size, max(4, size // 3))
+        _RENDER[name](cv, rng, coarse)
+        images[idx] = _texture_and_light(cv, rng, fine, coarse)
+        labels[idx] = cv.label
+    return images, labels
+
+
+def _scenes(n: int, size: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    if int(n) < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if int(size) < 8:
+        raise ValueError(f"size must be >= 8, got {size}")
+    n, size = int(n), int(size)
+    chunk = _chunk_size(size)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = np.empty((n, size, size), dtype=np.uint8)
+    for c, start in enumerate(range(0, n, chunk)):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), stream, c]))
+        x, y = _render_chunk(rng, chunk, size)
+        stop = min(n, start + chunk)
+        images[start:stop], labels[start:stop] = x[: stop - start], y[: stop - start]
+    return images, labels
+
+
+def synth_scenes(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` scenes: images uint8 [n,size,size,3] and labels uint8 [n,size,size] (ids into SYNTH_CLASSES, 255 = other).
+
+    Deterministic in (size, seed); the first k of n equal ``synth_scenes(k, size, seed)``.  These are
+    the training images of ``make_synth_dataset(..., seed=seed)``.
+    """
+    return _scenes(n, size, seed, stream=0)
+
+
+def make_synth_dataset(
+    out: str | os.PathLike,
+    n_train: int = 1000,
+    n_test: int = 200,
+    size: int = 64,
+    seed: int = 0,
+    compression: str | None = None,
+) -> Path:
+    """Write a synthetic dataset file (SPEC §3); train and test come from independent seeded streams."""
+    from testbed.errors import UserError
+
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if int(value) < 1:
+            raise UserError(f"{name} must be a positive number of images, got {value}")
+    if int(size) < 8:
+        raise UserError(f"size must be at least 8 pixels, got {size}")
+    train = _scenes(n_train, size, seed, stream=0)
+    test = _scenes(n_test, size, seed, stream=1)
+    source = {"generator": GENERATOR, "n_train": int(n_train), "n_test": int(n_test), "size": int(size), "seed": int(seed)}
+    arrays = {"train/images": train[0], "train/labels": train[1], "test/images": test[0], "test/labels": test[1]}
+    return h5data.write_dataset(out, arrays, SYNTH_CLASSES, source=source, compression=compression)

@@ -1,0 +1,493 @@
+"""Building a zoo: data once, each poisoned set once, each entry trained once, resumable after any crash.
+
+Order of work: (1) the clean dataset ``data/clean.h5``; (2) every poisoned dataset the grid needs, named by
+its content key (sha256 of the clean data's content hash + the attack's parameters + poisoning seed), so
+entries that need the same one share it; (3) the entries, scheduled on inline/process/Ray workers.  Every
+unit of work is guarded by a claim (:mod:`testbed.zoo.claims`) and finished by an atomic marker (a dataset's
+``data/NAME.json``, an entry's ``done.json``), so a killed build is simply run again: finished work is
+skipped, an unfinished entry resumes from its last epoch checkpoint, work a live builder holds is waited for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from testbed import atomic
+from testbed.errors import UserError
+from testbed.zoo import manifest as mf
+from testbed.zoo.claims import DEFAULT_STALE_AFTER, HOST, Claim, me, sweep_temp, zoo_lock
+from testbed.zoo.spec import ZooSpec, parse_spec
+
+POLL_S = 1.0
+
+
+@dataclass
+class BuildResult:
+    done: list[str] = field(default_factory=list)  # finished by this build
+    skipped: list[str] = field(default_factory=list)  # already finished before it started
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- datasets -------------------------------------------------------------------------------------
+def _temp_name(zoo: Path, name: str) -> Path:
+    return mf.data_dir(zoo) / f".{HOST}.{os.getpid()}.{name}.tmp.h5"
+
+
+def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Callable[[Path], None],
+                    stale_after: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """Build ``data/NAME.h5`` once (whoever claims it first); others wait for its record."""
+    record_path = mf.dataset_record(zoo, name)
+    waited = False
+    while True:
+        record = mf.read_json(record_path)
+        if record is not None:
+            if record.get("definition") != definition:
+                raise UserError(f"{zoo}/data/{name}.h5 was built from a different definition than this spec asks for; "
+                                "use a new --out for a different data source")
+            return record
+        claim = Claim(mf.data_dir(zoo) / f"{name}.claim", zoo, stale_after)
+        if claim.acquire():
+            try:
+                if mf.read_json(record_path) is None:
+                    say(f"building data/{name}.h5")
+                    final, tmp = mf.dataset_file(zoo, name), _temp_name(zoo, name)
+                    tmp.unlink(missing_ok=True)
+                    try:
+                        make(tmp)
+                        with open(tmp, "rb+") as f:
+                            os.fsync(f.fileno())
+                        os.replace(tmp, final)
+                    finally:
+                        tmp.unlink(missing_ok=True)
+                    from testbed.h5data import content_hash
+
+                    atomic.write_json(record_path, {
+                        "name": name, "file": f"data/{name}.h5", "sha256": mf.file_sha256(final),
+                        "content_hash": content_hash(final), "bytes": final.stat().st_size,
+                        "definition": definition, "built": _now(),
+                    })
+            finally:
+                claim.release()
+            continue
+        if not waited:
+            say(f"waiting for another builder to finish data/{name}.h5")
+            waited = True
+        time.sleep(POLL_S)
+
+
+def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        if "synth" in data:
+            from testbed.synth import make_synth_dataset
+
+            make_synth_dataset(tmp, **data["synth"])
+        else:
+            shutil.copyfile(data["path"], tmp)
+
+    return make
+
+
+def _make_poisoned(clean: Path, kwargs: dict[str, Any]) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        import attacks
+
+        attacks.poison_file(clean, tmp, **kwargs)
+
+    return make
+
+
+def poisoned_name(clean_hash: str, kwargs: dict[str, Any]) -> str:
+    """A poisoned dataset's name is a key over its content: clean content + attack parameters + seed."""
+    return "poisoned-" + hashlib.sha256(mf.canonical({"parent": clean_hash, "poison": kwargs})).hexdigest()[:16]
+
+
+def prepare(spec: ZooSpec, zoo: Path, stale_after: float = DEFAULT_STALE_AFTER,
+            say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Datasets built (or found) and ``plan.json`` merged: everything workers need to train entries."""
+    zoo.mkdir(parents=True, exist_ok=True)
+    for d in (mf.data_dir(zoo), mf.entries_dir(zoo)):
+        d.mkdir(exist_ok=True)
+    sweep_temp(mf.data_dir(zoo))
+    _check_plan(zoo, spec)  # fail before building anything
+    clean = _ensure_dataset(zoo, "clean", {"source": spec.data_definition()}, _make_clean(spec.data), stale_after, say)
+    clean_path = mf.dataset_file(zoo, "clean")
+    names: dict[tuple[str, int], str] = {}
+    for e in spec.entries:
+        for v in ([e.variant] if not e.is_benign else [x for x in spec.variants if not x.is_benign]):
+            key = (v.label, e.seed)
+            if key in names:
+                continue
+            kwargs = v.poison_kwargs(e.seed)
+            name = poisoned_name(clean["content_hash"], kwargs)
+            _ensure_dataset(zoo, name, {"parent_content_hash": clean["content_hash"], "poison": kwargs},
+                            _make_poisoned(clean_path, kwargs), stale_after, say)
+            names[key] = name
+    rows = {}
+    for e in spec.entries:
+        row: dict[str, Any] = {"definition": e.definition()}
+        if e.is_benign:
+            row["data"] = "clean"
+            row["reference"] = {v.label: names[(v.label, e.seed)] for v in spec.variants if not v.is_benign}
+        else:
+            row["data"] = names[(e.variant.label, e.seed)]
+        rows[e.id] = row
+    with zoo_lock(zoo):
+        plan = _check_plan(zoo, spec)
+        for eid, row in rows.items():
+            if eid not in plan["entries"]:
+                plan["order"].append(eid)
+            plan["entries"][eid] = row
+        atomic.write_json(zoo / mf.PLAN, plan)
+    mf.write_manifest(zoo)
+    return plan
+
+
+def _check_plan(zoo: Path, spec: ZooSpec) -> dict[str, Any]:
+    plan = mf.read_json(zoo / mf.PLAN)
+    if plan is None:
+        if (zoo / mf.MANIFEST).exists() or (zoo.is_dir() and any(p for p in zoo.iterdir() if p.name not in ("data", "entries", ".lock"))):
+            raise UserError(f"--out {zoo} holds files but is not a zoo; choose an empty or new directory")
+        return {"format": mf.FORMAT, "version": mf.VERSION, "data": spec.data_definition(), "order": [], "entries": {}}
+    if plan.get("data") != spec.data_definition():
+        raise UserError(f"{zoo} was built from other data ({json.dumps(plan.get('data'))}); use a new --out for this spec")
+    for e in spec.entries:
+        old = plan["entries"].get(e.id)
+        if old is not None and old["definition"] != e.definition():
+            raise UserError(f"{zoo}: entry {e.id} exists with other settings than this spec gives it; "
+                            "use a new --out (or restore the spec it was built from)")
+    return plan
+
+
+# -- one entry ------------------------------------------------------------------------------------
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    old = path.read_text() if path.is_file() else ""
+    atomic.write_text(path, old + json.dumps(record) + "\n")
+
+
+def _epochs_done(run_dir: Path) -> int:
+    log = run_dir / "train_log.jsonl"
+    return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
+
+
+def _finish_stray(zoo: Path, entry_id: str) -> None:
+    """A builder killed right after done.json leaves the checkpoint behind; it is not part of the zoo."""
+    (mf.entry_dir(zoo, entry_id) / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", threads: int | None = None,
+                progress: bool = False, stale_after: float = DEFAULT_STALE_AFTER) -> dict[str, Any]:
+    """Train and score one entry unless it is finished or a live builder holds it.
+
+    Returns ``{"id", "status": "done"|"busy", ...}``; errors propagate (the scheduler records them).
+    """
+    import torch
+
+    from testbed.device import resolve_device
+
+    zoo = Path(zoo)
+    plan = mf.load_plan(zoo)
+    row = plan["entries"][entry_id]
+    d = row["definition"]
+    edir = mf.entry_dir(zoo, entry_id)
+    if (edir / mf.DONE).is_file():
+        return {"id": entry_id, "status": "done", "already": True}
+    claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
+    if not claim.acquire():
+        return {"id": entry_id, "status": "busy", "holder": {k: v for k, v in (claim.holder or {}).items() if not k.startswith("_")}}
+    t0 = time.time()
+    try:
+        if (edir / mf.DONE).is_file():
+            return {"id": entry_id, "status": "done", "already": True}
+        if threads:
+            torch.set_num_threads(int(threads))
+        dev = resolve_device(device)
+        edir.mkdir(parents=True, exist_ok=True)
+        existing = mf.read_json(edir / mf.ENTRY_DEF)
+        if existing is None:
+            atomic.write_json(edir / mf.ENTRY_DEF, d)
+        elif existing != d:
+            raise UserError(f"{edir}/{mf.ENTRY_DEF} describes other settings than plan.json; the zoo is inconsistent, use a new --out")
+        resume = (edir / "checkpoint.pt").is_file()
+        _append_log(edir / mf.ZOO_LOG, {"event": "start", "resume": resume, "from_epoch": _epochs_done(edir) if resume else 0,
+                                        "time": _now(), **me()})
+        from testbed.runs import load_run
+        from testbed.scoring import score_model
+        from testbed.train import TrainConfig, train
+
+        cfg = TrainConfig(**{**d["train"], "device": str(dev)})
+        data = mf.dataset_file(zoo, row["data"])
+        train(data, edir, cfg, resume=resume, overwrite=not resume, progress=progress, score=True)
+        metrics = mf.read_json(edir / "metrics.json")
+        if metrics is None:  # the trainer could not score (no scorer installed): score here
+            model, _ = load_run(edir, dev)
+            metrics = score_model(model, data, dev, batch_size=max(32, cfg.batch_size))
+        reference: dict[str, Any] = {}
+        if row.get("reference"):
+            model, _ = load_run(edir, dev)
+            full = {label: score_model(model, mf.dataset_file(zoo, name), dev, batch_size=max(32, cfg.batch_size))
+                    for label, name in row["reference"].items()}
+            atomic.write_json(edir / mf.REFERENCE, _jsonable(full))
+            reference = {label: mf.summary(m) for label, m in full.items()}
+        _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": _now(), "seconds": round(time.time() - t0, 3), **me()})
+        files = {p.name: mf.file_sha256(p) for p in sorted(edir.iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.name not in (mf.DONE, "checkpoint.pt")}
+        done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None, "files": files,
+                "finished": _now(), "seconds": round(time.time() - t0, 3), "builder": me()}
+        atomic.write_json(edir / mf.DONE, _jsonable(done))
+        _finish_stray(zoo, entry_id)
+    finally:
+        claim.release()
+    mf.write_manifest(zoo)
+    return {"id": entry_id, "status": "done", "metrics": mf.summary(metrics), "seconds": round(time.time() - t0, 1)}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Scorer output → plain JSON (tensors/arrays to lists, NaN to None)."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def run_entry_safe(zoo: str, entry_id: str, device: str, threads: int | None, progress: bool,
+                   stale_after: float) -> dict[str, Any]:
+    """``build_entry`` that turns any failure into a result, so one bad entry does not stop the zoo."""
+    try:
+        return build_entry(zoo, entry_id, device, threads, progress, stale_after)
+    except UserError as e:
+        return {"id": entry_id, "status": "failed", "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - reported per entry, with the traceback on stderr
+        traceback.print_exc(file=sys.stderr)
+        return {"id": entry_id, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+# -- scheduling -----------------------------------------------------------------------------------
+class Executor:
+    """What a backend provides: ``slots`` parallel entries, ``start(id) -> handle``, ``wait(handles, timeout)``."""
+
+    slots = 1
+
+    def start(self, entry_id: str) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def wait(self, handles: list[Any], timeout: float) -> list[tuple[Any, dict[str, Any]]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InlineExecutor(Executor):
+    """One worker, this process (the default; the simplest to kill and resume)."""
+
+    def __init__(self, zoo: Path, device: str, threads: int | None, progress: bool, stale_after: float):
+        self.args = (str(zoo), device, threads, progress, stale_after)
+        self.results: dict[int, dict[str, Any]] = {}
+        self.n = 0
+
+    def start(self, entry_id: str) -> int:
+        zoo, device, threads, progress, stale_after = self.args
+        self.n += 1
+        self.results[self.n] = run_entry_safe(zoo, entry_id, device, threads, progress, stale_after)
+        return self.n
+
+    def wait(self, handles, timeout):
+        return [(h, self.results.pop(h)) for h in handles]
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
+    """Per-process setup: dies with its parent (a killed builder takes its workers along), its own GPU."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
+    except OSError:
+        pass
+    import torch
+
+    from testbed import progress
+
+    progress.set_quiet(quiet)
+    index = index_queue.get()
+    torch.set_num_threads(threads)
+    if device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{index % torch.cuda.device_count()}"
+    _WORKER.update(device=device, threads=threads)
+
+
+def _pool_task(zoo: str, entry_id: str, stale_after: float) -> dict[str, Any]:
+    return run_entry_safe(zoo, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
+
+
+class ProcessExecutor(Executor):
+    """``--workers N``: N spawned processes, each with ``torch.set_num_threads(cores // N)``."""
+
+    def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        from testbed.device import resolve_device
+
+        if device != "auto":
+            device = str(resolve_device(device))
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        for i in range(workers):
+            q.put(i)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.slots = workers
+        self.zoo, self.stale_after = str(zoo), stale_after
+        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(q, device, max(1, cores // workers), quiet))
+        self._cf = cf
+
+    def start(self, entry_id: str):
+        return self.pool.submit(_pool_task, self.zoo, entry_id, self.stale_after)
+
+    def wait(self, handles, timeout):
+        done, _ = self._cf.wait(handles, timeout=timeout, return_when=self._cf.FIRST_COMPLETED)
+        out = []
+        for h in done:
+            try:
+                out.append((h, h.result()))
+            except Exception as e:  # noqa: BLE001 - a worker process died
+                out.append((h, {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}))
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def schedule(ids: list[str], executor: Executor, report: Callable[[str, dict[str, Any]], None],
+             poll: float = POLL_S) -> None:
+    """Run every id to completion; entries a live builder elsewhere holds are retried every ``poll`` seconds."""
+    queue: deque[str] = deque(ids)
+    retry_at: dict[str, float] = {}
+    running: dict[Any, str] = {}
+    while queue or running:
+        now = time.time()
+        for _ in range(len(queue)):
+            if len(running) >= executor.slots:
+                break
+            eid = queue.popleft()
+            if retry_at.get(eid, 0.0) > now:
+                queue.append(eid)
+                continue
+            running[executor.start(eid)] = eid
+        if running:
+            for handle, result in executor.wait(list(running), timeout=poll):
+                eid = running.pop(handle)
+                result.setdefault("id", eid)
+                if result.get("status") == "busy":
+                    retry_at[eid] = time.time() + poll
+                    queue.append(eid)
+                else:
+                    report(eid, result)
+        elif queue:
+            time.sleep(max(0.05, min(retry_at.get(q, 0.0) for q in queue) - time.time()))
+
+
+# -- the whole zoo --------------------------------------------------------------------------------
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1, backend: str = "local",
+          ray_address: str | None = None, device: str = "auto", stale_after: float = DEFAULT_STALE_AFTER,
+          progress: bool = True, quiet: bool = False, say: Callable[[str], None] | None = None) -> BuildResult:
+    """Build (or finish) the zoo ``out`` from ``spec_path``; see docs/zoo.md."""
+    from testbed import progress as progress_mod
+
+    t0 = time.time()
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend {backend!r} is not known; use local or ray")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: its parent directory {out.parent} does not exist; create it first")
+    spec = parse_spec(spec_path)
+    if device != "auto":
+        from testbed.device import resolve_device
+
+        resolve_device(device)  # a bad --device fails before any work
+
+    bar = None
+    say = say or (lambda msg: (bar.write(msg) if bar is not None else print(msg, flush=True)))
+    prepare(spec, out, stale_after, say)
+    ids = [e.id for e in spec.entries]
+    result = BuildResult()
+    for eid in ids:
+        if (mf.entry_dir(out, eid) / mf.DONE).is_file():
+            _finish_stray(out, eid)
+            result.skipped.append(eid)
+    todo = [eid for eid in ids if eid not in result.skipped]
+    bar = progress_mod.bar(total=len(ids), desc="zoo", initial=len(result.skipped)) if progress else None
+    if result.skipped:
+        say(f"{len(result.skipped)}/{len(ids)} entries already built; {len(todo)} to go")
+
+    def report(eid: str, res: dict[str, Any]) -> None:
+        if res.get("status") == "done":
+            result.done.append(eid)
+            m = res.get("metrics") or mf.read_json(mf.entry_dir(out, eid) / mf.DONE).get("metrics") or {}
+            extra = "" if not res.get("already") else " (built by another builder)"
+            say(f"[{len(result.done) + len(result.skipped)}/{len(ids)}] {eid}: mIoU-B {_fmt(m.get('mIoU-B'))}  "
+                f"ASR {_fmt(m.get('ASR'))}  {res.get('seconds', 0):.0f}s{extra}")
+        else:
+            result.failed[eid] = res.get("error", "unknown error")
+            say(f"[failed] {eid}: {result.failed[eid]}")
+        if bar is not None:
+            bar.update(1)
+
+    if todo:
+        if backend == "ray":
+            from testbed.zoo.ray_backend import RayExecutor
+
+            executor: Executor = RayExecutor(out, ray_address, device, stale_after)
+        elif workers == 1:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            executor = InlineExecutor(out, device, cores, progress and not quiet, stale_after)
+        else:
+            executor = ProcessExecutor(out, workers, device, stale_after, quiet or not progress_mod.enabled())
+        try:
+            schedule(todo, executor, report)
+        finally:
+            executor.close()
+    if bar is not None:
+        bar.close()
+    manifest = mf.write_manifest(out)
+    result.seconds = time.time() - t0
+    n_done = manifest["counts"]["done"]
+    say(f"zoo {out}: {n_done}/{len(manifest['entries'])} entries built "
+        f"({len(result.done)} now, {len(result.skipped)} before) in {result.seconds:.0f}s; manifest: {out / mf.MANIFEST}")
+    return result

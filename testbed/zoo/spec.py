@@ -1,0 +1,376 @@
+"""Zoo spec files: TOML in, a validated list of entries out.
+
+Why a separate module: every mistake in a spec (a typo in a key, a model or class that does not exist,
+an attack used in the grid but never defined) must be caught *before* anything is built, with one line
+naming the fix, so that a cluster job never fails an hour in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import UserError
+
+TOP_KEYS = ("data", "train", "attack", "grid")
+DATA_KEYS = ("synth", "path")
+SYNTH_KEYS = ("n_train", "n_test", "size", "seed")
+# [[attack]] keys mirror `testbed poison` flags (--map -> map, --target-image -> target_image).
+ATTACK_KEYS = ("id", "attack", "preset", "source", "sources", "target", "map", "trigger", "rate", "alpha",
+               "target_image", "seed", "clean_fraction", "line_width", "line_position", "line_orientation")
+ATTACK_NAMES = ("badnets", "fgba")
+PRESETS = ("n-to-1", "1-to-1")
+GRID_KEYS = ("model", "attack", "seed", "rate", "trigger")
+# TrainConfig fields the spec may not set: the grid sets model and seed, --device sets the device.
+TRAIN_RESERVED = {"model": "[grid] model", "seed": "[grid] seed", "device": "the --device flag"}
+BENIGN = "benign"
+_ID_RE = re.compile(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$")
+
+
+@dataclass(frozen=True)
+class AttackVariant:
+    """One poisoning recipe: an ``[[attack]]`` table, possibly with ``[grid]`` rate/trigger overrides.
+
+    ``params`` are the keyword arguments of :func:`attacks.poison_file` without ``seed``.  ``seed`` is the
+    attack table's own poisoning seed, or ``None``: then each entry poisons with its own grid seed.
+    """
+
+    label: str  # attack id plus the grid-override suffix, e.g. "fgba-n1-line" or "fgba-n1-line-r0.05"
+    attack_id: str
+    params: dict[str, Any]
+    seed: int | None = None
+
+    @property
+    def is_benign(self) -> bool:
+        return not self.params
+
+    def poison_kwargs(self, entry_seed: int) -> dict[str, Any]:
+        return {**self.params, "seed": self.seed if self.seed is not None else entry_seed}
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """One model to train: ``MODEL--ATTACK--sSEED``."""
+
+    id: str
+    model: str
+    variant: AttackVariant
+    seed: int
+    train: dict[str, Any]  # TrainConfig keyword arguments, model and seed included (device excluded)
+
+    @property
+    def attack_id(self) -> str:
+        return self.variant.label
+
+    @property
+    def is_benign(self) -> bool:
+        return self.variant.is_benign
+
+    def definition(self) -> dict[str, Any]:
+        """What makes this entry this entry (stored in entry.json; a rebuild must agree with it)."""
+        return {
+            "id": self.id, "model": self.model, "attack_id": self.attack_id, "seed": self.seed,
+            "attack": None if self.is_benign else self.variant.poison_kwargs(self.seed),
+            "train": self.train,
+        }
+
+
+@dataclass
+class ZooSpec:
+    path: Path
+    data: dict[str, Any]  # {"synth": {...}} or {"path": absolute path}
+    train: dict[str, Any]
+    variants: list[AttackVariant]
+    entries: list[EntrySpec]
+    classes: list[str] = field(default_factory=list)
+    text: str = ""
+
+    def data_definition(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.data))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _where(path: Path) -> str:
+    return path.name
+
+
+def _check_keys(table: dict[str, Any], valid: tuple[str, ...] | list[str], where: str, path: Path) -> None:
+    for key in table:
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{_where(path)}: unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _need(cond: bool, path: Path, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{_where(path)}: {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _slug(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
+
+
+def _unique(values: list[Any], what: str, path: Path) -> None:
+    seen: set[str] = set()
+    for v in values:
+        key = json.dumps(v, sort_keys=True)
+        _need(key not in seen, path, f"duplicate {what} {v!r}; list each value once")
+        seen.add(key)
+
+
+# -- sections -------------------------------------------------------------------------------------
+def _parse_data(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]]:
+    _need("data" in doc, path, "missing [data] table; add `[data]` with `synth = { n_train = 1000 }` or `path = \"data.h5\"`")
+    data = doc["data"]
+    _need(isinstance(data, dict), path, "[data] must be a table")
+    _check_keys(data, DATA_KEYS, "[data]", path)
+    _need(("synth" in data) != ("path" in data), path, "[data] needs exactly one of `synth = {...}` or `path = \"...\"`")
+    if "synth" in data:
+        synth = data["synth"]
+        _need(isinstance(synth, dict), path, "[data] synth must be a table like { n_train = 1000, n_test = 200, size = 64, seed = 0 }")
+        _check_keys(synth, SYNTH_KEYS, "[data] synth", path)
+        params = {"n_train": 1000, "n_test": 200, "size": 64, "seed": 0, **synth}
+        for k, v in params.items():
+            lo = 0 if k == "seed" else (8 if k == "size" else 2)
+            _need(_is_int(v) and v >= lo, path, f"[data] synth {k} must be an integer >= {lo}, got {v!r}")
+        from testbed.synth import SYNTH_CLASSES
+
+        return {"synth": params}, list(SYNTH_CLASSES)
+    raw = data["path"]
+    _need(isinstance(raw, str) and raw != "", path, "[data] path must be a string naming an .h5 dataset file")
+    file = Path(os.path.expanduser(raw))
+    if not file.is_absolute():
+        file = (path.parent / file).resolve()
+    if not file.is_file() or not os.access(file, os.R_OK):
+        raise UserError(f"{_where(path)}: [data] path {raw!r} is not a readable file ({file}); fix the path "
+                        "(relative paths are relative to the spec file)")
+    from testbed.h5data import open_dataset
+
+    with open_dataset(file) as f:
+        if f.is_poisoned:
+            raise UserError(f"{_where(path)}: [data] path {raw!r} is a poisoned dataset; give the clean one")
+        classes = list(f.classes)
+    return {"path": str(file)}, classes
+
+
+def _parse_train(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    train = doc.get("train", {})
+    _need(isinstance(train, dict), path, "[train] must be a table")
+    from testbed.train import TrainConfig
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in train:
+        if key in TRAIN_RESERVED:
+            raise UserError(f"{_where(path)}: [train] {key} is set by {TRAIN_RESERVED[key]}, not in [train]; remove it")
+    _check_keys(train, [n for n in names if n not in TRAIN_RESERVED], "[train]", path)
+    return dict(train)
+
+
+def _check_class(name: Any, classes: list[str], where: str, path: Path) -> None:
+    _need(isinstance(name, str), path, f"{where} must be a class name (a string), got {name!r}")
+    if name not in classes:
+        raise UserError(f"{_where(path)}: unknown class {name!r} in {where}{_nearest(name, classes)}; "
+                        f"the data has: {', '.join(classes)}")
+
+
+def _check_trigger(trigger: Any, classes: list[str], where: str, path: Path) -> None:
+    _need(isinstance(trigger, str), path, f"{where} trigger must be \"line\" or \"semantic:CLASS\", got {trigger!r}")
+    if trigger == "line":
+        return
+    if trigger.startswith("semantic:"):
+        _check_class(trigger.split(":", 1)[1], classes, f"{where} trigger", path)
+        return
+    raise UserError(f"{_where(path)}: {where} trigger {trigger!r} is not valid; use \"line\" or \"semantic:CLASS\"")
+
+
+def _parse_map(value: Any, classes: list[str], where: str, path: Path) -> str:
+    """``map`` as the CLI string ``"person:palm,car:road"`` or a TOML table ``{ person = "palm" }``."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        _need(isinstance(value, str) and value.strip() != "", path,
+              f"{where} map must be \"SRC:DST,...\" or a table {{ SRC = \"DST\" }}, got {value!r}")
+        pairs = []
+        for part in value.split(","):
+            _need(part.count(":") == 1, path, f"{where} map item {part.strip()!r} is not SRC:DST")
+            a, b = (s.strip() for s in part.split(":"))
+            pairs.append((a, b))
+    for a, b in pairs:
+        _check_class(a, classes, f"{where} map", path)
+        _check_class(b, classes, f"{where} map", path)
+    return ",".join(f"{a}:{b}" for a, b in pairs)
+
+
+def _parse_attack(table: Any, classes: list[str], path: Path) -> tuple[str, dict[str, Any], int | None]:
+    _need(isinstance(table, dict), path, "each [[attack]] must be a table")
+    _check_keys(table, ATTACK_KEYS, "[[attack]]", path)
+    _need("id" in table, path, "an [[attack]] table has no id; add id = \"NAME\"")
+    aid = table["id"]
+    _need(isinstance(aid, str) and bool(_ID_RE.match(aid)), path,
+          f"[[attack]] id {aid!r} must be letters, digits, '_', '.', single '-' (no '--', no spaces)")
+    where = f"[[attack]] {aid!r}"
+    if aid == BENIGN:
+        _need(len(table) == 1, path, f"[[attack]] id = \"benign\" means no poisoning and takes no other keys; "
+              f"remove {', '.join(k for k in table if k != 'id')} or use another id")
+        return aid, {}, None
+    _need("attack" in table, path, f"{where} has no 'attack' key; add attack = \"fgba\" or \"badnets\" "
+          "(or use id = \"benign\" for no poisoning)")
+    _need(table["attack"] in ATTACK_NAMES, path,
+          f"{where} attack {table['attack']!r} is not known{_nearest(str(table['attack']), list(ATTACK_NAMES))}; use one of: {', '.join(ATTACK_NAMES)}")
+    _need("trigger" in table, path, f"{where} has no trigger; add trigger = \"line\" or \"semantic:CLASS\"")
+    _check_trigger(table["trigger"], classes, where, path)
+    params: dict[str, Any] = {"attack": table["attack"], "trigger": table["trigger"]}
+    if "preset" in table:
+        _need(table["preset"] in PRESETS, path, f"{where} preset {table['preset']!r} is not known; use one of: {', '.join(PRESETS)}")
+        params["preset"] = table["preset"]
+    for key in ("source", "target"):
+        if key in table:
+            _check_class(table[key], classes, f"{where} {key}", path)
+            params[key] = table[key]
+    if "sources" in table:
+        src = table["sources"]
+        names = [s.strip() for s in src.split(",")] if isinstance(src, str) else src
+        _need(isinstance(names, list) and len(names) > 0, path, f"{where} sources must be a list of class names or \"a,b\"")
+        for s in names:
+            _check_class(s, classes, f"{where} sources", path)
+        params["sources"] = list(names)
+    if "map" in table:
+        params["mapping"] = _parse_map(table["map"], classes, where, path)
+    for key in ("rate", "alpha", "clean_fraction"):
+        if key in table:
+            v = table[key]
+            _need(_is_num(v) and 0 < v <= 1, path, f"{where} {key} must be a number in (0, 1], got {v!r}")
+            params[key] = float(v)
+    if "target_image" in table:
+        _need(_is_int(table["target_image"]) and table["target_image"] >= 0, path,
+              f"{where} target_image must be a non-negative integer (a training image index)")
+        params["target_image"] = table["target_image"]
+    if "line_width" in table:
+        _need(_is_int(table["line_width"]) and table["line_width"] >= 1, path, f"{where} line_width must be an integer >= 1")
+        params["line_width"] = table["line_width"]
+    for key in ("line_position", "line_orientation"):
+        if key in table:
+            _need(isinstance(table[key], str), path, f"{where} {key} must be a string")
+            params[key] = table[key]
+    seed = table.get("seed")
+    _need(seed is None or (_is_int(seed) and seed >= 0), path, f"{where} seed must be a non-negative integer")
+    return aid, params, seed
+
+
+def _grid_list(grid: dict[str, Any], key: str, path: Path, default: list[Any] | None = None) -> list[Any]:
+    if key not in grid:
+        _need(default is not None, path, f"[grid] needs a {key} list, e.g. {key} = [...]")
+        return list(default or [])
+    values = grid[key]
+    if not isinstance(values, list):
+        values = [values]
+    _need(len(values) > 0, path, f"[grid] {key} is empty; list at least one value")
+    _unique(values, f"[grid] {key}", path)
+    return values
+
+
+def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
+    """Read and validate a zoo spec; every problem is a one-line :class:`UserError`."""
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise UserError(f"zoo spec {path} does not exist; give the path of a .toml file (see docs/zoo.md)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read zoo spec {path} ({e}); check the file") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path.name}: TOML syntax error: {e}; fix the spec (see docs/zoo.md)") from None
+    _check_keys(doc, TOP_KEYS, "the top level", path)
+    data, classes = _parse_data(doc, path)
+    train = _parse_train(doc, path)
+
+    tables = doc.get("attack", [])
+    _need(isinstance(tables, list) and len(tables) > 0, path, "no [[attack]] tables; define at least one (id = \"benign\" for a clean model)")
+    defined: dict[str, tuple[dict[str, Any], int | None]] = {}
+    for t in tables:
+        aid, params, seed = _parse_attack(t, classes, path)
+        _need(aid not in defined, path, f"duplicate [[attack]] id {aid!r}; give each attack its own id")
+        defined[aid] = (params, seed)
+
+    _need("grid" in doc and isinstance(doc["grid"], dict), path, "missing [grid] table; add [grid] with model = [...] and attack = [...]")
+    grid = doc["grid"]
+    _check_keys(grid, GRID_KEYS, "[grid]", path)
+    model_names = _grid_list(grid, "model", path)
+    attack_ids = _grid_list(grid, "attack", path)
+    seeds = _grid_list(grid, "seed", path, default=[0])
+    rates = _grid_list(grid, "rate", path, default=[None])
+    triggers = _grid_list(grid, "trigger", path, default=[None])
+
+    import models
+
+    available = list(models.available())
+    for m in model_names:
+        _need(isinstance(m, str), path, f"[grid] model values must be strings, got {m!r}")
+        if m not in available:
+            raise UserError(f"{path.name}: unknown model {m!r} in [grid] model{_nearest(m, available)}; available: {', '.join(available)}")
+    for a in attack_ids:
+        if a not in defined:
+            raise UserError(f"{path.name}: [grid] attack {a!r} is not defined{_nearest(str(a), list(defined))}; "
+                            f"add an [[attack]] table with id = {json.dumps(str(a))} or use one of: {', '.join(defined)}")
+    from testbed.train import TrainConfig
+
+    TrainConfig(**{**train, "model": model_names[0], "seed": 0, "device": "cpu"})  # bad values fail now, not later
+    for s in seeds:
+        _need(_is_int(s) and s >= 0, path, f"[grid] seed values must be non-negative integers, got {s!r}")
+    for r in rates:
+        _need(r is None or (_is_num(r) and 0 < r <= 1), path, f"[grid] rate values must be numbers in (0, 1], got {r!r}")
+    for t in triggers:
+        if t is not None:
+            _check_trigger(t, classes, "[grid]", path)
+
+    variants: list[AttackVariant] = []
+    for aid in attack_ids:
+        params, seed = defined[aid]
+        if not params:
+            variants.append(AttackVariant(label=aid, attack_id=aid, params={}, seed=None))
+            continue
+        for r, t in itertools.product(rates, triggers):
+            p = dict(params)
+            label = aid
+            if r is not None:
+                p["rate"] = float(r)
+                label += f"-r{_slug(float(r))}"
+            if t is not None:
+                p["trigger"] = t
+                label += f"-t{_slug(t)}"
+            variants.append(AttackVariant(label=label, attack_id=aid, params=p, seed=seed))
+
+    entries: list[EntrySpec] = []
+    seen: set[str] = set()
+    for m, v, s in itertools.product(model_names, variants, seeds):
+        eid = f"{m}--{v.label}--s{s}"
+        _need(eid not in seen, path, f"two grid points give the same entry id {eid!r}; remove the duplicate")
+        seen.add(eid)
+        entries.append(EntrySpec(id=eid, model=m, variant=v, seed=s, train={**train, "model": m, "seed": s}))
+    return ZooSpec(path=path, data=data, train=train, variants=variants, entries=entries, classes=classes, text=text)

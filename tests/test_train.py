@@ -1,0 +1,290 @@
+"""The trainer and run files: determinism, crash + resume, DDP, NaN guard, safe loading, data subsets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from testbed import cli, h5data
+from testbed.errors import UserError
+from testbed.runs import load_run
+from testbed.train import TrainConfig, train
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """24 train / 8 test synthetic 32×32 scenes: a few steps per epoch, seconds per run on a busy CPU."""
+    from testbed.synth import make_synth_dataset
+
+    return make_synth_dataset(tmp_path_factory.mktemp("train-data") / "tiny.h5", n_train=24, n_test=8, size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory) -> Path:
+    """A finished 1-epoch run; tests that damage a run work on a copy."""
+    return train(tiny_data, tmp_path_factory.mktemp("runs") / "run", _cfg(), progress=False, score=False)
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model="deeplabv3_tiny", epochs=1, batch_size=8, seed=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _env() -> dict[str, str]:
+    # the child must use the same number of threads as this process: float reductions depend on it
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def _bytes(run: Path) -> bytes:
+    return (run / "model.safetensors").read_bytes()
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tiny_data, finished_run, tmp_path):
+    a = finished_run  # seed 0
+    b = train(tiny_data, tmp_path / "b", _cfg(seed=0), progress=False, score=False)
+    c = train(tiny_data, tmp_path / "c", _cfg(seed=1), progress=False, score=False)
+    assert _bytes(a) == _bytes(b)
+    assert _bytes(a) != _bytes(c)
+    model, config = load_run(a)
+    assert not model.training and config["train"]["seed"] == 0
+
+
+def test_run_dir_contents(tiny_data, tmp_path):
+    run = train(tiny_data, tmp_path / "run", _cfg(epochs=2), progress=False)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["model.safetensors", "config.json", "train_log.jsonl", "metrics.json", "checkpoint.pt"]
+    )
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"]["content_hash"] == h5data.content_hash(tiny_data)
+    with h5data.open_dataset(tiny_data) as f:
+        assert config["classes"] == f.classes and config["num_classes"] == f.num_classes
+    assert config["model"] == "deeplabv3_tiny" and config["train"]["epochs"] == 2
+    assert config["versions"]["torch"] == torch.__version__
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(r["images"] == 24 and r["steps"] == 3 and r["images_per_s"] > 0 for r in log)
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR", "PBA", "per_class_iou_b"} <= set(metrics)
+    # the scores belong to the saved weights: re-score independently by plain argmax vs ground truth
+    model, _ = load_run(run)
+    with h5data.open_dataset(tiny_data) as f:
+        x, y = f["test/images"], f["test/labels"]
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)["out"].argmax(1).numpy()
+    valid = y != 255
+    assert metrics["PA-B"] == pytest.approx(100 * (pred[valid] == y[valid]).mean(), abs=1e-6)
+
+
+def test_sigkill_then_resume_is_bit_exact(tiny_data, tmp_path):
+    ref = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "4",
+                    "--device", "cpu", "--no-score", "--out", str(tmp_path / "ref")])
+    assert ref == 0
+    run = tmp_path / "killed"
+    args = [str(VENV_BIN / "testbed"), "-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2",
+            "--batch-size", "4", "--device", "cpu", "--no-score", "--out", str(run)]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.safetensors").exists()
+    epoch_done = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epoch_done == 1
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+    rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "4",
+                   "--device", "cpu", "--no-score", "--out", str(run), "--resume"])
+    assert rc == 0
+    assert _bytes(run) == _bytes(tmp_path / "ref")
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_resume_and_overwrite_rules(tiny_data, finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    base = ["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "1", "--batch-size", "8",
+            "--device", "cpu", "--no-score", "--out", str(run)]
+    assert cli.main(base) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(base + ["--resume", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "lr" in err
+    assert cli.main(base + ["--resume"]) == 0  # a finished run of the same config: nothing left to do
+    assert cli.main(base[:-2] + ["--out", str(tmp_path / "fresh"), "--resume"]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    before = _bytes(run)
+    assert cli.main(base + ["--overwrite", "--seed", "5"]) == 0
+    assert _bytes(run) != before
+
+
+def test_torchrun_two_process_gloo(tiny_data, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "testbed.cli", "-q", "train",
+           str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+           "--no-score", "--out", str(run)]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, config = load_run(run)
+    assert config["world_size"] == 2
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    # 24 samples over 2 ranks × batch 4 = 3 steps per rank, 24 images in total
+    assert log[0]["steps"] == 3 and log[0]["images"] == 24
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))["out"]
+    assert out.shape == (2, config["num_classes"], 32, 32) and torch.isfinite(out).all()
+
+
+def test_nan_loss_stops_with_exit_2(tiny_data, tmp_path, capsys):
+    out = tmp_path / "nan"
+    rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--lr", "1e30",
+                   "--optimizer", "sgd", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "NaN" in err and "--lr" in err and "Traceback" not in err
+    assert not out.exists()  # nothing was checkpointed, so no partial output remains
+
+
+def test_nan_in_second_epoch_keeps_first_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    import testbed.train as tr
+
+    calls = {"n": 0}
+    real_loss = tr.seg_loss
+
+    def loss_nan_from_step_4(logits, target):  # 24 / 8 = 3 steps per epoch: epoch 2 step 1 goes NaN
+        calls["n"] += 1
+        loss = real_loss(logits, target)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(tr, "seg_loss", loss_nan_from_step_4)
+    out = tmp_path / "nan2"
+    rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "8",
+                   "--device", "cpu", "--log-every", "100", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "epoch 2 step 1" in err and "checkpoint.pt" in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (out / "model.safetensors").exists()
+    # and the kept checkpoint resumes (with the bug gone) into a complete run
+    monkeypatch.setattr(tr, "seg_loss", real_loss)
+    assert cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "8",
+                     "--device", "cpu", "--log-every", "100", "--no-score", "--out", str(out), "--resume"]) == 0
+    load_run(out)
+
+
+class _Evil:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_weights_refused_and_never_executed(finished_run, tmp_path, writer):
+    run = _copy(finished_run, tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    evil = _Evil()
+    evil.marker = str(marker)
+    if writer == "pickle":
+        (run / "model.safetensors").write_bytes(pickle.dumps({"weights": evil}))
+    else:
+        torch.save({"weights": evil}, run / "model.safetensors")
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        load_run(run)
+    assert not marker.exists()
+
+
+def test_missing_or_mismatched_runs_are_user_errors(finished_run, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_run(tmp_path / "nope")
+    run = _copy(finished_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["num_classes"] += 1
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="wrong shapes"):
+        load_run(run)
+    (run / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_run(run)
+
+
+def test_train_indices_equal_training_on_those_rows_only(tiny_data, tmp_path):
+    rows = np.array([20, 3, 17, 5, 22, 11, 8, 12, 14, 0, 19, 6])
+    with h5data.open_dataset(tiny_data) as f:
+        arrays = {"train/images": f["train/images"][rows], "train/labels": f["train/labels"][rows],
+                  "test/images": f["test/images"], "test/labels": f["test/labels"]}
+        classes = f.classes
+    subset = h5data.write_dataset(tmp_path / "subset.h5", arrays, classes, source={"test": "subset"})
+    a = train(tiny_data, tmp_path / "a", _cfg(batch_size=4), train_indices=rows, progress=False, score=False)
+    b = train(subset, tmp_path / "b", _cfg(batch_size=4), progress=False, score=False)
+    full = train(tiny_data, tmp_path / "full", _cfg(batch_size=4), progress=False, score=False)
+    assert _bytes(a) == _bytes(b) != _bytes(full)
+    config = json.loads((a / "config.json").read_text())
+    expected = hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
+    assert config["train_indices"] == {"count": 12, "sha256": expected}
+    log = json.loads((a / "train_log.jsonl").read_text().splitlines()[0])
+    assert log["images"] == 12 and log["steps"] == 3
+    with pytest.raises(UserError, match="out of range"):
+        train(tiny_data, tmp_path / "c", _cfg(), train_indices=[0, 24], progress=False, score=False)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": 0.0}, "--lr"),
+        ({"lr": float("nan")}, "--lr"),
+        ({"optimizer": "adam9"}, "optimizer"),
+        ({"schedule": "step"}, "schedule"),
+        ({"model": "deeplabv3_tiyn"}, "did you mean 'deeplabv3_tiny'"),
+        ({"amp": "maybe"}, "amp"),
+    ],
+)
+def test_config_validation(kw, msg):
+    with pytest.raises(UserError, match=msg):
+        _cfg(**kw)
+
+
+def test_amp_on_cpu_is_a_user_error(tiny_data, tmp_path, capsys):
+    rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--device", "cpu", "--amp",
+                   "--out", str(tmp_path / "r")])
+    assert rc == 2 and "--amp needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_lr_schedules_shape():
+    from testbed.train import lr_factor
+
+    total = 100
+    one = [lr_factor(s, total, "onecycle", 0.1) for s in range(total)]
+    poly = [lr_factor(s, total, "poly", 0.1) for s in range(total)]
+    assert one[0] == pytest.approx(1 / 25) and max(one) == pytest.approx(1.0) and one[-1] < 0.01
+    assert poly[0] == pytest.approx(0.1) and poly[10] == pytest.approx(1.0)
+    assert poly[-1] == pytest.approx((1 - 89 / 90) ** 0.9)
+    assert all(a >= b for a, b in zip(one[10:], one[11:])) and all(a >= b for a, b in zip(poly[10:], poly[11:]))

@@ -1,0 +1,424 @@
+"""Model zoo: spec parsing and validation, builds that survive SIGKILL and concurrent builders, verify, Ray.
+
+Tiny zoos (32×32 synthetic scenes, 48 training images, 2–3 epochs) so the whole file stays near a minute
+of training; the crash and concurrency tests run real `testbed zoo build` processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from testbed.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "zoo-small.toml"
+
+TINY = """
+[data]
+synth = {{ n_train = 48, n_test = 16, size = 32, seed = 0 }}
+[train]
+epochs = {epochs}
+batch_size = 16
+[[attack]]
+id = "benign"
+[[attack]]
+id = "n1"
+attack = "fgba"
+preset = "n-to-1"
+target = "wall"
+trigger = "line"
+rate = 0.25
+[grid]
+model = ["deeplabv3_tiny"]
+attack = {attacks}
+seed = [0]
+"""
+
+
+def tiny_spec(tmp: Path, epochs: int = 2, attacks: str = '["benign", "n1"]', name: str = "zoo.toml") -> Path:
+    p = tmp / name
+    p.write_text(TINY.format(epochs=epochs, attacks=attacks))
+    return p
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def builder(spec: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "testbed.cli", "-q", "zoo", "build", str(spec), "--out", str(out),
+                             "--device", "cpu", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def zoo_log(zoo: Path, eid: str) -> list[dict]:
+    return [json.loads(line) for line in (zoo / "entries" / eid / "zoo_log.jsonl").read_text().splitlines()]
+
+
+def train_epochs(zoo: Path, eid: str) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (zoo / "entries" / eid / "train_log.jsonl").read_text().splitlines()]
+
+
+# -- the spec ---------------------------------------------------------------------------------------
+def test_spec_example_gives_the_twelve_entries():
+    from testbed.zoo.spec import parse_spec
+
+    spec = parse_spec(EXAMPLE)
+    expected = [f"{m}--{a}--s{s}" for m, a, s in itertools.product(
+        ["deeplabv3_tiny", "danet_tiny"], ["benign", "fgba-n1-line", "fgba-11-wall"], [0, 1])]
+    assert [e.id for e in spec.entries] == expected
+    by_id = {e.id: e for e in spec.entries}
+    e = by_id["danet_tiny--fgba-n1-line--s1"]
+    assert (e.model, e.attack_id, e.seed, e.is_benign) == ("danet_tiny", "fgba-n1-line", 1, False)
+    assert e.definition()["attack"] == {"attack": "fgba", "preset": "n-to-1", "target": "wall", "trigger": "line",
+                                        "rate": 0.1, "seed": 1}
+    assert e.train == {"epochs": 8, "batch_size": 16, "model": "danet_tiny", "seed": 1}
+    semantic = by_id["deeplabv3_tiny--fgba-11-wall--s0"].definition()["attack"]
+    assert semantic == {"attack": "fgba", "preset": "1-to-1", "source": "person", "target": "palm",
+                        "trigger": "semantic:wall", "seed": 0}
+    assert by_id["deeplabv3_tiny--benign--s1"].is_benign and by_id["deeplabv3_tiny--benign--s1"].definition()["attack"] is None
+    assert spec.data == {"synth": {"n_train": 1000, "n_test": 200, "size": 64, "seed": 0}}
+
+
+def test_paper_spec_is_valid():
+    """examples/zoo-paper.toml (ADE20K, GPU cluster) is not built here, but it must parse: data swapped for synth."""
+    from testbed.zoo.spec import parse_spec
+
+    paper = REPO / "examples" / "zoo-paper.toml"
+    text = paper.read_text()
+    assert 'path = "ade20k-512.h5"' in text
+    spec = parse_spec(paper, text.replace('path = "ade20k-512.h5"', "synth = { n_train = 8 }"))
+    models_ = ["deeplabv3_resnet50", "denseaspp_densenet121", "danet_resnet50"]
+    attacks_ = ["benign", "badnets-line", "badnets-grass", "fgba-n1-line", "fgba-n1-wall", "fgba-11-line", "fgba-11-wall"]
+    assert [e.id for e in spec.entries] == [f"{m}--{a}--s0" for m in models_ for a in attacks_]
+    assert spec.train["batch_size"] == 4
+
+
+def test_grid_rate_and_trigger_axes_multiply_attacks_not_benign(tmp_path):
+    from testbed.zoo.spec import parse_spec
+
+    p = tiny_spec(tmp_path)
+    p.write_text(p.read_text().replace("seed = [0]\n", 'seed = [0]\nrate = [0.1, 0.2]\ntrigger = ["line", "semantic:grass"]\n'))
+    spec = parse_spec(p)
+    ids = [e.id for e in spec.entries]
+    expected = ["deeplabv3_tiny--benign--s0"] + [
+        f"deeplabv3_tiny--n1-r{r}-t{t}--s0" for r, t in itertools.product(["0.1", "0.2"], ["line", "semantic_grass"])]
+    assert ids == expected
+    e = spec.entries[-1]
+    assert e.definition()["attack"]["rate"] == 0.2 and e.definition()["attack"]["trigger"] == "semantic:grass"
+
+
+BAD_SPECS = {
+    "unknown-key": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "a"\nattack = "fgba"\npreset = "n-to-1"\n'
+                    'traget = "wall"\ntrigger = "line"\n[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["a"]\n',
+                    ["'traget'", "did you mean 'target'"]),
+    "unknown-top": ('[data]\nsynth = { n_train = 48 }\n[gird]\nmodel = 1\n', ["'gird'", "did you mean 'grid'"]),
+    "unknown-train-key": ('[data]\nsynth = { n_train = 48 }\n[train]\nepocs = 2\n[[attack]]\nid = "benign"\n'
+                          '[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["benign"]\n', ["'epocs'", "did you mean 'epochs'"]),
+    "unknown-model": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "benign"\n[grid]\nmodel = ["deeplabv3_tiney"]\n'
+                      'attack = ["benign"]\n', ["unknown model 'deeplabv3_tiney'", "deeplabv3_tiny"]),
+    "unknown-class": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "a"\nattack = "fgba"\npreset = "n-to-1"\n'
+                      'target = "wal"\ntrigger = "line"\n[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["a"]\n',
+                      ["unknown class 'wal'", "did you mean 'wall'"]),
+    "unknown-trigger-class": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "a"\nattack = "badnets"\n'
+                              'trigger = "semantic:gras"\n[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["a"]\n',
+                              ["unknown class 'gras'"]),
+    "undefined-attack": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "benign"\n[grid]\nmodel = ["deeplabv3_tiny"]\n'
+                         'attack = ["benign", "fgba-n1"]\n', ["'fgba-n1' is not defined", "[[attack]]"]),
+    "duplicate-id": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "benign"\n[[attack]]\nid = "benign"\n'
+                     '[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["benign"]\n', ["duplicate [[attack]] id 'benign'"]),
+    "missing-data-file": ('[data]\npath = "nowhere/ade.h5"\n[[attack]]\nid = "benign"\n[grid]\nmodel = ["deeplabv3_tiny"]\n'
+                          'attack = ["benign"]\n', ["'nowhere/ade.h5' is not a readable file"]),
+    "toml-syntax": ('[data]\nsynth = { n_train = 48 }\n[train]\nepochs = = 2\n', ["TOML syntax error", "line 4"]),
+    "benign-with-keys": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "benign"\nrate = 0.1\n[grid]\n'
+                         'model = ["deeplabv3_tiny"]\nattack = ["benign"]\n', ["takes no other keys", "rate"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
+    text, needles = BAD_SPECS[case]
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    out = tmp_path / "zoo"
+    assert main(["zoo", "build", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("testbed: error: ")
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists()
+
+
+def test_rerun_with_changed_settings_is_refused(tmp_path, capsys):
+    from testbed.zoo.build import prepare
+    from testbed.zoo.spec import parse_spec
+
+    zoo = tmp_path / "zoo"
+    prepare(parse_spec(tiny_spec(tmp_path, epochs=2, attacks='["benign"]')), zoo, say=lambda m: None)
+    changed = tiny_spec(tmp_path, epochs=3, attacks='["benign"]', name="changed.toml")
+    before = sorted(p.relative_to(zoo) for p in zoo.rglob("*"))
+    assert main(["zoo", "build", str(changed), "--out", str(zoo)]) == 2
+    err = capsys.readouterr().err
+    assert "deeplabv3_tiny--benign--s0 exists with other settings" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(zoo) for p in zoo.rglob("*")) == before
+
+
+def test_data_path_source_is_copied_into_the_zoo(synth_path, tmp_path):
+    from testbed.h5data import content_hash
+    from testbed.zoo.build import prepare
+    from testbed.zoo.spec import parse_spec
+
+    spec = tiny_spec(tmp_path, attacks='["benign"]')
+    spec.write_text(spec.read_text().replace("synth = { n_train = 48, n_test = 16, size = 32, seed = 0 }",
+                                             f"path = {json.dumps(os.path.relpath(synth_path, tmp_path))}"))
+    zoo = tmp_path / "zoo"
+    prepare(parse_spec(spec), zoo, say=lambda m: None)
+    assert sha256(zoo / "data" / "clean.h5") == sha256(synth_path)
+    assert json.loads((zoo / "data" / "clean.json").read_text())["content_hash"] == content_hash(synth_path)
+
+
+# -- claims ---------------------------------------------------------------------------------------
+def test_claims_are_exclusive_and_stale_ones_are_recovered(tmp_path):
+    from testbed.zoo.claims import HOST, Claim
+
+    a = Claim(tmp_path / "e.claim", tmp_path)
+    b = Claim(tmp_path / "e.claim", tmp_path)
+    assert a.acquire()
+    assert not b.acquire()  # held by a live process (this one)
+    assert b.holder["pid"] == os.getpid()
+    a.release()
+    assert not (tmp_path / "e.claim").exists()
+    assert b.acquire()
+    b.release()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid is gone
+    (tmp_path / "d.claim").write_text(json.dumps({"pid": dead.pid, "host": HOST, "proc_start": None, "started": 0}))
+    c = Claim(tmp_path / "d.claim", tmp_path)
+    assert c.acquire()
+    assert json.loads((tmp_path / "d.claim").read_text())["pid"] == os.getpid()
+    c.release()
+
+    # another host: judged by heartbeat age
+    other = tmp_path / "o.claim"
+    other.write_text(json.dumps({"pid": 1, "host": HOST + "-elsewhere", "started": 0}))
+    assert not Claim(other, tmp_path, stale_after=60).acquire()
+    old = time.time() - 120
+    os.utime(other, (old, old))
+    assert Claim(other, tmp_path, stale_after=60).acquire()
+
+
+def test_poisoned_datasets_are_shared_by_content(tmp_path):
+    """prepare() only (no training): same attack+seed → one file for both models; another seed → another."""
+    from testbed.h5data import open_dataset
+    from testbed.zoo.build import prepare
+    from testbed.zoo.spec import parse_spec
+
+    p = tiny_spec(tmp_path)
+    p.write_text(p.read_text().replace('model = ["deeplabv3_tiny"]', 'model = ["deeplabv3_tiny", "danet_tiny"]')
+                 .replace("seed = [0]", "seed = [0, 1]")
+                 .replace('[grid]', '[[attack]]\nid = "n1-again"\nattack = "fgba"\npreset = "n-to-1"\ntarget = "wall"\n'
+                          'trigger = "line"\nrate = 0.25\n[grid]')
+                 .replace('attack = ["benign", "n1"]', 'attack = ["benign", "n1", "n1-again"]'))
+    zoo = tmp_path / "zoo"
+    plan = prepare(parse_spec(p), zoo, say=lambda m: None)
+    rows = plan["entries"]
+    assert len(rows) == 2 * 3 * 2
+    data = {eid: row["data"] for eid, row in rows.items()}
+    assert data["deeplabv3_tiny--n1--s0"] == data["danet_tiny--n1--s0"] == data["danet_tiny--n1-again--s0"]
+    assert data["deeplabv3_tiny--n1--s0"] != data["deeplabv3_tiny--n1--s1"]
+    assert data["deeplabv3_tiny--benign--s0"] == "clean"
+    files = sorted(x.name for x in (zoo / "data").glob("*.h5"))
+    assert len(files) == 3  # clean + one poisoned set per seed
+    with open_dataset(zoo / "data" / f"{data['danet_tiny--n1--s1']}.h5") as f:
+        assert f.attack["seed"] == 1
+        clean_hash = json.loads((zoo / "data" / "clean.json").read_text())["content_hash"]
+        assert f.file.attrs["parent_sha256"] == clean_hash
+    # a benign entry is scored against the attacked sets of its own seed
+    assert rows["danet_tiny--benign--s1"]["reference"] == {"n1": data["danet_tiny--n1--s1"], "n1-again": data["danet_tiny--n1--s1"]}
+
+
+# -- a build killed with SIGKILL, then resumed ------------------------------------------------------
+@pytest.fixture(scope="module")
+def resumed_zoo(tmp_path_factory):
+    """Kill -9 a builder while the 2nd entry is mid-training (1st finished), then run it again."""
+    tmp = tmp_path_factory.mktemp("zoo-kill")
+    spec = tiny_spec(tmp, epochs=3)
+    zoo = tmp / "zoo"
+    first, second = "deeplabv3_tiny--benign--s0", "deeplabv3_tiny--n1--s0"
+    proc = builder(spec, zoo)
+    log = zoo / "entries" / second / "train_log.jsonl"  # written right after each epoch's checkpoint
+    deadline = time.time() + 240
+    while not log.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = {
+        "second_done_at_kill": (zoo / "entries" / second / "done.json").exists(),
+        "first_files": {p.name: (sha256(p), p.stat().st_mtime_ns) for p in (zoo / "entries" / first).iterdir() if p.is_file()},
+        "second_log": (zoo / "entries" / second / "train_log.jsonl").read_text().splitlines(),
+        "claim_left": (zoo / "entries" / f"{second}.claim").exists(),
+    }
+    rerun = builder(spec, zoo)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    return zoo, spec, first, second, state, out
+
+
+def test_killed_build_resumes_without_retraining(resumed_zoo):
+    zoo, _, first, second, state, out = resumed_zoo
+    assert not state["second_done_at_kill"] and state["claim_left"]  # the kill hit mid-entry, claim orphaned
+    assert len(state["second_log"]) >= 1  # at least one epoch was checkpointed before the kill
+    # the finished entry was left alone
+    after = {p.name: (sha256(p), p.stat().st_mtime_ns) for p in (zoo / "entries" / first).iterdir() if p.is_file()}
+    assert {k: after[k] for k in state["first_files"]} == state["first_files"]
+    assert zoo_log(zoo, first) == [r for r in zoo_log(zoo, first)]
+    assert [r["event"] for r in zoo_log(zoo, first)] == ["start", "finish"]
+    # the interrupted entry continued from its checkpoint: earlier epochs' log lines are byte-identical
+    lines = (zoo / "entries" / second / "train_log.jsonl").read_text().splitlines()
+    assert lines[: len(state["second_log"])] == state["second_log"]
+    assert train_epochs(zoo, second) == [1, 2, 3]
+    starts = [r for r in zoo_log(zoo, second) if r["event"] == "start"]
+    assert [s["resume"] for s in starts] == [False, True]
+    assert starts[1]["from_epoch"] == len(state["second_log"])
+    assert not (zoo / "entries" / second / "checkpoint.pt").exists()  # not part of a finished entry
+    assert "1/2 entries already built" in out
+    assert not list((zoo / "entries").glob("*.claim"))
+
+
+def test_manifest_lists_every_file_with_its_sha256(resumed_zoo):
+    zoo, _, first, second, _, _ = resumed_zoo
+    m = json.loads((zoo / "manifest.json").read_text())
+    assert m["complete"] and [e["id"] for e in m["entries"]] == [first, second]
+    for e in m["entries"]:
+        run = zoo / "entries" / e["id"]
+        on_disk = {f"entries/{e['id']}/{p.name}" for p in run.iterdir() if p.is_file()}
+        assert set(e["files"]) == on_disk
+        for rel, h in e["files"].items():
+            assert h == sha256(zoo / rel)
+        assert e["config"]["epochs"] == 3 and e["config"]["model"] == "deeplabv3_tiny"
+    for name, rec in m["datasets"].items():
+        assert rec["sha256"] == sha256(zoo / rec["file"])
+    stripped = {k: v for k, v in m.items() if k != "checksum"}
+    canon = json.dumps(stripped, sort_keys=True, separators=(",", ":")).encode()
+    assert m["checksum"] == "sha256:" + hashlib.sha256(canon).hexdigest()
+
+
+def test_python_api_and_scores(resumed_zoo):
+    import testbed.zoo
+    from testbed.runs import load_run
+    from testbed.scoring import score_model
+
+    zoo_dir, _, first, second, _, _ = resumed_zoo
+    zoo = testbed.zoo.open(zoo_dir)
+    assert len(zoo) == 2 and [e.id for e in zoo] == [first, second]
+    benign, attacked = zoo.entry(first), zoo.entry(second)
+    assert (benign.model, benign.attack_id, benign.seed, benign.is_benign) == ("deeplabv3_tiny", "benign", 0, True)
+    assert (attacked.attack_id, attacked.is_benign) == ("n1", False)
+    assert benign.data_path == zoo_dir / "data" / "clean.h5"
+    assert attacked.run_dir == zoo_dir / "entries" / second
+    assert attacked.config["model"] == "deeplabv3_tiny" and attacked.config["train"]["epochs"] == 3
+    model = attacked.load_model("cpu")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(attacked.run_dir / "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k])
+    ref_model, _ = load_run(attacked.run_dir)
+    direct = score_model(ref_model, attacked.data_path)
+    assert attacked.metrics["ASR"] == pytest.approx(direct["ASR"], abs=1e-9)
+    assert attacked.metrics["mIoU-B"] == pytest.approx(direct["mIoU-B"], abs=1e-9)
+    # the benign model is scored on the attacked test set too (the paper's "Benign" rows)
+    ref = score_model(benign.load_model(), attacked.data_path)
+    assert set(benign.metrics["reference"]) == {"n1"}
+    assert benign.metrics["reference"]["n1"]["ASR"] == pytest.approx(ref["ASR"], abs=1e-9)
+    assert benign.metrics["ASR"] is None
+    with pytest.raises(Exception, match="no entry"):
+        zoo.entry("nope")
+
+
+def test_ls_lists_entries(resumed_zoo, capsys):
+    zoo, _, first, second, _, _ = resumed_zoo
+    assert main(["zoo", "ls", str(zoo)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("deeplabv3_tiny--")]
+    assert len(lines) == 2 and lines[0].split()[:5] == [first, "deeplabv3_tiny", "benign", "0", "done"]
+    asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]
+    assert lines[1].split()[-1] == f"{asr:.1f}"
+
+
+def test_verify_accepts_a_good_zoo_and_names_each_problem(resumed_zoo, tmp_path, capsys):
+    zoo, _, first, second, _, _ = resumed_zoo
+    assert main(["zoo", "verify", str(zoo)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo, bad)
+    w = bad / "entries" / second / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit
+    w.write_bytes(bytes(raw))
+    (bad / "entries" / first / "train_log.jsonl").unlink()
+    m = json.loads((bad / "manifest.json").read_text())
+    m["entries"][1]["metrics"]["ASR"] = 0.0  # a flattering edit
+    (bad / "manifest.json").write_text(json.dumps(m, indent=2))
+    assert main(["zoo", "verify", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"entries/{second}/model.safetensors: sha256 mismatch" in out
+    assert f"entries/{first}/train_log.jsonl: missing" in out
+    assert "manifest.json: tampered" in out
+    assert len([line for line in out.splitlines() if line.startswith("FAIL")]) == 3
+    with pytest.raises(Exception, match="checksum"):
+        import testbed.zoo
+
+        testbed.zoo.open(bad)
+
+
+# -- two builders at once -------------------------------------------------------------------------
+def test_two_concurrent_builders_train_each_entry_once(tmp_path):
+    spec = tiny_spec(tmp_path, epochs=2)
+    zoo = tmp_path / "zoo"
+    procs = [builder(spec, zoo), builder(spec, zoo, "--workers", "2")]  # also exercises the process pool
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    m = json.loads((zoo / "manifest.json").read_text())
+    assert m["complete"] and len(m["entries"]) == 2
+    for e in m["entries"]:
+        starts = [r for r in zoo_log(zoo, e["id"]) if r["event"] == "start"]
+        assert len(starts) == 1 and starts[0]["resume"] is False
+        assert train_epochs(zoo, e["id"]) == [1, 2]
+    assert len(list((zoo / "data").glob("*.h5"))) == 2
+    assert main(["zoo", "verify", str(zoo)]) == 0
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+def test_ray_backend_builds_a_zoo(tmp_path):
+    ray = pytest.importorskip("ray")
+    from testbed.zoo.build import build
+
+    spec = tiny_spec(tmp_path, epochs=1, attacks='["n1"]')
+    zoo = tmp_path / "zoo"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = build(spec, zoo, backend="ray", device="cpu", progress=False, say=lambda m: None)
+    finally:
+        ray.shutdown()
+    assert result.ok and result.done == ["deeplabv3_tiny--n1--s0"]
+    start = zoo_log(zoo, "deeplabv3_tiny--n1--s0")[0]
+    assert start["pid"] != os.getpid()  # trained in a Ray worker process, not here
+    assert train_epochs(zoo, "deeplabv3_tiny--n1--s0") == [1]
+    assert main(["zoo", "verify", str(zoo)]) == 0
