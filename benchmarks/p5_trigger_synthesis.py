@@ -1,6 +1,6 @@
 """P5: trigger-synthesis cost projection vs measurement on a K sweep (K = 4, 8, 16).
 
-Run: `.venv/bin/python benchmarks/p5_trigger_synthesis.py [--size 32] [--steps 12] [--clean 16] [--device cpu]`.
+Run: `.venv/bin/python benchmarks/p5_trigger_synthesis.py [--size 32] [--steps 25] [--clean 8] [--batch 4] [--device cpu] [--threads 1]`.
 For each K a fresh ``deeplabv3_tiny`` with K classes (random weights, seeded: the cost does not depend on
 what the model learned) runs the trigger-synthesis defense over all K image-level candidates.  The defense
 projects the cost of the whole sweep from its first candidate (first candidate's seconds × K); the measured
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 
-def measure(k: int, size: int, steps: int, clean: int, device: torch.device, seed: int = 0) -> dict:
+def measure(k: int, size: int, steps: int, clean: int, batch: int, device: torch.device, seed: int = 0) -> dict:
     import models
     from defenses.trigger_synthesis import TriggerSynthesis
     from testbed.defense import DefenseContext
@@ -29,7 +29,7 @@ def measure(k: int, size: int, steps: int, clean: int, device: torch.device, see
     labels = rng.integers(0, k, (clean, size, size), dtype=np.uint8)
     ctx = DefenseContext(images, labels, tuple(f"c{i}" for i in range(k)), device, seed=seed, image_size=(size, size))
     t0 = time.perf_counter()
-    res = TriggerSynthesis(targets="image", steps=steps, batch_size=min(8, clean)).run(model, ctx)
+    res = TriggerSynthesis(targets="image", steps=steps, batch_size=batch).run(model, ctx)
     wall = time.perf_counter() - t0
     cost = res.details["cost"]
     assert cost["candidates_run"] == k, cost["candidates_run"]
@@ -43,14 +43,16 @@ def measure(k: int, size: int, steps: int, clean: int, device: torch.device, see
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--clean", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--clean", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--ks", default="4,8,16")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = [measure(int(k), args.size, args.steps, args.clean, device) for k in args.ks.split(",")]
+    rows = [measure(int(k), args.size, args.steps, args.clean, args.batch, device) for k in args.ks.split(",")]
     worst = max(r["rel_err"] for r in rows)
     print(f"P5 ts_projection_error max_rel_err={worst:.3f} target<=0.25")
     for r in rows:

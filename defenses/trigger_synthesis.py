@@ -222,11 +222,13 @@ class TriggerSynthesis:
             total = len(cands)
             if self.max_candidates is not None:
                 cands = cands[: max(0, int(self.max_candidates))]
-            # warm-up: one forward+backward so the first candidate's time is not inflated by lazy init
-            x = to_input(images[:1], device).requires_grad_()
+            # warm-up: one forward+backward of a step's shape, so the first (timed) candidate does not pay
+            # for lazy initialisation (kernel selection, allocator growth) that the others would not
+            b = min(self.batch_size, n)
+            x = to_input(images[:b], device).requires_grad_()
             model(x)["out"].sum().backward()
-            meter.forward += 1
-            meter.backward += 1
+            meter.forward += b
+            meter.backward += b
             results: list[CandidateResult] = []
             stopped_by_budget = False
             for i, (s, t) in enumerate(cands):

@@ -137,7 +137,7 @@ class ResBlock(nn.Module):
 class TinyBackbone(nn.Module):
     """A small CPU backbone for 64×64 scenes (output stride 4; see the package docstring for why)."""
 
-    def __init__(self, widths: tuple[int, int, int, int] = (24, 32, 48, 64)) -> None:
+    def __init__(self, widths: tuple[int, int, int, int] = (16, 32, 48, 64)) -> None:
         super().__init__()
         w0, w1, w2, w3 = widths
         self.stem = nn.Sequential(conv_bn_relu(3, w0, 3, stride=2), conv_bn_relu(w0, w1, 3, stride=2))

@@ -310,16 +310,16 @@ def _panel_data(data_path: Path, n: int) -> dict[str, np.ndarray] | None:
         }
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Details → plain JSON (numpy → lists, NaN/inf → None, tuples → lists, unknown → str)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
-        return _jsonable(x.detach().cpu().numpy())
+        return jsonable(x.detach().cpu().numpy())
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating, float)):
@@ -469,10 +469,14 @@ def run_defense(
             raise TypeError(f"{name}.run returned {type(result).__name__}, expected testbed.defense.DefenseResult")
         row["kinds"] = result.kinds()
         c = result.cost
-        row["cost"].update(forward_passes=getattr(c, "forward_passes", None), backward_passes=getattr(c, "backward_passes", None),
-                           reported_seconds=getattr(c, "seconds", None))
-        row["details"] = _jsonable(result.details or {})
-        _score_pruning_curve(run_dir, data_path, row["details"], device, batch_size)
+        row["cost"].update(jsonable({"forward_passes": getattr(c, "forward_passes", None),
+                                      "backward_passes": getattr(c, "backward_passes", None),
+                                      "reported_seconds": getattr(c, "seconds", None)}))
+        row["details"] = jsonable(result.details or {})
+        try:
+            _score_pruning_curve(run_dir, data_path, row["details"], device, batch_size)
+        except (IndexError, ValueError, TypeError, RuntimeError) as e:  # bad prune_order: keep the defense's result
+            row["details"]["curve_test_scores"] = f"not scored: {type(e).__name__}: {e}"
 
         # 2. scoring, with the attacker's secrets
         after_model: nn.Module | None = None
@@ -537,7 +541,7 @@ def run_defense(
                               "threshold": threshold}
         if result.verdict is not None:
             v = result.verdict
-            row["verdict"] = {"backdoored": bool(v.backdoored), "score": _jsonable(float(v.score)),
+            row["verdict"] = {"backdoored": bool(v.backdoored), "score": jsonable(float(v.score)),
                               "suspected": [list(map(str, p)) for p in (v.suspected or [])]}
 
         if after_model is not None or input_filter is not None:
@@ -545,7 +549,7 @@ def run_defense(
             after = score_model(scored, data_path, device=device, batch_size=batch_size, input_filter=input_filter)
             row["after"] = _scores_only(after)
             if "rejected" in after:
-                row["details"].setdefault("rejected", _jsonable({k: after["rejected"].get(k) for k in
+                row["details"].setdefault("rejected", jsonable({k: after["rejected"].get(k) for k in
                                                                 ("benign", "benign_total", "attacked", "attacked_total")}))
             if before.get("ASR") is not None and after.get("ASR") is not None and before.get("mIoU-B") is not None \
                     and after.get("mIoU-B") is not None:
@@ -569,3 +573,13 @@ def run_defense(
 def public_row(row: dict[str, Any]) -> dict[str, Any]:
     """The JSON part of a row (arrays for figures and scores.csv dropped)."""
     return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def run_bench(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """:func:`testbed.commands.bench.run_bench` for callers that want only the rows (``testbed demo``).
+
+    Writes the same report into ``out`` and returns the JSON rows of results.json (one per model × defense).
+    """
+    from testbed.commands.bench import run_bench as bench
+
+    return bench(*args, **kwargs)["rows"]

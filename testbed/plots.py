@@ -246,15 +246,24 @@ def cost_projection(path: str | os.PathLike, row: dict[str, Any]) -> Path | None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(values) + 1.4))
     y = np.arange(len(values))
-    ax.barh(y, values, color=[BEFORE_COLOUR if "measured" in lab else AFTER_COLOUR for lab in labels])
+    # K^(H·W) target maps reach 10^(10^5) seconds: clip such bars so the feasible ones stay readable
+    small = [v for v in values if v < 100]
+    cap = max(12.0, 1.3 * max(small, default=0.0))
+    shown = [min(v, cap) for v in values]
+    colours = [BEFORE_COLOUR if "measured" in lab else AFTER_COLOUR for lab in labels]
+    bars = ax.barh(y, shown, color=colours)
+    for b, v in zip(bars, values):
+        if v > cap:
+            b.set_hatch("//")
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("log10(seconds)")
+    ax.set_xlim(min(0.0, min(shown) - 0.5), cap * 1.25)
+    ax.set_xlabel("log10(seconds)  (hatched: clipped)")
     for ref, name in ((math.log10(3600), "1 h"), (math.log10(86400 * 365), "1 year")):
         ax.axvline(ref, color="grey", linestyle=":", linewidth=1)
-        ax.text(ref, -0.6, name, fontsize=7, color="grey")
-    for yi, v in zip(y, values):
-        ax.text(v, yi, f" {v:.1f}", va="center", fontsize=6)
+        ax.text(ref, len(values) - 0.4, f" {name}", fontsize=7, color="grey")
+    for yi, v, sh in zip(y, values, shown):
+        ax.text(sh, yi, f" {v:.1f}" if v <= cap else f" 10^{v:.0f} s", va="center", fontsize=6)
     ax.set_title(f"{row['defense']}: projected cost (log10 s)", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))

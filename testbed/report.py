@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from testbed import atomic
-from testbed.defense_runner import SCORE_KEYS, public_row
+from testbed.defense_runner import SCORE_KEYS, jsonable, public_row
 
 RESULT_COLUMNS = (
     ["model", "attack", "benign_model", "defense", "kinds", "error"]
@@ -195,7 +195,7 @@ def results_document(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> di
     return {
         "format": "segbackdoor-bench",
         "version": 1,
-        "meta": {k: v for k, v in meta.items() if k != "title"},
+        "meta": jsonable({k: v for k, v in meta.items() if k != "title"}),
         "rows": [public_row(r) for r in rows],
         "verdicts": verdict_summary(rows),
     }

@@ -213,22 +213,23 @@ def _collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
-    """uint8 NHWC → float NCHW in [0,1] on the device; labels int64 (255 stays the ignore index)."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC storage = channels_last strides
-    x = x.float().div_(255.0)
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool,
+               flip_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC → float NCHW in [0,1] on the device; labels int64 (255 stays the ignore index).
+
+    With ``flip_gen``, a seeded half of the batch is flipped left-right first, on the uint8 data where it
+    moves the fewest bytes.
+    """
+    x = images.to(device, non_blocking=True)
+    y = labels.to(device, non_blocking=True)
+    if flip_gen is not None:
+        flip = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device)
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        y = torch.where(flip[:, None, None], y.flip(2), y)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # NHWC storage = channels_last strides
     if not channels_last:
         x = x.contiguous()
-    y = labels.to(device, non_blocking=True).long()
-    return x, y
-
-
-def _hflip(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip a seeded half of the batch left-right (images and labels together)."""
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    y = torch.where(flip[:, None, None], y.flip(-1), y)
-    return x, y
+    return x, y.long()
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -299,7 +300,8 @@ def _plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, 
     """Decide what to do with RUN/ (read-only): returns the checkpoint to resume from, or None for a fresh run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory path")
-    present = out.is_dir() and any(out.iterdir())
+    stale = {t for name in RUN_FILES for t in out.glob(f".{name}.*.tmp")} if out.is_dir() else set()
+    present = out.is_dir() and any(p not in stale for p in out.iterdir())  # a killed run's temp files don't count
     ckpt_path = out / CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
@@ -330,10 +332,6 @@ def _describe_diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
         if saved.get(k) != now.get(k):
             diffs.append(f"{k} differs")
     return "; ".join(diffs[:4]) or "unknown difference"
-
-
-def _tensors_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -430,50 +428,52 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
     ckpt = _plan_run_dir(out, resume, overwrite, identity)
     dist.barrier()  # every rank has read RUN/ before rank 0 changes it
     if dist.is_main:
-        if ckpt is None and out.is_dir():
+        if out.is_dir():
             for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+                for stale in out.glob(f".{name}.*.tmp"):  # temp files of a killed process (SIGKILL, power loss)
+                    stale.unlink(missing_ok=True)
+                if ckpt is None:
+                    (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    # model, seeded
-    torch.manual_seed(cfg.seed)
-    model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if dist.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-
-    if dist.enabled:
-        sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed % 2**31, drop_last=False
-        )
-    else:
-        sampler = _ShuffleSampler(n, cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
-        collate_fn=_collate, pin_memory=use_cuda, persistent_workers=cfg.num_workers > 0,
-    )
-    steps_per_epoch = len(loader)
-    opt = make_optimizer(model.parameters(), cfg)
-    sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-
-    start_epoch, log, elapsed = 0, [], 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, log, elapsed = int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
-
-    show = progress and dist.is_main
     ckpt_path = out / CHECKPOINT
-    epoch = start_epoch
     try:
+        # model, seeded
+        torch.manual_seed(cfg.seed)
+        model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        net: nn.Module = model
+        if dist.enabled:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+
+        if dist.enabled:
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed % 2**31, drop_last=False
+            )
+        else:
+            sampler = _ShuffleSampler(n, cfg.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+            collate_fn=_collate, pin_memory=use_cuda, persistent_workers=cfg.num_workers > 0,
+        )
+        steps_per_epoch = len(loader)
+        opt = make_optimizer(model.parameters(), cfg)
+        sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+
+        start_epoch, log, elapsed = 0, [], 0.0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, log, elapsed = int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
+
+        show = progress and dist.is_main
         for epoch in range(start_epoch, cfg.epochs):
             record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
                                 amp, amp_dtype, channels_last, show, ckpt_path)
@@ -492,47 +492,43 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
                     _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
                          f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
             dist.barrier()
-    except KeyboardInterrupt:
         if dist.is_main:
-            if ckpt_path.is_file():
-                done = epoch  # epochs completed and checkpointed
-                print(f"testbed: interrupted during epoch {epoch + 1}; the checkpoint after epoch {done} is kept in "
+            model.eval()
+            config = {
+                "format": "segbackdoor-run",
+                "model": cfg.model,
+                "num_classes": num_classes,
+                "classes": classes,
+                "aux_loss": cfg.aux_loss,
+                "train": cfg.to_dict(),
+                "train_indices": identity["train_indices"],
+                "dataset": {"path": str(data_path.resolve()), "content_hash": data_hash, "attack": attack,
+                            "num_train": n_total, "num_used": n},
+                "versions": _versions(),
+                "device": str(device),
+                "world_size": dist.world_size,
+                "amp": (str(amp_dtype).removeprefix("torch.") if amp else False),
+                "channels_last": channels_last,
+                "batch_size_used": batch,
+                "training_seconds": round(elapsed, 3),
+                "final_loss": log[-1]["loss"] if log else None,
+            }
+            from testbed.runs import save_model
+
+            save_model(model, config, out)
+            if score:
+                metrics = _score(model, data_path, device, max(32, cfg.batch_size))
+                if metrics is not None:
+                    atomic.write_json(out / "metrics.json", _jsonable(metrics))
+    except BaseException as e:
+        if dist.is_main:
+            if created and not ckpt_path.is_file():
+                shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: no partial output
+            elif isinstance(e, KeyboardInterrupt) and ckpt_path.is_file():
+                done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
+                print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
                       f"{ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
-            elif created:
-                shutil.rmtree(out, ignore_errors=True)
         raise
-    except UserError:
-        if dist.is_main and created and not ckpt_path.is_file():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-    if dist.is_main:
-        model.eval()
-        config = {
-            "format": "segbackdoor-run",
-            "model": cfg.model,
-            "num_classes": num_classes,
-            "classes": classes,
-            "aux_loss": cfg.aux_loss,
-            "train": cfg.to_dict(),
-            "train_indices": identity["train_indices"],
-            "dataset": {"path": str(data_path.resolve()), "content_hash": data_hash, "attack": attack,
-                        "num_train": n_total, "num_used": n},
-            "versions": _versions(),
-            "device": str(device),
-            "world_size": dist.world_size,
-            "amp": (str(amp_dtype).removeprefix("torch.") if amp else False),
-            "channels_last": channels_last,
-            "training_seconds": round(elapsed, 3),
-            "final_loss": log[-1]["loss"] if log else None,
-        }
-        from testbed.runs import save_model
-
-        save_model(model, config, out)
-        if score:
-            metrics = _score(model, data_path, device, max(32, cfg.batch_size))
-            if metrics is not None:
-                atomic.write_json(out / "metrics.json", _jsonable(metrics))
     dist.barrier()
     return out
 
@@ -565,9 +561,7 @@ def _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoc
 
     try:
         for step, (images, labels) in enumerate(loader):
-            x, y = _to_device(images, labels, device, channels_last)
-            if cfg.hflip:
-                x, y = _hflip(x, y, flip_gen)
+            x, y = _to_device(images, labels, device, channels_last, flip_gen if cfg.hflip else None)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out = net(x)
                 loss = seg_loss(out["out"], y)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from testbed.defense import DefenseContext, DefenseResult, Verdict
+from testbed.defense import DefenseResult, Verdict
 from testbed.defense_runner import load_defense, make_context, parse_params, run_defense
 from testbed.errors import UserError
 

@@ -232,6 +232,11 @@ def test_fine_pruning_end_to_end(model, poisoned):
     assert all(p["miou_clean"] >= 0.9 * curve[0]["miou_clean"] for p in curve if p["accepted"])
     assert res.cost.forward_passes > 0 and res.cost.backward_passes == len(ctx.clean_images)
 
+    again = defenses.BUILTIN["fine-pruning"](step=0.1, max_fraction=0.3, epochs=1).run(model, ctx)  # same seed ⇒ same model
+    assert again.details["curve"] == curve
+    for (k1, v1), (k2, v2) in zip(res.model.state_dict().items(), again.model.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
 
 def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     ctx = _ctx(poisoned)
@@ -252,6 +257,12 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
 
     again = ts.run(model, ctx)  # same seed ⇒ identical norms and verdict
     assert again.details["norms"] == res.details["norms"] and again.verdict == res.verdict
+
+    pairs = defenses.BUILTIN["trigger-synthesis"](targets="pairs", steps=1, batch_size=2, max_candidates=2).run(model, ctx)
+    labels = list(pairs.details["norms"])
+    assert len(labels) == 2 and all("->" in lab and not lab.startswith("*") for lab in labels)
+    assert all(src != dst for src, dst in (lab.split("->") for lab in labels))
+    assert pairs.details["cost"]["coverage_of_pairs"] == pytest.approx(2 / (k * (k - 1)))
 
     spent = defenses.BUILTIN["trigger-synthesis"](targets="pairs", steps=2, batch_size=4).run(model, _ctx(poisoned, budget_s=0.0))
     c = spent.details["cost"]

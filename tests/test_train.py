@@ -114,12 +114,14 @@ def test_sigkill_then_resume_is_bit_exact(tiny_data, tmp_path):
     assert not (run / "model.safetensors").exists()
     epoch_done = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
     assert epoch_done == 1
-    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temp files left behind"
+    if (run / "train_log.jsonl").exists():  # whatever exists under a final name is complete
+        assert [json.loads(line)["epoch"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1]
 
     rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "4",
                    "--device", "cpu", "--no-score", "--out", str(run), "--resume"])
     assert rc == 0
     assert _bytes(run) == _bytes(tmp_path / "ref")
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "stale temp files were not cleaned up"
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
 
@@ -288,3 +290,46 @@ def test_lr_schedules_shape():
     assert poly[0] == pytest.approx(0.1) and poly[10] == pytest.approx(1.0)
     assert poly[-1] == pytest.approx((1 - 89 / 90) ** 0.9)
     assert all(a >= b for a, b in zip(one[10:], one[11:])) and all(a >= b for a, b in zip(poly[10:], poly[11:]))
+
+
+def test_ctrl_c_keeps_checkpoint_and_says_how_to_resume(tiny_data, tmp_path, monkeypatch, capsys):
+    import testbed.train as tr
+
+    calls = {"n": 0}
+    real_loss = tr.seg_loss
+
+    def interrupt_at_step_4(logits, target):  # 3 steps per epoch: Ctrl-C during epoch 2
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(logits, target)
+
+    monkeypatch.setattr(tr, "seg_loss", interrupt_at_step_4)
+    out = tmp_path / "int"
+    rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "8",
+                   "--device", "cpu", "--no-score", "--out", str(out)])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "after epoch 1" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (out / "model.safetensors").exists()
+
+
+def test_flip_moves_images_and_labels_together():
+    from testbed.train import _to_device
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 5, 7, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 11, (32, 5, 7), dtype=torch.uint8, generator=g)
+    x, y = _to_device(images, labels, torch.device("cpu"), False, torch.Generator().manual_seed(1))
+    x2, _ = _to_device(images, labels, torch.device("cpu"), False, torch.Generator().manual_seed(1))
+    assert torch.equal(x, x2)  # seeded
+    plain = images.permute(0, 3, 1, 2).float() / 255
+    flipped = [i for i in range(32) if not torch.equal(x[i], plain[i])]
+    assert 4 < len(flipped) < 28
+    for i in range(32):
+        if i in flipped:
+            assert torch.equal(x[i], plain[i].flip(-1)) and torch.equal(y[i], labels[i].long().flip(-1))
+        else:
+            assert torch.equal(y[i], labels[i].long())
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (32, 3, 5, 7)

@@ -120,6 +120,13 @@ def test_grid_rate_and_trigger_axes_multiply_attacks_not_benign(tmp_path):
     e = spec.entries[-1]
     assert e.definition()["attack"]["rate"] == 0.2 and e.definition()["attack"]["trigger"] == "semantic:grass"
 
+    p.write_text(p.read_text().replace("epochs = 2\n", "").replace("seed = [0]\n", "seed = [0]\nepochs = [1, 3]\nlr = [0.01]\n"))
+    spec = parse_spec(p)
+    assert [e.id for e in spec.entries][:2] == ["deeplabv3_tiny--benign--s0--epochs-1--lr-0.01",
+                                                 "deeplabv3_tiny--benign--s0--epochs-3--lr-0.01"]
+    assert len(spec.entries) == 2 * 5
+    assert spec.entries[1].train == {"batch_size": 16, "epochs": 3, "lr": 0.01, "model": "deeplabv3_tiny", "seed": 0}
+
 
 BAD_SPECS = {
     "unknown-key": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "a"\nattack = "fgba"\npreset = "n-to-1"\n'
@@ -143,6 +150,10 @@ BAD_SPECS = {
     "missing-data-file": ('[data]\npath = "nowhere/ade.h5"\n[[attack]]\nid = "benign"\n[grid]\nmodel = ["deeplabv3_tiny"]\n'
                           'attack = ["benign"]\n', ["'nowhere/ade.h5' is not a readable file"]),
     "toml-syntax": ('[data]\nsynth = { n_train = 48 }\n[train]\nepochs = = 2\n', ["TOML syntax error", "line 4"]),
+    "train-in-both": ('[data]\nsynth = { n_train = 48 }\n[train]\nepochs = 2\n[[attack]]\nid = "benign"\n[grid]\n'
+                      'model = ["deeplabv3_tiny"]\nattack = ["benign"]\nepochs = [1, 2]\n', ["epochs is in both [train] and [grid]"]),
+    "bad-train-value": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "benign"\n[grid]\n'
+                        'model = ["deeplabv3_tiny"]\nattack = ["benign"]\nepochs = [0]\n', ["--epochs must be an integer >= 1"]),
     "benign-with-keys": ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "benign"\nrate = 0.1\n[grid]\n'
                          'model = ["deeplabv3_tiny"]\nattack = ["benign"]\n', ["takes no other keys", "rate"]),
 }
@@ -286,7 +297,6 @@ def test_killed_build_resumes_without_retraining(resumed_zoo):
     # the finished entry was left alone
     after = {p.name: (sha256(p), p.stat().st_mtime_ns) for p in (zoo / "entries" / first).iterdir() if p.is_file()}
     assert {k: after[k] for k in state["first_files"]} == state["first_files"]
-    assert zoo_log(zoo, first) == [r for r in zoo_log(zoo, first)]
     assert [r["event"] for r in zoo_log(zoo, first)] == ["start", "finish"]
     # the interrupted entry continued from its checkpoint: earlier epochs' log lines are byte-identical
     lines = (zoo / "entries" / second / "train_log.jsonl").read_text().splitlines()
@@ -373,7 +383,7 @@ def test_verify_accepts_a_good_zoo_and_names_each_problem(resumed_zoo, tmp_path,
     w.write_bytes(bytes(raw))
     (bad / "entries" / first / "train_log.jsonl").unlink()
     m = json.loads((bad / "manifest.json").read_text())
-    m["entries"][1]["metrics"]["ASR"] = 0.0  # a flattering edit
+    m["entries"][1]["metrics"]["mIoU-B"] += 5.0  # a flattering edit
     (bad / "manifest.json").write_text(json.dumps(m, indent=2))
     assert main(["zoo", "verify", str(bad)]) == 1
     out = capsys.readouterr().out
@@ -394,7 +404,7 @@ def test_two_concurrent_builders_train_each_entry_once(tmp_path):
     procs = [builder(spec, zoo), builder(spec, zoo, "--workers", "2")]  # also exercises the process pool
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, err
+        assert p.returncode == 0, (out, err)
     m = json.loads((zoo / "manifest.json").read_text())
     assert m["complete"] and len(m["entries"]) == 2
     for e in m["entries"]:

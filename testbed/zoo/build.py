@@ -165,7 +165,8 @@ def prepare(spec: ZooSpec, zoo: Path, stale_after: float = DEFAULT_STALE_AFTER,
 def _check_plan(zoo: Path, spec: ZooSpec) -> dict[str, Any]:
     plan = mf.read_json(zoo / mf.PLAN)
     if plan is None:
-        if (zoo / mf.MANIFEST).exists() or (zoo.is_dir() and any(p for p in zoo.iterdir() if p.name not in ("data", "entries", ".lock"))):
+        foreign = [p for p in zoo.iterdir() if p.name not in ("data", "entries") and not p.name.startswith(".")]
+        if foreign:
             raise UserError(f"--out {zoo} holds files but is not a zoo; choose an empty or new directory")
         return {"format": mf.FORMAT, "version": mf.VERSION, "data": spec.data_definition(), "order": [], "entries": {}}
     if plan.get("data") != spec.data_definition():

@@ -320,7 +320,13 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
 
     _need("grid" in doc and isinstance(doc["grid"], dict), path, "missing [grid] table; add [grid] with model = [...] and attack = [...]")
     grid = doc["grid"]
-    _check_keys(grid, GRID_KEYS, "[grid]", path)
+    from testbed.train import TrainConfig
+
+    train_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_RESERVED]
+    _check_keys(grid, list(GRID_KEYS) + train_fields, "[grid]", path)
+    train_axes = {k: _grid_list(grid, k, path) for k in grid if k in train_fields}
+    for k in train_axes:
+        _need(k not in train, path, f"{k} is in both [train] and [grid]; keep one")
     model_names = _grid_list(grid, "model", path)
     attack_ids = _grid_list(grid, "attack", path)
     seeds = _grid_list(grid, "seed", path, default=[0])
@@ -338,9 +344,9 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
         if a not in defined:
             raise UserError(f"{path.name}: [grid] attack {a!r} is not defined{_nearest(str(a), list(defined))}; "
                             f"add an [[attack]] table with id = {json.dumps(str(a))} or use one of: {', '.join(defined)}")
-    from testbed.train import TrainConfig
-
-    TrainConfig(**{**train, "model": model_names[0], "seed": 0, "device": "cpu"})  # bad values fail now, not later
+    axis_combos = [dict(zip(train_axes, values)) for values in itertools.product(*train_axes.values())]
+    for combo in axis_combos:  # bad values fail now, not an hour into a cluster job
+        TrainConfig(**{**train, **combo, "model": model_names[0], "seed": 0, "device": "cpu"})
     for s in seeds:
         _need(_is_int(s) and s >= 0, path, f"[grid] seed values must be non-negative integers, got {s!r}")
     for r in rates:
@@ -368,9 +374,9 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
 
     entries: list[EntrySpec] = []
     seen: set[str] = set()
-    for m, v, s in itertools.product(model_names, variants, seeds):
-        eid = f"{m}--{v.label}--s{s}"
+    for m, v, s, combo in itertools.product(model_names, variants, seeds, axis_combos):
+        eid = f"{m}--{v.label}--s{s}" + "".join(f"--{k}-{_slug(x)}" for k, x in combo.items())
         _need(eid not in seen, path, f"two grid points give the same entry id {eid!r}; remove the duplicate")
         seen.add(eid)
-        entries.append(EntrySpec(id=eid, model=m, variant=v, seed=s, train={**train, "model": m, "seed": s}))
+        entries.append(EntrySpec(id=eid, model=m, variant=v, seed=s, train={**train, **combo, "model": m, "seed": s}))
     return ZooSpec(path=path, data=data, train=train, variants=variants, entries=entries, classes=classes, text=text)
