@@ -22,7 +22,7 @@ _CALL_MAIN = (
     "rc = mod.main([])\n"
     "sys.exit(rc if isinstance(rc, int) else 0)\n"
 )
-_LINE = re.compile(r"^(P\d+) (\S+) ratio=([-\d.naif]+) target(>=|<=)([\d.]+)")
+_LINE = re.compile(r"^(P\d+) (\S+) (?:ratio|max_rel_err)=([-\d.naif]+) target(>=|<=)([\d.]+)")
 
 
 def main(argv: list[str] | None = None) -> int:

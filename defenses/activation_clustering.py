@@ -10,8 +10,6 @@ reduced with PCA (10 components) and split by KMeans(2); a cluster holding less 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
 from torch import nn
 
 from defenses._features import Budget, CostMeter, flag_images, report, training_set_features
@@ -22,6 +20,9 @@ def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: f
                   seed: int = 0) -> tuple[np.ndarray, list[int]]:
     """Flags (bool ``[n]``) for the members of a KMeans(2) cluster smaller than ``size_threshold``, and the
     two cluster sizes.  With fewer than 4 vectors nothing is flagged (no meaningful split)."""
+    from sklearn.cluster import KMeans  # imported here: `import defenses` stays fast
+    from sklearn.decomposition import PCA
+
     n = len(vectors)
     if n < 4:
         return np.zeros(n, dtype=bool), [n, 0]

@@ -35,11 +35,16 @@ def image_score(entropy: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     return -flat.topk(k, dim=1, largest=False).values.mean(1)
 
 
-def blend(x: torch.Tensor, overlays: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
-    """Superimpose: ``mean`` = α·x + (1−α)·overlay; ``add`` = STRIP's saturating sum min(1, x + overlay)."""
+def blend_(x: torch.Tensor, overlays: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
+    """Superimpose images ``x [B,3,H,W]`` (in [0,1]) on ``overlays [B,N,3,H,W]`` (raw 0..255, overwritten in
+    place — no extra copies of the B·N batch): ``mean`` = α·x + (1−α)·overlay; ``add`` = STRIP's saturating
+    sum min(1, x + overlay).  Returns ``[B·N,3,H,W]``."""
+    x = x.unsqueeze(1)
     if mode == "add":
-        return (x + overlays).clamp_(max=1.0)
-    return alpha * x + (1.0 - alpha) * overlays
+        overlays.div_(255.0).add_(x).clamp_(max=1.0)
+    else:
+        overlays.mul_((1.0 - alpha) / 255.0).add_(x, alpha=alpha)
+    return overlays.flatten(0, 1)
 
 
 def overlay_indices(image: np.ndarray, pool_size: int, n: int, seed: int, exclude: int | None = None) -> np.ndarray:
@@ -78,8 +83,8 @@ class StripScorer:
             idx = np.stack([overlay_indices(chunk[i], len(self.pool), self.n, self.seed,
                                             None if exclude is None else int(exclude[s + i])) for i in range(b)])
             x = torch.from_numpy(np.array(chunk)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-            over = self.pool[torch.from_numpy(idx.reshape(-1)).to(self.device)].float().div_(255)
-            mixed = blend(x.repeat_interleave(self.n, 0), over, self.mode, self.alpha)
+            over = self.pool[torch.from_numpy(idx).to(self.device)].float()  # [b,N,3,H,W], 0..255
+            mixed = blend_(x, over, self.mode, self.alpha)
             logits = self.model(mixed)["out"]  # [b·N,K,H,W]
             self.forward += len(mixed)
             # entropy image by image: the N overlays of one image stay in cache (≈1.6× faster than all at once)

@@ -224,3 +224,52 @@ def test_help_lists_examples(capsys):
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert "examples:" in text and "--defense" in text and "--budget" in text
+
+
+ZOO_SPEC = """
+[data]
+synth = { n_train = 32, n_test = 8, size = 64, seed = 0 }
+[train]
+epochs = 1
+batch_size = 16
+[[attack]]
+id = "benign"
+[[attack]]
+id = "fgba-n1-line"
+attack = "fgba"
+preset = "n-to-1"
+target = "wall"
+trigger = "line"
+rate = 0.25
+[grid]
+model = ["deeplabv3_tiny"]
+attack = ["benign", "fgba-n1-line"]
+seed = [0]
+"""
+
+
+def test_bench_zoo(tmp_path, capsys):
+    """`bench --zoo`: one row per entry × defense, entry ids and attack ids from the zoo, verdicts across entries."""
+    import testbed.zoo
+
+    spec = tmp_path / "zoo.toml"
+    spec.write_text(ZOO_SPEC)
+    assert main(["-q", "zoo", "build", str(spec), "--out", str(tmp_path / "zoo")]) == 0, capsys.readouterr().err
+    entries = list(testbed.zoo.open(tmp_path / "zoo"))
+    out = tmp_path / "bench"
+    rc = main(["-q", "bench", "--zoo", str(tmp_path / "zoo"), "--defense", f"{ME}:Brightness,{ME}:DarkFilter",
+               "--param", f"{ME}:Brightness.limit=0.0", "--device", "cpu", "--no-figures", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads((out / "results.json").read_text())
+    got = [(r["model"], r["attack"], r["benign_model"], r["defense"]) for r in doc["rows"]]
+    assert got == [(e.id, e.attack_id, e.is_benign, d) for e in entries for d in ("brightness", "dark-filter")]
+    (v,) = doc["verdicts"]  # limit 0: every model called backdoored → accuracy = share of backdoored entries
+    assert v["models"] == len(entries) and v["accuracy"] == pytest.approx(np.mean([not e.is_benign for e in entries]))
+    assert v["fpr"] == 1.0 and v["tpr"] == 1.0
+    _, table = read_csv(out / "results.csv")
+    assert len(table) == 2 * len(entries)
+    filt = [r for r in doc["rows"] if r["defense"] == "dark-filter"]
+    benign_row = next(r for r in filt if r["benign_model"])
+    attacked_row = next(r for r in filt if not r["benign_model"])
+    assert benign_row["detection"]["tpr"] is None and benign_row["detection"]["auroc"] is None  # clean data: no attacked inputs
+    assert attacked_row["detection"]["auroc"] is not None

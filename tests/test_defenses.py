@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -191,6 +192,11 @@ def _ctx(p, seed=0, train=False, budget_s=None, progress=None):
                           image_size=imgs.shape[1:3], progress=progress or (lambda f, m: None))
 
 
+def _strict_json(res):
+    """details must be JSON-able without NaN/inf (the runner writes them into results.json)."""
+    json.dumps(res.details, allow_nan=False)
+
+
 def _miou_numpy(pred, label, k):
     keep = label != 255
     cm = np.bincount(label[keep].astype(np.int64) * k + pred[keep], minlength=k * k).reshape(k, k)
@@ -206,6 +212,7 @@ def test_fine_pruning_end_to_end(model, poisoned):
     res = defenses.BUILTIN["fine-pruning"](step=0.1, max_fraction=0.3, epochs=1).run(model, ctx)
     for k, v in model.state_dict().items():  # the input model is left alone
         assert torch.equal(v, before[k]), k
+    _strict_json(res)
     curve = res.details["curve"]
     fr = [p["fraction"] for p in curve]
     assert fr[0] == 0 and all(a < b for a, b in zip(fr, fr[1:]))
@@ -242,6 +249,7 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     ctx = _ctx(poisoned)
     ts = defenses.BUILTIN["trigger-synthesis"](targets="image", steps=2, batch_size=4, max_candidates=3)
     res = ts.run(model, ctx)
+    _strict_json(res)
     cost = res.details["cost"]
     k, (h, w) = len(poisoned["classes"]), poisoned["images"].shape[1:3]
     assert cost["candidates_run"] == 3 and cost["candidates_in_mode"] == k
@@ -265,6 +273,7 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     assert pairs.details["cost"]["coverage_of_pairs"] == pytest.approx(2 / (k * (k - 1)))
 
     spent = defenses.BUILTIN["trigger-synthesis"](targets="pairs", steps=2, batch_size=4).run(model, _ctx(poisoned, budget_s=0.0))
+    _strict_json(spent)
     c = spent.details["cost"]
     assert c["stopped_by_budget"] and c["candidates_run"] == 0
     assert c["candidates_in_mode"] + c["candidates_skipped_no_source"] == k * (k - 1)
@@ -274,6 +283,7 @@ def test_strip_end_to_end(model, poisoned):
     ctx = _ctx(poisoned)
     strip = defenses.BUILTIN["strip"](n_overlays=4)
     res = strip.run(model, ctx)
+    _strict_json(res)
     clean = np.array(res.details["clean_scores"])
     assert len(clean) == len(ctx.clean_images) and np.isfinite(clean).all()
     assert res.threshold == pytest.approx(np.quantile(clean, 0.95))
@@ -291,6 +301,7 @@ def test_strip_end_to_end(model, poisoned):
 def test_training_set_defenses_end_to_end(model, poisoned, name):
     ctx = _ctx(poisoned, train=True)
     res = defenses.BUILTIN[name]().run(model, ctx)
+    _strict_json(res)
     fl = res.flagged_train
     n = len(poisoned["images"])
     assert fl.dtype == np.int64 and np.all(np.diff(fl) > 0) and fl.min() >= 0 and fl.max() < n
