@@ -224,7 +224,9 @@ def poison(
     # -- the defender's clean subset ------------------------------------------------------------------
     c = round_half_up(clean_fraction * n)
     c = max(c, 1) if clean_fraction > 0 else 0
-    pool = np.setdiff1d(np.arange(n, dtype=np.int64), poison_index, assume_unique=True)
+    # With --force on a poisoned file, the parent's poisoned samples are not clean either.
+    parent_poison = clean["train/poison_index"] if "train/poison_index" in clean else np.empty(0, np.int64)
+    pool = np.setdiff1d(np.arange(n, dtype=np.int64), np.union1d(poison_index, parent_poison))
     if c > pool.size:
         raise UserError(f"--clean-fraction {clean_fraction:g} asks for {c} clean samples but only {pool.size} "
                         "training samples are not poisoned; lower --clean-fraction")

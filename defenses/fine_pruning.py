@@ -117,6 +117,7 @@ class FinePruning:
         details = {
             "curve": curve,
             "pruned_channels": pruned,
+            "prune_order": [int(c) for c in order],  # the runner scores each curve point on the test sets
             "pruned_fraction": kept / channels,
             "channels": channels,
             "miou_clean_start": start,

@@ -41,7 +41,7 @@ from torch import nn
 from models import backbones as _bb
 from models import heads as _heads
 from models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
-from models.weights import BackboneWeightsError, cached_imagenet, load_safetensors_backbone
+from models.weights import BackboneWeightsError, load_imagenet_backbone, load_safetensors_backbone
 
 __all__ = [
     "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "Segmenter",
@@ -100,11 +100,10 @@ def create(name: str, num_classes: int, aux_loss: bool = False, backbone_weights
     head_name, backbone_name = _split(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    enum = None
+    backbone = BACKBONES[backbone_name]()
     if isinstance(backbone_weights, str) and backbone_weights.lower() == "imagenet":
-        enum = cached_imagenet(backbone_name)
-    backbone = BACKBONES[backbone_name](weights=enum)
-    if backbone_weights is not None and enum is None:
+        load_imagenet_backbone(backbone, backbone_name)
+    elif backbone_weights is not None:
         load_safetensors_backbone(backbone, backbone_weights)
     kwargs = TINY_HEAD_KWARGS[head_name] if backbone_name == "tiny" else {}
     head = HEADS[head_name](backbone.out_channels, **kwargs)

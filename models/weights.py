@@ -7,6 +7,7 @@ unpickled: ImageNet weights must already be in the torch hub cache, and local fi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ class BackboneWeightsError(ValueError):
     """The requested backbone weights cannot be used (missing, not safetensors, wrong keys)."""
 
 
-def cached_imagenet(backbone: str):
-    """The torchvision weights enum for ``backbone`` if its file is in the local hub cache, else an error."""
+def cached_imagenet(backbone: str) -> Path:
+    """The torchvision ImageNet weights file for ``backbone`` in the local hub cache, else an error."""
     if backbone not in IMAGENET_ENUMS:
         raise BackboneWeightsError(
             f"backbone {backbone!r} has no ImageNet weights; use backbone_weights=None (random init) "
@@ -43,7 +44,26 @@ def cached_imagenet(backbone: str):
             f"ImageNet weights for {backbone} are not in the local torch hub cache ({path}); download {enum.url} "
             "there on a machine with network access, or pass a local .safetensors file of the backbone's state dict"
         )
-    return enum
+    return path
+
+
+# torchvision's DenseNet checkpoints name layers "norm.1" where the module is "norm1".
+_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def load_imagenet_backbone(backbone: nn.Module, name: str) -> None:
+    """Load torchvision's cached ImageNet weights with ``weights_only=True``.
+
+    torchvision's own loader calls ``torch.load`` with full unpickling; the hub cache is just a file on
+    disk, so we never let it run code.
+    """
+    path = cached_imagenet(name)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the same user-facing problem
+        raise BackboneWeightsError(f"{path} is not a plain tensor checkpoint ({type(e).__name__}); delete it and download again") from None
+    state = {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    _load_state(backbone, state, path)
 
 
 def load_safetensors_backbone(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -63,6 +83,10 @@ def load_safetensors_backbone(backbone: nn.Module, path: str | os.PathLike) -> N
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise BackboneWeightsError(f"{path} is not a readable safetensors file ({e}); pass a .safetensors backbone state dict") from None
+    _load_state(backbone, state, path)
+
+
+def _load_state(backbone: nn.Module, state: dict, path: Path) -> None:
     state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state))

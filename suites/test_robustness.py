@@ -60,11 +60,26 @@ def test_no_crash_on_benign(zoo_entry, score):
     _ok(score(zoo_entry))
 
 
+def _numbers(value, prefix=""):
+    """Flatten the numbers and booleans of a (nested) result part into {path: value}."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_numbers(v, f"{prefix}{k}."))
+        return out
+    if isinstance(value, (int, float, bool)) and not (isinstance(value, float) and math.isnan(value)):
+        return {prefix.rstrip("."): value}
+    return {}
+
+
 def test_deterministic(zoo_entry, score):
-    """Same seed ⇒ same result."""
+    """Same seed ⇒ same result (after-scores, detection, verdict and flagged samples)."""
     first, second = _ok(score(zoo_entry)), _ok(score(zoo_entry, run=1))
-    for part in ("after", "detection"):
-        a, b = first.get(part) or {}, second.get(part) or {}
+    compared = 0
+    for part in ("after", "detection", "verdict", "flagged"):
+        a, b = _numbers(first.get(part) or {}), _numbers(second.get(part) or {})
         for key in sorted(set(a) | set(b)):
-            if isinstance(a.get(key), (int, float)) or isinstance(b.get(key), (int, float)):
-                assert a.get(key) == b.get(key), f"{part}.{key} differs between two runs with the same seed: {a.get(key)} vs {b.get(key)}"
+            assert a.get(key) == b.get(key), (
+                f"{part}.{key} differs between two runs with the same seed: {a.get(key)} vs {b.get(key)}")
+            compared += 1
+    assert compared, "the defense returned nothing comparable (no repaired model, filter, verdict or flagged samples)"

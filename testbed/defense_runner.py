@@ -109,7 +109,7 @@ def load_defense(spec: Any, **params: Any) -> Any:
     if isinstance(obj, type):
         try:
             obj = obj(**params)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UserError(f"{source}: bad parameters {sorted(params)} ({e}); see the defense's documentation") from None
     elif params:
         raise UserError(f"{source} is an object, not a class; parameters {sorted(params)} cannot be passed to it")
@@ -255,25 +255,38 @@ def _test_sets(data_path: Path) -> dict[str, Any]:
     return {"benign": benign, "attacked": attacked, "n_attacked": n_att}
 
 
-def _batched_scores(input_scores: Callable, data_path: Path, name: str, index: np.ndarray | None, n: int,
-                    batch_size: int, cache: dict[bytes, float]) -> np.ndarray:
-    """The filter's score of every image of one test set, batch by batch; ``cache`` maps image bytes → score."""
+def _mixed_scores(input_scores: Callable, data_path: Path, sets: dict[str, Any], batch_size: int, seed: int,
+                  cache: dict[bytes, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The filter's score of every benign and attacked test image, as (benign, attacked) arrays.
+
+    Images are shown in one seeded random order with both kinds mixed in every batch, so a stateful filter
+    cannot learn which inputs are attacked from when it sees them.  ``cache`` maps image bytes → score.
+    """
     from testbed.h5data import open_dataset
 
+    benign = sets["benign"]
+    nb, n = len(benign), len(benign) + sets["n_attacked"]
+    order = np.random.default_rng([seed, 0x5C0E]).permutation(n)
     out = np.empty(n, dtype=np.float64)
     with open_dataset(data_path, check_labels=False) as f:
+        h, w = f.image_size
         for s in range(0, n, batch_size):
-            e = min(n, s + batch_size)
-            x = f.read(name, index[s:e]) if index is not None else np.asarray(f.file[name][s:e])
+            batch = order[s : s + batch_size]
+            is_b = batch < nb
+            x = np.empty((batch.size, h, w, 3), dtype=np.uint8)
+            if is_b.any():
+                x[is_b] = f.read("test/images", benign[batch[is_b]])
+            if not is_b.all():
+                x[~is_b] = f.read("test_attacked/images", batch[~is_b] - nb)
             v = input_scores(x)
             if isinstance(v, torch.Tensor):
                 v = v.detach().cpu().numpy()
             v = np.asarray(v, dtype=np.float64).reshape(-1)
-            if v.shape[0] != e - s:
-                raise ValueError(f"input_scores returned {v.shape[0]} scores for {e - s} images")
-            out[s:e] = v
+            if v.shape[0] != batch.size:
+                raise ValueError(f"input_scores returned {v.shape[0]} scores for {batch.size} images")
+            out[batch] = v
             cache.update((_image_key(im), float(val)) for im, val in zip(x, v))
-    return out
+    return out[:nb], out[nb:]
 
 
 def _image_key(img: np.ndarray) -> bytes:
@@ -512,10 +525,7 @@ def run_defense(
             threshold = float(result.threshold)
             sets = _test_sets(data_path)
             cache: dict[bytes, float] = {}
-            s_b = _batched_scores(result.input_scores, data_path, "test/images", sets["benign"], len(sets["benign"]),
-                                  batch_size, cache)
-            s_a = (_batched_scores(result.input_scores, data_path, "test_attacked/images", None, sets["n_attacked"],
-                                   batch_size, cache) if sets["attacked"] else np.empty(0))
+            s_b, s_a = _mixed_scores(result.input_scores, data_path, sets, batch_size, seed, cache)
             fn = result.input_scores
 
             def input_filter(images: np.ndarray) -> np.ndarray:
@@ -541,7 +551,8 @@ def run_defense(
                               "threshold": threshold}
         if result.verdict is not None:
             v = result.verdict
-            row["verdict"] = {"backdoored": bool(v.backdoored), "score": jsonable(float(v.score)),
+            score = float(np.clip(v.score, -1e300, 1e300))  # ±inf stays extreme in rankings; NaN becomes null
+            row["verdict"] = {"backdoored": bool(v.backdoored), "score": jsonable(score),
                               "suspected": [list(map(str, p)) for p in (v.suspected or [])]}
 
         if after_model is not None or input_filter is not None:
@@ -574,12 +585,3 @@ def public_row(row: dict[str, Any]) -> dict[str, Any]:
     """The JSON part of a row (arrays for figures and scores.csv dropped)."""
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
-
-def run_bench(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """:func:`testbed.commands.bench.run_bench` for callers that want only the rows (``testbed demo``).
-
-    Writes the same report into ``out`` and returns the JSON rows of results.json (one per model × defense).
-    """
-    from testbed.commands.bench import run_bench as bench
-
-    return bench(*args, **kwargs)["rows"]

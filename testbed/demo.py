@@ -88,20 +88,28 @@ def _cached(path: Path, make: Callable[[], Any]) -> Any:
     return value
 
 
-def _train(data: Path, run: Path, cfg: DemoConfig) -> Path:
+def _train(data: Path, run: Path, cfg: DemoConfig) -> dict:
+    """Train (or resume, or reuse) one run; returns its metrics.json (the scorer on its own data)."""
     from testbed.train import TrainConfig, train
 
-    tcfg = TrainConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-                       **cfg.train_overrides)
-    if (run / "model.safetensors").exists() and (run / "metrics.json").exists():
-        return run
-    return train(data, run, tcfg, resume=(run / "checkpoint.pt").exists(), progress=True, score=False)
+    if not (run / "metrics.json").exists():
+        tcfg = TrainConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                           device=cfg.device, **cfg.train_overrides)
+        train(data, run, tcfg, resume=(run / "checkpoint.pt").exists(), progress=True)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def _identity(cfg: DemoConfig) -> dict:
+    """What the cached work/ depends on: a rerun with other settings must not reuse it."""
+    return {"n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "model": cfg.model, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "train": dict(cfg.train_overrides)}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything; returns the results.json object."""
     import attacks
     from testbed.device import resolve_device
+    from testbed.h5data import open_dataset
     from testbed.runs import load_run
     from testbed.scoring import score_model
     from testbed.synth import make_synth_dataset
@@ -112,9 +120,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     work = out / "work"
+    identity = _identity(cfg)
+    if (work / "settings.json").exists():
+        before = json.loads((work / "settings.json").read_text())
+        if before != identity:
+            changed = ", ".join(f"{k} {before.get(k)!r} → {v!r}" for k, v in identity.items() if before.get(k) != v)
+            raise UserError(f"{out} holds a demo made with other settings ({changed}); use another --out or delete it")
     (work / "data").mkdir(parents=True, exist_ok=True)
     (work / "runs").mkdir(parents=True, exist_ok=True)
     (work / "scores").mkdir(parents=True, exist_ok=True)
+    atomic.write_json(work / "settings.json", identity)
 
     clean = work / "data" / "clean.h5"
     if not clean.exists():
@@ -129,17 +144,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         poisoned[s.name] = path
 
     runs: dict[str, Path] = {}
+    own: dict[str, dict] = {}  # each run scored on the data it was trained on
     for name, data in [("benign", clean)] + [(s.name, poisoned[s.name]) for s in SETTINGS]:
-        run = work / "runs" / name
+        runs[name] = work / "runs" / name
         _log(f"training {cfg.model} on {name} ({cfg.epochs} epochs)")
         t = time.time()
-        runs[name] = _train(data, run, cfg)
-        _log(f"  trained in {time.time() - t:.0f}s")
+        own[name] = _train(data, runs[name], cfg)
+        _log(f"  {time.time() - t:.0f}s: mIoU-B {own[name]['mIoU-B']:.1f}"
+             + (f", ASR {own[name]['ASR']:.1f}" if own[name].get("ASR") is not None else ""))
 
     rows: list[dict] = []
     benign_model, _ = load_run(runs["benign"], device)
-    clean_scores = _cached(work / "scores" / "benign--clean.json",
-                           lambda: score_model(benign_model, clean, device=device))
+    clean_scores = own["benign"]
     rows.append({"model": cfg.model, "attack": "benign", "trigger": None, "rate": 0.0,
                  "reference": None, **_scores(clean_scores), "per_class_iou_b": clean_scores.get("per_class_iou_b")})
     for s in SETTINGS:
@@ -149,22 +165,21 @@ def run_demo(cfg: DemoConfig) -> dict:
         rows.append({"model": cfg.model, "attack": "benign", "trigger": s.trigger, "rate": 0.0,
                      "reference": s.attack, **_scores(ref)})
     for s in SETTINGS:
-        model, _ = load_run(runs[s.name], device)
-        sc = _cached(work / "scores" / f"{s.name}.json", lambda: score_model(model, poisoned[s.name], device=device))
-        with open_attack(poisoned[s.name]) as attack:
-            rate = attack.get("achieved_rate")
+        sc = own[s.name]
+        with open_dataset(poisoned[s.name], check_labels=False) as f:
+            rate = (f.attack or {}).get("achieved_rate")
         rows.append({"model": cfg.model, "attack": s.attack, "trigger": s.trigger, "rate": rate,
                      "reference": None, **_scores(sc), "per_class_iou_b": sc.get("per_class_iou_b")})
 
     defense_rows: list[dict] = []
     if cfg.defenses:
-        from testbed.defense_runner import run_bench
+        from testbed.commands.bench import run_bench
 
         _log(f"defenses {', '.join(cfg.defenses)} on the {cfg.defend_setting} model")
         bench_dir = out / "defenses"
-        defense_rows = run_bench(run=runs[cfg.defend_setting], data=poisoned[cfg.defend_setting],
-                                 defenses=list(cfg.defenses), out=bench_dir, device=str(device), seed=cfg.seed,
-                                 budget_s=cfg.budget_s)
+        defense_rows = run_bench(bench_dir, list(cfg.defenses), run=runs[cfg.defend_setting],
+                                 data=poisoned[cfg.defend_setting], device=str(device), seed=cfg.seed,
+                                 budget_s=cfg.budget_s, title="Defenses in the demo")["rows"]
 
     results = {
         "config": {"n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "model": cfg.model,
@@ -180,21 +195,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic.write_text(out / "report.md", render_report(results, figures))
     _log(f"done in {results['seconds']:.0f}s: {out / 'report.md'}")
     return results
-
-
-class open_attack:
-    """The ``attack`` attribute of a poisoned file, as a context manager returning a dict."""
-
-    def __init__(self, path: Path) -> None:
-        from testbed.h5data import open_dataset
-
-        self._f = open_dataset(path, check_labels=False)
-
-    def __enter__(self) -> dict:
-        return self._f.attack or {}
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -246,14 +246,12 @@ def render_report(results: dict, figures: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
         "| | **non-semantic (line)** | | | | | **semantic (grass)** | | | |",
     ]
-    b = _find(rows, "benign", None)
 
     def cells(r, keys):
         return " | ".join(_fmt(r.get(k) if r else None) for k in keys)
 
     for label, line_r, sem_r in (
-        ("Benign", {**b, **_pick(_find(rows, "benign", "line", "badnets"), ("mIoU-A", "ASR"))},
-         {**b, **_pick(_find(rows, "benign", "semantic:grass", "badnets"), ("mIoU-A", "ASR"))}),
+        ("Benign", _find(rows, "benign", "line", "badnets"), _find(rows, "benign", "semantic:grass", "badnets")),
         ("BadNets", _find(rows, "badnets", "line"), _find(rows, "badnets", "semantic:grass")),
     ):
         k = ("mIoU-B", "PA-B", "mIoU-A", "ASR")
@@ -266,17 +264,15 @@ def render_report(results: dict, figures: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     k1, k2 = ("mIoU-B", "PA-B", "ASR"), ("mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR")
-    lines.append(
-        f"| Benign (vs line) | {cells({**b, **_pick(_find(rows, 'benign', 'line', 'fgba-n-to-1'), ('ASR',))}, k1)} | | "
-        f"{cells({**b, **_pick(_find(rows, 'benign', 'line', 'fgba-1-to-1'), ('mIoU-A', 'PA-A', 'ASR'))}, k2)} |")
-    lines.append(
-        f"| Benign (vs wall) | {cells({**b, **_pick(_find(rows, 'benign', 'semantic:wall', 'fgba-n-to-1'), ('ASR',))}, k1)} | | "
-        f"{cells({**b, **_pick(_find(rows, 'benign', 'semantic:wall', 'fgba-1-to-1'), ('mIoU-A', 'PA-A', 'ASR'))}, k2)} |")
+    for label, trig in (("Benign (vs line)", "line"), ("Benign (vs wall)", "semantic:wall")):
+        lines.append(f"| {label} | {cells(_find(rows, 'benign', trig, 'fgba-n-to-1'), k1)} | | "
+                     f"{cells(_find(rows, 'benign', trig, 'fgba-1-to-1'), k2)} |")
     for label, trig in (("FGBA (non-semantic)", "line"), ("FGBA (semantic)", "semantic:wall")):
         lines.append(f"| {label} | {cells(_find(rows, 'fgba-n-to-1', trig), k1)} | | "
                      f"{cells(_find(rows, 'fgba-1-to-1', trig), k2)} |")
-    lines += ["", "Benign rows: mIoU-B/PA-B of the clean model on the clean test set; its mIoU-A/PA-A/ASR against the "
-              "attacked test set of the attack in that column.", "",
+    lines += ["", "Benign rows: the clean model scored on each column's poisoned test file — mIoU-B/PA-B on its benign "
+              "test images (all of /test for the line trigger, images without the trigger class for a semantic one), "
+              "mIoU-A/PA-A/ASR on its attacked test images. Each attacked model is scored on the same images.", "",
               "## Achieved poisoning rates", "",
               "| attack | trigger | rate |", "|---|---|---|"]
     for r in rows:
@@ -304,10 +300,6 @@ def render_report(results: dict, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pick(row: dict | None, keys: Sequence[str]) -> dict:
-    return {k: row.get(k) for k in keys} if row else {k: None for k in keys}
-
-
 def _figures(out: Path, clean: Path, poisoned: dict[str, Path], runs: dict[str, Path], device) -> list[str]:
     """Paper-Figure-1-style panels: image, benign label, target labels, predictions of each model."""
     import matplotlib
@@ -326,7 +318,6 @@ def _figures(out: Path, clean: Path, poisoned: dict[str, Path], runs: dict[str, 
             idx = f["test_attacked/index"][:3]
             clean_imgs = f.read("test/images", idx)
             gt = f.read("test/labels", idx)
-            k = f.num_classes
         cols = [("image", clean_imgs), ("benign label", colorize(gt))]
         benign_model, _ = load_run(runs["benign"], device)
         for name in names:
@@ -357,5 +348,4 @@ def _figures(out: Path, clean: Path, poisoned: dict[str, Path], runs: dict[str, 
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
         made.append(path.name)
-        del k
     return made

@@ -212,6 +212,8 @@ class SegFile:
             self._check_pair(f"{split}/images", f"{split}/labels")
         if "test_attacked/images" in self.file:
             self._check_pair("test_attacked/images", "test_attacked/labels")
+            if "test_attacked/gt" in self.file:
+                self._check_pair("test_attacked/images", "test_attacked/gt")
         if check_labels:
             for name in self.file:
                 for key in ("labels", "gt", "original_labels"):

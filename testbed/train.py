@@ -441,7 +441,10 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
     try:
         # model, seeded
         torch.manual_seed(cfg.seed)
-        model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
+        try:
+            model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
+        except ValueError as e:  # unknown model, unusable backbone weights
+            raise UserError(str(e)) from None
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)

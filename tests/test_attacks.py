@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -438,6 +439,10 @@ def test_already_poisoned_needs_force(clean, tmp_path):
     p = _read(out)
     assert p["attack"]["name"] == "badnets" and p["attack"]["parent_attack"]["name"] == "fgba"
     assert p["attrs"]["parent_sha256"] == content_hash(p1)  # hashed separately: p1 has more arrays
+    # the defender's clean subset avoids the samples poisoned by either attack
+    with h5py.File(p1) as f1, h5py.File(out) as f2:
+        either = set(f1["train/poison_index"][()]) | set(f2["train/poison_index"][()])
+        assert either and not either & set(f2["defense/clean_index"][()])
 
 
 def test_invalid_labels_are_refused(tmp_path):

@@ -293,6 +293,18 @@ def test_pruning_curve_is_scored_on_the_test_sets(backdoored_run, fgba_line_path
     assert curve[1]["asr"] == pytest.approx(expected["ASR"]) and curve[1]["miou_b"] == pytest.approx(expected["mIoU-B"])
 
 
+def test_builtin_fine_pruning_curve_gets_test_scores(backdoored_run, fgba_line_path, before):
+    """The built-in defense hands the runner its prune order, so every curve point carries test ASR/mIoU-B."""
+    from testbed.defense_runner import load_defense
+
+    row = run_defense(load_defense("fine-pruning", step=0.25, epochs=0), backdoored_run, fgba_line_path,
+                      device="cpu", panels=0, before=before)
+    curve = row["details"]["curve"]
+    assert row["error"] is None and len(curve) >= 2
+    assert all("asr" in p and "miou_b" in p for p in curve)
+    assert curve[0]["asr"] == row["before"]["ASR"]
+
+
 # -- loading defenses ----------------------------------------------------------------------------------
 def test_load_builtins_with_params():
     import defenses

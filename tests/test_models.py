@@ -291,21 +291,28 @@ def test_imagenet_weights_need_local_cache(tmp_path, monkeypatch):
         models.create("deeplabv3_tiny", K, backbone_weights="imagenet")
 
 
-def test_imagenet_weights_from_cache_are_used(tmp_path, monkeypatch):
-    """With the file in the hub cache, torchvision's own (hash-checked) loader is used and reaches the backbone."""
+def test_imagenet_weights_from_cache_are_used_without_unpickling(tmp_path, monkeypatch):
+    """A cached torchvision checkpoint is loaded with weights_only=True; a booby-trapped one is refused."""
     import torchvision
-    from torchvision.models._api import WeightsEnum
 
     enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     ckpt = tmp_path / "hub" / "checkpoints" / os.path.basename(enum.url)
     ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"")  # presence is what create() checks; torchvision's loader is replaced below
     torch.manual_seed(9)
     tv = torchvision.models.resnet18()
-    asked = []
+    torch.save(tv.state_dict(), ckpt)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: asked.append(self) or tv.state_dict())
     model = models.create("danet_resnet18", K, backbone_weights="imagenet")
-    assert asked == [enum]
     assert torch.equal(model.backbone.conv1.weight, tv.conv1.weight)
     assert torch.equal(model.backbone.layer3[0].conv1.weight, tv.layer3[0].conv1.weight)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"conv1.weight": Evil()}, ckpt)
+    with pytest.raises(ValueError, match="not a plain tensor checkpoint"):
+        models.create("danet_resnet18", K, backbone_weights="imagenet")
+    assert not marker.exists()

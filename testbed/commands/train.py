@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--aux-weight", type=float, default=d["aux_weight"].default, help="weight of the aux loss (default %(default)s)")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     p.add_argument("--log-every", type=int, default=d["log_every"].default, help="steps between progress/NaN checks (default %(default)s)")
-    p.add_argument("--backbone-weights", default=None, help="ImageNet backbone weights: a torchvision enum name or a local file")
+    p.add_argument("--backbone-weights", default=None, help="backbone init: 'imagenet' (torchvision's weights from the local torch hub cache) or a local .safetensors file")
     p.add_argument("--resume", action="store_true", help="continue RUN/ from its last checkpoint (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing RUN/")
     p.add_argument("--no-score", action="store_true", help="skip scoring on the test splits (no metrics.json)")

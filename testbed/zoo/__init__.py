@@ -58,7 +58,7 @@ class Zoo:
             if row.get("status") != "done":
                 self.pending.append(row["id"])
                 continue
-            run_dir = self.path / row["run_dir"]
+            run_dir = self._inside(row["run_dir"])
             config = _mf.read_json(run_dir / "config.json") or {}
             metrics = dict(row.get("metrics") or {})
             refs = {}
@@ -68,10 +68,17 @@ class Zoo:
                 refs = {label: _mf.dataset_file(self.path, name) for label, name in (plan_row.get("reference") or {}).items()}
             self._entries[row["id"]] = ZooEntry(
                 id=row["id"], model=row["model"], attack_id=row["attack_id"], seed=int(row["seed"]),
-                is_benign=bool(row["is_benign"]), run_dir=run_dir, data_path=self.path / row["data"],
+                is_benign=bool(row["is_benign"]), run_dir=run_dir, data_path=self._inside(row["data"]),
                 config=config, metrics=metrics, attack=row.get("attack"), reference_data=refs,
                 files=row.get("files") or {},
             )
+
+    def _inside(self, rel: str) -> Path:
+        """A manifest path, refused unless it stays inside the zoo (zoos come from strangers)."""
+        path = (self.path / rel).resolve()
+        if not path.is_relative_to(self.path.resolve()):
+            raise UserError(f"zoo {self.path}: manifest path {rel!r} points outside the zoo; refusing it")
+        return path
 
     def _plan_rows(self) -> dict[str, Any]:
         if not hasattr(self, "_plan"):
