@@ -320,8 +320,15 @@ def _figures(out: Path, clean: Path, poisoned: dict[str, Path], runs: dict[str, 
 
     made = []
     for group, names in (("fgba", ("fgba-n-to-1-line", "fgba-1-to-1-line")), ("badnets", ("badnets-line",))):
+        common = None  # test images attacked in every setting of the figure, so each row shows all of them
+        for name in names:
+            with open_dataset(poisoned[name], check_labels=False) as f:
+                ids = set(f["test_attacked/index"].tolist())
+            common = ids if common is None else common & ids
+        idx = np.array(sorted(common)[:3], dtype=np.int64)
+        if idx.size == 0:
+            continue
         with open_dataset(poisoned[names[0]]) as f:
-            idx = f["test_attacked/index"][:3]
             clean_imgs = f.read("test/images", idx)
             gt = f.read("test/labels", idx)
         cols = [("image", clean_imgs), ("benign label", colorize(gt))]

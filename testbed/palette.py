@@ -13,7 +13,7 @@ _BASE = [
     (80, 50, 50),  # floor
     (4, 200, 3),  # tree
     (120, 120, 80),  # ceiling
-    (140, 140, 140),  # road
+    (128, 64, 128),  # road (not ADE20K's grey: it must stand apart from wall in figures)
     (4, 250, 7),  # grass
     (204, 5, 255),  # person
     (0, 102, 200),  # car
