@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import classifier_features  # noqa: F401 - re-exported for the defenses
 from testbed.defense import Cost
 from testbed.metrics import ConfusionMatrix
 
@@ -27,27 +28,6 @@ def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
         images = images.copy()
     x = torch.from_numpy(images).to(device)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def classifier_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [N,C,h,w], logits [N,K,H,W])``: the input of ``model.classifier`` and the output.
-
-    Uses ``models.classifier_features`` (the project's hook) when it is importable, else the same forward
-    hook here, so a third-party model that only follows the ``model.classifier`` contract works too.
-    """
-    try:
-        from models import classifier_features as _cf  # the project's helper
-    except ImportError:  # pragma: no cover - only before/without the models package
-        _cf = None
-    if _cf is not None:
-        return _cf(model, x)
-    captured: list[torch.Tensor] = []
-    handle = model.classifier.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
-    try:
-        logits = model(x)["out"]
-    finally:
-        handle.remove()
-    return captured[0], logits
 
 
 @torch.no_grad()
@@ -201,3 +181,26 @@ def flag_images(image: np.ndarray, area: np.ndarray, flagged: np.ndarray, rule: 
         bad = np.bincount(inv, weights=area * flagged, minlength=len(ids))
         return ids[bad >= 0.5 * total].astype(np.int64)
     raise ValueError(f"rule must be 'any' or 'area', got {rule!r}")
+
+
+def flag_per_class(feats: dict, ctx, min_class_vectors: int, analyse: Callable[[np.ndarray], tuple[np.ndarray, dict]],
+                   verb: str) -> tuple[np.ndarray, dict]:
+    """Run ``analyse(vectors) -> (flags, info)`` on each class's (image, class) vectors.
+
+    The shared loop of activation clustering and spectral signatures: classes with fewer than
+    ``min_class_vectors`` vectors are not analysed.  Returns per-vector flags and per-class details.
+    """
+    vectors, cls = feats["vectors"], feats["cls"]
+    flagged = np.zeros(len(vectors), dtype=bool)
+    per_class: dict = {}
+    for k in range(ctx.num_classes):
+        sel = np.flatnonzero(cls == k)
+        name = ctx.classes[k]
+        if len(sel) < min_class_vectors:
+            per_class[name] = {"vectors": int(len(sel)), "analysed": False}
+            continue
+        flags, info = analyse(vectors[sel])
+        flagged[sel] = flags
+        per_class[name] = {"vectors": int(len(sel)), "analysed": True, **info}
+        report(ctx.progress, 0.8 + 0.2 * (k + 1) / ctx.num_classes, f"{verb} class {name}")
+    return flagged, per_class

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from defenses._features import Budget, CostMeter, flag_images, report, training_set_features
+from defenses._features import Budget, CostMeter, flag_images, flag_per_class, training_set_features
 from testbed.defense import DefenseContext, DefenseResult
 
 
@@ -51,21 +51,13 @@ class ActivationClustering:
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
         budget, meter = Budget(ctx.budget_s), CostMeter()
         feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
-        vectors, image, cls, area = feats["vectors"], feats["image"], feats["cls"], feats["area"]
-        flagged = np.zeros(len(vectors), dtype=bool)
-        per_class = {}
-        for k in range(ctx.num_classes):
-            sel = np.flatnonzero(cls == k)
-            name = ctx.classes[k]
-            if len(sel) < self.min_class_vectors:
-                per_class[name] = {"vectors": int(len(sel)), "analysed": False}
-                continue
-            flags, sizes = cluster_flags(vectors[sel], self.n_components, self.size_threshold, ctx.seed)
-            flagged[sel] = flags
-            per_class[name] = {"vectors": int(len(sel)), "analysed": True, "cluster_sizes": sizes,
-                               "relative_sizes": [s / len(sel) for s in sizes], "flagged": int(flags.sum())}
-            report(ctx.progress, 0.8 + 0.2 * (k + 1) / ctx.num_classes, f"clustered class {name}")
-        drop = flag_images(image, area, flagged, self.rule)
+        def analyse(vectors):
+            flags, sizes = cluster_flags(vectors, self.n_components, self.size_threshold, ctx.seed)
+            return flags, {"cluster_sizes": sizes, "relative_sizes": [s / len(vectors) for s in sizes],
+                           "flagged": int(flags.sum())}
+
+        flagged, per_class = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "clustered")
+        drop = flag_images(feats["image"], feats["area"], flagged, self.rule)
         details = {
             "per_class": per_class,
             "flagged_vectors": int(flagged.sum()),

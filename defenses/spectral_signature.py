@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from defenses._features import Budget, CostMeter, flag_images, report, training_set_features
+from defenses._features import Budget, CostMeter, flag_images, flag_per_class, training_set_features
 from testbed.defense import DefenseContext, DefenseResult
 
 
@@ -54,25 +54,15 @@ class SpectralSignature:
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
         budget, meter = Budget(ctx.budget_s), CostMeter()
         feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
-        vectors, image, cls, area = feats["vectors"], feats["image"], feats["cls"], feats["area"]
-        flagged = np.zeros(len(vectors), dtype=bool)
-        per_class = {}
-        for k in range(ctx.num_classes):
-            sel = np.flatnonzero(cls == k)
-            name = ctx.classes[k]
-            if len(sel) < self.min_class_vectors:
-                per_class[name] = {"vectors": int(len(sel)), "analysed": False}
-                continue
-            scores = spectral_scores(vectors[sel])
+        def analyse(vectors):
+            scores = spectral_scores(vectors)
             flags = top_flags(scores, self.multiplier * self.epsilon)
-            flagged[sel] = flags
-            per_class[name] = {
-                "vectors": int(len(sel)), "analysed": True, "removed": int(flags.sum()),
-                "score_mean": float(scores.mean()), "score_max": float(scores.max()),
-                "score_cut": float(scores[flags].min()) if flags.any() else None,
-            }
-            report(ctx.progress, 0.8 + 0.2 * (k + 1) / ctx.num_classes, f"scored class {name}")
-        drop = flag_images(image, area, flagged, self.rule)
+            return flags, {"removed": int(flags.sum()), "score_mean": float(scores.mean()),
+                           "score_max": float(scores.max()),
+                           "score_cut": float(scores[flags].min()) if flags.any() else None}
+
+        flagged, per_class = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "scored")
+        drop = flag_images(feats["image"], feats["area"], flagged, self.rule)
         details = {
             "per_class": per_class,
             "flagged_vectors": int(flagged.sum()),

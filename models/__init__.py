@@ -21,7 +21,7 @@ The ``tiny`` models (CPU demo/test models for 64×64 synthetic scenes, trained i
 - Heads use fewer channels and atrous rates scaled to the 16×16 map, covering the same fraction of the
   feature map as the paper rates do on a 64×64 (512-px, OS 8) map: deeplabv3 48 channels at rates 3/6/9 with
   dropout 0.1; denseaspp growth 24, bottleneck 48, rates 1/2/3/5/6; danet 24 channels.
-- Widths were chosen by measurement (benchmarks/RESULTS-models.md): on 2 idle CPU threads every tiny model
+- Widths were chosen by measurement (BENCHMARKS.md): on 2 idle CPU threads every tiny model
   trains at ≥ 220 images/s (batch 16, 64×64) and reaches ~79-80 mIoU on synthetic scenes in 8 epochs of
   1000 images; the narrower stem/heads cost under 1.5 mIoU against 1.33× wider ones and gained 15-30% speed.
 - Every tiny head keeps a global-context path (ASPP image pooling, DenseASPP's cascade whose receptive field
