@@ -184,11 +184,12 @@ def flag_images(image: np.ndarray, area: np.ndarray, flagged: np.ndarray, rule: 
 
 
 def flag_per_class(feats: dict, ctx, min_class_vectors: int, analyse: Callable[[np.ndarray], tuple[np.ndarray, dict]],
-                   verb: str) -> tuple[np.ndarray, dict]:
-    """Run ``analyse(vectors) -> (flags, info)`` on each class's (image, class) vectors.
+                   verb: str, rule: str, class_source: str) -> tuple[np.ndarray, dict]:
+    """Run ``analyse(vectors) -> (flags, info)`` on each class's (image, class) vectors; flag images.
 
-    The shared loop of activation clustering and spectral signatures: classes with fewer than
-    ``min_class_vectors`` vectors are not analysed.  Returns per-vector flags and per-class details.
+    The shared part of activation clustering and spectral signatures: classes with fewer than
+    ``min_class_vectors`` vectors are not analysed; images are flagged from their vectors by ``rule``.
+    Returns the training indices to drop and the details both defenses report.
     """
     vectors, cls = feats["vectors"], feats["cls"]
     flagged = np.zeros(len(vectors), dtype=bool)
@@ -203,4 +204,15 @@ def flag_per_class(feats: dict, ctx, min_class_vectors: int, analyse: Callable[[
         flagged[sel] = flags
         per_class[name] = {"vectors": int(len(sel)), "analysed": True, **info}
         report(ctx.progress, 0.8 + 0.2 * (k + 1) / ctx.num_classes, f"{verb} class {name}")
-    return flagged, per_class
+    drop = flag_images(feats["image"], feats["area"], flagged, rule)
+    details = {
+        "per_class": per_class,
+        "flagged_vectors": int(flagged.sum()),
+        "flagged_images": int(len(drop)),
+        "images_analysed": int(feats["images_seen"]),
+        "train_size": len(ctx.train),
+        "class_source": class_source,
+        "rule": rule,
+        "stopped_by_budget": bool(feats["stopped_by_budget"]),
+    }
+    return drop, details

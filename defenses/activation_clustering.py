@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from defenses._features import Budget, CostMeter, flag_images, flag_per_class, training_set_features
+from defenses._features import Budget, CostMeter, flag_per_class, training_set_features
 from testbed.defense import DefenseContext, DefenseResult
 
 
@@ -56,16 +56,6 @@ class ActivationClustering:
             return flags, {"cluster_sizes": sizes, "relative_sizes": [s / len(vectors) for s in sizes],
                            "flagged": int(flags.sum())}
 
-        flagged, per_class = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "clustered")
-        drop = flag_images(feats["image"], feats["area"], flagged, self.rule)
-        details = {
-            "per_class": per_class,
-            "flagged_vectors": int(flagged.sum()),
-            "flagged_images": int(len(drop)),
-            "images_analysed": int(feats["images_seen"]),
-            "train_size": len(ctx.train),
-            "class_source": self.class_source,
-            "rule": self.rule,
-            "stopped_by_budget": bool(feats["stopped_by_budget"]),
-        }
+        drop, details = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "clustered", self.rule,
+                                       self.class_source)
         return DefenseResult(flagged_train=drop, cost=meter.cost(), details=details)

@@ -319,6 +319,7 @@ def _figures(out: Path, clean: Path, poisoned: dict[str, Path], runs: dict[str, 
     from testbed.scoring import predict
 
     made = []
+    benign_model, _ = load_run(runs["benign"], device)
     for group, names in (("fgba", ("fgba-n-to-1-line", "fgba-1-to-1-line")), ("badnets", ("badnets-line",))):
         common = None  # test images attacked in every setting of the figure, so each row shows all of them
         for name in names:
@@ -332,7 +333,6 @@ def _figures(out: Path, clean: Path, poisoned: dict[str, Path], runs: dict[str, 
             clean_imgs = f.read("test/images", idx)
             gt = f.read("test/labels", idx)
         cols = [("image", clean_imgs), ("benign label", colorize(gt))]
-        benign_model, _ = load_run(runs["benign"], device)
         for name in names:
             with open_dataset(poisoned[name]) as f:
                 pos = {int(i): j for j, i in enumerate(f["test_attacked/index"])}
