@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench venv clean
 
-$(STAMP): pyproject.toml
+# Reinstall when pyproject changes or a package folder gains/loses a file (the editable install is a
+# link tree: `strict` mode, which type checkers and IDEs resolve; new modules need a reinstall).
+PKG_DIRS := testbed testbed/commands testbed/zoo attacks defenses models suites
+
+$(STAMP): pyproject.toml $(PKG_DIRS)
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run make PYTHON=python3)"; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
 	@touch $(STAMP)
 
 venv: $(STAMP)

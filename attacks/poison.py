@@ -32,9 +32,9 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
-from attacks.badnets import BadNets
-from attacks.fgba import FGBA
-from attacks.triggers import LineTrigger, SemanticTrigger, parse_trigger
+from testbed.attacks.badnets import BadNets
+from testbed.attacks.fgba import FGBA
+from testbed.attacks.triggers import LineTrigger, SemanticTrigger, parse_trigger
 from testbed import progress
 from testbed.errors import UserError
 from testbed.h5data import IGNORE_INDEX, DatasetWriter, SegFile, canonical_attr, content_hash, open_dataset

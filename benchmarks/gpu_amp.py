@@ -19,7 +19,7 @@ TARGET = 1.5
 
 def measure(model_name: str, amp: bool, channels_last: bool, batch_size: int, size: int, steps: int, warmup: int,
             num_classes: int = 21) -> float:
-    import models
+    from testbed import models
     from testbed.train import seg_loss
 
     device = torch.device("cuda")

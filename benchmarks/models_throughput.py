@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import models
+from testbed import models
 
 
 def train_throughput(name: str, batch: int = 16, size: int = 64, steps: int = 10, repeats: int = 5) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import models
+from testbed import models
 from testbed.synth import SYNTH_CLASSES, synth_scenes
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
     args = ap.parse_args(argv)
 
-    import attacks
+    from testbed import attacks
     from testbed import progress
 
     progress.set_quiet(True)

@@ -27,7 +27,7 @@ TARGET = 0.95
 def bare_loop(model_name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
               batch_size: int, lr: float, seed: int) -> float:
     """images/s of the plainest correct loop: same model + optimizer + batch size, data in memory."""
-    import models
+    from testbed import models
 
     torch.manual_seed(seed)
     model = models.create(model_name, num_classes)

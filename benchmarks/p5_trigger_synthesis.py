@@ -18,8 +18,8 @@ import torch
 
 
 def measure(k: int, size: int, steps: int, clean: int, batch: int, device: torch.device, seed: int = 0) -> dict:
-    import models
-    from defenses.trigger_synthesis import TriggerSynthesis
+    from testbed import models
+    from testbed.defenses.trigger_synthesis import TriggerSynthesis
     from testbed.defense import DefenseContext
 
     torch.manual_seed(seed)

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import models
-    from defenses.strip import Strip
+    from testbed import models
+    from testbed.defenses.strip import Strip
     from testbed.defense import DefenseContext
 
     device = torch.device(args.device)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from defenses.activation_clustering import ActivationClustering
-from defenses.fine_pruning import FinePruning
-from defenses.spectral_signature import SpectralSignature
-from defenses.strip import Strip
-from defenses.trigger_synthesis import TriggerSynthesis
+from testbed.defenses.activation_clustering import ActivationClustering
+from testbed.defenses.fine_pruning import FinePruning
+from testbed.defenses.spectral_signature import SpectralSignature
+from testbed.defenses.strip import Strip
+from testbed.defenses.trigger_synthesis import TriggerSynthesis
 
 BUILTIN: dict[str, type] = {
     "fine-pruning": FinePruning,

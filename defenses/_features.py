@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import classifier_features  # noqa: F401 - re-exported for the defenses
+from testbed.models import classifier_features  # noqa: F401 - re-exported for the defenses
 from testbed.defense import Cost
 from testbed.metrics import ConfusionMatrix
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from defenses._features import Budget, CostMeter, classifier_features, clean_miou, cross_entropy, report, to_input
+from testbed.defenses._features import Budget, CostMeter, classifier_features, clean_miou, cross_entropy, report, to_input
 from testbed.defense import DefenseContext, DefenseResult
 
 

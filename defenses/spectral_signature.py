@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from defenses._features import Budget, CostMeter, flag_per_class, training_set_features
+from testbed.defenses._features import Budget, CostMeter, flag_per_class, training_set_features
 from testbed.defense import DefenseContext, DefenseResult
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses._features import Budget, CostMeter, report
+from testbed.defenses._features import Budget, CostMeter, report
 from testbed.defense import DefenseContext, DefenseResult
 
 

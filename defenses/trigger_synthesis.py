@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses._features import Budget, CostMeter, cross_entropy, predict_batches, report, to_input
+from testbed.defenses._features import Budget, CostMeter, cross_entropy, predict_batches, report, to_input
 from testbed.defense import DefenseContext, DefenseResult, Verdict
 
 ADE20K_CLASSES = 150

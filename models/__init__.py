@@ -38,10 +38,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models import backbones as _bb
-from models import heads as _heads
-from models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
-from models.weights import BackboneWeightsError, load_imagenet_backbone, load_safetensors_backbone
+from testbed.models import backbones as _bb
+from testbed.models import heads as _heads
+from testbed.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
+from testbed.models.weights import BackboneWeightsError, load_imagenet_backbone, load_safetensors_backbone
 
 __all__ = [
     "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "Segmenter",

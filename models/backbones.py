@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from models.heads import conv_bn_relu
+from testbed.models.heads import conv_bn_relu
 
 
 class ResNetBackbone(nn.Module):

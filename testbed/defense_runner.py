@@ -49,7 +49,7 @@ Progress = Callable[[float, str], None]
 # -- loading defenses ------------------------------------------------------------------------------
 def builtin_defenses() -> dict[str, type]:
     """``defenses.BUILTIN``: name → class."""
-    import defenses
+    from testbed import defenses
 
     return dict(getattr(defenses, "BUILTIN", {}))
 

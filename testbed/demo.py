@@ -109,7 +109,7 @@ def _identity(cfg: DemoConfig) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything; returns the results.json object."""
-    import attacks
+    from testbed import attacks
     from testbed.device import resolve_device
     from testbed.h5data import open_dataset
     from testbed.runs import load_run

@@ -74,7 +74,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """``(model in eval mode on device, config)`` of a finished run."""
-    import models
+    from testbed import models
 
     run_dir = Path(run_dir)
     config = load_config(run_dir)

@@ -106,7 +106,7 @@ class TrainConfig:
                 if value is None:
                     raise UserError(f"{name} must be one of {', '.join(words)}, got {getattr(self, name)!r}")
                 setattr(self, name, value)
-        import models  # late: models/ is heavy and optional for config handling
+        from testbed import models  # late: models/ is heavy and optional for config handling
 
         if self.model not in models.available():
             import difflib
@@ -380,7 +380,7 @@ def train(
     Returns the RUN directory.  Under ``torchrun`` (``WORLD_SIZE>1``) every process calls this; rank 0
     alone writes files.
     """
-    import models
+    from testbed import models
 
     data_path, out = Path(data_path), Path(out_dir)
     dist = _dist_from_env()

@@ -30,7 +30,7 @@ def synth_path(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def fgba_line_path(synth_path, data_dir) -> Path:
     """FGBA N-to-1 (everything → wall) with the black-line trigger at 10%."""
-    import attacks
+    from testbed import attacks
 
     return attacks.poison_file(
         synth_path, data_dir / "fgba-n1-line.h5", attack="fgba", preset="n-to-1", target="wall", trigger="line", rate=0.1, seed=0
@@ -39,7 +39,7 @@ def fgba_line_path(synth_path, data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def badnets_line_path(synth_path, data_dir) -> Path:
-    import attacks
+    from testbed import attacks
 
     return attacks.poison_file(synth_path, data_dir / "badnets-line.h5", attack="badnets", trigger="line", rate=0.1, seed=0)
 
@@ -47,7 +47,7 @@ def badnets_line_path(synth_path, data_dir) -> Path:
 @pytest.fixture(scope="session")
 def fgba_11_semantic_path(synth_path, data_dir) -> Path:
     """FGBA 1-to-1 person → palm with the semantic trigger 'wall'."""
-    import attacks
+    from testbed import attacks
 
     return attacks.poison_file(
         synth_path, data_dir / "fgba-11-wall.h5", attack="fgba", preset="1-to-1", source="person", target="palm",

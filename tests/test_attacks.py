@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-import attacks
-from attacks import FGBA, BadNets, LineTrigger, SemanticTrigger, parse_trigger
+from testbed import attacks
+from testbed.attacks import FGBA, BadNets, LineTrigger, SemanticTrigger, parse_trigger
 from testbed.errors import UserError
 from testbed.h5data import content_hash, open_dataset, write_dataset
 

@@ -115,7 +115,7 @@ def before(backdoored_run, fgba_line_path):
 @pytest.fixture(scope="module")
 def small_poisoned(tmp_path_factory):
     """A smaller poisoned set and a one-epoch model on it: cheap enough to retrain inside a test."""
-    import attacks
+    from testbed import attacks
     from testbed.synth import make_synth_dataset
     from testbed.train import TrainConfig, train
 
@@ -307,7 +307,7 @@ def test_builtin_fine_pruning_curve_gets_test_scores(backdoored_run, fgba_line_p
 
 # -- loading defenses ----------------------------------------------------------------------------------
 def test_load_builtins_with_params():
-    import defenses
+    from testbed import defenses
 
     for name, cls in defenses.BUILTIN.items():
         d = load_defense(name)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import defenses
-from defenses import _features
-from defenses.activation_clustering import cluster_flags
-from defenses.spectral_signature import spectral_scores, top_flags
-from defenses.strip import Strip, image_score, pixel_entropy
-from defenses.trigger_synthesis import anomaly_index, candidate_counts, flag_small, projected_cost
+from testbed import defenses
+from testbed.defenses import _features
+from testbed.defenses.activation_clustering import cluster_flags
+from testbed.defenses.spectral_signature import spectral_scores, top_flags
+from testbed.defenses.strip import Strip, image_score, pixel_entropy
+from testbed.defenses.trigger_synthesis import anomaly_index, candidate_counts, flag_small, projected_cost
 from testbed.defense import Defense, DefenseContext, ReadOnlyArray, TrainingSet
 
 

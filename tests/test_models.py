@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
+from testbed import models
 
 K = 5
 HEADS = ("deeplabv3", "denseaspp", "danet")

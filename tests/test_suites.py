@@ -77,7 +77,7 @@ def _backdoored_asr(zoo: Path) -> float:
 def _run(pytester, zoo: Path, defense: str, *extra: str):
     pytester.makepyfile(mydefs=DEFENSES)
     pytester.syspathinsert()
-    return pytester.runpytest("--pyargs", "suites", "--defense", f"mydefs:{defense}", "--zoo", str(zoo), *extra)
+    return pytester.runpytest("--pyargs", "testbed.suites", "--defense", f"mydefs:{defense}", "--zoo", str(zoo), *extra)
 
 
 def test_no_op_defense_fails_asr_on_backdoored_and_passes_on_benign(pytester, tiny_zoo):
@@ -115,6 +115,6 @@ def test_x_stops_at_first_failure(pytester, tiny_zoo):
 
 
 def test_without_zoo_the_suite_skips_instead_of_failing(pytester):
-    r = pytester.runpytest("--pyargs", "suites", "-p", "no:cacheprovider")
+    r = pytester.runpytest("--pyargs", "testbed.suites", "-p", "no:cacheprovider")
     outcomes = r.parseoutcomes()
     assert outcomes.get("skipped", 0) >= 1 and "failed" not in outcomes and "error" not in outcomes

@@ -66,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from attacks.poison import build_attack, poison
-    from attacks.triggers import parse_trigger
+    from testbed.attacks.poison import build_attack, poison
+    from testbed.attacks.triggers import parse_trigger
 
     attack = build_attack(args.attack, preset=args.preset, source=args.source, target=args.target, sources=args.sources,
                           mapping=args.mapping, target_image=args.target_image)

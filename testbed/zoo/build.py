@@ -109,7 +109,7 @@ def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
 
 def _make_poisoned(clean: Path, kwargs: dict[str, Any]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
-        import attacks
+        from testbed import attacks
 
         attacks.poison_file(clean, tmp, **kwargs)
 

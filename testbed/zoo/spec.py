@@ -333,7 +333,7 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
     rates = _grid_list(grid, "rate", path, default=[None])
     triggers = _grid_list(grid, "trigger", path, default=[None])
 
-    import models
+    from testbed import models
 
     available = list(models.available())
     for m in model_names:
