@@ -59,6 +59,7 @@ class DefenseContext:
     device: torch.device
     seed: int = 0
     budget_s: float | None = None  # wall-clock budget in seconds (None = unlimited)
+    budget_passes: int | None = None  # compute budget: per-image forward + backward passes (None = unlimited)
     train: TrainingSet | None = None  # only for training-set defenses (``uses_training_set = True``)
     image_size: tuple[int, int] = (0, 0)
     ignore_index: int = 255
@@ -85,6 +86,14 @@ class Verdict:
     backdoored: bool
     score: float  # higher = more suspicious (e.g. an anomaly index)
     suspected: list[tuple[str, str]] = field(default_factory=list)  # (source, target) class pairs; source "*" = any
+    status: str | None = None  # "backdoored" | "clean" | "inconclusive" (None: from ``backdoored``)
+    coverage: float | None = None  # share of the candidate space the search covered (1.0 = all)
+
+    def __post_init__(self) -> None:
+        if self.status is None:
+            self.status = "backdoored" if self.backdoored else "clean"
+        if self.status not in ("backdoored", "clean", "inconclusive"):
+            raise ValueError(f"verdict status must be backdoored, clean or inconclusive, got {self.status!r}")
 
 
 @dataclass
