@@ -18,7 +18,7 @@ from testbed.defense_runner import load_defense, make_context, parse_params, run
 from testbed.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "outside_defense"
-CONTEXT_FIELDS = {"clean_images", "clean_labels", "classes", "device", "seed", "budget_s", "train", "image_size",
+CONTEXT_FIELDS = {"clean_images", "clean_labels", "classes", "device", "seed", "budget_s", "budget_passes", "train", "image_size",
                   "ignore_index", "progress"}
 SECRETS = ("poison_index", "original_images", "original_labels", "attack", "trigger", "test_attacked", "attacked_images",
            "target", "data_path", "path")
