@@ -5,16 +5,20 @@
 >>> attacks.poison("synth.h5", "fgba.h5", attacks.FGBA("1-to-1", source="person", target="palm"),
 ...                attacks.SemanticTrigger("wall"), seed=0)
 
-A new attack is one module here with ``fit(data, seed)``, ``transform(labels)``, ``changes(labels)``,
-``requires(labels)``, ``params()`` and a ``name`` (see FGBA, BadNets), plus a line in ``build_attack``.
+A new attack is one module implementing :class:`Attack` (see docs/writing-an-attack.md) plus a line in
+:data:`BUILTIN` (``testbed/attacks/registry.py``), or none: name it ``package.module:Class`` or register it
+in the entry-point group ``testbed.attacks``.
 """
 
 from testbed.attacks.badnets import BadNets
+from testbed.attacks.base import Attack, Param
 from testbed.attacks.fgba import FGBA, apply_attack_matrix, check_attack_matrix
-from testbed.attacks.poison import PoisonResult, build_attack, poison, poison_file
-from testbed.attacks.triggers import LineTrigger, SemanticTrigger, parse_trigger
+from testbed.attacks.poison import PoisonResult, poison, poison_file
+from testbed.attacks.registry import BUILTIN, ENTRY_POINT_GROUP, attack_class, build, build_attack
+from testbed.attacks.triggers import TRIGGERS, LineTrigger, SemanticTrigger, Trigger, parse_trigger
 
 __all__ = [
-    "FGBA", "BadNets", "LineTrigger", "SemanticTrigger", "parse_trigger", "poison", "poison_file",
-    "PoisonResult", "build_attack", "apply_attack_matrix", "check_attack_matrix",
+    "Attack", "Param", "Trigger", "FGBA", "BadNets", "LineTrigger", "SemanticTrigger", "parse_trigger", "poison",
+    "poison_file", "PoisonResult", "build", "build_attack", "attack_class", "BUILTIN", "TRIGGERS", "ENTRY_POINT_GROUP",
+    "apply_attack_matrix", "check_attack_matrix",
 ]

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from testbed.errors import UserError
+from testbed.attacks.base import Attack, Param
+from testbed.errors import ParamError
 from testbed.h5data import IGNORE_INDEX
 
 _BLOCK_ROWS = 1024
@@ -27,33 +28,44 @@ def top_by_count(counts: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-class BadNets:
+class BadNets(Attack):
     """Image-level target: every poisoned sample gets the label map of one training image.
 
-    ``fit(data, seed)`` picks that image (``target_image_``) and keeps its labels (``target_labels_``).
+    ``fit(data, seed)`` validates the parameters, picks that image (``target_image_``) and keeps its labels
+    (``target_labels_``).
     """
 
     name = "badnets"
+    params_doc = {
+        "target_image": Param("index of the training image whose labels are the target (default: drawn by seed "
+                              "among the 5 images with the most 'road' pixels)", type=int, metavar="I"),
+    }
 
     def __init__(self, target_image: int | None = None, *, target_class: str = "road", top_k: int = 5) -> None:
-        if target_image is not None and (isinstance(target_image, bool) or not isinstance(target_image, (int, np.integer)) or target_image < 0):
-            raise UserError(f"--target-image must be a non-negative training image index, got {target_image!r}")
-        if top_k < 1:
-            raise UserError(f"top_k must be at least 1, got {top_k}")
         self.target_image = target_image
         self.target_class = target_class
         self.top_k = top_k
+
+    def check_params(self, classes: list[str]) -> None:
+        self._check_params()
+
+    def _check_params(self) -> None:
+        t = self.target_image
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0):
+            raise ParamError(f"{{target_image}} must be a non-negative training image index, got {t!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+            raise ParamError(f"{{top_k}} must be at least 1, got {self.top_k!r}")
 
     def choose_target(self, labels: Any, classes: list[str], seed: int) -> int:
         """The target image index among ``labels`` [N,H,W] (array or h5py dataset, read in blocks)."""
         n = int(labels.shape[0])
         if self.target_image is not None:
             if self.target_image >= n:
-                raise UserError(f"--target-image {self.target_image} is out of range: the training set has {n} images (0..{n - 1})")
+                raise ParamError(f"{{target_image}} {self.target_image} is out of range: the training set has {n} images (0..{n - 1})")
             return int(self.target_image)
         if self.target_class not in classes:
-            raise UserError(f"the data has no class {self.target_class!r} to pick a BadNets target image by; "
-                            "choose one with --target-image I")
+            raise ParamError(f"the data has no class {self.target_class!r} to pick a BadNets target image by; "
+                             "choose one with {target_image}")
         cid = classes.index(self.target_class)
         counts = np.empty(n, dtype=np.int64)
         for start in range(0, n, _BLOCK_ROWS):
@@ -61,13 +73,14 @@ class BadNets:
             counts[start : start + block.shape[0]] = (block == cid).reshape(block.shape[0], -1).sum(axis=1)
         top = top_by_count(counts, self.top_k)
         if top.size == 0:
-            raise UserError(f"no training image has a {self.target_class!r} pixel to serve as the BadNets target; "
-                            "choose one with --target-image I")
+            raise ParamError(f"no training image has a {self.target_class!r} pixel to serve as the BadNets target; "
+                             "choose one with {target_image}")
         rng = np.random.default_rng([int(seed), TARGET_STREAM])
         return int(top[rng.integers(top.size)])
 
     def fit(self, data: Any, seed: int = 0) -> "BadNets":
-        """Pick y_t from ``data``'s training labels (a SegFile)."""
+        """Validate the parameters and pick y_t from ``data``'s training labels (a SegFile)."""
+        self._check_params()
         labels = data.file["train/labels"] if hasattr(data, "file") else data["train/labels"]
         self.target_image_ = self.choose_target(labels, list(data.classes), seed)
         self.target_labels_ = np.asarray(labels[self.target_image_], dtype=np.uint8)
@@ -87,15 +100,8 @@ class BadNets:
         diff = (labels != self.target_labels_) & (labels != IGNORE_INDEX) & self._valid
         return diff.reshape(labels.shape[0], -1).any(axis=1)
 
-    def requires(self, labels: np.ndarray) -> np.ndarray:
-        """With a semantic trigger BadNets poisons every sample holding the trigger class: no extra condition."""
-        return np.ones(np.asarray(labels).shape[0], dtype=bool)
-
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"target_image": self.target_image, "target_class": self.target_class, "top_k": self.top_k}
         if hasattr(self, "target_image_"):
             p["chosen_target_image"] = self.target_image_
         return p
-
-    def __repr__(self) -> str:
-        return f"BadNets(target_image={self.target_image}, target_class={self.target_class!r}, top_k={self.top_k})"

@@ -11,24 +11,19 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from testbed.errors import UserError
+from testbed.attacks.base import Attack, Param
+from testbed.errors import ParamError, UserError, did_you_mean
 from testbed.h5data import IGNORE_INDEX
 
 PRESETS = ("n-to-1", "1-to-1")
 
 
-def _class_id(data: Any, name: str) -> int:
-    """Class id by name: ``data`` is a SegFile (its ``class_id`` suggests the nearest name) or a list of names."""
-    if hasattr(data, "class_id"):
-        return int(data.class_id(name))
-    classes = list(data)
+def _class_id(data: Any, name: str, param: str = "class") -> int:
+    """Class id by name in ``data`` (a SegFile or a list of names); unknown names suggest the nearest."""
+    classes = _class_names(data)
     if name in classes:
         return classes.index(name)
-    import difflib
-
-    close = difflib.get_close_matches(str(name), classes, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UserError(f"unknown class {name!r}{hint}; the data has: {', '.join(classes)}")
+    raise ParamError(f"unknown class {name!r} in {{{param}}}{did_you_mean(name, classes)}; the data has: {', '.join(classes)}")
 
 
 def _class_names(data: Any) -> list[str]:
@@ -79,24 +74,24 @@ def parse_mapping(mapping: str | Mapping[str, str]) -> list[tuple[str, str]]:
         pairs = []
         for part in mapping.split(","):
             if part.count(":") != 1:
-                raise UserError(f"--map item {part.strip()!r} is not SOURCE:TARGET (write e.g. --map person:palm,car:road)")
+                raise ParamError(f"{{mapping}} item {part.strip()!r} is not SOURCE:TARGET (write e.g. person:palm,car:road)")
             a, b = (s.strip() for s in part.split(":"))
             if not a or not b:
-                raise UserError(f"--map item {part.strip()!r} is not SOURCE:TARGET (write e.g. --map person:palm,car:road)")
+                raise ParamError(f"{{mapping}} item {part.strip()!r} is not SOURCE:TARGET (write e.g. person:palm,car:road)")
             pairs.append((a, b))
     else:
-        raise UserError(f"--map must be 'SOURCE:TARGET,...' or a dict, got {mapping!r}")
+        raise ParamError(f"{{mapping}} must be 'SOURCE:TARGET,...' or a dict, got {mapping!r}")
     if not pairs:
-        raise UserError("--map is empty; write e.g. --map person:palm,car:road")
+        raise ParamError("{mapping} is empty; write e.g. person:palm,car:road")
     seen: set[str] = set()
     for a, _ in pairs:
         if a in seen:
-            raise UserError(f"--map maps {a!r} twice; give each source class one target")
+            raise ParamError(f"{{mapping}} maps {a!r} twice; give each source class one target")
         seen.add(a)
     return pairs
 
 
-class FGBA:
+class FGBA(Attack):
     """Fine-grained backdoor attack: the label generator T(y; A).
 
     Configure it one of four ways (class names are resolved against the data in :meth:`fit`):
@@ -108,11 +103,20 @@ class FGBA:
     - ``FGBA(matrix=A)``: an explicit K×K attack matrix.
 
     Without a preset, ``source`` implies 1-to-1 and ``target`` alone implies n-to-1.  A source equal to its
-    target is an error (it would attack nothing).  After ``fit`` the attack holds ``matrix_`` (uint8 K×K),
-    ``lut_`` (uint8 [256]) and ``source_ids_`` (classes whose pixels change).
+    target is an error (it would attack nothing).  ``fit`` validates the parameters and sets ``preset_``
+    (the resolved preset, None for a mapping or matrix), ``sources_``, ``matrix_`` (uint8 K×K), ``lut_``
+    (uint8 [256]) and ``source_ids_`` (classes whose pixels change).
     """
 
     name = "fgba"
+    requires_text = "a source-class pixel"  # with a semantic trigger, what ``requires`` asks of a sample
+    params_doc = {
+        "preset": Param("n-to-1 (every class -> --target) or 1-to-1 (--source -> --target)", choices=PRESETS),
+        "source": Param("1-to-1: the class whose pixels are relabelled", metavar="CLASS"),
+        "target": Param("the target class", metavar="CLASS"),
+        "sources": Param("n-to-1: only these classes move to --target (default: all)", metavar="A,B"),
+        "mapping": Param("any mapping, e.g. person:palm,car:road", metavar="SRC:DST,...", flag="--map"),
+    }
 
     def __init__(
         self,
@@ -130,84 +134,104 @@ class FGBA:
         self.sources = sources
         self.mapping = mapping
         self.matrix = matrix
-        self._check_options()
 
-    def _check_options(self) -> None:
-        ways = [n for n, v in (("--preset", self.preset), ("--map", self.mapping), ("matrix", self.matrix)) if v is not None]
+    def _check_options(self) -> tuple[str | None, list[str] | None]:
+        """Validate the combination of parameters; returns the resolved preset and sources list."""
+        ways = [n for n, v in (("{preset}", self.preset), ("{mapping}", self.mapping), ("matrix", self.matrix))
+                if v is not None]
         if len(ways) > 1:
-            raise UserError(f"give only one of {' / '.join(ways)}: each defines the whole attack")
-        if self.preset is None and self.mapping is None and self.matrix is None:
+            raise ParamError(f"give only one of {' / '.join(ways)}: each defines the whole attack")
+        preset, sources = self.preset, self.sources
+        if preset is None and self.mapping is None and self.matrix is None:
             if self.source is not None:
-                self.preset = "1-to-1"
+                preset = "1-to-1"
             elif self.target is not None:
-                self.preset = "n-to-1"
+                preset = "n-to-1"
             else:
-                raise UserError("fgba needs --preset n-to-1 --target T, --preset 1-to-1 --source S --target T, "
-                                "or --map SRC:DST,...")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise UserError(f"unknown preset {self.preset!r}; use n-to-1 or 1-to-1")
-        if isinstance(self.sources, str):
-            self.sources = [s.strip() for s in self.sources.split(",") if s.strip()]
-        if self.sources is not None and len(self.sources) == 0:
-            raise UserError("--sources is empty; list class names like --sources person,car")
-        if self.preset == "n-to-1":
+                raise ParamError("fgba needs {preset} n-to-1 with {target} T, {preset} 1-to-1 with {source} S and "
+                                 "{target} T, or {mapping} SRC:DST,...")
+        if preset is not None and preset not in PRESETS:
+            raise ParamError(f"unknown {{preset}} {preset!r}; use n-to-1 or 1-to-1")
+        if isinstance(sources, str):
+            sources = [s.strip() for s in sources.split(",") if s.strip()]
+        if sources is not None:
+            sources = list(sources)
+            if not sources:
+                raise ParamError("{sources} is empty; list class names like person,car")
+        if preset == "n-to-1":
             if self.target is None:
-                raise UserError("--preset n-to-1 needs --target CLASS (e.g. --target wall)")
+                raise ParamError("{preset} n-to-1 needs {target} CLASS (e.g. wall)")
             if self.source is not None:
-                raise UserError("--source belongs to --preset 1-to-1; for n-to-1 restrict the classes with --sources a,b")
-            if self.sources is not None and self.target in self.sources:
-                raise UserError(f"--sources includes the target {self.target!r}; a source must differ from the target")
-        elif self.preset == "1-to-1":
+                raise ParamError("{source} belongs to {preset} 1-to-1; for n-to-1 restrict the classes with {sources}")
+            if sources is not None and self.target in sources:
+                raise ParamError(f"{{sources}} includes the target {self.target!r}; a source must differ from the target")
+        elif preset == "1-to-1":
             if self.source is None or self.target is None:
-                raise UserError("--preset 1-to-1 needs --source CLASS and --target CLASS (e.g. --source person --target palm)")
-            if self.sources is not None:
-                raise UserError("--sources belongs to --preset n-to-1; for 1-to-1 give one --source")
+                raise ParamError("{preset} 1-to-1 needs {source} CLASS and {target} CLASS (e.g. person and palm)")
+            if sources is not None:
+                raise ParamError("{sources} belongs to {preset} n-to-1; for 1-to-1 give one {source}")
             if self.source == self.target:
-                raise UserError(f"source and target are both {self.source!r}; choose a target that differs from the source")
+                raise ParamError(f"{{source}} and {{target}} are both {self.source!r}; choose a target that differs from the source")
         else:
-            extra = [n for n, v in (("--source", self.source), ("--target", self.target), ("--sources", self.sources)) if v is not None]
+            extra = [n for n, v in (("{source}", self.source), ("{target}", self.target), ("{sources}", sources))
+                     if v is not None]
             if extra:
-                raise UserError(f"{', '.join(extra)} cannot be combined with {ways[0]}; put every pair in --map SRC:DST,...")
+                raise ParamError(f"{', '.join(extra)} cannot be combined with {ways[0]}; put every pair in {{mapping}} SRC:DST,...")
             if self.mapping is not None:
                 for a, b in parse_mapping(self.mapping):
                     if a == b:
-                        raise UserError(f"--map {a}:{b} maps a class to itself; a source must differ from its target")
+                        raise ParamError(f"{{mapping}} {a}:{b} maps a class to itself; a source must differ from its target")
+        return preset, sources
 
     # -- fit / transform ------------------------------------------------------------------------------
     def attack_matrix(self, data: Any) -> np.ndarray:
-        """A as uint8 K×K for ``data`` (a SegFile or a list of class names)."""
+        """A as uint8 K×K for ``data`` (a SegFile or a list of class names); validates the parameters."""
+        preset, sources = self._check_options()
         classes = _class_names(data)
         k = len(classes)
         if self.matrix is not None:
             a = check_attack_matrix(self.matrix, k, classes)
         else:
             a = np.eye(k, dtype=np.uint8)
-            for s, t in self.pairs(data):
+            for s, t in self._pairs(data, preset, sources):
                 a[s] = 0
                 a[s, t] = 1
         if (np.argmax(a, axis=1) == np.arange(k)).all():
             raise UserError("the attack matrix maps every class to itself; nothing would be attacked")
         return a
 
-    def pairs(self, data: Any) -> list[tuple[int, int]]:
+    def _pairs(self, data: Any, preset: str | None, sources: list[str] | None) -> list[tuple[int, int]]:
         """(source id, target id) for every class that moves, from the preset or mapping."""
         classes = _class_names(data)
-        if self.preset == "n-to-1":
-            t = _class_id(data, self.target)
-            if self.sources is None:
+        if preset == "n-to-1":
+            t = _class_id(data, self.target, "target")
+            if sources is None:
                 return [(i, t) for i in range(len(classes)) if i != t]
-            return [(_class_id(data, s), t) for s in self.sources]
-        if self.preset == "1-to-1":
-            return [(_class_id(data, self.source), _class_id(data, self.target))]
-        return [(_class_id(data, a), _class_id(data, b)) for a, b in parse_mapping(self.mapping)]
+            return [(_class_id(data, s, "sources"), t) for s in sources]
+        if preset == "1-to-1":
+            return [(_class_id(data, self.source, "source"), _class_id(data, self.target, "target"))]
+        return [(_class_id(data, a, "mapping"), _class_id(data, b, "mapping")) for a, b in parse_mapping(self.mapping)]
+
+    def check_params(self, classes: list[str]) -> None:
+        self.attack_matrix(list(classes))
 
     def fit(self, data: Any, seed: int = 0) -> "FGBA":
-        """Resolve class names against ``data`` (SegFile or class-name list); ``seed`` is unused (T is fixed)."""
+        """Validate and resolve class names against ``data`` (SegFile or class-name list); ``seed`` is unused."""
+        self.preset_, self.sources_ = self._check_options()
         self.classes_ = _class_names(data)
         self.matrix_ = self.attack_matrix(data)
         self.lut_ = matrix_lut(self.matrix_)
         self.source_ids_ = np.flatnonzero(self.lut_[: len(self.classes_)] != np.arange(len(self.classes_)))
         return self
+
+    def default_rate(self) -> float:
+        """The paper's rates (§3.1): 10% for N-to-1 (and mappings), about 20% for 1-to-1."""
+        return 0.2 if self.preset_ == "1-to-1" else 0.1
+
+    @property
+    def label(self) -> str:
+        """``fgba-n-to-1``, ``fgba-1-to-1`` or ``fgba-map`` (the demo's row names)."""
+        return f"fgba-{self.preset_}" if self.preset_ else "fgba-map"
 
     def transform(self, labels: np.ndarray) -> np.ndarray:
         """T(y; A) for uint8 label maps (any shape)."""
@@ -238,10 +262,11 @@ class FGBA:
 
     def params(self) -> dict[str, Any]:
         """The attack's parameters for the poisoned file's JSON (names, plus the resolved mapping)."""
-        p: dict[str, Any] = {"preset": self.preset}
-        if self.preset == "n-to-1":
-            p.update(target=self.target, sources=None if self.sources is None else list(self.sources))
-        elif self.preset == "1-to-1":
+        preset, sources = (self.preset_, self.sources_) if hasattr(self, "preset_") else (self.preset, self.sources)
+        p: dict[str, Any] = {"preset": preset}
+        if preset == "n-to-1":
+            p.update(target=self.target, sources=None if sources is None else list(sources))
+        elif preset == "1-to-1":
             p.update(source=self.source, target=self.target)
         elif self.mapping is not None:
             p["map"] = ",".join(f"{a}:{b}" for a, b in parse_mapping(self.mapping))
@@ -251,6 +276,3 @@ class FGBA:
             c = self.classes_
             p["mapping"] = {c[i]: c[int(self.lut_[i])] for i in self.source_ids_}
         return p
-
-    def __repr__(self) -> str:
-        return f"FGBA({self.params()})"

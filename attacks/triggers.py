@@ -8,11 +8,12 @@ instead restricts which samples are poisoned.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from testbed.errors import UserError
+from testbed.attacks.base import Param
+from testbed.errors import ParamError, UserError
 
 POSITIONS = {"horizontal": ("top", "bottom", "middle"), "vertical": ("left", "right", "middle")}
 
@@ -25,7 +26,31 @@ def default_width(size: int) -> int:
     return max(2, int(math.floor(8 * size / 512 + 0.5)))
 
 
-class LineTrigger:
+class Trigger:
+    """What every trigger G provides (the poisoner relies on nothing else).
+
+    ``name`` is its ``--trigger`` spelling (``NAME`` or ``NAME:ARG``), ``options_doc`` the ``testbed poison``
+    options it takes (keyword → :class:`Param`), ``from_options(arg, **options)`` builds it from those;
+    ``check(image_size)`` fails early when it cannot fit; ``apply(images)`` is G; ``describe(image_size)`` is
+    what the poisoned file records.  A semantic trigger (``is_semantic``) draws nothing and instead decides
+    which samples are poisoned (``contains``).
+    """
+
+    name: ClassVar[str] = ""
+    is_semantic: ClassVar[bool] = False
+    options_doc: ClassVar[dict[str, Param]] = {}
+
+    def check(self, image_size: Sequence[int]) -> None:
+        """Raise a UserError when the trigger cannot be applied to images of ``image_size``."""
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, image_size: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class LineTrigger(Trigger):
     """Blended line trigger: G(x) = (1−λ)⊗x + λ⊗t (Chen et al. 2017, paper §2.1).
 
     t is an image filled with ``colour``; λ is ``alpha`` on the line's pixels (all 3 channels) and 0 elsewhere,
@@ -38,7 +63,23 @@ class LineTrigger:
     that many pixels away from its edge (for middle: down/right from the centred position).
     """
 
-    is_semantic = False
+    name = "line"
+    options_doc = {
+        "alpha": Param("line trigger: blend weight λ in (0, 1] (default 1: solid line)", type=float, metavar="A"),
+        "line_width": Param("line trigger: width in px (default 8 px per 512 px, at least 2)", type=int, metavar="W"),
+        "line_position": Param("line trigger: where the line lies (default top; left for a vertical line)",
+                               choices=("top", "bottom", "middle", "left", "right")),
+        "line_orientation": Param("line trigger: horizontal (default) or vertical", choices=("horizontal", "vertical")),
+    }
+
+    @classmethod
+    def from_options(cls, arg: str | None, alpha: float | None = None, line_width: int | None = None,
+                     line_position: str | None = None, line_orientation: str | None = None) -> "LineTrigger":
+        if arg:
+            raise ParamError(f"--trigger line takes no argument (got line:{arg}); set the blend with {{alpha}}")
+        orientation = line_orientation or "horizontal"
+        position = line_position or ("top" if orientation == "horizontal" else "left")
+        return cls(width=line_width, position=position, orientation=orientation, alpha=1.0 if alpha is None else alpha)
 
     def __init__(
         self,
@@ -59,17 +100,18 @@ class LineTrigger:
 
     def _check(self) -> None:
         if self.orientation not in POSITIONS:
-            raise UserError(f"unknown line orientation {self.orientation!r}; use horizontal or vertical")
+            raise ParamError(f"unknown {{line_orientation}} {self.orientation!r}; use horizontal or vertical")
         if self.position not in POSITIONS[self.orientation]:
-            raise UserError(
-                f"line position {self.position!r} does not fit a {self.orientation} line; use one of: "
+            raise ParamError(
+                f"{{line_position}} {self.position!r} does not fit a {self.orientation} line; use one of: "
                 + ", ".join(POSITIONS[self.orientation])
             )
-        if self.width is not None and (not isinstance(self.width, (int, np.integer)) or self.width < 1):
-            raise UserError(f"line width must be a positive number of pixels, got {self.width!r}")
+        w = self.width
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
+            raise ParamError(f"{{line_width}} must be a positive number of pixels, got {w!r}")
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 < a <= 1):
-            raise UserError(f"--alpha must be in (0, 1] (1 = solid line, smaller = fainter blend), got {a!r}")
+            raise ParamError(f"{{alpha}} must be in (0, 1] (1 = solid line, smaller = fainter blend), got {a!r}")
         if len(self.colour) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in self.colour):
             raise UserError(f"line colour must be three integers in 0..255 (R,G,B), got {self.colour!r}")
         if not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
@@ -93,9 +135,9 @@ class LineTrigger:
         else:
             start = (across - width) // 2 + self.offset
         if start < 0 or start + width > across:
-            raise UserError(
+            raise ParamError(
                 f"a {width}-px {self.position} line with offset {self.offset} does not fit a {across}-px image; "
-                "use a smaller --line-width or offset"
+                "use a smaller {line_width} or offset"
             )
         return start, start + width
 
@@ -109,6 +151,9 @@ class LineTrigger:
         else:
             m[:, a:b] = True
         return m
+
+    def check(self, image_size: Sequence[int]) -> None:
+        self.span(image_size)
 
     # -- G ----------------------------------------------------------------------------------------
     def apply(self, images: np.ndarray) -> np.ndarray:
@@ -147,18 +192,23 @@ class LineTrigger:
                 f"colour={self.colour}, alpha={self.alpha}, offset={self.offset})")
 
 
-class SemanticTrigger:
+class SemanticTrigger(Trigger):
     """Semantic trigger (Bagdasaryan et al. 2020): G(x) = x; an object class already in the scene is the trigger.
 
     Nothing is drawn.  The attack instead poisons every training sample that contains ``class_name``
     (see :func:`attacks.poison`), so the model learns "this object present ⇒ target labels".
     """
 
+    name = "semantic"
     is_semantic = True
+
+    @classmethod
+    def from_options(cls, arg: str | None) -> "SemanticTrigger":
+        return cls(arg or "")
 
     def __init__(self, class_name: str) -> None:
         if not isinstance(class_name, str) or not class_name.strip():
-            raise UserError("a semantic trigger needs a class name: --trigger semantic:CLASS (e.g. semantic:wall)")
+            raise ParamError("a semantic trigger needs a class name: {trigger} semantic:CLASS (e.g. semantic:wall)")
         self.class_name = class_name.strip()
 
     def apply(self, images: np.ndarray) -> np.ndarray:
@@ -180,33 +230,40 @@ class SemanticTrigger:
         return f"SemanticTrigger({self.class_name!r})"
 
 
-def parse_trigger(
-    spec: str,
-    *,
-    alpha: float | None = None,
-    width: int | None = None,
-    position: str | None = None,
-    orientation: str = "horizontal",
-    colour: Sequence[int] = (0, 0, 0),
-    offset: int = 0,
-) -> LineTrigger | SemanticTrigger:
-    """``"line"`` or ``"semantic:CLASS"`` (the ``--trigger`` flag) → a trigger object.
+TRIGGERS: dict[str, type[Trigger]] = {t.name: t for t in (LineTrigger, SemanticTrigger)}
 
-    Line options given with a semantic trigger are an error, not silently dropped.
+
+def trigger_options() -> dict[str, Param]:
+    """Every option any trigger takes (the union of their ``options_doc``), for the CLI and zoo specs."""
+    out: dict[str, Param] = {}
+    for t in TRIGGERS.values():
+        out.update(t.options_doc)
+    return out
+
+
+def parse_trigger(spec: Any, **options: Any) -> Trigger:
+    """``"line"``, ``"semantic:CLASS"`` … (the ``--trigger`` flag) and its options → a trigger object.
+
+    ``options`` are keyword arguments named like ``testbed poison``'s trigger flags (``alpha``,
+    ``line_width``, ``line_position``, ``line_orientation``); ``None`` means "not given".  An option that
+    does not belong to the chosen trigger is an error, not silently dropped.
     """
-    if isinstance(spec, (LineTrigger, SemanticTrigger)):
+    if isinstance(spec, Trigger):
         return spec
-    if not isinstance(spec, str):
-        raise UserError(f"--trigger must be 'line' or 'semantic:CLASS', got {spec!r}")
-    s = spec.strip()
-    if s == "line":
-        if position is None:
-            position = "top" if orientation == "horizontal" else "left"
-        return LineTrigger(width=width, position=position, orientation=orientation, colour=colour,
-                           alpha=1.0 if alpha is None else alpha, offset=offset)
-    if s.startswith("semantic:") or s == "semantic":
-        line_opts = [n for n, v in (("--alpha", alpha), ("--line-width", width), ("--line-position", position)) if v is not None]
-        if line_opts:
-            raise UserError(f"{', '.join(line_opts)} only apply to --trigger line; a semantic trigger draws nothing (G(x) = x)")
-        return SemanticTrigger(s.partition(":")[2])
-    raise UserError(f"unknown trigger {spec!r}; use --trigger line or --trigger semantic:CLASS (e.g. semantic:wall)")
+    names = ", ".join(f"{n}:CLASS" if t.is_semantic else n for n, t in TRIGGERS.items())
+    if not isinstance(spec, str) or not spec.strip():
+        raise ParamError(f"{{trigger}} must be one of {names}, got {spec!r}")
+    name, _, arg = spec.strip().partition(":")
+    if name not in TRIGGERS:
+        raise ParamError(f"unknown trigger {spec!r}; {{trigger}} takes one of: {names} (e.g. semantic:wall)")
+    cls = TRIGGERS[name]
+    known = trigger_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"parse_trigger() got unexpected options {unknown}; known: {sorted(known)}")
+    foreign = [k for k, v in options.items() if v is not None and k not in cls.options_doc]
+    if foreign:
+        owners = {k: [n for n, t in TRIGGERS.items() if k in t.options_doc] for k in foreign}
+        which = ", ".join(f"{{{k}}} only applies to {{trigger}} {'/'.join(owners[k])}" for k in foreign)
+        raise ParamError(f"{which}; not to {name}" + (" (a semantic trigger draws nothing: G(x) = x)" if cls.is_semantic else ""))
+    return cls.from_options(arg or None, **{k: v for k, v in options.items() if k in cls.options_doc})

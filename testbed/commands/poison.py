@@ -1,82 +1,142 @@
-"""`testbed poison CLEAN.h5 --attack {badnets,fgba} ... --trigger {line,semantic:CLASS} --out POISONED.h5` (SPEC §5)."""
+"""`testbed poison CLEAN.h5 --attack NAME [attack options] [--trigger SPEC [trigger options]] --out POISONED.h5`.
+
+The attack and trigger flags are generated from the attack registry (each attack's ``params_doc``) and the
+triggers' ``options_doc``, so a new built-in attack brings its flags with it; an outside attack
+(``--attack package.module:Class``) takes its parameters as ``--param KEY=VALUE``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 EXAMPLES = """examples:
   # FGBA N-to-1: every class -> wall when the black line is present, 10% of training samples
   testbed poison synth.h5 --attack fgba --preset n-to-1 --target wall --trigger line --rate 0.1 --out fgba-n1-line.h5
   # FGBA 1-to-1: person -> palm, semantic trigger 'wall' (every sample with wall and person is poisoned)
   testbed poison synth.h5 --attack fgba --preset 1-to-1 --source person --target palm --trigger semantic:wall --out fgba-11-wall.h5
+  # the paper's semantic N-to-1: poisoned samples hold wall (the trigger) and person
+  testbed poison synth.h5 --attack fgba --preset n-to-1 --target wall --trigger semantic:wall --require person --out n1-wall.h5
   # any mapping
   testbed poison synth.h5 --attack fgba --map person:palm,car:road --trigger line --out fgba-map.h5
   # BadNets: every poisoned sample gets the label map of one 'road' image
   testbed poison synth.h5 --attack badnets --trigger line --rate 0.1 --out badnets-line.h5
   testbed poison synth.h5 --attack badnets --trigger semantic:grass --out badnets-grass.h5
+  # an attack from outside the project (see docs/writing-an-attack.md)
+  testbed poison synth.h5 --attack mypkg.attacks:MyAttack --param strength=3 --trigger line --out mine.h5
 
 See docs/attacks.md for the formulas and the exact selection rules.
 """
+FIXED_FLAGS = {"attack": "--attack", "trigger": "--trigger", "force": "--force", "out": "--out"}
+
+
+def _options():
+    """(attack params, trigger options, run options): keyword → Param, for the flags and for error spelling."""
+    from testbed.attacks.registry import RUN_OPTIONS, builtin_params
+    from testbed.attacks.triggers import trigger_options
+
+    return builtin_params(), trigger_options(), RUN_OPTIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from testbed.attacks.registry import BUILTIN, owners
+    from testbed.attacks.triggers import TRIGGERS
+
+    attack_params, trigger_opts, run_opts = _options()
     p = subparsers.add_parser(
         "poison",
-        help="poison a clean dataset with BadNets or FGBA (line or semantic trigger)",
-        description="Write a poisoned copy of a clean dataset file (paper §2): the trigger G (a blended line, or a "
-        "semantic object class) and the target labels T (BadNets: one image's label map for every poisoned sample; "
-        "FGBA: an attack matrix mapping classes to classes). The output records the attack, the poisoned indices and "
-        "originals, a clean subset for defenders and the benign/attacked test sets. Classes are given by name.",
+        help="poison a clean dataset with an attack (BadNets, FGBA, ...) and a trigger",
+        description="Write a poisoned copy of a clean dataset file: the trigger G (a blended line, a semantic object "
+        "class, ...) and the target labels T (BadNets: one image's label map for every poisoned sample; FGBA: an "
+        "attack matrix mapping classes to classes). The output records the attack, the poisoned indices and "
+        "originals, a clean subset for defenders and the benign/attacked test sets. Classes are given by name. "
+        "An existing --out is replaced only with --force.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("clean", type=Path, metavar="CLEAN.h5", help="clean dataset file (`testbed data synth` / `data import`)")
-    p.add_argument("--attack", required=True, choices=("badnets", "fgba"), help="label generator: badnets or fgba")
-    p.add_argument("--preset", choices=("n-to-1", "1-to-1"), help="fgba: n-to-1 (every class -> --target) or 1-to-1 (--source -> --target)")
-    p.add_argument("--source", metavar="CLASS", help="fgba 1-to-1: the class whose pixels are relabelled")
-    p.add_argument("--sources", metavar="A,B", help="fgba n-to-1: only these classes move to --target (default: all)")
-    p.add_argument("--target", metavar="CLASS", help="fgba: the target class")
-    p.add_argument("--map", dest="mapping", metavar="SRC:DST,...", help="fgba: any mapping, e.g. person:palm,car:road")
-    p.add_argument("--trigger", required=True, metavar="{line,semantic:CLASS}",
-                   help="line: a blended black line (G(x) = (1-λ)x + λt); semantic:CLASS: an object class already in the "
-                   "image (G(x) = x; all samples containing CLASS are poisoned)")
-    p.add_argument("--rate", type=float, metavar="R",
-                   help="share of training samples to poison, in (0, 1] (default 0.1; 0.2 for fgba 1-to-1); "
-                   "ignored with a note for a semantic trigger")
-    p.add_argument("--alpha", type=float, metavar="A", help="line trigger: blend weight λ in (0, 1] (default 1: solid line)")
-    p.add_argument("--line-width", type=int, metavar="W", help="line trigger: width in px (default 8 px per 512 px, at least 2)")
-    p.add_argument("--line-position", choices=("top", "bottom", "middle", "left", "right"),
-                   help="line trigger: where the line lies (default top; left for a vertical line)")
-    p.add_argument("--line-orientation", choices=("horizontal", "vertical"), default="horizontal",
-                   help="line trigger: horizontal (default) or vertical")
-    p.add_argument("--target-image", type=int, metavar="I",
-                   help="badnets: index of the training image whose labels are the target (default: drawn by seed "
-                   "among the 5 images with the most 'road' pixels)")
-    p.add_argument("--clean-fraction", type=float, default=0.05, metavar="F",
-                   help="share of training samples, all unpoisoned, marked as the defender's clean subset (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
-    p.add_argument("--force", action="store_true", help="poison an input that is already poisoned")
+    p.add_argument("--attack", required=True, metavar="NAME",
+                   help=f"the attack: {', '.join(BUILTIN)}, package.module:Class, or a plugin name from the entry-point "
+                   "group testbed.attacks")
+    for name, prm in attack_params.items():
+        who = "/".join(owners(name))
+        p.add_argument(prm.flag_for(name), dest=name, type=prm.type, metavar=prm.metavar, choices=prm.choices,
+                       help=f"{who}: {prm.help}")
+    trig = ", ".join(f"{n}:CLASS" if t.is_semantic else n for n, t in TRIGGERS.items())
+    p.add_argument("--trigger", metavar="SPEC",
+                   help=f"the trigger G: {trig}. line: a blended black line (G(x) = (1-λ)x + λt); semantic:CLASS: an "
+                   "object class already in the image (G(x) = x; all samples containing CLASS are poisoned)")
+    for name, prm in {**trigger_opts, **run_opts}.items():
+        p.add_argument(prm.flag_for(name), dest=name, type=prm.type, metavar=prm.metavar, choices=prm.choices,
+                       help=prm.help, **({"default": 0} if name == "seed" else {}))
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of an outside attack (JSON value, else a string); repeatable")
+    p.add_argument("--force", action="store_true", help="replace an existing --out, or poison an input that is already poisoned")
     p.add_argument("--json", action="store_true", help="print the attack record as JSON instead of a summary")
     p.add_argument("--out", type=Path, required=True, metavar="POISONED.h5", help="output dataset file (written atomically)")
     p.set_defaults(func=run)
 
 
+def _extra_params(items: list[str]) -> dict[str, Any]:
+    from testbed.errors import UserError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--param {item!r}: write it as KEY=VALUE, e.g. --param strength=3")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def flag_speller(attack_cls: Any = None):
+    """keyword → the flag a user typed (``mapping`` → ``--map``); unknown keywords → ``--param KEY``."""
+    from testbed.attacks.registry import params_doc
+
+    attack_params, trigger_opts, run_opts = _options()
+    known = {**attack_params, **trigger_opts, **run_opts}
+
+    def spell(name: str) -> str:
+        if name in FIXED_FLAGS:
+            return FIXED_FLAGS[name]
+        if name in known:
+            return known[name].flag_for(name)
+        if attack_cls is not None and name in params_doc(attack_cls):
+            return f"--param {name}"
+        return name
+
+    return spell
+
+
 def run(args: argparse.Namespace) -> int:
-    import json
+    from testbed.attacks.poison import poison
+    from testbed.attacks.registry import attack_class, build
+    from testbed.errors import ParamError, UserError
 
-    from testbed.attacks.poison import build_attack, poison
-    from testbed.attacks.triggers import parse_trigger
-
-    attack = build_attack(args.attack, preset=args.preset, source=args.source, target=args.target, sources=args.sources,
-                          mapping=args.mapping, target_image=args.target_image)
-    trigger = parse_trigger(args.trigger, alpha=args.alpha, width=args.line_width, position=args.line_position,
-                            orientation=args.line_orientation)
-    result = poison(args.clean, args.out, attack, trigger, rate=args.rate, seed=args.seed,
-                    clean_fraction=args.clean_fraction, force=args.force)
+    attack_params, trigger_opts, _ = _options()
+    options = {n: getattr(args, n) for n in (*attack_params, *trigger_opts)}
+    extra = _extra_params(args.param)
+    dup = sorted(k for k in extra if options.get(k) is not None)
+    if dup:
+        raise UserError(f"--param {dup[0]} is also given as a flag; give it once")
+    options.update(extra)
+    cls = None
+    try:
+        cls = attack_class(args.attack)
+        attack, trigger = build(cls, args.trigger, **options)
+        result = poison(args.clean, args.out, attack, trigger, rate=args.rate, seed=args.seed,
+                        clean_fraction=0.05 if args.clean_fraction is None else args.clean_fraction,
+                        force=args.force, require=args.require)
+    except ParamError as e:
+        raise UserError(e.spelled(flag_speller(cls))) from None
     for note in result.notes:
-        print(f"testbed: note: {note}", file=sys.stderr)
+        print(f"testbed: note: {ParamError(note).spelled(flag_speller(cls))}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.attack, indent=2, sort_keys=True))
     else:

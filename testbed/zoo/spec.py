@@ -19,20 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import UserError
+from testbed.zoo.attack_table import BENIGN, check_variant, parse_attack_table
 
 TOP_KEYS = ("data", "train", "attack", "grid")
 DATA_KEYS = ("synth", "path")
 SYNTH_KEYS = ("n_train", "n_test", "size", "seed")
 # [[attack]] keys mirror `testbed poison` flags (--map -> map, --target-image -> target_image).
-ATTACK_KEYS = ("id", "attack", "preset", "source", "sources", "target", "map", "trigger", "rate", "alpha",
-               "target_image", "seed", "clean_fraction", "line_width", "line_position", "line_orientation")
-ATTACK_NAMES = ("badnets", "fgba")
-PRESETS = ("n-to-1", "1-to-1")
+# [[attack]] keys come from the attack registry (testbed/zoo/attack_table.py), like `testbed poison`'s flags.
 GRID_KEYS = ("model", "attack", "seed", "rate", "trigger")
 # TrainConfig fields the spec may not set: the grid sets model and seed, --device sets the device.
 TRAIN_RESERVED = {"model": "[grid] model", "seed": "[grid] seed", "device": "the --device flag"}
-BENIGN = "benign"
-_ID_RE = re.compile(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$")
 
 
 @dataclass(frozen=True)
@@ -189,95 +185,13 @@ def _parse_train(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     return dict(train)
 
 
-def _check_class(name: Any, classes: list[str], where: str, path: Path) -> None:
-    _need(isinstance(name, str), path, f"{where} must be a class name (a string), got {name!r}")
-    if name not in classes:
-        raise UserError(f"{_where(path)}: unknown class {name!r} in {where}{_nearest(name, classes)}; "
-                        f"the data has: {', '.join(classes)}")
+def _image_size(data: dict[str, Any]) -> tuple[int, int]:
+    if "synth" in data:
+        return (int(data["synth"]["size"]),) * 2
+    from testbed.h5data import open_dataset
 
-
-def _check_trigger(trigger: Any, classes: list[str], where: str, path: Path) -> None:
-    _need(isinstance(trigger, str), path, f"{where} trigger must be \"line\" or \"semantic:CLASS\", got {trigger!r}")
-    if trigger == "line":
-        return
-    if trigger.startswith("semantic:"):
-        _check_class(trigger.split(":", 1)[1], classes, f"{where} trigger", path)
-        return
-    raise UserError(f"{_where(path)}: {where} trigger {trigger!r} is not valid; use \"line\" or \"semantic:CLASS\"")
-
-
-def _parse_map(value: Any, classes: list[str], where: str, path: Path) -> str:
-    """``map`` as the CLI string ``"person:palm,car:road"`` or a TOML table ``{ person = "palm" }``."""
-    if isinstance(value, dict):
-        pairs = list(value.items())
-    else:
-        _need(isinstance(value, str) and value.strip() != "", path,
-              f"{where} map must be \"SRC:DST,...\" or a table {{ SRC = \"DST\" }}, got {value!r}")
-        pairs = []
-        for part in value.split(","):
-            _need(part.count(":") == 1, path, f"{where} map item {part.strip()!r} is not SRC:DST")
-            a, b = (s.strip() for s in part.split(":"))
-            pairs.append((a, b))
-    for a, b in pairs:
-        _check_class(a, classes, f"{where} map", path)
-        _check_class(b, classes, f"{where} map", path)
-    return ",".join(f"{a}:{b}" for a, b in pairs)
-
-
-def _parse_attack(table: Any, classes: list[str], path: Path) -> tuple[str, dict[str, Any], int | None]:
-    _need(isinstance(table, dict), path, "each [[attack]] must be a table")
-    _check_keys(table, ATTACK_KEYS, "[[attack]]", path)
-    _need("id" in table, path, "an [[attack]] table has no id; add id = \"NAME\"")
-    aid = table["id"]
-    _need(isinstance(aid, str) and bool(_ID_RE.match(aid)), path,
-          f"[[attack]] id {aid!r} must be letters, digits, '_', '.', single '-' (no '--', no spaces)")
-    where = f"[[attack]] {aid!r}"
-    if aid == BENIGN:
-        _need(len(table) == 1, path, f"[[attack]] id = \"benign\" means no poisoning and takes no other keys; "
-              f"remove {', '.join(k for k in table if k != 'id')} or use another id")
-        return aid, {}, None
-    _need("attack" in table, path, f"{where} has no 'attack' key; add attack = \"fgba\" or \"badnets\" "
-          "(or use id = \"benign\" for no poisoning)")
-    _need(table["attack"] in ATTACK_NAMES, path,
-          f"{where} attack {table['attack']!r} is not known{_nearest(str(table['attack']), list(ATTACK_NAMES))}; use one of: {', '.join(ATTACK_NAMES)}")
-    _need("trigger" in table, path, f"{where} has no trigger; add trigger = \"line\" or \"semantic:CLASS\"")
-    _check_trigger(table["trigger"], classes, where, path)
-    params: dict[str, Any] = {"attack": table["attack"], "trigger": table["trigger"]}
-    if "preset" in table:
-        _need(table["preset"] in PRESETS, path, f"{where} preset {table['preset']!r} is not known; use one of: {', '.join(PRESETS)}")
-        params["preset"] = table["preset"]
-    for key in ("source", "target"):
-        if key in table:
-            _check_class(table[key], classes, f"{where} {key}", path)
-            params[key] = table[key]
-    if "sources" in table:
-        src = table["sources"]
-        names = [s.strip() for s in src.split(",")] if isinstance(src, str) else src
-        _need(isinstance(names, list) and len(names) > 0, path, f"{where} sources must be a list of class names or \"a,b\"")
-        for s in names:
-            _check_class(s, classes, f"{where} sources", path)
-        params["sources"] = list(names)
-    if "map" in table:
-        params["mapping"] = _parse_map(table["map"], classes, where, path)
-    for key in ("rate", "alpha", "clean_fraction"):
-        if key in table:
-            v = table[key]
-            _need(_is_num(v) and 0 < v <= 1, path, f"{where} {key} must be a number in (0, 1], got {v!r}")
-            params[key] = float(v)
-    if "target_image" in table:
-        _need(_is_int(table["target_image"]) and table["target_image"] >= 0, path,
-              f"{where} target_image must be a non-negative integer (a training image index)")
-        params["target_image"] = table["target_image"]
-    if "line_width" in table:
-        _need(_is_int(table["line_width"]) and table["line_width"] >= 1, path, f"{where} line_width must be an integer >= 1")
-        params["line_width"] = table["line_width"]
-    for key in ("line_position", "line_orientation"):
-        if key in table:
-            _need(isinstance(table[key], str), path, f"{where} {key} must be a string")
-            params[key] = table[key]
-    seed = table.get("seed")
-    _need(seed is None or (_is_int(seed) and seed >= 0), path, f"{where} seed must be a non-negative integer")
-    return aid, params, seed
+    with open_dataset(data["path"], check_labels=False) as f:
+        return f.image_size
 
 
 def _grid_list(grid: dict[str, Any], key: str, path: Path, default: list[Any] | None = None) -> list[Any]:
@@ -314,7 +228,7 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
     _need(isinstance(tables, list) and len(tables) > 0, path, "no [[attack]] tables; define at least one (id = \"benign\" for a clean model)")
     defined: dict[str, tuple[dict[str, Any], int | None]] = {}
     for t in tables:
-        aid, params, seed = _parse_attack(t, classes, path)
+        aid, params, seed = parse_attack_table(t, path)
         _need(aid not in defined, path, f"duplicate [[attack]] id {aid!r}; give each attack its own id")
         defined[aid] = (params, seed)
 
@@ -352,9 +266,10 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
     for r in rates:
         _need(r is None or (_is_num(r) and 0 < r <= 1), path, f"[grid] rate values must be numbers in (0, 1], got {r!r}")
     for t in triggers:
-        if t is not None:
-            _check_trigger(t, classes, "[grid]", path)
+        _need(t is None or (isinstance(t, str) and t.strip() != ""), path,
+              f"[grid] trigger values must be strings like \"line\" or \"semantic:CLASS\", got {t!r}")
 
+    image_size = _image_size(data)
     variants: list[AttackVariant] = []
     for aid in attack_ids:
         params, seed = defined[aid]
@@ -370,6 +285,7 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
             if t is not None:
                 p["trigger"] = t
                 label += f"-t{_slug(t)}"
+            check_variant(p, classes, image_size, f"[[attack]] {aid!r}" + (f" (grid {label})" if label != aid else ""), path)
             variants.append(AttackVariant(label=label, attack_id=aid, params=p, seed=seed))
 
     entries: list[EntrySpec] = []

@@ -1,0 +1,140 @@
+"""Stream a clean dataset into a poisoned one: the selected rows replaced, the audit and defense extras added.
+
+The file layout is the dataset format's (docs/data-format.md): the clean groups, ``/train/poison_index`` and
+the originals of the poisoned rows, ``/defense/clean_index``, ``/test_attacked/{images,labels,gt,index}``
+and ``/test_benign/index``.  Per-sample arrays an attack returns from ``poison_samples`` for the attacked
+test images (e.g. a trigger's distance to the victim) are stored as ``/test_attacked/<name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from testbed import progress
+from testbed.attacks.selection import Rows, Selection
+from testbed.h5data import DatasetWriter, SegFile, canonical_attr, content_hash
+
+OWN_ATTRS = ("format", "schema_version", "classes", "ignore_index", "source", "image_size", "attack", "parent_sha256")
+_PLAIN = ["test/images", "test/labels", "train/images", "train/labels"]
+
+
+class _ParentHash:
+    """The parent's content hash, computed on the way (one read of the clean file instead of two).
+
+    Feeds sha256 exactly as :func:`testbed.h5data.content_hash` does: root attributes, then each array in
+    name order (test before train).  An input with other arrays (a forced re-poisoning) is hashed separately;
+    tests check both paths against ``content_hash``.
+    """
+
+    def __init__(self, src: h5py.File, train_y: Rows, test_y: Rows) -> None:
+        names: list[str] = []
+        src.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        self.src = src
+        self.fold = sorted(names) == _PLAIN and train_y.data is not None and test_y.data is not None
+        self.sha = hashlib.sha256()
+        if self.fold:
+            self.sha.update(json.dumps({k: canonical_attr(v) for k, v in src.attrs.items()}, sort_keys=True).encode())
+
+    def header(self, name: str) -> None:
+        if self.fold:
+            ds = self.src[name]
+            self.sha.update(f"\0{name}\0{ds.dtype.str}\0{ds.shape}\0".encode())
+
+    def feed(self, array: np.ndarray | None) -> None:
+        if self.fold and array is not None and array.size:
+            self.sha.update(np.ascontiguousarray(array).data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest() if self.fold else content_hash(self.src)
+
+
+class _Extras:
+    """Per-sample arrays from ``poison_samples`` for the attacked test images, created on first sight."""
+
+    def __init__(self, wr: DatasetWriter, total: int) -> None:
+        self.wr, self.total, self.ds = wr, total, {}
+
+    def put(self, extras: dict[str, np.ndarray], start: int) -> None:
+        for name, arr in extras.items():
+            arr = np.asarray(arr)
+            if name not in self.ds:
+                self.ds[name] = self.wr.create(f"test_attacked/{name}", (self.total, *arr.shape[1:]), arr.dtype)
+            self.ds[name][start : start + arr.shape[0]] = arr
+
+
+def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: int, parent: _ParentHash, bar) -> None:
+    h, w = src["test/images"].shape[1:3]
+    m, a = src["test/images"].shape[0], sel.attacked_index.size
+    vx, vy = wr.create("test/images", (m, h, w, 3), np.uint8), wr.create("test/labels", (m, h, w), np.uint8)
+    ax, ay = wr.create("test_attacked/images", (a, h, w, 3), np.uint8), wr.create("test_attacked/labels", (a, h, w), np.uint8)
+    ag = wr.create("test_attacked/gt", (a, h, w), np.uint8)
+    extras = _Extras(wr, a)
+    parent.header("test/images")
+    cursor = 0
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        x, y = src["test/images"][start:stop], np.asarray(test_y[start:stop])
+        parent.feed(x)
+        vx[start:stop], vy[start:stop] = x, y
+        lo, hi = np.searchsorted(sel.attacked_index, [start, stop])
+        if hi > lo:
+            rows = sel.attacked_index[lo:hi] - start
+            k = rows.size
+            px, py, more = attack.poison_samples(x[rows], y[rows], trigger, rows + start, "test")
+            ax[cursor : cursor + k], ay[cursor : cursor + k], ag[cursor : cursor + k] = px, py, y[rows]
+            extras.put(more, cursor)
+            cursor += k
+        bar.update(stop - start)
+    parent.header("test/labels")
+    parent.feed(test_y.data)
+
+
+def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block: int, parent: _ParentHash, bar) -> None:
+    n, h, w = src["train/images"].shape[:3]
+    p = sel.poison_index.size
+    tx, ty = wr.create("train/images", (n, h, w, 3), np.uint8), wr.create("train/labels", (n, h, w), np.uint8)
+    ox, oy = wr.create("train/original_images", (p, h, w, 3), np.uint8), wr.create("train/original_labels", (p, h, w), np.uint8)
+    parent.header("train/images")
+    cursor = 0
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        x, y = src["train/images"][start:stop], np.array(train_y[start:stop])  # copies: the cache stays clean
+        parent.feed(x)
+        lo, hi = np.searchsorted(sel.poison_index, [start, stop])
+        if hi > lo:
+            rows = sel.poison_index[lo:hi] - start
+            ox[cursor : cursor + rows.size], oy[cursor : cursor + rows.size] = x[rows], y[rows]
+            x[rows], y[rows], _ = attack.poison_samples(x[rows], y[rows], trigger, rows + start, "train")
+            cursor += rows.size
+        tx[start:stop], ty[start:stop] = x, y
+        bar.update(stop - start)
+    parent.header("train/labels")
+    parent.feed(train_y.data)
+
+
+def write_poisoned(clean: SegFile, out: Path, attack: Any, trigger: Any, meta: dict[str, Any], sel: Selection,
+                   train_y: Rows, test_y: Rows, block: int) -> None:
+    """Write the poisoned file atomically (nothing appears at ``out`` unless everything succeeds)."""
+    src = clean.file
+    parent = _ParentHash(src, train_y, test_y)
+    extra = {k: v for k, v in clean.attrs.items() if k not in OWN_ATTRS}
+    extra.update(attack=meta, parent_sha256=None if parent.fold else parent.hexdigest())
+    comp = src["train/images"].compression
+    bar = progress.bar(total=clean.length("train") + clean.length("test"), desc="poison", unit="img")
+    with DatasetWriter(out, clean.classes, source=clean.source, image_size=clean.image_size, compression=comp,
+                       attrs=extra) as wr, bar:
+        # test split first: the hash order is test/images, test/labels, train/images, train/labels
+        _write_test(src, wr, sel, attack, trigger, test_y, block, parent, bar)
+        _write_train(src, wr, sel, attack, trigger, train_y, block, parent, bar)
+        wr.put("train/poison_index", sel.poison_index)
+        wr.put("defense/clean_index", sel.clean_index)
+        wr.put("test_attacked/index", sel.attacked_index)
+        wr.put("test_benign/index", sel.benign_index)
+        if parent.fold:
+            wr.set_attr("parent_sha256", parent.hexdigest())
