@@ -122,12 +122,24 @@ class Scorer:
         k = len(self.classes)
         self.device = torch.device(device)
         self.benign = ConfusionMatrix(k, self.device)
+        self.benign_all = ConfusionMatrix(k, self.device)  # all of /test (the paper's benign rows)
         self.attack = AttackMeter(k, self.device) if attacked else None
         self.filtered = filtered
         self.n_benign = self.n_attacked = 0
         self.rejected_benign = self.rejected_attacked = 0
 
-    def update_benign(self, pred, labels, rejected=None) -> None:
+    def update_benign(self, pred, labels, rejected=None, in_benign_set=None) -> None:
+        """Clean test images: all count for mIoU-B-all; those with ``in_benign_set`` (bool [B], default all)
+        also for mIoU-B."""
+        self.benign_all.update(pred, labels, rejected)
+        if in_benign_set is not None:
+            keep = np.asarray(in_benign_set, dtype=bool)
+            if not keep.any():
+                return
+            if not keep.all():
+                pred = pred[torch.as_tensor(keep, device=pred.device)] if isinstance(pred, torch.Tensor) else pred[keep]
+                labels = np.asarray(labels)[keep]
+                rejected = None if rejected is None else np.asarray(rejected)[keep]
         self.benign.update(pred, labels, rejected)
         self.n_benign += len(pred)
         if rejected is not None:
@@ -149,6 +161,8 @@ class Scorer:
         out: dict[str, Any] = {
             "mIoU-B": _pct(b.miou()),
             "PA-B": _pct(b.pixel_accuracy()),
+            "mIoU-B-all": _pct(self.benign_all.miou()),
+            "PA-B-all": _pct(self.benign_all.pixel_accuracy()),
             "mIoU-A": None,
             "PA-A": None,
             "ASR": None,
@@ -198,13 +212,16 @@ def score_predictions(
     *,
     benign_rejected=None,
     attacked_rejected=None,
+    benign_set=None,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Score precomputed predictions (uint8 ``[N,H,W]`` arrays) exactly as :func:`score_model` does.
 
     ``*_rejected``: optional bool ``[N]`` per input (True = rejected by a filter defense).  Without
-    ``attacked_pred`` the attacked keys are ``None`` (a clean file).
+    ``attacked_pred`` the attacked keys are ``None`` (a clean file).  ``benign_set``: optional bool ``[N]``
+    when ``benign_*`` hold the whole clean test set: only those images count for mIoU-B/PA-B, all of them
+    for mIoU-B-all/PA-B-all (else both are scored on the images given).
     """
     attacked = attacked_pred is not None
     if attacked and (attacked_target is None or attacked_gt is None):
@@ -220,7 +237,8 @@ def score_predictions(
         raise ValueError(f"{n} benign predictions but {len(benign_labels)} labels")
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
-        scorer.update_benign(np.asarray(benign_pred[s:e]), np.asarray(benign_labels[s:e]), rej(benign_rejected, s, e))
+        scorer.update_benign(np.asarray(benign_pred[s:e]), np.asarray(benign_labels[s:e]), rej(benign_rejected, s, e),
+                             rej(benign_set, s, e))
     if attacked:
         m = len(attacked_pred)
         if not len(attacked_target) == len(attacked_gt) == m:
@@ -260,9 +278,11 @@ def score_model(
         if index is not None and index.size and (index.min() < 0 or index.max() >= f.length("test")):
             raise UserError(f"{f.path}: /test_benign/index points outside /test; re-create the file")
         labels = h5["test/labels"]
-        for s, e, x, pred in _iter_predictions(model, h5["test/images"], device, batch_size, index, k, "score benign"):
+        # every clean test image once: all of them for mIoU-B-all, those at /test_benign/index for mIoU-B
+        in_set = None if index is None else np.isin(np.arange(f.length("test")), index)
+        for s, e, x, pred in _iter_predictions(model, h5["test/images"], device, batch_size, None, k, "score benign"):
             rejected = _filter_mask(input_filter, x) if input_filter is not None else None
-            scorer.update_benign(pred, _rows(labels, index, s, e), rejected)
+            scorer.update_benign(pred, _rows(labels, None, s, e), rejected, None if in_set is None else in_set[s:e])
         if attacked:
             target, gt = h5["test_attacked/labels"], h5["test_attacked/gt"]
             for s, e, x, pred in _iter_predictions(model, h5["test_attacked/images"], device, batch_size, None, k,

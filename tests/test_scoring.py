@@ -205,9 +205,9 @@ def test_input_filter_counts_rejected_inputs_as_defended(case):
 
 
 def test_score_predictions_is_the_same_code_path(case):
-    bi = case.benign_index
-    kw = dict(benign_rejected=case.test_flag[bi], attacked_rejected=case.att_flag)
-    a = score_predictions(CLASSES, case.test_pred[bi], case.test_labels[bi], case.att_pred, case.target, case.gt,
+    in_set = np.isin(np.arange(len(case.test_pred)), case.benign_index)  # the whole /test, benign ones marked
+    kw = dict(benign_rejected=case.test_flag, attacked_rejected=case.att_flag, benign_set=in_set)
+    a = score_predictions(CLASSES, case.test_pred, case.test_labels, case.att_pred, case.target, case.gt,
                           batch_size=2, **kw)
     b = score_model(RedChannelModel(), case.poisoned, batch_size=3, input_filter=_reject_green)
     assert a == b
@@ -370,3 +370,15 @@ def test_cli_with_a_real_saved_run(case, tmp_path, capsys):
     other = save_model(model, {"model": "deeplabv3_tiny", "num_classes": K, "classes": CLASSES[::-1]}, tmp_path / "r2")
     assert cli.main(["score", str(other), "--data", str(case.poisoned)]) == 2
     assert "was trained on 4 classes" in capsys.readouterr().err
+
+
+def test_benign_all_scores_the_whole_clean_test_set(case):
+    """mIoU-B/PA-B: the benign test set only; mIoU-B-all/PA-B-all: every /test image (the paper's benign rows)."""
+    s = score_model(RedChannelModel(), case.poisoned, batch_size=3)
+    bi = case.benign_index
+    assert 0 < len(bi) < len(case.test_pred)  # the case really has images outside the benign set
+    assert s["mIoU-B"] == pytest.approx(100 * _ref_miou(case.test_pred[bi], case.test_labels[bi]))
+    assert s["mIoU-B-all"] == pytest.approx(100 * _ref_miou(case.test_pred, case.test_labels))
+    valid = case.test_labels != 255
+    assert s["PA-B-all"] == pytest.approx(100 * (case.test_pred == case.test_labels)[valid].mean())
+    assert s["mIoU-B-all"] != pytest.approx(s["mIoU-B"])
