@@ -1,5 +1,10 @@
 """The `testbed` command line.  Each subcommand lives in ``testbed/commands/<name>.py`` with a
-``register(subparsers)`` function; this module only dispatches and turns user errors into exit code 2."""
+``register(subparsers)`` function; this module only dispatches and turns user errors into exit code 2.
+
+What a user can cause — a bad flag, a bad file, an unwritable or full disk — ends in one line on stderr and
+exit code 2, never a traceback: argparse's multi-line usage is folded into one line with a ``--help`` hint,
+and an ``OSError`` that escapes a command is reported by its path and reason.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,24 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from typing import NoReturn
 
 from testbed import __version__, progress
 from testbed.errors import UserError
 
-COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "bench", "zoo")
+COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "bench", "zoo", "compare")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (then where to read the usage), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {line}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="testbed",
         description="Backdoor attacks (BadNets, FGBA) and defenses on semantic segmentation: "
         "make data, poison it, train, score, defend, benchmark, build model zoos.",
@@ -31,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an OS error: the path, the reason, and what to check."""
+    reason = " ".join(str(e.strerror or e).split())
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{reason}; check the path, its permissions and the free disk space"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"testbed: error: {e}", file=sys.stderr)
+        print(f"testbed: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"testbed: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)

@@ -1,0 +1,63 @@
+"""`testbed compare REPORT/ --defense A --vs B`: paired differences of two defenses on the models both ran on.
+
+Reads an existing report's results.json and writes nothing; the statistics are :func:`testbed.stats.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from testbed.errors import UserError
+
+EXAMPLES = """examples:
+  testbed compare bench-zoo/ --defense fine-pruning --vs none
+  testbed compare bench-zoo/ --defense strip --vs fine-pruning
+  testbed compare bench-zoo/ --defense strip --vs none --json > strip-vs-none.json
+
+output, one line per metric (A − B; DER as a fraction, ASR and mIoU-B in percentage points):
+  A − B: DER +MEAN [LO, HI], n=N models, p=P      (n=1: "+MEAN, n=1 model, no interval")
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="paired comparison of two defenses in a bench report: mean difference, 95% interval, p-value",
+        description="Compare defense A with defense B (or with 'none', doing nothing: after = before, DER 0.5) on the "
+        "models both ran on, matched by model id: the per-model differences A − B of DER, ASR after and mIoU-B "
+        "after, their mean with a 95% t-interval, the number of models, and the two-sided p of an exact sign-flip "
+        "permutation test (all 2^n sign patterns up to 20 models, seeded Monte Carlo beyond). A failed run or a null "
+        "value leaves that model out of that metric. Reads REPORT/results.json; writes nothing. "
+        "See docs/metrics.md, \"Statistics\".",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("report", type=Path, metavar="REPORT/", help="a report directory written by `testbed bench` or `testbed defend`")
+    p.add_argument("--defense", required=True, metavar="A", help="the defense to assess (a name in the report)")
+    p.add_argument("--vs", required=True, metavar="B", help="the defense to compare against, or 'none' for no defense")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the Monte Carlo sign patterns, used only beyond 20 models (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from testbed.stats import comparison_lines, compare, read_report
+    from testbed.stats.rows import defenses_in
+
+    if args.defense == args.vs:
+        raise UserError(f"--defense and --vs are both {args.defense!r}; compare two different defenses, or --vs none")
+    rows = read_report(args.report)["rows"]
+    names = defenses_in(rows)
+    if args.defense not in names:
+        raise UserError(f"--defense {args.defense!r} is not in {args.report}; it has: {', '.join(names)}")
+    if args.vs != "none" and args.vs not in names:
+        raise UserError(f"--vs {args.vs!r} is not in {args.report}; it has: {', '.join(names)} (or none)")
+    result = compare(rows, args.defense, args.vs, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2, allow_nan=False))
+    else:
+        print("\n".join(comparison_lines(result)))
+    return 0

@@ -1,0 +1,146 @@
+"""`testbed compare REPORT/ --defense A --vs B`: the answer's format, its JSON, refusals, and a real tiny report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from testbed.cli import main
+from testbed.defense import DefenseResult
+from testbed.stats import compare
+from test_stats import noop_oracle_rows
+
+ME = __name__
+
+
+def write_report(path: Path, rows: list[dict]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    doc = {"format": "segbackdoor-bench", "version": 1, "meta": {}, "rows": rows, "verdicts": []}
+    (path / "results.json").write_text(json.dumps(doc))
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_compare_prints_one_line_per_metric(tmp_path, capsys):
+    rows = noop_oracle_rows()
+    report = write_report(tmp_path / "r", rows)
+    assert main(["compare", str(report), "--defense", "oracle", "--vs", "noop"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == ["DER", "ASR_after", "mIoU-B_after"]
+    d = np.array([r["DER"] for r in rows if r["defense"] == "oracle"]) - 0.5
+    lo, hi = sps.t.interval(0.95, d.size - 1, loc=d.mean(), scale=sps.sem(d))
+    assert lines[0] == f"oracle − noop: DER +{d.mean():.3f} [+{lo:.3f}, +{hi:.3f}], n=12 models, p=0.00049"
+    assert lines[1].startswith("oracle − noop: ASR_after −") and " pp [" in lines[1]
+
+
+def test_compare_json_is_the_library_result(tmp_path, capsys):
+    rows = noop_oracle_rows()
+    report = write_report(tmp_path / "r", rows)
+    assert main(["compare", str(report), "--defense", "noop", "--vs", "none", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == json.loads(json.dumps(compare(rows, "noop", "none")))
+    assert got["metrics"]["DER"]["mean"] == 0.0 and got["metrics"]["DER"]["p"] == 1.0
+
+
+def _report_without_rows(tmp: Path) -> Path:
+    return write_report(tmp / "r", [])
+
+
+def _invalid_json(tmp: Path) -> Path:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "results.json").write_text("{not json")
+    return tmp / "r"
+
+
+def _other_json(tmp: Path) -> Path:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "results.json").write_text(json.dumps({"rows": []}))
+    return tmp / "r"
+
+
+def _no_results(tmp: Path) -> Path:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "report.md").write_text("# x\n")
+    return tmp / "r"
+
+
+def _disjoint(tmp: Path) -> Path:
+    rows = [r for r in noop_oracle_rows(4) if r["defense"] == "oracle"]
+    rows += [{**r, "model": r["model"] + "-other", "defense": "noop"} for r in rows]
+    return write_report(tmp / "r", rows)
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (lambda t: t / "missing", ["--defense", "oracle", "--vs", "noop"], "does not exist"),
+    (_no_results, ["--defense", "oracle", "--vs", "noop"], "has no results.json"),
+    (_invalid_json, ["--defense", "oracle", "--vs", "noop"], "cannot read"),
+    (_other_json, ["--defense", "oracle", "--vs", "noop"], "is not a bench report"),
+    (_report_without_rows, ["--defense", "oracle", "--vs", "noop"], "has no rows"),
+    (lambda t: write_report(t / "r", noop_oracle_rows(3)), ["--defense", "orcale", "--vs", "noop"],
+     "--defense 'orcale' is not in"),
+    (lambda t: write_report(t / "r", noop_oracle_rows(3)), ["--defense", "oracle", "--vs", "nop"],
+     "it has: noop, oracle, noop-twin (or none)"),
+    (lambda t: write_report(t / "r", noop_oracle_rows(3)), ["--defense", "oracle", "--vs", "oracle"], "both 'oracle'"),
+    (_disjoint, ["--defense", "oracle", "--vs", "noop"], "share no models"),
+])
+def test_compare_refuses_bad_input_with_one_line(tmp_path, capsys, make, args, message):
+    report = make(tmp_path)
+    before = tree(tmp_path)
+    rc = main(["compare", str(report), *args])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("testbed: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert tree(tmp_path) == before  # nothing written, nothing changed
+
+
+# -- end to end on a real (tiny) report --------------------------------------------------------------
+
+class DarkFilter:
+    """Rejects images with many near-black pixels (the line trigger is black)."""
+
+    name = "dark-filter"
+
+    @staticmethod
+    def score(images):
+        return (np.asarray(images).min(-1) < 30).mean(axis=(1, 2)).astype(np.float64)
+
+    def run(self, model, ctx):
+        return DefenseResult(input_scores=self.score, threshold=float(np.quantile(self.score(ctx.clean_images), 0.9)))
+
+
+class NoOp:
+    """Hands the model back unchanged: after = before, DER 0.5."""
+
+    name = "no-op"
+
+    def run(self, model, ctx):
+        return DefenseResult(model=model)
+
+
+def test_compare_on_a_real_bench_report(backdoored_run, fgba_line_path, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["-q", "bench", "--run", str(backdoored_run), "--data", str(fgba_line_path), "--defense",
+               f"{ME}:DarkFilter,{ME}:NoOp", "--device", "cpu", "--no-figures", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rows = {r["defense"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    before = tree(out)
+
+    assert main(["compare", str(out), "--defense", "no-op", "--vs", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "no-op − none: DER +0.000, n=1 model, no interval"
+
+    assert main(["compare", str(out), "--defense", "dark-filter", "--vs", "no-op", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["models"] == 1 and got["metrics"]["DER"]["lo"] is None
+    assert got["metrics"]["DER"]["mean"] == pytest.approx(rows["dark-filter"]["DER"] - rows["no-op"]["DER"], abs=1e-12)
+    assert got["metrics"]["ASR_after"]["mean"] == pytest.approx(
+        rows["dark-filter"]["after"]["ASR"] - rows["no-op"]["after"]["ASR"], abs=1e-12)
+    assert tree(out) == before
