@@ -1,19 +1,29 @@
-"""The built-in defenses (SPEC §8), each one file implementing ``testbed.defense.Defense``."""
+"""The built-in defenses (SPEC §8), each one file implementing the protocol of :mod:`testbed.defenses.protocol`.
+
+``BUILTIN`` (name → class, defined in :mod:`testbed.defenses.registry`) and the classes are loaded on first
+use (PEP 562), not when the package is imported: every defense imports the protocol, which lives in this
+package, so an eager import here would be a cycle (and would load every defense's dependencies for anyone
+who only wants the protocol).
+"""
 
 from __future__ import annotations
 
-from testbed.defenses.activation_clustering import ActivationClustering
-from testbed.defenses.fine_pruning import FinePruning
-from testbed.defenses.spectral_signature import SpectralSignature
-from testbed.defenses.strip import Strip
-from testbed.defenses.trigger_synthesis import TriggerSynthesis
-
-BUILTIN: dict[str, type] = {
-    "fine-pruning": FinePruning,
-    "trigger-synthesis": TriggerSynthesis,
-    "strip": Strip,
-    "activation-clustering": ActivationClustering,
-    "spectral-signature": SpectralSignature,
-}
+from typing import Any
 
 __all__ = ["BUILTIN", "ActivationClustering", "FinePruning", "SpectralSignature", "Strip", "TriggerSynthesis"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from testbed.defenses import registry
+
+        if name == "BUILTIN":
+            return registry.BUILTIN
+        for cls in registry.BUILTIN.values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -6,7 +6,6 @@ pytest run.  A defense's result on an entry is computed once per session and sha
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _param(text: str) -> tuple[str, Any]:
+    from testbed.defenses.registry import parse_value
+
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise pytest.UsageError(f"--defense-param {text!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+    return key, parse_value(value)
 
 
 @dataclass
@@ -117,7 +115,7 @@ def zoo(suite_settings):
 @pytest.fixture(scope="session")
 def defense(suite_settings):
     """A fresh instance of the defense under test, built with the --defense-param values."""
-    from testbed.defense_runner import load_defense
+    from testbed.defenses.registry import load_defense
     from testbed.errors import UserError
 
     try:
@@ -131,9 +129,11 @@ def score(pytestconfig, suite_settings):
     """``score(entry, run=0) -> row``: the defense's before/after result on a zoo entry, computed once.
 
     ``run=1`` runs the defense a second time with the same seed (used by the determinism criterion).
-    The row is the same object `testbed bench` writes (keys ``before``, ``after``, ``cost``, ``error``...).
+    The row (a :class:`testbed.defense_row.DefenseRow`) reads like the row `testbed bench` writes (keys
+    ``before``, ``after``, ``cost``, ``error``, ``error_source``...).
     """
-    from testbed.defense_runner import load_defense, run_defense
+    from testbed.defense_runner import run_defense
+    from testbed.defenses.registry import load_defense
 
     cache = pytestconfig._segbackdoor_cache
 

@@ -12,6 +12,9 @@ import pytest
 
 
 def _ok(row: dict) -> dict:
+    if row.get("error") and row.get("error_source") == "testbed":
+        pytest.fail(f"testbed error on this model (a failure of segbackdoor itself, not of the defense): {row['error']}",
+                    pytrace=False)
     if row.get("error"):
         pytest.fail(f"the defense crashed on this model: {row['error']}", pytrace=False)
     return row

@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     defense_rows: list[dict] = []
     if cfg.defenses:
-        from testbed.commands.bench import run_bench
+        from testbed.bench import run_bench
 
         _log(f"defenses {', '.join(cfg.defenses)} on the {cfg.defend_setting} model")
         bench_dir = out / "defenses"

@@ -1,8 +1,9 @@
 """Figures for defend/bench reports (matplotlib, Agg backend: no display needed, same bytes every run).
 
-Each function draws one PNG from the rows of :func:`testbed.defense_runner.run_defense` and returns its path,
-or ``None`` when the rows hold nothing to draw.  Defense-specific plots read ``row["details"]`` keys named in
-docs/writing-a-defense.md; absent keys mean no plot, never an error.
+Each function draws one PNG from :class:`~testbed.defense_row.DefenseRow` objects and returns its path, or
+``None`` when the rows hold nothing to draw.  No figure knows which defense made a row: the per-row figures
+(:data:`ROW_FIGURES`) read ``row.details`` keys named in docs/writing-a-defense.md (any defense that fills
+them gets the figure) or the row's typed filter scores; absent keys mean no plot, never an error.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from testbed import atomic
+from testbed.defense_row import DefenseRow
 from testbed.palette import colorize, palette
 
 BEFORE_COLOUR, AFTER_COLOUR = "#8c8c8c", "#1f77b4"
@@ -42,27 +44,27 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def panels(path: str | os.PathLike, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> Path | None:
+def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequence[str]) -> Path | None:
     """Paper-Figure-1-style panels: image, benign label, target label, prediction before, after each defense."""
-    rows = [r for r in rows if r.get("_panel") is not None]
+    rows = [r for r in rows if r.panel is not None]
     if not rows:
         return None
     plt = _plt()
-    base = rows[0]["_panel"]
-    n = len(base["images"])
+    base = rows[0].panel
+    n = len(base.images)
     if n == 0:
         return None
-    after_cols = [r for r in rows if "after" in r["_panel"]]
-    titles = ["attacked image", "benign label", "target label", "before defense"] + [f"after {r['defense']}" for r in after_cols]
+    after_cols = [r for r in rows if r.panel.after is not None]
+    titles = ["attacked image", "benign label", "target label", "before defense"] + [f"after {r.defense}" for r in after_cols]
     ncol = len(titles)
     fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.9 * n + 0.6), squeeze=False)
     k = len(classes)
     for i in range(n):
-        cells = [base["images"][i], colorize(base["gt"][i], k), colorize(base["target"][i], k), colorize(base["before"][i], k)]
+        cells = [base.images[i], colorize(base.gt[i], k), colorize(base.target[i], k), colorize(base.before[i], k)]
         rejected = [False] * 4
         for r in after_cols:
-            cells.append(colorize(r["_panel"]["after"][i], k))
-            rejected.append(bool(r["_panel"].get("rejected", np.zeros(n, bool))[i]))
+            cells.append(colorize(r.panel.after[i], k))
+            rejected.append(bool((r.panel.rejected if r.panel.rejected is not None else np.zeros(n, bool))[i]))
         for j, (img, rej) in enumerate(zip(cells, rejected)):
             ax = axes[i, j]
             if rej:  # a rejected input has no prediction: show a blank cell crossed out
@@ -77,52 +79,52 @@ def panels(path: str | os.PathLike, rows: Sequence[dict[str, Any]], classes: Seq
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(titles[j], fontsize=8)
-    present = sorted({int(c) for key in ("gt", "target", "before") for c in np.unique(base[key]) if c < k}
-                     | {int(c) for r in after_cols for c in np.unique(r["_panel"]["after"]) if c < k})
+    present = sorted({int(c) for a in (base.gt, base.target, base.before) for c in np.unique(a) if c < k}
+                     | {int(c) for r in after_cols for c in np.unique(r.panel.after) if c < k})
     pal = palette(k) / 255.0
     import matplotlib.patches as mpatches
 
     handles = [mpatches.Patch(color=pal[c], label=classes[c]) for c in present]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    fig.suptitle(f"{rows[0]['model']} ({rows[0]['attack']})", fontsize=9)
+    fig.suptitle(f"{rows[0].model} ({rows[0].attack})", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     return _save(fig, Path(path))
 
 
-def bars(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path | None:
+def bars(path: str | os.PathLike, rows: Sequence[DefenseRow]) -> Path | None:
     """ASR and mIoU-B before vs after, one pair of bars per defense."""
-    rows = [r for r in rows if r.get("after")]
+    rows = [r for r in rows if r.after]
     if not rows:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(rows) + 3), 3.2))
     x = np.arange(len(rows))
     for ax, key in zip(axes, ("ASR", "mIoU-B")):
-        before = [_num((r.get("before") or {}).get(key)) for r in rows]
-        after = [_num(r["after"].get(key)) for r in rows]
+        before = [_num((r.before or {}).get(key)) for r in rows]
+        after = [_num(r.after.get(key)) for r in rows]
         ax.bar(x - 0.2, before, 0.4, label="before", color=BEFORE_COLOUR)
         ax.bar(x + 0.2, after, 0.4, label="after", color=AFTER_COLOUR)
-        ax.set_xticks(x, [r["defense"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(x, [r.defense for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"{key} (%)")
         ax.set_ylim(0, 100)
         ax.set_title(key, fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{rows[0]['model']} ({rows[0]['attack']})", fontsize=9)
+    fig.suptitle(f"{rows[0].model} ({rows[0].attack})", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 
 
-def pruning_curve(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+def curve(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     """``details["curve"]``: list of {"fraction", and any of "miou_b", "miou_clean", "asr"} → one line per metric."""
-    curve = (row.get("details") or {}).get("curve")
-    if not isinstance(curve, list) or not curve or not all(isinstance(p, dict) and "fraction" in p for p in curve):
+    points = (row.details or {}).get("curve")
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) and "fraction" in p for p in points):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    x = [_num(p["fraction"]) * 100 for p in curve]
+    x = [_num(p["fraction"]) * 100 for p in points]
     drawn = 0
     for key, label in (("miou_b", "mIoU-B"), ("miou_clean", "clean-subset mIoU"), ("asr", "ASR")):
-        ys = [p.get(key) for p in curve]
+        ys = [p.get(key) for p in points]
         if all(y is None for y in ys):
             continue
         ys = [_num(y) for y in ys]
@@ -135,21 +137,21 @@ def pruning_curve(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
         return None
     ax.set_xlabel("pruned channels (%)")
     ax.set_ylabel("%")
-    ax.set_title(f"{row['defense']} on {row['model']}", fontsize=9)
+    ax.set_title(f"{row.defense} on {row.model}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(path))
 
 
-def score_histogram(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+def score_histogram(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     """Filter scores of benign vs attacked test inputs (and the clean subset's, ``details["clean_scores"]``)."""
-    scores = row.get("_scores")
-    if not scores:
+    scores = row.filter_scores
+    if scores is None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    series = [("benign test", scores["test_benign"][1]), ("attacked test", scores["test_attacked"][1])]
-    clean = (row.get("details") or {}).get("clean_scores")
+    series = [("benign test", scores.benign), ("attacked test", scores.attacked)]
+    clean = (row.details or {}).get("clean_scores")
     if isinstance(clean, list) and clean:
         series.insert(0, ("clean subset", np.asarray([_num(v) for v in clean])))
     finite = np.concatenate([s[np.isfinite(s)] for _, s in series if len(s)]) if series else np.empty(0)
@@ -161,18 +163,18 @@ def score_histogram(path: str | os.PathLike, row: dict[str, Any]) -> Path | None
         s = s[np.isfinite(s)]
         if s.size:
             ax.hist(s, bins=bins, alpha=0.5, label=f"{label} (n={s.size})", density=True)
-    ax.axvline(scores["threshold"], color="red", linestyle="--", label="threshold")
+    ax.axvline(scores.threshold, color="red", linestyle="--", label="threshold")
     ax.set_xlabel("score (higher = more suspicious)")
-    ax.set_title(f"{row['defense']} on {row['model']}", fontsize=9)
+    ax.set_title(f"{row.defense} on {row.model}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, Path(path))
 
 
-def trigger_synthesis(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+def candidate_masks(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     """``details["norms"]`` (candidate → mask L1 norm, a dict or list), ``details["anomaly_index"]`` and
-    ``details["mask"]`` (the most anomalous candidate's recovered mask, [H,W])."""
-    d = row.get("details") or {}
+    ``details["mask"]`` (the most anomalous candidate's recovered mask, [H,W]), e.g. from trigger synthesis."""
+    d = row.details or {}
     norms, mask = d.get("norms"), d.get("mask")
     if isinstance(norms, dict):
         labels, values = list(map(str, norms)), [_num(v) for v in norms.values()]
@@ -194,7 +196,7 @@ def trigger_synthesis(path: str | os.PathLike, row: dict[str, Any]) -> Path | No
         if len(labels) <= 30:
             ax.set_xticks(np.arange(len(values)), labels, rotation=60, ha="right", fontsize=6)
         ax.set_ylabel("mask L1 norm")
-        ai = (row.get("verdict") or {}).get("score")
+        ai = row.verdict.score if row.verdict is not None else None
         if ai is None and isinstance(d.get("anomaly_index"), (int, float)):
             ai = d["anomaly_index"]
         ax.set_title("candidate mask norms" + (f" (anomaly index {ai:.2f})" if isinstance(ai, (int, float)) else ""), fontsize=9)
@@ -205,7 +207,7 @@ def trigger_synthesis(path: str | os.PathLike, row: dict[str, Any]) -> Path | No
         ax.set_yticks([])
         ax.set_title("recovered mask" + (f" ({d.get('mask_candidate')})" if d.get("mask_candidate") else ""), fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"{row['defense']} on {row['model']}", fontsize=9)
+    fig.suptitle(f"{row.defense} on {row.model}", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -234,9 +236,9 @@ def _cost_items(cost: dict[str, Any]) -> list[tuple[str, float]]:
     return [(k, float(v)) for k, v in items if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def cost_projection(path: str | os.PathLike, row: dict[str, Any]) -> Path | None:
+def cost_projection(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     """``details["cost"]`` projections (see :func:`_cost_items`) → horizontal bars of log10 seconds."""
-    cost = (row.get("details") or {}).get("cost")
+    cost = (row.details or {}).get("cost")
     if not isinstance(cost, dict):
         return None
     items = _cost_items(cost)
@@ -264,6 +266,11 @@ def cost_projection(path: str | os.PathLike, row: dict[str, Any]) -> Path | None
         ax.text(ref, len(values) - 0.4, f" {name}", fontsize=7, color="grey")
     for yi, v, sh in zip(y, values, shown):
         ax.text(sh, yi, f" {v:.1f}" if v <= cap else f" 10^{v:.0f} s", va="center", fontsize=6)
-    ax.set_title(f"{row['defense']}: projected cost (log10 s)", fontsize=9)
+    ax.set_title(f"{row.defense}: projected cost (log10 s)", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
+
+
+# Per-row figures: file prefix → drawer; each reads what any defense may put in its row, none names a defense.
+ROW_FIGURES: tuple[tuple[str, Callable[[str | os.PathLike, DefenseRow], Path | None]], ...] = (
+    ("curve", curve), ("scores", score_histogram), ("trigger", candidate_masks), ("cost", cost_projection))

@@ -1,7 +1,11 @@
 """Writers for `testbed defend` / `testbed bench` reports: results.json, results.csv, scores.csv, report.md, figures.
 
-One row per model × defense (see :func:`testbed.defense_runner.run_defense`).  Callers write into the
-temporary directory of :func:`testbed.atomic.atomic_dir`, so a report appears complete or not at all.
+One row per model × defense (a :class:`~testbed.defense_row.DefenseRow`, see
+:func:`testbed.defense_runner.run_defense`); JSON, CSV and markdown are written from each row's JSON form,
+``scores.csv`` and figures from its typed arrays.  Callers write into the temporary directory of
+:func:`testbed.atomic.atomic_dir`, so a report appears complete or not at all.  A figure that fails to draw
+is the testbed's error: it is listed in ``results.json`` ``"figure_errors"`` and in report.md, and the
+other files are still written.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from testbed import atomic
-from testbed.defense_runner import SCORE_KEYS, jsonable, public_row
+from testbed.defense_row import DefenseRow, public_row
+from testbed.defense_scoring import auroc
+from testbed.jsonutil import jsonable
+from testbed.scoring import SCORE_KEYS
 
 RESULT_COLUMNS = (
     ["model", "attack", "benign_model", "defense", "kinds", "error"]
@@ -34,14 +41,6 @@ def safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "x"
 
 
-def _auc(labels: list[int], scores: list[float]) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if len(set(labels)) < 2:
-        return None
-    return float(roc_auc_score(labels, scores))
-
-
 def verdict_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per defense, over the models it gave a verdict on: detection accuracy and AUROC (benign=0 vs backdoored=1)."""
     out = []
@@ -52,7 +51,6 @@ def verdict_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         truth = [0 if r.get("benign_model") else 1 for r in vs]
         said = [1 if r["verdict"]["backdoored"] else 0 for r in vs]
         scores = [r["verdict"]["score"] if r["verdict"]["score"] is not None else -math.inf for r in vs]
-        scores = [s if math.isfinite(s) else (-1e300 if s < 0 else 1e300) for s in scores]
         out.append({
             "defense": name,
             "models": len(vs),
@@ -61,7 +59,7 @@ def verdict_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "accuracy": sum(int(a == b) for a, b in zip(truth, said)) / len(vs),
             "tpr": (sum(s for t, s in zip(truth, said) if t) / truth.count(1)) if truth.count(1) else None,
             "fpr": (sum(s for t, s in zip(truth, said) if not t) / truth.count(0)) if truth.count(0) else None,
-            "auroc": _auc(truth, scores),
+            "auroc": auroc(truth, scores),
         })
     return out
 
@@ -99,18 +97,17 @@ def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def scores_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def scores_rows(rows: Sequence[DefenseRow]) -> list[dict[str, Any]]:
     """Per-input filter scores: split (test_benign: index into /test; test_attacked: index into /test_attacked)."""
     out = []
     for r in rows:
-        s = r.get("_scores")
-        if not s:
+        s = r.filter_scores
+        if s is None:
             continue
-        for split in ("test_benign", "test_attacked"):
-            index, values = s[split]
+        for split, index, values in s.splits():
             for i, v in zip(np.asarray(index).tolist(), np.asarray(values, dtype=float).tolist()):
-                out.append({"split": split, "index": int(i), "score": repr(float(v)), "flagged": int(v > s["threshold"]),
-                            "model": r["model"], "defense": r["defense"]})
+                out.append({"split": split, "index": int(i), "score": repr(float(v)), "flagged": int(v > s.threshold),
+                            "model": r.model, "defense": r.defense})
     return out
 
 
@@ -130,8 +127,22 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _error_cell(r: dict[str, Any]) -> str:
+    if not r.get("error"):
+        return ""
+    return ("testbed error: " if r.get("error_source") == "testbed" else "error: ") + r["error"][:80]
+
+
+def _errors_markdown(rows: Sequence[dict[str, Any]], figure_errors: Sequence[dict[str, Any]]) -> list[str]:
+    """The Errors section: the defense's failures, then the testbed's own (named so: they are bugs to report)."""
+    lines = [f"- {r['model']} × {r['defense']}" + (" (testbed error)" if r.get("error_source") == "testbed" else "")
+             + f": `{r['error']}`" for r in rows if r.get("error")]
+    lines += [f"- {e['model']} × {e['defense']} (testbed error, figure {e['figure']}): `{e['error']}`" for e in figure_errors]
+    return ["", "## Errors", ""] + lines if lines else []
+
+
 def markdown(rows: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, Any]], meta: dict[str, Any],
-             figures: Sequence[str]) -> str:
+             figures: Sequence[str], figure_errors: Sequence[dict[str, Any]] = ()) -> str:
     parts = [f"# {meta.get('title', 'Defense benchmark')}", ""]
     for key in ("data", "zoo", "device", "seed", "budget_s"):
         if meta.get(key) is not None:
@@ -151,7 +162,7 @@ def markdown(rows: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, Any]],
             _fmt(det.get("tpr"), 3), _fmt(det.get("fpr"), 3), _fmt(det.get("auroc"), 3),
             f"{_fmt(fl.get('precision'), 2)} / {_fmt(fl.get('recall'), 2)} ({fl.get('count')})" if fl else "—",
             (f"{'backdoored' if ver['backdoored'] else 'clean'} ({_fmt(ver['score'])})" if ver else "—"),
-            seconds, ("error: " + r["error"][:80]) if r.get("error") else "",
+            seconds, _error_cell(r),
         ])
     parts.append(_md_table(["model", "attack", "defense", "kind", "ASR before", "ASR after", "mIoU-B before",
                             "mIoU-B after", "DER", "TPR", "FPR", "AUROC", "flagged P / R (n)", "verdict", "seconds",
@@ -161,56 +172,68 @@ def markdown(rows: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, Any]],
                   _md_table(["defense", "models", "benign", "backdoored", "accuracy", "TPR", "FPR", "AUROC"],
                             [[v["defense"], v["models"], v["benign"], v["backdoored"], _fmt(v["accuracy"], 3),
                               _fmt(v["tpr"], 3), _fmt(v["fpr"], 3), _fmt(v["auroc"], 3)] for v in verdicts])]
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        parts += ["", "## Errors", ""] + [f"- {r['model']} × {r['defense']}: `{r['error']}`" for r in errors]
+    parts += _errors_markdown(rows, figure_errors)
     if figures:
         parts += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(parts) + "\n"
 
 
-def draw_figures(fig_dir: Path, rows: Sequence[dict[str, Any]], classes: dict[str, Sequence[str]]) -> list[Path]:
-    """Panels + bars per model, defense-specific plots per row."""
+def draw_figures(fig_dir: Path, rows: Sequence[DefenseRow],
+                 classes: dict[str, Sequence[str]]) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Panels + bars per model, then every per-row figure (:data:`testbed.plots.ROW_FIGURES`) of each row.
+
+    Returns the figures drawn and the testbed's failures to draw one (model, defense, figure, error)."""
     from testbed import plots
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     out: list[Path | None] = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
+    failed: list[dict[str, Any]] = []
+
+    def draw(name: str, fn: Any, *args: Any, model: str, defense: str = "") -> None:
+        try:
+            out.append(fn(fig_dir / name, *args))
+        except Exception as e:  # noqa: BLE001 — one broken figure must not cost the report
+            failed.append({"model": model, "defense": defense, "figure": name, "error": f"{type(e).__name__}: {e}"})
+
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model]
         m = safe_name(model)
-        out.append(plots.panels(fig_dir / f"panels--{m}.png", mine, classes.get(model, [])))
-        out.append(plots.bars(fig_dir / f"bars--{m}.png", mine))
+        draw(f"panels--{m}.png", plots.panels, mine, classes.get(model, []), model=model)
+        draw(f"bars--{m}.png", plots.bars, mine, model=model)
         for r in mine:
-            if r.get("error"):
+            if r.error:
                 continue
-            stem = f"{m}--{safe_name(r['defense'])}"
-            out.append(plots.pruning_curve(fig_dir / f"curve--{stem}.png", r))
-            out.append(plots.score_histogram(fig_dir / f"scores--{stem}.png", r))
-            out.append(plots.trigger_synthesis(fig_dir / f"trigger--{stem}.png", r))
-            out.append(plots.cost_projection(fig_dir / f"cost--{stem}.png", r))
-    return [p for p in out if p is not None]
+            stem = f"{m}--{safe_name(r.defense)}"
+            for prefix, fn in plots.ROW_FIGURES:
+                draw(f"{prefix}--{stem}.png", fn, r, model=model, defense=r.defense)
+    return [p for p in out if p is not None], failed
 
 
-def results_document(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def results_document(rows: Sequence[DefenseRow | dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    public = [public_row(r) for r in rows]
     return {
         "format": "segbackdoor-bench",
         "version": 1,
         "meta": jsonable({k: v for k, v in meta.items() if k != "title"}),
-        "rows": [public_row(r) for r in rows],
-        "verdicts": verdict_summary(rows),
+        "rows": public,
+        "verdicts": verdict_summary(public),
     }
 
 
-def write_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], *, meta: dict[str, Any],
+def write_report(out_dir: str | Path, rows: Sequence[DefenseRow], *, meta: dict[str, Any],
                  classes: dict[str, Sequence[str]], figures: bool = True) -> dict[str, Any]:
-    """Write every report file into ``out_dir`` (already created; normally an atomic_dir temp). Returns results.json."""
+    """Write every report file into ``out_dir`` (already created; normally an atomic_dir temp). Returns results.json
+    (plus ``"figures"``, the figure paths relative to ``out_dir``)."""
     out_dir = Path(out_dir)
+    figs, figure_errors = draw_figures(out_dir / "figures", rows, classes) if figures else ([], [])
     doc = results_document(rows, meta)
+    if figure_errors:
+        doc["figure_errors"] = figure_errors
+    public = doc["rows"]
     atomic.write_text(out_dir / "results.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    atomic.write_text(out_dir / "results.csv", _csv_text(RESULT_COLUMNS, [csv_row(r) for r in rows]))
+    atomic.write_text(out_dir / "results.csv", _csv_text(RESULT_COLUMNS, [csv_row(r) for r in public]))
     atomic.write_text(out_dir / "scores.csv", _csv_text(SCORE_COLUMNS, scores_rows(rows)))
-    figs = draw_figures(out_dir / "figures", rows, classes) if figures else []
     rel = [str(p.relative_to(out_dir)) for p in figs]
-    atomic.write_text(out_dir / "report.md", markdown(rows, doc["verdicts"], meta, rel))
+    atomic.write_text(out_dir / "report.md", markdown(public, doc["verdicts"], meta, rel, figure_errors))
     doc["figures"] = rel
     return doc

@@ -52,6 +52,24 @@ class Crasher:
         raise RuntimeError("deliberate failure")
 
 
+class FlagFirst:
+    """Flags training sample 0 (the runner then retrains without it)."""
+
+    name = "flag-first"
+
+    def run(self, model, ctx):
+        return DefenseResult(flagged_train=np.array([0]))
+
+
+class BadCurve:
+    """A curve whose x values are not numbers: its figure cannot be drawn."""
+
+    name = "bad-curve"
+
+    def run(self, model, ctx):
+        return DefenseResult(details={"curve": [{"fraction": "not a number", "miou_clean": 0.5}]})
+
+
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -164,7 +182,7 @@ def test_defend_by_entry_point_and_verdicts_across_models(backdoored_run, fgba_l
     """An installed plugin (a dist-info on sys.path) runs by name; verdicts are scored across models."""
     from sklearn.metrics import roc_auc_score
 
-    from testbed.commands.bench import BenchModel, run_bench
+    from testbed.bench import BenchModel, run_bench
 
     dist = tmp_path / "plugins" / "median_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
@@ -195,6 +213,32 @@ def test_defend_by_entry_point_and_verdicts_across_models(backdoored_run, fgba_l
     assert summary["auroc"] == pytest.approx(roc_auc_score(truth, [r["verdict"]["score"] for r in rows]))
     assert rows[1]["before"]["ASR"] is None and rows[1]["after"] is None  # clean data: nothing attacked to score
     assert "Verdicts across models" in (tmp_path / "verdicts" / "report.md").read_text()
+
+
+def test_testbed_errors_are_not_reported_as_the_defenses(backdoored_run, fgba_line_path, tmp_path, monkeypatch, capsys):
+    """A failure of the testbed's retraining or figures is a testbed error: named so, exit 1, the rest still written."""
+    import testbed.defense_runner
+
+    def broken_retrain(*args, **kwargs):
+        raise RuntimeError("retraining broke")
+
+    monkeypatch.setattr(testbed.defense_runner, "retrain_without", broken_retrain)
+    out = tmp_path / "report"
+    rc = main(["-q", "bench", "--run", str(backdoored_run), "--data", str(fgba_line_path), "--defense",
+               f"{ME}:FlagFirst,{ME}:BadCurve", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "testbed error" in err and "defense run(s) failed" not in err
+    doc = json.loads((out / "results.json").read_text())
+    rows = {r["defense"]: r for r in doc["rows"]}
+    assert (rows["flag-first"]["error"], rows["flag-first"]["error_source"]) == ("RuntimeError: retraining broke", "testbed")
+    assert rows["flag-first"]["flagged"]["count"] == 1
+    assert (rows["bad-curve"]["error"], rows["bad-curve"]["error_source"]) == (None, None)
+    (failed,) = doc["figure_errors"]
+    assert failed["defense"] == "bad-curve" and failed["figure"] == f"curve--{backdoored_run.name}--bad-curve.png"
+    assert failed["error"].startswith("ValueError")
+    assert (out / "figures" / f"panels--{backdoored_run.name}.png").is_file()  # the other figures were drawn
+    report = (out / "report.md").read_text()
+    assert "flag-first (testbed error): `RuntimeError: retraining broke`" in report and "figure curve--" in report
 
 
 def test_verdict_summary_matches_sklearn():
@@ -273,3 +317,12 @@ def test_bench_zoo(tmp_path, capsys):
     attacked_row = next(r for r in filt if not r["benign_model"])
     assert benign_row["detection"]["tpr"] is None and benign_row["detection"]["auroc"] is None  # clean data: no attacked inputs
     assert attacked_row["detection"]["auroc"] is not None
+    # what statistics over seeds group by: the entry's seed, its grid point but seed, the attack's parameters
+    for r in doc["rows"]:
+        attack = "benign" if r["benign_model"] else "fgba-n1-line"
+        assert r["model"] == f"deeplabv3_tiny--{attack}--s0"
+        assert (r["seed"], r["group"]) == (0, {"model": "deeplabv3_tiny", "attack": attack})
+        with h5py.File(r["data"], "r") as f:
+            record = json.loads(f.attrs["attack"]) if "attack" in f.attrs else None
+        assert r["attack_params"] == (None if r["benign_model"] else record["params"])
+    assert attacked_row["attack_params"]["target"] == "wall" and attacked_row["attack_params"]["preset"] == "n-to-1"

@@ -305,6 +305,68 @@ def test_builtin_fine_pruning_curve_gets_test_scores(backdoored_run, fgba_line_p
     assert curve[0]["asr"] == row["before"]["ASR"]
 
 
+def test_a_description_that_does_not_fit_the_model_is_noted_not_failed(backdoored_run, fgba_line_path, before):
+    class BadPruner:
+        name = "bad-pruner"
+
+        def run(self, model, ctx):
+            return DefenseResult(details={"prune_order": [0, 10**6], "curve": [{"fraction": 0.0, "pruned": 0},
+                                                                                {"fraction": 0.5, "pruned": 2}]})
+
+    row = run_defense(BadPruner(), backdoored_run, fgba_line_path, device="cpu", panels=0, before=before)
+    assert row["error"] is None
+    assert row["details"]["curve_test_scores"].startswith("not scored: prune_order channel 1000000")
+    assert all("asr" not in p and "miou_b" not in p for p in row["details"]["curve"])  # no half-scored curve
+
+
+def test_failures_are_blamed_on_whoever_failed(backdoored_run, fgba_line_path, before, monkeypatch):
+    """The defense's own code (run, input_scores, its model's forward) fails as the defense; retraining as the testbed."""
+    import testbed.defense_runner as runner
+
+    class RaisingFilter:
+        name = "raising-filter"
+
+        def run(self, model, ctx):
+            def scores(images):
+                raise ValueError("filter broke")
+            return DefenseResult(input_scores=scores, threshold=0.5)
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("forward broke")
+
+    class BrokenRepair:
+        name = "broken-repair"
+
+        def run(self, model, ctx):
+            return DefenseResult(model=Broken())
+
+    cases = ((Crasher(), "RuntimeError: boom"), (RaisingFilter(), "ValueError: filter broke"),
+             (BrokenRepair(), "RuntimeError: forward broke"))
+    for defense, message in cases:
+        row = run_defense(defense, backdoored_run, fgba_line_path, device="cpu", panels=0, before=before)
+        assert (row["error"], row["error_source"]) == (message, "defense"), defense.name
+    ok = run_defense(Identity(), backdoored_run, fgba_line_path, device="cpu", panels=0, before=before)
+    assert (ok["error"], ok["error_source"]) == (None, None)
+
+    def broken_retrain(*args, **kwargs):
+        raise RuntimeError("retrain broke")
+
+    monkeypatch.setattr(runner, "retrain_without", broken_retrain)
+    row = run_defense(FlagDark(), backdoored_run, fgba_line_path, device="cpu", panels=0, before=before)
+    assert (row["error"], row["error_source"]) == ("RuntimeError: retrain broke", "testbed")
+    assert row["flagged"]["count"] > 0 and row["after"] is None  # what was scored before the failure stays
+
+
+def test_jsonable_one_rule_for_numbers_json_cannot_hold():
+    from testbed.jsonutil import jsonable
+
+    got = jsonable({1: np.float32("nan"), "t": (np.int64(2), np.bool_(True)), "x": torch.tensor([1.5, float("inf")]),
+                    "a": np.array([[-np.inf, 0.25]]), "o": Path("p")})
+    assert got == {"1": None, "t": [2, True], "x": [1.5, None], "a": [[None, 0.25]], "o": "p"}
+    assert type(got["t"][0]) is int and type(got["t"][1]) is bool
+
+
 # -- loading defenses ----------------------------------------------------------------------------------
 def test_load_builtins_with_params():
     from testbed import defenses

@@ -24,13 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "defend",
         help="run defenses on one trained model and score them before/after",
-        description="Run each --defense on the model in RUN/ under the threat model of SPEC §8: the defense gets a fresh "
-        "copy of the model, the trusted clean subset of --data (/defense/clean_index) and, only if it declares "
+        description="Run each --defense on the model in RUN/ under the threat model (docs/writing-a-defense.md): "
+        "the defense gets a fresh copy of the model, the trusted clean subset of --data (/defense/clean_index) and, only if it declares "
         "uses_training_set, a read-only view of the training images and labels — never the trigger, attack "
         "parameters, poison indices or attacked test set. Its result is scored the same way for every defense: a "
         "repaired model on the benign and attacked test sets, flagged training samples by retraining without them "
         "(original training arguments), an input filter with rejected inputs counted as defended (TPR, FPR, AUROC). "
-        "Exits 1 when any defense raised (its error is in the report).",
+        "Exits 1 when any defense raised (its error is in the report) or the testbed itself failed (a testbed error).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
