@@ -17,7 +17,7 @@ from typing import NoReturn
 from testbed import __version__, progress
 from testbed.errors import UserError
 
-COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "bench", "zoo", "compare")
+COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "bench", "defenses", "zoo", "compare")
 
 
 class Parser(argparse.ArgumentParser):

@@ -6,11 +6,14 @@ Files are plain HDF5; ``docs/data-format.md`` describes them for people who read
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -28,6 +31,48 @@ _LABEL_CHECK_BLOCK = 256
 
 def _json_attr(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _abandon(f: h5py.File) -> None:
+    """Close ``f`` after a failed write without letting HDF5 crash.
+
+    After one failed write HDF5 retries its buffered writes at close, in destructors (where Python can only
+    print the error) and at interpreter exit, where it can end in a segmentation fault.  Pointing the file's
+    descriptor at /dev/null makes those writes succeed into nothing, so the close is clean; the caller then
+    deletes the temporary file.
+    """
+    with contextlib.suppress(Exception):
+        fd = f.id.get_vfd_handle()
+        if isinstance(fd, int) and fd > 2:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """A new HDF5 file written atomically (:func:`testbed.atomic.atomic_file`) whose write errors are clean.
+
+    HDF5 buffers writes and reports a failure late (at a flush, at close, or in a destructor), so the file is
+    flushed explicitly while the caller's datasets are still open, and on any failure it is abandoned
+    (:func:`_abandon`) before the temporary file is removed: one error, no crash, nothing left behind.
+    """
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        f = h5py.File(tmp, "w")
+        try:
+            yield f
+            f.flush()
+            f.close()
+        except BaseException as e:
+            _abandon(f)
+            if isinstance(e, RuntimeError) and "write failed" in str(e):  # HDF5 reports some failed writes as these
+                m = re.search(r"errno = (\d+)", str(e))
+                code = int(m.group(1)) if m else errno.EIO
+                raise OSError(code, os.strerror(code)) from None
+            raise  # atomic_file removes the temporary file and words a full disk as one line
 
 
 class DatasetWriter:
@@ -68,12 +113,12 @@ class DatasetWriter:
         }
         self._attrs.update(attrs or {})
         self._ctx = None
+        self._datasets: list[h5py.Dataset] = []  # kept alive so their chunks are flushed by us, not by the GC
         self.file: h5py.File | None = None
 
     def __enter__(self) -> "DatasetWriter":
-        self._ctx = atomic_file(self.path)
-        tmp = self._ctx.__enter__()
-        self.file = h5py.File(tmp, "w")
+        self._ctx = atomic_h5(self.path)
+        self.file = self._ctx.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -86,12 +131,16 @@ class DatasetWriter:
                     for kind in ("images", "labels"):
                         if f"{split}/{kind}" not in self.file:
                             raise ValueError(f"dataset is missing /{split}/{kind}")
-        except BaseException as e:  # close, then let atomic_file discard the temp file
-            self.file.close()
-            self._ctx.__exit__(type(e), e, e.__traceback__)
+        except BaseException as e:  # let atomic_h5 abandon the file and discard the temp file
+            try:
+                self._ctx.__exit__(type(e), e, e.__traceback__)
+            finally:
+                self._datasets.clear()
             raise
-        self.file.close()
-        return bool(self._ctx.__exit__(exc_type, exc, tb))
+        try:
+            return bool(self._ctx.__exit__(exc_type, exc, tb))
+        finally:
+            self._datasets.clear()
 
     def set_attr(self, name: str, value: Any) -> None:
         self._attrs[name] = value
@@ -104,7 +153,9 @@ class DatasetWriter:
             kwargs["chunks"] = (1,) + shape[1:]
             if self.compression:
                 kwargs["compression"] = self.compression
-        return self.file.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+        ds = self.file.create_dataset(name, shape=shape, dtype=dtype, **kwargs)
+        self._datasets.append(ds)
+        return ds
 
     def put(self, name: str, array: np.ndarray) -> None:
         array = np.asarray(array)
@@ -170,7 +221,7 @@ class SegFile:
         except UserError:
             self.file.close()
             raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
             self.file.close()
             raise UserError(f"{self.path} is corrupt or truncated ({e}); re-create it") from None
 
@@ -198,30 +249,53 @@ class SegFile:
             elif isinstance(value, np.generic):
                 value = value.item()
             self.attrs[name] = value
-        self.classes: list[str] = list(self.attrs["classes"])
+        self.classes: list[str] = self._check_classes(self.attrs.get("classes"))
         self.num_classes = len(self.classes)
         self.ignore_index = int(self.attrs.get("ignore_index", IGNORE_INDEX))
         self.source: dict = self.attrs.get("source", {})
         self.attack: dict | None = self.attrs.get("attack")
-        h, w = (int(x) for x in self.attrs["image_size"])
-        self.image_size = (h, w)
+        size = self.attrs.get("image_size")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise UserError(f"{self.path}: root attribute image_size is {size!r}, not [H, W]; the file is damaged, re-create it")
+        self.image_size = (size[0], size[1])
         for split in SPLITS:
             for kind in ("images", "labels"):
                 if f"{split}/{kind}" not in self.file:
                     raise UserError(f"{self.path} lacks /{split}/{kind}; it is not a complete testbed dataset")
             self._check_pair(f"{split}/images", f"{split}/labels")
-        if "test_attacked/images" in self.file:
-            self._check_pair("test_attacked/images", "test_attacked/labels")
-            if "test_attacked/gt" in self.file:
-                self._check_pair("test_attacked/images", "test_attacked/gt")
+        for labels in ("test_attacked/labels", "test_attacked/gt"):
+            if "test_attacked/images" in self.file and labels in self.file:
+                self._check_pair("test_attacked/images", labels)
+        if "train/original_images" in self.file:
+            self._check_pair("train/original_images", "train/original_labels")
+        self._check_indices()
         if check_labels:
             for name in self.file:
                 for key in ("labels", "gt", "original_labels"):
                     if f"{name}/{key}" in self.file:
                         self._check_label_range(f"{name}/{key}")
 
+    def _check_classes(self, classes: Any) -> list[str]:
+        """Class names are how everything refers to classes: 1..255 distinct, non-empty strings."""
+        fix = "the file is damaged; re-create it (or re-import it with a corrected classes file)"
+        if not isinstance(classes, list) or not 1 <= len(classes) <= 255:
+            raise UserError(f"{self.path}: root attribute classes must be a JSON list of 1..255 names, got {str(classes)[:60]!r}; {fix}")
+        bad = [c for c in classes if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise UserError(f"{self.path}: class names must be non-empty strings, got {bad[0]!r}; {fix}")
+        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if dupes:
+            raise UserError(f"{self.path}: class name(s) {', '.join(map(repr, dupes))} appear more than once; {fix}")
+        return list(classes)
+
+    def _array(self, name: str) -> h5py.Dataset:
+        obj = self.file[name]
+        if not isinstance(obj, h5py.Dataset):
+            raise UserError(f"{self.path}: /{name} is a {type(obj).__name__.lower()}, not an array; the file is damaged, re-create it")
+        return obj
+
     def _check_pair(self, images: str, labels: str) -> None:
-        x, y = self.file[images], self.file[labels]
+        x, y = self._array(images), self._array(labels)
         h, w = self.image_size
         if x.dtype != np.uint8 or y.dtype != np.uint8:
             raise UserError(f"{self.path}: /{images} and /{labels} must be uint8")
@@ -230,8 +304,29 @@ class SegFile:
         if y.shape != x.shape[:3]:
             raise UserError(f"{self.path}: /{labels} has shape {y.shape}, expected {x.shape[:3]}")
 
+    # index arrays of a poisoned file: what they index, and which array their length must match
+    _INDEX_ARRAYS = (("train/poison_index", "train", "train/original_images"), ("defense/clean_index", "train", None),
+                     ("test_attacked/index", "test", "test_attacked/images"), ("test_benign/index", "test", None))
+
+    def _check_indices(self) -> None:
+        for name, split, rows in self._INDEX_ARRAYS:
+            if name not in self.file:
+                continue
+            ds = self._array(name)
+            n = self.length(split)
+            if ds.ndim != 1 or ds.dtype.kind not in "iu":
+                raise UserError(f"{self.path}: /{name} must be a 1-D integer array, got {ds.dtype} {ds.shape}; "
+                                "the file is damaged, re-create it with `testbed poison`")
+            idx = ds[()]
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise UserError(f"{self.path}: /{name} holds index {int(idx.max()) if idx.max() >= n else int(idx.min())} "
+                                f"outside /{split} (0..{n - 1}); the file is damaged, re-create it with `testbed poison`")
+            if rows is not None and rows in self.file and self._array(rows).shape[0] != idx.size:
+                raise UserError(f"{self.path}: /{name} has {idx.size} entries but /{rows} has "
+                                f"{self._array(rows).shape[0]} rows; the file is damaged, re-create it with `testbed poison`")
+
     def _check_label_range(self, name: str) -> None:
-        ds = self.file[name]
+        ds = self._array(name)
         k = self.num_classes
         for start in range(0, ds.shape[0], _LABEL_CHECK_BLOCK):
             block = ds[start : start + _LABEL_CHECK_BLOCK]

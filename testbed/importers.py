@@ -69,17 +69,36 @@ def _pair(images: Sequence[Path], mask_dir: Path, mask_exts: Sequence[str]) -> l
     return pairs
 
 
+def _load_checked(job: _Job) -> tuple[np.ndarray, np.ndarray]:
+    """``load_pair`` with PIL's decompression-bomb limit as a clean error (it runs in a worker process).
+
+    A small PNG can declare billions of pixels; PIL refuses past ``Image.MAX_IMAGE_PIXELS`` (a warning up to twice
+    that, an error beyond).  Both become one line naming the file instead of a traceback or an exhausted memory.
+    """
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _load(job)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{job.image} or its mask {job.mask} declares too many pixels ({e}); PIL refuses it as a "
+                        "possible decompression bomb: remove or shrink the image") from None
+
+
 def _run(jobs: Sequence[_Job], workers: int, desc: str):
     """Yield loaded samples in job order, from a process pool when workers > 1."""
     if workers <= 1 or len(jobs) <= 1:
         for job in progress.bar(jobs, total=len(jobs), desc=desc):
-            yield _load(job)
+            yield _load_checked(job)
         return
     # fork: workers start in milliseconds and only run PIL + numpy (no threads, no HDF5 handles touched)
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     chunk = max(1, min(16, len(jobs) // (workers * 4)))
     with ctx.Pool(workers) as pool:
-        it = pool.imap(_load, jobs, chunksize=chunk)
+        it = pool.imap(_load_checked, jobs, chunksize=chunk)
         yield from progress.bar(it, total=len(jobs), desc=desc)
 
 
@@ -102,7 +121,7 @@ def _write(
         if not pairs:
             raise UserError(f"the {split} split has no images; both train and test need at least one")
     jobs = {s: [_Job(str(i), str(m), size, lut, max_value, allow_ignore) for i, m in pairs] for s, pairs in splits.items()}
-    first_img, _ = _load(jobs["train"][0])
+    first_img, _ = _load_checked(jobs["train"][0])
     h, w = first_img.shape[:2]
     source = dict(source, size=size, n_train=len(splits["train"]), n_test=len(splits["test"]))
     with h5data.DatasetWriter(out, classes, source=source, image_size=(h, w), compression=compression) as wr:

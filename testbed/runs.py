@@ -28,8 +28,13 @@ def save_model(model: nn.Module, config: dict[str, Any], run_dir: str | os.PathL
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    from safetensors import SafetensorError
+
     with atomic.atomic_file(run_dir / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (a full disk) arrive as this, not as OSError
+            raise UserError(f"cannot write {run_dir / WEIGHTS} ({e}); free disk space and run again") from None
     atomic.write_json(run_dir / CONFIG, config)
     return run_dir
 
@@ -50,10 +55,26 @@ def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e}); re-create the run") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} does not hold a JSON object; re-create the run")
+    _check_config(config, path)
+    return config
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    """The keys a model is rebuilt from, with their types: a damaged config is one clear error, not a crash."""
+    fix = "it is damaged or not a testbed run config; re-create the run"
     for key in ("model", "num_classes"):
         if key not in config:
-            raise UserError(f"{path} lacks {key!r}; it is not a testbed run config")
-    return config
+            raise UserError(f"{path} lacks {key!r}; {fix}")
+    if not isinstance(config["model"], str):
+        raise UserError(f"{path}: model must be a model name (a string), got {config['model']!r}; {fix}")
+    k = config["num_classes"]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 255:
+        raise UserError(f"{path}: num_classes must be an integer in 1..255, got {k!r}; {fix}")
+    classes = config.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path}: classes must be a list of class names, got {str(classes)[:60]}; {fix}")
+    if not isinstance(config.get("aux_loss", False), bool):
+        raise UserError(f"{path}: aux_loss must be true or false, got {config['aux_loss']!r}; {fix}")
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

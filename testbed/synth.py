@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -543,6 +544,59 @@ def synth_scenes(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.
     return _scenes(n, size, seed, stream=0)
 
 
+_BYTES_PER_PIXEL = 4  # uint8 RGB + label, per image
+_DRAW_BYTES_PER_PIXEL = 80  # float32 canvases and noise while one chunk is drawn (measured with tracemalloc: ~75)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def memory_estimate(n_train: int, n_test: int, size: int) -> int:
+    """Bytes ``make_synth_dataset`` holds at its peak: every image and label, plus one chunk being drawn."""
+    pixels = int(size) * int(size)
+    return (int(n_train) + int(n_test)) * pixels * _BYTES_PER_PIXEL + max(_PIXELS_PER_CHUNK, pixels) * _DRAW_BYTES_PER_PIXEL
+
+
+def check_synth_args(n_train: Any, n_test: Any, size: Any, seed: Any) -> None:
+    """Refuse, before any work, what would fail later: bad numbers, a negative seed, arrays beyond the memory."""
+    from testbed.errors import UserError
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if not is_int(value) or value < 1:
+            raise UserError(f"{name} must be a positive number of images, got {value!r}")
+    if not is_int(size) or size < 8:
+        raise UserError(f"size must be at least 8 pixels, got {size!r}")
+    if not is_int(seed) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    need, have = memory_estimate(n_train, n_test, size), _available_memory()
+    if have is not None and need > have:
+        raise UserError(f"{n_train}+{n_test} images at size {size} need about {_fmt_bytes(need)} of memory "
+                        f"({_BYTES_PER_PIXEL} bytes per pixel of every image, built in memory), but {_fmt_bytes(have)} "
+                        "is available; lower size, n_train or n_test")
+
+
 def make_synth_dataset(
     out: str | os.PathLike,
     n_train: int = 1000,
@@ -552,13 +606,7 @@ def make_synth_dataset(
     compression: str | None = None,
 ) -> Path:
     """Write a synthetic dataset file (SPEC §3); train and test come from independent seeded streams."""
-    from testbed.errors import UserError
-
-    for name, value in (("n_train", n_train), ("n_test", n_test)):
-        if int(value) < 1:
-            raise UserError(f"{name} must be a positive number of images, got {value}")
-    if int(size) < 8:
-        raise UserError(f"size must be at least 8 pixels, got {size}")
+    check_synth_args(n_train, n_test, size, seed)
     train = _scenes(n_train, size, seed, stream=0)
     test = _scenes(n_test, size, seed, stream=1)
     source = {"generator": GENERATOR, "n_train": int(n_train), "n_test": int(n_test), "size": int(size), "seed": int(seed)}

@@ -11,8 +11,10 @@ RUN/ layout: ``model.safetensors``, ``config.json``, ``train_log.jsonl``, ``metr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from testbed import atomic, h5data
 from testbed import progress as progress_mod
 from testbed.device import resolve_device
 from testbed.errors import UserError
+from testbed.guards import RunLock, check_outputs
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "onecycle")
@@ -92,6 +95,16 @@ class TrainConfig:
             (_is_int(self.num_workers) and self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers!r}"),
             (_is_int(self.log_every) and self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every!r}"),
             (_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed!r}"),
+        ]
+        checks += [  # booleans are booleans: hflip = "no" in a zoo spec must not mean "flip"
+            (isinstance(self.hflip, bool), f"hflip must be true or false (--no-hflip), got {self.hflip!r}"),
+            (isinstance(self.aux_loss, bool), f"aux_loss must be true or false (--aux-loss), got {self.aux_loss!r}"),
+            (isinstance(self.amp, (bool, str)), f"amp must be true, false, \"auto\", \"bf16\" or \"fp16\", got {self.amp!r}"),
+            (isinstance(self.channels_last, (bool, str)),
+             f"channels_last must be true, false or \"auto\", got {self.channels_last!r}"),
+            (self.backbone_weights is None or isinstance(self.backbone_weights, str),
+             f"backbone_weights must be \"imagenet\" or a file path, got {self.backbone_weights!r}"),
+            (isinstance(self.model, str), f"model must be a model name, got {self.model!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -286,6 +299,65 @@ def _resume_key(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_dict.items() if k not in _RESUME_FREE}
 
 
+class _KeepError(io.RawIOBase):
+    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into an opaque
+    RuntimeError ("unexpected pos ..."), so a full disk would otherwise not be recognisable."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    with atomic.atomic_file(path) as tmp, open(tmp, "wb") as raw:
+        sink = _KeepError(raw)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None  # atomic_file words it as one line ("cannot write ...: No space left")
+            raise
+
+
+@contextlib.contextmanager
+def _locked_run_dir(out: Path, dist: _Dist) -> Iterator[None]:
+    """RUN/ created when missing and locked (rank 0) for the whole run: a second trainer stops naming the holder.
+
+    A run that fails before its first checkpoint leaves nothing behind when this call created RUN/.
+    """
+    if not dist.is_main:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory path")
+    try:
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror or e}); choose a writable location") from None
+    try:
+        with RunLock(out):
+            yield
+    except BaseException:
+        if created and not (out / CHECKPOINT).is_file():
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: no partial output
+        raise
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     """Our own checkpoint, read without unpickling arbitrary objects."""
     try:
@@ -301,7 +373,8 @@ def _plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory path")
     stale = {t for name in RUN_FILES for t in out.glob(f".{name}.*.tmp")} if out.is_dir() else set()
-    present = out.is_dir() and any(p not in stale for p in out.iterdir())  # a killed run's temp files don't count
+    # a killed run's temp files and our own lock don't count
+    present = out.is_dir() and any(p not in stale and p.name != RunLock.NAME for p in out.iterdir())
     ckpt_path = out / CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
@@ -424,114 +497,110 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
         "train_indices": None if indices is None else {"count": int(indices.size), "sha256": indices_digest(indices)},
         "world_size": dist.world_size,
     }
-    created = not out.exists()
-    ckpt = _plan_run_dir(out, resume, overwrite, identity)
-    dist.barrier()  # every rank has read RUN/ before rank 0 changes it
-    if dist.is_main:
-        if out.is_dir():
+    check_outputs({"--out": out}, {"the training data": data_path})
+    with _locked_run_dir(out, dist):
+        ckpt = _plan_run_dir(out, resume, overwrite, identity)
+        dist.barrier()  # every rank has read RUN/ before rank 0 changes it
+        if dist.is_main:
             for name in RUN_FILES:
                 for stale in out.glob(f".{name}.*.tmp"):  # temp files of a killed process (SIGKILL, power loss)
                     stale.unlink(missing_ok=True)
                 if ckpt is None:
                     (out / name).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        dist.barrier()
 
-    ckpt_path = out / CHECKPOINT
-    try:
-        # model, seeded
-        torch.manual_seed(cfg.seed)
+        ckpt_path = out / CHECKPOINT
         try:
-            model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
-        except ValueError as e:  # unknown model, unusable backbone weights
-            raise UserError(str(e)) from None
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        net: nn.Module = model
-        if dist.enabled:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+            # model, seeded
+            torch.manual_seed(cfg.seed)
+            try:
+                model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
+            except ValueError as e:  # unknown model, unusable backbone weights
+                raise UserError(str(e)) from None
+            model.to(device)
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            net: nn.Module = model
+            if dist.enabled:
+                net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
 
-        if dist.enabled:
-            sampler = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed % 2**31, drop_last=False
+            if dist.enabled:
+                sampler = torch.utils.data.DistributedSampler(
+                    dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed % 2**31, drop_last=False
+                )
+            else:
+                sampler = _ShuffleSampler(n, cfg.seed)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+                collate_fn=_collate, pin_memory=use_cuda, persistent_workers=cfg.num_workers > 0,
             )
-        else:
-            sampler = _ShuffleSampler(n, cfg.seed)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
-            collate_fn=_collate, pin_memory=use_cuda, persistent_workers=cfg.num_workers > 0,
-        )
-        steps_per_epoch = len(loader)
-        opt = make_optimizer(model.parameters(), cfg)
-        sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+            steps_per_epoch = len(loader)
+            opt = make_optimizer(model.parameters(), cfg)
+            sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
+            scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
-        start_epoch, log, elapsed = 0, [], 0.0
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, log, elapsed = int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
+            start_epoch, log, elapsed = 0, [], 0.0
+            if ckpt is not None:
+                model.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["optimizer"])
+                sched.load_state_dict(ckpt["scheduler"])
+                if ckpt.get("scaler"):
+                    scaler.load_state_dict(ckpt["scaler"])
+                start_epoch, log, elapsed = int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
 
-        show = progress and dist.is_main
-        for epoch in range(start_epoch, cfg.epochs):
-            record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
-                                amp, amp_dtype, channels_last, show, ckpt_path)
-            elapsed += record["seconds"]
-            log.append(record)
+            show = progress and dist.is_main
+            for epoch in range(start_epoch, cfg.epochs):
+                record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
+                                    amp, amp_dtype, channels_last, show, ckpt_path)
+                elapsed += record["seconds"]
+                log.append(record)
+                if dist.is_main:
+                    state = {
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "epoch": epoch + 1,
+                        "log": log, "elapsed": elapsed, "identity": identity,
+                    }
+                    _save_checkpoint(state, ckpt_path)
+                    _write_log(out, log)
+                    if show:
+                        _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
+                             f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
+                dist.barrier()
             if dist.is_main:
-                state = {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "epoch": epoch + 1,
-                    "log": log, "elapsed": elapsed, "identity": identity,
+                model.eval()
+                config = {
+                    "format": "segbackdoor-run",
+                    "model": cfg.model,
+                    "num_classes": num_classes,
+                    "classes": classes,
+                    "aux_loss": cfg.aux_loss,
+                    "train": cfg.to_dict(),
+                    "train_indices": identity["train_indices"],
+                    "dataset": {"path": str(data_path.resolve()), "content_hash": data_hash, "attack": attack,
+                                "num_train": n_total, "num_used": n},
+                    "versions": _versions(),
+                    "device": str(device),
+                    "world_size": dist.world_size,
+                    "amp": (str(amp_dtype).removeprefix("torch.") if amp else False),
+                    "channels_last": channels_last,
+                    "batch_size_used": batch,
+                    "training_seconds": round(elapsed, 3),
+                    "final_loss": log[-1]["loss"] if log else None,
                 }
-                with atomic.atomic_file(ckpt_path) as tmp:
-                    torch.save(state, tmp)
-                _write_log(out, log)
-                if show:
-                    _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
-                         f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
-            dist.barrier()
-        if dist.is_main:
-            model.eval()
-            config = {
-                "format": "segbackdoor-run",
-                "model": cfg.model,
-                "num_classes": num_classes,
-                "classes": classes,
-                "aux_loss": cfg.aux_loss,
-                "train": cfg.to_dict(),
-                "train_indices": identity["train_indices"],
-                "dataset": {"path": str(data_path.resolve()), "content_hash": data_hash, "attack": attack,
-                            "num_train": n_total, "num_used": n},
-                "versions": _versions(),
-                "device": str(device),
-                "world_size": dist.world_size,
-                "amp": (str(amp_dtype).removeprefix("torch.") if amp else False),
-                "channels_last": channels_last,
-                "batch_size_used": batch,
-                "training_seconds": round(elapsed, 3),
-                "final_loss": log[-1]["loss"] if log else None,
-            }
-            from testbed.runs import save_model
+                from testbed.runs import save_model
 
-            save_model(model, config, out)
-            if score:
-                metrics = _score(model, data_path, device, max(32, cfg.batch_size))
-                if metrics is not None:
-                    atomic.write_json(out / "metrics.json", _jsonable(metrics))
-    except BaseException as e:
-        if dist.is_main:
-            if created and not ckpt_path.is_file():
-                shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: no partial output
-            elif isinstance(e, KeyboardInterrupt) and ckpt_path.is_file():
-                done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
-                print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
-                      f"{ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
-        raise
+                save_model(model, config, out)
+                if score:
+                    metrics = _score(model, data_path, device, max(32, cfg.batch_size))
+                    if metrics is not None:
+                        atomic.write_json(out / "metrics.json", _jsonable(metrics))
+        except BaseException as e:
+            if dist.is_main:
+                if isinstance(e, KeyboardInterrupt) and ckpt_path.is_file():
+                    done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
+                    print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
+                          f"{ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
+            raise
     dist.barrier()
     return out
 

@@ -29,7 +29,7 @@ SHOW_EXAMPLES = """examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "data", help="make, import, inspect and show dataset files",
-        description="Dataset files (HDF5, SPEC §3): generate the embedded synthetic scenes, import ADE20K or any "
+        description="Dataset files (HDF5, see docs/data-format.md): generate the embedded synthetic scenes, import ADE20K or any "
         "images/+masks/ folder, print statistics, draw a sample.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=SYNTH_EXAMPLES + "\n" + IMPORT_EXAMPLES.split("\n", 1)[1] + "\n" + INFO_EXAMPLES.split("\n", 1)[1],
@@ -159,18 +159,22 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_import_ade20k(args: argparse.Namespace) -> int:
+    from testbed.guards import check_outputs
     from testbed.importers import import_ade20k
 
     _check_out(args.out, args.force)
+    check_outputs({"--out": args.out}, {"ROOT": args.root})
     import_ade20k(args.root, args.out, size=args.size, workers=args.workers, compression=_compression(args.compression))
     _done(args.out)
     return 0
 
 
 def run_import_folder(args: argparse.Namespace) -> int:
+    from testbed.guards import check_outputs
     from testbed.importers import import_folder
 
     _check_out(args.out, args.force)
+    check_outputs({"--out": args.out}, {"ROOT": args.root, "--classes": args.classes})
     import_folder(args.root, args.classes, args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
                   workers=args.workers, compression=_compression(args.compression))
     _done(args.out)
@@ -181,7 +185,7 @@ def run_import_folder(args: argparse.Namespace) -> int:
 def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: bool = True) -> dict:
     """Everything `testbed data info --json` prints, as a dict."""
     from testbed import h5data
-    from testbed.datastats import split_stats
+    from testbed.datastats import split_stats, trigger_fidelity
 
     with h5data.open_dataset(path) as f:
         arrays: dict[str, dict] = {}
@@ -226,6 +230,7 @@ def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: boo
                 "clean_subset": int(f.file["defense/clean_index"].shape[0]) if "defense/clean_index" in f else None,
                 "test_attacked": splits.get("test_attacked"),
                 "test_benign": int(f.file["test_benign/index"].shape[0]) if "test_benign/index" in f else None,
+                "trigger_fidelity": trigger_fidelity(f),
             }
         if stats:
             info["stats"] = {s: split_stats(f, f"{s}/labels", show_progress).to_dict(f.classes) for s in ("train", "test")}
@@ -256,6 +261,9 @@ def _print_info(info: dict) -> None:
             print(f"poisoned        {p['poisoned_samples']}/{p['train_samples']} training samples = {_pct(p['achieved_rate'])} achieved"
                   + (f" (requested {_pct(req)})" if isinstance(req, (int, float)) else ""))
             print(f"defender clean  {p['clean_subset']} samples; test_attacked {p['test_attacked']}, test_benign {p['test_benign']}")
+            if p.get("trigger_fidelity"):
+                from testbed.datastats import fidelity_text
+                print(f"trigger         {fidelity_text(p['trigger_fidelity'])}")
     stats = info["stats"]
     if stats:
         tr, te = stats["train"], stats["test"]
@@ -344,7 +352,10 @@ def draw_panels(panels: list[tuple[str, np.ndarray, bool]], classes: list[str], 
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from testbed.guards import check_outputs
+
     _check_out(args.out)
+    check_outputs({"--out": args.out}, {"the dataset": args.path})
     panels, classes = sample_panels(args.path, args.split, args.index)
     draw_panels(panels, classes, args.out, title=f"{args.path.name}  {args.split}[{args.index}]")
     print(f"wrote {args.out}")

@@ -50,12 +50,12 @@ def _png_bytes(rgb) -> bytes:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
-    import h5py
     import numpy as np
 
-    from testbed.atomic import atomic_dir, atomic_file
+    from testbed.atomic import atomic_dir
     from testbed.commands.score import load_scoring_run
-    from testbed.h5data import open_dataset
+    from testbed.guards import check_outputs
+    from testbed.h5data import atomic_h5, open_dataset
     from testbed.palette import colorize
     from testbed.scoring import _iter_predictions
 
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a directory; give a file name such as pred.h5")
     if args.png is not None and args.png.exists() and (not args.png.is_dir() or any(args.png.iterdir())):
         raise UserError(f"--png {args.png} exists and is not an empty directory; choose a new directory")
+    check_outputs({"--out": args.out, "--png": args.png}, {"RUN/": args.run, "--data": args.data})
     with open_dataset(args.data, check_labels=False) as f:
         if f"{args.split}/images" not in f:
             raise UserError(f"{args.data} has no /{args.split} split (only poisoned files have test_attacked); "
@@ -76,22 +77,21 @@ def run(args: argparse.Namespace) -> int:
         n, h, w = images.shape[:3]
         classes = list(f.classes)
         with contextlib.ExitStack() as stack:
-            tmp_h5 = stack.enter_context(atomic_file(args.out))
+            out = stack.enter_context(atomic_h5(args.out))
             tmp_png = stack.enter_context(atomic_dir(args.png)) if args.png is not None else None
-            with h5py.File(tmp_h5, "w") as out:
-                pred_ds = out.create_dataset("pred", shape=(n, h, w), dtype=np.uint8,
-                                             chunks=(1, h, w) if n else None)
-                out.attrs["run"] = str(args.run)
-                out.attrs["data"] = str(args.data)
-                out.attrs["split"] = args.split
-                out.attrs["classes"] = json.dumps(classes)
-                for s, e, x, pred in _iter_predictions(model, images, device, args.batch_size, None, len(classes),
-                                                       f"predict {args.split}"):
-                    p = pred.to("cpu").numpy().astype(np.uint8)
-                    pred_ds[s:e] = p
-                    if tmp_png is not None:
-                        side = np.concatenate([x, colorize(p, len(classes))], axis=2)  # [B,H,2W,3]
-                        for j in range(e - s):
-                            (tmp_png / f"{s + j:05d}.png").write_bytes(_png_bytes(side[j]))
+            pred_ds = out.create_dataset("pred", shape=(n, h, w), dtype=np.uint8,
+                                         chunks=(1, h, w) if n else None)
+            out.attrs["run"] = str(args.run)
+            out.attrs["data"] = str(args.data)
+            out.attrs["split"] = args.split
+            out.attrs["classes"] = json.dumps(classes)
+            for s, e, x, pred in _iter_predictions(model, images, device, args.batch_size, None, len(classes),
+                                                   f"predict {args.split}"):
+                p = pred.to("cpu").numpy().astype(np.uint8)
+                pred_ds[s:e] = p
+                if tmp_png is not None:
+                    side = np.concatenate([x, colorize(p, len(classes))], axis=2)  # [B,H,2W,3]
+                    for j in range(e - s):
+                        (tmp_png / f"{s + j:05d}.png").write_bytes(_png_bytes(side[j]))
     print(f"wrote {n} predictions of /{args.split} to {args.out}" + (f" and PNGs to {args.png}/" if args.png else ""))
     return 0

@@ -113,8 +113,14 @@ def run(args: argparse.Namespace) -> int:
     from testbed.metrics import der_seg
     from testbed.scoring import score_model
 
+    from testbed.guards import check_outputs
+
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out is not None:
+        if args.out.is_dir():
+            raise UserError(f"--out {args.out} is a directory; give a file name such as {args.out / 'scores.json'}")
+        check_outputs({"--out": args.out}, {"RUN/": args.run, "--data": args.data, "--before": args.before})
     before = _read_before(args.before) if args.before is not None else None
     if before is not None:
         from testbed.h5data import open_dataset

@@ -16,7 +16,8 @@ examples:
 
 RUN/ receives model.safetensors, config.json, train_log.jsonl (one line per epoch), metrics.json (the
 scores on the file's test splits) and checkpoint.pt (the state after the last finished epoch).
-On CPU the same seed gives byte-identical weights, also across --resume.
+On CPU the same seed gives byte-identical weights, also across --resume. One trainer at a time per RUN/: a
+second `testbed train` on it exits with code 2 naming the first (pid and host); DATA.h5 may not lie inside RUN/.
 """
 
 

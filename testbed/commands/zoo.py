@@ -24,7 +24,7 @@ VERIFY_EXAMPLES = """examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "zoo", help="build, list and verify model zoos (models × attacks × seeds)",
-        description="Model zoos (SPEC §9): a TOML spec names the data, training arguments, attacks and a grid; "
+        description="Model zoos (docs/zoo.md): a TOML spec names the data, training arguments, attacks and a grid; "
         "`build` trains every entry once (resumable, shareable across workers and Ray nodes), `ls` lists them, "
         "`verify` recomputes every checksum. Spec format: docs/zoo.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,9 +58,10 @@ def register(subparsers) -> None:
     ls.set_defaults(func=run_ls)
 
     v = sub.add_parser("verify", help="recompute every checksum of a zoo",
-                       description="Recompute the sha256 of every dataset and model file and the manifest's own "
-                       "checksum; print each problem (mismatch, missing file, unlisted file, tampered manifest, "
-                       "unfinished entry) and exit 1 if there is any.",
+                       description="Recompute the sha256 of every file the zoo uses (datasets and their records, "
+                       "plan.json, every entry file) and the manifest's own checksum; print each problem (mismatch, "
+                       "missing file, unlisted or hidden file, leftover claim, symbolic link, path leaving the zoo, "
+                       "malformed or tampered manifest, unfinished entry) and exit 1 if there is any.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VERIFY_EXAMPLES)
     v.add_argument("zoo", type=Path, help="zoo directory")
     v.set_defaults(func=run_verify)
@@ -122,7 +123,8 @@ def run_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"zoo {zoo}: {len(problems)} problem(s)")
         return 1
-    n_files = sum(len(e.get("files") or {}) for e in manifest["entries"]) + len(manifest["datasets"])
+    n_files = (sum(len(e.get("files") or {}) for e in manifest["entries"]) + len(manifest["datasets"])
+               + len(manifest.get("records") or {}))
     print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
           f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}")
     return 0

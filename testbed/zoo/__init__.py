@@ -6,6 +6,11 @@
 ...     model = entry.load_model("cpu")    # safetensors only: loading a stranger's zoo runs no code
 ...     print(entry.id, entry.metrics["ASR"])
 
+Nothing is used on the manifest's word alone: opening checks the manifest (checksum, shape, paths), and an
+entry's files — weights, config, log, metrics, the datasets it was trained and scored on — are hashed against
+it before the entry is handed out (iteration, ``Zoo.entry``, ``ZooEntry.load_model``), once per process.  A
+mismatch is a :class:`~testbed.errors.UserError` naming the file.
+
 Build one with ``testbed zoo build SPEC.toml --out zoo/`` (see docs/zoo.md).
 """
 
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from testbed.errors import UserError
+from testbed.zoo import integrity
 from testbed.zoo import manifest as _mf
 
 __all__ = ["Zoo", "ZooEntry", "open"]
@@ -38,59 +44,85 @@ class ZooEntry:
     attack: dict[str, Any] | None = None  # poison_file keyword arguments (seed included); None when benign
     reference_data: dict[str, Path] = field(default_factory=dict)  # benign: attack id → attacked dataset
     files: dict[str, str] = field(default_factory=dict)  # zoo-relative path → sha256
+    zoo_path: Path | None = field(default=None, repr=False)
+    data_files: dict[str, str] = field(default_factory=dict, repr=False)  # its datasets: zoo-relative path → sha256
+
+    def verify(self) -> None:
+        """Refuse (``UserError``) unless every file this entry uses matches the manifest's sha256.
+
+        Files are hashed once per process (again only when they change), so calling this often is cheap.
+        """
+        if self.zoo_path is None:
+            return
+        for rel, sha in {**self.files, **self.data_files}.items():
+            problem = integrity.file_problem(self.zoo_path, rel, sha)
+            if problem is not None:
+                raise UserError(f"zoo {self.zoo_path}, entry {self.id}: {problem}; refusing to use it: "
+                                f"run `testbed zoo verify {self.zoo_path}`, restore the file or rebuild the entry")
 
     def load_model(self, device: str = "cpu"):
-        """The trained model in eval mode (safetensors + JSON: never unpickles)."""
+        """The trained model in eval mode (safetensors + JSON: never unpickles), after :meth:`verify`."""
         from testbed.runs import load_run
 
+        self.verify()
         return load_run(self.run_dir, device)[0]
+
+    @property
+    def group(self) -> dict[str, Any]:
+        """The entry's grid point without its seed: ``model``, ``attack`` (the attack id, rate/trigger suffixes
+        included) and each [grid] training axis, named in the id (``...--sSEED--AXIS-VALUE``), valued from the
+        run's training arguments.  Entries that differ only in seed share it."""
+        group: dict[str, Any] = {"model": self.model, "attack": self.attack_id}
+        prefix = f"{self.model}--{self.attack_id}--s{self.seed}"
+        train = (self.config or {}).get("train") or {}
+        axes = self.id[len(prefix):].split("--")[1:] if self.id.startswith(prefix) else []
+        for part in axes:
+            key, _, value = part.partition("-")
+            group[key] = train.get(key, value)
+        return group
 
 
 class Zoo:
-    """A built (or partly built) zoo directory; iterating yields its finished entries."""
+    """A built (or partly built) zoo directory; iterating yields its finished entries, each verified."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.manifest = _mf.load_manifest(self.path)
+        self.manifest = _mf.load_manifest(self.path)  # checksum, shape and layout checked: paths stay inside
         self._entries: dict[str, ZooEntry] = {}
         self.pending: list[str] = []
+        datasets = self.manifest["datasets"]
         for row in self.manifest["entries"]:
-            if row.get("status") != "done":
+            if row["status"] != "done":
                 self.pending.append(row["id"])
                 continue
-            run_dir = self._inside(row["run_dir"])
-            config = _mf.read_json(run_dir / "config.json") or {}
-            metrics = dict(row.get("metrics") or {})
-            refs = {}
-            if row["is_benign"]:
-                metrics["reference"] = row.get("reference") or {}
-                plan_row = self._plan_rows().get(row["id"], {})
-                refs = {label: _mf.dataset_file(self.path, name) for label, name in (plan_row.get("reference") or {}).items()}
-            self._entries[row["id"]] = ZooEntry(
-                id=row["id"], model=row["model"], attack_id=row["attack_id"], seed=int(row["seed"]),
-                is_benign=bool(row["is_benign"]), run_dir=run_dir, data_path=self._inside(row["data"]),
-                config=config, metrics=metrics, attack=row.get("attack"), reference_data=refs,
-                files=row.get("files") or {},
-            )
+            self._entries[row["id"]] = self._entry(row, datasets)
 
-    def _inside(self, rel: str) -> Path:
-        """A manifest path, refused unless it stays inside the zoo (zoos come from strangers)."""
-        path = (self.path / rel).resolve()
-        if not path.is_relative_to(self.path.resolve()):
-            raise UserError(f"zoo {self.path}: manifest path {rel!r} points outside the zoo; refusing it")
-        return path
-
-    def _plan_rows(self) -> dict[str, Any]:
-        if not hasattr(self, "_plan"):
-            self._plan = (_mf.read_json(self.path / _mf.PLAN) or {}).get("entries", {})
-        return self._plan
+    def _entry(self, row: dict[str, Any], datasets: dict[str, Any]) -> ZooEntry:
+        used = [row["dataset"], *row.get("reference_data", {}).values()]
+        config_rel = f"{row['run_dir']}/config.json"
+        problem = integrity.file_problem(self.path, config_rel, row["files"][config_rel])
+        if problem is not None:
+            raise UserError(f"zoo {self.path}, entry {row['id']}: {problem}; run `testbed zoo verify {self.path}`")
+        metrics = dict(row.get("metrics") or {})
+        if row["is_benign"]:
+            metrics["reference"] = row.get("reference") or {}
+        return ZooEntry(
+            id=row["id"], model=row["model"], attack_id=row["attack_id"], seed=row["seed"], is_benign=row["is_benign"],
+            run_dir=self.path / row["run_dir"], data_path=self.path / row["data"],
+            config=_mf.read_json(self.path / config_rel) or {}, metrics=metrics, attack=row.get("attack"),
+            reference_data={label: self.path / datasets[name]["file"] for label, name in row.get("reference_data", {}).items()},
+            files=dict(row["files"]), zoo_path=self.path,
+            data_files={datasets[n]["file"]: datasets[n]["sha256"] for n in used},
+        )
 
     @property
     def complete(self) -> bool:
         return not self.pending
 
     def entry(self, entry_id: str) -> ZooEntry:
+        """A finished entry, verified against the manifest (``UserError`` if a file it uses was changed)."""
         if entry_id in self._entries:
+            self._entries[entry_id].verify()
             return self._entries[entry_id]
         if entry_id in self.pending:
             raise UserError(f"zoo entry {entry_id!r} is not finished; finish it with `testbed zoo build`")
@@ -101,7 +133,9 @@ class Zoo:
         raise UserError(f"no entry {entry_id!r} in zoo {self.path}{hint}; list them with `testbed zoo ls {self.path}`")
 
     def __iter__(self) -> Iterator[ZooEntry]:
-        return iter(self._entries.values())
+        for entry in self._entries.values():
+            entry.verify()
+            yield entry
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,7 +148,7 @@ class Zoo:
 
 
 def open(path: str | os.PathLike) -> Zoo:  # noqa: A001 - the documented name: testbed.zoo.open(path)
-    """Open a zoo directory made by ``testbed zoo build`` (its manifest's checksum is checked)."""
+    """Open a zoo directory made by ``testbed zoo build`` (its manifest is checked; entries when handed out)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"zoo {path} is not a directory; build one with `testbed zoo build SPEC.toml --out {path}`")

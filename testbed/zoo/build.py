@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ from typing import Any, Callable
 from testbed import atomic
 from testbed.errors import UserError
 from testbed.zoo import manifest as mf
-from testbed.zoo.claims import DEFAULT_STALE_AFTER, HOST, Claim, me, sweep_temp, zoo_lock
+from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, break_stale, me, zoo_lock
 from testbed.zoo.spec import ZooSpec, parse_spec
 
 POLL_S = 1.0
@@ -49,10 +50,6 @@ def _now() -> str:
 
 
 # -- datasets -------------------------------------------------------------------------------------
-def _temp_name(zoo: Path, name: str) -> Path:
-    return mf.data_dir(zoo) / f".{HOST}.{os.getpid()}.{name}.tmp.h5"
-
-
 def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Callable[[Path], None],
                     stale_after: float, say: Callable[[str], None]) -> dict[str, Any]:
     """Build ``data/NAME.h5`` once (whoever claims it first); others wait for its record."""
@@ -70,15 +67,10 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
             try:
                 if mf.read_json(record_path) is None:
                     say(f"building data/{name}.h5")
-                    final, tmp = mf.dataset_file(zoo, name), _temp_name(zoo, name)
-                    tmp.unlink(missing_ok=True)
-                    try:
+                    final = mf.dataset_file(zoo, name)
+                    with atomic.atomic_file(final, suffix=".h5") as tmp:
+                        tmp.unlink()  # the makers write a new file (and refuse to overwrite some inputs)
                         make(tmp)
-                        with open(tmp, "rb+") as f:
-                            os.fsync(f.fileno())
-                        os.replace(tmp, final)
-                    finally:
-                        tmp.unlink(missing_ok=True)
                     from testbed.h5data import content_hash
 
                     atomic.write_json(record_path, {
@@ -123,12 +115,32 @@ def poisoned_name(clean_hash: str, kwargs: dict[str, Any]) -> str:
 
 def prepare(spec: ZooSpec, zoo: Path, stale_after: float = DEFAULT_STALE_AFTER,
             say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Datasets built (or found) and ``plan.json`` merged: everything workers need to train entries."""
-    zoo.mkdir(parents=True, exist_ok=True)
-    for d in (mf.data_dir(zoo), mf.entries_dir(zoo)):
-        d.mkdir(exist_ok=True)
-    sweep_temp(mf.data_dir(zoo))
-    _check_plan(zoo, spec)  # fail before building anything
+    """Datasets built (or found) and ``plan.json`` merged: everything workers need to train entries.
+
+    Everything that can be refused is refused before anything is written: a ``zoo`` that is not a zoo, one built
+    from other settings, one whose finished work no longer matches its manifest, outputs over inputs.
+    """
+    zoo = Path(zoo)
+    check_out(spec, zoo)
+    created = not zoo.exists()
+    try:
+        for d in (zoo, mf.data_dir(zoo), mf.entries_dir(zoo)):
+            d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the zoo {zoo} ({e.strerror or e}); choose a writable --out") from None
+    for d in (mf.data_dir(zoo), mf.entries_dir(zoo)):  # what killed builders left behind
+        atomic.sweep_stale(d)
+        for claim in d.glob("*.claim"):
+            break_stale(claim, zoo, stale_after)
+    try:
+        return _prepare(spec, zoo, stale_after, say)
+    except BaseException:
+        if created and not any(f != ".lock" for _, _, files in os.walk(zoo) for f in files):
+            shutil.rmtree(zoo, ignore_errors=True)  # a first build that wrote nothing leaves nothing
+        raise
+
+
+def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], None]) -> dict[str, Any]:
     clean = _ensure_dataset(zoo, "clean", {"source": spec.data_definition()}, _make_clean(spec.data), stale_after, say)
     clean_path = mf.dataset_file(zoo, "clean")
     names: dict[tuple[str, int], str] = {}
@@ -162,12 +174,43 @@ def prepare(spec: ZooSpec, zoo: Path, stale_after: float = DEFAULT_STALE_AFTER,
     return plan
 
 
+def check_out(spec: ZooSpec, zoo: Path) -> None:
+    """Refuse ``zoo`` as --out before anything is written there (see :func:`prepare`)."""
+    from testbed.guards import check_outputs
+
+    if zoo.exists() and not zoo.is_dir():
+        raise UserError(f"--out {zoo} is a file; choose a directory")
+    outputs = [("--out", zoo / d) for d in ("data", "entries", mf.PLAN, mf.MANIFEST)]
+    check_outputs(outputs, {"the spec": spec.path, "[data] path": spec.data.get("path")})
+    _check_plan(zoo, spec)
+    problems = mf.adoption_problems(zoo) if zoo.is_dir() else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{zoo}: finished work no longer matches the manifest: {problems[0]}{more}; a rebuild would "
+                        f"bless it: run `testbed zoo verify {zoo}`, then restore the files or delete the damaged "
+                        "entries/ID directory (or data/NAME.*) to rebuild it")
+
+
+def _foreign(zoo: Path) -> list[Path]:
+    """What in ``zoo`` a killed first build (before plan.json) could not have written."""
+    if not zoo.is_dir():
+        return []
+    ours = {"data", "entries", ".lock"}
+    out = [p for p in zoo.iterdir() if p.name not in ours]
+    if mf.entries_dir(zoo).is_dir():
+        out += [p for p in mf.entries_dir(zoo).iterdir() if not p.name.startswith(".")]
+    if mf.data_dir(zoo).is_dir():
+        out += [p for p in mf.data_dir(zoo).iterdir() if not (p.name.startswith((".", "clean.", "poisoned-")))]
+    return out
+
+
 def _check_plan(zoo: Path, spec: ZooSpec) -> dict[str, Any]:
-    plan = mf.read_json(zoo / mf.PLAN)
+    plan = mf.load_plan(zoo) if (zoo / mf.PLAN).exists() else None
     if plan is None:
-        foreign = [p for p in zoo.iterdir() if p.name not in ("data", "entries") and not p.name.startswith(".")]
+        foreign = _foreign(zoo)
         if foreign:
-            raise UserError(f"--out {zoo} holds files but is not a zoo; choose an empty or new directory")
+            raise UserError(f"--out {zoo} holds files but is not a zoo (e.g. {foreign[0].name}); choose an empty or "
+                            "new directory")
         return {"format": mf.FORMAT, "version": mf.VERSION, "data": spec.data_definition(), "order": [], "entries": {}}
     if plan.get("data") != spec.data_definition():
         raise UserError(f"{zoo} was built from other data ({json.dumps(plan.get('data'))}); use a new --out for this spec")
@@ -237,7 +280,14 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
 
         cfg = TrainConfig(**{**d["train"], "device": str(dev)})
         data = mf.dataset_file(zoo, row["data"])
-        train(data, edir, cfg, resume=resume, overwrite=not resume, progress=progress, score=True)
+        try:
+            train(data, edir, cfg, resume=resume, overwrite=not resume, progress=progress, score=True)
+        except UserError as e:
+            if not (resume and ("--resume" in str(e) or "--overwrite" in str(e))):
+                raise
+            why = str(e).split("; ")[0]  # the trainer's own advice names its CLI flags, which do not apply here
+            raise UserError(f"entry {entry_id} cannot resume ({why}); delete {edir / 'checkpoint.pt'} to train it "
+                            "from the start, then run `testbed zoo build` again") from None
         metrics = mf.read_json(edir / "metrics.json")
         if metrics is None:  # the trainer could not score (no scorer installed): score here
             model, _ = load_run(edir, dev)
@@ -432,6 +482,8 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
         raise UserError(f"--backend {backend!r} is not known; use local or ray")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
+        raise UserError(f"--stale-after must be a positive number of seconds, got {stale_after!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory")

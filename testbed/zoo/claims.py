@@ -18,53 +18,16 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-HOST = socket.gethostname()
+from testbed.procs import HOST, me, pid_alive
+
+__all__ = ["HOST", "Claim", "DEFAULT_STALE_AFTER", "break_stale", "is_stale", "me", "read_claim", "zoo_lock"]
+
 DEFAULT_STALE_AFTER = 300.0
-
-
-def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (Linux), which tells a reused pid from the original."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def pid_alive(pid: int, start: str | None = None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if _proc_state(pid) in ("Z", "X"):
-        return False
-    if start is not None:
-        now = _proc_start(pid)
-        if now is not None and now != start:
-            return False
-    return True
-
-
-def me() -> dict[str, Any]:
-    pid = os.getpid()
-    return {"pid": pid, "host": HOST, "proc_start": _proc_start(pid), "started": time.time()}
 
 
 @contextlib.contextmanager
@@ -100,6 +63,24 @@ def is_stale(info: dict[str, Any], stale_after: float = DEFAULT_STALE_AFTER) -> 
     if info.get("host") == HOST and isinstance(info.get("pid"), int):
         return not pid_alive(info["pid"], info.get("proc_start"))
     return time.time() - float(info.get("_mtime", 0)) > stale_after
+
+
+def break_stale(path: Path, zoo_dir: str | os.PathLike, stale_after: float = DEFAULT_STALE_AFTER,
+                info: dict[str, Any] | None = None) -> bool:
+    """Remove the claim at ``path`` if its holder is gone; True when this call removed it.
+
+    The claim is re-read under the zoo lock and removed only if unchanged, so a claim is never broken twice
+    (two builders breaking the same stale claim and then both taking it).
+    """
+    info = info if info is not None else read_claim(path)
+    if info is None or not is_stale(info, stale_after):
+        return False
+    with zoo_lock(zoo_dir):
+        again = read_claim(path)
+        if again is not None and again["_raw"] == info["_raw"] and is_stale(again, stale_after):
+            path.unlink(missing_ok=True)
+            return True
+    return False
 
 
 class Claim:
@@ -141,10 +122,7 @@ class Claim:
             if not is_stale(info, self.stale_after):
                 self.holder = info
                 return False
-            with zoo_lock(self.zoo_dir):
-                again = read_claim(self.path)
-                if again is not None and again["_raw"] == info["_raw"] and is_stale(again, self.stale_after):
-                    self.path.unlink(missing_ok=True)
+            break_stale(self.path, self.zoo_dir, self.stale_after, info)
         return False
 
     def _start_heartbeat(self) -> None:
@@ -175,25 +153,3 @@ class Claim:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def sweep_temp(directory: Path) -> None:
-    """Remove temporary files left by dead builders on this host (``.NAME.HOST.PID....tmp*``)."""
-    if not directory.is_dir():
-        return
-    for p in directory.iterdir():
-        name = p.name
-        if not name.startswith(".") or ".tmp" not in name:
-            continue
-        parts = name.split(f".{HOST}.")
-        if len(parts) != 2:
-            continue
-        pid_text = parts[1].split(".", 1)[0]
-        if pid_text.isdigit() and not pid_alive(int(pid_text)):
-            with contextlib.suppress(OSError):
-                if p.is_dir():
-                    import shutil
-
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink()

@@ -8,12 +8,17 @@ computed once, when a file is finished, and recorded in those sidecars; ``verify
 Tamper evidence: ``manifest.json`` carries ``checksum``, the sha256 of its own canonical JSON without that
 key.  It catches edits and corruption; it is not a signature (someone who edits the manifest can recompute
 the checksum), so publish the manifest's sha256 (``testbed zoo verify`` prints it) beside a shared zoo.
+The manifest also hashes the records it was derived from (``plan.json``, ``data/NAME.json``), and a rebuild
+never re-derives it over tampering: files the old manifest vouched for must still match it
+(:func:`adoption_problems`, :func:`write_manifest`), so editing a ``done.json`` or a sidecar is reported,
+not blessed.  What a manifest's paths and keys may be is checked in :mod:`testbed.zoo.integrity`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +26,11 @@ from typing import Any
 from testbed import atomic
 from testbed.errors import UserError
 from testbed.zoo.claims import DEFAULT_STALE_AFTER, is_stale, read_claim, zoo_lock
+from testbed.zoo.integrity import (FORMAT, MANIFEST, PLAN, VERSION, file_problem, file_sha256, safe_name,
+                                   schema_problems)
 
-FORMAT = "testbed-zoo"
-VERSION = 1
-MANIFEST = "manifest.json"
-PLAN = "plan.json"
+__all__ = ["FORMAT", "MANIFEST", "PLAN", "VERSION", "adoption_problems", "collect", "file_sha256", "load_manifest",
+           "load_plan", "read_json", "verify", "write_manifest"]
 DONE = "done.json"
 ENTRY_DEF = "entry.json"
 ZOO_LOG = "zoo_log.jsonl"
@@ -59,14 +64,6 @@ def dataset_record(zoo: Path, name: str) -> Path:
 
 
 # -- hashing --------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
@@ -98,7 +95,28 @@ def load_plan(zoo: Path) -> dict[str, Any]:
     plan = read_json(zoo / PLAN)
     if plan is None:
         raise UserError(f"{zoo} is not a model zoo (no {PLAN}); build one with `testbed zoo build SPEC.toml --out {zoo}`")
+    problem = _plan_problem(plan)
+    if problem is not None:
+        raise UserError(f"{zoo / PLAN} is malformed ({problem}); it was edited or damaged: restore it from a copy, "
+                        "or build the spec into a new --out")
     return plan
+
+
+def _plan_problem(plan: Any) -> str | None:
+    if not isinstance(plan, dict) or not isinstance(plan.get("order"), list) or not isinstance(plan.get("entries"), dict):
+        return "it must be an object with an 'order' list and an 'entries' object"
+    for eid in plan["order"]:
+        if not safe_name(eid) or eid not in plan["entries"]:
+            return f"'order' lists {eid!r}, which is not an entry id of 'entries'"
+    for eid, row in plan["entries"].items():
+        d = row.get("definition") if isinstance(row, dict) else None
+        if eid not in plan["order"] or not isinstance(d, dict) or not isinstance(d.get("train"), dict) \
+                or not all(k in d for k in ("model", "attack_id", "seed", "attack")):
+            return f"entry {eid!r} lacks its definition or is not in 'order'"
+        names = [row.get("data"), *(row.get("reference") or {}).values()] if isinstance(row.get("reference") or {}, dict) else [1]
+        if not all(n is None or safe_name(n) for n in names):
+            return f"entry {eid!r} names a dataset that is not a plain name"
+    return None
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -114,6 +132,20 @@ def entry_status(zoo: Path, entry_id: str, stale_after: float = DEFAULT_STALE_AF
     return "pending"
 
 
+def _record(zoo: Path, name: str) -> dict[str, Any] | None:
+    rec = read_json(dataset_record(zoo, name))
+    if rec is not None and not isinstance(rec, dict):
+        raise UserError(f"{dataset_record(zoo, name)} is not a dataset record; it was edited or damaged: run `testbed zoo verify {zoo}`")
+    return rec
+
+
+def _done(zoo: Path, entry_id: str) -> dict[str, Any]:
+    done = read_json(entry_dir(zoo, entry_id) / DONE)
+    if not isinstance(done, dict) or not isinstance(done.get("files"), dict):
+        raise UserError(f"{entry_dir(zoo, entry_id) / DONE} is malformed; it was edited or damaged: run `testbed zoo verify {zoo}`")
+    return done
+
+
 def collect(zoo: Path) -> dict[str, Any]:
     """The manifest as it stands on disk now (not written)."""
     zoo = Path(zoo)
@@ -121,7 +153,7 @@ def collect(zoo: Path) -> dict[str, Any]:
     datasets: dict[str, Any] = {}
     for name in sorted({p["data"] for p in plan["entries"].values() if p.get("data")} | {"clean"}
                        | {n for p in plan["entries"].values() for n in (p.get("reference") or {}).values()}):
-        rec = read_json(dataset_record(zoo, name))
+        rec = _record(zoo, name)
         if rec is not None:
             datasets[name] = rec
     entries = []
@@ -134,11 +166,12 @@ def collect(zoo: Path) -> dict[str, Any]:
             "config": d["train"], "attack": d["attack"], "dataset": p.get("data"),
             "data": f"data/{p['data']}.h5" if p.get("data") else None, "run_dir": f"entries/{eid}",
         }
-        done = read_json(entry_dir(zoo, eid) / DONE) if row["status"] == "done" else None
-        if done is not None:
+        if row["status"] == "done":
+            done = _done(zoo, eid)
             row["metrics"] = done.get("metrics")
             if d["attack"] is None:
                 row["reference"] = done.get("reference", {})
+                row["reference_data"] = dict(p.get("reference") or {})
             files = {f"entries/{eid}/{name}": h for name, h in done["files"].items()}
             files[f"entries/{eid}/{DONE}"] = file_sha256(entry_dir(zoo, eid) / DONE)
             row["files"] = dict(sorted(files.items()))
@@ -146,6 +179,8 @@ def collect(zoo: Path) -> dict[str, Any]:
             run_config = read_json(entry_dir(zoo, eid) / "config.json") or {}
             row["config"] = run_config.get("train", row["config"])  # every TrainConfig field, defaults included
         entries.append(row)
+    records = {PLAN: file_sha256(zoo / PLAN)}
+    records.update({f"data/{name}.json": file_sha256(dataset_record(zoo, name)) for name in datasets})
     n_done = sum(e["status"] == "done" for e in entries)
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -153,76 +188,174 @@ def collect(zoo: Path) -> dict[str, Any]:
         "complete": n_done == len(entries), "counts": {"entries": len(entries), "done": n_done},
         "data_source": plan.get("data"),
         "datasets": datasets,
+        "records": records,
         "entries": entries,
     }
     manifest["checksum"] = checksum(manifest)
     return manifest
 
 
+def _load_old(zoo: Path) -> dict[str, Any] | None:
+    """The manifest already on disk, checked (any version this code reads), or None when there is none."""
+    if not (zoo / MANIFEST).exists():
+        return None
+    problems, manifest = _manifest_problems(zoo)
+    if problems:
+        raise UserError(f"{zoo}: {problems[0]}; a rebuild would bless what was changed: run `testbed zoo verify "
+                        f"{zoo}`, then restore the zoo from a copy (or delete {MANIFEST} to accept its files as they are)")
+    return manifest
+
+
+def _done_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["id"]: e for e in manifest["entries"] if e.get("status") == "done"}
+
+
+def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What a new manifest would re-seal: finished work whose recorded hashes changed since the old one."""
+    out = []
+    new_done = _done_rows(new)
+    for eid, row in _done_rows(old).items():
+        if eid in new_done and new_done[eid]["files"] != row["files"]:
+            out.append(f"entry {eid}: its recorded files changed since the manifest was written (done.json edited?)")
+    for name, rec in old["datasets"].items():
+        if name in new["datasets"] and new["datasets"][name] != rec:
+            out.append(f"data/{name}.json: changed since the manifest was written")
+    return out
+
+
 def write_manifest(zoo: Path) -> dict[str, Any]:
-    """Recompute and atomically rewrite ``manifest.json`` (serialized across builders by the zoo lock)."""
+    """Recompute and atomically rewrite ``manifest.json`` (serialized across builders by the zoo lock).
+
+    Refused when the result would re-seal tampering: a malformed result, or finished work whose recorded
+    hashes differ from those of the manifest it replaces.
+    """
     zoo = Path(zoo)
     with zoo_lock(zoo):
+        old = _load_old(zoo)
         manifest = collect(zoo)
+        problems = schema_problems(manifest) + (_conflicts(old, manifest) if old is not None else [])
+        if problems:
+            raise UserError(f"{zoo}: {problems[0]}; not rewriting {MANIFEST}: run `testbed zoo verify {zoo}`")
         atomic.write_json(zoo / MANIFEST, manifest)
     return manifest
 
 
-def load_manifest(zoo: Path, check: bool = True) -> dict[str, Any]:
-    path = Path(zoo) / MANIFEST
+def adoption_problems(zoo: Path) -> list[str]:
+    """Finished work a rebuild would adopt that no longer matches the manifest it has (one line each).
+
+    Hashes every file the existing manifest vouches for whose marker (``done.json``, ``data/NAME.json``) is
+    still there; work whose marker is gone is simply rebuilt.
+    """
+    zoo = Path(zoo)
+    old = _load_old(zoo)
+    if old is None:
+        return []
+    problems, expected = [], {}
+    for name, rec in old["datasets"].items():
+        if dataset_record(zoo, name).exists():
+            expected[rec["file"]] = rec["sha256"]
+            if read_json(dataset_record(zoo, name)) != rec:
+                problems.append(f"data/{name}.json: differs from the manifest's record of it")
+    for rel, h in (old.get("records") or {}).items():
+        if rel != PLAN and os.path.lexists(zoo / rel):
+            expected[rel] = h
+    for eid, row in _done_rows(old).items():
+        if os.path.lexists(entry_dir(zoo, eid) / DONE):
+            expected.update(row["files"])
+    problems += [p for rel, h in sorted(expected.items()) if (p := file_problem(zoo, rel, h)) is not None]
+    return problems
+
+
+def _manifest_problems(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Problems of manifest.json itself (unreadable, malformed, checksum), and its content when readable."""
+    path = zoo / MANIFEST
     if not path.is_file():
-        raise UserError(f"{zoo} has no {MANIFEST}; it is not a model zoo (build one with `testbed zoo build`)")
+        return [f"{MANIFEST}: missing; {zoo} is not a built model zoo (build one with `testbed zoo build`)"], None
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, OSError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the zoo is damaged, rebuild it or restore the manifest") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a testbed zoo manifest; point at a directory made by `testbed zoo build`")
-    if check and manifest.get("checksum") != checksum(manifest):
-        raise UserError(f"{path} was modified after it was written (checksum mismatch); run `testbed zoo verify {zoo}`")
+        return [f"{MANIFEST}: not valid JSON ({' '.join(str(e).split())}); tampered or corrupt"], None
+    shape = schema_problems(manifest)
+    if shape:
+        return [f"{MANIFEST}: malformed ({p}); tampered or corrupt" for p in shape[:3]], None
+    if manifest["checksum"] != checksum(manifest):
+        return [f"{MANIFEST}: tampered or corrupt (its checksum does not match its content)"], manifest
+    return [], manifest
+
+
+def load_manifest(zoo: Path) -> dict[str, Any]:
+    """The manifest of a zoo to load from: readable, well-formed, current version, checksum intact."""
+    zoo = Path(zoo)
+    problems, manifest = _manifest_problems(zoo)
+    if problems:
+        raise UserError(f"zoo {zoo}: {problems[0]}; run `testbed zoo verify {zoo}`")
+    if manifest["version"] != VERSION:
+        raise UserError(f"zoo {zoo} has a version-{manifest['version']} manifest (an older segbackdoor); refresh it "
+                        f"with `testbed zoo build SPEC.toml --out {zoo}` using its spec (nothing is retrained)")
     return manifest
 
 
-def verify(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
-    """Recompute every checksum; returns ``(problems, manifest)``, one line per problem."""
-    zoo = Path(zoo)
-    problems: list[str] = []
-    try:
-        manifest = load_manifest(zoo, check=False)
-    except UserError as e:
-        return [str(e)], None
-    if manifest.get("checksum") != checksum(manifest):
-        problems.append(f"{MANIFEST}: tampered or corrupt (its checksum does not match its content)")
-    listed: dict[str, str] = {}
-    for name, rec in sorted((manifest.get("datasets") or {}).items()):
-        if isinstance(rec, dict) and "file" in rec:
-            listed[rec["file"]] = rec.get("sha256", "")
-            side = f"data/{name}.json"
-            if not (zoo / side).is_file():
-                problems.append(f"{side}: missing")
-    unfinished = set()
-    for e in manifest.get("entries") or []:
-        if e.get("status") != "done":
-            unfinished.add(f"entries/{e.get('id')}/")
-            problems.append(f"entry {e.get('id')}: not finished ({e.get('status')}); rerun `testbed zoo build`")
-            continue
-        listed.update(e.get("files") or {})
-    for rel, expected in sorted(listed.items()):
-        path = zoo / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif file_sha256(path) != expected:
-            problems.append(f"{rel}: sha256 mismatch (modified or corrupt)")
-    sidecars = {f"data/{name}.json" for name in (manifest.get("datasets") or {})}
-    for top in ("data", "entries"):
-        base = zoo / top
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            parts = path.relative_to(zoo).parts
-            rel = "/".join(parts)
-            if not path.is_file() or any(p.startswith(".") for p in parts) or rel.endswith(".claim"):
+def _expected_files(manifest: dict[str, Any]) -> dict[str, str]:
+    expected = {rec["file"]: rec["sha256"] for rec in manifest["datasets"].values()}
+    expected.update(manifest.get("records") or {})
+    for row in _done_rows(manifest).values():
+        expected.update(row["files"])
+    return expected
+
+
+def _unexpected(zoo: Path, expected: dict[str, str], skip: set[str]) -> list[str]:
+    """Files and directories the manifest does not account for, hidden ones, claims and symlinks included."""
+    out = []
+    allowed_dirs = {"data", "entries"} | {os.path.dirname(rel) for rel in expected}
+    for root, dirs, files in os.walk(zoo):
+        base = os.path.relpath(root, zoo)
+        base = "" if base == "." else base + "/"
+        for d in sorted(dirs):
+            rel = base + d
+            if os.path.islink(os.path.join(root, d)):
+                out.append(f"{rel}: a symbolic link (a zoo holds only regular files; not followed)")
+            elif rel in skip:
+                pass
+            elif rel not in allowed_dirs:
+                out.append(f"{rel}/: a directory not listed in the manifest")
+            else:
                 continue
-            if rel not in listed and rel not in sidecars and not any(rel.startswith(u) for u in unfinished):
-                problems.append(f"{rel}: not listed in the manifest")
-    return problems, manifest
+            dirs.remove(d)
+        for f in sorted(files):
+            rel = base + f
+            if rel in expected or rel in (MANIFEST, ".lock"):
+                continue
+            if f.endswith(".claim"):
+                out.append(f"{rel}: a builder's claim (a build is running, or was killed: run `testbed zoo build` again)")
+            elif os.path.islink(os.path.join(root, f)):
+                out.append(f"{rel}: a symbolic link not listed in the manifest (not followed)")
+            else:
+                out.append(f"{rel}: not listed in the manifest")
+    return out
+
+
+def verify(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Recompute every checksum; returns ``(problems, manifest)``, one line per problem.
+
+    Every file the zoo uses is hashed (datasets, their records, plan.json, every entry file); anything else in
+    the zoo is reported; a malformed manifest is reported as tampering and a path that would leave the zoo is
+    refused without being read.
+    """
+    zoo = Path(zoo)
+    problems, manifest = _manifest_problems(zoo)
+    if manifest is None:
+        return problems, None
+    if manifest["version"] != VERSION:
+        problems.append(f"{MANIFEST}: version {manifest['version']} (an older segbackdoor) does not cover plan.json "
+                        "and the dataset records; refresh it with `testbed zoo build SPEC.toml --out ZOO`")
+    expected = _expected_files(manifest)
+    unfinished = set()
+    for e in manifest["entries"]:
+        if e["status"] != "done":
+            unfinished.add(f"entries/{e['id']}")
+            problems.append(f"entry {e['id']}: not finished ({e['status']}); rerun `testbed zoo build`")
+    for rel, h in sorted(expected.items()):
+        problem = file_problem(zoo, rel, h)
+        if problem is not None:
+            problems.append(problem)
+    return problems + _unexpected(zoo, expected, unfinished), manifest

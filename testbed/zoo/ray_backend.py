@@ -32,7 +32,7 @@ class RayExecutor:
     """Submits entries as Ray tasks; ``ray.init(address)`` joins a cluster, no address starts a local one."""
 
     def __init__(self, zoo: Path, address: str | None, device: str, stale_after: float, cpus_per_task: int = 1,
-                 init_kwargs: dict[str, Any] | None = None):
+                 init_kwargs: dict[str, Any] | None = None, task: Any = None):
         try:
             import ray
         except ImportError:
@@ -51,7 +51,8 @@ class RayExecutor:
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 and device != "cpu"
         self.slots = max(1, int(gpus if use_gpu else ray.cluster_resources().get("CPU", 1) // cpus_per_task))
-        self.task = ray.remote(_ray_task).options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_task, max_retries=0)
+        # ``task(zoo, id, device, cpus, stale_after)``: a zoo entry by default; `testbed bench` passes its pair task
+        self.task = ray.remote(task or _ray_task).options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_task, max_retries=0)
         self.args = (str(Path(zoo).resolve()), device, cpus_per_task, stale_after)
 
     def start(self, entry_id: str):

@@ -152,8 +152,12 @@ def _parse_data(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[s
         for k, v in params.items():
             lo = 0 if k == "seed" else (8 if k == "size" else 2)
             _need(_is_int(v) and v >= lo, path, f"[data] synth {k} must be an integer >= {lo}, got {v!r}")
-        from testbed.synth import SYNTH_CLASSES
+        from testbed.synth import SYNTH_CLASSES, check_synth_args
 
+        try:  # the generator's own check (memory included), now rather than after the zoo directory exists
+            check_synth_args(**params)
+        except UserError as e:
+            raise UserError(f"{_where(path)}: [data] synth: {e}") from None
         return {"synth": params}, list(SYNTH_CLASSES)
     raw = data["path"]
     _need(isinstance(raw, str) and raw != "", path, "[data] path must be a string naming an .h5 dataset file")

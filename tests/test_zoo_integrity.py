@@ -1,0 +1,406 @@
+"""Zoo integrity end to end: tampering is refused by `zoo verify`, by `testbed.zoo.open` and by `bench --zoo`.
+
+One tiny zoo (test_zoo's spec: benign + FGBA n-to-1, 48 images at 32², 1 epoch) is built once; every case tampers with a copy
+the way the fault campaign did — a flipped byte, a re-seal (edit a file *and* the hash recorded for it, then
+rebuild), a path leaving the zoo, a malformed manifest, unlisted files — and checks each consumer
+independently: verify exits 1 naming the problem, the Python API raises a one-line ``UserError``, bench exits
+2 with one line and writes nothing, a rebuild refuses to bless it, and no file of the zoo changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from testbed.cli import main
+from testbed.errors import UserError
+
+try:  # the module pytest collected (one TALLY for the whole campaign), not a second copy under tests.
+    from test_faults import MARKER, TALLY, Boom, judge, run_main, snapshot
+    from test_zoo import tiny_spec
+except ImportError:
+    from tests.test_faults import MARKER, TALLY, Boom, judge, run_main, snapshot
+    from tests.test_zoo import tiny_spec
+
+BENIGN, N1 = "deeplabv3_tiny--benign--s0", "deeplabv3_tiny--n1--s0"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    from testbed.zoo.build import build
+
+    root = tmp_path_factory.mktemp("integrity")
+    spec = tiny_spec(root, epochs=1)  # benign + FGBA n-to-1 (line, 25%), 48 images at 32², deeplabv3_tiny
+    result = build(spec, root / "zoo", device="cpu", progress=False, say=lambda m: None)
+    assert result.ok
+    return root
+
+
+@pytest.fixture
+def zoo(built, tmp_path) -> Path:
+    shutil.copy(built / "zoo.toml", tmp_path / "zoo.toml")
+    shutil.copytree(built / "zoo", tmp_path / "zoo", symlinks=True)
+    return tmp_path / "zoo"
+
+
+# -- tampering, done by hand (independently of the code under test) -------------------------------------
+def canonical_checksum(m: dict) -> str:
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def manifest_edit(edit: Callable[[dict], None], reseal: bool = True) -> Callable[[Path], None]:
+    """Edit manifest.json; with ``reseal``, recompute its checksum as a forger would."""
+    def tamper(z: Path) -> None:
+        m = json.loads((z / "manifest.json").read_text())
+        edit(m)
+        if reseal and isinstance(m, dict):
+            m["checksum"] = canonical_checksum(m)
+        (z / "manifest.json").write_text(json.dumps(m, indent=2))
+
+    return tamper
+
+
+def entry(m: dict, eid: str) -> dict:
+    return next(e for e in m["entries"] if e["id"] == eid)
+
+
+def poisoned(z: Path) -> Path:
+    return next((z / "data").glob("poisoned-*.h5"))
+
+
+def reseal_done(z: Path) -> None:
+    """Flip the weights and record their new hash in done.json (the re-seal a rebuild used to bless)."""
+    w = z / "entries" / N1 / "model.safetensors"
+    flip(w)
+    done = json.loads((z / "entries" / N1 / "done.json").read_text())
+    done["files"]["model.safetensors"] = sha(w)
+    (z / "entries" / N1 / "done.json").write_text(json.dumps(done))
+
+
+def reseal_sidecar(z: Path) -> None:
+    p = poisoned(z)
+    flip(p)
+    side = p.with_suffix(".json")
+    rec = json.loads(side.read_text())
+    rec["sha256"] = sha(p)
+    side.write_text(json.dumps(rec, indent=2))
+
+
+def symlinked_config(z: Path) -> None:
+    target = z.parent / "elsewhere.json"
+    shutil.copy(z / "entries" / N1 / "config.json", target)  # same bytes: only the link gives it away
+    (z / "entries" / N1 / "config.json").unlink()
+    os.symlink(target, z / "entries" / N1 / "config.json")
+
+
+def symlinked_entry(z: Path) -> None:
+    target = z.parent / "outside-entry"
+    shutil.move(z / "entries" / N1, target)
+    os.symlink(target, z / "entries" / N1)
+
+
+def add_file(rel: str, data: bytes = b"x") -> Callable[[Path], None]:
+    def tamper(z: Path) -> None:
+        (z / rel).parent.mkdir(parents=True, exist_ok=True)
+        (z / rel).write_bytes(data)
+
+    return tamper
+
+
+def dead_claim(z: Path) -> None:
+    from testbed.procs import HOST
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    (z / "entries" / f"{N1}.claim").write_text(json.dumps({"pid": p.pid, "host": HOST, "proc_start": None, "started": 0}))
+
+
+def edit_json(rel: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def tamper(z: Path) -> None:
+        d = json.loads((z / rel).read_text())
+        edit(d)
+        (z / rel).write_text(json.dumps(d))
+
+    return tamper
+
+
+def _files(name: str, value) -> Callable[[dict], None]:
+    def edit(m: dict) -> None:
+        entry(m, N1)["files"][name] = value
+
+    return edit
+
+
+# (id, tamper, needle in verify's output, needle of the API's / bench's error or None when they do not read it)
+TAMPER = [
+    # flips
+    ("flip-weights", lambda z: flip(z / "entries" / N1 / "model.safetensors"),
+     f"entries/{N1}/model.safetensors: sha256 mismatch", "model.safetensors: sha256 mismatch"),
+    ("flip-config", lambda z: flip(z / "entries" / BENIGN / "config.json"), "config.json: sha256 mismatch",
+     "config.json: sha256 mismatch"),
+    ("flip-clean-data", lambda z: flip(z / "data" / "clean.h5"), "data/clean.h5: sha256 mismatch",
+     "data/clean.h5: sha256 mismatch"),
+    ("flip-poisoned-data", lambda z: flip(poisoned(z)), ": sha256 mismatch", ".h5: sha256 mismatch"),
+    ("delete-weights", lambda z: (z / "entries" / N1 / "model.safetensors").unlink(), "model.safetensors: missing",
+     "model.safetensors: missing"),
+    # re-seals (a rebuild must not bless them either: test_rebuild_refuses_to_bless)
+    ("reseal-done-json", reseal_done, "model.safetensors: sha256 mismatch", "sha256 mismatch"),
+    ("reseal-sidecar", reseal_sidecar, ": sha256 mismatch", ".h5: sha256 mismatch"),
+    # paths leaving the zoo (re-sealed manifests, so only the path gives them away)
+    ("escape-dotdot", manifest_edit(_files("../../../../etc/passwd", "0" * 64)), "malformed", "malformed"),
+    ("escape-absolute", manifest_edit(_files("/etc/passwd", "0" * 64)), "malformed", "malformed"),
+    ("escape-dataset-file", manifest_edit(lambda m: m["datasets"]["clean"].update(file="../clean.h5")), "malformed",
+     "malformed"),
+    ("escape-run-dir", manifest_edit(lambda m: entry(m, N1).update(run_dir="../outside")), "malformed", "malformed"),
+    ("symlinked-file", symlinked_config, "symbolic link", "symbolic link"),
+    ("symlinked-entry-dir", symlinked_entry, "symbolic link", "symbolic link"),
+    # malformed manifests
+    ("datasets-a-list", manifest_edit(lambda m: m.update(datasets=[])), "malformed", "malformed"),
+    ("entries-an-object", manifest_edit(lambda m: m.update(entries={})), "malformed", "malformed"),
+    ("entry-without-files", manifest_edit(lambda m: entry(m, N1).pop("files")), "malformed", "malformed"),
+    ("entry-seed-a-string", manifest_edit(lambda m: entry(m, N1).update(seed="0")), "malformed", "malformed"),
+    ("entry-missing-id", manifest_edit(lambda m: entry(m, N1).pop("id")), "malformed", "malformed"),
+    ("manifest-a-list", lambda z: (z / "manifest.json").write_text("[]"), "malformed", "malformed"),
+    ("manifest-not-json", lambda z: (z / "manifest.json").write_text("{"), "not valid JSON", "not valid JSON"),
+    ("manifest-other-format", manifest_edit(lambda m: m.update(format="other")), "malformed", "malformed"),
+    ("manifest-edited", manifest_edit(lambda m: entry(m, N1)["metrics"].update(ASR=-1.0), reseal=False), "tampered",
+     "checksum"),
+    # verify's former blind spots (the API does not read these files)
+    ("plan-edited", edit_json("plan.json", lambda p: p["entries"][BENIGN].update(reference={"n1": "clean"})),
+     "plan.json: sha256 mismatch", None),
+    ("sidecar-edited", edit_json("data/clean.json", lambda r: r.update(built="yesterday")),
+     "data/clean.json: sha256 mismatch", None),
+    ("hidden-file", add_file(f"entries/{N1}/.evil"), f"entries/{N1}/.evil: not listed", None),
+    ("root-file", add_file("README.txt"), "README.txt: not listed", None),
+    ("data-file", add_file("data/extra.h5"), "data/extra.h5: not listed", None),
+    ("leftover-claim", dead_claim, f"entries/{N1}.claim: a builder's claim", None),
+    ("unexpected-dir", add_file("entries/other/x.bin"), "entries/other/: a directory not listed", None),
+]
+
+
+@pytest.mark.parametrize("case", TAMPER, ids=[t[0] for t in TAMPER])
+def test_verify_reports_tampering_without_a_traceback(case, zoo: Path, capsys):
+    _, tamper, needle, _ = case
+    tamper(zoo)
+    before = snapshot(zoo.parent)
+    capsys.readouterr()
+    rc = main(["zoo", "verify", str(zoo)])
+    out, err = capsys.readouterr()
+    TALLY["tried"] += 1
+    TALLY["clean_errors"] += rc == 1 and not err
+    assert rc == 1 and not err, (rc, out, err)
+    assert needle in out, (needle, out)
+    assert all(line.startswith(("FAIL ", "zoo ")) for line in out.splitlines()), out
+    assert snapshot(zoo.parent) == before
+
+
+API_CASES = [t for t in TAMPER if t[3] is not None]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[t[0] for t in API_CASES])
+def test_python_api_refuses_tampering(case, zoo: Path):
+    import testbed.zoo
+
+    _, tamper, _, needle = case
+    tamper(zoo)
+    with pytest.raises(UserError) as info:
+        z = testbed.zoo.open(zoo)
+        for e in z:
+            e.load_model("cpu")
+    TALLY["tried"] += 1
+    TALLY["clean_errors"] += "\n" not in str(info.value)
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[t[0] for t in API_CASES])
+def test_bench_refuses_tampering(case, zoo: Path, capsys):
+    _, tamper, _, needle = case
+    tamper(zoo)
+    before = snapshot(zoo.parent)
+    outcome = run_main(["bench", "--zoo", str(zoo), "--defense", "strip", "--device", "cpu", "--out",
+                        str(zoo.parent / "rep")], capsys)
+    judge(before, snapshot(zoo.parent), outcome, 2, needle)
+
+
+@pytest.mark.parametrize("case", ["reseal-done-json", "reseal-sidecar", "flip-weights", "manifest-edited",
+                                  "datasets-a-list"])
+def test_rebuild_refuses_to_bless_tampering(case, zoo: Path, capsys):
+    tamper = next(t[1] for t in TAMPER if t[0] == case)
+    tamper(zoo)
+    before = snapshot(zoo.parent)
+    outcome = run_main(["zoo", "build", str(zoo.parent / "zoo.toml"), "--out", str(zoo), "--device", "cpu"],
+                       capsys)
+    judge(before, snapshot(zoo.parent), outcome, 2, "zoo verify")
+    assert main(["zoo", "verify", str(zoo)]) == 1
+
+
+def test_rebuild_of_an_intact_zoo_cleans_up_and_a_deleted_entry_is_rebuilt(zoo: Path, capsys):
+    """A rebuild adopts what matches: a stale claim left after done.json goes, a deleted entry is retrained."""
+    dead_claim(zoo)
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    spec = str(zoo.parent / "zoo.toml")
+    assert main(["-q", "zoo", "build", spec, "--out", str(zoo), "--device", "cpu"]) == 0
+    assert not (zoo / "entries" / f"{N1}.claim").exists()
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(zoo)]) == 0, capsys.readouterr().out
+    old = sha(zoo / "entries" / N1 / "model.safetensors")
+    shutil.rmtree(zoo / "entries" / BENIGN)
+    assert main(["-q", "zoo", "build", spec, "--out", str(zoo), "--device", "cpu"]) == 0
+    assert main(["zoo", "verify", str(zoo)]) == 0
+    assert (zoo / "entries" / BENIGN / "done.json").is_file()
+    assert sha(zoo / "entries" / N1 / "model.safetensors") == old  # the other entry was left alone
+
+
+def forge_pickle_weights(zoo: Path, marker: Path) -> None:
+    """A forger replaces the weights with a pickle and re-seals everything (done.json, manifest)."""
+    import pickle
+
+    w = zoo / "entries" / N1 / "model.safetensors"
+    w.write_bytes(pickle.dumps(Boom(marker)))
+    edit_json(f"entries/{N1}/done.json", lambda d: d["files"].update({"model.safetensors": sha(w)}))(zoo)
+    done_sha = sha(zoo / "entries" / N1 / "done.json")
+    manifest_edit(lambda m: entry(m, N1)["files"].update({f"entries/{N1}/model.safetensors": sha(w),
+                                                          f"entries/{N1}/done.json": done_sha}))(zoo)
+
+
+def test_forged_pickle_weights_are_refused_and_never_run(zoo: Path, capsys):
+    """Verify cannot tell a complete forgery (the checksum is not a signature), but loading refuses the pickle
+    — through the API and through bench — and runs no code."""
+    import testbed.zoo
+
+    marker = zoo.parent / MARKER
+    forge_pickle_weights(zoo, marker)
+    assert main(["zoo", "verify", str(zoo)]) == 0  # a complete forgery verifies: publish the manifest's sha256
+    with pytest.raises(UserError, match="pickle"):
+        testbed.zoo.open(zoo).entry(N1).load_model()
+    outcome = run_main(["bench", "--zoo", str(zoo), "--entries", N1, "--defense", "strip", "--device", "cpu",
+                        "--out", str(zoo.parent / "rep")], capsys)
+    TALLY["tried"] += 1
+    TALLY["code_executed"] += marker.exists()
+    assert not marker.exists()
+    assert outcome.rc == 2 and "pickle" in outcome.err and outcome.crashed is None, outcome
+    TALLY["clean_errors"] += 1
+
+
+@pytest.mark.xfail(strict=True, reason="guard integration: lead (bench writes --out/work/ before it loads the "
+                   "models; a bench that fails must leave no partial output)")
+def test_bench_that_fails_on_a_model_leaves_no_output(zoo: Path, capsys):
+    forge_pickle_weights(zoo, zoo.parent / MARKER)
+    before = snapshot(zoo.parent)
+    outcome = run_main(["bench", "--zoo", str(zoo), "--entries", N1, "--defense", "strip", "--device", "cpu",
+                        "--out", str(zoo.parent / "rep")], capsys)
+    assert outcome.rc == 2 and sorted(set(snapshot(zoo.parent)) - set(before)) == []
+
+
+@pytest.mark.parametrize("case,tamper,needle", [
+    ("unknown-id-in-order", edit_json("plan.json", lambda p: p["order"].append("ghost")), "'ghost'"),
+    ("plan-not-json", lambda z: (z / "plan.json").write_text("{"), "plan.json"),
+    ("plan-entries-a-list", edit_json("plan.json", lambda p: p.update(entries=[])), "plan.json is malformed"),
+    ("done-json-a-list", lambda z: (z / "entries" / N1 / "done.json").write_text("[]"), "done.json is malformed"),
+])
+def test_zoo_ls_on_damaged_records_is_one_line(case, tamper, needle, zoo: Path, capsys):
+    tamper(zoo)
+    before = snapshot(zoo.parent)
+    outcome = run_main(["zoo", "ls", str(zoo)], capsys)
+    judge(before, snapshot(zoo.parent), outcome, 2, needle)
+
+
+def test_entries_are_hashed_once_per_process(zoo: Path, monkeypatch):
+    """Verification is cached by file identity: a second open hashes nothing, a changed file is hashed again."""
+    import testbed.zoo
+    from testbed.zoo import integrity
+
+    calls: list[str] = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda p: calls.append(Path(p).name) or real(p))
+    list(testbed.zoo.open(zoo))
+    first = len(calls)
+    assert first >= 6  # weights, configs, logs, metrics, datasets ... (once each)
+    list(testbed.zoo.open(zoo))
+    assert len(calls) == first
+    flip(zoo / "entries" / N1 / "model.safetensors")
+    with pytest.raises(UserError, match="model.safetensors: sha256 mismatch"):
+        testbed.zoo.open(zoo).entry(N1)
+    assert calls[first:] == ["model.safetensors"]
+
+
+def test_manifest_covers_records_and_reference_data(built):
+    """The manifest hashes plan.json and every dataset record, and names a benign entry's reference datasets."""
+    z = built / "zoo"
+    m = json.loads((z / "manifest.json").read_text())
+    assert m["version"] == 2 and m["checksum"] == canonical_checksum(m)
+    assert m["records"] == {"plan.json": sha(z / "plan.json"),
+                            **{f"data/{p.stem}.json": sha(p) for p in (z / "data").glob("*.json")}}
+    benign = entry(m, BENIGN)
+    plan = json.loads((z / "plan.json").read_text())
+    assert benign["reference_data"] == plan["entries"][BENIGN]["reference"] == {"n1": poisoned(z).stem}
+    import testbed.zoo
+
+    assert testbed.zoo.open(z).entry(BENIGN).reference_data == {"n1": poisoned(z)}
+
+
+def test_unresumable_entry_names_the_zoo_fix_not_a_train_flag(zoo: Path, capsys):
+    """A damaged checkpoint of an unfinished entry: the build reports it (exit 1) with advice that applies to a
+    zoo — delete the checkpoint — not the trainer's `--overwrite`."""
+    (zoo / "entries" / N1 / "done.json").unlink()
+    (zoo / "entries" / N1 / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    rc = main(["-q", "zoo", "build", str(zoo.parent / "zoo.toml"), "--out", str(zoo), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in err, (out, err)
+    assert f"entry {N1} cannot resume" in out and "checkpoint.pt to train it from the start" in out, out
+    assert "--overwrite" not in out + err
+
+
+@pytest.mark.xfail(strict=True, reason="guard integration: lead (suites/plugin.py must catch the UserError that "
+                   "iterating a tampered zoo raises, as it does for open)")
+def test_suites_refuse_a_tampered_zoo_as_a_usage_error(zoo: Path, tmp_path):
+    flip(zoo / "entries" / N1 / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "testbed.suites", "--defense", "strip", "--zoo",
+                           str(zoo), "-q", "-p", "no:cacheprovider"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "sha256 mismatch" in out and "Traceback" not in out, out[-2000:]
+
+
+def test_a_version_1_manifest_is_refreshed_by_a_rebuild_without_retraining(zoo: Path, capsys):
+    """Zoos built before the manifest hashed its records (version 1) are refused by the API with the fix, and
+    `testbed zoo build` with the same spec writes a version-2 manifest without training anything."""
+    import testbed.zoo
+
+    def to_v1(m: dict) -> None:
+        m["version"] = 1
+        m.pop("records")
+        for e in m["entries"]:
+            e.pop("reference_data", None)
+
+    manifest_edit(to_v1)(zoo)
+    weights = {p: sha(p) for p in zoo.glob("entries/*/model.safetensors")}
+    with pytest.raises(UserError, match="version-1 manifest"):
+        testbed.zoo.open(zoo)
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    assert "version 1" in capsys.readouterr().out
+    assert main(["-q", "zoo", "build", str(zoo.parent / "zoo.toml"), "--out", str(zoo), "--device", "cpu"]) == 0
+    assert "2/2 entries already built" in capsys.readouterr().out
+    assert main(["zoo", "verify", str(zoo)]) == 0
+    assert {p: sha(p) for p in zoo.glob("entries/*/model.safetensors")} == weights
+    assert len(testbed.zoo.open(zoo)) == 2
