@@ -289,7 +289,6 @@ class Case:
 
 
 LEAD_GUARD = pytest.mark.xfail(strict=True, reason="guard integration: lead")
-LEAD_ATTACK = pytest.mark.xfail(strict=True, reason="attack contract: lead")
 D, P, R = "{ws}/d.h5", "{ws}/p.h5", "{ws}/R"
 SCORE = ["score", R, "--data", D, "--device", "cpu"]
 PREDICT = ["predict", R, "--data", D, "--device", "cpu"]
@@ -435,10 +434,9 @@ CASES = [
     Case("zoo-badnets-with-target", ZOO, "target",
          spec(ZOO_HEAD + n1('target = "wall"\ntrigger = "line"\n', attack="badnets"))),
     Case("zoo-target-image-out-of-range", ZOO, "target_image",
-         spec(ZOO_HEAD + n1('target_image = 10000\ntrigger = "line"\n', attack="badnets")), marks=[LEAD_ATTACK]),
+         spec(ZOO_HEAD + n1('target_image = 10000\ntrigger = "line"\n', attack="badnets"))),
     Case("zoo-rate-above-candidates", ZOO, "rate",
-         spec(ZOO_HEAD + n1('preset = "1-to-1"\nsource = "palm"\ntarget = "wall"\ntrigger = "line"\nrate = 1.0\n')),
-         marks=[LEAD_ATTACK]),
+         spec(ZOO_HEAD + n1('preset = "1-to-1"\nsource = "palm"\ntarget = "wall"\ntrigger = "line"\nrate = 1.0\n'))),
     Case("zoo-sources-include-target", ZOO, "target",
          spec(ZOO_HEAD + n1('preset = "n-to-1"\nsources = ["wall", "sky"]\ntarget = "wall"\ntrigger = "line"\n'))),
     Case("zoo-1-to-1-source-is-target", ZOO, "target",
@@ -667,9 +665,7 @@ HELP = [[], ["data"], ["data", "synth"], ["data", "import", "folder"], ["poison"
         ["defend"], ["bench"], ["zoo"], ["zoo", "build"], ["zoo", "verify"]]
 
 
-@pytest.mark.parametrize("argv", [pytest.param(a, marks=[pytest.mark.xfail(
-    strict=True, reason="lead: testbed/commands/compare.py's help= has a bare '%' ('95% interval'); argparse needs '%%'")]
-    if not a else []) for a in HELP], ids=[" ".join(a) or "testbed" for a in HELP])
+@pytest.mark.parametrize("argv", HELP, ids=[" ".join(a) or "testbed" for a in HELP])
 def test_help_prints_without_a_traceback(argv, capsys):
     outcome = run_main(argv + ["--help"], capsys)
     assert outcome.crashed is None and outcome.rc == 0, outcome

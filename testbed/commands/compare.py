@@ -24,7 +24,7 @@ output, one line per metric (A − B; DER as a fraction, ASR and mIoU-B in perce
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
-        help="paired comparison of two defenses in a bench report: mean difference, 95% interval, p-value",
+        help="paired comparison of two defenses in a bench report: mean difference, 95%% interval, p-value",
         description="Compare defense A with defense B (or with 'none', doing nothing: after = before, DER 0.5) on the "
         "models both ran on, matched by model id: the per-model differences A − B of DER, ASR after and mIoU-B "
         "after, their mean with a 95% t-interval, the number of models, and the two-sided p of an exact sign-flip "

@@ -183,12 +183,41 @@ def check_out(spec: ZooSpec, zoo: Path) -> None:
     outputs = [("--out", zoo / d) for d in ("data", "entries", mf.PLAN, mf.MANIFEST)]
     check_outputs(outputs, {"the spec": spec.path, "[data] path": spec.data.get("path")})
     _check_plan(zoo, spec)
+    _dry_run_attacks(spec, zoo)
     problems = mf.adoption_problems(zoo) if zoo.is_dir() else []
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{zoo}: finished work no longer matches the manifest: {problems[0]}{more}; a rebuild would "
                         f"bless it: run `testbed zoo verify {zoo}`, then restore the files or delete the damaged "
                         "entries/ID directory (or data/NAME.*) to rebuild it")
+
+
+def _dry_run_attacks(spec: ZooSpec, zoo: Path) -> None:
+    """Run every poisoning recipe's checks and selections against the clean data, writing nothing.
+
+    What needs the data (a rate above the candidates, a BadNets target image out of range) fails here, before
+    the zoo is created.  The clean data is the zoo's own when it exists, the spec's file, or synthetic scenes
+    made in a temporary directory outside the zoo (deterministic: the build makes the same bytes).
+    """
+    import tempfile
+
+    from testbed.zoo.attack_table import dry_run
+
+    recipes = [v for v in spec.variants if not v.is_benign]
+    if not recipes:
+        return
+    existing = mf.dataset_file(zoo, "clean")
+    with tempfile.TemporaryDirectory(prefix="zoo-dry-run-") as tmp:
+        if existing.is_file():
+            clean = existing
+        elif "path" in spec.data:
+            clean = Path(spec.data["path"])
+        else:
+            clean = Path(tmp) / "clean.h5"
+            _make_clean(spec.data)(clean)
+        for v in recipes:
+            where = f"[[attack]] {v.attack_id!r}" + (f" (grid {v.label})" if v.label != v.attack_id else "")
+            dry_run(clean, v.params, v.seed if v.seed is not None else 0, where, spec.path)
 
 
 def _foreign(zoo: Path) -> list[Path]:
