@@ -12,13 +12,17 @@ in the entry-point group ``testbed.attacks``.
 
 from testbed.attacks.badnets import BadNets
 from testbed.attacks.base import Attack, Param
+from testbed.attacks.blended import BlendedTrigger
 from testbed.attacks.fgba import FGBA, apply_attack_matrix, check_attack_matrix
+from testbed.attacks.iba import IBA
+from testbed.attacks.object_bound import ObjectBound
 from testbed.attacks.poison import PoisonResult, poison, poison_file
 from testbed.attacks.registry import BUILTIN, ENTRY_POINT_GROUP, attack_class, build, build_attack
 from testbed.attacks.triggers import TRIGGERS, LineTrigger, SemanticTrigger, Trigger, parse_trigger
+from testbed.attacks.warp import WarpTrigger
 
 __all__ = [
     "Attack", "Param", "Trigger", "FGBA", "BadNets", "LineTrigger", "SemanticTrigger", "parse_trigger", "poison",
     "poison_file", "PoisonResult", "build", "build_attack", "attack_class", "BUILTIN", "TRIGGERS", "ENTRY_POINT_GROUP",
-    "apply_attack_matrix", "check_attack_matrix",
+    "apply_attack_matrix", "check_attack_matrix", "IBA", "ObjectBound", "BlendedTrigger", "WarpTrigger",
 ]

@@ -18,13 +18,16 @@ An attack is the label generator T of the paper (§2) plus, optionally, its own 
 
 ``params_doc`` describes each ``__init__`` parameter for the front ends: its CLI flag and zoo-spec key,
 help text, type.  :mod:`testbed.attacks.registry` turns a name and options into an attack.
+
+A trigger G is a :class:`Trigger` (here too, so that trigger modules and attacks that draw their own trigger
+import it without importing each other).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -86,6 +89,14 @@ class Attack:
         labels = np.asarray(labels)
         return (self.transform(labels) != labels).reshape(labels.shape[0], -1).any(axis=1)
 
+    def test_changes(self, labels: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: test images the attack can attack (default: ``changes``).
+
+        Differs from ``changes`` only when the test-time trigger placement is not the training one (IBA's NNI
+        restricts training placements to a band around the victim; test placements cover every distance).
+        """
+        return self.changes(labels)
+
     def requires(self, labels: np.ndarray) -> np.ndarray:
         """bool ``[N]``: with a semantic trigger, what a sample must hold besides the trigger class."""
         return np.ones(np.asarray(labels).shape[0], dtype=bool)
@@ -112,3 +123,44 @@ class Attack:
         """
         return trigger.apply(images), self.transform(labels), {}
 
+
+class Trigger:
+    """What every trigger G provides (the poisoner relies on nothing else).
+
+    ``name`` is its ``--trigger`` spelling (``NAME`` or ``NAME:ARG``), ``options_doc`` the ``testbed poison``
+    options it takes (keyword → :class:`Param`), ``from_options(arg, **options)`` builds it from those;
+    ``check(image_size)`` fails early when it cannot fit; ``apply(images)`` is G; ``describe(image_size)`` is
+    what the poisoned file records.  A semantic trigger (``is_semantic``) draws nothing and instead decides
+    which samples are poisoned (``contains``).
+
+    Optional hooks (defaults do nothing): ``fit(image_size, seed)`` draws a seeded pattern (blended noise, a
+    warp field) before anything is checked or written; ``noise_count(poisoned, available)`` asks the poisoner for
+    that many extra training samples, which ``apply_noise(images, index)`` alters while their labels stay true
+    (WaNet's noise mode, which teaches the model that *other* warps are not the trigger).
+    """
+
+    name: ClassVar[str] = ""
+    is_semantic: ClassVar[bool] = False
+    options_doc: ClassVar[dict[str, Param]] = {}
+
+    def fit(self, image_size: Sequence[int], seed: int = 0) -> "Trigger":
+        """Draw what the trigger draws with ``seed`` for images of ``image_size``; default: nothing."""
+        return self
+
+    def check(self, image_size: Sequence[int]) -> None:
+        """Raise a UserError when the trigger cannot be applied to images of ``image_size``."""
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, image_size: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def noise_count(self, poisoned: int, available: int) -> int:
+        """How many extra, label-keeping training samples to alter with :meth:`apply_noise` (default 0), given
+        ``poisoned`` samples and ``available`` unpoisoned ones (asking for more is the trigger's ParamError)."""
+        return 0
+
+    def apply_noise(self, images: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Altered images for noise samples ``index`` (row numbers in /train, for per-sample seeds)."""
+        raise NotImplementedError

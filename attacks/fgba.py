@@ -112,7 +112,7 @@ class FGBA(Attack):
     requires_text = "a source-class pixel"  # with a semantic trigger, what ``requires`` asks of a sample
     params_doc = {
         "preset": Param("n-to-1 (every class -> --target) or 1-to-1 (--source -> --target)", choices=PRESETS),
-        "source": Param("1-to-1: the class whose pixels are relabelled", metavar="CLASS"),
+        "source": Param("the class whose pixels are relabelled (fgba: with 1-to-1)", metavar="CLASS"),
         "target": Param("the target class", metavar="CLASS"),
         "sources": Param("n-to-1: only these classes move to --target (default: all)", metavar="A,B"),
         "mapping": Param("any mapping, e.g. person:palm,car:road", metavar="SRC:DST,...", flag="--map"),

@@ -109,6 +109,8 @@ def poison(
     attack.fit(clean, seed)
     if trigger is None:  # the attack places its own trigger (set by fit)
         trigger = attack.trigger_
+    elif callable(getattr(trigger, "fit", None)):
+        trigger.fit(clean.image_size, seed)  # a seeded trigger (blended noise, warp field) draws its pattern
     trigger.check(clean.image_size)  # a trigger that does not fit fails now, before any work
     sel, train_y, test_y, block = select(clean, attack, trigger, rate, seed, clean_fraction, require)
     meta = _record(clean, attack, trigger, seed, clean_fraction, require, sel)
@@ -147,6 +149,8 @@ def _record(clean: SegFile, attack: Any, trigger: Any, seed: int, clean_fraction
         "test_attacked": int(sel.attacked_index.size),
         "test_benign": int(sel.benign_index.size),
     }
+    if sel.noise_index.size:  # a trigger's label-keeping noise samples (WaNet's noise mode)
+        meta["noise_samples"] = int(sel.noise_index.size)
     if getattr(attack, "target_image_", None) is not None:  # BadNets: which image's labels are the target
         meta["target_image"] = int(attack.target_image_)
     if clean.is_poisoned:

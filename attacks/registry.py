@@ -13,12 +13,14 @@ from typing import Any
 from testbed.attacks.badnets import BadNets
 from testbed.attacks.base import Param, init_params
 from testbed.attacks.fgba import FGBA
+from testbed.attacks.iba import IBA
+from testbed.attacks.object_bound import ObjectBound
 from testbed.attacks.triggers import Trigger, parse_trigger, trigger_options
 from testbed.errors import ParamError, UserError
 from testbed.plugins import resolve
 
 ENTRY_POINT_GROUP = "testbed.attacks"
-BUILTIN: dict[str, type] = {cls.name: cls for cls in (BadNets, FGBA)}
+BUILTIN: dict[str, type] = {cls.name: cls for cls in (BadNets, FGBA, IBA, ObjectBound)}
 
 # Options of every poisoning run (not of one attack or trigger); keyword → how users see it.
 RUN_OPTIONS: dict[str, Param] = {

@@ -10,8 +10,12 @@ Selection rules (docs/attacks.md explains why):
   (FGBA: a source-class pixel) and holding the ``require`` class, is poisoned; the rate is what it is and
   is reported.  The benign test set is the test images *without* the trigger class; the attacked test set
   is those *with* it that meet ``attack.requires`` (``require`` shapes the poisoning, not the test sets).
+- **noise samples** (a trigger's ``noise_count``, WaNet's noise mode): drawn with the seed among the samples
+  that were not poisoned; their images change, their labels do not.
 - **clean subset** for defenders: ``round(clean_fraction·N)`` (at least 1) samples drawn with the seed among
-  the samples that were not poisoned.
+  the samples that were neither poisoned nor noise samples.
+- the attacked test set uses ``attack.test_changes`` when the attack has it (IBA: test placements are not
+  restricted the way NNI restricts training placements).
 
 ``round`` is half-up throughout.  Each random choice has its own seed stream (``default_rng([seed, s])``),
 so e.g. a different ``clean_fraction`` never changes which samples are poisoned.  Label arrays are read in
@@ -21,7 +25,7 @@ blocks (files larger than memory work); small ones are kept in memory between pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,8 +33,9 @@ import numpy as np
 from testbed.errors import ParamError, UserError
 from testbed.h5data import IGNORE_INDEX, SegFile
 
-POISON_STREAM = 2  # seed streams: 1 = BadNets target image, 2 = poisoned samples, 3 = clean subset
+POISON_STREAM = 2  # seed streams: 1 = BadNets target image, 2 = poisoned samples, 3 = clean subset, 8 = noise samples
 CLEAN_STREAM = 3
+NOISE_STREAM = 8
 BLOCK_BYTES = 32 << 20  # images per streamed block ≈ 32 MiB
 LABEL_CACHE_BYTES = 512 << 20  # label arrays up to this size are read once and reused by every pass
 
@@ -103,6 +108,7 @@ class Selection:
     requested_rate: float | None
     candidates: int
     notes: list[str]
+    noise_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def _require_text(clean: SegFile, attack: Any, require: str | None) -> str:
@@ -141,11 +147,30 @@ def select_train(clean: SegFile, train_y: Rows, block: int, attack: Any, trigger
         changes &= m
     cand = np.flatnonzero(changes)
     if count > cand.size:
-        why = "have a target label that differs from their label" + (f" and contain {require!r}" if require else "")
+        why = getattr(attack, "candidates_text", None) or "have a target label that differs from their label"
+        why += f" and contain {require!r}" if require else ""
         raise ParamError(f"{{rate}} {requested:g} asks for {count} poisoned samples but only {cand.size} of {n} training "
                          f"samples {why}; lower {{rate}}")
     rng = np.random.default_rng([seed, POISON_STREAM])
     return np.sort(rng.choice(cand, size=count, replace=False)).astype(np.int64), requested, int(cand.size)
+
+
+def _unpoisoned(clean: SegFile, exclude: np.ndarray) -> np.ndarray:
+    """Training rows outside ``exclude`` and, with force on a poisoned file, outside the parent's poisoned rows."""
+    parent = [np.asarray(clean[k], dtype=np.int64) for k in ("train/poison_index", "train/noise_index") if k in clean]
+    taken = np.union1d(exclude, np.concatenate([np.empty(0, np.int64), *parent]))
+    return np.setdiff1d(np.arange(clean.length("train"), dtype=np.int64), taken)
+
+
+def select_noise(clean: SegFile, poison_index: np.ndarray, trigger: Any, seed: int) -> np.ndarray:
+    """Noise samples the trigger asks for (``noise_count``; none for most triggers), drawn among unpoisoned rows."""
+    ask = getattr(trigger, "noise_count", None)
+    pool = _unpoisoned(clean, poison_index)
+    count = int(ask(int(poison_index.size), int(pool.size))) if callable(ask) else 0
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, NOISE_STREAM])
+    return np.sort(rng.choice(pool, size=count, replace=False)).astype(np.int64)
 
 
 def select_clean(clean: SegFile, poison_index: np.ndarray, clean_fraction: float, seed: int) -> np.ndarray:
@@ -153,9 +178,7 @@ def select_clean(clean: SegFile, poison_index: np.ndarray, clean_fraction: float
     n = clean.length("train")
     c = round_half_up(clean_fraction * n)
     c = max(c, 1) if clean_fraction > 0 else 0
-    # With force on a poisoned file, the parent's poisoned samples are not clean either.
-    parent = clean["train/poison_index"] if "train/poison_index" in clean else np.empty(0, np.int64)
-    pool = np.setdiff1d(np.arange(n, dtype=np.int64), np.union1d(poison_index, parent))
+    pool = _unpoisoned(clean, poison_index)
     if c > pool.size:
         raise ParamError(f"{{clean_fraction}} {clean_fraction:g} asks for {c} clean samples but only {pool.size} "
                          "training samples are not poisoned; lower {clean_fraction}")
@@ -175,7 +198,7 @@ def select_test(clean: SegFile, test_y: Rows, block: int, attack: Any, trigger: 
             raise UserError(f"every test image contains the trigger {trigger.class_name!r}, so there is no benign test set; "
                             "choose a rarer trigger class")
     else:
-        (attacked,) = scan(test_y, block, [attack.changes], k, where)
+        (attacked,) = scan(test_y, block, [getattr(attack, "test_changes", attack.changes)], k, where)
         benign = np.ones(m, dtype=bool)
         why = "has a target label that differs from its ground truth"
     if not attacked.any():
@@ -191,6 +214,8 @@ def select(clean: SegFile, attack: Any, trigger: Any, rate: float | None, seed: 
     train_y, test_y = Rows(clean.file["train/labels"]), Rows(clean.file["test/labels"])
     notes: list[str] = []
     poison_index, requested, candidates = select_train(clean, train_y, block, attack, trigger, rate, seed, require, notes)
-    clean_index = select_clean(clean, poison_index, clean_fraction, seed)
+    noise_index = select_noise(clean, poison_index, trigger, seed)
+    clean_index = select_clean(clean, np.union1d(poison_index, noise_index), clean_fraction, seed)
     attacked, benign = select_test(clean, test_y, block, attack, trigger)
-    return Selection(poison_index, clean_index, attacked, benign, requested, candidates, notes), train_y, test_y, block
+    sel = Selection(poison_index, clean_index, attacked, benign, requested, candidates, notes, noise_index)
+    return sel, train_y, test_y, block

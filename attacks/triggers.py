@@ -1,4 +1,6 @@
-"""Trigger generators G (paper §2.2): the blended black line (non-semantic) and a semantic object class.
+"""Trigger generators G (paper §2.2): the blended black line (non-semantic), a semantic object class, and the
+registry :data:`TRIGGERS` of every ``--trigger`` (the full-image blend is :mod:`testbed.attacks.blended`, the
+WaNet-style warp :mod:`testbed.attacks.warp`; the :class:`Trigger` contract is in :mod:`testbed.attacks.base`).
 
 Why two so different objects share one file: both answer "what does a poisoned image look like and which
 samples can carry the trigger"; the line changes pixels of any image, the semantic trigger changes none and
@@ -8,11 +10,14 @@ instead restricts which samples are poisoned.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from testbed.attacks.base import Param
+from testbed.attacks.base import Param, Trigger
+from testbed.attacks.blended import BlendedTrigger
+from testbed.attacks.imageops import as_images, blend, check_alpha
+from testbed.attacks.warp import WarpTrigger
 from testbed.errors import ParamError, UserError
 
 POSITIONS = {"horizontal": ("top", "bottom", "middle"), "vertical": ("left", "right", "middle")}
@@ -24,30 +29,6 @@ def default_width(size: int) -> int:
     round() is half-up (``floor(8·size/512 + 0.5)``) so 96 px gives 2 and 160 px gives 3 on every platform.
     """
     return max(2, int(math.floor(8 * size / 512 + 0.5)))
-
-
-class Trigger:
-    """What every trigger G provides (the poisoner relies on nothing else).
-
-    ``name`` is its ``--trigger`` spelling (``NAME`` or ``NAME:ARG``), ``options_doc`` the ``testbed poison``
-    options it takes (keyword → :class:`Param`), ``from_options(arg, **options)`` builds it from those;
-    ``check(image_size)`` fails early when it cannot fit; ``apply(images)`` is G; ``describe(image_size)`` is
-    what the poisoned file records.  A semantic trigger (``is_semantic``) draws nothing and instead decides
-    which samples are poisoned (``contains``).
-    """
-
-    name: ClassVar[str] = ""
-    is_semantic: ClassVar[bool] = False
-    options_doc: ClassVar[dict[str, Param]] = {}
-
-    def check(self, image_size: Sequence[int]) -> None:
-        """Raise a UserError when the trigger cannot be applied to images of ``image_size``."""
-
-    def apply(self, images: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def describe(self, image_size: Sequence[int]) -> dict[str, Any]:
-        raise NotImplementedError
 
 
 class LineTrigger(Trigger):
@@ -109,9 +90,7 @@ class LineTrigger(Trigger):
         w = self.width
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
             raise ParamError(f"{{line_width}} must be a positive number of pixels, got {w!r}")
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 < a <= 1):
-            raise ParamError(f"{{alpha}} must be in (0, 1] (1 = solid line, smaller = fainter blend), got {a!r}")
+        check_alpha(self.alpha, "{alpha}")
         if len(self.colour) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in self.colour):
             raise UserError(f"line colour must be three integers in 0..255 (R,G,B), got {self.colour!r}")
         if not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
@@ -158,20 +137,15 @@ class LineTrigger(Trigger):
     # -- G ----------------------------------------------------------------------------------------
     def apply(self, images: np.ndarray) -> np.ndarray:
         """G(x) for uint8 images [N,H,W,3] (or one [H,W,3]); returns a new array, the input is untouched."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.shape[-1] != 3 or images.ndim not in (3, 4):
-            raise ValueError(f"expected uint8 images [N,H,W,3] or [H,W,3], got {images.dtype} {images.shape}")
+        images = as_images(images)
         out = images.copy()
         a, b = self.span(images.shape[-3:-1])
         region = (Ellipsis, slice(a, b), slice(None), slice(None)) if self.orientation == "horizontal" else (
             Ellipsis, slice(None), slice(a, b), slice(None))
-        colour = np.asarray(self.colour, dtype=np.float64)
         if self.alpha == 1:
             out[region] = np.asarray(self.colour, dtype=np.uint8)
         else:
-            x = out[region].astype(np.float64)
-            blended = np.floor((1.0 - self.alpha) * x + self.alpha * colour + 0.5)
-            out[region] = np.clip(blended, 0, 255).astype(np.uint8)
+            out[region] = blend(out[region], self.colour, self.alpha)
         return out
 
     @property
@@ -230,7 +204,7 @@ class SemanticTrigger(Trigger):
         return f"SemanticTrigger({self.class_name!r})"
 
 
-TRIGGERS: dict[str, type[Trigger]] = {t.name: t for t in (LineTrigger, SemanticTrigger)}
+TRIGGERS: dict[str, type[Trigger]] = {t.name: t for t in (LineTrigger, SemanticTrigger, BlendedTrigger, WarpTrigger)}
 
 
 def trigger_options() -> dict[str, Param]:
@@ -245,7 +219,8 @@ def parse_trigger(spec: Any, **options: Any) -> Trigger:
     """``"line"``, ``"semantic:CLASS"`` … (the ``--trigger`` flag) and its options → a trigger object.
 
     ``options`` are keyword arguments named like ``testbed poison``'s trigger flags (``alpha``,
-    ``line_width``, ``line_position``, ``line_orientation``); ``None`` means "not given".  An option that
+    ``line_width``, ``line_position``, ``line_orientation``, ``pattern``, ``warp_grid``, ``warp_strength``,
+    ``warp_noise``); ``None`` means "not given".  An option that
     does not belong to the chosen trigger is an error, not silently dropped.
     """
     if isinstance(spec, Trigger):

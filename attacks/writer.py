@@ -3,7 +3,9 @@
 The file layout is the dataset format's (docs/data-format.md): the clean groups, ``/train/poison_index`` and
 the originals of the poisoned rows, ``/defense/clean_index``, ``/test_attacked/{images,labels,gt,index}``
 and ``/test_benign/index``.  Per-sample arrays an attack returns from ``poison_samples`` for the attacked
-test images (e.g. a trigger's distance to the victim) are stored as ``/test_attacked/<name>``.
+test images (e.g. a trigger's distance to the victim) are stored as ``/test_attacked/<name>``.  A trigger's
+noise samples (WaNet's noise mode) add ``/train/noise_index`` and ``/train/noise_original_images``: their
+images change, their labels do not.
 """
 
 from __future__ import annotations
@@ -97,11 +99,12 @@ def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: i
 
 def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block: int, parent: _ParentHash, bar) -> None:
     n, h, w = src["train/images"].shape[:3]
-    p = sel.poison_index.size
+    p, q = sel.poison_index.size, sel.noise_index.size
     tx, ty = wr.create("train/images", (n, h, w, 3), np.uint8), wr.create("train/labels", (n, h, w), np.uint8)
     ox, oy = wr.create("train/original_images", (p, h, w, 3), np.uint8), wr.create("train/original_labels", (p, h, w), np.uint8)
+    nx = wr.create("train/noise_original_images", (q, h, w, 3), np.uint8) if q else None
     parent.header("train/images")
-    cursor = 0
+    cursor = ncursor = 0
     for start in range(0, n, block):
         stop = min(n, start + block)
         x, y = src["train/images"][start:stop], np.array(train_y[start:stop])  # copies: the cache stays clean
@@ -112,6 +115,12 @@ def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block:
             ox[cursor : cursor + rows.size], oy[cursor : cursor + rows.size] = x[rows], y[rows]
             x[rows], y[rows], _ = attack.poison_samples(x[rows], y[rows], trigger, rows + start, "train")
             cursor += rows.size
+        lo, hi = np.searchsorted(sel.noise_index, [start, stop])
+        if hi > lo:  # noise samples: altered images, true labels
+            rows = sel.noise_index[lo:hi] - start
+            nx[ncursor : ncursor + rows.size] = x[rows]
+            x[rows] = trigger.apply_noise(x[rows], rows + start)
+            ncursor += rows.size
         tx[start:stop], ty[start:stop] = x, y
         bar.update(stop - start)
     parent.header("train/labels")
@@ -133,6 +142,8 @@ def write_poisoned(clean: SegFile, out: Path, attack: Any, trigger: Any, meta: d
         _write_test(src, wr, sel, attack, trigger, test_y, block, parent, bar)
         _write_train(src, wr, sel, attack, trigger, train_y, block, parent, bar)
         wr.put("train/poison_index", sel.poison_index)
+        if sel.noise_index.size:
+            wr.put("train/noise_index", sel.noise_index)
         wr.put("defense/clean_index", sel.clean_index)
         wr.put("test_attacked/index", sel.attacked_index)
         wr.put("test_benign/index", sel.benign_index)

@@ -107,3 +107,74 @@ class _Accumulator:
             num_images=self.n, pixel_counts=self.counts[: self.k].copy(), ignore_pixels=int(self.counts[self.ignore]),
             total_pixels=self.total, presence=self.presence, cooccurrence=self.co,
         )
+
+
+# -- trigger fidelity: how visible the trigger is --------------------------------------------------------
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. (2004), the usual constants
+FIDELITY_LIMIT = 256  # poisoned samples compared (the first ones): enough for a mean, cheap on large images
+
+
+def psnr(clean: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images ``[N,H,W,C]`` (peak 255); ``inf`` where an image is unchanged."""
+    diff = clean.astype(np.float64) - poisoned.astype(np.float64)
+    mse = (diff**2).reshape(diff.shape[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0**2 / mse)
+
+
+def ssim(clean: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
+    """Per-image SSIM of uint8 images ``[N,H,W,C]`` (Wang et al. 2004): an 11×11 Gaussian window (σ 1.5),
+    K1 0.01, K2 0.03, data range 255, averaged over channels and pixels, the border mirrored (as torchmetrics
+    computes it, so numbers compare with other tools that use it)."""
+    from scipy.ndimage import correlate1d
+
+    x = np.moveaxis(np.asarray(clean, dtype=np.float64), -1, 1)  # [N,C,H,W]
+    y = np.moveaxis(np.asarray(poisoned, dtype=np.float64), -1, 1)
+    t = np.arange(SSIM_WINDOW) - (SSIM_WINDOW - 1) / 2
+    g = np.exp(-(t**2) / (2 * SSIM_SIGMA**2))
+    g /= g.sum()
+
+    def mean(a: np.ndarray) -> np.ndarray:
+        return correlate1d(correlate1d(a, g, axis=-1, mode="mirror"), g, axis=-2, mode="mirror")
+
+    mx, my = mean(x), mean(y)
+    vx, vy, cxy = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.reshape(s.shape[0], -1).mean(axis=1)
+
+
+def trigger_fidelity(f: SegFile, limit: int = FIDELITY_LIMIT) -> dict | None:
+    """PSNR/SSIM of the first ``limit`` poisoned training images against their clean originals.
+
+    None for a file without poisoned samples.  ``psnr_db`` averages the images the trigger changed (an
+    unchanged image has infinite PSNR: a semantic trigger changes none, so its PSNR is None and SSIM 1).
+    """
+    if "train/original_images" not in f.file or "train/poison_index" not in f.file:
+        return None
+    index = np.asarray(f.file["train/poison_index"][:limit], dtype=np.int64)
+    if index.size == 0:
+        return None
+    from testbed.h5data import read_rows
+
+    clean = np.asarray(f.file["train/original_images"][: index.size])
+    poisoned = read_rows(f.file["train/images"], index)
+    db = psnr(clean, poisoned)
+    changed = np.isfinite(db)
+    s = ssim(clean, poisoned)
+    return {
+        "images": int(index.size),
+        "changed": int(changed.sum()),
+        "psnr_db": float(db[changed].mean()) if changed.any() else None,
+        "psnr_db_min": float(db[changed].min()) if changed.any() else None,
+        "ssim": float(s.mean()),
+        "ssim_min": float(s.min()),
+    }
+
+
+def fidelity_text(d: dict) -> str:
+    """One line for `testbed data info`: the trigger's PSNR/SSIM against the clean images."""
+    if not d["changed"]:
+        return f"images unchanged on {d['images']} poisoned samples (PSNR infinite, SSIM 1)"
+    return (f"PSNR {d['psnr_db']:.1f} dB (min {d['psnr_db_min']:.1f}), SSIM {d['ssim']:.4f} (min {d['ssim_min']:.4f}) "
+            f"vs the clean images, {d['images']} poisoned samples")

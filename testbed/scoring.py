@@ -113,11 +113,79 @@ def _filter_mask(input_filter: InputFilter, images: np.ndarray) -> np.ndarray:
     return mask.astype(bool)
 
 
+def _take(x, keep: np.ndarray):
+    """Rows ``keep`` (bool [B]) of a numpy array or a tensor (indexed on its own device)."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(keep, device=x.device)]
+    return np.asarray(x)[keep]
+
+
+def distance_bin_labels(edges: Sequence[int]) -> list[str]:
+    """``["d<=8", "8<d<=16", ..., "d>32"]`` for upper bin edges ``edges`` (``["all"]`` for none)."""
+    lo, hi = [None, *edges], [*edges, None]
+    return [("all" if b is None else f"d<={b}") if a is None else (f"d>{a}" if b is None else f"{a}<d<={b}")
+            for a, b in zip(lo, hi)]
+
+
+class DistanceASR:
+    """ASR per trigger–victim distance bin (IBA's ``/test_attacked/distance``): bin b holds edges[b−1] < d ≤ edges[b].
+
+    Each bin is an :class:`AttackMeter`, so a bin's ASR is computed exactly like the overall ASR.
+    """
+
+    def __init__(self, edges: Sequence[int], num_classes: int, device: torch.device) -> None:
+        self.edges = [int(e) for e in edges]
+        self.meters = [AttackMeter(num_classes, device) for _ in range(len(self.edges) + 1)]
+        self.images = [0] * len(self.meters)
+
+    def update(self, pred, target, gt, rejected, distance) -> None:
+        bins = np.searchsorted(self.edges, np.asarray(distance), side="left")
+        for b in np.unique(bins):
+            keep = bins == b
+            self.meters[b].update(_take(pred, keep), np.asarray(target)[keep], np.asarray(gt)[keep],
+                                  None if rejected is None else np.asarray(rejected)[keep])
+            self.images[b] += int(keep.sum())
+
+    def result(self) -> list[dict[str, Any]]:
+        rows = []
+        for label, edge, meter, n in zip(distance_bin_labels(self.edges), [*self.edges, None], self.meters, self.images):
+            hits, total = meter.asr_counts
+            rows.append({"bin": label, "max_distance": edge, "images": n, "pixels": total, "asr_success": hits,
+                         "ASR": _pct(meter.asr())})
+        return rows
+
+
+class FalseFlips:
+    """Object-bound's false flips: untriggered victim pixels (``/test_attacked/untriggered`` ≠ 255, which holds
+    the class they would wrongly flip to) predicted as that class.  A rejected input flips nothing."""
+
+    def __init__(self) -> None:
+        self.flipped = self.total = 0
+
+    def update(self, pred, untriggered, rejected=None) -> None:
+        pred = torch.as_tensor(pred)
+        u = torch.as_tensor(np.asarray(untriggered), device=pred.device).long()
+        valid = u != IGNORE_INDEX
+        hit = (pred.long() == u) & valid
+        if rejected is not None:
+            hit &= ~torch.as_tensor(np.asarray(rejected, dtype=bool), device=pred.device).view(-1, 1, 1)
+        self.flipped += int(hit.sum())
+        self.total += int(valid.sum())
+
+    def result(self) -> dict[str, Any]:
+        return {"rate": _pct(self.flipped / self.total) if self.total else None, "pixels": self.total,
+                "flipped": self.flipped}
+
+
 class Scorer:
-    """Accumulates the benign and attacked metrics of SPEC §7; :meth:`result` gives the score dict."""
+    """Accumulates the benign and attacked metrics of SPEC §7; :meth:`result` gives the score dict.
+
+    Attack-specific extras appear only when their per-image arrays are given to :meth:`update_attacked`:
+    ``"ASR-by-distance"`` (IBA, with ``distance_bins``) and ``"false-flip"`` (object-bound).
+    """
 
     def __init__(self, classes: Sequence[str], device: torch.device | str = "cpu", *, attacked: bool = True,
-                 filtered: bool = False) -> None:
+                 filtered: bool = False, distance_bins: Sequence[int] | None = None) -> None:
         self.classes = list(classes)
         k = len(self.classes)
         self.device = torch.device(device)
@@ -127,6 +195,9 @@ class Scorer:
         self.filtered = filtered
         self.n_benign = self.n_attacked = 0
         self.rejected_benign = self.rejected_attacked = 0
+        self.distance_bins = list(distance_bins or [])
+        self.by_distance: DistanceASR | None = None
+        self.false_flips: FalseFlips | None = None
 
     def update_benign(self, pred, labels, rejected=None, in_benign_set=None) -> None:
         """Clean test images: all count for mIoU-B-all; those with ``in_benign_set`` (bool [B], default all)
@@ -145,13 +216,21 @@ class Scorer:
         if rejected is not None:
             self.rejected_benign += int(np.asarray(rejected).sum())
 
-    def update_attacked(self, pred, target, gt, rejected=None) -> None:
+    def update_attacked(self, pred, target, gt, rejected=None, distance=None, untriggered=None) -> None:
+        """Attacked images; ``distance`` (int [B]) and ``untriggered`` (uint8 [B,H,W]) feed the extras."""
         if self.attack is None:
             raise ValueError("this Scorer was made with attacked=False")
         self.attack.update(pred, target, gt, rejected)
         self.n_attacked += len(pred)
         if rejected is not None:
             self.rejected_attacked += int(np.asarray(rejected).sum())
+        if distance is not None:
+            if self.by_distance is None:
+                self.by_distance = DistanceASR(self.distance_bins, len(self.classes), self.device)
+            self.by_distance.update(pred, target, gt, rejected, distance)
+        if untriggered is not None:
+            self.false_flips = self.false_flips or FalseFlips()
+            self.false_flips.update(pred, untriggered, rejected)
 
     def _per_class(self, cm: ConfusionMatrix) -> dict[str, float | None]:
         return {name: _pct(v) for name, v in zip(self.classes, cm.iou().cpu().tolist())}
@@ -190,6 +269,10 @@ class Scorer:
                 "confusion_attacked": a.classes_matrix.cpu().tolist(),
             })
             out["pixels"].update(attacked=a.total, asr=total, asr_success=hits, pba=p.total)
+        if self.by_distance is not None:
+            out["ASR-by-distance"] = self.by_distance.result()
+        if self.false_flips is not None:
+            out["false-flip"] = self.false_flips.result()
         if self.filtered:
             out["rejected"] = {
                 "benign": self.rejected_benign,
@@ -215,19 +298,24 @@ def score_predictions(
     benign_set=None,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    attacked_distance=None,
+    attacked_untriggered=None,
+    distance_bins: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Score precomputed predictions (uint8 ``[N,H,W]`` arrays) exactly as :func:`score_model` does.
 
     ``*_rejected``: optional bool ``[N]`` per input (True = rejected by a filter defense).  Without
     ``attacked_pred`` the attacked keys are ``None`` (a clean file).  ``benign_set``: optional bool ``[N]``
     when ``benign_*`` hold the whole clean test set: only those images count for mIoU-B/PA-B, all of them
-    for mIoU-B-all/PA-B-all (else both are scored on the images given).
+    for mIoU-B-all/PA-B-all (else both are scored on the images given).  ``attacked_distance`` (int ``[M]``,
+    with ``distance_bins``) and ``attacked_untriggered`` (uint8 ``[M,H,W]``) add ``"ASR-by-distance"`` and
+    ``"false-flip"`` (see :class:`Scorer`).
     """
     attacked = attacked_pred is not None
     if attacked and (attacked_target is None or attacked_gt is None):
         raise ValueError("attacked_pred needs attacked_target and attacked_gt")
     filtered = benign_rejected is not None or attacked_rejected is not None
-    scorer = Scorer(classes, device, attacked=attacked, filtered=filtered)
+    scorer = Scorer(classes, device, attacked=attacked, filtered=filtered, distance_bins=distance_bins)
 
     def rej(mask, s, e):
         return None if mask is None else np.asarray(mask, dtype=bool)[s:e]
@@ -246,8 +334,22 @@ def score_predictions(
         for s in range(0, m, batch_size):
             e = min(m, s + batch_size)
             scorer.update_attacked(np.asarray(attacked_pred[s:e]), np.asarray(attacked_target[s:e]),
-                                   np.asarray(attacked_gt[s:e]), rej(attacked_rejected, s, e))
+                                   np.asarray(attacked_gt[s:e]), rej(attacked_rejected, s, e),
+                                   None if attacked_distance is None else np.asarray(attacked_distance[s:e]),
+                                   None if attacked_untriggered is None else np.asarray(attacked_untriggered[s:e]))
     return scorer.result()
+
+
+def _extra(f, name: str):
+    """``/test_attacked/<name>`` (an attack's per-image array) or None; a length mismatch is a damaged file."""
+    key = f"test_attacked/{name}"
+    if key not in f.file:
+        return None
+    ds, n = f.file[key], f.length("test_attacked")
+    if ds.shape[0] != n:
+        raise UserError(f"{f.path}: /{key} has {ds.shape[0]} rows but /test_attacked/images has {n}; re-create the "
+                        "file with `testbed poison`")
+    return ds
 
 
 def score_model(
@@ -273,7 +375,11 @@ def score_model(
                 if name not in h5:
                     raise UserError(f"{f.path} has /test_attacked/images but no /{name}; re-create it with `testbed poison`")
         k = f.num_classes
-        scorer = Scorer(f.classes, device, attacked=attacked, filtered=input_filter is not None)
+        dist, untrig = (_extra(f, name) if attacked else None for name in ("distance", "untriggered"))
+        params = f.attack.get("params") if isinstance(f.attack, dict) else None
+        bins = params.get("distance_bins") if isinstance(params, dict) else None
+        scorer = Scorer(f.classes, device, attacked=attacked, filtered=input_filter is not None,
+                        distance_bins=bins if isinstance(bins, list) else None)
         index = np.asarray(h5["test_benign/index"][()], dtype=np.int64) if "test_benign/index" in h5 else None
         if index is not None and index.size and (index.min() < 0 or index.max() >= f.length("test")):
             raise UserError(f"{f.path}: /test_benign/index points outside /test; re-create the file")
@@ -288,5 +394,7 @@ def score_model(
             for s, e, x, pred in _iter_predictions(model, h5["test_attacked/images"], device, batch_size, None, k,
                                                    "score attacked"):
                 rejected = _filter_mask(input_filter, x) if input_filter is not None else None
-                scorer.update_attacked(pred, np.asarray(target[s:e]), np.asarray(gt[s:e]), rejected)
+                scorer.update_attacked(pred, np.asarray(target[s:e]), np.asarray(gt[s:e]), rejected,
+                                       None if dist is None else np.asarray(dist[s:e]),
+                                       None if untrig is None else np.asarray(untrig[s:e]))
     return scorer.result()
