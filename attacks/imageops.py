@@ -6,7 +6,6 @@ computed in float64 and rounded half up, ``floor((1−α)·x + α·t + 0.5)``, w
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -81,11 +80,3 @@ def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if image.shape[2] == 4:
         return np.ascontiguousarray(image[..., :3]), image[..., 3:4].astype(np.float64) / 255.0
     return image, None
-
-
-def file_sha256(path: Any) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

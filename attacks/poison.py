@@ -129,8 +129,9 @@ def _record(clean: SegFile, attack: Any, trigger: Any, seed: int, clean_fraction
     if trigger.is_semantic:
         selection = "all training samples containing the trigger class" + needs
     else:
-        selection = ("drawn by seed among training samples whose target label differs from their label"
-                     + (f" and that contain a {require!r} pixel" if require else ""))
+        which = getattr(attack, "candidates_text", None) or "have a target label that differs from their label"
+        selection = (f"drawn by seed among training samples that {ParamError(which).spelled(lambda k: k)}"
+                     + (f" and contain a {require!r} pixel" if require else ""))
     meta: dict[str, Any] = {
         "name": attack.name,
         "label": attack.label,

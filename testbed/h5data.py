@@ -306,7 +306,8 @@ class SegFile:
 
     # index arrays of a poisoned file: what they index, and which array their length must match
     _INDEX_ARRAYS = (("train/poison_index", "train", "train/original_images"), ("defense/clean_index", "train", None),
-                     ("test_attacked/index", "test", "test_attacked/images"), ("test_benign/index", "test", None))
+                     ("test_attacked/index", "test", "test_attacked/images"), ("test_benign/index", "test", None),
+                     ("train/noise_index", "train", "train/noise_original_images"))
 
     def _check_indices(self) -> None:
         for name, split, rows in self._INDEX_ARRAYS:

@@ -11,12 +11,13 @@ share one dataset hashes it once, and a file that changes afterwards is hashed a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
 from pathlib import Path
 from typing import Any
+
+from testbed.hashing import file_sha256
 
 FORMAT = "testbed-zoo"
 VERSION = 2  # 2: sidecars and plan.json hashed ("records"), benign entries' reference datasets in the manifest
@@ -25,14 +26,6 @@ PLAN = "plan.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # entry ids and dataset names: one safe path component
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CACHE: dict[tuple[str, int, int, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cached_sha256(path: Path) -> str:
