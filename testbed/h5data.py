@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from testbed.atomic import atomic_file
-from testbed.errors import UserError
+from testbed.errors import UserError, did_you_mean
 
 FORMAT = "testbed-seg"
 SCHEMA_VERSION = 1
@@ -367,11 +367,7 @@ class SegFile:
         try:
             return self.classes.index(name)
         except ValueError:
-            import difflib
-
-            close = difflib.get_close_matches(name, self.classes, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"unknown class {name!r}{hint}; {self.path.name} has: {', '.join(self.classes)}") from None
+            raise UserError(f"unknown class {name!r}{did_you_mean(name, self.classes)}; {self.path.name} has: {', '.join(self.classes)}") from None
 
     def content_hash(self) -> str:
         return content_hash(self.file)

@@ -12,7 +12,7 @@ import numpy as np
 
 from testbed.errors import UserError
 
-IGNORE_INDEX = 255
+from testbed.h5data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from testbed.h5data import IGNORE_INDEX
 
 
 def _as_long(x, device: torch.device) -> torch.Tensor:

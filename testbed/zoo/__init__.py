@@ -126,10 +126,9 @@ class Zoo:
             return self._entries[entry_id]
         if entry_id in self.pending:
             raise UserError(f"zoo entry {entry_id!r} is not finished; finish it with `testbed zoo build`")
-        import difflib
+        from testbed.errors import did_you_mean
 
-        close = difflib.get_close_matches(entry_id, list(self._entries), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(entry_id, self._entries)
         raise UserError(f"no entry {entry_id!r} in zoo {self.path}{hint}; list them with `testbed zoo ls {self.path}`")
 
     def __iter__(self) -> Iterator[ZooEntry]:

@@ -8,7 +8,6 @@ naming the fix, so that a cluster job never fails an hour in.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import UserError
+from testbed.errors import UserError, did_you_mean
 from testbed.zoo.attack_table import BENIGN, check_variant, parse_attack_table
 
 TOP_KEYS = ("data", "train", "attack", "grid")
@@ -101,8 +100,7 @@ def _where(path: Path) -> str:
 def _check_keys(table: dict[str, Any], valid: tuple[str, ...] | list[str], where: str, path: Path) -> None:
     for key in table:
         if key not in valid:
-            close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, valid, cutoff=0.5)
             raise UserError(f"{_where(path)}: unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
 
 
@@ -117,11 +115,6 @@ def _is_int(x: Any) -> bool:
 
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _nearest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _slug(value: Any) -> str:
@@ -257,10 +250,10 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
     for m in model_names:
         _need(isinstance(m, str), path, f"[grid] model values must be strings, got {m!r}")
         if m not in available:
-            raise UserError(f"{path.name}: unknown model {m!r} in [grid] model{_nearest(m, available)}; available: {', '.join(available)}")
+            raise UserError(f"{path.name}: unknown model {m!r} in [grid] model{did_you_mean(m, available)}; available: {', '.join(available)}")
     for a in attack_ids:
         if a not in defined:
-            raise UserError(f"{path.name}: [grid] attack {a!r} is not defined{_nearest(str(a), list(defined))}; "
+            raise UserError(f"{path.name}: [grid] attack {a!r} is not defined{did_you_mean(str(a), list(defined))}; "
                             f"add an [[attack]] table with id = {json.dumps(str(a))} or use one of: {', '.join(defined)}")
     axis_combos = [dict(zip(train_axes, values)) for values in itertools.product(*train_axes.values())]
     for combo in axis_combos:  # bad values fail now, not an hour into a cluster job
