@@ -1,10 +1,16 @@
-"""Segmentation models: heads {deeplabv3, denseaspp, danet} × backbones, one plain registry (SPEC §6).
+"""Segmentation models: the paper's heads × backbones and smp's modern segmenters, one plain registry (SPEC §6).
 
-``create("deeplabv3_resnet50", num_classes=11)`` builds any ``HEAD_BACKBONE`` pair with one constructor.
+``create("deeplabv3_resnet50", num_classes=11)`` builds any registered name with one constructor: the
+paper's ``HEAD_BACKBONE`` pairs (below) and segmentation_models_pytorch's ``ARCH_ENCODER`` models
+(``segformer_mit_b0``, ``deeplabv3plus_resnet50``, ``pspnet_*``, ``upernet_*``, ``unet_*`` and an
+``ARCH_tiny`` each; see :mod:`testbed.models.smp_models`).  Every model is a :class:`Segmenter`; smp's go
+through the :class:`SmpSegmenter` adapter, so the contract below holds for all of them.
 Contract (the trainer, scorer and defenses rely on it): input float ``[N,3,H,W]`` in [0,1] (the model
 normalizes with ImageNet mean/std inside); output ``{"out": logits [N,K,H,W]}`` bilinearly upsampled to the
 input size, plus ``"aux"`` when ``aux_loss`` (an FCN head on an intermediate stage); ``model.classifier`` is
-the final ``nn.Conv2d(C, K, 1)`` and :func:`classifier_features` returns its input.
+the final ``nn.Conv2d(C, K, 1)`` and :func:`classifier_features` returns its input.  Some models need the
+image height and width to be multiples of ``model.size_divisor`` (smp's, 8–32): :func:`check_input_size`
+says so before training, and their forward raises the same :class:`InputSizeError`.
 
 Heads: ``deeplabv3`` (ASPP 1×1 + 3×3 at rates 12/24/36 + image pooling, 256 ch, project, 3×3 conv);
 ``denseaspp`` (five cascaded dilated layers at rates 3/6/12/18/24, growth 64, bottleneck 128);
@@ -31,21 +37,23 @@ The ``tiny`` models (CPU demo/test models for 64×64 synthetic scenes, trained i
 
 from __future__ import annotations
 
-import difflib
 import os
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
+from testbed.errors import did_you_mean
 from testbed.models import backbones as _bb
 from testbed.models import heads as _heads
-from testbed.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
-from testbed.models.weights import BackboneWeightsError, load_imagenet_backbone, load_safetensors_backbone
+from testbed.models import smp_models as _smp
+from testbed.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, InputSizeError, Segmenter, SmpSegmenter
+from testbed.models.weights import BackboneWeightsError, load_backbone_weights
 
 __all__ = [
-    "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "Segmenter",
-    "UnknownModelError", "available", "classifier_features", "create",
+    "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "InputSizeError", "Segmenter",
+    "SmpSegmenter", "UnknownModelError", "available", "check_input_size", "classifier_features", "create",
 ]  # fmt: skip
 
 # name → constructor(weights: torchvision enum | None) -> backbone with .out_channels/.aux_channels
@@ -72,44 +80,69 @@ TINY_HEAD_KWARGS: dict[str, dict] = {
 
 
 class UnknownModelError(ValueError):
-    """A model name that is not ``HEAD_BACKBONE`` for a registered head and backbone."""
+    """A model name that is not registered (a head/architecture with an encoder it does not know, or neither)."""
+
+
+def _paper_model(head_name: str, backbone_name: str, num_classes: int, aux_loss: bool = False) -> Segmenter:
+    backbone = BACKBONES[backbone_name]()
+    kwargs = TINY_HEAD_KWARGS[head_name] if backbone_name == "tiny" else {}
+    head = HEADS[head_name](backbone.out_channels, **kwargs)
+    return Segmenter(backbone, head, head.out_channels, num_classes, aux_channels=backbone.aux_channels if aux_loss else None)
+
+
+# The registry: name → (builder(num_classes, aux_loss) -> Segmenter, backbone name for ImageNet weights).
+MODELS: dict[str, tuple[Callable[..., Segmenter], str]] = {
+    f"{h}_{b}": (partial(_paper_model, h, b), b) for h in HEADS for b in BACKBONES
+}
+MODELS.update(_smp.registry())
+_NAMES = tuple(sorted(MODELS))
+# each family's variants, for "did you mean" on a known head/architecture with an unknown encoder
+_FAMILIES: dict[str, list[str]] = {}
+for _name in _NAMES:
+    for _family in (*HEADS, *_smp.ARCHS):
+        if _name.startswith(_family + "_"):
+            _FAMILIES.setdefault(_family, []).append(_name[len(_family) + 1 :])
 
 
 def available() -> list[str]:
-    """Every model name ``create`` accepts, sorted."""
-    return sorted(f"{h}_{b}" for h in HEADS for b in BACKBONES)
+    """Every model name ``create`` accepts, sorted (a constant: nothing is imported or built)."""
+    return list(_NAMES)
 
 
-def _split(name: str) -> tuple[str, str]:
-    for head in HEADS:
-        if name.startswith(head + "_") and name[len(head) + 1 :] in BACKBONES:
-            return head, name[len(head) + 1 :]
-    names = available()
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UnknownModelError(f"unknown model {name!r}{hint}; available: {', '.join(names)}")
+def _lookup(name: str) -> tuple[Callable[..., Segmenter], str]:
+    if name in MODELS:
+        return MODELS[name]
+    family = max((f for f in _FAMILIES if str(name).startswith(f + "_")), key=len, default=None)
+    known = f"; {family} takes: {', '.join(_FAMILIES[family])}" if family else ""
+    hint = did_you_mean(name, _NAMES, cutoff=0.5)
+    raise UnknownModelError(f"unknown model {name!r}{hint}{known}; available: {', '.join(_NAMES)}")
 
 
 def create(name: str, num_classes: int, aux_loss: bool = False, backbone_weights: str | os.PathLike | None = None) -> nn.Module:
-    """Build model ``name`` (``HEAD_BACKBONE``) for ``num_classes`` classes.
+    """Build model ``name`` (see :func:`available`) for ``num_classes`` classes; nothing is downloaded.
 
     ``backbone_weights``: None (random init; deterministic under ``torch.manual_seed``), ``"imagenet"``
-    (torchvision's weights, which must be in the local torch hub cache), or a path to a ``.safetensors``
-    file holding the backbone's state dict (torchvision's own key names; its ``fc``/``classifier`` ignored).
+    (torchvision's weights, which must be in the local torch hub cache; for the paper backbones and smp's
+    ResNet/MobileNetV2 encoders), or a path to a ``.safetensors`` file holding ``model.backbone``'s state
+    dict (an ImageNet classifier's ``fc``/``classifier``/``head`` keys are ignored).  Pickles are refused.
     """
-    head_name, backbone_name = _split(name)
+    build, weights_name = _lookup(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    backbone = BACKBONES[backbone_name]()
-    if isinstance(backbone_weights, str) and backbone_weights.lower() == "imagenet":
-        load_imagenet_backbone(backbone, backbone_name)
-    elif backbone_weights is not None:
-        load_safetensors_backbone(backbone, backbone_weights)
-    kwargs = TINY_HEAD_KWARGS[head_name] if backbone_name == "tiny" else {}
-    head = HEADS[head_name](backbone.out_channels, **kwargs)
-    return Segmenter(
-        backbone, head, head.out_channels, num_classes, aux_channels=backbone.aux_channels if aux_loss else None
-    )
+    model = build(num_classes, aux_loss)
+    load_backbone_weights(model.backbone, backbone_weights, weights_name)
+    model.model_name = name
+    return model
+
+
+def check_input_size(model: nn.Module, size: tuple[int, int]) -> None:
+    """Raise :class:`InputSizeError` if ``model`` cannot take ``size`` = (height, width) images.
+
+    The trainer calls this before its first step; a model without ``check_input_size`` (third-party) passes.
+    """
+    check = getattr(model, "check_input_size", None)
+    if check is not None:
+        check(int(size[0]), int(size[1]))
 
 
 def classifier_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

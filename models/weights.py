@@ -1,5 +1,10 @@
 """Backbone weights: torchvision's ImageNet enums when cached locally, or a local safetensors file.
 
+The same rules hold for the smp models' encoders (``model.backbone``): smp's ResNet and MobileNetV2
+encoders use torchvision's architectures and parameter names, so torchvision's cached ImageNet weights and
+torchvision state dicts load into them too; other encoders (MiT, timm's) take a safetensors file of
+``model.backbone.state_dict()`` keys, e.g. smp's published encoder files (see docs/models.md).
+
 There is no network here and zoo files may come from strangers, so nothing is downloaded and nothing is
 unpickled: ImageNet weights must already be in the torch hub cache, and local files must be safetensors.
 """
@@ -16,13 +21,16 @@ from torch import nn
 
 IMAGENET_ENUMS = {
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
     "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
     "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+    "mobilenet_v2": torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
     "mobilenet_v3_large": torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
     "densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,
 }
-# Keys of torchvision's ImageNet classifiers, dropped when a full torchvision state dict is given.
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+# Keys of ImageNet classifiers (torchvision's fc/classifier, SegFormer's MiT head), dropped when a full
+# classification state dict is given; no backbone has parameters under these names.
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
 
 
@@ -34,8 +42,8 @@ def cached_imagenet(backbone: str) -> Path:
     """The torchvision ImageNet weights file for ``backbone`` in the local hub cache, else an error."""
     if backbone not in IMAGENET_ENUMS:
         raise BackboneWeightsError(
-            f"backbone {backbone!r} has no ImageNet weights; use backbone_weights=None (random init) "
-            "or a local .safetensors file"
+            f"backbone {backbone!r} has no ImageNet weights to take from torchvision; use backbone_weights=None (random init) "
+            "or a local .safetensors file of its state dict (docs/models.md says where to get one)"
         )
     enum = IMAGENET_ENUMS[backbone]
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
@@ -49,6 +57,17 @@ def cached_imagenet(backbone: str) -> Path:
 
 # torchvision's DenseNet checkpoints name layers "norm.1" where the module is "norm1".
 _DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def load_backbone_weights(backbone: nn.Module, weights: str | os.PathLike | None, name: str) -> None:
+    """``weights``: None (keep the init), ``"imagenet"`` (torchvision's cached weights for backbone ``name``)
+    or the path of a safetensors file."""
+    if weights is None:
+        return
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        load_imagenet_backbone(backbone, name)
+    else:
+        load_safetensors_backbone(backbone, weights)
 
 
 def load_imagenet_backbone(backbone: nn.Module, name: str) -> None:
@@ -99,4 +118,5 @@ def _load_state(backbone: nn.Module, state: dict, path: Path) -> None:
             if keys
         )
         raise BackboneWeightsError(f"{path} does not match this backbone ({detail}); save model.backbone.state_dict() of the same backbone")
-    backbone.load_state_dict(state, strict=True)
+    # nn.Module's loader, not an override: smp's encoders redefine load_state_dict (MiT's takes no `strict`)
+    nn.Module.load_state_dict(backbone, state, strict=True)

@@ -22,7 +22,13 @@ def _x(n: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def test_available_is_the_full_grid():
-    assert models.available() == sorted(f"{h}_{b}" for h in HEADS for b in BACKBONES)
+    """The paper's heads × backbones plus the smp models (tests/test_models_smp.py), sorted."""
+    paper = {f"{h}_{b}" for h in HEADS for b in BACKBONES}
+    cnn = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
+    smp = {f"segformer_mit_b{i}" for i in range(6)} | {f"{a}_{e}" for a in ("deeplabv3plus", "pspnet", "upernet", "unet") for e in cnn}
+    smp |= {f"{a}_tiny" for a in ("segformer", "deeplabv3plus", "pspnet", "upernet", "unet")}
+    assert models.available() == sorted(paper | smp)
+    assert len(models.available()) == 18 + 6 + 4 * 6 + 5
 
 
 @pytest.mark.parametrize("name", sorted(f"{h}_{b}" for h in HEADS for b in BACKBONES))
