@@ -478,6 +478,7 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
 
     with h5data.open_dataset(data_path) as f:
         classes, num_classes, n_total = f.classes, f.num_classes, f.length("train")
+        image_size = f.image_size
         data_hash, attack = f.content_hash(), f.attack
     indices = None
     if train_indices is not None:
@@ -515,7 +516,8 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
             torch.manual_seed(cfg.seed)
             try:
                 model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
-            except ValueError as e:  # unknown model, unusable backbone weights
+                models.check_input_size(model, image_size)  # e.g. smp encoders need sides divisible by 32
+            except ValueError as e:  # unknown model, unusable backbone weights, an image size the model cannot take
                 raise UserError(str(e)) from None
             model.to(device)
             if channels_last:
@@ -580,6 +582,7 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
                                 "num_train": n_total, "num_used": n},
                     "versions": _versions(),
                     "device": str(device),
+                    "threads": torch.get_num_threads(),  # CPU results depend on it (same threads ⇒ same bytes)
                     "world_size": dist.world_size,
                     "amp": (str(amp_dtype).removeprefix("torch.") if amp else False),
                     "channels_last": channels_last,
