@@ -36,6 +36,12 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
+    _register_synth(sub)
+    _register_import(sub)
+    _register_info_show(sub)
+
+
+def _register_synth(sub) -> None:
     s = sub.add_parser(
         "synth", help="generate procedural indoor/street/park scenes (no download)",
         description="Generate the embedded synthetic dataset: procedural scenes with ADE20K class names "
@@ -50,6 +56,8 @@ def register(subparsers) -> None:
     _add_common_out(s)
     s.set_defaults(func=run_synth)
 
+
+def _register_import(sub) -> None:
     imp = sub.add_parser(
         "import", help="import ADE20K or an images/+masks/ folder",
         description="Import a real dataset into one dataset file (decoding in parallel, streamed to disk).",
@@ -85,6 +93,8 @@ def register(subparsers) -> None:
     _add_common_out(fo)
     fo.set_defaults(func=run_import_folder)
 
+
+def _register_info_show(sub) -> None:
     i = sub.add_parser(
         "info", help="classes, sizes, class statistics, attack metadata, content hash",
         description="Print what a dataset file holds: classes, split sizes, per-class pixel share, share of images "

@@ -203,9 +203,7 @@ def _grid_list(grid: dict[str, Any], key: str, path: Path, default: list[Any] | 
     return values
 
 
-def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
-    """Read and validate a zoo spec; every problem is a one-line :class:`UserError`."""
-    path = Path(path)
+def _read_doc(path: Path, text: str | None) -> tuple[dict[str, Any], str]:
     if text is None:
         if not path.is_file():
             raise UserError(f"zoo spec {path} does not exist; give the path of a .toml file (see docs/zoo.md)")
@@ -214,13 +212,12 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read zoo spec {path} ({e}); check the file") from None
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path.name}: TOML syntax error: {e}; fix the spec (see docs/zoo.md)") from None
-    _check_keys(doc, TOP_KEYS, "the top level", path)
-    data, classes = _parse_data(doc, path)
-    train = _parse_train(doc, path)
 
+
+def _parse_attacks(doc: dict[str, Any], path: Path) -> dict[str, tuple[dict[str, Any], int | None]]:
     tables = doc.get("attack", [])
     _need(isinstance(tables, list) and len(tables) > 0, path, "no [[attack]] tables; define at least one (id = \"benign\" for a clean model)")
     defined: dict[str, tuple[dict[str, Any], int | None]] = {}
@@ -228,52 +225,56 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
         aid, params, seed = parse_attack_table(t, path)
         _need(aid not in defined, path, f"duplicate [[attack]] id {aid!r}; give each attack its own id")
         defined[aid] = (params, seed)
+    return defined
 
+
+def _parse_grid(doc: dict[str, Any], train: dict[str, Any], defined: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The [grid] lists, each checked: model, attack, seed, rate, trigger and the training axes."""
     _need("grid" in doc and isinstance(doc["grid"], dict), path, "missing [grid] table; add [grid] with model = [...] and attack = [...]")
     grid = doc["grid"]
+    from testbed import models
     from testbed.train import TrainConfig
 
     train_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_RESERVED]
     _check_keys(grid, list(GRID_KEYS) + train_fields, "[grid]", path)
-    train_axes = {k: _grid_list(grid, k, path) for k in grid if k in train_fields}
-    for k in train_axes:
+    axes = {k: _grid_list(grid, k, path) for k in grid if k in train_fields}
+    for k in axes:
         _need(k not in train, path, f"{k} is in both [train] and [grid]; keep one")
-    model_names = _grid_list(grid, "model", path)
-    attack_ids = _grid_list(grid, "attack", path)
-    seeds = _grid_list(grid, "seed", path, default=[0])
-    rates = _grid_list(grid, "rate", path, default=[None])
-    triggers = _grid_list(grid, "trigger", path, default=[None])
-
-    from testbed import models
-
+    g = {"model": _grid_list(grid, "model", path), "attack": _grid_list(grid, "attack", path),
+         "seed": _grid_list(grid, "seed", path, default=[0]), "rate": _grid_list(grid, "rate", path, default=[None]),
+         "trigger": _grid_list(grid, "trigger", path, default=[None])}
     available = list(models.available())
-    for m in model_names:
+    for m in g["model"]:
         _need(isinstance(m, str), path, f"[grid] model values must be strings, got {m!r}")
         if m not in available:
             raise UserError(f"{path.name}: unknown model {m!r} in [grid] model{did_you_mean(m, available)}; available: {', '.join(available)}")
-    for a in attack_ids:
+    for a in g["attack"]:
         if a not in defined:
             raise UserError(f"{path.name}: [grid] attack {a!r} is not defined{did_you_mean(str(a), list(defined))}; "
                             f"add an [[attack]] table with id = {json.dumps(str(a))} or use one of: {', '.join(defined)}")
-    axis_combos = [dict(zip(train_axes, values)) for values in itertools.product(*train_axes.values())]
-    for combo in axis_combos:  # bad values fail now, not an hour into a cluster job
-        TrainConfig(**{**train, **combo, "model": model_names[0], "seed": 0, "device": "cpu"})
-    for s in seeds:
+    g["combos"] = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    for combo in g["combos"]:  # bad values fail now, not an hour into a cluster job
+        TrainConfig(**{**train, **combo, "model": g["model"][0], "seed": 0, "device": "cpu"})
+    for s in g["seed"]:
         _need(_is_int(s) and s >= 0, path, f"[grid] seed values must be non-negative integers, got {s!r}")
-    for r in rates:
+    for r in g["rate"]:
         _need(r is None or (_is_num(r) and 0 < r <= 1), path, f"[grid] rate values must be numbers in (0, 1], got {r!r}")
-    for t in triggers:
+    for t in g["trigger"]:
         _need(t is None or (isinstance(t, str) and t.strip() != ""), path,
               f"[grid] trigger values must be strings like \"line\" or \"semantic:CLASS\", got {t!r}")
+    return g
 
-    image_size = _image_size(data)
+
+def _variants(g: dict[str, Any], defined: dict[str, Any], classes: list[str], image_size: tuple[int, int],
+              path: Path) -> list[AttackVariant]:
+    """One poisoning recipe per attack × grid rate × grid trigger, each validated by the attack's own code."""
     variants: list[AttackVariant] = []
-    for aid in attack_ids:
+    for aid in g["attack"]:
         params, seed = defined[aid]
         if not params:
             variants.append(AttackVariant(label=aid, attack_id=aid, params={}, seed=None))
             continue
-        for r, t in itertools.product(rates, triggers):
+        for r, t in itertools.product(g["rate"], g["trigger"]):
             p = dict(params)
             label = aid
             if r is not None:
@@ -284,10 +285,22 @@ def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
                 label += f"-t{_slug(t)}"
             check_variant(p, classes, image_size, f"[[attack]] {aid!r}" + (f" (grid {label})" if label != aid else ""), path)
             variants.append(AttackVariant(label=label, attack_id=aid, params=p, seed=seed))
+    return variants
 
+
+def parse_spec(path: str | os.PathLike, text: str | None = None) -> ZooSpec:
+    """Read and validate a zoo spec; every problem is a one-line :class:`UserError`."""
+    path = Path(path)
+    doc, text = _read_doc(path, text)
+    _check_keys(doc, TOP_KEYS, "the top level", path)
+    data, classes = _parse_data(doc, path)
+    train = _parse_train(doc, path)
+    defined = _parse_attacks(doc, path)
+    g = _parse_grid(doc, train, defined, path)
+    variants = _variants(g, defined, classes, _image_size(data), path)
     entries: list[EntrySpec] = []
     seen: set[str] = set()
-    for m, v, s, combo in itertools.product(model_names, variants, seeds, axis_combos):
+    for m, v, s, combo in itertools.product(g["model"], variants, g["seed"], g["combos"]):
         eid = f"{m}--{v.label}--s{s}" + "".join(f"--{k}-{_slug(x)}" for k, x in combo.items())
         _need(eid not in seen, path, f"two grid points give the same entry id {eid!r}; remove the duplicate")
         seen.add(eid)
