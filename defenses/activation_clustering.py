@@ -4,7 +4,11 @@ Poisoned samples reach their (target) label through the trigger, not through the
 so within one class their classifier features form a separate, small cluster.  Here a "sample" is one
 (image, class) region: its classifier-input features averaged over the region.  Per class the vectors are
 reduced with PCA (10 components) and split by KMeans(2); a cluster holding less than ``size_threshold``
-(0.35) of the class is called poisoned, and the images owning its vectors are dropped before retraining.
+(0.35) of the class is judged poisoned (Chen et al.'s relative-size analysis: clean data splits into two
+clusters of comparable size, poison into a small one); when neither is that small the class is judged clean
+and nothing in it is flagged.  Images are dropped by an area vote over their regions (``rule="area"``, see
+``flag_images``) before retraining, so the share of images removed tracks the share of labelled pixels in the
+clusters judged poisoned (``details["nominal_fraction"]``).
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, flag_per_class, training_set_features
-from testbed.defense import DefenseContext, DefenseResult
+from testbed.defenses._features import Budget, CostMeter, check_rule, flag_per_class, training_set_features
+from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
 def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: float = 0.35,
@@ -37,25 +41,41 @@ def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: f
 
 class ActivationClustering:
     """Parameters (defaults): ``n_components`` (10), ``size_threshold`` (0.35), ``class_source`` ("labels":
-    the training labels as given, or "predictions"), ``rule`` ("any" | "area", see ``flag_images``),
+    the training labels as given, or "predictions"), ``rule`` ("area" | "any", see ``flag_images``),
     ``min_class_vectors`` (classes with fewer vectors are not analysed, 10), ``batch_size`` (32)."""
 
     name = "activation-clustering"
     uses_training_set = True
+    params_doc = {
+        "n_components": "PCA components per class before KMeans(2)",
+        "size_threshold": "a cluster below this share of its class is judged poisoned (Chen et al.'s relative size)",
+        "class_source": '"labels": the training labels as given; "predictions": the model\'s argmax',
+        "rule": '"area": drop an image when flagged regions cover half its labelled pixels; "any": when one is flagged',
+        "min_class_vectors": "classes with fewer (image, class) regions are not analysed",
+        "batch_size": "training images per forward pass",
+    }
 
     def __init__(self, n_components: int = 10, size_threshold: float = 0.35, class_source: str = "labels",
-                 rule: str = "any", min_class_vectors: int = 10, batch_size: int = 32) -> None:
+                 rule: str = "area", min_class_vectors: int = 10, batch_size: int = 32) -> None:
+        check_rule(rule, class_source)
+        if not 0 < size_threshold <= 0.5:
+            raise ValueError(f"size_threshold must be in (0, 0.5], got {size_threshold}")
+        if int(n_components) < 1 or int(batch_size) < 1:
+            raise ValueError("n_components and batch_size must be at least 1")
         self.n_components, self.size_threshold, self.class_source = int(n_components), float(size_threshold), class_source
         self.rule, self.min_class_vectors, self.batch_size = rule, int(min_class_vectors), int(batch_size)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        budget, meter = Budget(ctx.budget_s), CostMeter()
+        meter = CostMeter()
+        budget = Budget.for_context(ctx, meter)
         feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+
         def analyse(vectors):
             flags, sizes = cluster_flags(vectors, self.n_components, self.size_threshold, ctx.seed)
             return flags, {"cluster_sizes": sizes, "relative_sizes": [s / len(vectors) for s in sizes],
-                           "flagged": int(flags.sum())}
+                           "judged_poisoned": bool(flags.any()), "flagged": int(flags.sum())}
 
         drop, details = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "clustered", self.rule,
                                        self.class_source)
+        details.update(budget.summary())
         return DefenseResult(flagged_train=drop, cost=meter.cost(), details=details)

@@ -17,19 +17,34 @@ import torch
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, classifier_features, clean_miou, cross_entropy, report, to_input
-from testbed.defense import DefenseContext, DefenseResult
+from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
 @torch.no_grad()
-def channel_activation(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
-    """Mean activation ``[C]`` of each classifier-input channel over the images and all feature positions."""
+def channel_activation(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32,
+                       ranking: str = "mean") -> np.ndarray:
+    """Activation ``[C]`` of each classifier-input channel on the images, by which channels are ranked.
+
+    ``mean``: the mean over the images and all feature positions (Liu et al.'s rule).  ``max``: per image the
+    largest activation over the positions, then the mean over the images — a channel that fires strongly in
+    a few rows only (a thin line trigger's footprint) has a small mean but a large max.
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
     total, count = None, 0
     for s in range(0, len(images), batch_size):
         feats, _ = classifier_features(model, to_input(images[s : s + batch_size], device))
-        part = feats.double().sum((0, 2, 3))
+        if ranking == "mean":
+            part = feats.double().sum((0, 2, 3))
+            count += feats.shape[0] * feats.shape[2] * feats.shape[3]
+        else:
+            part = feats.double().flatten(2).amax(2).sum(0)
+            count += feats.shape[0]
         total = part if total is None else total + part
-        count += feats.shape[0] * feats.shape[2] * feats.shape[3]
     return (total / max(count, 1)).cpu().numpy()
+
+
+RANKINGS = ("mean", "max")
 
 
 def prune_channels(model: nn.Module, channels) -> None:
@@ -50,15 +65,28 @@ class FinePruning:
     """Prune dormant classifier-input channels, then fine-tune on the clean subset.
 
     Parameters: ``step`` (fraction pruned per step, 1%), ``max_drop`` (allowed relative clean-mIoU drop,
-    0.10), ``max_fraction`` (never prune more than this, 0.95), ``epochs``/``lr``/``batch_size``/``momentum``
-    for the SGD fine-tuning (5, 0.01, 8, 0.9).
+    0.10), ``max_fraction`` (never prune more than this, 0.95), ``epochs``/``lr``/``batch_size``/``momentum``/
+    ``weight_decay`` for the SGD fine-tuning (5, 0.01, 8, 0.9, 0), ``ranking`` ("mean" | "max": how channels
+    are ranked from least to most active, see ``channel_activation``).
     """
 
     name = "fine-pruning"
     uses_training_set = False
+    params_doc = {
+        "step": "share of the classifier-input channels pruned per step",
+        "max_drop": "stop pruning before clean mIoU falls below (1 - max_drop) x its start",
+        "max_fraction": "never prune more than this share of the channels",
+        "epochs": "fine-tuning epochs on the clean subset (SGD, BatchNorm frozen)",
+        "lr": "fine-tuning learning rate",
+        "batch_size": "fine-tuning batch size",
+        "momentum": "fine-tuning SGD momentum",
+        "weight_decay": "fine-tuning SGD weight decay",
+        "ranking": '"mean": channel activation over all positions (Liu et al.); "max": per-image max over positions',
+    }
 
     def __init__(self, step: float = 0.01, max_drop: float = 0.10, max_fraction: float = 0.95, epochs: int = 5,
-                 lr: float = 0.01, batch_size: int = 8, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+                 lr: float = 0.01, batch_size: int = 8, momentum: float = 0.9, weight_decay: float = 0.0,
+                 ranking: str = "mean") -> None:
         if not 0 < step <= 1:
             raise ValueError(f"step must be in (0, 1], got {step}")
         if not 0 <= max_drop < 1:
@@ -66,15 +94,19 @@ class FinePruning:
         self.step, self.max_drop, self.max_fraction = float(step), float(max_drop), float(max_fraction)
         self.epochs, self.lr, self.batch_size = int(epochs), float(lr), int(batch_size)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+        self.ranking = ranking
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        budget, meter, device = Budget(ctx.budget_s), CostMeter(), ctx.device
+        meter, device = CostMeter(), ctx.device
+        budget = Budget.for_context(ctx, meter)
         model = copy.deepcopy(model).to(device).eval()
         images, labels, k, n = ctx.clean_images, ctx.clean_labels, ctx.num_classes, len(ctx.clean_images)
         if n == 0:
             raise ValueError("fine-pruning needs a non-empty clean subset")
 
-        activation = channel_activation(model, images, device)
+        activation = channel_activation(model, images, device, ranking=self.ranking)
         meter.forward += n
         order = np.argsort(activation, kind="stable")  # least active first; ties by channel index
         channels = len(order)
@@ -89,7 +121,7 @@ class FinePruning:
             count = min(channels - 1, int(round(i * self.step * channels)))
             if count <= curve[-1]["pruned"]:
                 continue  # fewer channels than steps: this fraction rounds to the previous count
-            if budget.exceeded():
+            if budget.spent(2 * n):  # this step's clean mIoU, and the final one's reserve
                 stopped_by_budget = True
                 break
             prune_channels(model, order[:count])
@@ -125,7 +157,8 @@ class FinePruning:
             "miou_clean_final": final,
             "miou_floor": floor,
             "fine_tune_epochs": epochs_done,
-            "stopped_by_budget": stopped_by_budget,
+            "ranking": self.ranking,
+            **budget.summary(),
         }
         return DefenseResult(model=model, cost=meter.cost(), details=details)
 
@@ -141,7 +174,7 @@ class FinePruning:
                 model.train()
                 _freeze_bn(model)
                 for x, y in loader:
-                    if budget.exceeded():
+                    if budget.spent(2 * len(x) + len(ctx.clean_images)):  # this batch, and the final mIoU's reserve
                         return done, True
                     x, y = x.to(ctx.device), y.to(ctx.device)
                     loss = cross_entropy(model(x)["out"], y, ctx.ignore_index)

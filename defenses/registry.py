@@ -11,6 +11,7 @@ with attacks.  The runner (``testbed.defense_runner``) never needs to know where
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from testbed.defenses.activation_clustering import ActivationClustering
@@ -42,10 +43,17 @@ def load_defense(spec: Any, **params: Any) -> Any:
     else:
         obj, source = spec, repr(spec)
     if isinstance(obj, type):
+        known = [p.name for p in defense_params(obj)]
+        unknown = [] if _takes_any_keyword(obj) else [k for k in params if k not in known]
+        if unknown:
+            from testbed.errors import did_you_mean
+
+            raise UserError(f"{source} has no parameter {unknown[0]!r}{did_you_mean(unknown[0], known)}; its parameters: "
+                            f"{', '.join(known)} (see `testbed defenses`)")
         try:
             obj = obj(**params)
         except (TypeError, ValueError) as e:
-            raise UserError(f"{source}: bad parameters {sorted(params)} ({e}); see the defense's documentation") from None
+            raise UserError(f"{source}: bad parameters {sorted(params)} ({e}); see `testbed defenses`") from None
     elif params:
         raise UserError(f"{source} is an object, not a class; parameters {sorted(params)} cannot be passed to it")
     name_attr = getattr(obj, "name", None)
@@ -57,6 +65,15 @@ def load_defense(spec: Any, **params: Any) -> Any:
     return obj
 
 
+def _takes_any_keyword(cls: type) -> bool:
+    import inspect
+
+    try:
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
 def parse_value(text: str) -> Any:
     """A parameter value as typed on a command line: JSON when it parses (``16``, ``[3, 5]``), else the string."""
     try:
@@ -65,15 +82,116 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_params(items: list[str] | None, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``["strip.n_overlays=16", ...]`` → ``{"strip": {"n_overlays": 16}}`` for the defenses in ``names``."""
+def parse_params(items: list[str] | None, names: list[str], flag: str = "--param") -> dict[str, dict[str, Any]]:
+    """Parameter options → ``{defense: {key: value}}``, one syntax for every front end (``flag`` names the option
+    in errors: ``--param`` for `testbed defend`/`bench`, ``--defense-param`` for the suites).
+
+    ``DEFENSE.KEY=VALUE`` where DEFENSE is one of ``names`` as given (``strip``, ``pkg.mod:Class``); a bare
+    ``KEY=VALUE`` when exactly one defense is given.  Values are JSON when they parse, else strings.
+    """
     out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    example = f"{flag} {names[0] if names else 'strip'}.KEY=VALUE"
     for item in items or []:
         key, eq, value = item.partition("=")
         defense, dot, param = key.rpartition(".")
-        if not eq or not dot or not defense or not param:
-            raise UserError(f"--param {item!r}: write it as DEFENSE.KEY=VALUE, e.g. strip.n_overlays=16")
+        if not dot and eq and key and len(names) == 1:
+            defense, param = names[0], key  # bare KEY=VALUE: the only defense
+        elif not dot and eq and key:
+            raise UserError(f"{flag} {item!r}: {len(names)} defenses are given, so name the one it is for: "
+                            f"DEFENSE.KEY=VALUE, e.g. {example.split(' ', 1)[1].replace('KEY=VALUE', key + '=' + value)}")
+        if not eq or not defense or not param:
+            raise UserError(f"{flag} {item!r}: write it as DEFENSE.KEY=VALUE (or KEY=VALUE with one defense), e.g. "
+                            "strip.n_overlays=16")
         if defense not in out:
-            raise UserError(f"--param {item!r}: {defense!r} is not one of the --defense names ({', '.join(names)})")
+            raise UserError(f"{flag} {item!r}: {defense!r} is not one of the --defense names ({', '.join(names)})")
+        if param in out[defense]:
+            raise UserError(f"{flag} {item!r}: {defense}.{param} is given twice; give each parameter once")
         out[defense][param] = parse_value(value)
+    return out
+
+
+# -- what a defense takes, for `testbed defenses` and error messages ---------------------------------
+@dataclass(frozen=True)
+class ParamInfo:
+    """One keyword parameter of a defense class: name, default (``REQUIRED`` if none) and one-line help."""
+
+    name: str
+    default: Any
+    help: str
+
+
+REQUIRED = object()
+
+
+def _doc_help(doc: str, name: str) -> str:
+    """What the class docstring says right after ````name````, up to the next parameter or sentence end."""
+    import re
+
+    doc = " ".join(doc.split())
+    m = re.search(r"``" + re.escape(name) + r"``((?:\s*/\s*``\w+``)*)", doc)
+    if m is None:
+        return ""
+    text, depth, out = doc[m.end():], 0, []
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                break
+        if depth == 0 and (text.startswith(", ``", i) or text.startswith(". ", i) or text.startswith(".\n", i)
+                           or ch == ";" or text.startswith(".", i) and i == len(text) - 1):
+            break
+        out.append(ch)
+    text = "".join(out).strip(" ,.")
+    if text.startswith("(") and text.endswith(")") and text.count("(") == 1:
+        text = text[1:-1]
+    return text
+
+
+def defense_params(cls: type) -> list[ParamInfo]:
+    """The keyword parameters of ``cls.__init__`` with defaults, and help from ``cls.params_doc`` (a dict
+    name → text) or else the class docstring's mention of ````name````."""
+    import inspect
+
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return []
+    docs = getattr(cls, "params_doc", None)
+    docs = docs if isinstance(docs, dict) else {}
+    text = inspect.getdoc(cls) or ""
+    out = []
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = REQUIRED if p.default is p.empty else p.default
+        out.append(ParamInfo(p.name, default, str(docs.get(p.name) or _doc_help(text, p.name))))
+    return out
+
+
+def summary(cls: type) -> str:
+    """The class docstring's first line (its one-line help)."""
+    import inspect
+
+    doc = inspect.getdoc(cls) or ""
+    if not doc or doc.startswith("Parameters"):  # a class that documents only its parameters: its module's summary
+        doc = inspect.getdoc(inspect.getmodule(cls)) or doc
+    first = doc.strip().split("\n\n", 1)[0]
+    return " ".join(first.split())
+
+
+def available_defenses() -> list[tuple[str, str, Any]]:
+    """``(name, where from, class or the error that stopped it loading)``: built-ins, then installed plugins."""
+    from testbed.plugins import entry_points
+
+    out: list[tuple[str, str, Any]] = [(name, "built-in", cls) for name, cls in BUILTIN.items()]
+    for name, ep in sorted(entry_points(ENTRY_POINT_GROUP).items()):
+        if name in BUILTIN:
+            continue
+        try:
+            obj: Any = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin is listed with its error, not fatal
+            obj = UserError(f"failed to load: {type(e).__name__}: {e}")
+        out.append((name, f"plugin {ep.value}", obj))
     return out

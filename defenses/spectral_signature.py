@@ -3,18 +3,19 @@
 Within a class, poisoned samples shift the mean of the learned representation along one direction; the
 top singular vector of the centred features finds it, and the squared projection on it is an outlier
 score.  Here a sample is one (image, class) region (classifier-input features averaged over the region);
-per class the ``1.5·ε`` fraction with the highest scores is removed (ε = the expected poison rate), and the
-images owning those vectors are dropped before retraining.
+per class the ``1.5·ε`` fraction with the highest scores is flagged (Tran et al.'s rule; ε = the expected
+poison rate), and images are dropped by an area vote over their regions (``rule="area"``, see
+``flag_images``) before retraining, so that about ``1.5·ε`` of the training images are removed
+(``details["removed_fraction"]`` next to ``details["nominal_fraction"]``).
 """
 
 from __future__ import annotations
 
-
 import numpy as np
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, flag_per_class, training_set_features
-from testbed.defense import DefenseContext, DefenseResult
+from testbed.defenses._features import Budget, CostMeter, check_rule, flag_per_class, training_set_features
+from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
 def spectral_scores(vectors: np.ndarray) -> np.ndarray:
@@ -39,21 +40,34 @@ def top_flags(scores: np.ndarray, fraction: float) -> np.ndarray:
 
 class SpectralSignature:
     """Parameters (defaults): ``epsilon`` expected poison rate (0.1), ``multiplier`` (1.5), ``class_source``
-    ("labels" | "predictions"), ``rule`` ("any" | "area"), ``min_class_vectors`` (10), ``batch_size`` (32)."""
+    ("labels" | "predictions"), ``rule`` ("area" | "any"), ``min_class_vectors`` (10), ``batch_size`` (32)."""
 
     name = "spectral-signature"
     uses_training_set = True
+    params_doc = {
+        "epsilon": "expected poison rate; multiplier * epsilon of each class's regions are flagged",
+        "multiplier": "Tran et al.'s 1.5",
+        "class_source": '"labels": the training labels as given; "predictions": the model\'s argmax',
+        "rule": '"area": drop an image when flagged regions cover half its labelled pixels; "any": when one is flagged',
+        "min_class_vectors": "classes with fewer (image, class) regions are not analysed",
+        "batch_size": "training images per forward pass",
+    }
 
-    def __init__(self, epsilon: float = 0.1, multiplier: float = 1.5, class_source: str = "labels", rule: str = "any",
+    def __init__(self, epsilon: float = 0.1, multiplier: float = 1.5, class_source: str = "labels", rule: str = "area",
                  min_class_vectors: int = 10, batch_size: int = 32) -> None:
         if not 0 <= epsilon * multiplier <= 1:
             raise ValueError(f"epsilon·multiplier must be in [0, 1], got {epsilon * multiplier}")
+        check_rule(rule, class_source)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.epsilon, self.multiplier, self.class_source = float(epsilon), float(multiplier), class_source
         self.rule, self.min_class_vectors, self.batch_size = rule, int(min_class_vectors), int(batch_size)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        budget, meter = Budget(ctx.budget_s), CostMeter()
+        meter = CostMeter()
+        budget = Budget.for_context(ctx, meter)
         feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+
         def analyse(vectors):
             scores = spectral_scores(vectors)
             flags = top_flags(scores, self.multiplier * self.epsilon)
@@ -62,6 +76,6 @@ class SpectralSignature:
                            "score_cut": float(scores[flags].min()) if flags.any() else None}
 
         drop, details = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "scored", self.rule,
-                                       self.class_source)
-        details["removal_fraction"] = self.multiplier * self.epsilon
+                                       self.class_source, nominal=self.multiplier * self.epsilon)
+        details.update(budget.summary())
         return DefenseResult(flagged_train=drop, cost=meter.cost(), details=details)

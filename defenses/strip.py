@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, report
-from testbed.defense import DefenseContext, DefenseResult
+from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
 def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,14 @@ class Strip:
 
     name = "strip"
     uses_training_set = False
+    params_doc = {
+        "n_overlays": "clean images blended with each input",
+        "fraction": "share of lowest-entropy pixels averaged into the image score",
+        "frr": "false rejection rate on the clean subset that sets the threshold",
+        "mode": '"mean": alpha*x + (1-alpha)*overlay; "add": STRIP\'s saturating sum',
+        "alpha": 'weight of the input in mode "mean"',
+        "batch_size": "overlaid images per forward pass",
+    }
 
     def __init__(self, n_overlays: int = 32, fraction: float = 0.1, frr: float = 0.05, mode: str = "mean",
                  alpha: float = 0.5, batch_size: int = 256) -> None:
@@ -120,7 +128,8 @@ class Strip:
                            self.mode, self.alpha, ctx.seed, self.batch_size)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        budget, meter = Budget(ctx.budget_s), CostMeter()
+        meter = CostMeter()
+        budget = Budget.for_context(ctx, meter)
         n = len(ctx.clean_images)
         if n == 0:
             raise ValueError("strip needs a non-empty clean subset")
@@ -130,14 +139,15 @@ class Strip:
         scores = np.empty(n)
         done, step = 0, scorer.per_forward
         for s in range(0, n, step):
-            if budget.exceeded() and done >= 2:
+            # a threshold needs scores: the first two images are always scored, even past a budget
+            if done >= 2 and budget.spent((min(n, s + step) - s) * self.n_overlays):
                 break
             scores[s : s + step] = scorer(ctx.clean_images[s : s + step], exclude=np.arange(s, min(n, s + step)))
             done = min(n, s + step)
+            meter.forward = scorer.forward
             report(ctx.progress, done / n, f"STRIP clean scores {done}/{n}")
         scores = scores[:done]
         threshold = float(np.quantile(scores, 1.0 - self.frr))
-        meter.forward = scorer.forward
         details = {
             "clean_scores": scores.tolist(),
             "frr": float(np.mean(scores > threshold)),
@@ -146,7 +156,7 @@ class Strip:
             "n_overlays": self.n_overlays,
             "images_per_forward": scorer.per_forward,
             "clean_images_scored": done,
-            "stopped_by_budget": done < n,
+            **budget.summary(),
             "threshold_data": "all of the clean subset, leave-one-out overlays",
         }
         return DefenseResult(input_scores=scorer, threshold=threshold, cost=meter.cost(), details=details)

@@ -2,58 +2,85 @@
 
 For every candidate target the defense optimises a mask ``m`` (H×W, sigmoid-parametrised) and a pattern
 ``Δ`` (3×H×W) so that ``x' = (1−m)·x + m·Δ`` drives the model to the candidate on the clean subset, while
-``λ‖m‖₁`` keeps the mask small (λ follows NC's schedule).  A real backdoor target needs a much smaller mask
-than the others: the MAD anomaly index over the candidates' mask norms flags it.
+``λ‖m‖₁`` (the raw L1 norm, λ₀ = 1e-3, as Neural Cleanse) keeps the mask small; λ follows NC's schedule and
+each candidate stops on NC's early-stop rule or at ``steps``.  A real backdoor target needs a much smaller
+mask than the others: the MAD anomaly index over the candidates' mask norms flags it.  Candidates are
+optimised ``candidate_batch`` at a time in one batched forward/backward (``_trigger_search``).
 
-Candidates:
-- ``targets="image"``: K candidates ``("*", t)`` — every pixel → t;
+Candidates, and the attacks each search covers:
+- ``targets="image"``: K candidates ``("*", t)`` — every pixel → t: N-to-1 (all-to-one) attacks and
+  BadNets-like attacks whose target is one class;
 - ``targets="pairs"``: K(K−1) candidates ``(s, t)`` — pixels the model predicts as s → t, all other pixels
-  keep the model's clean prediction (the paper's O(K²) for fine-grained attacks);
-- an arbitrary target map (BadNets-type attacks) has K^(H·W) candidates, which is only counted.
+  keep the model's clean prediction: 1-to-1 attacks (the paper's O(K²) for fine-grained attacks);
+- a general FGBA attack matrix (every class to any class) has K^K − 1 candidates, only counted;
+- the space of target label maps (BadNets' target is one of them) has K^(H·W) elements: its size, not the
+  cost of a defense (a *known* map is one optimisation; an unknown one cannot be enumerated).
 
-The point, after the seed paper (§2.2), is the cost: one candidate is timed and the counts are projected
-for the data at hand and for ADE20K (K=150, 512×512), next to what ``budget_s`` actually covered.
+The point, after the seed paper (§2.2), is the cost: passes per candidate are measured and projected for the
+data at hand and for ADE20K (K=150, 512×512) — an estimate, not a bound — next to what the budget covered.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, cross_entropy, predict_batches, report, to_input
-from testbed.defense import DefenseContext, DefenseResult, Verdict
+from testbed.defenses._features import Budget, CostMeter, predict_batches, report, to_input
+from testbed.defenses._trigger_search import ScheduleConfig, search
+from testbed.defenses.protocol import DefenseContext, DefenseResult, Verdict
+from testbed.jsonutil import jsonable
 
 ADE20K_CLASSES = 150
 ADE20K_SIZE = (512, 512)
+PROJECTION_BASIS = ("measured passes per candidate (mean over the candidates finished) × number of candidates × "
+                    "measured seconds per pass (this run's candidate loop) × pixel ratio (ADE20K only, assuming a "
+                    "pass costs in proportion to its pixels and candidates converge in as many steps): an estimate, "
+                    "not a bound")
+SEARCH_SPACES = {
+    "image": "K image-level targets (every pixel -> t): N-to-1 and BadNets-like attacks with a one-class target",
+    "pairs": "K(K-1) (source, target) pairs: 1-to-1 attacks",
+    "matrices": "K^K - 1 attack matrices (each class to any class): the general FGBA attack; counted, not searched",
+    "maps": "K^(H*W) target label maps: the size of the target-map space, not the cost of a defense",
+}
 
 
 def candidate_counts(num_classes: int, height: int, width: int) -> dict[str, float]:
-    """How many candidate targets each attack family needs: K, K(K−1) and log10 of K^(H·W)."""
+    """Size of each search space: K, K(K−1), log10(K^K − 1) attack matrices, log10 K^(H·W) target maps."""
     k = int(num_classes)
+    ninf = float("-inf")
     return {
         "image": k,
         "pairs": k * (k - 1),
-        "log10_image": math.log10(k) if k > 0 else float("-inf"),
-        "log10_pairs": math.log10(k * (k - 1)) if k > 1 else float("-inf"),
-        "log10_maps": height * width * math.log10(k) if k > 0 else float("-inf"),
+        "log10_image": math.log10(k) if k > 0 else ninf,
+        "log10_pairs": math.log10(k * (k - 1)) if k > 1 else ninf,
+        # log10(K^K − 1) = K·log10 K + log10(1 − K^−K), exact in floating point for any K ≥ 2
+        "log10_matrices": k * math.log10(k) + math.log10(-math.expm1(-k * math.log(k))) if k > 1 else ninf,
+        "log10_maps": height * width * math.log10(k) if k > 0 else ninf,
     }
 
 
-def projected_cost(per_candidate_s: float, num_classes: int, height: int, width: int) -> dict[str, float]:
-    """Seconds for all image-level and pair candidates, and log10 seconds for arbitrary target maps."""
+def projected_cost(passes_per_candidate: float, seconds_per_pass: float, num_classes: int, height: int, width: int,
+                   pixel_scale: float = 1.0) -> dict[str, float]:
+    """Passes and seconds to search every image-level target, every pair, and (log10 s) every attack matrix.
+
+    ``seconds_per_pass`` is scaled by ``pixel_scale`` (a pass over a larger image costs more); the pass counts
+    do not depend on the machine, the seconds do.
+    """
     c = candidate_counts(num_classes, height, width)
-    log_per = math.log10(per_candidate_s) if per_candidate_s > 0 else float("-inf")
+    per = passes_per_candidate * seconds_per_pass * pixel_scale
     return {
-        "per_candidate_seconds": per_candidate_s,
-        "image_seconds": c["image"] * per_candidate_s,
-        "pairs_seconds": c["pairs"] * per_candidate_s,
-        "log10_maps_seconds": c["log10_maps"] + log_per,
+        "passes_per_candidate": passes_per_candidate,
+        "seconds_per_pass": seconds_per_pass * pixel_scale,
+        "per_candidate_seconds": per,
+        "image_passes": c["image"] * passes_per_candidate,
+        "pairs_passes": c["pairs"] * passes_per_candidate,
+        "image_seconds": c["image"] * per,
+        "pairs_seconds": c["pairs"] * per,
+        "log10_matrices_seconds": c["log10_matrices"] + math.log10(per) if per > 0 else float("-inf"),
     }
 
 
@@ -75,42 +102,80 @@ def flag_small(norms, threshold: float = 2.0) -> np.ndarray:
     return (x < np.median(x)) & (anomaly_index(x) > threshold)
 
 
-@dataclass
-class CandidateResult:
-    source: str  # "*" for image-level
-    target: str
-    norm: float  # L1 norm of the best mask (the smallest one reaching the success threshold, else the last)
-    success: float  # attack success of that mask on the clean batch
-    reached: bool
-    seconds: float
-    forward: int
-    backward: int
-    mask: np.ndarray  # [H,W]
+def verdict_status(flagged: bool, done: int, total: int, min_candidates: int = 3) -> str:
+    """``backdoored`` when a candidate is flagged; ``clean`` only when every candidate was searched (and at
+    least ``min_candidates``, below which the MAD index has no power); else ``inconclusive``."""
+    if flagged:
+        return "backdoored"
+    return "clean" if total > 0 and done >= total and done >= min_candidates else "inconclusive"
+
+
+def _positive(**values) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be positive, got {v!r}")
 
 
 class TriggerSynthesis:
     """Neural-Cleanse-style trigger reverse engineering over image-level or (source, target) candidates.
 
-    Parameters (defaults): ``targets`` ("image" | "pairs"), ``max_candidates`` (None = all), ``steps`` per
-    candidate (100), ``batch_size`` (16 clean images per step), ``lr`` (0.1, Adam β=(0.5,0.9) as NC),
-    ``init_cost`` λ₀ (1e-3), ``cost_up``/``cost_down`` (1.5, 1.5^1.5), ``patience`` (5 steps),
-    ``success_threshold`` (0.99), ``anomaly_threshold`` (2.0).  Every candidate runs exactly ``steps``
-    steps (no early stop) so that one candidate's cost predicts the others'.
+    Parameters (defaults): ``targets`` ("image" | "pairs"), ``max_candidates`` (None = all; fewer makes the
+    verdict inconclusive unless a candidate is flagged), ``steps`` (300: the most optimisation steps per
+    candidate), ``batch_size`` (16 clean images per step), ``lr`` (0.1, Adam β=(0.5,0.9) as NC), ``init_cost``
+    λ₀ (1e-3, on the raw L1 norm), ``cost_up``/``cost_down`` (1.5, 1.5^1.5), ``patience`` (5 steps),
+    ``success_threshold`` (0.99), ``early_stop`` (True), ``early_stop_threshold`` (0.99),
+    ``early_stop_patience`` (10 steps), ``candidate_batch`` (16 candidates per forward; 1 = sequential),
+    ``anomaly_threshold`` (2.0).
     """
 
     name = "trigger-synthesis"
     uses_training_set = False
+    params_doc = {
+        "targets": '"image": K candidates, every pixel -> t (N-to-1); "pairs": K(K-1) candidates s -> t (1-to-1)',
+        "max_candidates": "search only the first N candidates (None = all); a partial search is never 'clean'",
+        "steps": "the most optimisation steps per candidate (a candidate that never reaches success runs them all)",
+        "batch_size": "clean images per step and candidate",
+        "lr": "Adam learning rate (betas 0.5, 0.9 as Neural Cleanse)",
+        "init_cost": "lambda_0 on the raw L1 norm of the mask, in pixels (Neural Cleanse: 1e-3)",
+        "cost_up": "lambda is multiplied by this after `patience` successful steps",
+        "cost_down": "lambda is divided by this after `patience` failing steps (NC: cost_up ** 1.5)",
+        "patience": "steps of success (or failure) before lambda is set, raised or lowered",
+        "success_threshold": "share of the candidate's pixels that must reach the target for success",
+        "early_stop": "stop a candidate on NC's rule (lambda raised and lowered, best norm stalled)",
+        "early_stop_threshold": "the best norm must improve by more than 1 - this to reset the stall counter",
+        "early_stop_patience": "stalled steps before a candidate stops",
+        "candidate_batch": "candidates optimised together in one forward/backward; 1 = one at a time",
+        "anomaly_threshold": "MAD anomaly index above which a small mask norm is flagged",
+    }
 
-    def __init__(self, targets: str = "image", max_candidates: int | None = None, steps: int = 100, batch_size: int = 16,
+    def __init__(self, targets: str = "image", max_candidates: int | None = None, steps: int = 300, batch_size: int = 16,
                  lr: float = 0.1, init_cost: float = 1e-3, cost_up: float = 1.5, cost_down: float = 1.5 ** 1.5,
-                 patience: int = 5, success_threshold: float = 0.99, anomaly_threshold: float = 2.0) -> None:
+                 patience: int = 5, success_threshold: float = 0.99, early_stop: bool = True,
+                 early_stop_threshold: float = 0.99, early_stop_patience: int = 10, candidate_batch: int = 16,
+                 anomaly_threshold: float = 2.0) -> None:
         if targets not in ("image", "pairs"):
             raise ValueError(f"targets must be 'image' or 'pairs', got {targets!r}")
-        if steps < 1 or batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
+        for name, v in (("steps", steps), ("batch_size", batch_size), ("patience", patience),
+                        ("early_stop_patience", early_stop_patience), ("candidate_batch", candidate_batch)):
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {v!r}")
+        if max_candidates is not None and (isinstance(max_candidates, bool) or int(max_candidates) != max_candidates
+                                           or max_candidates < 1):
+            raise ValueError(f"max_candidates must be None (all) or an integer of at least 1, got {max_candidates!r}")
+        _positive(lr=lr, anomaly_threshold=anomaly_threshold)
+        if not init_cost >= 0 or not cost_up > 1 or not cost_down > 1:
+            raise ValueError("init_cost must be at least 0, cost_up and cost_down above 1")
+        if not 0 < success_threshold <= 1 or not 0 < early_stop_threshold <= 1:
+            raise ValueError("success_threshold and early_stop_threshold must be in (0, 1]")
         self.targets, self.max_candidates, self.steps, self.batch_size = targets, max_candidates, int(steps), int(batch_size)
         self.lr, self.init_cost, self.cost_up, self.cost_down = float(lr), float(init_cost), float(cost_up), float(cost_down)
         self.patience, self.success_threshold, self.anomaly_threshold = int(patience), float(success_threshold), float(anomaly_threshold)
+        self.early_stop, self.early_stop_threshold = bool(early_stop), float(early_stop_threshold)
+        self.early_stop_patience, self.candidate_batch = int(early_stop_patience), int(candidate_batch)
+
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(self.init_cost, self.patience, self.cost_up, self.cost_down, self.success_threshold,
+                              self.early_stop, self.early_stop_threshold, self.early_stop_patience, self.steps)
 
     # -- candidates ----------------------------------------------------------------------------------
     def candidates(self, model: nn.Module, ctx: DefenseContext) -> tuple[list[tuple[int, int]], int]:
@@ -136,75 +201,10 @@ class TriggerSynthesis:
         pairs.sort(key=lambda p: (-prior[p], p))
         return pairs, k * (k - 1) - len(pairs)
 
-    # -- one candidate -------------------------------------------------------------------------------
-    def synthesize(self, model: nn.Module, images: np.ndarray, clean_pred: np.ndarray, source: int, target: int,
-                   device: torch.device, seed: int, ignore_index: int = 255) -> CandidateResult:
-        """Optimise (mask, pattern) for one candidate; returns the smallest successful mask's norm."""
-        t0 = time.perf_counter()
-        n, h, w = clean_pred.shape
-        g = torch.Generator().manual_seed(seed)
-        mask_p = (torch.rand(1, 1, h, w, generator=g) * 2 - 1).to(device).requires_grad_()
-        pattern_p = (torch.rand(1, 3, h, w, generator=g) * 2 - 1).to(device).requires_grad_()
-        opt = torch.optim.Adam([mask_p, pattern_p], lr=self.lr, betas=(0.5, 0.9))
-        x_all = to_input(images, device)
-        pred_all = torch.from_numpy(clean_pred).long().to(device)
-        cost, up, down, ok_steps = 0.0, 0, 0, 0
-        best_norm, best_success, best_mask = math.inf, 0.0, None
-        last_norm, last_success = math.inf, 0.0
-        forward = backward = 0
-        for step in range(self.steps):
-            idx = torch.randint(0, n, (min(self.batch_size, n),), generator=g).to(device)
-            x, pred = x_all[idx], pred_all[idx]
-            if source < 0:
-                goal, where = torch.full_like(pred, target), torch.ones_like(pred, dtype=torch.bool)
-            else:
-                where = pred == source
-                goal = torch.where(where, torch.full_like(pred, target), pred)
-            mask = torch.sigmoid(mask_p)
-            x_adv = (1 - mask) * x + mask * torch.sigmoid(pattern_p)
-            logits = model(x_adv)["out"]
-            if source < 0:
-                ce = cross_entropy(logits, goal, ignore_index)
-            else:  # source pixels → target and everything else unchanged, each term a mean of its own pixels
-                ce = cross_entropy(logits, torch.where(where, goal, ignore_index), ignore_index) + cross_entropy(
-                    logits, torch.where(where, ignore_index, goal), ignore_index)
-            norm = mask.sum()
-            loss = ce + cost * norm / (h * w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            forward += len(idx)
-            backward += len(idx)
-            with torch.no_grad():
-                hit = (logits.argmax(1) == goal) & where
-                success = float(hit.sum()) / max(int(where.sum()), 1)
-                last_norm, last_success = float(norm), success
-                if success >= self.success_threshold and float(norm) < best_norm:
-                    best_norm, best_success, best_mask = float(norm), success, mask.detach()[0, 0].cpu().numpy()
-            # NC's λ schedule: start at 0; once the attack works for `patience` steps set λ₀; then raise λ
-            # while it keeps working and lower it while it does not.
-            if cost == 0.0:
-                ok_steps = ok_steps + 1 if success >= self.success_threshold else 0
-                if ok_steps >= self.patience:
-                    cost, up, down = self.init_cost, 0, 0
-            else:
-                if success >= self.success_threshold:
-                    up, down = up + 1, 0
-                else:
-                    up, down = 0, down + 1
-                if up >= self.patience:
-                    cost, up = cost * self.cost_up, 0
-                elif down >= self.patience:
-                    cost, down = cost / self.cost_down, 0
-        reached = best_mask is not None
-        if not reached:
-            best_norm, best_success = last_norm, last_success
-            best_mask = torch.sigmoid(mask_p).detach()[0, 0].cpu().numpy()
-        return CandidateResult("", "", best_norm, best_success, reached, time.perf_counter() - t0, forward, backward, best_mask)
-
     # -- the defense ---------------------------------------------------------------------------------
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        budget, meter, device = Budget(ctx.budget_s), CostMeter(), ctx.device
+        meter, device = CostMeter(), ctx.device
+        budget = Budget.for_context(ctx, meter)
         model = model.to(device).eval()
         images = ctx.clean_images
         n, h, w = len(images), int(images.shape[1]), int(images.shape[2])
@@ -219,98 +219,108 @@ class TriggerSynthesis:
             cands, skipped = self.candidates(model, ctx)
             if self.targets == "pairs":
                 meter.forward += n
-            total = len(cands)
-            if self.max_candidates is not None:
-                cands = cands[: max(0, int(self.max_candidates))]
-            # warm-up: one forward+backward of a step's shape, so the first (timed) candidate does not pay
-            # for lazy initialisation (kernel selection, allocator growth) that the others would not
+            planned = cands[: self.max_candidates] if self.max_candidates is not None else cands
             b = min(self.batch_size, n)
+            # warm-up: one forward+backward of a step's shape, so the measured seconds per pass do not include
+            # lazy initialisation (kernel selection, allocator growth)
             x = to_input(images[:b], device).requires_grad_()
             model(x)["out"].sum().backward()
             meter.forward += b
             meter.backward += b
-            results: list[CandidateResult] = []
-            stopped_by_budget = False
-            for i, (s, t) in enumerate(cands):
-                if budget.exceeded():
-                    stopped_by_budget = True
-                    break
-                r = self.synthesize(model, images, clean_pred, s, t, device, seed=ctx.seed * 1_000_003 + i, ignore_index=ctx.ignore_index)
-                r.source, r.target = ("*" if s < 0 else ctx.classes[s]), ctx.classes[t]
-                results.append(r)
-                meter.forward += r.forward
-                meter.backward += r.backward
-                report(ctx.progress, (i + 1) / max(len(cands), 1), f"candidate {r.source}→{r.target}: mask L1 {r.norm:.1f}")
+            loop_start = meter.passes
+
+            finished = []
+
+            def done(r):  # candidates finish out of order when batched: report how many are done
+                finished.append(r.index)
+                s, t = planned[r.index]
+                report(ctx.progress, len(finished) / max(len(planned), 1),
+                       f"candidate {'*' if s < 0 else ctx.classes[s]}→{ctx.classes[t]}: mask L1 {r.norm:.1f} ({r.steps} steps)")
+
+            results, unfinished = search(
+                model, to_input(images, device), torch.from_numpy(clean_pred).long().to(device), planned,
+                [ctx.seed * 1_000_003 + i for i in range(len(planned))], self.schedule(), b, self.lr,
+                self.candidate_batch, budget, meter, done)
+            loop = {"passes": meter.passes - loop_start, "seconds": float(sum(r.seconds for r in results)),
+                    "abandoned": unfinished}
         finally:
             for p, req in zip(model.parameters(), params):
                 p.requires_grad_(req)
-        return self._result(ctx, results, total, skipped, len(cands), stopped_by_budget, budget, meter, h, w)
+        return self._result(ctx, planned, results, len(cands), skipped, loop, budget, meter, h, w)
 
-    def _result(self, ctx, results, total, skipped, planned, stopped_by_budget, budget, meter, h, w) -> DefenseResult:
-        labels = [f"{r.source}->{r.target}" for r in results]
+    def _result(self, ctx, planned, results, total, skipped, loop, budget, meter, h, w) -> DefenseResult:
+        names = [("*" if s < 0 else ctx.classes[s], ctx.classes[t]) for s, t in (planned[r.index] for r in results)]
+        labels = [f"{s}->{t}" for s, t in names]
         norms = np.array([r.norm for r in results], dtype=np.float64)
-        if len(results):
-            index = anomaly_index(norms)
-            flagged = flag_small(norms, self.anomaly_threshold)
-        else:
-            index, flagged = np.zeros(0), np.zeros(0, dtype=bool)
+        index = anomaly_index(norms) if len(results) else np.zeros(0)
+        flagged = flag_small(norms, self.anomaly_threshold) if len(results) else np.zeros(0, dtype=bool)
         small = norms < (np.median(norms) if len(norms) else 0)
         score = float(index[small].max()) if small.any() else 0.0
-        suspected = [(r.source, r.target) for r, f in zip(results, flagged) if f]
-        verdict = Verdict(backdoored=bool(flagged.any()), score=score, suspected=suspected)
+        suspected = [pair for pair, f in zip(names, flagged) if f]
+        coverage = len(results) / total if total else 0.0
+        status = verdict_status(bool(flagged.any()), len(results), total)
+        verdict = Verdict(backdoored=bool(flagged.any()), score=score, suspected=suspected, status=status,
+                          coverage=coverage)
+        j = int(np.argmax(np.where(small, index, -1))) if small.any() else (int(np.argmin(norms)) if len(norms) else None)
+        details = {
+            "cost": jsonable(self._cost(ctx, results, total, skipped, len(planned), loop, budget, h, w)),
+            "status": status,
+            "coverage": coverage,
+            "norms": {lab: float(v) for lab, v in zip(labels, norms)},
+            "anomaly_index": {lab: float(v) for lab, v in zip(labels, index)},
+            "reached": {lab: r.reached for lab, r in zip(labels, results)},
+            "success": {lab: float(r.success) for lab, r in zip(labels, results)},
+            "steps": {lab: r.steps for lab, r in zip(labels, results)},
+            "stop_reason": {lab: r.stop for lab, r in zip(labels, results)},
+            "mask_norm_curves": {lab: [round(v, 2) for v in r.curve] for lab, r in zip(labels, results)},
+            "flagged": [lab for lab, f in zip(labels, flagged) if f],
+            "mask_candidate": labels[j] if j is not None else None,
+            "mask": _small_mask(results[j].mask) if j is not None else None,
+            **budget.summary(),
+            "note": "fewer than 3 candidates: the MAD anomaly index is not meaningful" if len(results) < 3 else "",
+        }
+        return DefenseResult(verdict=verdict, cost=meter.cost(), details=details)
 
-        per_candidate = float(np.mean([r.seconds for r in results])) if results else float("nan")
-        first = results[0].seconds if results else float("nan")
+    def _cost(self, ctx, results, total, skipped, planned, loop, budget, h, w) -> dict:
+        """``details["cost"]``: what one candidate cost (passes, seconds), the search-space sizes, and the
+        projections for the data at hand and for ADE20K with their basis."""
         k = ctx.num_classes
         ade_scale = (ADE20K_SIZE[0] * ADE20K_SIZE[1]) / (h * w)
-        cost = {
+        ppc = float(np.mean([r.forward + r.backward for r in results])) if results else float("nan")
+        spp = loop["seconds"] / sum(r.forward + r.backward for r in results) if results else float("nan")
+        return {
             "targets": self.targets,
-            "per_candidate_seconds": per_candidate,
-            "first_candidate_seconds": first,
-            "per_candidate_forward_passes": int(results[0].forward) if results else 0,
-            "per_candidate_backward_passes": int(results[0].backward) if results else 0,
-            "steps_per_candidate": self.steps,
+            "basis": PROJECTION_BASIS,
+            "passes_per_candidate": ppc,
+            "steps_per_candidate": float(np.mean([r.steps for r in results])) if results else float("nan"),
+            "max_steps": self.steps,
+            "seconds_per_pass": spp,
+            "per_candidate_seconds": float(np.mean([r.seconds for r in results])) if results else float("nan"),
+            "candidate_batch": self.candidate_batch,
+            "search_spaces": SEARCH_SPACES,
             "counts": {"K": k, "H": h, "W": w, **candidate_counts(k, h, w)},
             "ade20k_counts": {"K": ADE20K_CLASSES, "H": ADE20K_SIZE[0], "W": ADE20K_SIZE[1],
                               **candidate_counts(ADE20K_CLASSES, *ADE20K_SIZE)},
-            "projected": projected_cost(first, k, h, w) if results else None,
-            "projected_ade20k": projected_cost(first * ade_scale, ADE20K_CLASSES, *ADE20K_SIZE) if results else None,
+            "projected": projected_cost(ppc, spp, k, h, w) if results else None,
+            "projected_ade20k": projected_cost(ppc, spp, ADE20K_CLASSES, *ADE20K_SIZE, pixel_scale=ade_scale) if results else None,
             "ade20k_pixel_scale": ade_scale,
             "candidates_in_mode": total,
             "candidates_skipped_no_source": skipped,
             "candidates_planned": planned,
             "candidates_run": len(results),
+            "candidates_abandoned": loop["abandoned"],
+            "loop_passes": loop["passes"],
+            "loop_seconds": loop["seconds"],
             "coverage_of_mode": len(results) / total if total else 0.0,
             "coverage_of_pairs": len(results) / max(k * (k - 1), 1) if self.targets == "pairs" else None,
-            "budget_s": ctx.budget_s,
-            "stopped_by_budget": stopped_by_budget,
+            **budget.summary(),
             "elapsed_seconds": budget.elapsed(),
         }
-        j = int(np.argmax(np.where(small, index, -1))) if small.any() else (int(np.argmin(norms)) if len(norms) else None)
-        mask = None
-        if j is not None:
-            m = torch.from_numpy(results[j].mask)[None, None].float()
-            if max(m.shape[-2:]) > 32:
-                m = F.adaptive_avg_pool2d(m, (min(32, m.shape[-2]), min(32, m.shape[-1])))
-            mask = np.round(m[0, 0].numpy().astype(np.float64), 4).tolist()
-        details = {
-            "cost": _jsonable(cost),
-            "norms": {lab: float(v) for lab, v in zip(labels, norms)},
-            "anomaly_index": {lab: float(v) for lab, v in zip(labels, index)},
-            "reached": {lab: r.reached for lab, r in zip(labels, results)},
-            "success": {lab: float(r.success) for lab, r in zip(labels, results)},
-            "flagged": [lab for lab, f in zip(labels, flagged) if f],
-            "mask_candidate": labels[j] if j is not None else None,
-            "mask": mask,
-            "stopped_by_budget": stopped_by_budget,
-            "note": "fewer than 3 candidates: the MAD anomaly index is not meaningful" if len(results) < 3 else "",
-        }
-        return DefenseResult(verdict=verdict, cost=meter.cost(), details=details)
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+def _small_mask(mask: np.ndarray) -> list:
+    """A mask for ``details``: average-pooled to at most 32×32, 4 decimals, nested lists."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    if max(m.shape[-2:]) > 32:
+        m = F.adaptive_avg_pool2d(m, (min(32, m.shape[-2]), min(32, m.shape[-1])))
+    return np.round(m[0, 0].numpy().astype(np.float64), 4).tolist()

@@ -16,7 +16,7 @@ from testbed.defenses import _features
 from testbed.defenses.activation_clustering import cluster_flags
 from testbed.defenses.spectral_signature import spectral_scores, top_flags
 from testbed.defenses.strip import Strip, image_score, pixel_entropy
-from testbed.defenses.trigger_synthesis import anomaly_index, candidate_counts, flag_small, projected_cost
+from testbed.defenses.trigger_synthesis import anomaly_index, candidate_counts, flag_small
 from testbed.defense import Defense, DefenseContext, ReadOnlyArray, TrainingSet
 
 
@@ -42,13 +42,6 @@ def test_candidate_counts_exact(k, hw):
     # the log10 count is the exponent of K^(H·W): check against exact integer arithmetic for a small case
     if k == 4 and h == 64:
         assert c["log10_maps"] == pytest.approx(len(str(4 ** (64 * 64))) - 1, abs=1.0)
-
-
-def test_projected_cost_scales_with_counts():
-    p = projected_cost(2.0, 8, 10, 10)
-    assert p["image_seconds"] == pytest.approx(16.0)
-    assert p["pairs_seconds"] == pytest.approx(2.0 * 56)
-    assert p["log10_maps_seconds"] == pytest.approx(math.log10(2.0) + 100 * math.log10(8))
 
 
 def test_mad_anomaly_index_by_hand():
@@ -163,6 +156,98 @@ def test_pooled_class_features_and_flag_rules_by_hand():
     assert _features.flag_images(image, area, flagged, "area").tolist() == [1]
 
 
+def _planted_regions(seed=0, n=400, poisoned=40, k=6, dim=32, hw=4096):
+    """Per-(image, class) vectors shaped like FGBA N-to-1 on scenes: the first ``poisoned`` images are one
+    full-image 'c0' region pushed along a trigger direction; clean images hold 2–5 regions of random classes
+    and areas; a quarter of class c1's regions form a natural sub-mode (a split below 35% that is not poison)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(0, 3, (k, dim))
+    sub, trig = rng.normal(0, 1, dim), rng.normal(0, 1, dim)
+    sub, trig = 5 * sub / np.linalg.norm(sub), 8 * trig / np.linalg.norm(trig)
+    vec, img, cls, area = [], [], [], []
+    for i in range(n):
+        if i < poisoned:
+            vec.append(mu[0] + trig + rng.normal(0, 1, dim)), img.append(i), cls.append(0), area.append(hw)
+            continue
+        m = rng.integers(2, 6)
+        for c, a in zip(rng.choice(k, m, replace=False), rng.dirichlet(np.ones(m)) * hw):
+            v = mu[c] + rng.normal(0, 1, dim) + (sub if c == 1 and rng.random() < 0.25 else 0)
+            vec.append(v), img.append(i), cls.append(c), area.append(a)
+    feats = {"vectors": np.array(vec, np.float32), "image": np.array(img), "cls": np.array(cls),
+             "area": np.array(area), "images_seen": n, "stopped_by_budget": False}
+    ctx = SimpleNamespace(num_classes=k, classes=tuple(f"c{j}" for j in range(k)), progress=lambda f, m: None,
+                          train=range(n))
+    return feats, ctx
+
+
+def test_spectral_signature_removes_about_its_nominal_share_of_images():
+    """Tran et al. remove 1.5ε of each class; per image that must stay near 1.5ε of the training images."""
+    feats, ctx = _planted_regions()
+    analyse = lambda v: (top_flags(spectral_scores(v), 0.15), {})  # noqa: E731
+    drop, d = _features.flag_per_class(feats, ctx, 10, analyse, "scored", "area", "labels", nominal=0.15)
+    assert d["nominal_fraction"] == 0.15 and d["removed_fraction"] == len(drop) / 400
+    assert 0.5 * 0.15 <= d["removed_fraction"] <= 1.5 * 0.15, d["removed_fraction"]
+    assert np.isin(np.arange(40), drop).mean() >= 0.8  # and the planted poison is among them
+    # the old default ("any" region flagged drops the image) removes several times the nominal share
+    _, old = _features.flag_per_class(feats, ctx, 10, analyse, "scored", "any", "labels", nominal=0.15)
+    assert old["removed_fraction"] > 1.5 * 0.15
+
+
+def test_activation_clustering_removes_about_its_nominal_share_of_images():
+    """Chen et al. remove the clusters judged poisoned; nominal = their share of the labelled pixels."""
+    feats, ctx = _planted_regions()
+    analyse = lambda v: (cluster_flags(v, 10, 0.35, 0)[0], {})  # noqa: E731
+    drop, d = _features.flag_per_class(feats, ctx, 10, analyse, "clustered", "area", "labels")
+    flagged_area = 0.0  # independent: cluster each class again, sum the areas of the small clusters' members
+    for c in range(ctx.num_classes):
+        sel = np.flatnonzero(feats["cls"] == c)
+        flagged_area += feats["area"][sel][cluster_flags(feats["vectors"][sel], 10, 0.35, 0)[0]].sum()
+    nominal = flagged_area / feats["area"].sum()
+    assert d["nominal_fraction"] == pytest.approx(nominal) and 0.1 < nominal < 0.2
+    assert 0.5 * nominal <= d["removed_fraction"] <= 1.5 * nominal, (d["removed_fraction"], nominal)
+    assert np.isin(np.arange(40), drop).all()
+    _, old = _features.flag_per_class(feats, ctx, 10, analyse, "clustered", "any", "labels")
+    assert old["removed_fraction"] > 1.5 * nominal  # sub-mode regions drag whole images out with "any"
+
+
+class _PlantedFeatures(nn.Module):
+    """Classifier-input features fixed per image (the image index is encoded in pixel (0,0) of channel 0)."""
+
+    def __init__(self, feats: torch.Tensor):
+        super().__init__()
+        self.feats = feats
+        self.classifier = nn.Conv2d(feats.shape[1], 2, 1)
+
+    def forward(self, x):
+        idx = (x[:, 0, 0, 0] * 255).round().long()
+        return {"out": self.classifier(self.feats[idx])}
+
+
+def test_fine_pruning_rankings_differ_on_a_channel_firing_in_few_rows():
+    from testbed.defenses.fine_pruning import channel_activation
+
+    f = torch.zeros(2, 3, 8, 8)
+    f[0, 0, 0:2] = 10.0  # channel 0: strong, in two rows of image 0 ...
+    f[1, 0, 3] = 6.0  # ... and one row of image 1
+    f[:, 1] = 3.0  # channel 1: moderate everywhere
+    f[:, 2] = 1.0  # channel 2: weak everywhere, one brighter pixel
+    f[:, 2, 5, 5] = 2.5
+    images = np.zeros((2, 16, 16, 3), np.uint8)
+    images[1, 0, 0, 0] = 1
+    model = _PlantedFeatures(f).eval()
+    mean = channel_activation(model, images, torch.device("cpu"), batch_size=1, ranking="mean")
+    top = channel_activation(model, images, torch.device("cpu"), batch_size=1, ranking="max")
+    # by hand: means over 2 images × 64 positions; max per image, then the mean over images
+    np.testing.assert_allclose(mean, [(10 * 16 + 6 * 8) / 128, 3.0, (64 + 1.5) / 64], rtol=1e-12)
+    np.testing.assert_allclose(top, [(10 + 6) / 2, 3.0, 2.5], rtol=1e-12)
+    assert np.argsort(mean, kind="stable").tolist() == [2, 0, 1]  # mean: the few-rows channel is pruned second
+    assert np.argsort(top, kind="stable").tolist() == [2, 1, 0]  # max: it is pruned last
+    with pytest.raises(ValueError, match="ranking"):
+        defenses.BUILTIN["fine-pruning"](ranking="median")
+
+
 # -- end to end on a real backdoored model --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def poisoned(fgba_line_path):
@@ -182,14 +267,14 @@ def model(backdoored_run):
     return load_run(backdoored_run)[0]
 
 
-def _ctx(p, seed=0, train=False, budget_s=None, progress=None):
+def _ctx(p, seed=0, train=False, budget_s=None, progress=None, budget_passes=None):
     imgs, labs = p["images"], p["labels"]
     ts = None
     if train:
         ts = TrainingSet(ReadOnlyArray(lambda i: imgs[i], imgs.shape, imgs.dtype), ReadOnlyArray(lambda i: labs[i], labs.shape, labs.dtype))
     ci = p["clean_index"]
     return DefenseContext(imgs[ci], labs[ci], p["classes"], torch.device("cpu"), seed=seed, budget_s=budget_s, train=ts,
-                          image_size=imgs.shape[1:3], progress=progress or (lambda f, m: None))
+                          image_size=imgs.shape[1:3], progress=progress or (lambda f, m: None), budget_passes=budget_passes)
 
 
 def _strict_json(res):
@@ -254,14 +339,17 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     k, (h, w) = len(poisoned["classes"]), poisoned["images"].shape[1:3]
     assert cost["candidates_run"] == 3 and cost["candidates_in_mode"] == k
     assert cost["counts"]["pairs"] == k * (k - 1) and cost["counts"]["log10_maps"] == pytest.approx(h * w * math.log10(k))
-    assert cost["per_candidate_forward_passes"] == 2 * 4
-    assert cost["projected"]["image_seconds"] == pytest.approx(cost["first_candidate_seconds"] * k)
+    assert cost["passes_per_candidate"] == 2 * 4 * 2  # 2 steps × 4 images × (forward + backward): too few to stop early
+    assert cost["seconds_per_pass"] == pytest.approx(cost["loop_seconds"] / (3 * 16))
+    assert cost["projected"]["image_seconds"] == pytest.approx(16 * k * cost["seconds_per_pass"])
     ade = cost["projected_ade20k"]["pairs_seconds"]
-    assert ade == pytest.approx(cost["first_candidate_seconds"] * (512 * 512) / (h * w) * 150 * 149)
+    assert ade == pytest.approx(16 * cost["seconds_per_pass"] * (512 * 512) / (h * w) * 150 * 149)
     assert len(res.details["norms"]) == 3 and res.verdict is not None
+    assert res.verdict.coverage == pytest.approx(3 / k) and res.verdict.status in ("inconclusive", "backdoored")
     idx = anomaly_index(list(res.details["norms"].values()))
     np.testing.assert_allclose(list(res.details["anomaly_index"].values()), idx)
     assert res.cost.backward_passes >= 3 * 2 * 4
+    assert all(len(c) == 2 for c in res.details["mask_norm_curves"].values())
 
     again = ts.run(model, ctx)  # same seed ⇒ identical norms and verdict
     assert again.details["norms"] == res.details["norms"] and again.verdict == res.verdict
@@ -275,7 +363,8 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     spent = defenses.BUILTIN["trigger-synthesis"](targets="pairs", steps=2, batch_size=4).run(model, _ctx(poisoned, budget_s=0.0))
     _strict_json(spent)
     c = spent.details["cost"]
-    assert c["stopped_by_budget"] and c["candidates_run"] == 0
+    assert c["stopped_by_budget"] and c["stopped_by"] == "seconds" and c["candidates_run"] == 0
+    assert spent.verdict.status == "inconclusive" and spent.verdict.coverage == 0.0
     assert c["candidates_in_mode"] + c["candidates_skipped_no_source"] == k * (k - 1)
 
 
@@ -309,6 +398,9 @@ def test_training_set_defenses_end_to_end(model, poisoned, name):
     # the poisoned target class 'wall' holds the poisoned regions: it is analysed and something is flagged there
     wall = res.details["per_class"]["wall"]
     assert wall["analysed"] and (wall.get("flagged") or wall.get("removed"))
+    d = res.details  # the default rule removes about the nominal share of the training images
+    assert d["rule"] == "area" and d["removed_fraction"] == pytest.approx(len(fl) / n)
+    assert 0.5 * d["nominal_fraction"] <= d["removed_fraction"] <= 1.5 * d["nominal_fraction"], d
     if name == "activation-clustering":  # the trigger-driven 'wall' regions form their own small cluster
         recall = np.isin(poisoned["poison"], fl).mean()
         assert recall >= 0.5, recall
@@ -316,3 +408,34 @@ def test_training_set_defenses_end_to_end(model, poisoned, name):
     np.testing.assert_array_equal(again.flagged_train, fl)
     with pytest.raises(ValueError, match="training set"):
         defenses.BUILTIN[name]().run(model, _ctx(poisoned, train=False))
+
+
+# -- budgets -------------------------------------------------------------------------------------------------
+def test_budget_counts_passes_and_names_what_stopped():
+    meter = _features.CostMeter()
+    b = _features.Budget(budget_s=None, budget_passes=10, meter=meter)
+    assert not b.spent(10) and b.stopped_by is None  # exactly the budget is allowed
+    meter.forward, meter.backward = 6, 3
+    assert not b.spent(1) and b.spent(2) and b.stopped_by == "passes"
+    assert _features.Budget(budget_s=0.0, meter=meter).spent() is True
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="budget_passes"):
+            _features.Budget(budget_passes=bad)
+
+
+@pytest.mark.parametrize("name,kw,budget,expected", [
+    # n = 12 clean images: ranking + start mIoU (2n), two pruning steps (each keeps n in reserve), final mIoU
+    ("fine-pruning", dict(step=0.1, epochs=1), 5 * 12, {"passes": 5 * 12}),
+    ("activation-clustering", dict(), 100, {"images_analysed": 96, "passes": 96}),  # three batches of 32
+    ("spectral-signature", dict(), 100, {"images_analysed": 96, "passes": 96}),
+    ("strip", dict(n_overlays=4, batch_size=8), 20, {"clean_images_scored": 4, "passes": 16}),  # 2 images × 4 per chunk
+])
+def test_every_defense_honours_a_pass_budget(model, poisoned, name, kw, budget, expected):
+    res = defenses.BUILTIN[name](**kw).run(model, _ctx(poisoned, train=name.endswith(("clustering", "signature")),
+                                                       budget_passes=budget))
+    passes = res.cost.forward_passes + res.cost.backward_passes
+    assert passes == expected.pop("passes") and passes <= budget
+    assert res.details["stopped_by"] == "passes" and res.details["stopped_by_budget"] is True
+    assert res.details["budget_passes"] == budget
+    for key, value in expected.items():
+        assert res.details[key] == value, key
