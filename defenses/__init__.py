@@ -1,4 +1,4 @@
-"""The built-in defenses (SPEC §8), each one file implementing the protocol of :mod:`testbed.defenses.protocol`.
+"""The built-in defenses (docs/defenses.md), each one file implementing the protocol of :mod:`testbed.defenses.protocol`.
 
 ``BUILTIN`` (name → class, defined in :mod:`testbed.defenses.registry`) and the classes are loaded on first
 use (PEP 562), not when the package is imported: every defense imports the protocol, which lives in this

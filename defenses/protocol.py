@@ -1,4 +1,4 @@
-"""The defense protocol (SPEC §8): what a defense receives, and what it may return.
+"""The defense protocol (docs/writing-a-defense.md): what a defense receives, and what it may return.
 
 A defense is any object with a ``name`` and ``run(model, ctx) -> DefenseResult``.  The context holds
 exactly what the threat model allows: the suspicious model, a small trusted clean subset and, for

@@ -1,4 +1,4 @@
-"""Segmentation models: the paper's heads × backbones and smp's modern segmenters, one plain registry (SPEC §6).
+"""Segmentation models: the paper's heads × backbones and smp's modern segmenters, one plain registry (docs/models.md).
 
 ``create("deeplabv3_resnet50", num_classes=11)`` builds any registered name with one constructor: the
 paper's ``HEAD_BACKBONE`` pairs (below) and segmentation_models_pytorch's ``ARCH_ENCODER`` models

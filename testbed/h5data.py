@@ -1,4 +1,4 @@
-"""The HDF5 dataset format (SPEC §3, schema 1): write, open + validate, hash, and a PyTorch Dataset.
+"""The HDF5 dataset format (schema 1; docs/data-format.md): write, open + validate, hash, and a PyTorch Dataset.
 
 Everything that touches a dataset file goes through this module, so validation happens in one place.
 Files are plain HDF5; ``docs/data-format.md`` describes them for people who read them with h5py alone.

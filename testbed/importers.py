@@ -1,4 +1,4 @@
-"""Importers: real datasets on disk → one dataset file (SPEC §3–4).
+"""Importers: real datasets on disk → one dataset file (docs/data-format.md).
 
 Decoding JPEG/PNG is the slow part, so it runs in a process pool; results come back in order and are
 streamed into :class:`testbed.h5data.DatasetWriter` a sample at a time, so a 20k-image set never sits in

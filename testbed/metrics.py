@@ -1,4 +1,4 @@
-"""Segmentation and backdoor metrics (paper §3.1, SPEC §7), accumulated batch by batch on the model's device.
+"""Segmentation and backdoor metrics (paper §3.1; docs/metrics.md), accumulated batch by batch on the model's device.
 
 Everything is derived from integer confusion matrices filled with ONE ``torch.bincount`` per batch, so
 scoring a large test set never holds all predictions and costs one kernel per batch.  Conventions:

@@ -1,4 +1,4 @@
-"""Scoring a model (or precomputed predictions) on a dataset file, as in the paper's §3.1 and SPEC §7.
+"""Scoring a model (or precomputed predictions) on a dataset file, as in the paper's §3.1 (docs/metrics.md).
 
 One code path for all scoring: :class:`Scorer` accumulates confusion matrices batch by batch;
 :func:`score_model` feeds it a model's predictions read split by split from the HDF5 file (never a whole
@@ -178,7 +178,7 @@ class FalseFlips:
 
 
 class Scorer:
-    """Accumulates the benign and attacked metrics of SPEC §7; :meth:`result` gives the score dict.
+    """Accumulates the benign and attacked metrics of docs/metrics.md; :meth:`result` gives the score dict.
 
     Attack-specific extras appear only when their per-image arrays are given to :meth:`update_attacked`:
     ``"ASR-by-distance"`` (IBA, with ``distance_bins``) and ``"false-flip"`` (object-bound).

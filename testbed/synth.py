@@ -339,7 +339,7 @@ def make_synth_dataset(
     seed: int = 0,
     compression: str | None = None,
 ) -> Path:
-    """Write a synthetic dataset file (SPEC §3); train and test come from independent seeded streams."""
+    """Write a synthetic dataset file (docs/data-format.md); train and test come from independent seeded streams."""
     check_synth_args(n_train, n_test, size, seed)
     train = _scenes(n_train, size, seed, stream=0)
     test = _scenes(n_test, size, seed, stream=1)
