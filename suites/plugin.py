@@ -2,6 +2,8 @@
 
 Every fixture is inert unless ``--zoo`` is given, so installing segbackdoor never changes an unrelated
 pytest run.  A defense's result on an entry is computed once per session and shared by all criteria.
+Parameters are parsed by the same function as `testbed defend --param` (one syntax everywhere), and bad
+options are one-line usage errors.
 """
 
 from __future__ import annotations
@@ -17,48 +19,77 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("segbackdoor", "segbackdoor robustness suites")
     g.addoption("--defense", default=None, help="defense under test: a built-in name or package.module:Class")
     g.addoption("--zoo", default=None, help="model zoo directory (from `testbed zoo build`)")
-    g.addoption("--max-asr", type=float, default=20.0, help="max ASR (%%) after the defense (default 20)")
-    g.addoption("--max-miou-drop", type=float, default=3.0, help="max mIoU-B drop (points) caused by the defense (default 3)")
+    g.addoption("--defense-param", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                help="a parameter for the defense's constructor, as `testbed defend --param`: KEY=VALUE or "
+                "NAME.KEY=VALUE (repeatable; values parsed as JSON when possible)")
+    g.addoption("--max-asr", type=float, default=20.0, help="repair/retrain/filter: max ASR (%%) after the defense (default 20)")
+    g.addoption("--max-miou-drop", type=float, default=3.0,
+                help="repair/retrain/filter: max mIoU-B drop (points) caused by the defense (default 3)")
+    g.addoption("--min-tpr", type=float, default=0.8, help="filter: min share of attacked test inputs rejected (default 0.8)")
+    g.addoption("--max-fpr", type=float, default=0.1, help="filter: max share of benign test inputs rejected (default 0.1)")
+    g.addoption("--min-detection-accuracy", type=float, default=None,
+                help="verdict: min accuracy of the verdicts over the whole zoo (default: not tested)")
+    g.addoption("--min-detection-auroc", type=float, default=None,
+                help="verdict: min AUROC of the verdict scores, benign vs backdoored entries (default: not tested)")
+    g.addoption("--min-asr", type=float, default=50.0,
+                help="entries whose attack did not implant (ASR before the defense below this, %%) skip the criteria "
+                "that need a backdoor (default 50)")
     g.addoption("--budget", type=float, default=None, help="seconds the defense may take per model (default: unlimited)")
-    g.addoption("--defense-param", action="append", default=[], metavar="KEY=VALUE",
-                help="a parameter for the defense's constructor (repeatable; values parsed as JSON when possible)")
+    g.addoption("--budget-passes", type=int, default=None,
+                help="forward + backward passes the defense may make per model, handed to it (default: unlimited)")
     g.addoption("--suite-device", default="cpu", help="device for defenses and scoring (default cpu)")
     g.addoption("--suite-seed", type=int, default=0, help="seed handed to the defense (default 0)")
 
 
-def _param(text: str) -> tuple[str, Any]:
-    from testbed.defenses.registry import parse_value
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise pytest.UsageError(f"--defense-param {text!r}: expected KEY=VALUE")
-    return key, parse_value(value)
-
-
-@dataclass
+@dataclass(repr=False)
 class SuiteSettings:
     defense: str
     zoo: Path
     max_asr: float
     max_miou_drop: float
+    min_tpr: float
+    max_fpr: float
+    min_accuracy: float | None
+    min_auroc: float | None
+    min_asr: float
     budget_s: float | None
+    budget_passes: int | None
     params: dict
     device: str
     seed: int
 
+    def __repr__(self) -> str:  # what an assertion message shows: short, not every field
+        return f"SuiteSettings({self.defense!r} on {str(self.zoo)!r})"
+
 
 def _settings(config: pytest.Config) -> SuiteSettings | None:
+    from testbed.attack_check import check_min_asr
+    from testbed.bench import check_budgets
+    from testbed.defenses.registry import parse_params
+    from testbed.errors import UserError
+
     zoo = config.getoption("--zoo")
     if zoo is None:
         return None
     defense = config.getoption("--defense")
     if not defense:
         raise pytest.UsageError("--zoo needs --defense NAME (a built-in like fine-pruning, or package.module:Class)")
+    opt = config.getoption
+    try:
+        check_budgets(opt("--budget"), opt("--budget-passes"))
+        check_min_asr(opt("--min-asr"), "--min-asr")
+        for name in ("--min-tpr", "--max-fpr", "--min-detection-accuracy", "--min-detection-auroc"):
+            v = opt(name)
+            if v is not None and not 0 <= v <= 1:
+                raise UserError(f"{name} is a fraction in [0, 1], got {v}")
+        params = parse_params(opt("--defense-param"), [defense], flag="--defense-param")[defense]
+    except UserError as e:
+        raise pytest.UsageError(str(e)) from None
     return SuiteSettings(
-        defense=defense, zoo=Path(zoo), max_asr=config.getoption("--max-asr"),
-        max_miou_drop=config.getoption("--max-miou-drop"), budget_s=config.getoption("--budget"),
-        params=dict(_param(p) for p in config.getoption("--defense-param")),
-        device=config.getoption("--suite-device"), seed=config.getoption("--suite-seed"),
+        defense=defense, zoo=Path(zoo), max_asr=opt("--max-asr"), max_miou_drop=opt("--max-miou-drop"),
+        min_tpr=opt("--min-tpr"), max_fpr=opt("--max-fpr"), min_accuracy=opt("--min-detection-accuracy"),
+        min_auroc=opt("--min-detection-auroc"), min_asr=opt("--min-asr"), budget_s=opt("--budget"),
+        budget_passes=opt("--budget-passes"), params=params, device=opt("--suite-device"), seed=opt("--suite-seed"),
     )
 
 
@@ -66,6 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "benign_only: run only on benign zoo entries")
     config.addinivalue_line("markers", "backdoored_only: run only on backdoored zoo entries")
     config._segbackdoor_cache = {}  # (entry id, run number) -> result row
+    _settings(config)  # bad options are a usage error before collection, not an error of every test
 
 
 def _open_zoo(settings: SuiteSettings):
@@ -124,25 +156,50 @@ def defense(suite_settings):
         raise pytest.UsageError(f"--defense {suite_settings.defense}: {e}") from None
 
 
+def run_on_entry(entry: Any, settings: SuiteSettings) -> Any:
+    """The defense's row on one zoo entry, with what a bench adds: the entry's truth, the failed-attack guard, and
+    the attack's parameters (for the verdict's target)."""
+    from testbed.attack_check import attack_failure
+    from testbed.defense_runner import run_defense
+    from testbed.defenses.registry import load_defense
+    from testbed.errors import UserError
+
+    try:
+        d = load_defense(settings.defense, **settings.params)
+    except UserError as e:
+        raise pytest.UsageError(f"--defense {settings.defense}: {e}") from None
+    row = run_defense(d, entry.run_dir, entry.data_path, device=settings.device, seed=settings.seed,
+                      budget_s=settings.budget_s, budget_passes=settings.budget_passes, model_id=entry.id,
+                      attack=entry.attack_id, random_control=False, panels=0)
+    row.benign_model = bool(entry.is_benign)
+    failed = attack_failure((row.before or {}).get("ASR"), row.benign_model, settings.min_asr)
+    if not entry.is_benign and (row.before or {}).get("ASR") is not None:
+        row.attack_implanted = failed is None
+    if failed:
+        row.notes.append(f"DER n/a: {failed}")
+        row.der = None
+    if not entry.is_benign:
+        from testbed.h5data import open_dataset
+
+        with open_dataset(entry.data_path, check_labels=False) as f:
+            row.attack_params = (f.attack or {}).get("params")
+    return row
+
+
 @pytest.fixture(scope="session")
 def score(pytestconfig, suite_settings):
     """``score(entry, run=0) -> row``: the defense's before/after result on a zoo entry, computed once.
 
     ``run=1`` runs the defense a second time with the same seed (used by the determinism criterion).
     The row (a :class:`testbed.defense_row.DefenseRow`) reads like the row `testbed bench` writes (keys
-    ``before``, ``after``, ``cost``, ``error``, ``error_source``...).
+    ``before``, ``after``, ``cost``, ``error``, ``error_source``, ``attack_implanted``...).
     """
-    from testbed.defense_runner import run_defense
-    from testbed.defenses.registry import load_defense
-
     cache = pytestconfig._segbackdoor_cache
 
     def _score(entry, run: int = 0) -> dict:
         key = (entry.id, run)
         if key not in cache:
-            d = load_defense(suite_settings.defense, **suite_settings.params)
-            cache[key] = run_defense(d, entry.run_dir, entry.data_path, device=suite_settings.device,
-                                     seed=suite_settings.seed, budget_s=suite_settings.budget_s)
+            cache[key] = run_on_entry(entry, suite_settings)
         return cache[key]
 
     return _score

@@ -2,8 +2,11 @@
 
 Each model × defense pair goes through :func:`testbed.defense_runner.run_defense`, so a built-in and an
 outside defense are scored identically; a defense that fails on one model is recorded and the others still
-run.  Rows of a zoo bench also carry the entry's ``seed``, its ``group`` (grid point without the seed) and
-the poisoned file's ``attack_params``, which statistics over seeds group by.
+run.  Pairs are written one by one into the report directory (:mod:`testbed.bench_store`): a killed bench
+resumes where it stopped, and a bench into an existing report merges its rows (same model × defense replaced,
+the others kept) before the report is regenerated from all of them.  Pairs run in this process or in
+parallel (:mod:`testbed.bench_workers`).  Rows of a zoo bench also carry the entry's ``seed``, its ``group``
+(grid point without the seed) and the poisoned file's ``attack_params``, which statistics over seeds group by.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from testbed.defense_row import DefenseRow, ZooKeys
+from testbed.defense_row import DefenseRow
 from testbed.errors import UserError
 
 
@@ -24,7 +27,9 @@ from testbed.errors import UserError
 class BenchModel:
     """One model to defend: its run, the data it was poisoned with, what attack (for the report).
 
-    ``seed`` and ``group`` are set for zoo entries (the statistics group rows by them)."""
+    ``seed`` and ``group`` are set for zoo entries (the statistics group rows by them); ``trained_on_data``
+    says that ``data_path`` is known to be the file the model was trained on (a zoo entry's), so it is not
+    hashed to check."""
 
     id: str
     run_dir: Path
@@ -33,6 +38,22 @@ class BenchModel:
     is_benign: bool | None = None
     seed: int | None = None
     group: dict[str, Any] | None = None
+    trained_on_data: bool = False
+
+
+@dataclass
+class BenchSettings:
+    """How every pair of one bench is run (recorded in each row's ``settings``)."""
+
+    seed: int = 0
+    budget_s: float | None = None
+    budget_passes: int | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    threads: int = 1
+    min_asr: float = 50.0
+    save_model: bool = False
+    random_control: bool = True
 
 
 def split_names(spec: str | Sequence[Any]) -> list[Any]:
@@ -53,7 +74,7 @@ def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[
     import testbed.zoo
 
     zoo = testbed.zoo.open(zoo_path)
-    out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group)
+    out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group, True)
            for e in zoo if entries is None or fnmatch.fnmatchcase(e.id, entries)]
     if not out:
         what = f" matching {entries!r}" if entries else ""
@@ -61,46 +82,41 @@ def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[
     return out
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
-        raise UserError(f"--out {out} exists and is not a defense report; choose a new or empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def check_budgets(budget_s: Any, budget_passes: Any) -> None:
+    """``budget_s`` positive seconds, ``budget_passes`` a positive integer (or None); one line naming the flag."""
+    if budget_s is not None and not (isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool)
+                                     and math.isfinite(budget_s) and budget_s > 0):
+        raise UserError(f"--budget must be a positive number of seconds, got {budget_s!r}")
+    if budget_passes is not None and (isinstance(budget_passes, bool) or not isinstance(budget_passes, int)
+                                      or budget_passes < 1):
+        raise UserError(f"--budget-passes must be a positive whole number of forward + backward passes, got {budget_passes!r}")
 
 
-def _progress_callback(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
-    from testbed import progress
-
-    bar = progress.bar(total=1000, desc=desc)
-
-    def update(fraction: float, message: str) -> None:
-        try:
-            target = int(1000 * min(1.0, max(0.0, float(fraction))))
-        except (TypeError, ValueError):
-            return
-        if target > bar.n:
-            bar.update(target - bar.n)
-        if message:
-            bar.set_postfix_str(str(message)[:60], refresh=False)
-
-    return update, bar.close
-
-
-def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]], budget_s: float | None,
-                batch_size: int) -> tuple[list[Any], list[str]]:
+def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]], settings: BenchSettings,
+                workers: int, backend: str) -> tuple[list[Any], list[str]]:
     """The defense specs and their names, every one loaded once so a bad name or parameter fails up front."""
+    from testbed.attack_check import check_min_asr
     from testbed.defenses.registry import load_defense
 
-    if budget_s is not None and not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
-        raise UserError(f"--budget must be a positive number of seconds, got {budget_s!r}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_budgets(settings.budget_s, settings.budget_passes)
+    check_min_asr(settings.min_asr, "--min-asr")
+    if settings.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be a whole number of at least 1, got {workers!r}")
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend {backend!r} is not known; use local or ray")
+    if settings.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {settings.threads}")
     specs = split_names(defenses)
     unknown = sorted(set(params) - {s for s in specs if isinstance(s, str)})
     if unknown:
         raise UserError(f"parameters given for {', '.join(unknown)}, which is not among the defenses; check --param names")
     names = [load_defense(s, **params.get(s, {})).name if isinstance(s, str) else load_defense(s).name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"two of the --defense entries are both named {dup[0]!r}; a report holds one row per model and "
+                        "defense name, so run them into separate reports")
     return specs, names
 
 
@@ -116,36 +132,89 @@ def _models(models: Sequence[BenchModel] | None, zoo: Any, run: Any, data: Any, 
     raise UserError("name the models to defend: --zoo ZOO/ or --run RUN/ --data D.h5")
 
 
-def _defend_model(m: BenchModel, specs: list[Any], names: list[str], params: dict[str, dict[str, Any]], dev: Any,
-                  opts: dict[str, Any], progress: bool, say: Callable[[str], None]) -> tuple[list[DefenseRow], list[str]]:
-    """Every defense on one model (its before-scores computed once); returns the rows and the data's classes."""
-    from testbed.defense_runner import run_defense
-    from testbed.defenses.registry import load_defense
-    from testbed.h5data import open_dataset
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
+def _check_inputs(out: Path, models: list[BenchModel], zoo: Any) -> None:
+    """--out may not be, or hold, what the bench reads (a run, a data file, the zoo)."""
+    from testbed.guards import check_outputs
 
-    with open_dataset(m.data_path, check_labels=False) as f:
-        classes, poisoned, attack = list(f.classes), f.is_poisoned, f.attack
-    original, _ = load_run(m.run_dir, dev)
-    before = score_model(original, m.data_path, device=dev, batch_size=opts["batch_size"])
-    del original
-    zoo = None if m.group is None else ZooKeys(seed=m.seed, group=dict(m.group),
-                                               attack_params=attack.get("params") if attack else None)
-    rows = []
-    for spec, name in zip(specs, names):
-        defense = load_defense(spec, **params.get(spec, {})) if isinstance(spec, str) else spec
-        cb, close = _progress_callback(f"{m.id} × {name}") if progress else (None, lambda: None)
-        try:
-            row = run_defense(defense, m.run_dir, m.data_path, device=dev, progress=cb, before=before, model_id=m.id,
-                              attack=m.attack, train_progress=progress, **opts)
-        finally:
-            close()
-        row.benign_model = (not poisoned) if m.is_benign is None else bool(m.is_benign)
-        row.zoo = zoo
-        rows.append(row)
-        say(summary_line(row))
-    return rows, classes
+    inputs: list[tuple[str, Any]] = [("--zoo", zoo)]
+    for m in models:
+        inputs += [("the run", m.run_dir), ("the data", m.data_path)] if zoo is not None else \
+            [("--run", m.run_dir), ("--data", m.data_path)]
+    check_outputs([("--out", out)], inputs)
+
+
+def _preflight(models: list[BenchModel]) -> dict[str, list[str]]:
+    """Refuse a model whose classes differ from its data's (before any work); the note for one scored on a file it
+    was not trained on (the run's config records the training file's content hash), per model id."""
+    from testbed.h5data import open_dataset
+    from testbed.provenance import other_data_note
+    from testbed.runs import load_config
+
+    notes: dict[str, list[str]] = {}
+    for m in models:
+        config = load_config(m.run_dir)
+        with open_dataset(m.data_path, check_labels=False) as f:
+            classes = list(f.classes)
+        if config.get("classes") is not None and list(config["classes"]) != classes:
+            raise UserError(f"{m.run_dir} was trained on {len(config['classes'])} classes ({', '.join(config['classes'][:4])}, "
+                            f"...) but {m.data_path} has {len(classes)} ({', '.join(classes[:4])}, ...); defend it with "
+                            "data of the same classes")
+        note = None if m.trained_on_data else other_data_note(m.run_dir, config, m.data_path)
+        notes[m.id] = [note.removeprefix("note: ")] if note else []
+    return notes
+
+
+def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str], params: dict[str, dict[str, Any]],
+          settings: BenchSettings, notes: dict[str, list[str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One job per model × defense (pair id → job) and the defense objects handed over in this process."""
+    from dataclasses import asdict
+
+    from testbed.bench_store import pair_id
+    from testbed.bench_workers import PairJob
+    from testbed.jsonutil import jsonable
+
+    jobs, objects = {}, {}
+    for m in models:
+        model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
+                 "is_benign": m.is_benign, "seed": m.seed, "group": m.group}
+        for spec, name in zip(specs, names):
+            pid = pair_id(m.id, name)
+            p = params.get(spec, {}) if isinstance(spec, str) else {}
+            spec_name = spec if isinstance(spec, str) else None
+            setting = {**asdict(settings), "params": p}
+            key = jsonable({"model": model, "defense": spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}",
+                            "name": name, "settings": setting})
+            jobs[pid] = PairJob(out=str(out), pid=pid, model=jsonable(model), defense=spec_name, name=name,
+                                params=jsonable(p), settings=jsonable(setting), key=key, notes=list(notes.get(m.id, [])))
+            if spec_name is None:
+                objects[pid] = spec
+    return jobs, objects
+
+
+def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: list[str], workers: int, backend: str,
+               ray_address: str | None, settings: BenchSettings, progress: bool, debug: bool,
+               say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the ``todo`` pairs; returns the failures that left no row (a pair that could not run at all)."""
+    from testbed.bench_workers import make_executor, say_result
+    from testbed.zoo.build import schedule
+
+    failed: list[dict[str, Any]] = []
+    if not todo:
+        return failed
+    for pid in todo:
+        jobs[pid].write()
+    executor = make_executor(out, workers, backend, ray_address, settings.device, settings.threads, jobs, objects, progress)
+
+    def report(pid: str, result: dict[str, Any]) -> None:
+        say_result(result, debug, say)
+        if result.get("status") != "done":
+            failed.append(result)
+
+    try:
+        schedule(todo, executor, report)
+    finally:
+        executor.close()
+    return failed
 
 
 def run_bench(
@@ -167,41 +236,93 @@ def run_bench(
     title: str = "Defense benchmark",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    min_asr: float = 50.0,
+    save_model: bool = False,
+    random_control: bool = True,
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    threads: int | None = None,
+    debug: bool = False,
 ) -> dict[str, Any]:
     """Run every defense on every model and write the report into ``out``; returns the results.json content
     plus ``"errors"`` (failed runs), ``"defense_errors"`` (runs the defense failed) and ``"testbed_errors"``
     (runs and figures the testbed itself failed).
 
     Models come from ``zoo`` (a zoo directory), ``run`` + ``data``, or ``models`` (a list of
-    :class:`BenchModel`).  ``defenses``: comma-separated names or a list of names/defense objects.
+    :class:`BenchModel`).  ``defenses``: comma-separated names or a list of names/defense objects.  An existing
+    report in ``out`` is merged into (``overwrite`` discards it first); an interrupted bench with the same
+    arguments is resumed.  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
+    n/a.  ``workers``/``backend``/``threads``: see :mod:`testbed.bench_workers`.
     """
-    from testbed import atomic, report
+    from testbed.bench_store import ReportStore
+    from testbed.bench_workers import default_threads
     from testbed.device import resolve_device
 
     params = dict(params or {})
-    specs, names = _check_args(defenses, params, budget_s, batch_size)
+    settings = BenchSettings(seed=int(seed), budget_s=budget_s, budget_passes=budget_passes, batch_size=batch_size,
+                             device=device, min_asr=min_asr, save_model=bool(save_model), random_control=random_control,
+                             threads=threads if threads is not None else default_threads(workers, backend))
+    specs, names = _check_args(defenses, params, settings, workers, backend)
     models = _models(models, zoo, run, data, entries)
-    out = Path(out)
-    _check_out(out)
-    dev = resolve_device(device)
+    _check_inputs(Path(out), models, zoo)
+    store = ReportStore(out)
+    store.check(overwrite)
+    if backend != "ray":  # one device for every pair; a Ray task picks its own GPU when "auto"
+        settings.device = str(resolve_device(device))
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    opts = {"seed": seed, "budget_s": budget_s, "budget_passes": budget_passes, "batch_size": batch_size}
-    rows: list[DefenseRow] = []
-    classes: dict[str, list[str]] = {}
+    notes = _preflight(models)
     for m in models:
-        mine, classes[m.id] = _defend_model(m, specs, names, params, dev, opts, progress, say)
-        rows += mine
+        for note in notes[m.id]:
+            say(f"note: {note}")
+    out = Path(out)
+    jobs, objects = _plan(out, models, specs, names, params, settings, notes)
+    store.lock()
+    try:
+        if overwrite:
+            store.clear()
+        plan = {pid: job.key for pid, job in jobs.items()}
+        done, merged = store.begin(plan)
+        if merged:
+            say(f"note: {len(merged)} finished pair(s) of an interrupted bench with other settings were kept in {out}")
+        if done:
+            say(f"resuming: {len(done)} of {len(plan)} pair(s) already finished in {out}")
+        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
+                            settings, progress, debug, say)
+        store.commit(plan)
+        doc = _write(store, list(jobs), settings, names, models, zoo, data, title, figures)
+    finally:
+        store.unlock()
+    rows = doc["rows"]
+    doc["errors"] = sum(1 for r in rows if r.get("error"))
+    doc["defense_errors"] = sum(1 for r in rows if r.get("error") and r.get("error_source") == "defense")
+    doc["testbed_errors"] = (sum(1 for r in rows if r.get("error") and r.get("error_source") == "testbed")
+                             + len(doc.get("figure_errors", [])) + len(failed))
+    doc["pair_failures"] = failed
+    return doc
+
+
+def _write(store: Any, order: list[str], settings: BenchSettings, names: list[str], models: list[BenchModel],
+           zoo: Any, data: Any, title: str, figures: bool) -> dict[str, Any]:
+    """The report regenerated from every finished pair of ``out``."""
+    from testbed import report
+
+    from testbed.bench_store import pair_id
+
+    pairs = store.all_pairs(order)
+    rows = [p.row for p in pairs]
+    classes = {p.row.model: p.classes for p in pairs}
+    this = set(order)
+    kept = sum(1 for r in rows if pair_id(r.model, r.defense) not in this)
     meta = {
         "title": title, "zoo": str(zoo) if zoo is not None else None, "data": str(data) if data is not None else None,
-        "device": str(dev), "seed": seed, "budget_s": budget_s, "defenses": names,
-        "models": [m.id for m in models], "params": params or None,
+        "device": settings.device, "seed": settings.seed, "budget_s": settings.budget_s,
+        "budget_passes": settings.budget_passes, "threads": settings.threads, "min_asr": settings.min_asr,
+        "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
+        "this_run": {"defenses": names, "models": [m.id for m in models]}, "rows_from_earlier_runs": kept,
     }
-    with atomic.atomic_dir(out) as tmp:
-        doc = report.write_report(tmp, rows, meta=meta, classes=classes, figures=figures)
-    doc["errors"] = sum(1 for r in rows if r.error)
-    doc["defense_errors"] = sum(1 for r in rows if r.error and r.error_source == "defense")
-    doc["testbed_errors"] = sum(1 for r in rows if r.error and r.error_source == "testbed") + len(doc.get("figure_errors", []))
-    return doc
+    return report.write_report(store.out, rows, meta=meta, classes=classes, figures=figures)
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -216,16 +337,22 @@ def summary_line(row: DefenseRow) -> str:
     b, a = row.before or {}, row.after or {}
     parts = [f"{row.model} × {row.defense}:"]
     if row.after:
+        der = _f(row.der, 3) if row.attack_implanted is not False else "n/a (attack did not implant)"
         parts.append(f"ASR {_f(b.get('ASR'))} → {_f(a.get('ASR'))}, mIoU-B {_f(b.get('mIoU-B'))} → {_f(a.get('mIoU-B'))}, "
-                     f"DER {_f(row.der, 3)}")
+                     f"DER {der}")
+    if row.after_random:
+        parts.append(f"(random-removal control: ASR {_f(row.after_random.get('ASR'))}, mIoU-B "
+                     f"{_f(row.after_random.get('mIoU-B'))})")
     if row.detection:
         d = row.detection
-        parts.append(f"TPR {_f(d.tpr, 3)} FPR {_f(d.fpr, 3)} AUROC {_f(d.auroc, 3)}")
+        parts.append(f"TPR {_f(d.tpr, 3)} FPR {_f(d.fpr, 3)} AUROC {_f(d.auroc, 3)}" + (" (confounded)" if d.confounded else ""))
     if row.flagged:
         fl = row.flagged
         parts.append(f"flagged {fl.count} (precision {_f(fl.precision, 3)}, recall {_f(fl.recall, 3)})")
     if row.verdict:
         v = row.verdict
-        parts.append(f"verdict {'backdoored' if v.backdoored else 'clean'} (score {_f(v.score)})")
-    parts.append(f"{_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else ""))
+        cov = f", coverage {v.coverage:.2f}" if v.coverage is not None else ""
+        parts.append(f"verdict {v.status} (score {_f(v.score)}{cov})")
+    stop = f" (stopped by the {row.cost.stopped_by} budget)" if row.cost.stopped_by else ""
+    parts.append(f"{_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
     return " ".join(parts)

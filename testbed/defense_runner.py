@@ -32,16 +32,18 @@ from torch import nn
 
 from testbed.defense import DefenseResult
 from testbed.defense_row import DefenseRow, RunCost, public_row
-from testbed.defense_scoring import (DefenseFault, blame_defense, panel_before, protocol_error, retrain_without,
-                                     score_after, score_filter, score_repair, score_retrain, score_verdict, scores_only)
+from testbed.defense_scoring import (DefenseFault, benign_panel_before, blame_defense, panel_before, protocol_error, random_removal,
+                                     retrain_without, score_after, score_filter, score_repair, score_retrain,
+                                     score_verdict, scores_only, take_figures)
 from testbed.defenses.registry import ENTRY_POINT_GROUP, builtin_defenses, load_defense, parse_params
 from testbed.errors import UserError
 from testbed.jsonutil import jsonable
+from testbed.provenance import model_attack_label
 from testbed.scoring import SCORE_KEYS
 from testbed.threat_model import Progress, clean_subset, make_context
 from testbed.variants import score_variants
 
-PANEL_IMAGES = 3  # attacked test images kept for Figure-1-style panels
+PANEL_IMAGES = 3  # attacked (and as many benign) test images kept for Figure-1-style panels
 
 __all__ = ["ENTRY_POINT_GROUP", "PANEL_IMAGES", "SCORE_KEYS", "DefenseRow", "builtin_defenses", "clean_subset",
            "jsonable", "load_defense", "make_context", "parse_params", "public_row", "run_defense"]
@@ -61,18 +63,15 @@ class _Job:
     n_train: int
     work_dir: Path | None = None
     train_progress: bool = False
+    random_control: bool = True
+    save_model: Path | None = None
+    provenance: dict[str, Any] | None = None  # what a saved model's config records about the defense
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _attack_label(attack: dict[str, Any] | None) -> str:
-    if not attack:
-        return "benign"
-    return "-".join(str(x) for x in (attack.get("name"), (attack.get("params") or {}).get("preset")) if x)
 
 
 def _open(run_dir: Path, data_path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -109,24 +108,67 @@ def _run_behind_boundary(defense: Any, row: DefenseRow, job: _Job, budget_s: flo
                              TypeError)
     row.kinds = result.kinds()
     row.cost.report(result.cost)
-    details = jsonable(result.details or {})
-    if not isinstance(details, dict):
-        raise protocol_error(f"{row.defense} returned details of type {type(result.details).__name__}, expected a dict",
-                             TypeError)
-    row.details = details
+    raw = result.details if result.details is not None else {}
+    if not isinstance(raw, dict):
+        raise protocol_error(f"{row.defense} returned details of type {type(raw).__name__}, expected a dict", TypeError)
+    raw = dict(raw)
+    figures = take_figures(raw)
+    row.details = jsonable(raw)
+    row.figure_bytes = figures
+    stopped = row.details.get("stopped_by")
+    row.cost.stopped_by = stopped if stopped in ("passes", "seconds") else None
     score_variants(row.details, job.run_dir, job.data_path, job.device, job.batch_size)
     return result
+
+
+def _random_control(row: DefenseRow, before: dict[str, Any], job: _Job, tmp: Path) -> None:
+    """Retrain without a random subset of the same size as the flagged one: ``after_random`` beside ``after``."""
+    count = int(row.flagged.count)
+    if count == 0:  # nothing removed: the control is the same training set, so the same model
+        row.after_random, row.der_random = row.after, row.der
+        return
+    removed = random_removal(job.n_train, count, job.seed)
+    model, _ = retrain_without(job.config, job.data_path, removed, job.n_train, job.device, tmp, job.train_progress,
+                               name="retrained-random")
+    part = score_after(model, None, before, job.data_path, job.device, job.batch_size)
+    row.after_random, row.der_random = part.after, part.der
+
+
+def _save(row: DefenseRow, model: nn.Module, config: dict[str, Any], job: _Job) -> None:
+    """Keep the model scored "after" as a run directory (safetensors + config.json) at ``job.save_model``.
+
+    Only a model of the run's own architecture can be a run (a wrapper around it, like an input filter built
+    into the forward, has other weights); for anything else a note says why nothing was saved."""
+    from testbed import atomic, models
+    from testbed.runs import save_model
+
+    fresh = models.create(config["model"], int(config["num_classes"]), aux_loss=bool(config.get("aux_loss", False)))
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        row.notes.append(f"--save-model: not saved, the repaired model is not a plain {config['model']} (its weights "
+                         "do not fit the architecture; e.g. it wraps the model)")
+        return
+    assert job.save_model is not None
+    with atomic.atomic_dir(job.save_model) as tmp:
+        save_model(model, {**config, "defense": job.provenance}, tmp)
+    row.saved_model = str(job.save_model)
 
 
 def _score_result(row: DefenseRow, result: DefenseResult, original: nn.Module, before: dict[str, Any], job: _Job,
                   tmp: Path) -> None:
     """Each result kind scored by its own function; the after-scores once, for whatever changed predictions."""
+    from testbed.runs import load_config
+
     after_model = score_repair(result, row.defense, job.device, len(job.classes))
+    keep: tuple[nn.Module, dict[str, Any]] | None = (result.model, job.config) if after_model is not None else None
+    retrained = False
     if result.flagged_train is not None:
         row.flagged, row.flagged_index = score_retrain(result, job.data_path, job.n_train)
         if after_model is None:
             after_model, row.cost.retrain_seconds = retrain_without(job.config, job.data_path, row.flagged_index,
                                                                     job.n_train, job.device, tmp, job.train_progress)
+            keep, retrained = (after_model, load_config(tmp / "retrained")), True
     filt = None
     if result.input_scores is not None:
         filt = score_filter(result, row.defense, job.data_path, job.batch_size, job.seed)
@@ -135,10 +177,14 @@ def _score_result(row: DefenseRow, result: DefenseResult, original: nn.Module, b
         row.verdict = score_verdict(result.verdict)
     if after_model is not None or filt is not None:
         part = score_after(after_model if after_model is not None else original, filt.rejects if filt else None, before,
-                           job.data_path, job.device, job.batch_size, row.panel)
+                           job.data_path, job.device, job.batch_size, (row.panel, row.benign_panel))
         row.after, row.der = part.after, part.der
         if part.rejected is not None:
             row.details.setdefault("rejected", part.rejected)
+    if retrained and job.random_control:
+        _random_control(row, before, job, tmp)
+    if job.save_model is not None and keep is not None:  # a filter or a verdict leaves the model as it was
+        _save(row, keep[0], keep[1], job)
 
 
 def run_defense(
@@ -158,11 +204,18 @@ def run_defense(
     work_dir: str | os.PathLike | None = None,
     panels: int = PANEL_IMAGES,
     train_progress: bool = False,
+    random_control: bool = True,
+    save_model: str | os.PathLike | None = None,
+    params: dict[str, Any] | None = None,
 ) -> DefenseRow:
     """Run ``defense`` on the model in ``run_dir`` with ``data_path``'s clean subset; score it; return its row.
 
     ``before``: scores of the original model on ``data_path`` when already known (bench reuses them across
-    defenses).  A failure gives a row with ``error`` and ``error_source`` set (the caller decides the exit code).
+    defenses).  ``random_control``: for a training-set defense, also retrain without a random subset of the
+    same size (``after_random``).  ``save_model``: a directory to keep the repaired or retrained model in, as
+    a run (``params`` are recorded in its config).  ``attack`` labels the row; by default the attack the model
+    was trained with.  A failure gives a row with ``error`` and ``error_source`` set (the caller decides the
+    exit code).
     """
     from testbed.device import resolve_device
     from testbed.scoring import score_model
@@ -170,15 +223,20 @@ def run_defense(
     device = resolve_device(device)
     run_dir, data_path = Path(run_dir), Path(data_path)
     original, config, facts = _open(run_dir, data_path, device)
+    name = str(getattr(defense, "name", type(defense).__name__))
     job = _Job(run_dir, data_path, device, int(seed), batch_size, config, facts["classes"], facts["n_train"],
-               Path(work_dir) if work_dir is not None else None, train_progress)
-    row = DefenseRow(model=model_id or run_dir.name, attack=attack if attack is not None else _attack_label(facts["attack"]),
-                     defense=str(getattr(defense, "name", type(defense).__name__)), run=str(run_dir), data=str(data_path),
-                     cost=RunCost(budget_s=budget_s))
+               Path(work_dir) if work_dir is not None else None, train_progress, random_control,
+               Path(save_model) if save_model is not None else None,
+               jsonable({"name": name, "params": params or {}, "seed": int(seed), "from_run": str(run_dir),
+                         "data": str(data_path)}))
+    label = attack if attack is not None else model_attack_label(config, facts["attack"])
+    row = DefenseRow(model=model_id or run_dir.name, attack=label, defense=name, run=str(run_dir), data=str(data_path),
+                     cost=RunCost(budget_s=budget_s, budget_passes=budget_passes))
     if before is None:
         before = score_model(original, data_path, device=device, batch_size=batch_size)
     row.before = scores_only(before)
     row.panel = panel_before(original, data_path, panels, device, batch_size)
+    row.benign_panel = benign_panel_before(original, data_path, panels, device, batch_size)
     tmp = Path(tempfile.mkdtemp(prefix="defense-", dir=job.work_dir))
     try:
         result = _run_behind_boundary(defense, row, job, budget_s, budget_passes, progress)

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,14 +108,29 @@ def score_retrain(result: DefenseResult, data_path: Path, n_train: int) -> tuple
         poison = np.asarray(f["train/poison_index"], dtype=np.int64) if "train/poison_index" in f else np.empty(0, np.int64)
     tp = int(np.intersect1d(flagged, poison).size)
     part = Flagged(count=int(flagged.size), true_poison=int(poison.size), true_positives=tp,
-                   precision=tp / flagged.size if flagged.size else None, recall=tp / poison.size if poison.size else None)
+                   precision=tp / flagged.size if flagged.size else None, recall=tp / poison.size if poison.size else None,
+                   fraction=flagged.size / n_train if n_train else None)
     return part, flagged
 
 
+RANDOM_CONTROL_STREAM = 0x52414E44  # "RAND": the control's draw has its own stream, apart from the defense's seed use
+
+
+def random_removal(n_train: int, count: int, seed: int) -> np.ndarray:
+    """The control for a training-set defense: ``count`` training indices drawn uniformly, sorted.
+
+    Seeded by the run's seed on a stream of its own, so it is the same draw whatever the defense did with
+    the seed, and it knows nothing of which samples are poisoned: it shows what removing that many images
+    does by itself (less data, a different sample) next to what removing the flagged ones does.
+    """
+    rng = np.random.default_rng([int(seed), RANDOM_CONTROL_STREAM])
+    return np.sort(rng.choice(n_train, size=int(count), replace=False)).astype(np.int64)
+
+
 def retrain_without(run_config: dict[str, Any], data_path: Path, flagged: np.ndarray, n_train: int,
-                    device: torch.device, work_dir: Path, progress: bool) -> tuple[nn.Module, float]:
-    """Retrain from scratch with the run's original training arguments on every ``/train`` row not flagged;
-    returns the model and the seconds it took."""
+                    device: torch.device, work_dir: Path, progress: bool, name: str = "retrained") -> tuple[nn.Module, float]:
+    """Retrain from scratch with the run's original training arguments on every ``/train`` row not flagged
+    (into ``work_dir/name``); returns the model and the seconds it took."""
     from testbed.errors import UserError
     from testbed.runs import load_run
     from testbed.train import TrainConfig, train
@@ -128,7 +143,7 @@ def retrain_without(run_config: dict[str, Any], data_path: Path, flagged: np.nda
     cfg.device = str(device)
     if device.type != "cuda":
         cfg.amp, cfg.channels_last = False, False
-    out = train(data_path, work_dir / "retrained", cfg, train_indices=keep, progress=progress, overwrite=True, score=False)
+    out = train(data_path, work_dir / name, cfg, train_indices=keep, progress=progress, overwrite=True, score=False)
     model, _ = load_run(out, device)
     return model, round(time.perf_counter() - t0, 4)
 
@@ -191,6 +206,27 @@ def _mixed_scores(filt: CachedFilter, data_path: Path, benign: np.ndarray, n_att
     return out[:nb], out[nb:]
 
 
+def confounded_sets(f: Any, benign: np.ndarray) -> str | None:
+    """Why a filter's TPR/FPR would compare different images, or None when they compare like with like.
+
+    With a pixel trigger the attacked test images are benign test images plus the trigger, so a filter is
+    measured on the same content with and without it.  An attack that picks its test images by content (a
+    semantic trigger: the attacked images are the test images that show the trigger class, unchanged, and the
+    benign set is the images without it) leaves the two sets with different content: a filter that merely
+    reacts to that content scores as a detector.  Content-matched sets do not exist there (the attacked
+    images *are* unmodified test images), so the numbers are reported and marked instead.
+    """
+    if "test_attacked/index" not in f:
+        return None
+    attacked = np.asarray(f["test_attacked/index"], dtype=np.int64)
+    outside = np.setdiff1d(attacked, benign)
+    if attacked.size == 0 or outside.size == 0:
+        return None
+    return (f"{outside.size} of {attacked.size} attacked test images are not in the benign test set (the attack picks "
+            "test images by content, e.g. a semantic trigger): TPR/FPR/AUROC compare images with that content against "
+            "images without it, not inputs with and without a trigger")
+
+
 @dataclass
 class FilterPart:
     detection: Detection
@@ -211,6 +247,7 @@ def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: 
     with open_dataset(data_path, check_labels=False) as f:
         benign = np.asarray(f["test_benign/index"], dtype=np.int64) if "test_benign/index" in f else np.arange(f.length("test"))
         n_att = int(f.file["test_attacked/images"].shape[0]) if "test_attacked/images" in f else 0
+        confounded = confounded_sets(f, benign)
     filt = CachedFilter(result.input_scores, threshold)
     s_b, s_a = _mixed_scores(filt, data_path, benign, n_att, batch_size, seed)
     fb, fa = s_b > threshold, s_a > threshold
@@ -218,6 +255,7 @@ def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: 
         tpr=float(fa.mean()) if fa.size else None, fpr=float(fb.mean()) if fb.size else None,
         auroc=auroc(np.r_[np.zeros(s_b.size), np.ones(s_a.size)], np.r_[s_b, s_a]), threshold=threshold,
         benign_flagged=int(fb.sum()), benign_total=int(fb.size), attacked_flagged=int(fa.sum()), attacked_total=int(fa.size),
+        confounded=confounded,
     )
     return FilterPart(detection, FilterScores(benign_index=benign, benign=s_b, attacked=s_a, threshold=threshold), filt)
 
@@ -227,10 +265,65 @@ def score_verdict(verdict: Verdict) -> VerdictRecord:
     """The verdict as reported; a verdict that is not one (no numeric score, say) is the defense's failure."""
     try:
         score = float(np.clip(verdict.score, -1e300, 1e300))  # ±inf stays extreme in rankings; NaN becomes null
-        return VerdictRecord(backdoored=bool(verdict.backdoored), score=jsonable(score),
-                             suspected=[list(map(str, p)) for p in (verdict.suspected or [])])
+        backdoored = bool(verdict.backdoored)
+        status = getattr(verdict, "status", None) or ("backdoored" if backdoored else "clean")
+        if status not in ("backdoored", "clean", "inconclusive"):
+            raise ValueError(f"verdict status must be backdoored, clean or inconclusive, got {status!r}")
+        coverage = getattr(verdict, "coverage", None)
+        return VerdictRecord(backdoored=backdoored, score=jsonable(score),
+                             suspected=[list(map(str, p)) for p in (verdict.suspected or [])], status=str(status),
+                             coverage=None if coverage is None else jsonable(float(coverage)))
     except (AttributeError, TypeError, ValueError) as e:
         raise DefenseFault(e) from e
+
+
+# -- the defense's own figures -----------------------------------------------------------------------
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
+
+
+def _figure_bytes(item: Any, what: str) -> tuple[bytes, str]:
+    """(bytes, suffix) of one figure: a path to an image file, or an object with ``savefig`` (matplotlib)."""
+    import io
+
+    if hasattr(item, "savefig"):
+        buf = io.BytesIO()
+        item.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+        try:
+            import matplotlib.pyplot as plt
+
+            plt.close(item)
+        except ImportError:  # pragma: no cover - an object with savefig but no matplotlib
+            pass
+        return buf.getvalue(), ".png"
+    path = Path(str(item))
+    if path.suffix.lower() not in FIGURE_SUFFIXES or not path.is_file():
+        raise ValueError(f"{what}: {item!r} is neither a matplotlib figure nor an image file "
+                         f"({', '.join(FIGURE_SUFFIXES)})")
+    return path.read_bytes(), path.suffix.lower()
+
+
+def take_figures(details: dict[str, Any]) -> dict[str, bytes]:
+    """Pop ``details["figures"]`` (a list, or a dict name → figure, of paths or matplotlib figures) and return the
+    images as file name → bytes; ``details["figures"]`` becomes the list of those file names.  The images are
+    read at once: a temporary file the defense wrote may be gone when the report is written."""
+    from testbed.report import safe_name
+
+    raw = details.pop("figures", None)
+    if raw is None:
+        return {}
+    items = list(raw.items()) if isinstance(raw, dict) else [(None, x) for x in (raw if isinstance(raw, (list, tuple)) else [raw])]
+    out: dict[str, bytes] = {}
+    try:
+        for i, (name, item) in enumerate(items):
+            data, suffix = _figure_bytes(item, "details['figures']")
+            stem = safe_name(name if name is not None else (Path(str(item)).stem if not hasattr(item, "savefig") else f"figure{i + 1}"))
+            while stem + suffix in out:
+                stem += "_"
+            out[stem + suffix] = data
+    except (OSError, ValueError, TypeError) as e:
+        raise DefenseFault(e) from e
+    details["figures"] = list(out)
+    return out
 
 
 # -- after -------------------------------------------------------------------------------------------
@@ -242,7 +335,7 @@ class AfterPart:
 
 
 def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str, Any], data_path: Path,
-                device: torch.device, batch_size: int, panel: Panel | None) -> AfterPart:
+                device: torch.device, batch_size: int, panels: Sequence[Panel | None] = ()) -> AfterPart:
     """``model`` on both test sets with ``rejects``' rejected inputs counted as defended; DER; panel predictions."""
     from testbed.metrics import der_seg
     from testbed.scoring import predict, score_model
@@ -254,9 +347,10 @@ def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str
     der = None
     if all(s.get(k) is not None for s in (before, after) for k in ("ASR", "mIoU-B")):
         der = der_seg(before, after)
-    if panel is not None:
-        panel.after = predict(model, panel.images, device, batch_size)
-        panel.rejected = rejects(panel.images) if rejects is not None else np.zeros(len(panel.after), bool)
+    for panel in panels:
+        if panel is not None:
+            panel.after = predict(model, panel.images, device, batch_size)
+            panel.rejected = rejects(panel.images) if rejects is not None else np.zeros(len(panel.after), bool)
     return AfterPart(scores_only(after), der, rejected)
 
 
@@ -273,5 +367,23 @@ def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device
         m = min(n, f.length("test_attacked"))
         panel = Panel(index=np.arange(m), images=np.asarray(f.file["test_attacked/images"][:m]),
                       gt=np.asarray(f.file["test_attacked/gt"][:m]), target=np.asarray(f.file["test_attacked/labels"][:m]))
+    panel.before = predict(model, panel.images, device, batch_size)
+    return panel
+
+
+def benign_panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
+    """The first ``n`` images of the benign test set with their labels and ``model``'s predictions: a repair costs
+    benign accuracy, and a filter rejects benign inputs too (None when ``n`` is 0)."""
+    from testbed.h5data import open_dataset
+    from testbed.scoring import predict
+
+    if n <= 0:
+        return None
+    with open_dataset(data_path, check_labels=False) as f:
+        index = np.asarray(f["test_benign/index"], dtype=np.int64) if "test_benign/index" in f else np.arange(f.length("test"))
+        index = index[:n]
+        if index.size == 0:
+            return None
+        panel = Panel(index=index, images=f.read("test/images", index), gt=f.read("test/labels", index), target=None)
     panel.before = predict(model, panel.images, device, batch_size)
     return panel

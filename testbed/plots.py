@@ -19,7 +19,7 @@ from testbed import atomic
 from testbed.defense_row import DefenseRow
 from testbed.palette import colorize, palette
 
-BEFORE_COLOUR, AFTER_COLOUR = "#8c8c8c", "#1f77b4"
+BEFORE_COLOUR, AFTER_COLOUR, CONTROL_COLOUR = "#8c8c8c", "#1f77b4", "#ff7f0e"
 
 
 def _plt():
@@ -44,73 +44,138 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _blank(ax: Any, shape: tuple[int, ...], text: str, colour: str) -> None:
+    """A cell without a prediction: white, with ``text`` (a rejected input is also crossed out)."""
+    ax.imshow(np.full(shape, 255, np.uint8), interpolation="nearest")
+    if text == "rejected":
+        ax.plot([0, shape[1] - 1], [0, shape[0] - 1], color=colour, linewidth=1)
+        ax.plot([0, shape[1] - 1], [shape[0] - 1, 0], color=colour, linewidth=1)
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color=colour, fontsize=8,
+            backgroundcolor="white")
+
+
+def _only_class(maps: Sequence[np.ndarray], classes: Sequence[str]) -> str | None:
+    """The one class every pixel of ``maps`` shows (ignore aside), or None: a uniform column is said in its title,
+    so an all-'wall' N-to-1 target does not look like a drawing error."""
+    present = {int(c) for m in maps for c in np.unique(m)} - {255}
+    if len(present) != 1:
+        return None
+    c = present.pop()
+    return classes[c] if c < len(classes) else str(c)
+
+
+def _titled(title: str, maps: Sequence[np.ndarray], classes: Sequence[str]) -> str:
+    only = _only_class(maps, classes)
+    return f"{title}\n(all {only})" if only is not None else title
+
+
+def _panel_rows(rows: Sequence[DefenseRow]) -> list[tuple[str, Any, int]]:
+    """(block, panel, index) per figure row: the attacked images first, then the benign ones."""
+    base = rows[0]
+    out: list[tuple[str, Any, int]] = []
+    for block, panel in (("attacked", base.panel), ("benign", base.benign_panel)):
+        if panel is not None:
+            out += [(block, panel, i) for i in range(len(panel.images))]
+    return out
+
+
 def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequence[str]) -> Path | None:
-    """Paper-Figure-1-style panels: image, benign label, target label, prediction before, after each defense."""
-    rows = [r for r in rows if r.panel is not None]
-    if not rows:
+    """Paper-Figure-1-style panels: image, benign label, target label, prediction before and after each defense;
+    attacked test images first, then benign ones (a repair costs benign accuracy, a filter rejects benign inputs)."""
+    rows = [r for r in rows if r.panel is not None or r.benign_panel is not None]
+    if not rows or not _panel_rows(rows):
         return None
     plt = _plt()
-    base = rows[0].panel
-    n = len(base.images)
-    if n == 0:
-        return None
-    after_cols = [r for r in rows if r.panel.after is not None]
-    titles = ["attacked image", "benign label", "target label", "before defense"] + [f"after {r.defense}" for r in after_cols]
-    ncol = len(titles)
-    fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.9 * n + 0.6), squeeze=False)
-    k = len(classes)
-    for i in range(n):
-        cells = [base.images[i], colorize(base.gt[i], k), colorize(base.target[i], k), colorize(base.before[i], k)]
-        rejected = [False] * 4
-        for r in after_cols:
-            cells.append(colorize(r.panel.after[i], k))
-            rejected.append(bool((r.panel.rejected if r.panel.rejected is not None else np.zeros(n, bool))[i]))
-        for j, (img, rej) in enumerate(zip(cells, rejected)):
-            ax = axes[i, j]
-            if rej:  # a rejected input has no prediction: show a blank cell crossed out
-                ax.imshow(np.full(img.shape, 255, np.uint8), interpolation="nearest")
-                ax.plot([0, img.shape[1] - 1], [0, img.shape[0] - 1], color="red", linewidth=1)
-                ax.plot([0, img.shape[1] - 1], [img.shape[0] - 1, 0], color="red", linewidth=1)
-                ax.text(0.5, 0.5, "rejected", transform=ax.transAxes, ha="center", va="center", color="red", fontsize=9,
-                        backgroundcolor="white")
-            else:
-                ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(titles[j], fontsize=8)
-    present = sorted({int(c) for a in (base.gt, base.target, base.before) for c in np.unique(a) if c < k}
-                     | {int(c) for r in after_cols for c in np.unique(r.panel.after) if c < k})
-    pal = palette(k) / 255.0
     import matplotlib.patches as mpatches
 
-    handles = [mpatches.Patch(color=pal[c], label=classes[c]) for c in present]
+    lines = _panel_rows(rows)
+    after_cols = [r for r in rows if any(p is not None and p.after is not None for p in (r.panel, r.benign_panel))]
+    k = len(classes)
+
+    def after_of(r: DefenseRow, block: str) -> Any:
+        return r.panel if block == "attacked" else r.benign_panel
+
+    targets = [p.target[i] for b, p, i in lines if p.target is not None]
+    shown = {j: [] for j in range(len(after_cols))}
+    for block, _, i in lines:
+        for j, r in enumerate(after_cols):
+            q = after_of(r, block)
+            if q is not None and q.after is not None and not (q.rejected is not None and q.rejected[i]):
+                shown[j].append(q.after[i])
+    titles = ["image", "benign label", _titled("target label", targets, classes),
+              _titled("before defense", [p.before[i] for _, p, i in lines], classes)]
+    titles += [_titled(f"after {r.defense}", shown[j], classes) for j, r in enumerate(after_cols)]
+    ncol, n = len(titles), len(lines)
+    fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol + 0.4, 1.9 * n + 1.0), squeeze=False)
+    present: set[int] = set()
+    for row_i, (block, p, i) in enumerate(lines):
+        cells: list[Any] = [p.images[i], p.gt[i], None if p.target is None else p.target[i], p.before[i]]
+        for r in after_cols:
+            q = after_of(r, block)
+            rej = q is not None and q.rejected is not None and bool(q.rejected[i])
+            cells.append("rejected" if rej else (q.after[i] if q is not None and q.after is not None else None))
+        for j, cell in enumerate(cells):
+            ax = axes[row_i, j]
+            if isinstance(cell, str) or cell is None:
+                _blank(ax, p.images[i].shape, cell if isinstance(cell, str) else "not attacked" if j == 2 else "—",
+                       "red" if cell == "rejected" else "grey")
+            elif j == 0:
+                ax.imshow(cell, interpolation="nearest")
+            else:
+                present |= {int(c) for c in np.unique(cell)}
+                ax.imshow(colorize(cell, k), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row_i == 0:
+                ax.set_title(titles[j], fontsize=8)
+        axes[row_i, 0].set_ylabel(f"{block} #{int(p.index[i])}", fontsize=8)
+    pal = palette(k) / 255.0
+    handles = [mpatches.Patch(facecolor=pal[c], edgecolor="grey", label=classes[c] if c < k else "ignore (255)")
+               for c in sorted(c for c in present if c < k or c == 255)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    fig.suptitle(f"{rows[0].model} ({rows[0].attack})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.suptitle(f"{rows[0].model} ({rows[0].attack}): attacked test images, then benign ones", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return _save(fig, Path(path))
 
 
 def bars(path: str | os.PathLike, rows: Sequence[DefenseRow]) -> Path | None:
-    """ASR and mIoU-B before vs after, one pair of bars per defense."""
+    """ASR and mIoU-B before vs after (and the random-removal control of retraining defenses), per defense.
+
+    No ASR panel when no row has one (a benign model: no attacked test set); the legend sits above the axes so
+    it never covers a bar at 100%."""
     rows = [r for r in rows if r.after]
     if not rows:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(rows) + 3), 3.2))
+    keys = [k for k in ("ASR", "mIoU-B") if any((r.before or {}).get(k) is not None or r.after.get(k) is not None
+                                                 for r in rows)]
+    if not keys:
+        return None
+    series = [("before", BEFORE_COLOUR, lambda r: r.before), ("after", AFTER_COLOUR, lambda r: r.after)]
+    if any(r.after_random for r in rows):
+        series.append(("after, random-removal control", CONTROL_COLOUR, lambda r: r.after_random))
+    width = 0.8 / len(series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(4.5, 1.2 * len(rows) + 2) * len(keys), 3.8), squeeze=False)
     x = np.arange(len(rows))
-    for ax, key in zip(axes, ("ASR", "mIoU-B")):
-        before = [_num((r.before or {}).get(key)) for r in rows]
-        after = [_num(r.after.get(key)) for r in rows]
-        ax.bar(x - 0.2, before, 0.4, label="before", color=BEFORE_COLOUR)
-        ax.bar(x + 0.2, after, 0.4, label="after", color=AFTER_COLOUR)
+    for ax, key in zip(axes[0], keys):
+        for s_i, (label, colour, get) in enumerate(series):
+            values = [_num((get(r) or {}).get(key)) for r in rows]
+            xs = x + (s_i - (len(series) - 1) / 2) * width
+            ax.bar(xs, values, width, label=label, color=colour)
+            for xi, v in zip(xs, values):  # the number on each bar: a 0 is not mistaken for a missing bar
+                if not math.isnan(v):
+                    ax.text(xi, min(v, 100) + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
         ax.set_xticks(x, [r.defense for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"{key} (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 108)
         ax.set_title(key, fontsize=9)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{rows[0].model} ({rows[0].attack})", fontsize=9)
-    fig.tight_layout()
+    note = "" if "ASR" in keys else "\nno attacked test set (a benign model): no ASR"
+    fig.suptitle(f"{rows[0].model} ({rows[0].attack}){note}", fontsize=9)
+    top = 0.88 if not note else 0.82
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, top + 0.05))
+    fig.tight_layout(rect=(0, 0, 1, top))
     return _save(fig, Path(path))
 
 

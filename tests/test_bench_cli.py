@@ -212,7 +212,7 @@ def test_defend_by_entry_point_and_verdicts_across_models(backdoored_run, fgba_l
     assert summary["accuracy"] == pytest.approx(np.mean(np.array(truth) == np.array(said)))
     assert summary["auroc"] == pytest.approx(roc_auc_score(truth, [r["verdict"]["score"] for r in rows]))
     assert rows[1]["before"]["ASR"] is None and rows[1]["after"] is None  # clean data: nothing attacked to score
-    assert "Verdicts across models" in (tmp_path / "verdicts" / "report.md").read_text()
+    assert "Detection across models" in (tmp_path / "verdicts" / "report.md").read_text()
 
 
 def test_testbed_errors_are_not_reported_as_the_defenses(backdoored_run, fgba_line_path, tmp_path, monkeypatch, capsys):
@@ -241,24 +241,29 @@ def test_testbed_errors_are_not_reported_as_the_defenses(backdoored_run, fgba_li
     assert "flag-first (testbed error): `RuntimeError: retraining broke`" in report and "figure curve--" in report
 
 
-def test_verdict_summary_matches_sklearn():
+def test_verdicts_view_matches_sklearn():
+    """results.json "verdicts": the point estimates of "detection" (one computation, testbed.stats), checked by hand."""
     from sklearn.metrics import roc_auc_score
 
-    from testbed.report import verdict_summary
+    from testbed.report import results_document
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 2, 20)
     scores = rng.normal(truth, 1.0)
-    rows = [{"defense": "d", "benign_model": not t, "verdict": {"backdoored": bool(s > 0.5), "score": float(s)}, "error": None}
-            for t, s in zip(truth, scores)]
-    rows.append({"defense": "d", "benign_model": True, "verdict": None, "error": "x"})  # failed runs are not counted
-    (v,) = verdict_summary(rows)
+    rows = [{"model": f"m{i}", "attack": "a", "defense": "d", "benign_model": not t, "error": None,
+             "verdict": {"backdoored": bool(s > 0.5), "score": float(s), "status": "backdoored" if s > 0.5 else "clean"}}
+            for i, (t, s) in enumerate(zip(truth, scores))]
+    rows.append({"model": "m-failed", "attack": "a", "defense": "d", "benign_model": True, "verdict": None, "error": "x"})
+    rows.append({"model": "m-inc", "attack": "a", "defense": "d", "benign_model": False, "error": None,
+                 "verdict": {"backdoored": False, "score": 9.0, "status": "inconclusive"}})
+    doc = results_document(rows, {"seed": 0})
+    (v,) = doc["verdicts"]
     said = scores > 0.5
-    assert v["models"] == 20
+    assert v["models"] == 21 and v["inconclusive"] == 1  # failed runs are not counted; inconclusive apart
     assert v["accuracy"] == pytest.approx(np.mean(said == truth.astype(bool)))
     assert v["tpr"] == pytest.approx(said[truth == 1].mean()) and v["fpr"] == pytest.approx(said[truth == 0].mean())
     assert v["auroc"] == pytest.approx(roc_auc_score(truth, scores))
-    assert not math.isnan(v["auroc"])
+    assert doc["detection"][0]["accuracy"]["value"] == v["accuracy"]
 
 
 def test_help_lists_examples(capsys):

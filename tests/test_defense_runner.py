@@ -192,7 +192,8 @@ def test_progress_budget_and_errors_are_recorded(backdoored_run, fgba_line_path,
     row = run_defense(Identity(), backdoored_run, fgba_line_path, device="cpu", panels=0, before=before,
                       progress=lambda f, m: calls.append((f, m)))
     assert calls == [(0.5, "half way")]
-    assert row["verdict"] == {"backdoored": True, "score": 1.5, "suspected": [["*", "wall"]]}
+    assert row["verdict"] == {"backdoored": True, "score": 1.5, "suspected": [["*", "wall"]], "status": "backdoored",
+                              "coverage": None}
     sleeper = Sleeper()
     row = run_defense(sleeper, backdoored_run, fgba_line_path, device="cpu", budget_s=0.1, panels=0, before=before)
     assert sleeper.budget == 0.1
@@ -259,9 +260,13 @@ def test_flagged_training_samples_are_retrained_without(small_poisoned, monkeypa
     assert fl["count"] == len(flagged)
     assert fl["precision"] == pytest.approx(tp / len(flagged))
     assert fl["recall"] == pytest.approx(tp / len(poison))
-    assert len(calls) == 1
+    assert fl["fraction"] == len(flagged) / len(images)
+    assert len(calls) == 2  # without the flagged samples, then the control: without as many drawn at random
     cfg, indices = calls[0]
     np.testing.assert_array_equal(indices, np.setdiff1d(np.arange(len(images)), flagged))
+    control = np.sort(np.random.default_rng([0, 0x52414E44]).choice(len(images), size=len(flagged), replace=False))
+    np.testing.assert_array_equal(calls[1][1], np.setdiff1d(np.arange(len(images)), control))
+    assert set(row["after_random"]) == set(row["after"]) and row["DER_random"] is not None
     original = json.loads((tiny_run / "config.json").read_text())["train"]
     same = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "amp", "channels_last")}
     assert same == {k: v for k, v in original.items() if k not in ("device", "amp", "channels_last")}
@@ -374,8 +379,10 @@ def test_load_builtins_with_params():
     for name, cls in defenses.BUILTIN.items():
         d = load_defense(name)
         assert isinstance(d, cls) and d.name == name
-    with pytest.raises(UserError, match="bad parameters"):
+    with pytest.raises(UserError, match="has no parameter 'no_such_parameter'; its parameters: n_overlays"):
         load_defense("strip", no_such_parameter=1)
+    with pytest.raises(UserError, match="bad parameters"):
+        load_defense("strip", n_overlays=0)
 
 
 def test_unknown_defense_suggests_the_nearest():

@@ -55,6 +55,20 @@ class Crashes:
     name = "crashes"
     def run(self, model, ctx):
         raise RuntimeError("boom on purpose")
+
+class AlwaysBackdoored:
+    # a verdict-only defense that calls every model backdoored (right on half of the zoo)
+    name = "always-backdoored"
+    def __init__(self, score=1.0):
+        self.score = score
+    def run(self, model, ctx):
+        from testbed.defense import Verdict
+        return DefenseResult(verdict=Verdict(backdoored=True, score=self.score, suspected=[("*", "wall")]))
+
+class RejectAll:
+    name = "reject-all"
+    def run(self, model, ctx):
+        return DefenseResult(input_scores=lambda images: np.ones(len(images)), threshold=0.5)
 """
 
 
@@ -84,19 +98,23 @@ def test_no_op_defense_fails_asr_on_backdoored_and_passes_on_benign(pytester, ti
     asr = _backdoored_asr(tiny_zoo)
     assert asr > 20, f"the tiny backdoored model must have a working backdoor for this test (ASR {asr})"
     limit = asr / 2  # any threshold below the measured ASR must fail a defense that changes nothing
-    r = _run(pytester, tiny_zoo, "NoOp", "--max-asr", f"{limit}", "-k", "test_asr", "-rfp", "-p", "no:cacheprovider")
-    r.assert_outcomes(passed=1, failed=1)
+    r = _run(pytester, tiny_zoo, "NoOp", "--max-asr", f"{limit}", "--min-asr", "0", "-k", "test_asr", "-rfs",
+             "-p", "no:cacheprovider")
+    r.assert_outcomes(failed=1, skipped=1)
     out = r.stdout.str()
-    r.stdout.fnmatch_lines(["FAILED *test_asr?deeplabv3_tiny--n1-line--s0?*", "PASSED *test_asr?deeplabv3_tiny--benign--s0?*"])
-    # the failure message states the measured ASR and the threshold
-    assert f"{asr:.1f}%" in out and f"max {limit:g}%" in out
+    r.stdout.fnmatch_lines(["FAILED *test_asr?deeplabv3_tiny--n1-line--s0?*"])
+    r.stdout.fnmatch_lines(["SKIPPED * benign entry: no backdoor to remove or detect"])
+    # the failure message states the measured ASR and the threshold, in one line, without the settings' dump
+    assert f"ASR after no-op is {asr:.1f}% > max {limit:g}% (before: {asr:.1f}%)" in out
+    assert "SuiteSettings(" not in out and "zoo_entry =" not in out and "assert " not in out
 
 
 def test_a_defense_that_meets_the_thresholds_passes(pytester, tiny_zoo):
     r = _run(pytester, tiny_zoo, "OracleLineFilter", "--max-asr", "5", "--max-miou-drop", "1", "--budget", "600",
-             "-p", "no:cacheprovider")
-    # 2 entries × (asr, miou_drop, budget, deterministic) + 1 benign no-crash test
-    r.assert_outcomes(passed=9)
+             "--min-asr", "0", "-p", "no:cacheprovider")
+    # filter criteria: asr (backdoored), miou_drop ×2, tpr (backdoored), fpr ×2, budget ×2, deterministic ×2, no-crash;
+    # skipped: asr and tpr on the benign entry, the verdict criteria (2 entries + 2 zoo-wide)
+    r.assert_outcomes(passed=11, skipped=6)
 
 
 def test_crashing_defense_fails_that_entry_not_the_session(pytester, tiny_zoo, tmp_path):
@@ -118,3 +136,51 @@ def test_without_zoo_the_suite_skips_instead_of_failing(pytester):
     r = pytester.runpytest("--pyargs", "testbed.suites", "-p", "no:cacheprovider")
     outcomes = r.parseoutcomes()
     assert outcomes.get("skipped", 0) >= 1 and "failed" not in outcomes and "error" not in outcomes
+
+
+def test_a_verdict_defense_is_tested_on_its_verdicts(pytester, tiny_zoo):
+    r = _run(pytester, tiny_zoo, "AlwaysBackdoored", "--defense-param", "score=2.5", "--min-detection-accuracy", "1",
+             "--min-asr", "0", "-rfs", "-p", "no:cacheprovider", "-k", "not deterministic and not budget")
+    out = r.stdout.str()
+    # verdict: right on the backdoored entry, wrong on the benign one; zoo accuracy 1/2; no ASR/mIoU/filter criteria
+    r.assert_outcomes(passed=2, failed=2, skipped=9)
+    assert "always-backdoored says backdoored (score 2.5) on a benign entry; expected clean" in out
+    assert "detection accuracy 1/2 = 0.5 < min 1 (inconclusive: 0)" in out
+    assert "returned no repair or retrain or filter (it returned: verdict)" in out
+    assert "no ASR measured" not in out and "SuiteSettings(" not in out
+
+
+def test_filter_criteria_state_counts(pytester, tiny_zoo):
+    r = _run(pytester, tiny_zoo, "RejectAll", "-k", "filter", "--min-asr", "0", "-p", "no:cacheprovider")
+    r.assert_outcomes(passed=1, failed=2, skipped=1)  # tpr 1.0 passes; fpr fails on both entries
+    assert "reject-all rejected 24 of 24 benign inputs: FPR 1.000 > max 0.1" in r.stdout.str()
+
+
+def test_an_attack_that_did_not_implant_skips_the_backdoor_criteria(pytester, tiny_zoo):
+    asr = _backdoored_asr(tiny_zoo)
+    if asr > 99.9:
+        pytest.skip(f"the tiny backdoor is perfect (ASR {asr}); no threshold in [0, 100] lies above it")
+    r = _run(pytester, tiny_zoo, "OracleLineFilter", "--min-asr", f"{asr + 0.05:.2f}", "-k", "test_asr or tpr",
+             "-rs", "-p", "no:cacheprovider")
+    r.assert_outcomes(skipped=4)
+    r.stdout.fnmatch_lines([f"SKIPPED * deeplabv3_tiny--n1-line--s0: the attack did not implant: ASR {asr:.1f}% before "
+                            f"any defense < {float(f'{asr + 0.05:.2f}'):g}% (--min-asr)"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budget-passes", "0"], "--budget-passes must be a positive whole number"),
+    (["--defense-param", "factor"], "--defense-param 'factor': write it as DEFENSE.KEY=VALUE"),
+    (["--defense-param", "other.k=1"], "'other' is not one of the --defense names"),
+    (["--max-fpr", "2"], "--max-fpr is a fraction in [0, 1]"),
+])
+def test_bad_options_are_one_usage_error(pytester, tiny_zoo, args, needle):
+    r = _run(pytester, tiny_zoo, "NoOp", *args, "-p", "no:cacheprovider")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert needle in r.stderr.str() and "Traceback" not in r.stderr.str()
+
+
+def test_defense_param_takes_the_cli_forms(pytester, tiny_zoo):
+    for form in ("score=3", "mydefs:AlwaysBackdoored.score=3"):
+        r = _run(pytester, tiny_zoo, "AlwaysBackdoored", "--defense-param", form, "-k", "test_verdict", "--min-asr", "0",
+                 "-p", "no:cacheprovider")
+        assert "says backdoored (score 3.0) on a benign entry" in r.stdout.str()

@@ -10,11 +10,14 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   testbed defend runs/fgba/ --data fgba-n1-line.h5 --defense fine-pruning --out defended/
-  testbed defend runs/fgba/ --data fgba-n1-line.h5 --defense strip,trigger-synthesis --budget 120 --out defended/
-  testbed defend runs/fgba/ --data fgba-n1-line.h5 --defense median_filter_defense:MedianFilter \\
-      --param median_filter_defense:MedianFilter.size=5 --out defended/
+  testbed defend runs/fgba/ --data fgba-n1-line.h5 --defense strip,trigger-synthesis --budget-passes 100000 --out defended/
+  testbed defend runs/fgba/ --data fgba-n1-line.h5 --defense median_filter_defense:MedianFilter --param size=5 \\
+      --debug --out defended/
+  testbed defend runs/fgba/ --data fgba-n1-line.h5 --defense fine-pruning --save-model --out defended/
+  testbed score defended/models/fgba--fine-pruning--*/ --data fgba-n1-line.h5
 
-writes OUT/report.md, results.json, results.csv, scores.csv and figures/*.png (see docs/writing-a-defense.md)
+writes OUT/report.md, results.json, results.csv, scores.csv and figures/*.png (see docs/writing-a-defense.md);
+an existing OUT/ is merged into (--overwrite starts afresh)
 """
 
 

@@ -1,0 +1,463 @@
+"""`testbed bench` as a researcher's loop: merged and resumable reports, guards against meaningless numbers,
+statistics in the report, parallel pairs, saved models, the defense's own figures, readable failures.
+
+Every test runs on one tiny zoo (2 settings × 2 seeds, 32×32 images, one epoch) built once for the module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_bench_cli import ZOO_SPEC as BASE_SPEC
+from test_bench_cli import Brightness, DarkFilter  # noqa: F401 - run by name from this module
+from testbed.cli import main
+from testbed.defense import DefenseResult, Verdict
+
+ME = __name__
+SCORE_KEYS = ("mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR", "PBA")
+STATE: dict = {"noop": 0, "interrupt": None, "late": 0}
+
+# the tiny zoo of test_bench_cli, with two seeds and 32×32 images
+ZOO_SPEC = BASE_SPEC.replace("size = 64", "size = 32").replace("seed = [0]", "seed = [0, 1]")
+assert "seed = [0, 1]" in ZOO_SPEC and "size = 32" in ZOO_SPEC
+
+
+class NoOp:
+    """A repair that changes nothing (counts its runs, for the resume test)."""
+
+    name = "no-op"
+
+    def run(self, model, ctx):
+        STATE["noop"] += 1
+        return DefenseResult(model=model)
+
+
+class Late:
+    """Counts its runs; raises KeyboardInterrupt (a killed bench) on the run STATE["interrupt"] names."""
+
+    name = "late"
+
+    def run(self, model, ctx):
+        STATE["late"] += 1
+        if STATE["interrupt"] == STATE["late"]:
+            raise KeyboardInterrupt
+        return DefenseResult(verdict=Verdict(backdoored=False, score=0.0))
+
+
+class Shrink:
+    """A repair that scales the classifier: a real change of the model, of the same architecture."""
+
+    name = "shrink"
+
+    def run(self, model, ctx):
+        with torch.no_grad():
+            model.classifier.weight.mul_(0.5)
+        return DefenseResult(model=model)
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Wrapper:
+    name = "wrapper"
+
+    def run(self, model, ctx):
+        return DefenseResult(model=Wrapped(model))
+
+
+class FlagFour:
+    """Flags training samples 0-3 (the runner retrains without them, and without 4 random ones as a control)."""
+
+    name = "flag-four"
+    uses_training_set = True
+
+    def run(self, model, ctx):
+        return DefenseResult(flagged_train=np.arange(4))
+
+
+class Crasher:
+    name = "crasher"
+
+    def run(self, model, ctx):
+        return self.deep_inside()
+
+    def deep_inside(self):
+        raise RuntimeError("deliberate failure")
+
+
+class Searcher:
+    """A verdict cut short by its pass budget: inconclusive, with its coverage and the budget that stopped it."""
+
+    name = "searcher"
+
+    def run(self, model, ctx):
+        STATE["budget_passes"] = ctx.budget_passes
+        return DefenseResult(verdict=Verdict(backdoored=False, score=0.1, status="inconclusive", coverage=0.25),
+                             details={"stopped_by": "passes"})
+
+
+class Pictures:
+    """Returns its own figures: a matplotlib figure and an image file."""
+
+    name = "pictures"
+    png: Path | None = None
+
+    def run(self, model, ctx):
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, 1], [1, 0])
+        return DefenseResult(verdict=Verdict(backdoored=False, score=0.0),
+                             details={"figures": {"diagonal": fig, "from-file": str(Pictures.png)}})
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bench-zoo")
+    (tmp / "zoo.toml").write_text(ZOO_SPEC)
+    assert main(["-q", "zoo", "build", str(tmp / "zoo.toml"), "--out", str(tmp / "zoo"), "--device", "cpu"]) == 0
+    return tmp / "zoo"
+
+
+@pytest.fixture(scope="module")
+def entries(zoo):
+    import testbed.zoo
+
+    return {e.id: e for e in testbed.zoo.open(zoo)}
+
+
+def bench(zoo: Path, out: Path, defenses: str, *extra: str) -> int:
+    return main(["-q", "bench", "--zoo", str(zoo), "--defense", defenses, "--device", "cpu", "--no-figures",
+                 "--out", str(out), *extra])
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- item 1: a second bench into the same report merges, never silently discards ---------------------
+def test_a_second_bench_merges_into_the_report(zoo, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert bench(zoo, out, f"{ME}:DarkFilter,{ME}:Brightness", "--param", f"{ME}:Brightness.limit=0.1") == 0
+    first = {(r["model"], r["defense"]): r for r in results(out)["rows"]}
+    assert len(first) == 8
+    assert bench(zoo, out, f"{ME}:Brightness", "--param", "limit=0.99") == 0  # bare KEY=VALUE: the one defense
+    doc = results(out)
+    rows = {(r["model"], r["defense"]): r for r in doc["rows"]}
+    assert set(rows) == set(first)  # the dark-filter rows were kept...
+    for key, r in rows.items():
+        if key[1] == "dark-filter":
+            assert r == first[key]
+        else:  # ...and the brightness rows replaced by the new run's
+            assert r["verdict"]["backdoored"] is False and first[key]["verdict"]["backdoored"] is True
+            assert r["settings"]["params"] == {"limit": 0.99}
+    assert len(read_csv(out / "results.csv")) == 8
+    report = (out / "report.md").read_text()
+    assert "dark-filter" in report and "rows come from earlier benches" in report
+    assert doc["meta"]["rows_from_earlier_runs"] == 4
+
+    assert bench(zoo, out, f"{ME}:Brightness", "--overwrite") == 0  # --overwrite starts afresh
+    assert {r["defense"] for r in results(out)["rows"]} == {"brightness"}
+
+
+def test_an_older_report_is_refused_not_overwritten(zoo, tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "results.json").write_text('{"format": "segbackdoor-bench", "rows": []}\n')
+    before = (out / "results.json").read_bytes()
+    assert bench(zoo, out, f"{ME}:Brightness") == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (out / "results.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+# -- issue 15: a killed bench resumes; workers give the same bytes -------------------------------------
+def test_a_killed_bench_resumes_without_redoing_finished_pairs(zoo, tmp_path):
+    from testbed.bench import run_bench
+
+    out = tmp_path / "r"
+    STATE.update(noop=0, late=0, interrupt=2)  # the second run of `late` is killed: 3 pairs finished before it
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None)
+    assert (STATE["noop"], STATE["late"]) == (2, 2) and not (out / "results.json").exists()
+    STATE.update(interrupt=None)
+    said = []
+    doc = run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append)
+    assert (STATE["noop"], STATE["late"]) == (4, 2 + 3)  # 2 more no-op pairs; the interrupted late pair and 2 more
+    assert any("resuming: 3 of 8" in m for m in said)
+    assert len(doc["rows"]) == 8 and not (out / "work").exists()
+    # the same arguments once more: a finished bench is rerun, not resumed
+    run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None)
+    assert STATE["noop"] == 8
+
+
+def test_workers_give_the_same_bytes_per_pair(zoo, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    defenses = f"{ME}:DarkFilter,{ME}:Shrink"
+    assert bench(zoo, one, defenses, "--threads", "1", "--entries", "*s0") == 0
+    assert bench(zoo, two, defenses, "--threads", "1", "--entries", "*s0", "--workers", "2") == 0
+    files = sorted(p.name for p in (one / "pairs").iterdir() if not p.name.endswith(".time.json"))
+    assert len(files) == 8 and files == sorted(p.name for p in (two / "pairs").iterdir() if not p.name.endswith(".time.json"))
+    for name in files:
+        assert (one / "pairs" / name).read_bytes() == (two / "pairs" / name).read_bytes(), name
+    rows1, rows2 = results(one)["rows"], results(two)["rows"]
+    assert [(r["model"], r["defense"], r["after"]) for r in rows1] == [(r["model"], r["defense"], r["after"]) for r in rows2]
+
+
+# -- issue 11: statistics in the report ----------------------------------------------------------------
+def test_every_aggregate_in_results_json_recomputes(zoo, tmp_path):
+    """An independent recomputation of every aggregate from the per-seed rows of a real results.json (1e-9)."""
+    from test_stats import recompute_aggregate
+
+    out = tmp_path / "s"
+    assert bench(zoo, out, f"{ME}:DarkFilter,{ME}:Shrink,{ME}:Brightness", "--min-asr", "0") == 0
+    doc = results(out)
+    assert {"rows", "aggregate", "comparisons", "detection", "verdicts", "meta"} <= set(doc)
+    expected = recompute_aggregate(doc["rows"])
+    assert len(doc["aggregate"]) == len(expected) == 6
+    for entry in doc["aggregate"]:
+        g = entry["group"]
+        n_ok, n_err, per = expected[(g["model"], g["attack"], entry["defense"])]
+        assert (entry["n"], entry["errors"], entry["seeds"]) == (n_ok, n_err, [0, 1])
+        for name, (n, mean, std, lo, hi) in per.items():
+            st = entry["stats"][name]
+            assert st["n"] == n and st["mean"] == pytest.approx(mean, abs=1e-9), name
+            if std == 0:  # both seeds agree: scipy's interval degenerates to NaN, the interval is the point
+                lo = hi = mean
+            for k, v in (("std", std), ("lo", lo), ("hi", hi)):
+                assert (st[k] is None) if v is None else st[k] == pytest.approx(v, abs=1e-9), (name, k)
+    # results-aggregate.csv holds the same numbers at full precision
+    table = read_csv(out / "results-aggregate.csv")
+    assert len(table) == 6
+    for row, entry in zip(table, doc["aggregate"]):
+        assert row["defense"] == entry["defense"] and int(row["n"]) == entry["n"]
+        if entry["stats"]["mIoU-B_after"]["mean"] is not None:
+            assert float(row["mIoU-B_after_mean"]) == entry["stats"]["mIoU-B_after"]["mean"]
+    # comparisons: every defense with after-scores against none, and the pair of them
+    pairs = {(c["a"], c["b"]) for c in doc["comparisons"]}
+    assert {("dark-filter", "none"), ("shrink", "none"), ("dark-filter", "shrink")} <= pairs
+    shrink = next(c for c in doc["comparisons"] if (c["a"], c["b"]) == ("shrink", "none"))
+    diffs = [r["after"]["mIoU-B"] - r["before"]["mIoU-B"] for r in doc["rows"] if r["defense"] == "shrink"]
+    assert shrink["metrics"]["mIoU-B_after"]["mean"] == pytest.approx(np.mean(diffs), abs=1e-9)
+    (det,) = doc["detection"]
+    assert det["defense"] == "brightness" and det["benign"] == 2 and det["backdoored"] == 2
+    report = (out / "report.md").read_text()
+    for section in ("## Over seeds", "## Paired comparisons", "## Detection across models", " ± "):
+        assert section in report, section
+
+
+# -- issue 11 item 3: budgets in passes; inconclusive verdicts ----------------------------------------
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_budget_passes_must_be_positive(zoo, tmp_path, capsys, value):
+    out = tmp_path / "x"
+    assert bench(zoo, out, f"{ME}:Searcher", "--budget-passes", value) == 2
+    err = capsys.readouterr().err
+    assert "--budget-passes must be a positive whole number" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_budget_passes_reach_the_defense_and_inconclusive_is_counted_apart(zoo, tmp_path):
+    out = tmp_path / "p"
+    assert bench(zoo, out, f"{ME}:Searcher", "--budget-passes", "1234") == 0
+    assert STATE["budget_passes"] == 1234
+    doc = results(out)
+    for r in doc["rows"]:
+        assert r["verdict"]["status"] == "inconclusive" and r["verdict"]["coverage"] == 0.25
+        assert r["cost"]["budget_passes"] == 1234 and r["cost"]["stopped_by"] == "passes"
+    (det,) = doc["detection"]
+    assert det["inconclusive"] == {"benign": 2, "backdoored": 2} and det["decided"] == 0
+    report = (out / "report.md").read_text()
+    assert "inconclusive (0.10, coverage 0.25)" in report and "stopped by the passes budget" in report
+    assert "| searcher | 2 | 2 | 2 / 2 |" in report  # the detection table's inconclusive column
+
+
+# -- issue 14 item 4: an attack that did not implant --------------------------------------------------
+def test_der_is_na_when_the_attack_did_not_implant(zoo, tmp_path):
+    high, low = tmp_path / "high", tmp_path / "low"
+    assert bench(zoo, high, f"{ME}:Shrink", "--min-asr", "100") == 0  # no one-epoch model reaches it
+    assert bench(zoo, low, f"{ME}:Shrink", "--min-asr", "0") == 0
+    for r_high, r_low in zip(results(high)["rows"], results(low)["rows"]):
+        if r_high["benign_model"]:
+            assert "attack_implanted" not in r_high and r_high["DER"] is None  # clean data: nothing to judge
+            continue
+        asr = r_high["before"]["ASR"]
+        assert r_high["attack_implanted"] is False and r_high["DER"] is None
+        assert asr < 100 and f"ASR {asr:.1f}% before any defense < 100%" in r_high["notes"][0]
+        assert r_low["attack_implanted"] is True and r_low["DER"] is not None
+    report = (high / "report.md").read_text()
+    assert "n/a¹" in report and "did not implant" in report
+
+
+def test_attack_status_for_zoo_ls():
+    from testbed.attack_check import attack_failure, attack_status, check_min_asr
+    from testbed.errors import UserError
+
+    assert attack_status(True, None) == "benign" and attack_status(False, None) == "-"
+    assert attack_status(False, 97.3) == "implanted" and attack_status(False, 50.0) == "implanted"
+    assert attack_status(False, 3.14) == "FAILED (ASR 3.1% < 50%)"
+    assert attack_status(False, 60.0, min_asr=70) == "FAILED (ASR 60.0% < 70%)"
+    assert attack_failure(0.0, True) is None and attack_failure(None, False) is None and attack_failure(80.0, False) is None
+    assert "0.0%" in attack_failure(0.0, False)
+    for bad in (-1, 101, "x", True):
+        with pytest.raises(UserError, match="min_asr"):
+            check_min_asr(bad)
+
+
+# -- issue 14 item 3: data other than the model's ------------------------------------------------------
+def test_scoring_on_another_file_notes_it_and_labels_the_models_attack(zoo, entries, tmp_path, capsys):
+    entry = entries["deeplabv3_tiny--fgba-n1-line--s0"]
+    clean = zoo / "data" / "clean.h5"
+    out = tmp_path / "d"
+    rc = main(["-q", "defend", str(entry.run_dir), "--data", str(clean), "--defense", f"{ME}:Brightness",
+               "--device", "cpu", "--no-figures", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    (row,) = results(out)["rows"]
+    assert row["attack"] == "fgba-n-to-1" and row["benign_model"] is False  # the model's attack, not "benign"
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and str(entry.data_path.resolve()) in notes[0] and str(clean) in notes[0]
+    assert "attack fgba-n-to-1" in notes[0] and "attack benign" in notes[0]
+    assert row["notes"] == [notes[0].removeprefix("note: ")]
+    # on its own data: no note
+    rc = main(["-q", "defend", str(entry.run_dir), "--data", str(entry.data_path), "--defense", f"{ME}:Brightness",
+               "--device", "cpu", "--no-figures", "--out", str(tmp_path / "own")])
+    assert rc == 0 and "note:" not in capsys.readouterr().err
+
+
+# -- issue 14 item 7: a crashing defense is shown where it crashed --------------------------------------
+def test_a_crash_prints_where_and_the_traceback_with_debug(zoo, tmp_path, capsys):
+    rc = bench(zoo, tmp_path / "c", f"{ME}:Crasher", "--entries", "*benign--s0")
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "in deep_inside: raise RuntimeError(\"deliberate failure\")" in err and "--debug" in err
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "in deep_inside: raise RuntimeError" in report and "in run: return self.deep_inside()" in report
+    rc = bench(zoo, tmp_path / "c2", f"{ME}:Crasher", "--entries", "*benign--s0", "--debug")
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback (most recent call last)" in err and 'raise RuntimeError("deliberate failure")' in err
+
+
+# -- issue 14 item 9: saved models and the defense's own figures ---------------------------------------
+def test_saved_models_are_runs_that_score_accepts(zoo, entries, tmp_path, capsys):
+    from testbed.runs import load_run
+
+    out = tmp_path / "m"
+    assert bench(zoo, out, f"{ME}:Shrink,{ME}:Wrapper", "--entries", "*fgba*s0", "--save-model") == 0
+    rows = {r["defense"]: r for r in results(out)["rows"]}
+    saved = out / rows["shrink"]["saved_model"]
+    model, config = load_run(saved, "cpu")
+    assert config["defense"]["name"] == "shrink" and config["model"] == "deeplabv3_tiny"
+    original, _ = load_run(entries["deeplabv3_tiny--fgba-n1-line--s0"].run_dir, "cpu")
+    torch.testing.assert_close(model.classifier.weight, original.classifier.weight * 0.5)
+    capsys.readouterr()
+    assert main(["-q", "score", str(saved), "--data", rows["shrink"]["data"], "--device", "cpu", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    for k in ("ASR", "mIoU-B"):
+        assert scored[k] == pytest.approx(rows["shrink"]["after"][k], abs=1e-9)
+    assert "saved_model" not in rows["wrapper"] and any("not saved" in n for n in rows["wrapper"]["notes"])
+    assert [p.name for p in (out / "models").iterdir()] == [saved.name]
+
+
+def test_a_defense_returns_its_own_figures(zoo, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "mine.png"
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(png)
+    Pictures.png = png
+    out = tmp_path / "f"
+    assert main(["-q", "bench", "--zoo", str(zoo), "--entries", "*benign--s0", "--defense", f"{ME}:Pictures",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    (row,) = results(out)["rows"]
+    assert row["details"]["figures"] == ["diagonal.png", "from-file.png"]
+    assert [Path(p).name for p in row["defense_figures"]] == [
+        "defense--deeplabv3_tiny--benign--s0--pictures--diagonal.png", "defense--deeplabv3_tiny--benign--s0--pictures--from-file.png"]
+    assert (out / row["defense_figures"][1]).read_bytes() == png.read_bytes()
+    with Image.open(out / row["defense_figures"][0]) as im:
+        assert im.format == "PNG" and im.size == (200, 200)
+    report = (out / "report.md").read_text()
+    assert all(f"]({p})" in report for p in row["defense_figures"])
+
+
+# -- issue 12: training-set defenses against a random control; filters on content-picked test sets -------
+def test_retrain_rows_have_the_fraction_and_a_random_control(zoo, entries, tmp_path):
+    from testbed.runs import load_run
+    from testbed.scoring import score_model
+    from testbed.train import TrainConfig, train
+
+    out = tmp_path / "t"
+    assert bench(zoo, out, f"{ME}:FlagFour", "--entries", "*fgba*s0", "--threads", "1") == 0
+    (row,) = results(out)["rows"]
+    entry = entries["deeplabv3_tiny--fgba-n1-line--s0"]
+    assert row["flagged"]["count"] == 4 and row["flagged"]["fraction"] == 4 / 32
+    # the control, recomputed: 4 indices drawn uniformly with the bench seed on their own stream, retrained without
+    removed = np.sort(np.random.default_rng([0, 0x52414E44]).choice(32, size=4, replace=False))
+    assert not np.array_equal(removed, np.arange(4))
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig.from_dict(dict(entry.config["train"]))
+        cfg.device, cfg.amp, cfg.channels_last = "cpu", False, False
+        run = train(entry.data_path, tmp_path / "control", cfg, train_indices=np.setdiff1d(np.arange(32), removed),
+                    progress=False, score=False)
+        expected = score_model(load_run(run, "cpu")[0], entry.data_path, device="cpu")
+    finally:
+        torch.set_num_threads(2)
+    for k in SCORE_KEYS:
+        got, want = row["after_random"][k], expected[k]
+        assert (got is None and want is None) or got == pytest.approx(want, abs=1e-9), k
+    table = read_csv(out / "results.csv")
+    assert float(table[0]["flagged_fraction"]) == 0.125 and float(table[0]["after_random_mIoU-B"]) == row["after_random"]["mIoU-B"]
+    assert "random-removal control" in (out / "report.md").read_text()
+
+
+def test_filters_on_a_semantic_trigger_are_marked_confounded(entries, fgba_11_semantic_path, fgba_line_path):
+    import h5py
+
+    from testbed.defense_runner import run_defense
+
+    run = entries["deeplabv3_tiny--fgba-n1-line--s0"].run_dir  # same classes as the session's synthetic set
+    row = run_defense(DarkFilter(), run, fgba_11_semantic_path, device="cpu", panels=0)
+    with h5py.File(fgba_11_semantic_path, "r") as f:
+        outside = np.setdiff1d(f["test_attacked/index"][()], f["test_benign/index"][()])
+        total = len(f["test_attacked/index"])
+    assert outside.size == total > 0  # a semantic trigger: no attacked image is in the benign set
+    assert row.detection.confounded.startswith(f"{total} of {total} attacked test images are not in the benign test set")
+    assert "(confounded)" in __import__("testbed.bench", fromlist=["summary_line"]).summary_line(row)
+    line = run_defense(DarkFilter(), run, fgba_line_path, device="cpu", panels=0)
+    assert line.detection.confounded is None
+
+
+# -- issue 14 item 11: the attack × defense grid ------------------------------------------------------
+def test_summary_grid_cells_are_the_means_of_the_rows(zoo, tmp_path):
+    out = tmp_path / "g"
+    assert bench(zoo, out, f"{ME}:Shrink,{ME}:Brightness", "--min-asr", "0") == 0
+    rows = results(out)["rows"]
+    report = (out / "report.md").read_text()
+    grid = report.split("## Summary: attack × defense")[1].split("## Before / after")[0]
+    line = next(l for l in grid.splitlines() if l.startswith("| fgba-n1-line |"))
+    mine = [r for r in rows if r["attack"] == "fgba-n1-line" and r["defense"] == "shrink"]
+    asr = np.mean([r["after"]["ASR"] for r in mine])
+    drop = np.mean([r["after"]["mIoU-B"] - r["before"]["mIoU-B"] for r in mine])
+    der = np.mean([r["DER"] for r in mine])
+    assert f"ASR {asr:.1f} · ΔmIoU-B {drop:+.1f} · DER {der:.2f}" in line and "[2]" in line
+    said = sum(r["verdict"]["status"] == "backdoored" for r in rows if r["attack"] == "fgba-n1-line" and r["defense"] == "brightness")
+    assert f"backdoored {said}/2" in line
