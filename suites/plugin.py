@@ -97,7 +97,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "benign_only: run only on benign zoo entries")
     config.addinivalue_line("markers", "backdoored_only: run only on backdoored zoo entries")
     config._segbackdoor_cache = {}  # (entry id, run number) -> result row
-    _settings(config)  # bad options are a usage error before collection, not an error of every test
+    settings = _settings(config)  # bad options are a usage error before collection, not an error of every test
+    if settings is not None:
+        _open_zoo(settings)  # so is a missing or tampered zoo (its files are verified once, then cached)
 
 
 def _open_zoo(settings: SuiteSettings):
@@ -105,7 +107,9 @@ def _open_zoo(settings: SuiteSettings):
     from testbed.zoo import open as open_zoo
 
     try:
-        return open_zoo(settings.zoo)
+        zoo = open_zoo(settings.zoo)
+        list(zoo)  # handing out the entries verifies their files (cached): tampering is a usage error here
+        return zoo
     except UserError as e:
         raise pytest.UsageError(f"--zoo {settings.zoo}: {e}") from None
 

@@ -144,15 +144,16 @@ def _check_inputs(out: Path, models: list[BenchModel], zoo: Any) -> None:
 
 
 def _preflight(models: list[BenchModel]) -> dict[str, list[str]]:
-    """Refuse a model whose classes differ from its data's (before any work); the note for one scored on a file it
-    was not trained on (the run's config records the training file's content hash), per model id."""
+    """Refuse a model whose weights are not safetensors or whose classes differ from its data's (before any work);
+    the note for one scored on a file it was not trained on (the run's config records the training file's content hash), per model id."""
     from testbed.h5data import open_dataset
     from testbed.provenance import other_data_note
-    from testbed.runs import load_config
+    from testbed.runs import check_weights, load_config
 
     notes: dict[str, list[str]] = {}
     for m in models:
         config = load_config(m.run_dir)
+        check_weights(Path(m.run_dir) / "model.safetensors")  # a forged or broken file fails before --out is touched
         with open_dataset(m.data_path, check_labels=False) as f:
             classes = list(f.classes)
         if config.get("classes") is not None and list(config["classes"]) != classes:

@@ -236,11 +236,38 @@ def score_histogram(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     return _save(fig, Path(path))
 
 
+def _norm_bars(ax, labels: list[str], values: list[float], row: DefenseRow, d: dict[str, Any]) -> None:
+    ax.bar(np.arange(len(values)), values, color=AFTER_COLOUR)
+    if len(labels) <= 30:
+        ax.set_xticks(np.arange(len(values)), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("mask L1 norm")
+    ai = row.verdict.score if row.verdict is not None else None
+    if ai is None and isinstance(d.get("anomaly_index"), (int, float)):
+        ai = d["anomaly_index"]
+    ax.set_title("candidate mask norms" + (f" (anomaly index {ai:.2f})" if isinstance(ai, (int, float)) else ""), fontsize=9)
+
+
+def _norm_curves(ax, curves: dict[str, Any], flagged: list[str]) -> None:
+    """Mask L1 norm per optimisation step, one line per candidate: did each search converge?"""
+    for label, ys in curves.items():
+        ys = [_num(v) for v in (ys or [])]
+        if ys:
+            bold = label in flagged
+            ax.plot(np.arange(1, len(ys) + 1), ys, linewidth=1.6 if bold else 0.8, alpha=1.0 if bold else 0.6,
+                    label=label if bold or len(curves) <= 12 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mask L1 norm")
+    ax.set_title("convergence per candidate" + (" (bold: flagged)" if flagged else ""), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+
+
 def candidate_masks(path: str | os.PathLike, row: DefenseRow) -> Path | None:
-    """``details["norms"]`` (candidate → mask L1 norm, a dict or list), ``details["anomaly_index"]`` and
-    ``details["mask"]`` (the most anomalous candidate's recovered mask, [H,W]), e.g. from trigger synthesis."""
+    """``details["norms"]`` (candidate → mask L1 norm, a dict or list), ``details["anomaly_index"]``,
+    ``details["mask_norm_curves"]`` (candidate → norm per step) and ``details["mask"]`` (the most anomalous
+    candidate's recovered mask, [H,W]), e.g. from trigger synthesis."""
     d = row.details or {}
-    norms, mask = d.get("norms"), d.get("mask")
+    norms, mask, curves = d.get("norms"), d.get("mask"), d.get("mask_norm_curves")
     if isinstance(norms, dict):
         labels, values = list(map(str, norms)), [_num(v) for v in norms.values()]
     elif isinstance(norms, list) and norms:
@@ -248,30 +275,23 @@ def candidate_masks(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     else:
         labels, values = [], []
     has_mask = isinstance(mask, list) and mask and isinstance(mask[0], list)
-    if not values and not has_mask:
+    has_curves = isinstance(curves, dict) and any(curves.values())
+    panels = [k for k, on in (("bars", bool(values)), ("curves", has_curves), ("mask", has_mask)) if on]
+    if not panels:
         return None
     plt = _plt()
-    ncol = int(bool(values)) + int(bool(has_mask))
-    fig, axes = plt.subplots(1, ncol, figsize=(4.5 * ncol, 3.4), squeeze=False)
-    col = 0
-    if values:
-        ax = axes[0, col]
-        col += 1
-        ax.bar(np.arange(len(values)), values, color=AFTER_COLOUR)
-        if len(labels) <= 30:
-            ax.set_xticks(np.arange(len(values)), labels, rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel("mask L1 norm")
-        ai = row.verdict.score if row.verdict is not None else None
-        if ai is None and isinstance(d.get("anomaly_index"), (int, float)):
-            ai = d["anomaly_index"]
-        ax.set_title("candidate mask norms" + (f" (anomaly index {ai:.2f})" if isinstance(ai, (int, float)) else ""), fontsize=9)
-    if has_mask:
-        ax = axes[0, col]
-        im = ax.imshow(np.asarray(mask, dtype=float), cmap="magma", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title("recovered mask" + (f" ({d.get('mask_candidate')})" if d.get("mask_candidate") else ""), fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        if kind == "bars":
+            _norm_bars(ax, labels, values, row, d)
+        elif kind == "curves":
+            _norm_curves(ax, curves, [str(x) for x in d.get("flagged") or []])
+        else:
+            im = ax.imshow(np.asarray(mask, dtype=float), cmap="magma", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title("recovered mask" + (f" ({d.get('mask_candidate')})" if d.get("mask_candidate") else ""), fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{row.defense} on {row.model}", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
@@ -279,8 +299,9 @@ def candidate_masks(path: str | os.PathLike, row: DefenseRow) -> Path | None:
 
 def _cost_items(cost: dict[str, Any]) -> list[tuple[str, float]]:
     """(label, log10 seconds) from ``details["cost"]``: either ``"projections"`` = [{"label", "log10_seconds" |
-    "seconds"}], or trigger-synthesis's ``"projected"``/``"projected_ade20k"`` = {"image_seconds",
-    "pairs_seconds", "log10_maps_seconds"} plus the measured ``"elapsed_seconds"``."""
+    "seconds"}], or trigger-synthesis's estimates ``"projected"``/``"projected_ade20k"`` = {"image_seconds",
+    "pairs_seconds", "log10_matrices_seconds"} (searches over K targets, K(K−1) pairs, K^K − 1 attack
+    matrices, from measured passes) plus the measured ``"elapsed_seconds"``."""
     def log(v: Any) -> float | None:
         return math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
 
@@ -293,9 +314,9 @@ def _cost_items(cost: dict[str, Any]) -> list[tuple[str, float]]:
     for key, where in (("projected", "this data"), ("projected_ade20k", "ADE20K 150 cl. 512²")):
         p = cost.get(key)
         if isinstance(p, dict):
-            items += [(f"{where}: K image targets", log(p.get("image_seconds"))),
-                      (f"{where}: K(K−1) pairs", log(p.get("pairs_seconds"))),
-                      (f"{where}: K^(H·W) maps", p.get("log10_maps_seconds"))]
+            items += [(f"{where}: K image targets (est.)", log(p.get("image_seconds"))),
+                      (f"{where}: K(K−1) pairs (est.)", log(p.get("pairs_seconds"))),
+                      (f"{where}: K^K−1 matrices (est.)", p.get("log10_matrices_seconds"))]
     if items:
         items.append(("measured (this run)", log(cost.get("elapsed_seconds"))))
     return [(k, float(v)) for k, v in items if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -313,7 +334,7 @@ def cost_projection(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(values) + 1.4))
     y = np.arange(len(values))
-    # K^(H·W) target maps reach 10^(10^5) seconds: clip such bars so the feasible ones stay readable
+    # a search over all K^K − 1 attack matrices reaches 10^300+ seconds: clip such bars so the feasible ones stay readable
     small = [v for v in values if v < 100]
     cap = max(12.0, 1.3 * max(small, default=0.0))
     shown = [min(v, cap) for v in values]
@@ -331,7 +352,7 @@ def cost_projection(path: str | os.PathLike, row: DefenseRow) -> Path | None:
         ax.text(ref, len(values) - 0.4, f" {name}", fontsize=7, color="grey")
     for yi, v, sh in zip(y, values, shown):
         ax.text(sh, yi, f" {v:.1f}" if v <= cap else f" 10^{v:.0f} s", va="center", fontsize=6)
-    ax.set_title(f"{row.defense}: projected cost (log10 s)", fontsize=9)
+    ax.set_title(f"{row.defense}: projected cost (log10 s; estimates from measured passes, not bounds)", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 

@@ -77,6 +77,27 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
         raise UserError(f"{path}: aux_loss must be true or false, got {config['aux_loss']!r}; {fix}")
 
 
+def _not_safetensors(path: Path, e: Exception) -> UserError:
+    head = path.read_bytes()[:2]
+    kind = (" (it looks like a pickle; pickled checkpoints are refused because loading them can run code)"
+            if head[:1] == b"\x80" or head == b"PK" else "")
+    return UserError(f"{path} is not a valid safetensors file{kind}; re-export the weights as safetensors ({e})")
+
+
+def check_weights(path: str | os.PathLike) -> None:
+    """Refuse a weights file that is not safetensors by reading only its header (cheap; nothing is executed)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {path.name}; it is not a finished run")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _not_safetensors(path, e) from None
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (a pickle, a truncated file) is refused, never executed."""
     from safetensors import SafetensorError
@@ -88,9 +109,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        head = path.read_bytes()[:2]
-        kind = " (it looks like a pickle; pickled checkpoints are refused because loading them can run code)" if head[:1] == b"\x80" or head == b"PK" else ""
-        raise UserError(f"{path} is not a valid safetensors file{kind}; re-export the weights as safetensors ({e})") from None
+        raise _not_safetensors(path, e) from None
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

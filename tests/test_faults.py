@@ -288,7 +288,6 @@ class Case:
         return pytest.param(self, id=self.id, marks=self.marks)
 
 
-LEAD_GUARD = pytest.mark.xfail(strict=True, reason="guard integration: lead")
 D, P, R = "{ws}/d.h5", "{ws}/p.h5", "{ws}/R"
 SCORE = ["score", R, "--data", D, "--device", "cpu"]
 PREDICT = ["predict", R, "--data", D, "--device", "cpu"]
@@ -326,7 +325,7 @@ CASES = [
     Case("bench-out-report-holds-data", ["bench", "--run", R, "--data", "{ws}/rep/p.h5", "--defense", "strip",
                                          "--device", "cpu", "--overwrite", "--out", "{ws}/rep"], "holds",
          chain(lambda ws: (ws / "rep").mkdir(), write("rep/results.json", b"{}"),
-               lambda ws: shutil.copy(ws / "p.h5", ws / "rep" / "p.h5")), marks=[LEAD_GUARD]),
+               lambda ws: shutil.copy(ws / "p.h5", ws / "rep" / "p.h5"))),
     Case("defend-out-is-run", ["defend", R, "--data", P, "--defense", "strip", "--device", "cpu", "--out", R], "--out"),
     # 6. OS errors: unwritable places
     Case("synth-out-in-proc", ["data", "synth", "--out", "/proc/x.h5", "--n-train", "4", "--n-test", "2"], "/proc"),

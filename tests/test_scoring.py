@@ -382,3 +382,13 @@ def test_benign_all_scores_the_whole_clean_test_set(case):
     valid = case.test_labels != 255
     assert s["PA-B-all"] == pytest.approx(100 * (case.test_pred == case.test_labels)[valid].mean())
     assert s["mIoU-B-all"] != pytest.approx(s["mIoU-B"])
+
+
+def test_score_on_another_file_says_so(backdoored_run, synth_path, fgba_line_path, capsys):
+    from testbed.cli import main
+
+    assert main(["-q", "score", str(backdoored_run), "--data", str(fgba_line_path), "--json"]) == 0
+    assert "note:" not in capsys.readouterr().err  # its own training file: nothing to say
+    assert main(["-q", "score", str(backdoored_run), "--data", str(synth_path), "--json"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on" in err[0] and str(synth_path) in err[0] and "fgba" in err[0]

@@ -432,3 +432,16 @@ def test_ray_backend_builds_a_zoo(tmp_path):
     assert start["pid"] != os.getpid()  # trained in a Ray worker process, not here
     assert train_epochs(zoo, "deeplabv3_tiny--n1--s0") == [1]
     assert main(["zoo", "verify", str(zoo)]) == 0
+
+
+def test_ls_marks_attacks_that_did_not_implant_and_names_the_data(resumed_zoo, capsys):
+    zoo, _, first, second, _, _ = resumed_zoo
+    asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]
+    assert main(["zoo", "ls", str(zoo), "--json", "--min-asr", "100"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[first]["implanted"] == "benign" and rows[first]["data"] == "data/clean.h5"
+    want = "implanted" if asr >= 100 else f"FAILED (ASR {asr:.1f}% < 100%)"
+    assert rows[second]["implanted"] == want and rows[second]["data"].startswith("data/poisoned-")
+    assert main(["zoo", "ls", str(zoo), "--min-asr", "0"]) == 0
+    assert "implanted" in capsys.readouterr().out
+    assert main(["zoo", "ls", str(zoo), "--min-asr", "101"]) == 2

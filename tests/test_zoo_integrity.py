@@ -301,8 +301,6 @@ def test_forged_pickle_weights_are_refused_and_never_run(zoo: Path, capsys):
     TALLY["clean_errors"] += 1
 
 
-@pytest.mark.xfail(strict=True, reason="guard integration: lead (bench writes --out/work/ before it loads the "
-                   "models; a bench that fails must leave no partial output)")
 def test_bench_that_fails_on_a_model_leaves_no_output(zoo: Path, capsys):
     forge_pickle_weights(zoo, zoo.parent / MARKER)
     before = snapshot(zoo.parent)
@@ -371,8 +369,6 @@ def test_unresumable_entry_names_the_zoo_fix_not_a_train_flag(zoo: Path, capsys)
     assert "--overwrite" not in out + err
 
 
-@pytest.mark.xfail(strict=True, reason="guard integration: lead (suites/plugin.py must catch the UserError that "
-                   "iterating a tampered zoo raises, as it does for open)")
 def test_suites_refuse_a_tampered_zoo_as_a_usage_error(zoo: Path, tmp_path):
     flip(zoo / "entries" / N1 / "model.safetensors")
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "testbed.suites", "--defense", "strip", "--zoo",

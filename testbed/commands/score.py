@@ -129,7 +129,12 @@ def run(args: argparse.Namespace) -> int:
             if "test_attacked/images" not in f:
                 raise UserError(f"{args.data} has no attacked test set, so DER_seg is undefined; "
                                 "score on the poisoned file or drop --before")
-    model, _, device = load_scoring_run(args.run, args.data, args.device)
+    model, config, device = load_scoring_run(args.run, args.data, args.device)
+    from testbed.provenance import other_data_note
+
+    note = other_data_note(args.run, config, args.data)  # scoring another file is allowed, but said
+    if note:
+        print(f"testbed: {note}", file=sys.stderr)
     scores = score_model(model, args.data, device=device, batch_size=args.batch_size)
     scores = {**scores, "run": str(args.run), "data": str(args.data)}
     if before is not None:

@@ -9,7 +9,7 @@ from testbed.errors import UserError
 
 BUILD_EXAMPLES = """examples:
   testbed zoo build examples/zoo-small.toml --out zoo-small/
-  testbed zoo build examples/zoo-small.toml --out zoo-small/ --workers 2        (2 processes, 1 thread each on 2 cores)
+  testbed zoo build examples/zoo-small.toml --out zoo-small/ --workers auto     (one 1-thread process per core)
   ray start --head && testbed zoo build examples/zoo-paper.toml --out /shared/zoo --backend ray --ray-address HEAD:6379
 
 Killed or interrupted? Run the same command again: finished entries are kept, unfinished ones resume
@@ -41,8 +41,11 @@ def register(subparsers) -> None:
     )
     b.add_argument("spec", type=Path, help="zoo spec (.toml)")
     b.add_argument("--out", required=True, type=Path, help="zoo directory (created; an existing zoo is resumed)")
-    b.add_argument("--workers", type=int, default=1,
-                   help="local worker processes (default 1: this process); each trains with cores/N threads")
+    b.add_argument("--workers", type=workers_arg, default=1,
+                   help="local worker processes, or auto = usable cores / --threads (one per GPU on CUDA); "
+                   "default 1: this process")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch threads per entry (default 1); fixed, so an entry's bytes do not depend on --workers")
     b.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes or Ray tasks (default local)")
     b.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. HEAD:6379 or auto (default: a local Ray instance)")
     b.add_argument("--device", default="auto", help="auto|cpu|cuda[:N] (default auto: CUDA when present)")
@@ -51,10 +54,13 @@ def register(subparsers) -> None:
     b.set_defaults(func=run_build)
 
     ls = sub.add_parser("ls", help="list a zoo's entries with status and scores", description="List a zoo's entries: "
-                        "id, model, attack, seed, status (done/running/partial/pending), mIoU-B and ASR.",
+                        "id, model, attack, seed, status (done/running/partial/pending), mIoU-B, ASR, whether the "
+                        "attack implanted (ASR at least --min-asr) and the data file the entry was trained on.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LS_EXAMPLES)
     ls.add_argument("zoo", type=Path, help="zoo directory")
     ls.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ls.add_argument("--min-asr", type=float, default=50.0, metavar="PCT",
+                    help="an attacked entry whose ASR is below this did not implant: marked FAILED (default 50)")
     ls.set_defaults(func=run_ls)
 
     v = sub.add_parser("verify", help="recompute every checksum of a zoo",
@@ -67,11 +73,21 @@ def register(subparsers) -> None:
     v.set_defaults(func=run_verify)
 
 
+def workers_arg(text: str) -> int | str:
+    """``--workers N`` or ``--workers auto`` (resolved by the build, which knows --threads and --device)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def run_build(args: argparse.Namespace) -> int:
     from testbed.zoo.build import build
 
     result = build(args.spec, args.out, workers=args.workers, backend=args.backend, ray_address=args.ray_address,
-                   device=args.device, stale_after=args.stale_after, progress=True, quiet=bool(getattr(args, "quiet", False)))
+                   device=args.device, threads=args.threads, stale_after=args.stale_after, progress=True, quiet=bool(getattr(args, "quiet", False)))
     if result.failed:
         print(f"testbed: {len(result.failed)} entr{'y' if len(result.failed) == 1 else 'ies'} failed "
               f"({', '.join(result.failed)}); fix the cause and run the same command again to finish the zoo")
@@ -86,24 +102,29 @@ def _fmt(x) -> str:
 def run_ls(args: argparse.Namespace) -> int:
     import json
 
+    from testbed.attack_check import attack_status, check_min_asr
     from testbed.zoo import manifest as mf
 
     zoo = args.zoo
     if not zoo.is_dir():
         raise UserError(f"zoo {zoo} is not a directory; build one with `testbed zoo build SPEC.toml --out {zoo}`")
+    min_asr = check_min_asr(args.min_asr, "--min-asr")
     m = mf.collect(zoo)  # live status, also while a build is running
     rows = []
     for e in m["entries"]:
         metrics = e.get("metrics") or {}
+        implanted = attack_status(e["is_benign"], metrics.get("ASR"), min_asr) if e["status"] == "done" else "-"
         rows.append({"id": e["id"], "model": e["model"], "attack": e["attack_id"], "seed": e["seed"],
-                     "status": e["status"], "mIoU-B": metrics.get("mIoU-B"), "ASR": metrics.get("ASR")})
+                     "status": e["status"], "mIoU-B": metrics.get("mIoU-B"), "ASR": metrics.get("ASR"),
+                     "implanted": implanted, "data": e.get("data")})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    head = ["id", "model", "attack", "seed", "status", "mIoU-B", "ASR"]
-    table = [[r["id"], r["model"], r["attack"], str(r["seed"]), r["status"], _fmt(r["mIoU-B"]), _fmt(r["ASR"])] for r in rows]
+    head = ["id", "model", "attack", "seed", "status", "data", "implanted", "mIoU-B", "ASR"]
+    table = [[r["id"], r["model"], r["attack"], str(r["seed"]), r["status"], r["data"] or "-", r["implanted"],
+              _fmt(r["mIoU-B"]), _fmt(r["ASR"])] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
-    right = {3, 5, 6}
+    right = {3, 7, 8}
     for line in [head, *table]:
         print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
     done = sum(r["status"] == "done" for r in rows)
