@@ -18,15 +18,7 @@ from torch import nn
 from testbed.models import classifier_features  # noqa: F401 - re-exported for the defenses
 from testbed.defenses.protocol import Cost
 from testbed.metrics import ConfusionMatrix
-
-
-def to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 ``[B,H,W,3]`` → float ``[B,3,H,W]`` in [0,1] on ``device`` (the models normalise inside)."""
-    images = np.ascontiguousarray(images)
-    if not images.flags.writeable:  # the context's arrays are read-only; torch wants a writable buffer
-        images = images.copy()
-    x = torch.from_numpy(images).to(device)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
+from testbed.scoring import to_input  # noqa: F401 - re-exported for the defenses
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, report
+from testbed.defenses._features import Budget, CostMeter, report, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -82,7 +82,7 @@ class StripScorer:
             b = len(chunk)
             idx = np.stack([overlay_indices(chunk[i], len(self.pool), self.n, self.seed,
                                             None if exclude is None else int(exclude[s + i])) for i in range(b)])
-            x = torch.from_numpy(np.array(chunk)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            x = to_input(chunk, self.device)
             over = self.pool[torch.from_numpy(idx).to(self.device)].float()  # [b,N,3,H,W], 0..255
             mixed = blend_(x, over, self.mode, self.alpha)
             logits = self.model(mixed)["out"]  # [b·N,K,H,W]

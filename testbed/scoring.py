@@ -40,9 +40,16 @@ def _rows(ds, index: np.ndarray | None, start: int, stop: int) -> np.ndarray:
     return read_rows(ds, idx)
 
 
-def _to_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 [B,H,W,3] → float [B,3,H,W] in [0,1] on ``device`` (converted there, where it is cheapest)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+def to_input(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """uint8 ``[B,H,W,3]`` → float ``[B,3,H,W]`` in [0,1] on ``device`` (converted there, where it is cheapest).
+
+    The one conversion every model input goes through (the models normalise inside).  Read-only arrays (a
+    defense context's) are copied: torch wants a writable buffer.
+    """
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:
+        images = images.copy()
+    x = torch.from_numpy(images).to(device, non_blocking=True)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -54,7 +61,7 @@ def _check_images(images: np.ndarray) -> None:
 @torch.inference_mode()
 def _forward(model: nn.Module, images: np.ndarray, device: torch.device, num_classes: int | None = None) -> torch.Tensor:
     """Argmax class ids (int64 [B,H,W]) on ``device``."""
-    logits = model(_to_input(images, device))["out"]
+    logits = model(to_input(images, device))["out"]
     if num_classes is not None and logits.shape[1] != num_classes:
         raise UserError(
             f"the model predicts {logits.shape[1]} classes but the data has {num_classes}; score it on data with the same classes"

@@ -35,7 +35,6 @@ DONE = "done.json"
 ENTRY_DEF = "entry.json"
 ZOO_LOG = "zoo_log.jsonl"
 REFERENCE = "reference.json"
-SCORE_KEYS = ("mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR", "PBA")
 
 
 # -- layout ---------------------------------------------------------------------------------------
@@ -76,6 +75,8 @@ def summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The paper's numbers (and per-class IoU) of a scorer result; confusion matrices stay in the run dir."""
     if metrics is None:
         return None
+    from testbed.scoring import SCORE_KEYS
+
     out = {k: metrics.get(k) for k in SCORE_KEYS}
     if "per_class_iou_b" in metrics:
         out["per_class_iou_b"] = metrics["per_class_iou_b"]
