@@ -26,6 +26,11 @@ FILE_MODE = 0o666 & ~_UMASK  # what open() would give: 0644 under the usual umas
 DIR_MODE = 0o777 & ~_UMASK
 
 
+def safe_name(s: object) -> str:
+    """``s`` as a file-name part: runs of anything but letters, digits, ``_``, ``.``, ``-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "x"
+
+
 # errors of a write that found no room: a full disk, a quota, a file size limit (RLIMIT_FSIZE), a dying device
 WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
 

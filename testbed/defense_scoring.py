@@ -306,7 +306,7 @@ def take_figures(details: dict[str, Any]) -> dict[str, bytes]:
     """Pop ``details["figures"]`` (a list, or a dict name → figure, of paths or matplotlib figures) and return the
     images as file name → bytes; ``details["figures"]`` becomes the list of those file names.  The images are
     read at once: a temporary file the defense wrote may be gone when the report is written."""
-    from testbed.report import safe_name
+    from testbed.atomic import safe_name
 
     raw = details.pop("figures", None)
     if raw is None:

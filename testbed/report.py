@@ -15,13 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from testbed import atomic
+from testbed.atomic import safe_name  # noqa: F401 - figure and folder names
 from testbed.defense_row import DefenseRow, public_row
 from testbed.jsonutil import jsonable
 from testbed.scoring import SCORE_KEYS
@@ -38,10 +38,6 @@ RESULT_COLUMNS = (
        "stopped_by", "saved_model", "notes"]
 )
 SCORE_COLUMNS = ("split", "index", "score", "flagged", "model", "defense")
-
-
-def safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "x"
 
 
 def _get(d: dict[str, Any] | None, key: str) -> Any:

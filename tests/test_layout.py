@@ -55,3 +55,57 @@ def test_every_package_folder_is_declared():
     assert found == declared
     entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["pytest11"]
     assert entry == {"segbackdoor_suites": "testbed.suites.plugin"}
+
+
+# docs/architecture.md's layers, lowest first: a module may import only from its own layer or lower ones
+LAYERS = [
+    ["errors", "atomic", "hashing", "procs", "jsonutil", "progress", "device", "plugins", "palette"],
+    ["h5data", "synth", "synth_draw", "importers", "imagefiles", "datastats"],
+    ["models"],
+    ["attacks"],
+    ["metrics", "scoring", "stats"],
+    ["train", "runs", "guards", "provenance"],
+    ["defenses", "defense"],
+    ["threat_model", "defense_runner", "defense_scoring", "defense_row", "variants", "attack_check"],
+    ["bench", "bench_store", "bench_workers", "report", "report_markdown", "plots", "zoo", "demo",
+     "demo_figures"],
+    ["cli", "commands", "suites"],
+]
+
+
+def _layer_of(module: str) -> int | None:
+    """The layer of ``testbed.X[.Y]`` (None for the package itself)."""
+    parts = module.split(".")
+    if parts[0] != "testbed" or len(parts) < 2 or parts[1] == "__version__":
+        return None
+    for i, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return i
+    raise AssertionError(f"testbed.{parts[1]} is in no layer of docs/architecture.md; add it there and here")
+
+
+def test_nothing_imports_upward():
+    import ast
+
+    folders = {"testbed": "testbed", "attacks": "testbed.attacks", "defenses": "testbed.defenses",
+               "models": "testbed.models", "suites": "testbed.suites"}
+    bad = []
+    for folder, package in folders.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            me = ".".join([package, *parts])
+            mine = _layer_of(me)
+            if mine is None:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):  # lazy imports inside functions count too
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module] + ([f"testbed.{a.name}" for a in node.names] if node.module == "testbed" else [])
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                for name in names:
+                    theirs = _layer_of(name)
+                    if theirs is not None and theirs > mine:
+                        bad.append(f"{me} imports {name}")
+    assert bad == []
