@@ -333,3 +333,44 @@ def test_flip_moves_images_and_labels_together():
         else:
             assert torch.equal(y[i], labels[i].long())
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (32, 3, 5, 7)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_config_records_the_thread_count(tiny_data, tmp_path, threads):
+    """CPU bytes depend on the thread count (a conv's reductions are split per thread), so the run says it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run = train(tiny_data, tmp_path / "r", _cfg(), progress=False, score=False)
+    finally:
+        torch.set_num_threads(previous)
+    assert json.loads((run / "config.json").read_text())["threads"] == threads
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fused_optimizer_follows_torchs_reference_update(optimizer):
+    """make_optimizer's fused kernel against torch's plain per-parameter loop: the same update rule."""
+    from testbed.train import make_optimizer
+
+    def run(make) -> torch.Tensor:
+        torch.manual_seed(0)
+        # no BatchNorm: a conv bias before it gets a zero-in-theory gradient (rounding noise), whose Adam step is
+        # ±lr whatever the kernel; elsewhere the two kernels agree to rounding
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+        opt = make(net.parameters())
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            opt.zero_grad()
+            net(torch.rand(4, 3, 9, 9, generator=g)).square().mean().backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    cfg = _cfg(optimizer=optimizer)
+    ours = run(lambda ps: make_optimizer(ps, cfg))
+    assert all(g.get("fused") for g in make_optimizer(torch.nn.Linear(2, 2).parameters(), cfg).param_groups)
+    if optimizer == "sgd":
+        ref = run(lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                             foreach=False))
+    else:
+        ref = run(lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False))
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)

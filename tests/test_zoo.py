@@ -445,3 +445,44 @@ def test_ls_marks_attacks_that_did_not_implant_and_names_the_data(resumed_zoo, c
     assert main(["zoo", "ls", str(zoo), "--min-asr", "0"]) == 0
     assert "implanted" in capsys.readouterr().out
     assert main(["zoo", "ls", str(zoo), "--min-asr", "101"]) == 2
+
+
+def test_an_attack_added_to_a_built_zoo_gets_its_benign_reference_scores(tmp_path, monkeypatch, capsys):
+    """The benign entry is scored on every attack of its grid, also on one added after it was built."""
+    import testbed.zoo
+    from testbed.runs import load_run
+    from testbed.scoring import score_model
+    from testbed.zoo import build as zb
+
+    spec = tiny_spec(tmp_path, epochs=1)
+    zoo = tmp_path / "zoo"
+    assert zb.build(spec, zoo, device="cpu", progress=False, say=lambda m: None).ok
+    benign = "deeplabv3_tiny--benign--s0"
+    text = spec.read_text().replace("[grid]", '[[attack]]\nid = "n1-half"\nattack = "fgba"\npreset = "n-to-1"\n'
+                                    'target = "wall"\ntrigger = "line"\nrate = 0.5\n[grid]')
+    spec.write_text(text.replace('attack = ["benign", "n1"]', 'attack = ["benign", "n1", "n1-half"]'))
+    # what builds before this fix did: the plan lists the new attack, the finished benign entry is not rescored
+    monkeypatch.setattr(zb, "refresh_references", lambda *a, **k: [])
+    assert zb.build(spec, zoo, device="cpu", progress=False, say=lambda m: None).ok
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(zoo)]) == 1
+    out = capsys.readouterr().out
+    assert f"entry {benign}: stale: no benign reference scores for n1-half" in out
+    monkeypatch.undo()
+
+    before = {p.name: p.read_bytes() for p in (zoo / "entries" / benign).iterdir() if p.name in ("model.safetensors", "metrics.json")}
+    said: list[str] = []
+    assert zb.build(spec, zoo, device="cpu", progress=False, say=said.append).ok
+    assert any("benign reference scores added for n1-half" in s for s in said)
+    assert main(["zoo", "verify", str(zoo)]) == 0
+    entries = {e.id: e for e in testbed.zoo.open(zoo)}
+    ref = entries[benign].metrics["reference"]
+    assert sorted(ref) == ["n1", "n1-half"]
+    model, _ = load_run(zoo / "entries" / benign, "cpu")
+    expected = score_model(model, entries["deeplabv3_tiny--n1-half--s0"].data_path, "cpu")
+    assert ref["n1-half"]["ASR"] == pytest.approx(expected["ASR"]) and ref["n1-half"]["mIoU-B"] == pytest.approx(expected["mIoU-B"])
+    full = json.loads((zoo / "entries" / benign / "reference.json").read_text())
+    assert sorted(full) == ["n1", "n1-half"]
+    # the model itself was not retrained
+    assert {n: (zoo / "entries" / benign / n).read_bytes() for n in before} == before
+    assert [r["event"] for r in zoo_log(zoo, benign)] == ["start", "finish", "reference"]

@@ -9,17 +9,19 @@ from testbed.errors import UserError
 
 EXAMPLES = """\
 examples:
-  testbed demo                              # everything, ~10 minutes on 2 CPU cores, into demo-out/
+  testbed demo                              # everything, about 5 minutes on 2 CPU cores, into demo-out/
   testbed demo --out /tmp/d --epochs 4      # quicker, lower attack success
   testbed demo --defenses strip,fine-pruning
 
-OUT/ receives report.md (tables shaped like the paper's Tables 1-2, the SPEC targets, a defense table),
-results.json, figure-*.png, defenses/ (the bench report) and work/ (datasets and runs; a rerun after a
-crash or Ctrl-C continues from there).
+OUT/ receives report.md (tables shaped like the paper's Tables 1-2, the paper's targets, a defense table),
+results.json, figure-*.png, defenses/ (the bench report) and work/ (the demo's zoo spec, datasets and models;
+a rerun after a crash or Ctrl-C continues from there). One seed: the same seed and --threads give the same
+numbers on the same machine and library versions, whatever --workers is.
 """
 
 
 def register(subparsers) -> None:
+    from testbed.commands.zoo import workers_arg
     from testbed.demo import DEFAULT_DEFENSES, DemoConfig
 
     d = DemoConfig()
@@ -43,18 +45,29 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--defenses", default=",".join(DEFAULT_DEFENSES),
                    help="comma-separated defenses to run on the FGBA N-to-1 line model; '' for none (default %(default)s)")
-    p.add_argument("--budget", type=float, default=d.budget_s, help="seconds per defense (default %(default)s)")
+    p.add_argument("--budget", type=float, default=d.budget_s, metavar="S",
+                   help="wall-clock seconds per defense (default: none; a clock budget depends on the machine's load)")
+    p.add_argument("--budget-passes", type=int, default=d.budget_passes, metavar="N",
+                   help="forward + backward passes per defense: a budget that gives the same result on any machine")
+    p.add_argument("--workers", type=workers_arg, default=d.workers,
+                   help="models (and defenses) trained at once: N or auto = cores / --threads (default %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads per model and defense (default %(default)s); the numbers depend on it, "
+                   "not on --workers")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from testbed.demo import DemoConfig, run_demo
 
-    for name in ("n_train", "n_test", "epochs", "batch_size"):
+    for name in ("n_train", "n_test", "epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers != "auto" and args.workers < 1:
+        raise UserError(f"--workers must be at least 1 or auto, got {args.workers}")
     cfg = DemoConfig(out=args.out, n_train=args.n_train, n_test=args.n_test, size=args.size, model=args.model,
                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                     defenses=tuple(x for x in args.defenses.split(",") if x.strip()), budget_s=args.budget)
+                     defenses=tuple(x.strip() for x in args.defenses.split(",") if x.strip()), budget_s=args.budget,
+                     budget_passes=args.budget_passes, workers=args.workers, threads=args.threads)
     run_demo(cfg)
     return 0

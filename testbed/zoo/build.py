@@ -31,6 +31,26 @@ from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, break_stale, me, zoo_
 from testbed.zoo.spec import ZooSpec, parse_spec
 
 POLL_S = 1.0
+# Torch threads per entry unless told otherwise.  CPU results depend on the thread count (a convolution's
+# reductions are split per thread), so it is fixed per entry rather than derived from how many entries run
+# at once: a zoo built by one worker or by eight gives the same bytes.  One thread per process is also the
+# fastest use of a small CPU for tiny models (BENCHMARKS.md, P8).
+DEFAULT_THREADS = 1
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_workers(threads: int = DEFAULT_THREADS, device: str = "auto") -> int:
+    """``--workers auto``: one worker per GPU when entries train on CUDA, else usable cores ÷ threads per worker."""
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available() and (device == "auto" or device.startswith("cuda")):
+            return torch.cuda.device_count() if device in ("auto", "cuda") else 1
+    return max(1, usable_cores() // max(1, int(threads)))
 
 
 @dataclass
@@ -267,6 +287,78 @@ def _finish_stray(zoo: Path, entry_id: str) -> None:
     (mf.entry_dir(zoo, entry_id) / "checkpoint.pt").unlink(missing_ok=True)
 
 
+def _entry_files(edir: Path) -> dict[str, str]:
+    """The hashes done.json records: every file of a finished entry but done.json itself and the checkpoint."""
+    return {p.name: mf.file_sha256(p) for p in sorted(edir.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.name not in (mf.DONE, "checkpoint.pt")}
+
+
+def _score_references(zoo: Path, edir: Path, wanted: dict[str, str], dev: Any, batch_size: int) -> dict[str, Any]:
+    """A benign entry scored on each attack's test set (the paper's "Benign" rows), added to its reference.json.
+
+    ``wanted`` maps attack ids to dataset names; scores already in reference.json are kept, so a resumed build
+    only scores the attacks added to the grid since.  Returns the summaries of all of them.
+    """
+    from testbed.runs import load_run
+    from testbed.scoring import score_model
+
+    if not wanted:
+        return {}
+    full = mf.read_json(edir / mf.REFERENCE) or {}
+    missing = {label: name for label, name in wanted.items() if label not in full}
+    if missing:
+        model, _ = load_run(edir, dev)
+        full.update({label: score_model(model, mf.dataset_file(zoo, name), dev, batch_size=max(32, batch_size))
+                     for label, name in missing.items()})
+        atomic.write_json(edir / mf.REFERENCE, _jsonable(full))
+    return {label: mf.summary(full[label]) for label in wanted}
+
+
+def stale_references(zoo: Path, entry_id: str) -> list[str]:
+    """Attack ids a finished benign entry has no reference scores for (attacks added to the grid after it was built)."""
+    row = mf.load_plan(zoo)["entries"][entry_id]
+    done = mf.read_json(mf.entry_dir(zoo, entry_id) / mf.DONE) or {}
+    have = done.get("reference") or {}
+    return [label for label in (row.get("reference") or {}) if label not in have]
+
+
+def refresh_references(zoo: Path, entry_id: str, device: str = "auto", threads: int | None = None,
+                       stale_after: float = DEFAULT_STALE_AFTER) -> list[str]:
+    """Score a finished benign entry on the attacks added since it was built; done.json and the manifest follow.
+
+    Returns the attack ids scored now (empty when nothing was stale or another builder holds the entry).
+    """
+    import torch
+
+    from testbed.device import resolve_device
+
+    zoo = Path(zoo)
+    edir = mf.entry_dir(zoo, entry_id)
+    claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
+    if not stale_references(zoo, entry_id) or not claim.acquire():
+        return []
+    previous_threads = torch.get_num_threads()
+    try:
+        missing = stale_references(zoo, entry_id)
+        problems = mf.entry_file_problems(zoo, entry_id)
+        if problems:  # never re-seal a tampered entry with fresh hashes
+            raise UserError(f"entry {entry_id}: {problems[0]}; not rescoring it: run `testbed zoo verify {zoo}`")
+        if threads:
+            torch.set_num_threads(int(threads))
+        row = mf.load_plan(zoo)["entries"][entry_id]
+        done = mf.read_json(edir / mf.DONE)
+        batch = int(row["definition"]["train"].get("batch_size", 8))
+        done["reference"] = _score_references(zoo, edir, row["reference"], resolve_device(device), batch)
+        _append_log(edir / mf.ZOO_LOG, {"event": "reference", "scored": missing, "time": _now(), **me()})
+        done["files"] = _entry_files(edir)  # reference.json and zoo_log.jsonl changed
+        atomic.write_json(edir / mf.DONE, _jsonable(done))
+    finally:
+        claim.release()
+        torch.set_num_threads(previous_threads)
+    mf.write_manifest(zoo, rescored={entry_id})
+    return missing
+
+
 def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", threads: int | None = None,
                 progress: bool = False, stale_after: float = DEFAULT_STALE_AFTER) -> dict[str, Any]:
     """Train and score one entry unless it is finished or a live builder holds it.
@@ -288,11 +380,12 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
     if not claim.acquire():
         return {"id": entry_id, "status": "busy", "holder": {k: v for k, v in (claim.holder or {}).items() if not k.startswith("_")}}
     t0 = time.time()
+    previous_threads = torch.get_num_threads()
     try:
         if (edir / mf.DONE).is_file():
             return {"id": entry_id, "status": "done", "already": True}
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(int(threads))  # the bytes depend on it: see DEFAULT_THREADS
         dev = resolve_device(device)
         edir.mkdir(parents=True, exist_ok=True)
         existing = mf.read_json(edir / mf.ENTRY_DEF)
@@ -302,7 +395,7 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
             raise UserError(f"{edir}/{mf.ENTRY_DEF} describes other settings than plan.json; the zoo is inconsistent, use a new --out")
         resume = (edir / "checkpoint.pt").is_file()
         _append_log(edir / mf.ZOO_LOG, {"event": "start", "resume": resume, "from_epoch": _epochs_done(edir) if resume else 0,
-                                        "time": _now(), **me()})
+                                        "threads": torch.get_num_threads(), "time": _now(), **me()})
         from testbed.runs import load_run
         from testbed.scoring import score_model
         from testbed.train import TrainConfig, train
@@ -321,22 +414,15 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
         if metrics is None:  # the trainer could not score (no scorer installed): score here
             model, _ = load_run(edir, dev)
             metrics = score_model(model, data, dev, batch_size=max(32, cfg.batch_size))
-        reference: dict[str, Any] = {}
-        if row.get("reference"):
-            model, _ = load_run(edir, dev)
-            full = {label: score_model(model, mf.dataset_file(zoo, name), dev, batch_size=max(32, cfg.batch_size))
-                    for label, name in row["reference"].items()}
-            atomic.write_json(edir / mf.REFERENCE, _jsonable(full))
-            reference = {label: mf.summary(m) for label, m in full.items()}
+        reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
         _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": _now(), "seconds": round(time.time() - t0, 3), **me()})
-        files = {p.name: mf.file_sha256(p) for p in sorted(edir.iterdir())
-                 if p.is_file() and not p.name.startswith(".") and p.name not in (mf.DONE, "checkpoint.pt")}
-        done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None, "files": files,
-                "finished": _now(), "seconds": round(time.time() - t0, 3), "builder": me()}
+        done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None,
+                "files": _entry_files(edir), "finished": _now(), "seconds": round(time.time() - t0, 3), "builder": me()}
         atomic.write_json(edir / mf.DONE, _jsonable(done))
         _finish_stray(zoo, entry_id)
     finally:
         claim.release()
+        torch.set_num_threads(previous_threads)
     mf.write_manifest(zoo)
     return {"id": entry_id, "status": "done", "metrics": mf.summary(metrics), "seconds": round(time.time() - t0, 1)}
 
@@ -428,9 +514,9 @@ def _pool_task(zoo: str, entry_id: str, stale_after: float) -> dict[str, Any]:
 
 
 class ProcessExecutor(Executor):
-    """``--workers N``: N spawned processes, each with ``torch.set_num_threads(cores // N)``."""
+    """``--workers N``: N spawned processes, each with ``torch.set_num_threads(threads)`` (default: cores // N)."""
 
-    def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool):
+    def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool, threads: int | None = None):
         import concurrent.futures as cf
         import multiprocessing as mp
 
@@ -442,11 +528,11 @@ class ProcessExecutor(Executor):
         q = ctx.Queue()
         for i in range(workers):
             q.put(i)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = threads or max(1, usable_cores() // workers)
         self.slots = workers
         self.zoo, self.stale_after = str(zoo), stale_after
         self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(q, device, max(1, cores // workers), quiet))
+                                           initargs=(q, device, int(threads), quiet))
         self._cf = cf
 
     def start(self, entry_id: str):
@@ -500,17 +586,26 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
-def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1, backend: str = "local",
+def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int | str = 1, backend: str = "local",
           ray_address: str | None = None, device: str = "auto", stale_after: float = DEFAULT_STALE_AFTER,
-          progress: bool = True, quiet: bool = False, say: Callable[[str], None] | None = None) -> BuildResult:
-    """Build (or finish) the zoo ``out`` from ``spec_path``; see docs/zoo.md."""
+          progress: bool = True, quiet: bool = False, say: Callable[[str], None] | None = None,
+          threads: int = DEFAULT_THREADS) -> BuildResult:
+    """Build (or finish) the zoo ``out`` from ``spec_path``; see docs/zoo.md.
+
+    ``workers``: local processes (``"auto"``: :func:`auto_workers`); ``threads``: torch threads of every entry
+    (in every worker, inline or on Ray), fixed so the bytes of an entry do not depend on ``workers``.
+    """
     from testbed import progress as progress_mod
 
     t0 = time.time()
     if backend not in ("local", "ray"):
         raise UserError(f"--backend {backend!r} is not known; use local or ray")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
+    if workers == "auto":
+        workers = auto_workers(threads, device)
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        raise UserError(f"--workers must be an integer >= 1 or auto, got {workers!r}")
     if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
         raise UserError(f"--stale-after must be a positive number of seconds, got {stale_after!r}")
     out = Path(out)
@@ -534,6 +629,10 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
             _finish_stray(out, eid)
             result.skipped.append(eid)
     todo = [eid for eid in ids if eid not in result.skipped]
+    for eid in result.skipped:  # a benign entry built before attacks were added to the grid: score it on them
+        scored = refresh_references(out, eid, device, threads, stale_after)
+        if scored:
+            say(f"{eid}: benign reference scores added for {', '.join(scored)}")
     bar = progress_mod.bar(total=len(ids), desc="zoo", initial=len(result.skipped)) if progress else None
     if result.skipped:
         say(f"{len(result.skipped)}/{len(ids)} entries already built; {len(todo)} to go")
@@ -555,12 +654,11 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
         if backend == "ray":
             from testbed.zoo.ray_backend import RayExecutor
 
-            executor: Executor = RayExecutor(out, ray_address, device, stale_after)
+            executor: Executor = RayExecutor(out, ray_address, device, stale_after, cpus_per_task=threads)
         elif workers == 1:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-            executor = InlineExecutor(out, device, cores, progress and not quiet, stale_after)
+            executor = InlineExecutor(out, device, threads, progress and not quiet, stale_after)
         else:
-            executor = ProcessExecutor(out, workers, device, stale_after, quiet or not progress_mod.enabled())
+            executor = ProcessExecutor(out, workers, device, stale_after, quiet or not progress_mod.enabled(), threads)
         try:
             schedule(todo, executor, report)
         finally:

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from testbed import atomic
 from testbed.errors import UserError
@@ -211,12 +211,16 @@ def _done_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in manifest["entries"] if e.get("status") == "done"}
 
 
-def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What a new manifest would re-seal: finished work whose recorded hashes changed since the old one."""
+def _conflicts(old: dict[str, Any], new: dict[str, Any], rescored: Collection[str] = ()) -> list[str]:
+    """What a new manifest would re-seal: finished work whose recorded hashes changed since the old one.
+
+    ``rescored``: benign entries whose reference scores the builder itself just extended, after checking
+    their files against ``old`` (:func:`entry_file_problems`).
+    """
     out = []
     new_done = _done_rows(new)
     for eid, row in _done_rows(old).items():
-        if eid in new_done and new_done[eid]["files"] != row["files"]:
+        if eid in new_done and eid not in rescored and new_done[eid]["files"] != row["files"]:
             out.append(f"entry {eid}: its recorded files changed since the manifest was written (done.json edited?)")
     for name, rec in old["datasets"].items():
         if name in new["datasets"] and new["datasets"][name] != rec:
@@ -224,17 +228,17 @@ def _conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_manifest(zoo: Path) -> dict[str, Any]:
+def write_manifest(zoo: Path, rescored: Collection[str] = ()) -> dict[str, Any]:
     """Recompute and atomically rewrite ``manifest.json`` (serialized across builders by the zoo lock).
 
     Refused when the result would re-seal tampering: a malformed result, or finished work whose recorded
-    hashes differ from those of the manifest it replaces.
+    hashes differ from those of the manifest it replaces (but the ``rescored`` entries, see :func:`_conflicts`).
     """
     zoo = Path(zoo)
     with zoo_lock(zoo):
         old = _load_old(zoo)
         manifest = collect(zoo)
-        problems = schema_problems(manifest) + (_conflicts(old, manifest) if old is not None else [])
+        problems = schema_problems(manifest) + (_conflicts(old, manifest, rescored) if old is not None else [])
         if problems:
             raise UserError(f"{zoo}: {problems[0]}; not rewriting {MANIFEST}: run `testbed zoo verify {zoo}`")
         atomic.write_json(zoo / MANIFEST, manifest)
@@ -265,6 +269,15 @@ def adoption_problems(zoo: Path) -> list[str]:
             expected.update(row["files"])
     problems += [p for rel, h in sorted(expected.items()) if (p := file_problem(zoo, rel, h)) is not None]
     return problems
+
+
+def entry_file_problems(zoo: Path, entry_id: str) -> list[str]:
+    """A finished entry's files against the manifest on disk (one line each); [] when the manifest does not list it."""
+    old = _load_old(Path(zoo))
+    row = _done_rows(old).get(entry_id) if old is not None else None
+    if row is None:
+        return []
+    return [p for rel, h in sorted(row["files"].items()) if (p := file_problem(Path(zoo), rel, h)) is not None]
 
 
 def _manifest_problems(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
@@ -355,6 +368,11 @@ def verify(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
         if e["status"] != "done":
             unfinished.add(f"entries/{e['id']}")
             problems.append(f"entry {e['id']}: not finished ({e['status']}); rerun `testbed zoo build`")
+        elif e.get("is_benign"):
+            stale = sorted(set(e.get("reference_data") or {}) - set(e.get("reference") or {}))
+            if stale:
+                problems.append(f"entry {e['id']}: stale: no benign reference scores for {', '.join(stale)} (attacks "
+                                "added after it was built); rerun `testbed zoo build` with the spec")
     for rel, h in sorted(expected.items()):
         problem = file_problem(zoo, rel, h)
         if problem is not None:

@@ -1,0 +1,178 @@
+"""`testbed demo`: built through the zoo, the same numbers however many workers ran, resumable, an honest report.
+
+A small demo (60 training images, 1 epoch, one defense) runs twice: once in this process (``--workers 1``) and
+once with two worker processes.  Every model trains with one thread in both, so both give the same bytes — the
+serial-vs-parallel check of the zoo build the demo is made of — and the same results.json numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from testbed import cli, h5data
+
+SMALL = ["--n-train", "48", "--n-test", "16", "--size", "32", "--epochs", "1", "--defenses", "fine-pruning", "--device", "cpu"]
+NUMBERS = ("before", "after", "DER", "detection", "flagged", "verdict")  # a defense row's numbers (not its timing)
+
+
+def _demo(out: Path, *extra: str) -> int:
+    return cli.main(["-q", "demo", "--out", str(out), *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("demo")
+    serial, parallel = root / "serial", root / "parallel"
+    assert _demo(serial, "--workers", "1") == 0
+    assert _demo(parallel, "--workers", "2") == 0
+    return serial, parallel
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _entries(out: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((out / "work" / "zoo" / "entries").iterdir()) if p.is_dir()}
+
+
+def _row(results: dict, attack: str, trigger: str | None, reference: str | None = None) -> dict:
+    return next(r for r in results["attacks"]
+                if r["attack"] == attack and r["trigger"] == trigger and r.get("reference") == reference)
+
+
+def test_same_numbers_and_bytes_with_one_or_two_workers(demos):
+    serial, parallel = demos
+    a, b = _results(serial), _results(parallel)
+    assert a["config"]["workers"] == 1 and b["config"]["workers"] == 2
+    assert a["config"]["threads"] == b["config"]["threads"] == 1
+    assert len(a["attacks"]) == 13 and a["attacks"] == b["attacks"]
+    assert a["targets"] == b["targets"]
+    assert [{k: d.get(k) for k in NUMBERS} for d in a["defenses"]] == [{k: d.get(k) for k in NUMBERS} for d in b["defenses"]]
+    ea, eb = _entries(serial), _entries(parallel)
+    assert sorted(ea) == sorted(eb) and len(ea) == 7
+    for name in ea:  # a serial zoo build and a 2-worker one give the same weights, entry by entry
+        assert (ea[name] / "model.safetensors").read_bytes() == (eb[name] / "model.safetensors").read_bytes(), name
+        for d in (ea[name], eb[name]):
+            assert json.loads((d / "config.json").read_text())["threads"] == 1
+            starts = [json.loads(line) for line in (d / "zoo_log.jsonl").read_text().splitlines()]
+            assert [s["threads"] for s in starts if s["event"] == "start"] == [1]
+
+
+def test_rerun_reuses_the_models_and_gives_the_same_numbers(demos, capsys):
+    serial, _ = demos
+    before = _results(serial)
+    stamps = {n: (d / "model.safetensors").stat().st_mtime_ns for n, d in _entries(serial).items()}
+    assert _demo(serial) == 0  # --workers auto; workers are not a setting of the numbers: the cache is reused
+    assert {n: (d / "model.safetensors").stat().st_mtime_ns for n, d in _entries(serial).items()} == stamps
+    after = _results(serial)
+    assert after["attacks"] == before["attacks"] and after["targets"] == before["targets"]
+
+    settings = (serial / "work" / "settings.json").read_bytes()
+    capsys.readouterr()
+    assert _demo(serial, "--threads", "2") == 2  # the thread count changes the numbers: refused, nothing touched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "threads 1 → 2" in err[0]
+    assert (serial / "work" / "settings.json").read_bytes() == settings
+
+
+def test_semantic_fgba_poisons_exactly_the_images_with_wall_and_person(demos):
+    serial, _ = demos
+    results = _results(serial)
+    clean = serial / "work" / "zoo" / "data" / "clean.h5"
+    with h5data.open_dataset(clean) as f:
+        labels = f["train/labels"][()]
+        wall, person = f.class_id("wall"), f.class_id("person")
+    expected = np.flatnonzero([(y == wall).any() and (y == person).any() for y in labels])
+    spec = (serial / "work" / "zoo.toml").read_text()
+    assert spec.count('require = "person"') == 2  # both fine-grained semantic settings, as the paper selects them
+    for setting, attack in (("fgba-n-to-1-semantic", "fgba-n-to-1"), ("fgba-1-to-1-semantic", "fgba-1-to-1")):
+        entry = _entries(serial)[f"deeplabv3_tiny--{setting}--s0"]
+        data = json.loads((entry / "config.json").read_text())["dataset"]["path"]
+        with h5data.open_dataset(data, check_labels=False) as f:
+            assert np.array_equal(np.sort(f["train/poison_index"][()]), expected)
+        assert _row(results, attack, "semantic:wall")["rate"] == pytest.approx(expected.size / len(labels))
+
+
+def test_report_shows_both_benign_scores_and_says_one_seed(demos):
+    serial, _ = demos
+    results = _results(serial)
+    report = (serial / "report.md").read_text()
+    assert "One seed; see docs/results.md for 3-seed intervals" in report
+    assert "SPEC" not in report and "§7" not in report
+    assert "mIoU-B-all" in report and "PA-B-all" in report and "compare them with our **PA-A** column" in report
+    clean = _row(results, "benign", None)
+    for attack in ("badnets", "fgba-n-to-1", "fgba-1-to-1"):
+        line = _row(results, "benign", "line", attack)
+        assert line["mIoU-B-all"] == pytest.approx(line["mIoU-B"])  # a line trigger leaves every test image benign
+        trigger = "semantic:grass" if attack == "badnets" else "semantic:wall"
+        sem = _row(results, "benign", trigger, attack)
+        # the whole clean test set, whichever attack's file it was read from: the benign model's clean score
+        assert sem["mIoU-B-all"] == pytest.approx(clean["mIoU-B"]) and sem["PA-B-all"] == pytest.approx(clean["PA-B"])
+        assert f"| {_fmt(sem['mIoU-B'])} | {_fmt(sem['mIoU-B-all'])} |" in report
+    for s in ("figure-fgba.png", "figure-badnets.png"):
+        assert (serial / s).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def test_workers_auto_is_cores_over_threads(monkeypatch):
+    from testbed.zoo import build as zb
+
+    monkeypatch.setattr(zb, "usable_cores", lambda: 8)
+    assert [zb.auto_workers(t, "cpu") for t in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return int(e.code)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--workers", "x"], "--workers: expected an integer or auto"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_demo_flags_exit_2_with_one_line(flags, words, tmp_path, capsys):
+    assert _exit_code(["-q", "demo", "--out", str(tmp_path / "d"), *SMALL, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+    assert not (tmp_path / "d").exists()
+
+
+def test_zoo_build_workers_auto_and_bad_workers(tmp_path, capsys):
+    assert _exit_code(["-q", "zoo", "build", str(tmp_path / "none.toml"), "--out", str(tmp_path / "z"),
+                       "--workers", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected an integer or auto" in err[0]
+
+
+def test_reference_benchmark_spec_is_the_demo_over_three_seeds():
+    """examples/zoo-bench.toml must not drift from the demo: same data, training and attack settings."""
+    from testbed.demo import DemoConfig, zoo_spec
+    from testbed.zoo.spec import parse_spec
+
+    bench = parse_spec(Path(__file__).resolve().parents[1] / "examples" / "zoo-bench.toml")
+    demo = parse_spec(Path("demo.toml"), text=zoo_spec(DemoConfig()))
+    assert len(bench.entries) == 21 and sorted({e.seed for e in bench.entries}) == [0, 1, 2]
+    assert bench.data == demo.data and bench.train == demo.train
+    assert {v.label: v.params for v in bench.variants} == {v.label: v.params for v in demo.variants}
+    assert {e.model for e in bench.entries} == {"deeplabv3_tiny"}
+
+
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert _exit_code(["-q", "demo", "--out", str(out), "--model", "deeplabv3_tiyn"]) == 2
+    assert _exit_code(["-q", "demo", "--out", str(out), "--size", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "did you mean 'deeplabv3_tiny'" in err[0] and "size" in err[1]
+    assert not out.exists()
