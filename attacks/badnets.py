@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from testbed import h5data
 from testbed.attacks.base import Attack, Param
 from testbed.errors import ParamError
 from testbed.h5data import IGNORE_INDEX
@@ -81,7 +82,7 @@ class BadNets(Attack):
     def fit(self, data: Any, seed: int = 0) -> "BadNets":
         """Validate the parameters and pick y_t from ``data``'s training labels (a SegFile)."""
         self._check_params()
-        labels = data.file["train/labels"] if hasattr(data, "file") else data["train/labels"]
+        labels = data.file[h5data.TRAIN_LABELS] if hasattr(data, "file") else data[h5data.TRAIN_LABELS]
         self.target_image_ = self.choose_target(labels, list(data.classes), seed)
         self.target_labels_ = np.asarray(labels[self.target_image_], dtype=np.uint8)
         self._valid = self.target_labels_ != IGNORE_INDEX

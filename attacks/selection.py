@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from testbed import h5data
 from testbed.errors import ParamError, UserError
 from testbed.h5data import IGNORE_INDEX, SegFile
 
@@ -157,7 +158,7 @@ def select_train(clean: SegFile, train_y: Rows, block: int, attack: Any, trigger
 
 def _unpoisoned(clean: SegFile, exclude: np.ndarray) -> np.ndarray:
     """Training rows outside ``exclude`` and, with force on a poisoned file, outside the parent's poisoned rows."""
-    parent = [np.asarray(clean[k], dtype=np.int64) for k in ("train/poison_index", "train/noise_index") if k in clean]
+    parent = [np.asarray(clean[k], dtype=np.int64) for k in (h5data.POISON_INDEX, h5data.NOISE_INDEX) if k in clean]
     taken = np.union1d(exclude, np.concatenate([np.empty(0, np.int64), *parent]))
     return np.setdiff1d(np.arange(clean.length("train"), dtype=np.int64), taken)
 
@@ -211,7 +212,7 @@ def select(clean: SegFile, attack: Any, trigger: Any, rate: float | None, seed: 
     """All selections for one poisoning run (no writing); also returns the label readers for the writer."""
     h, w = clean.image_size
     block = block_rows(h, w)
-    train_y, test_y = Rows(clean.file["train/labels"]), Rows(clean.file["test/labels"])
+    train_y, test_y = Rows(clean.file[h5data.TRAIN_LABELS]), Rows(clean.file[h5data.TEST_LABELS])
     notes: list[str] = []
     poison_index, requested, candidates = select_train(clean, train_y, block, attack, trigger, rate, seed, require, notes)
     noise_index = select_noise(clean, poison_index, trigger, seed)

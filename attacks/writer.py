@@ -18,12 +18,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from testbed import progress
+from testbed import h5data, progress
 from testbed.attacks.selection import Rows, Selection
 from testbed.h5data import DatasetWriter, SegFile, canonical_attr, content_hash
 
 OWN_ATTRS = ("format", "schema_version", "classes", "ignore_index", "source", "image_size", "attack", "parent_sha256")
-_PLAIN = ["test/images", "test/labels", "train/images", "train/labels"]
+_PLAIN = [h5data.TEST_IMAGES, h5data.TEST_LABELS, h5data.TRAIN_IMAGES, h5data.TRAIN_LABELS]
 
 
 class _ParentHash:
@@ -66,22 +66,22 @@ class _Extras:
         for name, arr in extras.items():
             arr = np.asarray(arr)
             if name not in self.ds:
-                self.ds[name] = self.wr.create(f"test_attacked/{name}", (self.total, *arr.shape[1:]), arr.dtype)
+                self.ds[name] = self.wr.create(h5data.path("test_attacked", name), (self.total, *arr.shape[1:]), arr.dtype)
             self.ds[name][start : start + arr.shape[0]] = arr
 
 
 def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: int, parent: _ParentHash, bar) -> None:
-    h, w = src["test/images"].shape[1:3]
-    m, a = src["test/images"].shape[0], sel.attacked_index.size
-    vx, vy = wr.create("test/images", (m, h, w, 3), np.uint8), wr.create("test/labels", (m, h, w), np.uint8)
-    ax, ay = wr.create("test_attacked/images", (a, h, w, 3), np.uint8), wr.create("test_attacked/labels", (a, h, w), np.uint8)
-    ag = wr.create("test_attacked/gt", (a, h, w), np.uint8)
+    h, w = src[h5data.TEST_IMAGES].shape[1:3]
+    m, a = src[h5data.TEST_IMAGES].shape[0], sel.attacked_index.size
+    vx, vy = wr.create(h5data.TEST_IMAGES, (m, h, w, 3), np.uint8), wr.create(h5data.TEST_LABELS, (m, h, w), np.uint8)
+    ax, ay = wr.create(h5data.TEST_ATTACKED_IMAGES, (a, h, w, 3), np.uint8), wr.create(h5data.TEST_ATTACKED_LABELS, (a, h, w), np.uint8)
+    ag = wr.create(h5data.TEST_ATTACKED_GT, (a, h, w), np.uint8)
     extras = _Extras(wr, a)
-    parent.header("test/images")
+    parent.header(h5data.TEST_IMAGES)
     cursor = 0
     for start in range(0, m, block):
         stop = min(m, start + block)
-        x, y = src["test/images"][start:stop], np.asarray(test_y[start:stop])
+        x, y = src[h5data.TEST_IMAGES][start:stop], np.asarray(test_y[start:stop])
         parent.feed(x)
         vx[start:stop], vy[start:stop] = x, y
         lo, hi = np.searchsorted(sel.attacked_index, [start, stop])
@@ -93,21 +93,21 @@ def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: i
             extras.put(more, cursor)
             cursor += k
         bar.update(stop - start)
-    parent.header("test/labels")
+    parent.header(h5data.TEST_LABELS)
     parent.feed(test_y.data)
 
 
 def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block: int, parent: _ParentHash, bar) -> None:
-    n, h, w = src["train/images"].shape[:3]
+    n, h, w = src[h5data.TRAIN_IMAGES].shape[:3]
     p, q = sel.poison_index.size, sel.noise_index.size
-    tx, ty = wr.create("train/images", (n, h, w, 3), np.uint8), wr.create("train/labels", (n, h, w), np.uint8)
-    ox, oy = wr.create("train/original_images", (p, h, w, 3), np.uint8), wr.create("train/original_labels", (p, h, w), np.uint8)
-    nx = wr.create("train/noise_original_images", (q, h, w, 3), np.uint8) if q else None
-    parent.header("train/images")
+    tx, ty = wr.create(h5data.TRAIN_IMAGES, (n, h, w, 3), np.uint8), wr.create(h5data.TRAIN_LABELS, (n, h, w), np.uint8)
+    ox, oy = wr.create(h5data.ORIGINAL_IMAGES, (p, h, w, 3), np.uint8), wr.create(h5data.ORIGINAL_LABELS, (p, h, w), np.uint8)
+    nx = wr.create(h5data.NOISE_ORIGINAL_IMAGES, (q, h, w, 3), np.uint8) if q else None
+    parent.header(h5data.TRAIN_IMAGES)
     cursor = ncursor = 0
     for start in range(0, n, block):
         stop = min(n, start + block)
-        x, y = src["train/images"][start:stop], np.array(train_y[start:stop])  # copies: the cache stays clean
+        x, y = src[h5data.TRAIN_IMAGES][start:stop], np.array(train_y[start:stop])  # copies: the cache stays clean
         parent.feed(x)
         lo, hi = np.searchsorted(sel.poison_index, [start, stop])
         if hi > lo:
@@ -123,7 +123,7 @@ def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block:
             ncursor += rows.size
         tx[start:stop], ty[start:stop] = x, y
         bar.update(stop - start)
-    parent.header("train/labels")
+    parent.header(h5data.TRAIN_LABELS)
     parent.feed(train_y.data)
 
 
@@ -134,18 +134,18 @@ def write_poisoned(clean: SegFile, out: Path, attack: Any, trigger: Any, meta: d
     parent = _ParentHash(src, train_y, test_y)
     extra = {k: v for k, v in clean.attrs.items() if k not in OWN_ATTRS}
     extra.update(attack=meta, parent_sha256=None if parent.fold else parent.hexdigest())
-    comp = src["train/images"].compression
+    comp = src[h5data.TRAIN_IMAGES].compression
     bar = progress.bar(total=clean.length("train") + clean.length("test"), desc="poison", unit="img")
     with DatasetWriter(out, clean.classes, source=clean.source, image_size=clean.image_size, compression=comp,
                        attrs=extra) as wr, bar:
         # test split first: the hash order is test/images, test/labels, train/images, train/labels
         _write_test(src, wr, sel, attack, trigger, test_y, block, parent, bar)
         _write_train(src, wr, sel, attack, trigger, train_y, block, parent, bar)
-        wr.put("train/poison_index", sel.poison_index)
+        wr.put(h5data.POISON_INDEX, sel.poison_index)
         if sel.noise_index.size:
-            wr.put("train/noise_index", sel.noise_index)
-        wr.put("defense/clean_index", sel.clean_index)
-        wr.put("test_attacked/index", sel.attacked_index)
-        wr.put("test_benign/index", sel.benign_index)
+            wr.put(h5data.NOISE_INDEX, sel.noise_index)
+        wr.put(h5data.CLEAN_INDEX, sel.clean_index)
+        wr.put(h5data.TEST_ATTACKED_INDEX, sel.attacked_index)
+        wr.put(h5data.TEST_BENIGN_INDEX, sel.benign_index)
         if parent.fold:
             wr.set_attr("parent_sha256", parent.hexdigest())

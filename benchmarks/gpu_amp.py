@@ -1,4 +1,4 @@
-"""GPU: training images/s with AMP + channels_last ÷ plain fp32, DeepLabv3-ResNet50 at 512² (SPEC §11).
+"""GPU: training images/s with AMP + channels_last ÷ plain fp32, DeepLabv3-ResNet50 at 512².
 
 The two settings run the trainer's own step (``testbed.train``: the same input conversion, loss, autocast
 and GradScaler logic) on synthetic random data already on the GPU, after a warm-up, timed with

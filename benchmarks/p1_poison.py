@@ -1,4 +1,4 @@
-"""P1 (SPEC §11): `testbed poison` throughput ÷ a plain h5py copy of the same arrays (the I/O limit); target ≥ 0.5.
+"""P1: `testbed poison` throughput ÷ a plain h5py copy of the same arrays (the I/O limit); target ≥ 0.5.
 
 Both sides run in this one process on the same clean file: the copy reads every array of the clean file and
 writes it to a new file with the same chunking and compression, then fsyncs (as the poisoner's atomic write

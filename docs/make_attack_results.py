@@ -1,6 +1,6 @@
 """Measure attack suite II: IBA (baseline/NNI/PRL), object-bound, FGBA N-to-1 with the blended and warp triggers.
 
-Usage: python docs/make_attack_results.py [ZOO/] [--budget 30] [--bench BENCH/] [--no-bench] [--spec SPEC]
+Usage: python docs/make_attack_results.py [ZOO/] [--budget-passes N] [--bench BENCH/] [--no-bench] [--spec SPEC]
 
 1. `testbed zoo build examples/zoo-attacks.toml --out ZOO/` (the demo's data and model, one seed; rerunning
    resumes and skips what is done);
@@ -8,7 +8,8 @@ Usage: python docs/make_attack_results.py [ZOO/] [--budget 30] [--bench BENCH/] 
    PBA, the trigger's PSNR/SSIM (`testbed data info`), IBA's ASR per trigger–victim distance bin (also for the
    benign model on the same attacked images), object-bound's false-flip rate;
 3. draws docs/img/iba-asr-distance.png (ASR against distance, one line per variant);
-4. unless --no-bench: `testbed bench --zoo ZOO/ --defense ALL --budget B --out BENCH/` and the defenses table.
+4. unless --no-bench: `testbed bench --zoo ZOO/ --defense ALL [--budget-passes N] --out BENCH/` and the defenses table
+   (a pass budget, not a wall-clock one: the same result on any machine).
 """
 
 from __future__ import annotations
@@ -127,13 +128,13 @@ def defense_table(bench: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo", type=Path, nargs="?", default=Path("zoo-attacks"))
-    ap.add_argument("--budget", type=float, default=30.0)
+    ap.add_argument("--budget-passes", type=int, default=None, help="compute budget per defense run (default: none)")
     ap.add_argument("--bench", type=Path, default=Path("bench-attacks"))
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--spec", type=Path, default=SPEC, help="another zoo spec (default examples/zoo-attacks.toml)")
     ap.add_argument("--figure", type=Path, default=FIGURE)
     args = ap.parse_args(argv)
-    rc = testbed(["zoo", "build", str(args.spec), "--out", str(args.zoo), "--device", "cpu"])
+    rc = testbed(["zoo", "build", str(args.spec), "--out", str(args.zoo), "--device", "cpu", "--workers", "auto"])
     if rc != 0:
         return rc
     rows, reference = _entries(args.zoo)
@@ -148,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         draw_figure(series, args.figure)
     if not args.no_bench:
         if not (args.bench / "results.json").exists():
-            rc = testbed(["-q", "bench", "--zoo", str(args.zoo), "--defense", DEFENSES, "--budget",
-                          str(args.budget), "--device", "cpu", "--out", str(args.bench)])
+            budget = ["--budget-passes", str(args.budget_passes)] if args.budget_passes else []
+            rc = testbed(["-q", "bench", "--zoo", str(args.zoo), "--defense", DEFENSES, *budget, "--device", "cpu",
+                          "--out", str(args.bench)])
             if rc != 0:
                 return rc
-        out += ["", f"Defenses (`testbed bench --zoo {args.zoo} --defense {DEFENSES} --budget {args.budget:g}`)", ""]
+        budget = f" --budget-passes {args.budget_passes}" if args.budget_passes else ""
+        out += ["", f"Defenses (`testbed bench --zoo {args.zoo} --defense {DEFENSES}{budget}`; one seed)", ""]
         out += defense_table(args.bench)
     print("\n".join(out))
     return 0

@@ -1,4 +1,4 @@
-"""The generated robustness criteria: one test per zoo entry and criterion (SPEC §10), by result kind.
+"""The generated robustness criteria: one test per zoo entry and criterion, by result kind (docs/suites.md).
 
 What a defense returns decides which criteria apply to it: a repaired model, retraining without flagged
 samples and an input filter all change what the model outputs, so ASR and the mIoU-B drop are checked; a

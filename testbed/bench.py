@@ -197,7 +197,7 @@ def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: l
                say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run the ``todo`` pairs; returns the failures that left no row (a pair that could not run at all)."""
     from testbed.bench_workers import make_executor, say_result
-    from testbed.zoo.build import schedule
+    from testbed.zoo.executors import schedule
 
     failed: list[dict[str, Any]] = []
     if not todo:
@@ -281,20 +281,32 @@ def run_bench(
     jobs, objects = _plan(out, models, specs, names, params, settings, notes)
     store.lock()
     try:
-        if overwrite:
-            store.clear()
-        plan = {pid: job.key for pid, job in jobs.items()}
-        done, merged = store.begin(plan)
-        if merged:
-            say(f"note: {len(merged)} finished pair(s) of an interrupted bench with other settings were kept in {out}")
-        if done:
-            say(f"resuming: {len(done)} of {len(plan)} pair(s) already finished in {out}")
+        plan, done = _begin(store, jobs, overwrite, out, say)
         failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
                             settings, progress, debug, say)
         store.commit(plan)
         doc = _write(store, list(jobs), settings, names, models, zoo, data, title, figures)
     finally:
         store.unlock()
+    return _add_error_counts(doc, failed)
+
+
+def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
+           say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Start (or resume) the locked report: the plan of pair keys and the pairs already finished."""
+    if overwrite:
+        store.clear()
+    plan = {pid: job.key for pid, job in jobs.items()}
+    done, merged = store.begin(plan)
+    if merged:
+        say(f"note: {len(merged)} finished pair(s) of an interrupted bench with other settings were kept in {out}")
+    if done:
+        say(f"resuming: {len(done)} of {len(plan)} pair(s) already finished in {out}")
+    return plan, done
+
+
+def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counts the CLI's exit status and summary read: failed runs, by whose fault, and unrun pairs."""
     rows = doc["rows"]
     doc["errors"] = sum(1 for r in rows if r.get("error"))
     doc["defense_errors"] = sum(1 for r in rows if r.get("error") and r.get("error_source") == "defense")

@@ -1,6 +1,6 @@
 """Running the pairs of a bench: in this process, in N local processes, or as Ray tasks.
 
-The executors and the scheduler are the zoo's (:mod:`testbed.zoo.build`, :mod:`testbed.zoo.ray_backend`), so
+The executors and the scheduler are the zoo's (:mod:`testbed.zoo.executors`, :mod:`testbed.zoo.ray_backend`), so
 ``--workers``/``--backend ray`` mean the same for `testbed zoo build` and `testbed bench`.  A task is one
 model × defense pair, named by its id; everything it needs is in ``REPORT/work/ID.job.json`` (written by the
 parent before the task starts), so the same task runs in a spawned process or on another Ray node that sees
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.errors import UserError
-from testbed.zoo.build import Executor, ProcessExecutor
+from testbed.zoo.executors import Executor, ProcessExecutor
 
 _BEFORE: dict[tuple[str, ...], dict[str, Any]] = {}  # this process's before-scores, per model and scoring setup
 
@@ -212,7 +212,7 @@ class ProcessPairs(ProcessExecutor):
 def make_executor(out: Path, workers: int, backend: str, ray_address: str | None, device: str, threads: int,
                   jobs: dict[str, PairJob], objects: dict[str, Any], progress: bool) -> Executor:
     """The executor for ``workers``/``backend``; several workers or Ray need defenses given by name."""
-    from testbed.zoo.build import DEFAULT_STALE_AFTER
+    from testbed.zoo.claims import DEFAULT_STALE_AFTER
 
     if (workers > 1 or backend == "ray") and objects:
         raise UserError("--workers/--backend ray run each pair in another process, which can only load a defense by "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from typing import NoReturn
 
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"testbed: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `testbed data info d.h5 | head`: the reader left; stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 128 + 13  # SIGPIPE's conventional status
     except OSError as e:
         print(f"testbed: error: {os_error_message(e)}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from testbed import progress
+from testbed import h5data, progress
 from testbed.h5data import SegFile
 
 _BLOCK_PIXELS = 1 << 24  # labels read per block (16 MB)
@@ -69,7 +69,7 @@ def label_stats(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -
     return acc.result()
 
 
-def split_stats(f: SegFile, name: str = "train/labels", show_progress: bool = True) -> SplitStats:
+def split_stats(f: SegFile, name: str = h5data.TRAIN_LABELS, show_progress: bool = True) -> SplitStats:
     """Statistics of label array ``name`` of an open dataset, read in blocks (bounded memory)."""
     ds = f.file[name]
     acc = _Accumulator(f.num_classes, f.ignore_index)
@@ -150,15 +150,15 @@ def trigger_fidelity(f: SegFile, limit: int = FIDELITY_LIMIT) -> dict | None:
     None for a file without poisoned samples.  ``psnr_db`` averages the images the trigger changed (an
     unchanged image has infinite PSNR: a semantic trigger changes none, so its PSNR is None and SSIM 1).
     """
-    if "train/original_images" not in f.file or "train/poison_index" not in f.file:
+    if h5data.ORIGINAL_IMAGES not in f.file or h5data.POISON_INDEX not in f.file:
         return None
-    index = np.asarray(f.file["train/poison_index"][:limit], dtype=np.int64)
+    index = np.asarray(f.file[h5data.POISON_INDEX][:limit], dtype=np.int64)
     if index.size == 0:
         return None
     from testbed.h5data import read_rows
 
-    clean = np.asarray(f.file["train/original_images"][: index.size])
-    poisoned = read_rows(f.file["train/images"], index)
+    clean = np.asarray(f.file[h5data.ORIGINAL_IMAGES][: index.size])
+    poisoned = read_rows(f.file[h5data.TRAIN_IMAGES], index)
     db = psnr(clean, poisoned)
     changed = np.isfinite(db)
     s = ssim(clean, poisoned)

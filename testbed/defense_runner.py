@@ -1,4 +1,4 @@
-"""Running one defense on one trained model, under the threat model of SPEC §8, and scoring what it returns.
+"""Running one defense on one trained model, under the threat model (docs/writing-a-defense.md), and scoring what it returns.
 
 The runner is the only place that sees both sides.  It hands the defense a context built by
 :mod:`testbed.threat_model` (a fresh copy of the model, the trusted clean subset and, for defenses that

@@ -1,4 +1,4 @@
-"""Scoring what a defense returned, one function per result kind, the same way for every defense (SPEC §8).
+"""Scoring what a defense returned, one function per result kind, the same way for every defense (docs/writing-a-defense.md).
 
 - repair  (``model``)              → :func:`score_repair`: the model to score "after";
 - retrain (``flagged_train``)      → :func:`score_retrain` (precision/recall of the flags), then
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from testbed import h5data
 from testbed.defense import DefenseResult, Verdict
 from testbed.defense_row import Detection, Flagged, FilterScores, Panel, VerdictRecord
 from testbed.jsonutil import jsonable
@@ -105,7 +106,7 @@ def score_retrain(result: DefenseResult, data_path: Path, n_train: int) -> tuple
         raise protocol_error(f"flagged_train must hold integer indices in [0, {n_train})")
     flagged = np.unique(flagged.astype(np.int64))
     with open_dataset(data_path, check_labels=False) as f:
-        poison = np.asarray(f["train/poison_index"], dtype=np.int64) if "train/poison_index" in f else np.empty(0, np.int64)
+        poison = np.asarray(f[h5data.POISON_INDEX], dtype=np.int64) if h5data.POISON_INDEX in f else np.empty(0, np.int64)
     tp = int(np.intersect1d(flagged, poison).size)
     part = Flagged(count=int(flagged.size), true_poison=int(poison.size), true_positives=tp,
                    precision=tp / flagged.size if flagged.size else None, recall=tp / poison.size if poison.size else None,
@@ -199,9 +200,9 @@ def _mixed_scores(filt: CachedFilter, data_path: Path, benign: np.ndarray, n_att
             is_b = batch < nb
             x = np.empty((batch.size, h, w, 3), dtype=np.uint8)
             if is_b.any():
-                x[is_b] = f.read("test/images", benign[batch[is_b]])
+                x[is_b] = f.read(h5data.TEST_IMAGES, benign[batch[is_b]])
             if not is_b.all():
-                x[~is_b] = f.read("test_attacked/images", batch[~is_b] - nb)
+                x[~is_b] = f.read(h5data.TEST_ATTACKED_IMAGES, batch[~is_b] - nb)
             out[batch] = filt.scores(x)
     return out[:nb], out[nb:]
 
@@ -216,9 +217,9 @@ def confounded_sets(f: Any, benign: np.ndarray) -> str | None:
     reacts to that content scores as a detector.  Content-matched sets do not exist there (the attacked
     images *are* unmodified test images), so the numbers are reported and marked instead.
     """
-    if "test_attacked/index" not in f:
+    if h5data.TEST_ATTACKED_INDEX not in f:
         return None
-    attacked = np.asarray(f["test_attacked/index"], dtype=np.int64)
+    attacked = np.asarray(f[h5data.TEST_ATTACKED_INDEX], dtype=np.int64)
     outside = np.setdiff1d(attacked, benign)
     if attacked.size == 0 or outside.size == 0:
         return None
@@ -245,8 +246,8 @@ def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: 
     if not math.isfinite(threshold):
         raise protocol_error(f"{name} returned input_scores without a finite threshold")
     with open_dataset(data_path, check_labels=False) as f:
-        benign = np.asarray(f["test_benign/index"], dtype=np.int64) if "test_benign/index" in f else np.arange(f.length("test"))
-        n_att = int(f.file["test_attacked/images"].shape[0]) if "test_attacked/images" in f else 0
+        benign = np.asarray(f[h5data.TEST_BENIGN_INDEX], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in f else np.arange(f.length("test"))
+        n_att = int(f.file[h5data.TEST_ATTACKED_IMAGES].shape[0]) if h5data.TEST_ATTACKED_IMAGES in f else 0
         confounded = confounded_sets(f, benign)
     filt = CachedFilter(result.input_scores, threshold)
     s_b, s_a = _mixed_scores(filt, data_path, benign, n_att, batch_size, seed)
@@ -362,11 +363,11 @@ def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device
     if n <= 0:
         return None
     with open_dataset(data_path, check_labels=False) as f:
-        if "test_attacked/images" not in f:
+        if h5data.TEST_ATTACKED_IMAGES not in f:
             return None
         m = min(n, f.length("test_attacked"))
-        panel = Panel(index=np.arange(m), images=np.asarray(f.file["test_attacked/images"][:m]),
-                      gt=np.asarray(f.file["test_attacked/gt"][:m]), target=np.asarray(f.file["test_attacked/labels"][:m]))
+        panel = Panel(index=np.arange(m), images=np.asarray(f.file[h5data.TEST_ATTACKED_IMAGES][:m]),
+                      gt=np.asarray(f.file[h5data.TEST_ATTACKED_GT][:m]), target=np.asarray(f.file[h5data.TEST_ATTACKED_LABELS][:m]))
     panel.before = predict(model, panel.images, device, batch_size)
     return panel
 
@@ -380,10 +381,10 @@ def benign_panel_before(model: nn.Module, data_path: Path, n: int, device: torch
     if n <= 0:
         return None
     with open_dataset(data_path, check_labels=False) as f:
-        index = np.asarray(f["test_benign/index"], dtype=np.int64) if "test_benign/index" in f else np.arange(f.length("test"))
+        index = np.asarray(f[h5data.TEST_BENIGN_INDEX], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in f else np.arange(f.length("test"))
         index = index[:n]
         if index.size == 0:
             return None
-        panel = Panel(index=index, images=f.read("test/images", index), gt=f.read("test/labels", index), target=None)
+        panel = Panel(index=index, images=f.read(h5data.TEST_IMAGES, index), gt=f.read(h5data.TEST_LABELS, index), target=None)
     panel.before = predict(model, panel.images, device, batch_size)
     return panel

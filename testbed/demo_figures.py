@@ -24,27 +24,29 @@ COLUMNS = ("clean image", "ground truth", "backdoored model\non clean", "poisone
 
 def _common_attacked(paths: list[Path], n: int) -> np.ndarray:
     """The first ``n`` test images attacked in every one of ``paths`` (so the settings show the same images)."""
+    from testbed import h5data
     from testbed.h5data import open_dataset
 
     common: set[int] | None = None
     for path in paths:
         with open_dataset(path, check_labels=False) as f:
-            ids = set(f["test_attacked/index"][()].tolist())
+            ids = set(f[h5data.TEST_ATTACKED_INDEX][()].tolist())
         common = ids if common is None else common & ids
     return np.array(sorted(common or ())[:n], dtype=np.int64)
 
 
 def _cells(run: Path, data: Path, benign: Any, idx: np.ndarray, device: Any) -> tuple[list[np.ndarray], list[str]]:
     """The seven cells of each row for ``idx`` (arrays [n, ...] per column) and the class names."""
+    from testbed import h5data
     from testbed.h5data import open_dataset
     from testbed.runs import load_run
     from testbed.scoring import predict
 
     with open_dataset(data) as f:
-        pos = {int(i): j for j, i in enumerate(f["test_attacked/index"][()])}
+        pos = {int(i): j for j, i in enumerate(f[h5data.TEST_ATTACKED_INDEX][()])}
         sel = [pos[int(i)] for i in idx]
-        clean, gt = f.read("test/images", idx), f.read("test/labels", idx)
-        att, target = f.read("test_attacked/images", sel), f.read("test_attacked/labels", sel)
+        clean, gt = f.read(h5data.TEST_IMAGES, idx), f.read(h5data.TEST_LABELS, idx)
+        att, target = f.read(h5data.TEST_ATTACKED_IMAGES, sel), f.read(h5data.TEST_ATTACKED_LABELS, sel)
         classes = list(f.classes)
     model, _ = load_run(run, device)
     return [clean, gt, predict(model, clean, device), att, target, predict(benign, att, device),

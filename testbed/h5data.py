@@ -1,6 +1,7 @@
-"""The HDF5 dataset format (schema 1; docs/data-format.md): write, open + validate, hash, and a PyTorch Dataset.
+"""The HDF5 dataset format (schema 1; docs/data-format.md): its paths, write, open + validate, read, hash.
 
-Everything that touches a dataset file goes through this module, so validation happens in one place.
+Everything that touches a dataset file goes through this module, so validation happens in one place.  The PyTorch
+view of a split, :class:`SegDataset`, lives in :mod:`testbed.h5dataset` and is importable from here.
 Files are plain HDF5; ``docs/data-format.md`` describes them for people who read them with h5py alone.
 """
 
@@ -13,11 +14,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
-import torch
 
 from testbed.atomic import atomic_file
 from testbed.errors import UserError, did_you_mean
@@ -26,6 +26,14 @@ FORMAT = "testbed-seg"
 SCHEMA_VERSION = 1
 IGNORE_INDEX = 255
 SPLITS = ("train", "test")
+# The schema's array paths (docs/data-format.md), spelled here only: other modules name them by these constants.
+TRAIN_IMAGES, TRAIN_LABELS = "train/images", "train/labels"
+TEST_IMAGES, TEST_LABELS = "test/images", "test/labels"
+TEST_ATTACKED_IMAGES, TEST_ATTACKED_LABELS = "test_attacked/images", "test_attacked/labels"
+TEST_ATTACKED_GT, TEST_ATTACKED_INDEX = "test_attacked/gt", "test_attacked/index"
+TEST_BENIGN_INDEX, CLEAN_INDEX = "test_benign/index", "defense/clean_index"
+POISON_INDEX, ORIGINAL_IMAGES, ORIGINAL_LABELS = "train/poison_index", "train/original_images", "train/original_labels"
+NOISE_INDEX, NOISE_ORIGINAL_IMAGES = "train/noise_index", "train/noise_original_images"
 _LABEL_CHECK_BLOCK = 256
 
 
@@ -358,6 +366,24 @@ class SegFile:
     def length(self, split: str) -> int:
         return int(self.file[f"{split}/images"].shape[0])
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of array ``name``, without reading it."""
+        return tuple(self.file[name].shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.file[name].dtype
+
+    def arrays(self) -> dict[str, h5py.Dataset]:
+        """Every array of the file by path, in HDF5's visiting order (the handles close with the file)."""
+        out: dict[str, h5py.Dataset] = {}
+
+        def visit(name: str, obj: Any) -> None:  # returns None: a value would stop the visit
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj
+
+        self.file.visititems(visit)
+        return out
+
     @property
     def is_poisoned(self) -> bool:
         return self.attack is not None
@@ -427,65 +453,46 @@ def content_hash(f: h5py.File | str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class SegDataset(torch.utils.data.Dataset):
-    """Samples of one split as ``(image uint8 [H,W,3], label uint8 [H,W])`` tensors.
+def path(split: str, array: str) -> str:
+    """The path of ``array`` (``images``, ``labels``, ``gt``, ``index``, an attack's own) in group ``split``."""
+    return f"{split}/{array}"
 
-    Safe with ``num_workers > 0``: the HDF5 handle is opened lazily in each process.  Small splits
-    (``in_memory`` default: under 1 GiB) are read once into memory; otherwise ``__getitems__`` reads a
-    batch with one sorted h5py selection.  Conversion to float and normalization happen on the
-    device, in the trainer, where it is cheapest.
+
+class RowReader:
+    """Reads rows of one array of one file on demand, opening the file per call (no handle to keep or leak).
+
+    The defender's lazy view of the training set (:mod:`testbed.threat_model`): indexing like a numpy array
+    (ints, slices, ``...``, tuples, int or bool arrays, negative rows), without validating the file each time.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        split: str = "train",
-        indices: Iterable[int] | None = None,
-        in_memory: bool | None = None,
-    ) -> None:
-        self.path = str(path)
-        self.split = split
-        with open_dataset(path, check_labels=False) as f:
-            n = f.length(split) if f"{split}/images" in f else None
-            if n is None:
-                raise UserError(f"{path} has no split {split!r}")
-            nbytes = f.file[f"{split}/images"].nbytes + f.file[f"{split}/labels"].nbytes
-        self.indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(list(indices), dtype=np.int64)
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
-            raise UserError(f"indices out of range for {split} split of size {n}")
-        self.in_memory = nbytes < (1 << 30) if in_memory is None else in_memory
-        self._file: h5py.File | None = None
-        self._pid: int | None = None
-        self._images: np.ndarray | None = None
-        self._labels: np.ndarray | None = None
+    __slots__ = ("_path", "_name")
 
-    def __len__(self) -> int:
-        return int(self.indices.size)
+    def __init__(self, path: str | os.PathLike, name: str) -> None:
+        self._path = str(path)
+        self._name = name
 
-    def _arrays(self):
-        if self._pid != os.getpid():  # a fresh handle per worker process
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-            if self.in_memory:  # tensors once; rows are then views, as in TensorDataset
-                self._images = torch.from_numpy(self._file[f"{self.split}/images"][()])
-                self._labels = torch.from_numpy(self._file[f"{self.split}/labels"][()])
-            else:
-                self._images = self._file[f"{self.split}/images"]
-                self._labels = self._file[f"{self.split}/labels"]
-        return self._images, self._labels
+    def __call__(self, index: Any) -> np.ndarray:
+        with h5py.File(self._path, "r") as f:
+            ds = f[self._name]
+            if isinstance(index, (int, np.integer, slice)) or index is Ellipsis:
+                return ds[index]
+            if isinstance(index, tuple):
+                return ds[()][index] if len(ds) <= 4096 else ds[index]
+            idx = np.asarray(index)
+            if idx.dtype == bool:
+                idx = np.flatnonzero(idx)
+            idx = idx.astype(np.int64).reshape(-1)
+            idx = np.where(idx < 0, idx + len(ds), idx)
+            if idx.size == 0:
+                return np.empty((0,) + ds.shape[1:], ds.dtype)
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            return ds[uniq][inverse]
 
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])[0]
 
-    def __getitems__(self, items: Sequence[int]):
-        images, labels = self._arrays()
-        idx = self.indices[np.asarray(items, dtype=np.int64)]
-        if self.in_memory:
-            return [(images[j], labels[j]) for j in idx.tolist()]
-        x, y = torch.from_numpy(read_rows(images, idx)), torch.from_numpy(read_rows(labels, idx))
-        return list(zip(x, y))
+def __getattr__(name: str) -> Any:
+    """``h5data.SegDataset``: the torch view lives in :mod:`testbed.h5dataset`, imported only when asked for."""
+    if name == "SegDataset":
+        from testbed.h5dataset import SegDataset
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.update(_file=None, _pid=None, _images=None, _labels=None)
-        return state
+        return SegDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

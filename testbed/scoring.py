@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from testbed import progress
+from testbed import h5data, progress
 from testbed.errors import UserError
 from testbed.h5data import IGNORE_INDEX, open_dataset, read_rows
 from testbed.metrics import AttackMeter, ConfusionMatrix
@@ -349,7 +349,7 @@ def score_predictions(
 
 def _extra(f, name: str):
     """``/test_attacked/<name>`` (an attack's per-image array) or None; a length mismatch is a damaged file."""
-    key = f"test_attacked/{name}"
+    key = h5data.path("test_attacked", name)
     if key not in f.file:
         return None
     ds, n = f.file[key], f.length("test_attacked")
@@ -376,9 +376,9 @@ def score_model(
     model.to(device)
     with open_dataset(data_path) as f:
         h5 = f.file
-        attacked = "test_attacked/images" in h5
+        attacked = h5data.TEST_ATTACKED_IMAGES in h5
         if attacked:
-            for name in ("test_attacked/labels", "test_attacked/gt"):
+            for name in (h5data.TEST_ATTACKED_LABELS, h5data.TEST_ATTACKED_GT):
                 if name not in h5:
                     raise UserError(f"{f.path} has /test_attacked/images but no /{name}; re-create it with `testbed poison`")
         k = f.num_classes
@@ -387,18 +387,18 @@ def score_model(
         bins = params.get("distance_bins") if isinstance(params, dict) else None
         scorer = Scorer(f.classes, device, attacked=attacked, filtered=input_filter is not None,
                         distance_bins=bins if isinstance(bins, list) else None)
-        index = np.asarray(h5["test_benign/index"][()], dtype=np.int64) if "test_benign/index" in h5 else None
+        index = np.asarray(h5[h5data.TEST_BENIGN_INDEX][()], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in h5 else None
         if index is not None and index.size and (index.min() < 0 or index.max() >= f.length("test")):
             raise UserError(f"{f.path}: /test_benign/index points outside /test; re-create the file")
-        labels = h5["test/labels"]
+        labels = h5[h5data.TEST_LABELS]
         # every clean test image once: all of them for mIoU-B-all, those at /test_benign/index for mIoU-B
         in_set = None if index is None else np.isin(np.arange(f.length("test")), index)
-        for s, e, x, pred in _iter_predictions(model, h5["test/images"], device, batch_size, None, k, "score benign"):
+        for s, e, x, pred in _iter_predictions(model, h5[h5data.TEST_IMAGES], device, batch_size, None, k, "score benign"):
             rejected = _filter_mask(input_filter, x) if input_filter is not None else None
             scorer.update_benign(pred, _rows(labels, None, s, e), rejected, None if in_set is None else in_set[s:e])
         if attacked:
-            target, gt = h5["test_attacked/labels"], h5["test_attacked/gt"]
-            for s, e, x, pred in _iter_predictions(model, h5["test_attacked/images"], device, batch_size, None, k,
+            target, gt = h5[h5data.TEST_ATTACKED_LABELS], h5[h5data.TEST_ATTACKED_GT]
+            for s, e, x, pred in _iter_predictions(model, h5[h5data.TEST_ATTACKED_IMAGES], device, batch_size, None, k,
                                                    "score attacked"):
                 rejected = _filter_mask(input_filter, x) if input_filter is not None else None
                 scorer.update_attacked(pred, np.asarray(target[s:e]), np.asarray(gt[s:e]), rejected,

@@ -344,5 +344,5 @@ def make_synth_dataset(
     train = _scenes(n_train, size, seed, stream=0)
     test = _scenes(n_test, size, seed, stream=1)
     source = {"generator": GENERATOR, "n_train": int(n_train), "n_test": int(n_test), "size": int(size), "seed": int(seed)}
-    arrays = {"train/images": train[0], "train/labels": train[1], "test/images": test[0], "test/labels": test[1]}
+    arrays = {h5data.TRAIN_IMAGES: train[0], h5data.TRAIN_LABELS: train[1], h5data.TEST_IMAGES: test[0], h5data.TEST_LABELS: test[1]}
     return h5data.write_dataset(out, arrays, SYNTH_CLASSES, source=source, compression=compression)

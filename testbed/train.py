@@ -1,4 +1,4 @@
-"""Training a segmentation model on the ``/train`` split of a dataset file (SPEC §7).
+"""Training a segmentation model on the ``/train`` split of a dataset file (docs/metrics.md; settings: `testbed train --help`).
 
 One plain loop, in the spirit of torchvision's references/segmentation: SGD or AdamW, a poly or one-cycle
 schedule stepped per iteration, AMP + channels_last on CUDA, DDP under ``torchrun``.  Reproducibility is
@@ -6,19 +6,15 @@ built in rather than bolted on: every random stream (model init, shuffle, flip, 
 ``(seed, epoch, rank)`` at the start of each epoch, so a run resumed from an epoch checkpoint needs no RNG
 state and ends with the same bytes on CPU as an uninterrupted one.
 
-RUN/ layout: ``model.safetensors``, ``config.json``, ``train_log.jsonl``, ``metrics.json``, ``checkpoint.pt``.
+The settings live in :mod:`testbed.train_config`, the run directory (lock, resume decision, checkpoint I/O) in
+:mod:`testbed.train_rundir`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
-import io
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,116 +30,14 @@ from testbed import atomic, h5data
 from testbed import progress as progress_mod
 from testbed.device import resolve_device
 from testbed.errors import UserError
-from testbed.guards import RunLock, check_outputs
+from testbed.guards import check_outputs
+from testbed.jsonutil import jsonable
+from testbed.train_config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
+from testbed.train_rundir import (CHECKPOINT, RUN_FILES, clear_run_dir, locked_run_dir, plan_run_dir, save_checkpoint,
+                                  versions, write_log)
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("poly", "onecycle")
-CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("model.safetensors", "config.json", "train_log.jsonl", "metrics.json", CHECKPOINT)
-DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.02}
-# Fields that may change between a run and its --resume without changing the numbers it computes.
-_RESUME_FREE = ("device", "num_workers", "log_every")
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; stored in ``config.json`` so a run can be repeated exactly.
-
-    ``lr=None`` takes the optimizer's default (AdamW 2e-3, SGD 0.02), meant for the tiny models on 64×64
-    synthetic scenes.  ``amp``/``channels_last`` ``"auto"`` means on for CUDA, off on CPU; ``amp`` may
-    also name the dtype, ``"bf16"`` or ``"fp16"`` (the latter with a GradScaler).
-    ``batch_size`` is per process (as in torchvision's references) under ``torchrun``.
-    """
-
-    model: str = "deeplabv3_tiny"
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float | None = None
-    optimizer: str = "adamw"
-    schedule: str = "onecycle"
-    warmup: float = 0.1  # fraction of all steps spent warming up the learning rate
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | str = "auto"
-    channels_last: bool | str = "auto"
-    aux_loss: bool = False
-    aux_weight: float = 0.5
-    num_workers: int = 0
-    hflip: bool = True
-    log_every: int = 20
-    backbone_weights: str | None = None
-
-    def __post_init__(self) -> None:
-        self.optimizer = str(self.optimizer).lower()
-        self.schedule = str(self.schedule).lower()
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use one of: {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; use one of: {', '.join(SCHEDULES)}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.optimizer]
-        checks = [
-            (_is_int(self.epochs) and self.epochs >= 1, f"--epochs must be an integer >= 1, got {self.epochs!r}"),
-            (_is_int(self.batch_size) and self.batch_size >= 1, f"--batch-size must be an integer >= 1, got {self.batch_size!r}"),
-            (_finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr!r}"),
-            (_finite(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay!r}"),
-            (_finite(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum!r}"),
-            (_finite(self.warmup) and 0 <= self.warmup < 1, f"--warmup must be a fraction in [0, 1), got {self.warmup!r}"),
-            (_finite(self.aux_weight) and self.aux_weight >= 0, f"--aux-weight must be >= 0, got {self.aux_weight!r}"),
-            (_is_int(self.num_workers) and self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers!r}"),
-            (_is_int(self.log_every) and self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every!r}"),
-            (_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed!r}"),
-        ]
-        checks += [  # booleans are booleans: hflip = "no" in a zoo spec must not mean "flip"
-            (isinstance(self.hflip, bool), f"hflip must be true or false (--no-hflip), got {self.hflip!r}"),
-            (isinstance(self.aux_loss, bool), f"aux_loss must be true or false (--aux-loss), got {self.aux_loss!r}"),
-            (isinstance(self.amp, (bool, str)), f"amp must be true, false, \"auto\", \"bf16\" or \"fp16\", got {self.amp!r}"),
-            (isinstance(self.channels_last, (bool, str)),
-             f"channels_last must be true, false or \"auto\", got {self.channels_last!r}"),
-            (self.backbone_weights is None or isinstance(self.backbone_weights, str),
-             f"backbone_weights must be \"imagenet\" or a file path, got {self.backbone_weights!r}"),
-            (isinstance(self.model, str), f"model must be a model name, got {self.model!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
-        for name in ("amp", "channels_last"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                words = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
-                if name == "amp":
-                    words.update(bf16="bf16", fp16="fp16")
-                value = words.get(value.lower())
-                if value is None:
-                    raise UserError(f"{name} must be one of {', '.join(words)}, got {getattr(self, name)!r}")
-                setattr(self, name, value)
-        from testbed import models  # late: models/ is heavy and optional for config handling
-
-        if self.model not in models.available():
-            import difflib
-
-            close = difflib.get_close_matches(self.model, models.available(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"unknown model {self.model!r}{hint}; available: {', '.join(models.available())}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Rebuild from ``config.json["train"]``; keys this version does not know are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(x)
+__all__ = ["CHECKPOINT", "DEFAULT_LR", "OPTIMIZERS", "RUN_FILES", "SCHEDULES", "TrainConfig", "indices_digest",
+           "lr_factor", "make_optimizer", "make_scheduler", "seg_loss", "train"]
 
 
 def _mix(*parts: Any) -> int:
@@ -289,151 +183,6 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     )
 
 
-# -- run directory -----------------------------------------------------------------------------
-def _versions() -> dict[str, str]:
-    import torchvision
-
-    from testbed import __version__
-
-    return {
-        "segbackdoor": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": sys.version.split()[0],
-    }
-
-
-def _resume_key(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg_dict.items() if k not in _RESUME_FREE}
-
-
-class _KeepError(io.RawIOBase):
-    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into an opaque
-    RuntimeError ("unexpected pos ..."), so a full disk would otherwise not be recognisable."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    with atomic.atomic_file(path) as tmp, open(tmp, "wb") as raw:
-        sink = _KeepError(raw)
-        try:
-            torch.save(state, sink)
-        except RuntimeError:
-            if sink.error is not None:
-                raise sink.error from None  # atomic_file words it as one line ("cannot write ...: No space left")
-            raise
-
-
-@contextlib.contextmanager
-def _locked_run_dir(out: Path, dist: _Dist) -> Iterator[None]:
-    """RUN/ created when missing and locked (rank 0) for the whole run: a second trainer stops naming the holder.
-
-    A run that fails before its first checkpoint leaves nothing behind when this call created RUN/.
-    """
-    if not dist.is_main:
-        yield
-        return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory path")
-    try:
-        out.mkdir(parents=True)
-        created = True
-    except FileExistsError:
-        created = False
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror or e}); choose a writable location") from None
-    try:
-        with RunLock(out):
-            yield
-    except BaseException:
-        if created and not (out / CHECKPOINT).is_file():
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping: no partial output
-        raise
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """Our own checkpoint, read without unpickling arbitrary objects."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means the file is not a checkpoint we can trust
-        raise UserError(
-            f"{path} is not a readable training checkpoint ({type(e).__name__}); start again with --overwrite"
-        ) from None
-
-
-def _plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """Decide what to do with RUN/ (read-only): returns the checkpoint to resume from, or None for a fresh run."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory path")
-    stale = {t for name in RUN_FILES for t in out.glob(f".{name}.*.tmp")} if out.is_dir() else set()
-    # a killed run's temp files and our own lock don't count
-    present = out.is_dir() and any(p not in stale and p.name != RunLock.NAME for p in out.iterdir())
-    ckpt_path = out / CHECKPOINT
-    if resume:
-        if not ckpt_path.is_file():
-            raise UserError(f"--resume: {out} holds no {CHECKPOINT} to continue from; run without --resume to start")
-        ckpt = _load_checkpoint(ckpt_path)
-        saved = ckpt.get("identity", {})
-        if _resume_key(saved.get("train", {})) != _resume_key(identity["train"]) or {
-            k: v for k, v in saved.items() if k != "train"
-        } != {k: v for k, v in identity.items() if k != "train"}:
-            diff = _describe_diff(saved, identity)
-            raise UserError(
-                f"--resume: {out} was started with different settings ({diff}); repeat the original ones or use --overwrite"
-            )
-        return ckpt
-    if present and not overwrite:
-        hint = " (it looks like an unfinished run: add --resume)" if ckpt_path.is_file() and not (out / "model.safetensors").exists() else ""
-        raise UserError(f"--out {out} already holds files{hint}; use --overwrite to replace it or choose another directory")
-    return None
-
-
-def _describe_diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
-    diffs = []
-    st, nt = _resume_key(saved.get("train", {})), _resume_key(now["train"])
-    for k in sorted(set(st) | set(nt)):
-        if st.get(k) != nt.get(k):
-            diffs.append(f"{k}: {st.get(k)!r} then, {nt.get(k)!r} now")
-    for k in sorted((set(saved) | set(now)) - {"train"}):
-        if saved.get(k) != now.get(k):
-            diffs.append(f"{k} differs")
-    return "; ".join(diffs[:4]) or "unknown difference"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _write_log(out: Path, log: list[dict[str, Any]]) -> None:
-    atomic.write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
-
 
 def _score(model: nn.Module, data_path: Path, device: torch.device, batch_size: int) -> dict[str, Any] | None:
     try:
@@ -442,6 +191,7 @@ def _score(model: nn.Module, data_path: Path, device: torch.device, batch_size: 
         print("testbed: warning: testbed.scoring is not available; metrics.json not written", file=sys.stderr)
         return None
     return score_model(model, data_path, device=device, batch_size=batch_size)
+
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -473,7 +223,16 @@ def train(
             torch.distributed.destroy_process_group()
 
 
-def _train(models, data_path, out, cfg, dist, device, resume, train_indices, progress, overwrite, score) -> Path:
+@dataclass
+class _Precision:
+    """How the arithmetic runs: autocast on/off and its dtype, and the memory format of images and weights."""
+
+    amp: bool
+    dtype: torch.dtype
+    channels_last: bool
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> _Precision:
     use_cuda = device.type == "cuda"
     amp = use_cuda if cfg.amp == "auto" else bool(cfg.amp)
     if amp and not use_cuda:
@@ -483,11 +242,15 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
         amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
     else:  # bf16 needs no loss scaling; fp16 (older GPUs) gets a GradScaler
         amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    return _Precision(amp, amp_dtype, channels_last)
 
+
+def _train_data(data_path: Path, train_indices, cfg: TrainConfig, dist: _Dist):
+    """The dataset file's facts, the (sub)set trained on, and the batch size actually used."""
     with h5data.open_dataset(data_path) as f:
-        classes, num_classes, n_total = f.classes, f.num_classes, f.length("train")
-        image_size = f.image_size
-        data_hash, attack = f.content_hash(), f.attack
+        info = {"classes": f.classes, "num_classes": f.num_classes, "n_total": f.length("train"),
+                "image_size": f.image_size, "data_hash": f.content_hash(), "attack": f.attack}
+    n_total = info["n_total"]
     indices = None
     if train_indices is not None:
         indices = np.asarray(train_indices, dtype=np.int64).reshape(-1)
@@ -499,121 +262,148 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
     if per_rank < 2:
         raise UserError(f"{data_path}: only {n} training sample(s) for {dist.world_size} process(es); training needs at least 2 per process")
     batch = min(cfg.batch_size, per_rank)  # BatchNorm needs > 1 sample; never drop every batch
+    return info, indices, dataset, batch
 
+
+def _train(models, data_path, out, cfg, dist, device, resume, train_indices, progress, overwrite, score) -> Path:
+    prec = _precision(cfg, device)
+    info, indices, dataset, batch = _train_data(data_path, train_indices, cfg, dist)
     identity = {
         "train": cfg.to_dict(),
-        "dataset_hash": data_hash,
+        "dataset_hash": info["data_hash"],
         "train_indices": None if indices is None else {"count": int(indices.size), "sha256": indices_digest(indices)},
         "world_size": dist.world_size,
     }
     check_outputs({"--out": out}, {"the training data": data_path})
-    with _locked_run_dir(out, dist):
-        ckpt = _plan_run_dir(out, resume, overwrite, identity)
+    with locked_run_dir(out, dist):
+        ckpt = plan_run_dir(out, resume, overwrite, identity)
         dist.barrier()  # every rank has read RUN/ before rank 0 changes it
         if dist.is_main:
-            for name in RUN_FILES:
-                for stale in out.glob(f".{name}.*.tmp"):  # temp files of a killed process (SIGKILL, power loss)
-                    stale.unlink(missing_ok=True)
-                if ckpt is None:
-                    (out / name).unlink(missing_ok=True)
+            clear_run_dir(out, resuming=ckpt is not None)
         dist.barrier()
-
         ckpt_path = out / CHECKPOINT
         try:
-            # model, seeded
-            torch.manual_seed(cfg.seed)
-            try:
-                model = models.create(cfg.model, num_classes, aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
-                models.check_input_size(model, image_size)  # e.g. smp encoders need sides divisible by 32
-            except ValueError as e:  # unknown model, unusable backbone weights, an image size the model cannot take
-                raise UserError(str(e)) from None
-            model.to(device)
-            if channels_last:
-                model.to(memory_format=torch.channels_last)
-            net: nn.Module = model
-            if dist.enabled:
-                net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-
-            if dist.enabled:
-                sampler = torch.utils.data.DistributedSampler(
-                    dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed % 2**31, drop_last=False
-                )
-            else:
-                sampler = _ShuffleSampler(n, cfg.seed)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
-                collate_fn=_collate, pin_memory=use_cuda, persistent_workers=cfg.num_workers > 0,
-            )
-            steps_per_epoch = len(loader)
+            model, net = _build_model(models, cfg, info, device, prec, dist)
+            loader, sampler = _make_loader(dataset, cfg, batch, dist, device)
             opt = make_optimizer(model.parameters(), cfg)
-            sched = make_scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
-            scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-
-            start_epoch, log, elapsed = 0, [], 0.0
-            if ckpt is not None:
-                model.load_state_dict(ckpt["model"])
-                opt.load_state_dict(ckpt["optimizer"])
-                sched.load_state_dict(ckpt["scheduler"])
-                if ckpt.get("scaler"):
-                    scaler.load_state_dict(ckpt["scaler"])
-                start_epoch, log, elapsed = int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
-
-            show = progress and dist.is_main
-            for epoch in range(start_epoch, cfg.epochs):
-                record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
-                                    amp, amp_dtype, channels_last, show, ckpt_path)
-                elapsed += record["seconds"]
-                log.append(record)
-                if dist.is_main:
-                    state = {
-                        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "epoch": epoch + 1,
-                        "log": log, "elapsed": elapsed, "identity": identity,
-                    }
-                    _save_checkpoint(state, ckpt_path)
-                    _write_log(out, log)
-                    if show:
-                        _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
-                             f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
-                dist.barrier()
+            sched = make_scheduler(opt, cfg, len(loader) * cfg.epochs)
+            scaler = torch.amp.GradScaler("cuda", enabled=prec.amp and prec.dtype == torch.float16)
+            state = _resume_state(ckpt, model, opt, sched, scaler)
+            log, elapsed = _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, prec,
+                                progress and dist.is_main, out, identity, state)
             if dist.is_main:
-                model.eval()
-                config = {
-                    "format": "segbackdoor-run",
-                    "model": cfg.model,
-                    "num_classes": num_classes,
-                    "classes": classes,
-                    "aux_loss": cfg.aux_loss,
-                    "train": cfg.to_dict(),
-                    "train_indices": identity["train_indices"],
-                    "dataset": {"path": str(data_path.resolve()), "content_hash": data_hash, "attack": attack,
-                                "num_train": n_total, "num_used": n},
-                    "versions": _versions(),
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),  # CPU results depend on it (same threads ⇒ same bytes)
-                    "world_size": dist.world_size,
-                    "amp": (str(amp_dtype).removeprefix("torch.") if amp else False),
-                    "channels_last": channels_last,
-                    "batch_size_used": batch,
-                    "training_seconds": round(elapsed, 3),
-                    "final_loss": log[-1]["loss"] if log else None,
-                }
-                from testbed.runs import save_model
-
-                save_model(model, config, out)
-                if score:
-                    metrics = _score(model, data_path, device, max(32, cfg.batch_size))
-                    if metrics is not None:
-                        atomic.write_json(out / "metrics.json", _jsonable(metrics))
+                facts = {"n_used": len(dataset), "batch": batch, "elapsed": elapsed, "log": log}
+                _finish(model, cfg, out, data_path, device, dist, prec, identity, info, facts, score)
         except BaseException as e:
-            if dist.is_main:
-                if isinstance(e, KeyboardInterrupt) and ckpt_path.is_file():
-                    done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
-                    print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
-                          f"{ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
+            if dist.is_main and isinstance(e, KeyboardInterrupt) and ckpt_path.is_file():
+                done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
+                print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
+                      f"{ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
             raise
     dist.barrier()
     return out
+
+
+def _build_model(models, cfg: TrainConfig, info: dict[str, Any], device: torch.device, prec: _Precision,
+                 dist: _Dist) -> tuple[nn.Module, nn.Module]:
+    """The model, seeded from ``cfg.seed``, on the device; and what the loop calls (DDP-wrapped under torchrun)."""
+    torch.manual_seed(cfg.seed)
+    try:
+        model = models.create(cfg.model, info["num_classes"], aux_loss=cfg.aux_loss, backbone_weights=cfg.backbone_weights)
+        models.check_input_size(model, info["image_size"])  # e.g. smp encoders need sides divisible by 32
+    except ValueError as e:  # unknown model, unusable backbone weights, an image size the model cannot take
+        raise UserError(str(e)) from None
+    model.to(device)
+    if prec.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net
+
+
+def _make_loader(dataset, cfg: TrainConfig, batch: int, dist: _Dist, device: torch.device):
+    if dist.enabled:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed % 2**31, drop_last=False
+        )
+    else:
+        sampler = _ShuffleSampler(len(dataset), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+    )
+    return loader, sampler
+
+
+def _resume_state(ckpt, model, opt, sched, scaler) -> tuple[int, list[dict[str, Any]], float]:
+    """``(start_epoch, log, elapsed)``: from the checkpoint (whose states are loaded), or a fresh start."""
+    if ckpt is None:
+        return 0, [], 0.0
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
+
+
+def _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, prec, show, out, identity,
+         state) -> tuple[list[dict[str, Any]], float]:
+    """The epochs from ``state``'s start on, each followed by a checkpoint (rank 0): the log and total seconds."""
+    start_epoch, log, elapsed = state
+    ckpt_path = out / CHECKPOINT
+    for epoch in range(start_epoch, cfg.epochs):
+        record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
+                            prec.amp, prec.dtype, prec.channels_last, show, ckpt_path)
+        elapsed += record["seconds"]
+        log.append(record)
+        if dist.is_main:
+            ckpt = {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "epoch": epoch + 1,
+                "log": log, "elapsed": elapsed, "identity": identity,
+            }
+            save_checkpoint(ckpt, ckpt_path)
+            write_log(out, log)
+            if show:
+                _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
+                     f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
+        dist.barrier()
+    return log, elapsed
+
+
+def _finish(model, cfg, out, data_path, device, dist, prec, identity, info, facts, score) -> None:
+    """Rank 0 after the last epoch: weights + config.json, then metrics.json when scoring is on."""
+    model.eval()
+    log = facts["log"]
+    config = {
+        "format": "segbackdoor-run",
+        "model": cfg.model,
+        "num_classes": info["num_classes"],
+        "classes": info["classes"],
+        "aux_loss": cfg.aux_loss,
+        "train": cfg.to_dict(),
+        "train_indices": identity["train_indices"],
+        "dataset": {"path": str(data_path.resolve()), "content_hash": info["data_hash"], "attack": info["attack"],
+                    "num_train": info["n_total"], "num_used": facts["n_used"]},
+        "versions": versions(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),  # CPU results depend on it (same threads ⇒ same bytes)
+        "world_size": dist.world_size,
+        "amp": (str(prec.dtype).removeprefix("torch.") if prec.amp else False),
+        "channels_last": prec.channels_last,
+        "batch_size_used": facts["batch"],
+        "training_seconds": round(facts["elapsed"], 3),
+        "final_loss": log[-1]["loss"] if log else None,
+    }
+    from testbed.runs import save_model
+
+    save_model(model, config, out)
+    if score:
+        metrics = _score(model, data_path, device, max(32, cfg.batch_size))
+        if metrics is not None:
+            atomic.write_json(out / "metrics.json", jsonable(metrics))
 
 
 def _say(msg: str) -> None:

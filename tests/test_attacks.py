@@ -1,4 +1,4 @@
-"""Attacks (SPEC §5, paper §2): T(y; A), the blended line G, sample selection and the poisoned file (SPEC §3).
+"""Attacks (docs/attacks.md, paper §2): T(y; A), the blended line G, sample selection and the poisoned file (docs/data-format.md).
 
 Expectations are computed here, independently of attacks/: pixel loops for T and G, Python sets for the
 selections, the clean file's own arrays for everything that must be copied unchanged.

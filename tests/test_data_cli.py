@@ -25,7 +25,7 @@ def small(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def poisoned(small, tmp_path_factory) -> Path:
-    """A poisoned file written by hand to SPEC §3 (independent of attacks/): 4 of 40 training samples."""
+    """A poisoned file written by hand to docs/data-format.md (independent of attacks/): 4 of 40 training samples."""
     with h5data.open_dataset(small) as f:
         arrays = {k: f[k] for k in ("train/images", "train/labels", "test/images", "test/labels")}
         parent = f.content_hash()

@@ -669,3 +669,14 @@ def test_help_prints_without_a_traceback(argv, capsys):
     outcome = run_main(argv + ["--help"], capsys)
     assert outcome.crashed is None and outcome.rc == 0, outcome
 
+
+
+def test_a_reader_that_leaves_the_pipe_early_is_not_an_error(tmp_path):
+    """`testbed data info d.h5 | head -1`: no "Broken pipe" error line, the shell's SIGPIPE status (141)."""
+    data = tmp_path / "d.h5"
+    assert main(["-q", "data", "synth", "--out", str(data), "--n-train", "8", "--n-test", "4", "--size", "32"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "data", "info", str(data)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

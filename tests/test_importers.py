@@ -14,7 +14,7 @@ from testbed.importers import ade20k_classes, import_ade20k, import_folder
 
 
 def _ade_mapping(raw: np.ndarray) -> np.ndarray:
-    """SPEC §4, written independently: 0 → 255, v → v−1."""
+    """docs/data-format.md (ADE20K import), written independently: 0 → 255, v → v−1."""
     out = raw.astype(np.int64) - 1
     out[raw == 0] = 255
     return out.astype(np.uint8)

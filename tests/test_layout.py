@@ -60,11 +60,11 @@ def test_every_package_folder_is_declared():
 # docs/architecture.md's layers, lowest first: a module may import only from its own layer or lower ones
 LAYERS = [
     ["errors", "atomic", "hashing", "procs", "jsonutil", "progress", "device", "plugins", "palette"],
-    ["h5data", "synth", "synth_draw", "importers", "imagefiles", "datastats"],
+    ["h5data", "h5dataset", "synth", "synth_draw", "importers", "imagefiles", "datastats"],
     ["models"],
     ["attacks"],
     ["metrics", "scoring", "stats"],
-    ["train", "runs", "guards", "provenance"],
+    ["train", "train_config", "train_rundir", "runs", "guards", "provenance"],
     ["defenses", "defense"],
     ["threat_model", "defense_runner", "defense_scoring", "defense_row", "variants", "attack_check"],
     ["bench", "bench_store", "bench_workers", "report", "report_markdown", "plots", "zoo", "demo",

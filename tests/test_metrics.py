@@ -1,4 +1,4 @@
-"""testbed.metrics against scikit-learn, torchmetrics and hand-worked examples (SPEC §7, paper §3.1)."""
+"""testbed.metrics against scikit-learn, torchmetrics and hand-worked examples (docs/metrics.md, paper §3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`testbed poison` (SPEC §5): the summary, the record, and every bad input → exit 2, one stderr line, no file."""
+"""`testbed poison` (docs/attacks.md): the summary, the record, and every bad input → exit 2, one stderr line, no file."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ ADE20K_NAMES = (Path(__file__).resolve().parents[1] / "testbed" / "ade20k_classe
 
 @pytest.fixture(scope="module")
 def draw():
-    """1000 scenes at 64×64 (the draw the SPEC's shares are measured on)."""
+    """1000 scenes at 64×64 (the draw docs/data-format.md states the class shares of)."""
     return synth_scenes(1000, size=64, seed=0)
 
 

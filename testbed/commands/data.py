@@ -198,19 +198,12 @@ def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: boo
     from testbed.datastats import split_stats, trigger_fidelity
 
     with h5data.open_dataset(path) as f:
-        arrays: dict[str, dict] = {}
-
-        def visit(name, obj):
-            import h5py
-
-            if isinstance(obj, h5py.Dataset):
-                arrays[name] = {"shape": list(obj.shape), "dtype": obj.dtype.name,
-                                "chunks": list(obj.chunks) if obj.chunks else None, "compression": obj.compression}
-
-        f.file.visititems(visit)
+        arrays: dict[str, dict] = {name: {"shape": list(obj.shape), "dtype": obj.dtype.name,
+                                          "chunks": list(obj.chunks) if obj.chunks else None,
+                                          "compression": obj.compression} for name, obj in f.arrays().items()}
         order = ("train", "test", "test_attacked")
         names = sorted((n.rsplit("/", 1)[0] for n in arrays if n.endswith("/images")), key=lambda s: (s not in order, order.index(s) if s in order else 0, s))
-        splits = {s: arrays[f"{s}/images"]["shape"][0] for s in names}
+        splits = {s: arrays[h5data.path(s, "images")]["shape"][0] for s in names}
         info: dict = {
             "path": str(path),
             "format": f.attrs["format"],
@@ -228,8 +221,8 @@ def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: boo
             "poison": None,
             "stats": None,
         }
-        if f.is_poisoned and "train/poison_index" in f:
-            n_poison = int(f.file["train/poison_index"].shape[0])
+        if f.is_poisoned and h5data.POISON_INDEX in f:
+            n_poison = f.shape(h5data.POISON_INDEX)[0]
             n_train = f.length("train")
             attack = f.attack or {}
             info["poison"] = {
@@ -237,13 +230,14 @@ def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: boo
                 "train_samples": n_train,
                 "achieved_rate": n_poison / max(1, n_train),
                 "requested_rate": attack.get("requested_rate", attack.get("rate")),
-                "clean_subset": int(f.file["defense/clean_index"].shape[0]) if "defense/clean_index" in f else None,
+                "clean_subset": f.shape(h5data.CLEAN_INDEX)[0] if h5data.CLEAN_INDEX in f else None,
                 "test_attacked": splits.get("test_attacked"),
-                "test_benign": int(f.file["test_benign/index"].shape[0]) if "test_benign/index" in f else None,
+                "test_benign": f.shape(h5data.TEST_BENIGN_INDEX)[0] if h5data.TEST_BENIGN_INDEX in f else None,
                 "trigger_fidelity": trigger_fidelity(f),
             }
         if stats:
-            info["stats"] = {s: split_stats(f, f"{s}/labels", show_progress).to_dict(f.classes) for s in ("train", "test")}
+            info["stats"] = {s: split_stats(f, h5data.path(s, "labels"), show_progress).to_dict(f.classes)
+                             for s in ("train", "test")}
     return info
 
 
@@ -303,26 +297,26 @@ def sample_panels(path: str | os.PathLike, split: str, index: int) -> tuple[list
     from testbed import h5data
 
     with h5data.open_dataset(path, check_labels=False) as f:
-        splits = [s for s in ("train", "test", "test_attacked") if f"{s}/images" in f]
+        splits = [s for s in ("train", "test", "test_attacked") if h5data.path(s, "images") in f]
         if split not in splits:
             raise UserError(f"{path} has no split {split!r}; choose one of: {', '.join(splits)}")
         n = f.length(split)
         if not 0 <= index < n:
             raise UserError(f"--index {index} is out of range: the {split} split of {path} has {n} samples (0..{n - 1})")
-        image = f.read(f"{split}/images", [index])[0]
-        label = f.read(f"{split}/labels", [index])[0]
+        image = f.read(h5data.path(split, "images"), [index])[0]
+        label = f.read(h5data.path(split, "labels"), [index])[0]
         if split == "test_attacked":
-            gt = f.read("test_attacked/gt", [index])[0]
-            src = int(f.read("test_attacked/index", [index])[0]) if "test_attacked/index" in f else None
+            gt = f.read(h5data.TEST_ATTACKED_GT, [index])[0]
+            src = int(f.read(h5data.TEST_ATTACKED_INDEX, [index])[0]) if h5data.TEST_ATTACKED_INDEX in f else None
             panels = [(f"attacked image (test {src})" if src is not None else "attacked image", image, False),
                       ("ground truth", gt, True), ("target label", label, True)]
-        elif split == "train" and "train/poison_index" in f:
-            pidx = f["train/poison_index"]
+        elif split == "train" and h5data.POISON_INDEX in f:
+            pidx = f[h5data.POISON_INDEX]
             hit = np.flatnonzero(pidx == index)
             if hit.size:
                 k = int(hit[0])
-                panels = [("benign image", f.read("train/original_images", [k])[0], False), ("poisoned image", image, False),
-                          ("benign label", f.read("train/original_labels", [k])[0], True), ("target label", label, True)]
+                panels = [("benign image", f.read(h5data.ORIGINAL_IMAGES, [k])[0], False), ("poisoned image", image, False),
+                          ("benign label", f.read(h5data.ORIGINAL_LABELS, [k])[0], True), ("target label", label, True)]
             else:
                 panels = [("image (not poisoned)", image, False), ("label", label, True)]
         else:

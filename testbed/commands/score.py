@@ -123,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
         check_outputs({"--out": args.out}, {"RUN/": args.run, "--data": args.data, "--before": args.before})
     before = _read_before(args.before) if args.before is not None else None
     if before is not None:
+        from testbed import h5data
         from testbed.h5data import open_dataset
 
         with open_dataset(args.data, check_labels=False) as f:
-            if "test_attacked/images" not in f:
+            if h5data.TEST_ATTACKED_IMAGES not in f:
                 raise UserError(f"{args.data} has no attacked test set, so DER_seg is undefined; "
                                 "score on the poisoned file or drop --before")
     model, config, device = load_scoring_run(args.run, args.data, args.device)

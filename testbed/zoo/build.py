@@ -10,16 +10,12 @@ skipped, an unfinished entry resumes from its last epoch checkpoint, work a live
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
-import traceback
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,20 +23,20 @@ from typing import Any, Callable
 from testbed import atomic
 from testbed.errors import UserError
 from testbed.zoo import manifest as mf
-from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, break_stale, me, zoo_lock
+from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
+from testbed.zoo.entries import build_entry, finish_stray, now, refresh_references, run_entry_safe, stale_references
+from testbed.zoo.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule, usable_cores
 from testbed.zoo.spec import ZooSpec, parse_spec
 
-POLL_S = 1.0
+__all__ = ["DEFAULT_STALE_AFTER", "DEFAULT_THREADS", "POLL_S", "BuildResult", "Executor", "InlineExecutor",
+           "ProcessExecutor", "auto_workers", "build", "build_entry", "check_out", "poisoned_name", "prepare",
+           "refresh_references", "run_entry_safe", "schedule", "stale_references", "usable_cores"]
+
 # Torch threads per entry unless told otherwise.  CPU results depend on the thread count (a convolution's
 # reductions are split per thread), so it is fixed per entry rather than derived from how many entries run
 # at once: a zoo built by one worker or by eight gives the same bytes.  One thread per process is also the
 # fastest use of a small CPU for tiny models (BENCHMARKS.md, P8).
 DEFAULT_THREADS = 1
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def auto_workers(threads: int = DEFAULT_THREADS, device: str = "auto") -> int:
@@ -63,10 +59,6 @@ class BuildResult:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -96,7 +88,7 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
                     atomic.write_json(record_path, {
                         "name": name, "file": f"data/{name}.h5", "sha256": mf.file_sha256(final),
                         "content_hash": content_hash(final), "bytes": final.stat().st_size,
-                        "definition": definition, "built": _now(),
+                        "definition": definition, "built": now(),
                     })
             finally:
                 claim.release()
@@ -271,319 +263,57 @@ def _check_plan(zoo: Path, spec: ZooSpec) -> dict[str, Any]:
     return plan
 
 
-# -- one entry ------------------------------------------------------------------------------------
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    old = path.read_text() if path.is_file() else ""
-    atomic.write_text(path, old + json.dumps(record) + "\n")
-
-
-def _epochs_done(run_dir: Path) -> int:
-    log = run_dir / "train_log.jsonl"
-    return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
-
-
-def _finish_stray(zoo: Path, entry_id: str) -> None:
-    """A builder killed right after done.json leaves the checkpoint behind; it is not part of the zoo."""
-    (mf.entry_dir(zoo, entry_id) / "checkpoint.pt").unlink(missing_ok=True)
-
-
-def _entry_files(edir: Path) -> dict[str, str]:
-    """The hashes done.json records: every file of a finished entry but done.json itself and the checkpoint."""
-    return {p.name: mf.file_sha256(p) for p in sorted(edir.iterdir())
-            if p.is_file() and not p.name.startswith(".") and p.name not in (mf.DONE, "checkpoint.pt")}
-
-
-def _score_references(zoo: Path, edir: Path, wanted: dict[str, str], dev: Any, batch_size: int) -> dict[str, Any]:
-    """A benign entry scored on each attack's test set (the paper's "Benign" rows), added to its reference.json.
-
-    ``wanted`` maps attack ids to dataset names; scores already in reference.json are kept, so a resumed build
-    only scores the attacks added to the grid since.  Returns the summaries of all of them.
-    """
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
-
-    if not wanted:
-        return {}
-    full = mf.read_json(edir / mf.REFERENCE) or {}
-    missing = {label: name for label, name in wanted.items() if label not in full}
-    if missing:
-        model, _ = load_run(edir, dev)
-        full.update({label: score_model(model, mf.dataset_file(zoo, name), dev, batch_size=max(32, batch_size))
-                     for label, name in missing.items()})
-        atomic.write_json(edir / mf.REFERENCE, _jsonable(full))
-    return {label: mf.summary(full[label]) for label in wanted}
-
-
-def stale_references(zoo: Path, entry_id: str) -> list[str]:
-    """Attack ids a finished benign entry has no reference scores for (attacks added to the grid after it was built)."""
-    row = mf.load_plan(zoo)["entries"][entry_id]
-    done = mf.read_json(mf.entry_dir(zoo, entry_id) / mf.DONE) or {}
-    have = done.get("reference") or {}
-    return [label for label in (row.get("reference") or {}) if label not in have]
-
-
-def refresh_references(zoo: Path, entry_id: str, device: str = "auto", threads: int | None = None,
-                       stale_after: float = DEFAULT_STALE_AFTER) -> list[str]:
-    """Score a finished benign entry on the attacks added since it was built; done.json and the manifest follow.
-
-    Returns the attack ids scored now (empty when nothing was stale or another builder holds the entry).
-    """
-    import torch
-
-    from testbed.device import resolve_device
-
-    zoo = Path(zoo)
-    edir = mf.entry_dir(zoo, entry_id)
-    claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
-    if not stale_references(zoo, entry_id) or not claim.acquire():
-        return []
-    previous_threads = torch.get_num_threads()
-    try:
-        missing = stale_references(zoo, entry_id)
-        problems = mf.entry_file_problems(zoo, entry_id)
-        if problems:  # never re-seal a tampered entry with fresh hashes
-            raise UserError(f"entry {entry_id}: {problems[0]}; not rescoring it: run `testbed zoo verify {zoo}`")
-        if threads:
-            torch.set_num_threads(int(threads))
-        row = mf.load_plan(zoo)["entries"][entry_id]
-        done = mf.read_json(edir / mf.DONE)
-        batch = int(row["definition"]["train"].get("batch_size", 8))
-        done["reference"] = _score_references(zoo, edir, row["reference"], resolve_device(device), batch)
-        _append_log(edir / mf.ZOO_LOG, {"event": "reference", "scored": missing, "time": _now(), **me()})
-        done["files"] = _entry_files(edir)  # reference.json and zoo_log.jsonl changed
-        atomic.write_json(edir / mf.DONE, _jsonable(done))
-    finally:
-        claim.release()
-        torch.set_num_threads(previous_threads)
-    mf.write_manifest(zoo, rescored={entry_id})
-    return missing
-
-
-def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", threads: int | None = None,
-                progress: bool = False, stale_after: float = DEFAULT_STALE_AFTER) -> dict[str, Any]:
-    """Train and score one entry unless it is finished or a live builder holds it.
-
-    Returns ``{"id", "status": "done"|"busy", ...}``; errors propagate (the scheduler records them).
-    """
-    import torch
-
-    from testbed.device import resolve_device
-
-    zoo = Path(zoo)
-    plan = mf.load_plan(zoo)
-    row = plan["entries"][entry_id]
-    d = row["definition"]
-    edir = mf.entry_dir(zoo, entry_id)
-    if (edir / mf.DONE).is_file():
-        return {"id": entry_id, "status": "done", "already": True}
-    claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
-    if not claim.acquire():
-        return {"id": entry_id, "status": "busy", "holder": {k: v for k, v in (claim.holder or {}).items() if not k.startswith("_")}}
-    t0 = time.time()
-    previous_threads = torch.get_num_threads()
-    try:
-        if (edir / mf.DONE).is_file():
-            return {"id": entry_id, "status": "done", "already": True}
-        if threads:
-            torch.set_num_threads(int(threads))  # the bytes depend on it: see DEFAULT_THREADS
-        dev = resolve_device(device)
-        edir.mkdir(parents=True, exist_ok=True)
-        existing = mf.read_json(edir / mf.ENTRY_DEF)
-        if existing is None:
-            atomic.write_json(edir / mf.ENTRY_DEF, d)
-        elif existing != d:
-            raise UserError(f"{edir}/{mf.ENTRY_DEF} describes other settings than plan.json; the zoo is inconsistent, use a new --out")
-        resume = (edir / "checkpoint.pt").is_file()
-        _append_log(edir / mf.ZOO_LOG, {"event": "start", "resume": resume, "from_epoch": _epochs_done(edir) if resume else 0,
-                                        "threads": torch.get_num_threads(), "time": _now(), **me()})
-        from testbed.runs import load_run
-        from testbed.scoring import score_model
-        from testbed.train import TrainConfig, train
-
-        cfg = TrainConfig(**{**d["train"], "device": str(dev)})
-        data = mf.dataset_file(zoo, row["data"])
-        try:
-            train(data, edir, cfg, resume=resume, overwrite=not resume, progress=progress, score=True)
-        except UserError as e:
-            if not (resume and ("--resume" in str(e) or "--overwrite" in str(e))):
-                raise
-            why = str(e).split("; ")[0]  # the trainer's own advice names its CLI flags, which do not apply here
-            raise UserError(f"entry {entry_id} cannot resume ({why}); delete {edir / 'checkpoint.pt'} to train it "
-                            "from the start, then run `testbed zoo build` again") from None
-        metrics = mf.read_json(edir / "metrics.json")
-        if metrics is None:  # the trainer could not score (no scorer installed): score here
-            model, _ = load_run(edir, dev)
-            metrics = score_model(model, data, dev, batch_size=max(32, cfg.batch_size))
-        reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
-        _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": _now(), "seconds": round(time.time() - t0, 3), **me()})
-        done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None,
-                "files": _entry_files(edir), "finished": _now(), "seconds": round(time.time() - t0, 3), "builder": me()}
-        atomic.write_json(edir / mf.DONE, _jsonable(done))
-        _finish_stray(zoo, entry_id)
-    finally:
-        claim.release()
-        torch.set_num_threads(previous_threads)
-    mf.write_manifest(zoo)
-    return {"id": entry_id, "status": "done", "metrics": mf.summary(metrics), "seconds": round(time.time() - t0, 1)}
-
-
-def _jsonable(obj: Any) -> Any:
-    """Scorer output → plain JSON (tensors/arrays to lists, NaN to None)."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def run_entry_safe(zoo: str, entry_id: str, device: str, threads: int | None, progress: bool,
-                   stale_after: float) -> dict[str, Any]:
-    """``build_entry`` that turns any failure into a result, so one bad entry does not stop the zoo."""
-    try:
-        return build_entry(zoo, entry_id, device, threads, progress, stale_after)
-    except UserError as e:
-        return {"id": entry_id, "status": "failed", "error": str(e)}
-    except Exception as e:  # noqa: BLE001 - reported per entry, with the traceback on stderr
-        traceback.print_exc(file=sys.stderr)
-        return {"id": entry_id, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-
-
-# -- scheduling -----------------------------------------------------------------------------------
-class Executor:
-    """What a backend provides: ``slots`` parallel entries, ``start(id) -> handle``, ``wait(handles, timeout)``."""
-
-    slots = 1
-
-    def start(self, entry_id: str) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def wait(self, handles: list[Any], timeout: float) -> list[tuple[Any, dict[str, Any]]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class InlineExecutor(Executor):
-    """One worker, this process (the default; the simplest to kill and resume)."""
-
-    def __init__(self, zoo: Path, device: str, threads: int | None, progress: bool, stale_after: float):
-        self.args = (str(zoo), device, threads, progress, stale_after)
-        self.results: dict[int, dict[str, Any]] = {}
-        self.n = 0
-
-    def start(self, entry_id: str) -> int:
-        zoo, device, threads, progress, stale_after = self.args
-        self.n += 1
-        self.results[self.n] = run_entry_safe(zoo, entry_id, device, threads, progress, stale_after)
-        return self.n
-
-    def wait(self, handles, timeout):
-        return [(h, self.results.pop(h)) for h in handles]
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
-    """Per-process setup: dies with its parent (a killed builder takes its workers along), its own GPU."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
-    except OSError:
-        pass
-    import torch
-
-    from testbed import progress
-
-    progress.set_quiet(quiet)
-    index = index_queue.get()
-    torch.set_num_threads(threads)
-    if device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{index % torch.cuda.device_count()}"
-    _WORKER.update(device=device, threads=threads)
-
-
-def _pool_task(zoo: str, entry_id: str, stale_after: float) -> dict[str, Any]:
-    return run_entry_safe(zoo, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
-
-
-class ProcessExecutor(Executor):
-    """``--workers N``: N spawned processes, each with ``torch.set_num_threads(threads)`` (default: cores // N)."""
-
-    def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool, threads: int | None = None):
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        from testbed.device import resolve_device
-
-        if device != "auto":
-            device = str(resolve_device(device))
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        for i in range(workers):
-            q.put(i)
-        threads = threads or max(1, usable_cores() // workers)
-        self.slots = workers
-        self.zoo, self.stale_after = str(zoo), stale_after
-        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(q, device, int(threads), quiet))
-        self._cf = cf
-
-    def start(self, entry_id: str):
-        return self.pool.submit(_pool_task, self.zoo, entry_id, self.stale_after)
-
-    def wait(self, handles, timeout):
-        done, _ = self._cf.wait(handles, timeout=timeout, return_when=self._cf.FIRST_COMPLETED)
-        out = []
-        for h in done:
-            try:
-                out.append((h, h.result()))
-            except Exception as e:  # noqa: BLE001 - a worker process died
-                out.append((h, {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}))
-        return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def schedule(ids: list[str], executor: Executor, report: Callable[[str, dict[str, Any]], None],
-             poll: float = POLL_S) -> None:
-    """Run every id to completion; entries a live builder elsewhere holds are retried every ``poll`` seconds."""
-    queue: deque[str] = deque(ids)
-    retry_at: dict[str, float] = {}
-    running: dict[Any, str] = {}
-    while queue or running:
-        now = time.time()
-        for _ in range(len(queue)):
-            if len(running) >= executor.slots:
-                break
-            eid = queue.popleft()
-            if retry_at.get(eid, 0.0) > now:
-                queue.append(eid)
-                continue
-            running[executor.start(eid)] = eid
-        if running:
-            for handle, result in executor.wait(list(running), timeout=poll):
-                eid = running.pop(handle)
-                result.setdefault("id", eid)
-                if result.get("status") == "busy":
-                    retry_at[eid] = time.time() + poll
-                    queue.append(eid)
-                else:
-                    report(eid, result)
-        elif queue:
-            time.sleep(max(0.05, min(retry_at.get(q, 0.0) for q in queue) - time.time()))
-
 
 # -- the whole zoo --------------------------------------------------------------------------------
 def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.1f}"
+
+
+def _check_build_args(backend: str, threads: Any, workers: Any, device: str, stale_after: Any, out: Path) -> int:
+    """Every flag refused before any work; returns the number of local workers (``"auto"`` resolved)."""
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend {backend!r} is not known; use local or ray")
+    if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
+    if workers == "auto":
+        workers = auto_workers(threads, device)
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        raise UserError(f"--workers must be an integer >= 1 or auto, got {workers!r}")
+    if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
+        raise UserError(f"--stale-after must be a positive number of seconds, got {stale_after!r}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: its parent directory {out.parent} does not exist; create it first")
+    return workers
+
+
+def _make_executor(out: Path, backend: str, ray_address: str | None, workers: int, device: str, stale_after: float,
+                   progress: bool, quiet: bool, threads: int) -> Executor:
+    from testbed import progress as progress_mod
+
+    if backend == "ray":
+        from testbed.zoo.ray_backend import RayExecutor
+
+        return RayExecutor(out, ray_address, device, stale_after, cpus_per_task=threads)
+    if workers == 1:
+        return InlineExecutor(out, device, threads, progress and not quiet, stale_after)
+    return ProcessExecutor(out, workers, device, stale_after, quiet or not progress_mod.enabled(), threads)
+
+
+def _skip_finished(out: Path, ids: list[str], result: BuildResult, device: str, threads: int, stale_after: float,
+                   say: Callable[[str], None]) -> list[str]:
+    """Entries finished before this build are skipped (benign ones rescored on new attacks); returns the rest."""
+    for eid in ids:
+        if (mf.entry_dir(out, eid) / mf.DONE).is_file():
+            finish_stray(out, eid)
+            result.skipped.append(eid)
+    todo = [eid for eid in ids if eid not in result.skipped]
+    for eid in result.skipped:  # a benign entry built before attacks were added to the grid: score it on them
+        scored = refresh_references(out, eid, device, threads, stale_after)
+        if scored:
+            say(f"{eid}: benign reference scores added for {', '.join(scored)}")
+    return todo
 
 
 def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int | str = 1, backend: str = "local",
@@ -598,21 +328,8 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
     from testbed import progress as progress_mod
 
     t0 = time.time()
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend {backend!r} is not known; use local or ray")
-    if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
-        raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
-    if workers == "auto":
-        workers = auto_workers(threads, device)
-    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
-        raise UserError(f"--workers must be an integer >= 1 or auto, got {workers!r}")
-    if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
-        raise UserError(f"--stale-after must be a positive number of seconds, got {stale_after!r}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: its parent directory {out.parent} does not exist; create it first")
+    workers = _check_build_args(backend, threads, workers, device, stale_after, out)
     spec = parse_spec(spec_path)
     if device != "auto":
         from testbed.device import resolve_device
@@ -624,15 +341,7 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
     prepare(spec, out, stale_after, say)
     ids = [e.id for e in spec.entries]
     result = BuildResult()
-    for eid in ids:
-        if (mf.entry_dir(out, eid) / mf.DONE).is_file():
-            _finish_stray(out, eid)
-            result.skipped.append(eid)
-    todo = [eid for eid in ids if eid not in result.skipped]
-    for eid in result.skipped:  # a benign entry built before attacks were added to the grid: score it on them
-        scored = refresh_references(out, eid, device, threads, stale_after)
-        if scored:
-            say(f"{eid}: benign reference scores added for {', '.join(scored)}")
+    todo = _skip_finished(out, ids, result, device, threads, stale_after, say)
     bar = progress_mod.bar(total=len(ids), desc="zoo", initial=len(result.skipped)) if progress else None
     if result.skipped:
         say(f"{len(result.skipped)}/{len(ids)} entries already built; {len(todo)} to go")
@@ -651,14 +360,7 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
             bar.update(1)
 
     if todo:
-        if backend == "ray":
-            from testbed.zoo.ray_backend import RayExecutor
-
-            executor: Executor = RayExecutor(out, ray_address, device, stale_after, cpus_per_task=threads)
-        elif workers == 1:
-            executor = InlineExecutor(out, device, threads, progress and not quiet, stale_after)
-        else:
-            executor = ProcessExecutor(out, workers, device, stale_after, quiet or not progress_mod.enabled(), threads)
+        executor = _make_executor(out, backend, ray_address, workers, device, stale_after, progress, quiet, threads)
         try:
             schedule(todo, executor, report)
         finally:

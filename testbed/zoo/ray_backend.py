@@ -1,6 +1,6 @@
 """``--backend ray``: the same entries as Ray tasks, one GPU each when the cluster has GPUs.
 
-Why Ray only schedules: every task runs :func:`testbed.zoo.build.build_entry`, which takes the same claim,
+Why Ray only schedules: every task runs :func:`testbed.zoo.entries.build_entry`, which takes the same claim,
 resumes from the same checkpoint and writes the same ``done.json`` and manifest as a local worker, so local
 and Ray builders can even work on one zoo together.  The zoo directory must therefore be on a filesystem
 every Ray node sees at the same path (NFS, Lustre, a shared volume), and the nodes must have segbackdoor
@@ -19,7 +19,7 @@ from testbed.errors import UserError
 def _ray_task(zoo: str, entry_id: str, device: str, cpus: int, stale_after: float) -> dict[str, Any]:
     import ray
 
-    from testbed.zoo.build import run_entry_safe
+    from testbed.zoo.entries import run_entry_safe
 
     if device == "auto":
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
