@@ -1,4 +1,4 @@
-"""Make docs/results.md: the built-in defenses against the demo's attacks over three seeds, from `testbed bench`.
+"""Make docs/results.md: the built-in defenses against the demo's attacks over seeds, from `testbed bench`.
 
 Usage:
     testbed zoo build examples/zoo-bench.toml --out zoo-bench/ --workers auto
@@ -138,19 +138,36 @@ def ranking_ablation(mean_rows: list[dict[str, Any]], max_rows: list[dict[str, A
                      "mIoU-B after (max)", "DER mean − max", "p (sign-flip)"], body)
 
 
+def zoo_settings(meta: dict[str, Any]) -> str:
+    """The data and training of the report's zoo, read from its entries (not assumed)."""
+    import testbed.zoo
+
+    try:
+        e = next(iter(testbed.zoo.open(meta["zoo"])))
+    except Exception as exc:  # the zoo moved or is gone: say so rather than guess
+        return f"(zoo {meta.get('zoo')!r} not readable here: {exc})"
+    t, d = e.config["train"], e.config["dataset"]
+    return (f"`{t['model']}`, {d.get('num_train')} train / {d.get('num_test')} test images, {t['epochs']} epochs, "
+            f"batch {t['batch_size']}")
+
+
 def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: list[str]) -> list[str]:
     rows = report["rows"]
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     meta = report.get("meta") or {}
-    seeds = sorted({(r.get("seed") if r.get("seed") is not None else r["model"].rsplit("--s", 1)[-1]) for r in rows})
-    out = ["# Results: the built-in defenses against BadNets and FGBA over three seeds (synthetic data)", "",
+    seeds = sorted({int(r["model"].rsplit("--s", 1)[-1]) for r in rows})
+    settings = list(dict.fromkeys(_setting(r) for r in rows))
+    errors = [r for r in rows if r.get("error")]
+    out = [f"# Results: the built-in defenses against BadNets and FGBA over {len(seeds)} seeds (synthetic data)", "",
            "Produced by `python docs/make_results.py` from these reports (the commands are in its docstring): "
            + ", ".join(f"`{s}`" for s in sources) + ".",
-           f"Models: the reference benchmark `examples/zoo-bench.toml` — the demo's `deeplabv3_tiny` settings (1000 train / "
-           f"200 test synthetic scenes at 64², 11 epochs, batch 8) for the benign model and six attack settings × "
-           f"seeds {', '.join(map(str, seeds))} = {len({r['model'] for r in rows})} models. Every defense with its default "
+           f"Models: zoo `{meta.get('zoo')}` — {zoo_settings(meta)}; settings {', '.join(settings)} × seeds "
+           f"{', '.join(map(str, seeds))} = {len({r['model'] for r in rows})} models. Every defense with its default "
            f"parameters, no time budget, {meta.get('threads')} torch thread(s) per model × defense pair, device "
-           f"{meta.get('device')}; machine: {machine()}.",
+           f"{meta.get('device')}. Generated on: {machine()} (run it on the machine that ran the benchmark).",
+           f"Failed runs: {len(errors)}" + ("" if not errors else " — " + "; ".join(
+               f"{r['model']} × {r['defense']}: {r['error']}" for r in errors)) + " (a failed run is left out of its "
+           "cells: n counts the seeds that ran).",
            "",
            "Cells: mean ± half-width of the 95% t-interval over the seeds [number of seeds]; percentages for ASR and "
            "mIoU-B, fractions for the rest. DER = [max(0, ΔASR) − max(0, ΔmIoU-B) + 1]/2 (0.5 = no effect, 1 = "

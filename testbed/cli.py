@@ -53,17 +53,34 @@ def os_error_message(e: OSError) -> str:
     return f"{where}{reason}; check the path, its permissions and the free disk space"
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output's reader has left (a flush fails with a broken pipe)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet:
         progress.set_quiet(True)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left is noticed here, not in the interpreter's final flush
+        return code
     except UserError as e:
         print(f"testbed: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `testbed data info d.h5 | head`: the reader left; stop quietly, as cat does
+    except BrokenPipeError as e:
+        if not _stdout_gone():  # another pipe (a worker, a socket): an OS error like any other
+            print(f"testbed: error: {os_error_message(e)}", file=sys.stderr)
+            return 2
+        # `testbed data info d.h5 | head`: the reader left; stop quietly, as cat does
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
         return 128 + 13  # SIGPIPE's conventional status

@@ -100,10 +100,12 @@ def _log(msg: str) -> None:
 
 
 def _identity(cfg: DemoConfig) -> dict:
-    """What the cached work/ depends on: a rerun with other settings must not reuse it."""
+    """What the cached work/ depends on: a rerun with other settings (or on another kind of device) must not reuse it."""
+    from testbed.device import resolve_device
+
     return {"layout": LAYOUT, "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "model": cfg.model,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, "threads": cfg.threads,
-            "train": dict(cfg.train_overrides)}
+            "device": resolve_device(cfg.device).type, "train": dict(cfg.train_overrides)}
 
 
 def _toml(value: Any) -> str:
@@ -147,6 +149,13 @@ def _check_settings(cfg: DemoConfig) -> None:
         parse_spec(Path("demo"), text=zoo_spec(cfg))
     except UserError as e:
         raise UserError(f"these demo settings cannot run: {str(e).removeprefix('demo: ')}") from None
+    from testbed.defenses.registry import load_defense
+
+    for name in cfg.defenses:  # a misspelt defense fails now, not after seven models have trained
+        try:
+            load_defense(name)
+        except UserError as e:
+            raise UserError(f"--defenses: {e}") from None
 
 
 def _prepare_work(out: Path, cfg: DemoConfig) -> Path:

@@ -173,6 +173,8 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "d"
     assert _exit_code(["-q", "demo", "--out", str(out), "--model", "deeplabv3_tiyn"]) == 2
     assert _exit_code(["-q", "demo", "--out", str(out), "--size", "7"]) == 2
+    assert _exit_code(["-q", "demo", "--out", str(out), "--defenses", "fine-pruning,strp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "did you mean 'deeplabv3_tiny'" in err[0] and "size" in err[1]
+    assert len(err) == 3 and "did you mean 'deeplabv3_tiny'" in err[0] and "size" in err[1]
+    assert "--defenses: unknown defense 'strp' (did you mean 'strip'?)" in err[2]
     assert not out.exists()

@@ -675,7 +675,8 @@ def test_a_reader_that_leaves_the_pipe_early_is_not_an_error(tmp_path):
     """`testbed data info d.h5 | head -1`: no "Broken pipe" error line, the shell's SIGPIPE status (141)."""
     data = tmp_path / "d.h5"
     assert main(["-q", "data", "synth", "--out", str(data), "--n-train", "8", "--n-test", "4", "--size", "32"]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "data", "info", str(data)], cwd=REPO,
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "data", "info", str(data)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()

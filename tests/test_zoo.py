@@ -485,4 +485,34 @@ def test_an_attack_added_to_a_built_zoo_gets_its_benign_reference_scores(tmp_pat
     assert sorted(full) == ["n1", "n1-half"]
     # the model itself was not retrained
     assert {n: (zoo / "entries" / benign / n).read_bytes() for n in before} == before
-    assert [r["event"] for r in zoo_log(zoo, benign)] == ["start", "finish", "reference"]
+    assert [r["event"] for r in zoo_log(zoo, benign)] == ["start", "finish"]  # only reference.json and done.json change
+    assert [r["scored"] for r in json.loads((zoo / "entries" / benign / "done.json").read_text())["rescored"]] == [["n1-half"]]
+
+
+def test_a_rescore_never_seals_a_file_changed_while_it_scored(tmp_path, monkeypatch):
+    """Tampering during the rescore (here: metrics.json edited while the model scores) is refused, not sealed."""
+    from testbed.zoo import build as zb
+    from testbed.zoo import entries
+
+    spec = tiny_spec(tmp_path, epochs=1)
+    zoo = tmp_path / "zoo"
+    assert zb.build(spec, zoo, device="cpu", progress=False, say=lambda m: None).ok
+    spec.write_text(spec.read_text().replace("[grid]", '[[attack]]\nid = "n1-half"\nattack = "fgba"\npreset = "n-to-1"\n'
+                                             'target = "wall"\ntrigger = "line"\nrate = 0.5\n[grid]')
+                    .replace('attack = ["benign", "n1"]', 'attack = ["benign", "n1", "n1-half"]'))
+    benign = "deeplabv3_tiny--benign--s0"
+    metrics = zoo / "entries" / benign / "metrics.json"
+    real = entries._score_references
+
+    def score_and_tamper(*args, **kwargs):
+        out = real(*args, **kwargs)
+        metrics.write_text(metrics.read_text().replace('"mIoU-B": ', '"mIoU-B": 9'))  # a flattering edit mid-rescore
+        return out
+
+    monkeypatch.setattr(entries, "_score_references", score_and_tamper)
+    from testbed.errors import UserError
+
+    with pytest.raises(UserError, match=f"entry {benign}: .*metrics.json.*not rescoring"):
+        zb.build(spec, zoo, device="cpu", progress=False, say=lambda m: None)
+    assert "n1-half" not in json.loads((zoo / "entries" / benign / "done.json").read_text())["reference"]
+    assert main(["zoo", "verify", str(zoo)]) == 1  # the edit is reported, not blessed

@@ -67,7 +67,8 @@ def register(subparsers) -> None:
                        description="Recompute the sha256 of every file the zoo uses (datasets and their records, "
                        "plan.json, every entry file) and the manifest's own checksum; print each problem (mismatch, "
                        "missing file, unlisted or hidden file, leftover claim, symbolic link, path leaving the zoo, "
-                       "malformed or tampered manifest, unfinished entry) and exit 1 if there is any.",
+                       "malformed or tampered manifest, unfinished entry, benign entry with stale reference scores) and exit 1 if "
+                       "there is any.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VERIFY_EXAMPLES)
     v.add_argument("zoo", type=Path, help="zoo directory")
     v.set_defaults(func=run_verify)

@@ -18,7 +18,7 @@ from testbed import atomic
 from testbed.errors import UserError
 from testbed.jsonutil import jsonable
 from testbed.zoo import manifest as mf
-from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, me
+from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, me, zoo_lock
 
 
 def now() -> str:
@@ -46,25 +46,24 @@ def _entry_files(edir: Path) -> dict[str, str]:
             if p.is_file() and not p.name.startswith(".") and p.name not in (mf.DONE, "checkpoint.pt")}
 
 
-def _score_references(zoo: Path, edir: Path, wanted: dict[str, str], dev: Any, batch_size: int) -> dict[str, Any]:
-    """A benign entry scored on each attack's test set (the paper's "Benign" rows), added to its reference.json.
+def _score_references(zoo: Path, edir: Path, wanted: dict[str, str], dev: Any, batch_size: int) -> tuple[dict, dict]:
+    """A benign entry scored on each attack's test set (the paper's "Benign" rows), nothing written.
 
     ``wanted`` maps attack ids to dataset names; scores already in reference.json are kept, so a resumed build
-    only scores the attacks added to the grid since.  Returns the summaries of all of them.
+    only scores the attacks added to the grid since.  Returns (the full scores for reference.json, their summaries).
     """
     from testbed.runs import load_run
     from testbed.scoring import score_model
 
     if not wanted:
-        return {}
+        return {}, {}
     full = mf.read_json(edir / mf.REFERENCE) or {}
     missing = {label: name for label, name in wanted.items() if label not in full}
     if missing:
         model, _ = load_run(edir, dev)
         full.update({label: score_model(model, mf.dataset_file(zoo, name), dev, batch_size=max(32, batch_size))
                      for label, name in missing.items()})
-        atomic.write_json(edir / mf.REFERENCE, jsonable(full))
-    return {label: mf.summary(full[label]) for label in wanted}
+    return full, {label: mf.summary(full[label]) for label in wanted}
 
 
 def stale_references(zoo: Path, entry_id: str) -> list[str]:
@@ -93,23 +92,34 @@ def refresh_references(zoo: Path, entry_id: str, device: str = "auto", threads: 
     previous_threads = torch.get_num_threads()
     try:
         missing = stale_references(zoo, entry_id)
-        problems = mf.entry_file_problems(zoo, entry_id)
-        if problems:  # never re-seal a tampered entry with fresh hashes
-            raise UserError(f"entry {entry_id}: {problems[0]}; not rescoring it: run `testbed zoo verify {zoo}`")
+        if not missing:  # another builder refreshed it meanwhile
+            return []
+        _refuse_changed(zoo, entry_id)
         if threads:
             torch.set_num_threads(int(threads))
         row = mf.load_plan(zoo)["entries"][entry_id]
-        done = mf.read_json(edir / mf.DONE)
         batch = int(row["definition"]["train"].get("batch_size", 8))
-        done["reference"] = _score_references(zoo, edir, row["reference"], resolve_device(device), batch)
-        _append_log(edir / mf.ZOO_LOG, {"event": "reference", "scored": missing, "time": now(), **me()})
-        done["files"] = _entry_files(edir)  # reference.json and zoo_log.jsonl changed
-        atomic.write_json(edir / mf.DONE, jsonable(done))
+        full, summaries = _score_references(zoo, edir, row["reference"], resolve_device(device), batch)
+        with zoo_lock(zoo):  # the files, done.json and the manifest change together: no builder sees them half-way
+            _refuse_changed(zoo, entry_id)  # again: nothing may have changed while it scored
+            done = mf.read_json(edir / mf.DONE)
+            atomic.write_json(edir / mf.REFERENCE, jsonable(full))
+            done["reference"] = summaries
+            done["files"] = {**done["files"], mf.REFERENCE: mf.file_sha256(edir / mf.REFERENCE)}  # nothing else re-hashed
+            done["rescored"] = [*(done.get("rescored") or []), {"scored": missing, "time": now(), **me()}]
+            atomic.write_json(edir / mf.DONE, jsonable(done))
+            mf.write_manifest(zoo, rescored={entry_id}, locked=True)
     finally:
         claim.release()
         torch.set_num_threads(previous_threads)
-    mf.write_manifest(zoo, rescored={entry_id})
     return missing
+
+
+def _refuse_changed(zoo: Path, entry_id: str) -> None:
+    """Never re-seal a tampered entry with fresh hashes: its files must match the manifest before a rescore."""
+    problems = mf.entry_file_problems(zoo, entry_id)
+    if problems:
+        raise UserError(f"entry {entry_id}: {problems[0]}; not rescoring it: run `testbed zoo verify {zoo}`")
 
 
 def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", threads: int | None = None,
@@ -167,7 +177,9 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
         if metrics is None:  # the trainer could not score (no scorer installed): score here
             model, _ = load_run(edir, dev)
             metrics = score_model(model, data, dev, batch_size=max(32, cfg.batch_size))
-        reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
+        full, reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
+        if full:
+            atomic.write_json(edir / mf.REFERENCE, jsonable(full))
         _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": now(), "seconds": round(time.time() - t0, 3), **me()})
         done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None,
                 "files": _entry_files(edir), "finished": now(), "seconds": round(time.time() - t0, 3), "builder": me()}

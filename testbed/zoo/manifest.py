@@ -211,16 +211,21 @@ def _done_rows(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in manifest["entries"] if e.get("status") == "done"}
 
 
+def _without(files: dict[str, str], skip: set[str]) -> dict[str, str]:
+    return {k: v for k, v in files.items() if k not in skip}
+
+
 def _conflicts(old: dict[str, Any], new: dict[str, Any], rescored: Collection[str] = ()) -> list[str]:
     """What a new manifest would re-seal: finished work whose recorded hashes changed since the old one.
 
     ``rescored``: benign entries whose reference scores the builder itself just extended, after checking
-    their files against ``old`` (:func:`entry_file_problems`).
+    their files against ``old`` (:func:`entry_file_problems`): only their reference.json and done.json may differ.
     """
     out = []
     new_done = _done_rows(new)
     for eid, row in _done_rows(old).items():
-        if eid in new_done and eid not in rescored and new_done[eid]["files"] != row["files"]:
+        skip = {f"entries/{eid}/{REFERENCE}", f"entries/{eid}/{DONE}"} if eid in rescored else set()
+        if eid in new_done and _without(new_done[eid]["files"], skip) != _without(row["files"], skip):
             out.append(f"entry {eid}: its recorded files changed since the manifest was written (done.json edited?)")
     for name, rec in old["datasets"].items():
         if name in new["datasets"] and new["datasets"][name] != rec:
@@ -228,20 +233,23 @@ def _conflicts(old: dict[str, Any], new: dict[str, Any], rescored: Collection[st
     return out
 
 
-def write_manifest(zoo: Path, rescored: Collection[str] = ()) -> dict[str, Any]:
+def write_manifest(zoo: Path, rescored: Collection[str] = (), *, locked: bool = False) -> dict[str, Any]:
     """Recompute and atomically rewrite ``manifest.json`` (serialized across builders by the zoo lock).
 
     Refused when the result would re-seal tampering: a malformed result, or finished work whose recorded
-    hashes differ from those of the manifest it replaces (but the ``rescored`` entries, see :func:`_conflicts`).
+    hashes differ from those of the manifest it replaces (but the rescored files of ``rescored`` entries, see
+    :func:`_conflicts`).  ``locked``: the caller already holds :func:`zoo_lock` (it is not reentrant).
     """
     zoo = Path(zoo)
-    with zoo_lock(zoo):
-        old = _load_old(zoo)
-        manifest = collect(zoo)
-        problems = schema_problems(manifest) + (_conflicts(old, manifest, rescored) if old is not None else [])
-        if problems:
-            raise UserError(f"{zoo}: {problems[0]}; not rewriting {MANIFEST}: run `testbed zoo verify {zoo}`")
-        atomic.write_json(zoo / MANIFEST, manifest)
+    if not locked:
+        with zoo_lock(zoo):
+            return write_manifest(zoo, rescored, locked=True)
+    old = _load_old(zoo)
+    manifest = collect(zoo)
+    problems = schema_problems(manifest) + (_conflicts(old, manifest, rescored) if old is not None else [])
+    if problems:
+        raise UserError(f"{zoo}: {problems[0]}; not rewriting {MANIFEST}: run `testbed zoo verify {zoo}`")
+    atomic.write_json(zoo / MANIFEST, manifest)
     return manifest
 
 
