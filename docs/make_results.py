@@ -5,7 +5,9 @@ Usage:
     testbed bench --zoo zoo-bench/ --defense fine-pruning,strip,trigger-synthesis,activation-clustering,spectral-signature \\
         --workers 2 --threads 1 --out bench-ref/
     testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
-    python docs/make_results.py bench-ref/ [--fp-max bench-fp-max/] [--out docs/results.md]
+    testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers auto
+    testbed bench --zoo zoo-arch/ --defense fine-pruning,strip --workers 2 --threads 1 --out bench-arch/
+    python docs/make_results.py bench-ref/ [--fp-max bench-fp-max/] [--arch bench-arch/] [--out docs/results.md]
 
 Every table is computed here from the reports' results.json with testbed.stats (the same code as the report):
 mean ± half-width of the 95% t-interval over seeds [n], verdict rates with Wilson intervals, paired differences
@@ -147,11 +149,45 @@ def zoo_settings(meta: dict[str, Any]) -> str:
     except Exception as exc:  # the zoo moved or is gone: say so rather than guess
         return f"(zoo {meta.get('zoo')!r} not readable here: {exc})"
     t, d = e.config["train"], e.config["dataset"]
-    return (f"`{t['model']}`, {d.get('num_train')} train / {d.get('num_test')} test images, {t['epochs']} epochs, "
-            f"batch {t['batch_size']}")
+    return f"`{t['model']}`, {d.get('num_train')} training images, {t['epochs']} epochs, batch {t['batch_size']}"
 
 
-def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: list[str]) -> list[str]:
+def _family(row: dict[str, Any]) -> str:
+    return row["model"].split("--")[0]
+
+
+def architecture_table(ref_rows: list[dict[str, Any]], arch_rows: list[dict[str, Any]]) -> str:
+    """Each setting of the architecture zoo, per family (the reference zoo's CNN beside it), and their paired
+    difference by seed (same poisoned training set per seed): ASR and mIoU-B before, each defense's DER."""
+    settings = list(dict.fromkeys(_setting(r) for r in arch_rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in arch_rows))
+    pool = [r for r in ref_rows if _setting(r) in settings and r["defense"] in defenses and not r.get("error")]
+    pool += [r for r in arch_rows if not r.get("error")]
+    families = list(dict.fromkeys(_family(r) for r in pool))
+    metrics = [("ASR", lambda r: r["before"]["ASR"], 1), ("mIoU-B", lambda r: r["before"]["mIoU-B"], 1)]
+    metrics += [(f"DER {d}", (lambda d: lambda r: r["DER"] if r["defense"] == d else None)(d), 3) for d in defenses]
+    body = []
+    for s in settings:
+        for fam in families:
+            rs = [r for r in pool if _setting(r) == s and _family(r) == fam]
+            first = [r for r in rs if r["defense"] == defenses[0]]
+            body.append([s, fam, len(first)] + [_cell(first if not name.startswith("DER") else rs, get, nd)
+                                                 for name, get, nd in metrics])
+        if len(families) == 2:
+            line = [s, f"{families[1]} − {families[0]}", ""]
+            for name, get, nd in metrics:
+                by = {fam: {(r["model"].rsplit("--s", 1)[-1], r["defense"]): get(r) for r in pool
+                            if _setting(r) == s and _family(r) == fam} for fam in families}
+                keys = [k for k in by[families[1]] if k in by[families[0]] and (name.startswith("DER") or k[1] == defenses[0])]
+                diffs = [by[families[1]][k] - by[families[0]][k] for k in keys
+                         if by[families[1]][k] is not None and by[families[0]][k] is not None]
+                line.append(mean_pm(mean_interval(diffs), nd))
+            body.append(line)
+    return md_table(["setting", "model", "seeds", *[m[0] for m in metrics]], body)
+
+
+def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: list[str],
+             arch: dict[str, Any] | None = None) -> list[str]:
     rows = report["rows"]
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     meta = report.get("meta") or {}
@@ -187,7 +223,7 @@ def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: lis
                 "bound on what the filter does against the trigger.", ""]
     stats_md = detection_markdown(report.get("detection") or [])
     if stats_md:
-        out += [stats_md.replace("## ", "## Detection: ", 1), ""]
+        out += [stats_md, ""]
     comp = comparisons_markdown(report.get("comparisons") or [])
     if comp:
         out += [comp, ""]
@@ -196,6 +232,12 @@ def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: lis
                 "The same models, fine-pruning with `ranking=mean` (our default: Liu et al. prune the channels with the "
                 "lowest mean activation on clean data) and `ranking=max` (the largest activation over the image, as "
                 "BackdoorBench ranks them); paired by model.", "", ranking_ablation(rows, fp_max["rows"]), ""]
+    if arch is not None:
+        out += ["## Across architectures: tiny CNN vs tiny SegFormer", "",
+                "The segformer_tiny models of `examples/zoo-arch.toml` beside the reference zoo's deeplabv3_tiny models "
+                "with the same attack ids (same data, poisoned sets, training settings and seeds); the difference rows "
+                "pair the two families by seed (same poisoned training set).", "",
+                architecture_table(rows, arch["rows"]), ""]
     return out
 
 
@@ -203,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench", type=Path, help="the reference benchmark's report directory")
     ap.add_argument("--fp-max", type=Path, help="a report of fine-pruning with --param ranking=max on the same zoo")
+    ap.add_argument("--arch", type=Path, help="a report of the same defenses on the examples/zoo-arch.toml zoo")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.md")
     args = ap.parse_args(argv)
     report = read_report(args.bench / "results.json")
     fp_max = read_report(args.fp_max / "results.json") if args.fp_max else None
-    sources = [str(args.bench)] + ([str(args.fp_max)] if args.fp_max else [])
-    lines = document(report, fp_max, sources)
+    arch = read_report(args.arch / "results.json") if args.arch else None
+    sources = [str(p) for p in (args.bench, args.fp_max, args.arch) if p]
+    lines = document(report, fp_max, sources, arch)
     old = args.out.read_text() if args.out.exists() else ""
     notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
     atomic.write_text(args.out, "\n".join(lines) + "\n" + notes)

@@ -178,3 +178,17 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys):
     assert len(err) == 3 and "did you mean 'deeplabv3_tiny'" in err[0] and "size" in err[1]
     assert "--defenses: unknown defense 'strp' (did you mean 'strip'?)" in err[2]
     assert not out.exists()
+
+
+def test_architecture_spec_matches_the_reference_benchmark():
+    """examples/zoo-arch.toml's segformer entries pair with zoo-bench's deeplabv3 entries: same data, training, attacks."""
+    from testbed.zoo.spec import parse_spec
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    arch, bench = parse_spec(root / "zoo-arch.toml"), parse_spec(root / "zoo-bench.toml")
+    assert arch.data == bench.data and arch.train == bench.train
+    bench_variants = {v.label: v.params for v in bench.variants}
+    for v in arch.variants:
+        assert bench_variants[v.label] == v.params, v.label
+    assert {e.model for e in arch.entries} == {"segformer_tiny"} and sorted({e.seed for e in arch.entries}) == [0, 1, 2]
+    assert len(arch.entries) == 12
