@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 return rc
         budget = f" --budget-passes {args.budget_passes}" if args.budget_passes else ""
-        out += ["", f"Defenses (`testbed bench --zoo {args.zoo} --defense {DEFENSES}{budget}`; one seed)", ""]
+        ran = ",".join(json.loads((args.bench / "results.json").read_text())["meta"]["defenses"])
+        out += ["", f"Defenses (`testbed bench --zoo {args.zoo} --defense {ran}{budget}`; one seed; DER is n/a where the "
+                "attack did not implant, ASR before < 50%)", ""]
         out += defense_table(args.bench)
     print("\n".join(out))
     return 0
