@@ -6,7 +6,7 @@ Usage:
         --workers 2 --threads 1 --out bench-ref/
     testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
     testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers auto
-    testbed bench --zoo zoo-arch/ --defense fine-pruning,strip --workers 2 --threads 1 --out bench-arch/
+    testbed bench --zoo zoo-arch/ --defense fine-pruning,strip,trigger-synthesis --workers 2 --threads 1 --out bench-arch/
     python docs/make_results.py bench-ref/ [--fp-max bench-fp-max/] [--arch bench-arch/] [--out docs/results.md]
 
 Every table is computed here from the reports' results.json with testbed.stats (the same code as the report):
@@ -165,14 +165,19 @@ def architecture_table(ref_rows: list[dict[str, Any]], arch_rows: list[dict[str,
     pool += [r for r in arch_rows if not r.get("error")]
     families = list(dict.fromkeys(_family(r) for r in pool))
     metrics = [("ASR", lambda r: r["before"]["ASR"], 1), ("mIoU-B", lambda r: r["before"]["mIoU-B"], 1)]
-    metrics += [(f"DER {d}", (lambda d: lambda r: r["DER"] if r["defense"] == d else None)(d), 3) for d in defenses]
+    verdicts = [d for d in defenses if any(r["defense"] == d and r.get("verdict") for r in pool)]
+    metrics += [(f"DER {d}", (lambda d: lambda r: r["DER"] if r["defense"] == d else None)(d), 3)
+                for d in defenses if d not in verdicts]
+    defenses = [d for d in defenses if d not in verdicts] + verdicts
     body = []
     for s in settings:
         for fam in families:
             rs = [r for r in pool if _setting(r) == s and _family(r) == fam]
             first = [r for r in rs if r["defense"] == defenses[0]]
+            said = [[(r.get("verdict") or {}).get("status") for r in rs if r["defense"] == d] for d in verdicts]
             body.append([s, fam, len(first)] + [_cell(first if not name.startswith("DER") else rs, get, nd)
-                                                 for name, get, nd in metrics])
+                                                 for name, get, nd in metrics]
+                        + [f"{v.count('backdoored')}/{len(v)}" for v in said])
         if len(families) == 2:
             line = [s, f"{families[1]} − {families[0]}", ""]
             for name, get, nd in metrics:
@@ -182,8 +187,9 @@ def architecture_table(ref_rows: list[dict[str, Any]], arch_rows: list[dict[str,
                 diffs = [by[families[1]][k] - by[families[0]][k] for k in keys
                          if by[families[1]][k] is not None and by[families[0]][k] is not None]
                 line.append(mean_pm(mean_interval(diffs), nd))
-            body.append(line)
-    return md_table(["setting", "model", "seeds", *[m[0] for m in metrics]], body)
+            body.append(line + ["" for _ in verdicts])
+    return md_table(["setting", "model", "seeds", *[m[0] for m in metrics], *[f"{d}: said backdoored" for d in verdicts]],
+                    body)
 
 
 def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: list[str],
