@@ -117,20 +117,16 @@ def _finish_row(row: Any, job: PairJob, benign: bool, attack_params: dict[str, A
 
 def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[str, Any]:
     """Run one pair, write its files into ``REPORT/work/``, and return what the parent prints."""
-    import torch
-
     from testbed.bench_store import ReportStore, write_pair
     from testbed.defense_runner import run_defense
     from testbed.defenses.registry import load_defense
-    from testbed.device import resolve_device
+    from testbed.device import resolve_device, torch_threads
     from testbed.h5data import open_dataset
     from testbed.provenance import model_is_benign, trained_on
     from testbed.runs import load_config
 
     s, m = job.settings, job.model
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(s["threads"]))
-    try:
+    with torch_threads(int(s["threads"])):
         dev = resolve_device(s["device"])
         with open_dataset(m["data_path"], check_labels=False) as f:
             classes, poisoned, attack = list(f.classes), f.is_poisoned, f.attack
@@ -153,8 +149,6 @@ def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[
             close()
         _finish_row(row, job, benign, model_attack.get("params") if model_attack else None)
         write_pair(store.work, job.pid, row, classes, job.key)
-    finally:
-        torch.set_num_threads(previous)
     return {"status": "done", "id": job.pid, "error": row.error, "error_source": row.error_source,
             "traceback": (row.details or {}).get("traceback") if row.error else None, "row": row.to_json()}
 

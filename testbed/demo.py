@@ -293,10 +293,8 @@ def attack_rows(models: dict[str, Model], model_name: str) -> list[dict]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything; returns the results.json object."""
-    import torch
-
     from testbed.demo_figures import figures
-    from testbed.device import resolve_device
+    from testbed.device import resolve_device, torch_threads
     from testbed.zoo.build import auto_workers
 
     t0 = time.time()
@@ -311,9 +309,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     _check_settings(cfg)
     out = Path(cfg.out)
     work = _prepare_work(out, cfg)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # what this process computes (scores, figures) is fixed too
-    try:
+    with torch_threads(cfg.threads):  # what this process computes (scores, figures) is fixed too
         models, defense_rows = _build_and_defend(out, work, cfg, workers, device)
         rows = attack_rows(models, cfg.model)
         results = {
@@ -327,8 +323,6 @@ def run_demo(cfg: DemoConfig) -> dict:
             "seconds": round(time.time() - t0, 1),
         }
         made = figures(out, {name: (m.run, m.data) for name, m in models.items()}, device)
-    finally:
-        torch.set_num_threads(previous_threads)
     atomic.write_json(out / "results.json", results)
     atomic.write_text(out / "report.md", render_report(results, made))
     _log(f"done in {results['seconds']:.0f}s: {out / 'report.md'}")

@@ -374,3 +374,21 @@ def test_fused_optimizer_follows_torchs_reference_update(optimizer):
     else:
         ref = run(lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False))
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_threads_sets_and_always_restores():
+    """testbed.device.torch_threads: the block runs with the count asked for; the caller's count comes back, also
+    after an error; None leaves it alone (the zoo, bench workers and demo fix their thread count with it)."""
+    from testbed.device import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with torch_threads(2):
+            assert torch.get_num_threads() == 2
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

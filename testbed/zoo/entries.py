@@ -80,26 +80,22 @@ def refresh_references(zoo: Path, entry_id: str, device: str = "auto", threads: 
 
     Returns the attack ids scored now (empty when nothing was stale or another builder holds the entry).
     """
-    import torch
-
-    from testbed.device import resolve_device
+    from testbed.device import resolve_device, torch_threads
 
     zoo = Path(zoo)
     edir = mf.entry_dir(zoo, entry_id)
     claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
     if not stale_references(zoo, entry_id) or not claim.acquire():
         return []
-    previous_threads = torch.get_num_threads()
     try:
         missing = stale_references(zoo, entry_id)
         if not missing:  # another builder refreshed it meanwhile
             return []
         _refuse_changed(zoo, entry_id)
-        if threads:
-            torch.set_num_threads(int(threads))
         row = mf.load_plan(zoo)["entries"][entry_id]
         batch = int(row["definition"]["train"].get("batch_size", 8))
-        full, summaries = _score_references(zoo, edir, row["reference"], resolve_device(device), batch)
+        with torch_threads(threads):
+            full, summaries = _score_references(zoo, edir, row["reference"], resolve_device(device), batch)
         with zoo_lock(zoo):  # the files, done.json and the manifest change together: no builder sees them half-way
             _refuse_changed(zoo, entry_id)  # again: nothing may have changed while it scored
             done = mf.read_json(edir / mf.DONE)
@@ -111,7 +107,6 @@ def refresh_references(zoo: Path, entry_id: str, device: str = "auto", threads: 
             mf.write_manifest(zoo, rescored={entry_id}, locked=True)
     finally:
         claim.release()
-        torch.set_num_threads(previous_threads)
     return missing
 
 
@@ -130,7 +125,7 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
     """
     import torch
 
-    from testbed.device import resolve_device
+    from testbed.device import resolve_device, torch_threads
 
     zoo = Path(zoo)
     plan = mf.load_plan(zoo)
@@ -143,51 +138,48 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
     if not claim.acquire():
         return {"id": entry_id, "status": "busy", "holder": {k: v for k, v in (claim.holder or {}).items() if not k.startswith("_")}}
     t0 = time.time()
-    previous_threads = torch.get_num_threads()
-    try:
-        if (edir / mf.DONE).is_file():
-            return {"id": entry_id, "status": "done", "already": True}
-        if threads:
-            torch.set_num_threads(int(threads))  # the bytes depend on it: see DEFAULT_THREADS
-        dev = resolve_device(device)
-        edir.mkdir(parents=True, exist_ok=True)
-        existing = mf.read_json(edir / mf.ENTRY_DEF)
-        if existing is None:
-            atomic.write_json(edir / mf.ENTRY_DEF, d)
-        elif existing != d:
-            raise UserError(f"{edir}/{mf.ENTRY_DEF} describes other settings than plan.json; the zoo is inconsistent, use a new --out")
-        resume = (edir / "checkpoint.pt").is_file()
-        _append_log(edir / mf.ZOO_LOG, {"event": "start", "resume": resume, "from_epoch": _epochs_done(edir) if resume else 0,
-                                        "threads": torch.get_num_threads(), "time": now(), **me()})
-        from testbed.runs import load_run
-        from testbed.scoring import score_model
-        from testbed.train import TrainConfig, train
-
-        cfg = TrainConfig(**{**d["train"], "device": str(dev)})
-        data = mf.dataset_file(zoo, row["data"])
+    with torch_threads(threads):  # the bytes depend on it: see DEFAULT_THREADS
         try:
-            train(data, edir, cfg, resume=resume, overwrite=not resume, progress=progress, score=True)
-        except UserError as e:
-            if not (resume and ("--resume" in str(e) or "--overwrite" in str(e))):
-                raise
-            why = str(e).split("; ")[0]  # the trainer's own advice names its CLI flags, which do not apply here
-            raise UserError(f"entry {entry_id} cannot resume ({why}); delete {edir / 'checkpoint.pt'} to train it "
-                            "from the start, then run `testbed zoo build` again") from None
-        metrics = mf.read_json(edir / "metrics.json")
-        if metrics is None:  # the trainer could not score (no scorer installed): score here
-            model, _ = load_run(edir, dev)
-            metrics = score_model(model, data, dev, batch_size=max(32, cfg.batch_size))
-        full, reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
-        if full:
-            atomic.write_json(edir / mf.REFERENCE, jsonable(full))
-        _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": now(), "seconds": round(time.time() - t0, 3), **me()})
-        done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None,
-                "files": _entry_files(edir), "finished": now(), "seconds": round(time.time() - t0, 3), "builder": me()}
-        atomic.write_json(edir / mf.DONE, jsonable(done))
-        finish_stray(zoo, entry_id)
-    finally:
-        claim.release()
-        torch.set_num_threads(previous_threads)
+            if (edir / mf.DONE).is_file():
+                return {"id": entry_id, "status": "done", "already": True}
+            dev = resolve_device(device)
+            edir.mkdir(parents=True, exist_ok=True)
+            existing = mf.read_json(edir / mf.ENTRY_DEF)
+            if existing is None:
+                atomic.write_json(edir / mf.ENTRY_DEF, d)
+            elif existing != d:
+                raise UserError(f"{edir}/{mf.ENTRY_DEF} describes other settings than plan.json; the zoo is inconsistent, use a new --out")
+            resume = (edir / "checkpoint.pt").is_file()
+            _append_log(edir / mf.ZOO_LOG, {"event": "start", "resume": resume, "from_epoch": _epochs_done(edir) if resume else 0,
+                                            "threads": torch.get_num_threads(), "time": now(), **me()})
+            from testbed.runs import load_run
+            from testbed.scoring import score_model
+            from testbed.train import TrainConfig, train
+
+            cfg = TrainConfig(**{**d["train"], "device": str(dev)})
+            data = mf.dataset_file(zoo, row["data"])
+            try:
+                train(data, edir, cfg, resume=resume, overwrite=not resume, progress=progress, score=True)
+            except UserError as e:
+                if not (resume and ("--resume" in str(e) or "--overwrite" in str(e))):
+                    raise
+                why = str(e).split("; ")[0]  # the trainer's own advice names its CLI flags, which do not apply here
+                raise UserError(f"entry {entry_id} cannot resume ({why}); delete {edir / 'checkpoint.pt'} to train it "
+                                "from the start, then run `testbed zoo build` again") from None
+            metrics = mf.read_json(edir / "metrics.json")
+            if metrics is None:  # the trainer could not score (no scorer installed): score here
+                model, _ = load_run(edir, dev)
+                metrics = score_model(model, data, dev, batch_size=max(32, cfg.batch_size))
+            full, reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
+            if full:
+                atomic.write_json(edir / mf.REFERENCE, jsonable(full))
+            _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": now(), "seconds": round(time.time() - t0, 3), **me()})
+            done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None,
+                    "files": _entry_files(edir), "finished": now(), "seconds": round(time.time() - t0, 3), "builder": me()}
+            atomic.write_json(edir / mf.DONE, jsonable(done))
+            finish_stray(zoo, entry_id)
+        finally:
+            claim.release()
     mf.write_manifest(zoo)
     return {"id": entry_id, "status": "done", "metrics": mf.summary(metrics), "seconds": round(time.time() - t0, 1)}
 
