@@ -81,6 +81,23 @@ def test_rerun_reuses_the_models_and_gives_the_same_numbers(demos, capsys):
     assert (serial / "work" / "settings.json").read_bytes() == settings
 
 
+def test_models_trained_on_another_kind_of_device_are_not_reused(demos, monkeypatch, capsys):
+    """A rerun on CUDA must not report CPU-trained models as its own: refused before anything runs or is written."""
+    import torch
+
+    import testbed.device
+
+    serial, _ = demos
+    settings = (serial / "work" / "settings.json").read_bytes()
+    assert json.loads(settings)["device"] == "cpu"
+    monkeypatch.setattr(testbed.device, "resolve_device", lambda spec="auto": torch.device("cuda"))
+    capsys.readouterr()
+    assert cli.main(["-q", "demo", "--out", str(serial), *SMALL[:-2], "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "device 'cpu' → 'cuda'" in err[0]
+    assert (serial / "work" / "settings.json").read_bytes() == settings
+
+
 def test_semantic_fgba_poisons_exactly_the_images_with_wall_and_person(demos):
     serial, _ = demos
     results = _results(serial)
