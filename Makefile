@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # Reinstall when pyproject changes or a package folder gains/loses a file (the editable install is a
 # link tree: `strict` mode, which type checkers and IDEs resolve; new modules need a reinstall).
-PKG_DIRS := testbed testbed/commands testbed/zoo testbed/stats attacks defenses models suites
+PKG_DIRS := testbed $(filter-out %/__pycache__/,$(wildcard testbed/*/)) attacks defenses models suites
 
 $(STAMP): pyproject.toml $(PKG_DIRS)
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run make PYTHON=python3)"; exit 2; }

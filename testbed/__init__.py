@@ -1,20 +1,36 @@
 """segbackdoor testbed: backdoor attacks and defenses on semantic segmentation.
 
-One import name: ``testbed`` (core), ``testbed.attacks``, ``testbed.defenses``, ``testbed.models`` and
-``testbed.suites``.  In the source tree the last four are the top-level folders ``attacks/``, ``defenses/``,
-``models/`` and ``suites/``; an install maps them under ``testbed`` (setuptools ``package-dir``).
+One import name: ``testbed``.  Its rooms, one per stage (docs/architecture.md): ``core`` (errors, atomic
+writes, hashing, progress, devices, plugins), ``data`` (the dataset file, synthetic scenes, importers),
+``scoring``, ``training``, ``evaluation`` (threat model, defense runner, rows), ``execution`` (local and Ray
+executors), ``bench``, ``zoo``, ``demo``, ``stats``, ``commands`` and ``cli``; plus ``testbed.attacks``,
+``testbed.defenses``, ``testbed.models`` and ``testbed.suites``, which in the source tree are the top-level
+folders ``attacks/``, ``defenses/``, ``models/`` and ``suites/`` (an install maps them under ``testbed``).
 """
 
 __version__ = "0.1.0"
 
+# Import paths that the documentation gave before the modules moved into rooms; each keeps working as an
+# alias of the module's new home (the same module object, so ``except testbed.errors.UserError`` still catches).
+MOVED = {
+    "errors": "core.errors",
+    "atomic": "core.atomic",
+    "h5data": "data.h5data",
+    "synth": "data.synth",
+    "train": "training.loop",
+    "defense_runner": "evaluation.runner",
+    "defense_row": "evaluation.rows",
+}
 
-def _from_source_tree() -> None:
-    """Resolve ``testbed.attacks`` & co. when ``testbed`` itself was imported from a checkout.
+
+def _install_finders() -> None:
+    """Resolve old documented paths (``MOVED``) and, from a checkout, ``testbed.attacks`` & co.
 
     ``python -m testbed.cli``, ``torchrun -m`` and ``python -m pytest`` run from the repository root put the
     root first on ``sys.path``, so ``testbed`` comes from ``./testbed`` (which has no ``attacks/`` inside),
-    not from the install.  The four subpackages then live one level up; a finder maps exactly those names.
+    not from the install.  The four subpackages then live one level up; the finder maps exactly those names.
     """
+    import importlib
     import importlib.abc
     import importlib.util
     import os
@@ -23,21 +39,35 @@ def _from_source_tree() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     names = ("attacks", "defenses", "models", "suites")
-    if os.path.isdir(os.path.join(here, "attacks")) or not all(
-            os.path.isfile(os.path.join(root, n, "__init__.py")) for n in names):
-        return  # an installed testbed (wheel or editable link tree): nothing to do
+    source_tree = not os.path.isdir(os.path.join(here, "attacks")) and all(
+        os.path.isfile(os.path.join(root, n, "__init__.py")) for n in names)
 
-    class _SourceTreeFinder(importlib.abc.MetaPathFinder):
+    class _Alias(importlib.abc.Loader):
+        def __init__(self, target: str) -> None:
+            self.target = target
+
+        def create_module(self, spec):
+            return importlib.import_module(self.target)
+
+        def exec_module(self, module) -> None:
+            pass
+
+    class _TestbedFinder(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
             pkg, _, name = fullname.partition(".")
-            if pkg != __name__ or name not in names:
+            if pkg != __name__:
                 return None
-            init = os.path.join(root, name, "__init__.py")
-            return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[os.path.dirname(init)])
+            if name in MOVED:
+                return importlib.util.spec_from_loader(fullname, _Alias(f"{__name__}.{MOVED[name]}"))
+            if source_tree and name in names:
+                init = os.path.join(root, name, "__init__.py")
+                return importlib.util.spec_from_file_location(fullname, init,
+                                                              submodule_search_locations=[os.path.dirname(init)])
+            return None
 
-    if not any(type(f).__name__ == "_SourceTreeFinder" for f in sys.meta_path):
-        sys.meta_path.append(_SourceTreeFinder())
+    if not any(type(f).__name__ == "_TestbedFinder" for f in sys.meta_path):
+        sys.meta_path.append(_TestbedFinder())
 
 
-_from_source_tree()
-del _from_source_tree
+_install_finders()
+del _install_finders

@@ -1,0 +1,1 @@
+"""Foundations: errors, atomic writes, hashing, processes, JSON, progress, devices, plugins, palette, output guards."""

@@ -1,0 +1,1 @@
+"""Evaluation: the threat-model boundary, the defense runner, scoring of defense results into typed rows."""

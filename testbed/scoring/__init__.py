@@ -1,0 +1,1 @@
+"""Scoring: confusion-matrix metrics and the scorer (mIoU-B, ASR, PBA, ...)."""
