@@ -59,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     p.add_argument("--log-every", type=int, default=d["log_every"].default, help="steps between progress/NaN checks (default %(default)s)")
     p.add_argument("--backbone-weights", default=None, help="backbone init: 'imagenet' (torchvision's weights from the local torch hub cache) or a local .safetensors file")
+    p.add_argument("--val-every", type=int, default=d["val_every"].default, metavar="K",
+                   help="learning curve: val mIoU (and ASR on poisoned data) every K epochs and after the last, into "
+                   "RUN/curve.csv, curve.json and curve.png; the file's /val split, else /test (default 0: none)")
     p.add_argument("--resume", action="store_true", help="continue RUN/ from its last checkpoint (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing RUN/")
     p.add_argument("--no-score", action="store_true", help="skip scoring on the test splits (no metrics.json)")
@@ -73,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         amp=args.amp_dtype if args.amp_dtype and args.amp is not False else ("auto" if args.amp is None else args.amp),
         channels_last="auto" if args.channels_last is None else args.channels_last, aux_loss=args.aux_loss,
         aux_weight=args.aux_weight, num_workers=args.workers, hflip=not args.no_hflip, log_every=args.log_every,
-        backbone_weights=args.backbone_weights,
+        backbone_weights=args.backbone_weights, val_every=args.val_every,
     )
 
 

@@ -29,6 +29,7 @@ SPLITS = ("train", "test")
 # The schema's array paths (docs/data-format.md), spelled here only: other modules name them by these constants.
 TRAIN_IMAGES, TRAIN_LABELS = "train/images", "train/labels"
 TEST_IMAGES, TEST_LABELS = "test/images", "test/labels"
+VAL_IMAGES, VAL_LABELS = "val/images", "val/labels"  # optional: a validation split (real datasets' importers)
 TEST_ATTACKED_IMAGES, TEST_ATTACKED_LABELS = "test_attacked/images", "test_attacked/labels"
 TEST_ATTACKED_GT, TEST_ATTACKED_INDEX = "test_attacked/gt", "test_attacked/index"
 TEST_BENIGN_INDEX, CLEAN_INDEX = "test_benign/index", "defense/clean_index"
@@ -271,6 +272,11 @@ class SegFile:
                 if f"{split}/{kind}" not in self.file:
                     raise UserError(f"{self.path} lacks /{split}/{kind}; it is not a complete testbed dataset")
             self._check_pair(f"{split}/images", f"{split}/labels")
+        if VAL_IMAGES in self.file or VAL_LABELS in self.file:
+            for name in (VAL_IMAGES, VAL_LABELS):
+                if name not in self.file:
+                    raise UserError(f"{self.path} has /val but no /{name}; it is not a complete testbed dataset")
+            self._check_pair(VAL_IMAGES, VAL_LABELS)
         for labels in ("test_attacked/labels", "test_attacked/gt"):
             if "test_attacked/images" in self.file and labels in self.file:
                 self._check_pair("test_attacked/images", labels)

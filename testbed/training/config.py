@@ -49,6 +49,7 @@ class TrainConfig:
     hflip: bool = True
     log_every: int = 20
     backbone_weights: str | None = None
+    val_every: int = 0  # a learning-curve point every K epochs and after the last (0 = none); see training/curve.py
 
     def __post_init__(self) -> None:
         self.optimizer = str(self.optimizer).lower()
@@ -70,6 +71,8 @@ class TrainConfig:
             (_is_int(self.num_workers) and self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers!r}"),
             (_is_int(self.log_every) and self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every!r}"),
             (_is_int(self.seed) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed!r}"),
+            (_is_int(self.val_every) and self.val_every >= 0,
+             f"--val-every must be an integer >= 0 (0 = no learning curve), got {self.val_every!r}"),
         ]
         checks += [  # booleans are booleans: hflip = "no" in a zoo spec must not mean "flip"
             (isinstance(self.hflip, bool), f"hflip must be true or false (--no-hflip), got {self.hflip!r}"),

@@ -33,6 +33,7 @@ from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
 from testbed.core.jsonutil import jsonable
+from testbed.training.curve import curve_point, write_curve
 from testbed.training.config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
 from testbed.training.rundir import (CHECKPOINT, RUN_FILES, clear_run_dir, locked_run_dir, plan_run_dir, save_checkpoint,
                                   versions, write_log)
@@ -291,7 +292,7 @@ def _train(models, data_path, out, cfg, dist, device, resume, train_indices, pro
             scaler = torch.amp.GradScaler("cuda", enabled=prec.amp and prec.dtype == torch.float16)
             state = _resume_state(ckpt, model, opt, sched, scaler)
             log, elapsed = _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, prec,
-                                progress and dist.is_main, out, identity, state)
+                                progress and dist.is_main, out, identity, state, data_path)
             if dist.is_main:
                 facts = {"n_used": len(dataset), "batch": batch, "elapsed": elapsed, "log": log}
                 _finish(model, cfg, out, data_path, device, dist, prec, identity, info, facts, score)
@@ -350,7 +351,7 @@ def _resume_state(ckpt, model, opt, sched, scaler) -> tuple[int, list[dict[str, 
 
 
 def _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, prec, show, out, identity,
-         state) -> tuple[list[dict[str, Any]], float]:
+         state, data_path) -> tuple[list[dict[str, Any]], float]:
     """The epochs from ``state``'s start on, each followed by a checkpoint (rank 0): the log and total seconds."""
     start_epoch, log, elapsed = state
     ckpt_path = out / CHECKPOINT
@@ -358,6 +359,8 @@ def _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, pre
         record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
                             prec.amp, prec.dtype, prec.channels_last, show, ckpt_path)
         elapsed += record["seconds"]
+        if cfg.val_every and dist.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            record.update(curve_point(model, data_path, device, max(32, cfg.batch_size)))
         log.append(record)
         if dist.is_main:
             ckpt = {
@@ -369,9 +372,16 @@ def _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, pre
             write_log(out, log)
             if show:
                 _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
-                     f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s")
+                     f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s" + _curve_text(record))
         dist.barrier()
     return log, elapsed
+
+
+def _curve_text(record: dict[str, Any]) -> str:
+    if "val_split" not in record:
+        return ""
+    asr = "" if record["ASR"] is None else f", ASR {record['ASR']:.1f}"
+    return f", {record['val_split']} mIoU {record['val_mIoU']:.1f}{asr}"
 
 
 def _finish(model, cfg, out, data_path, device, dist, prec, identity, info, facts, score) -> None:
@@ -401,6 +411,7 @@ def _finish(model, cfg, out, data_path, device, dist, prec, identity, info, fact
     from testbed.training.runs import save_model
 
     save_model(model, config, out)
+    write_curve(out, log, f"{cfg.model} on {data_path.name}, seed {cfg.seed}")
     if score:
         metrics = _score(model, data_path, device, max(32, cfg.batch_size))
         if metrics is not None:

@@ -22,9 +22,10 @@ from testbed.core.errors import UserError
 from testbed.core.guards import RunLock
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("model.safetensors", "config.json", "train_log.jsonl", "metrics.json", CHECKPOINT)
+RUN_FILES = ("model.safetensors", "config.json", "train_log.jsonl", "metrics.json", CHECKPOINT, "curve.csv", "curve.json",
+             "curve.png")
 # Fields that may change between a run and its --resume without changing the numbers it computes.
-_RESUME_FREE = ("device", "num_workers", "log_every")
+_RESUME_FREE = ("device", "num_workers", "log_every", "val_every")
 
 
 def versions() -> dict[str, str]:
