@@ -8,6 +8,12 @@ executors), ``bench``, ``zoo``, ``demo``, ``stats``, ``commands`` and ``cli``; p
 folders ``attacks/``, ``defenses/``, ``models/`` and ``suites/`` (an install maps them under ``testbed``).
 """
 
+import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
+
 __version__ = "0.1.0"
 
 # Import paths that the documentation gave before the modules moved into rooms; each keeps working as an
@@ -30,12 +36,6 @@ def _install_finders() -> None:
     root first on ``sys.path``, so ``testbed`` comes from ``./testbed`` (which has no ``attacks/`` inside),
     not from the install.  The four subpackages then live one level up; the finder maps exactly those names.
     """
-    import importlib
-    import importlib.abc
-    import importlib.util
-    import os
-    import sys
-
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     names = ("attacks", "defenses", "models", "suites")
