@@ -64,7 +64,7 @@ class ANP:
     """Adversarial Neuron Pruning: learn BatchNorm-channel masks under adversarial neuron perturbation, prune.
 
     Parameters: ``eps`` (0.4), ``alpha`` (0.2), ``anp_steps`` (1), ``nb_iter`` (ANP: 2000), ``lr`` (mask SGD
-    learning rate, ANP: 0.2), ``batch_size`` (ANP: 128), ``prune_by`` ("threshold" | "fraction"),
+    learning rate, ANP: 0.2), ``batch_size`` (16; ANP: 128), ``prune_by`` ("threshold" | "fraction"),
     ``threshold`` (0.2), ``fraction`` (0.05).
     """
 
@@ -76,14 +76,14 @@ class ANP:
         "anp_steps": "signed-gradient steps of the perturbation per iteration (ANP: 1)",
         "nb_iter": "mask optimisation iterations, one mini-batch each (ANP: 2000)",
         "lr": "mask SGD learning rate, momentum 0.9 (ANP: 0.2)",
-        "batch_size": "clean images per iteration, drawn with replacement (ANP: 128)",
+        "batch_size": "clean images per iteration, drawn with replacement (ANP: 128, for subsets of 2 500)",
         "prune_by": '"threshold": prune masks <= threshold; "fraction": prune that share of smallest masks',
         "threshold": "mask value at or below which a channel is pruned (ANP: 0.2)",
         "fraction": "share of channels pruned when prune_by is fraction",
     }
 
     def __init__(self, eps: float = 0.4, alpha: float = 0.2, anp_steps: int = 1, nb_iter: int = 2000,
-                 lr: float = 0.2, batch_size: int = 128, prune_by: str = "threshold", threshold: float = 0.2,
+                 lr: float = 0.2, batch_size: int = 16, prune_by: str = "threshold", threshold: float = 0.2,
                  fraction: float = 0.05) -> None:
         self.eps, self.alpha, self.anp_steps, self.nb_iter, self.lr = eps, alpha, anp_steps, nb_iter, lr
         self.batch_size, self.prune_by, self.threshold, self.fraction = batch_size, prune_by, threshold, fraction

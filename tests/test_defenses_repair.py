@@ -135,6 +135,10 @@ def test_repair_defense_protocol(model, fixture_data, name):
     assert changed, "the repaired model must differ from the suspicious one"
     if name != "clp":
         assert res.cost.backward_passes > 0 and res.details["miou_clean_final"] >= 0.5 * res.details["miou_clean_start"]
+    if name == "clp":  # data-free: another "clean subset" (one black image) gives the same model
+        blank = {"images": np.zeros((1, *fixture_data["images"].shape[1:]), np.uint8),
+                 "labels": np.zeros((1, *fixture_data["labels"].shape[1:]), np.uint8), "classes": fixture_data["classes"]}
+        ctx = _ctx(blank)
     again = cls(**FAST[name]).run(model, ctx)
     for (k1, v1), (k2, v2) in zip(res.model.state_dict().items(), again.model.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), (name, k1)
@@ -186,3 +190,20 @@ def test_bad_parameters_are_refused_naming_the_parameter(name, params, word):
     obj = defenses.BUILTIN[name](**params)  # sklearn convention: the constructor only stores
     with pytest.raises(ValueError, match=rf"\b{word} must be"):
         obj.run(nn.Identity(), None)
+
+
+def test_clp_finding_the_fixture_backdoor_survives(model, fgba_line_path):
+    """A documented finding, pinned: CLP at its paper setting (u = 3) does not remove the fixture's FGBA line
+    backdoor.  Measured (docs/defenses.md, "Repair defenses on the tiny fixture"): ASR 100.0 → 100.0 with 5 of
+    736 channels pruned, and 100.0 at every u from 0 to 5.  The bound (after ≥ before − 10) is loose so that a
+    numerics change does not trip it; if CLP ever removes this backdoor, this test fails and the docs' table
+    must be re-measured.  The other four defenses' findings need minutes of CPU and are measured, not tested.
+    """
+    from testbed.scoring import score_model
+
+    res = defenses.BUILTIN["clp"]().run(model, DefenseContext(np.zeros((1, 64, 64, 3), np.uint8),
+                                                              np.zeros((1, 64, 64), np.uint8), tuple("abcdefghijkl"),
+                                                              torch.device("cpu"), image_size=(64, 64)))
+    before, after = score_model(model, fgba_line_path)["ASR"], score_model(res.model, fgba_line_path)["ASR"]
+    assert before >= 95 and res.details["pruned"] == 5
+    assert after >= before - 10
