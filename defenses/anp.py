@@ -101,7 +101,7 @@ class ANP:
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
         self.check_params()
-        n = check_clean(ctx, self.name)
+        check_clean(ctx, self.name)
         meter = CostMeter()
         budget = Budget.for_context(ctx, meter)
         model = copy.deepcopy(model).to(ctx.device).eval().requires_grad_(False)
@@ -119,10 +119,11 @@ class ANP:
         report(ctx.progress, 1.0, f"anp done: {sum(map(len, pruned.values()))} channels pruned, clean mIoU {final:.3f}")
         total = sum(len(m) for m in masks.values())
         count = sum(len(p) for p in pruned.values())
-        details = {"iterations": done, "channels": total, "pruned": count, "pruned_fraction": count / total if total else 0.0,
-                   "pruned_channels": {k: v for k, v in pruned.items() if v},
-                   "mask_quantiles": np.quantile(np.concatenate(list(masks.values())), [0, 0.05, 0.25, 0.5, 1]).tolist()
-                   if total else [], "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by,
+        quantiles = np.quantile(np.concatenate(list(masks.values())), [0, 0.05, 0.25, 0.5, 1]).tolist() if total else []
+        details = {"iterations": done, "channels": total, "pruned": count,
+                   "pruned_fraction": count / total if total else 0.0,
+                   "pruned_channels": {k: v for k, v in pruned.items() if v}, "mask_quantiles": quantiles,
+                   "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by,
                    **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)
 
@@ -167,7 +168,8 @@ class ANP:
                 for m in masks:
                     m.clamp_(0, 1)
             meter.forward += (self.anp_steps + 2) * b if self.eps > 0 else b
-            meter.backward += (self.anp_steps + 2) * b if self.eps > 0 else b  # the mask loss backs through two forwards
+            # the mask loss backs through two forwards (natural and perturbed)
+            meter.backward += (self.anp_steps + 2) * b if self.eps > 0 else b
             if (it + 1) % max(1, self.nb_iter // 20) == 0:
                 report(ctx.progress, 0.95 * (it + 1) / self.nb_iter, f"anp iteration {it + 1}/{self.nb_iter}")
         return self.nb_iter

@@ -39,8 +39,10 @@ def conv_bn_pairs(model: nn.Module, image_size: tuple[int, int], device: torch.d
     def on_bn(name):
         def hook(module, inputs):
             out, conv = produced.get(id(inputs[0]), (None, None))
-            conv = conv if out is inputs[0] else None
-            (pairs.append((name, conv, module)) if conv is not None else unpaired.append(name))
+            if out is inputs[0]:
+                pairs.append((name, conv, module))
+            else:
+                unpaired.append(name)
         return hook
 
     for name, m in model.named_modules():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -68,6 +69,19 @@ def fixed_point_hypergrad(delta: torch.Tensor, params: list[torch.Tensor], k: in
     return done
 
 
+@dataclass
+class _Run:
+    """What one run's steps share."""
+
+    model: nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    ctx: DefenseContext
+    budget: Budget
+    meter: CostMeter
+
+
 class IBAU:
     """I-BAU: unlearn a universal adversarial perturbation, with the implicit hypergradient (fixed point).
 
@@ -99,33 +113,35 @@ class IBAU:
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
         self.check_params()
-        n = check_clean(ctx, self.name)
+        check_clean(ctx, self.name)
         meter = CostMeter()
         budget = Budget.for_context(ctx, meter)
         model = copy.deepcopy(model).to(ctx.device).eval()
         start = miou(model, ctx, meter)
         batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in ctx.clean_loader(self.batch_size, shuffle=True)]
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999))
-        rng = np.random.default_rng(ctx.seed)
+        run = _Run(model, params, torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999)),
+                   np.random.default_rng(ctx.seed), ctx, budget, meter)
         rounds, norms, stopped = [], [], False
         for r in range(self.n_rounds):
-            delta, stopped = self._search(model, batches, ctx, budget, meter)
+            delta, stopped = self._search(run, batches)
             norms.append(float(torch.linalg.vector_norm(delta)))
             if not stopped:
-                steps, stopped = self._unlearn(model, delta, batches, params, opt, rng, ctx, budget, meter)
+                stopped = self._unlearn(run, delta, batches)
             if stopped:
                 break
             rounds.append(r + 1)
-            report(ctx.progress, (r + 1) / self.n_rounds, f"i-bau round {r + 1}/{self.n_rounds}, |delta| {norms[-1]:.2f}")
+            report(ctx.progress, (r + 1) / self.n_rounds,
+                   f"i-bau round {r + 1}/{self.n_rounds}, |delta| {norms[-1]:.2f}")
         model.eval()
         final = miou(model, ctx, meter)
         details = {"rounds_done": len(rounds), "perturbation_l2": norms, "miou_clean_start": start,
                    "miou_clean_final": final, **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)
 
-    def _search(self, model, batches, ctx, budget, meter) -> tuple[torch.Tensor, bool]:
+    def _search(self, run: _Run, batches) -> tuple[torch.Tensor, bool]:
         """The inner maximisation: one SGD step of δ per clean batch against the model's own predictions."""
+        model, ctx, budget, meter = run.model, run.ctx, run.budget, run.meter
         h, w = batches[0][0].shape[-2:]
         delta = torch.zeros(1, 3, h, w, device=ctx.device, requires_grad=True)
         opt = torch.optim.SGD([delta], lr=SEARCH_LR)
@@ -143,33 +159,32 @@ class IBAU:
             meter.backward += len(x)
         return delta.detach(), False
 
-    def _unlearn(self, model, delta, batches, params, opt, rng, ctx, budget, meter) -> tuple[int, bool]:
-        """One outer Adam step per clean batch with the fixed-point hypergradient."""
-        x0, y0 = batches[0]
-        ignore = ctx.ignore_index
+    def _unlearn(self, run: _Run, delta: torch.Tensor, batches) -> bool:
+        """One outer Adam step per clean batch with the fixed-point hypergradient; True when a budget stopped it."""
+        model, meter, x0, y0 = run.model, run.meter, *batches[0]
+        ignore = run.ctx.ignore_index
 
         def fp_map(d):  # one gradient step of the inner problem on the first batch, differentiable in δ and θ
             inner = -cross_entropy(model(x0 + d)["out"], y0, ignore) + NORM_WEIGHT * d.pow(2).sum()
             return d - INNER_LR * torch.autograd.grad(inner, d, create_graph=True)[0]
 
-        reserve, done = len(ctx.clean_images), 0
+        reserve = len(run.ctx.clean_images)
         for x, y in batches:
             b, b0 = len(x), len(x0)
             # outer forward + 2 backwards; inner forward + backward; k + 1 products through that gradient's graph
             passes = 3 * b + 2 * b0 + 2 * (self.k + 1) * b0
-            if budget.spent(passes + reserve):
-                return done, True
-            chosen = rng.choice(b, size=max(1, int(math.floor(b * self.portion))), replace=False)
+            if run.budget.spent(passes + reserve):
+                return True
+            chosen = run.rng.choice(b, size=max(1, int(math.floor(b * self.portion))), replace=False)
             patch = torch.zeros(b, 1, 1, 1, device=x.device)
             patch[torch.as_tensor(chosen, device=x.device)] = 1
 
             def outer_loss(d):
                 return cross_entropy(model(x + patch * d)["out"], y, ignore)
 
-            opt.zero_grad(set_to_none=True)
-            iters = fixed_point_hypergrad(delta, params, self.k, fp_map, outer_loss)
-            opt.step()
+            run.opt.zero_grad(set_to_none=True)
+            iters = fixed_point_hypergrad(delta, run.params, self.k, fp_map, outer_loss)
+            run.opt.step()
             meter.forward += b + b0 + (iters + 1) * b0
             meter.backward += 2 * b + b0 + (iters + 1) * b0
-            done += 1
-        return done, False
+        return False

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
-from testbed.defenses._repair import SGDPlan, check, check_clean, check_sgd, is_int, is_num, miou, train_clean
+from testbed.defenses._repair import (SGDPlan, check, check_clean, check_sgd, is_int, is_num, miou,
+                                      train_clean)
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -52,9 +53,15 @@ def default_layers(model: nn.Module, image_size: tuple[int, int], device: torch.
         prefix, root = f"{prefix}.{children[0][0]}", children[0][1]
         children = list(root.named_children())
     order, hooks = [], []
+
+    def record(name):
+        def hook(module, inputs, output):
+            if torch.is_tensor(output) and output.dim() == 4:
+                order.append(name)
+        return hook
+
     for name, child in children:
-        hooks.append(child.register_forward_hook(
-            lambda m, i, o, name=name: order.append(name) if torch.is_tensor(o) and o.dim() == 4 else None))
+        hooks.append(child.register_forward_hook(record(name)))
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, *image_size, device=device))
