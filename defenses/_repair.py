@@ -82,24 +82,26 @@ def train_clean(model: nn.Module, ctx: DefenseContext, plan: SGDPlan, loss_fn: B
     done = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)  # dropout, if the model has any
-        for epoch in range(plan.epochs):
-            if plan.schedule == "cosine":  # torch's CosineAnnealingLR(T_max=epochs, eta_min=0), stepped per epoch
-                for g in opt.param_groups:
-                    g["lr"] = 0.5 * plan.lr * (1 + math.cos(math.pi * epoch / plan.epochs))
-            model.train()
-            freeze_bn(model)
-            for x, y in loader:
-                if budget.spent(passes_per_image * len(x) + reserve):
-                    return done, True
-                loss, fwd, bwd = loss_fn(model, x.to(ctx.device), y.to(ctx.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                meter.forward += fwd
-                meter.backward += bwd
-            done = epoch + 1
-            report(ctx.progress, lo + (hi - lo) * done / plan.epochs, f"{plan.label} epoch {done}/{plan.epochs}")
-    model.eval()
+        try:
+            for epoch in range(plan.epochs):
+                if plan.schedule == "cosine":  # torch's CosineAnnealingLR(T_max=epochs, eta_min=0), per epoch
+                    for g in opt.param_groups:
+                        g["lr"] = 0.5 * plan.lr * (1 + math.cos(math.pi * epoch / plan.epochs))
+                model.train()
+                freeze_bn(model)
+                for x, y in loader:
+                    if budget.spent(passes_per_image * len(x) + reserve):
+                        return done, True
+                    loss, fwd, bwd = loss_fn(model, x.to(ctx.device), y.to(ctx.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    meter.forward += fwd
+                    meter.backward += bwd
+                done = epoch + 1
+                report(ctx.progress, lo + (hi - lo) * done / plan.epochs, f"{plan.label} epoch {done}/{plan.epochs}")
+        finally:
+            model.eval()  # the returned model is in eval mode, however the loop ended
     return done, False
 
 
