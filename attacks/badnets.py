@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from testbed import h5data
+from testbed.data import h5data
 from testbed.attacks.base import Attack, Param
-from testbed.errors import ParamError
-from testbed.h5data import IGNORE_INDEX
+from testbed.core.errors import ParamError
+from testbed.data.h5data import IGNORE_INDEX
 
 _BLOCK_ROWS = 1024
 TARGET_STREAM = 1  # seed stream for drawing the target image (see attacks.poison for the others)

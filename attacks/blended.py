@@ -13,8 +13,8 @@ import numpy as np
 
 from testbed.attacks.base import Param, Trigger
 from testbed.attacks.imageops import as_images, blend, check_alpha, load_image, resize, split_alpha
-from testbed.errors import ParamError
-from testbed.hashing import file_sha256
+from testbed.core.errors import ParamError
+from testbed.core.hashing import file_sha256
 
 PATTERN_STREAM = 9
 DEFAULT_ALPHA = 0.1

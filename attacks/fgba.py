@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from testbed.attacks.base import Attack, Param
-from testbed.errors import ParamError, UserError, did_you_mean
-from testbed.h5data import IGNORE_INDEX
+from testbed.core.errors import ParamError, UserError, did_you_mean
+from testbed.data.h5data import IGNORE_INDEX
 
 PRESETS = ("n-to-1", "1-to-1")
 

@@ -30,8 +30,8 @@ from testbed.attacks.patch import (
     PATCH_PARAMS, VICTIM_PARAMS, VictimPatchAttack, chessboard_distance, constant_windows, draw, sample_rng,
 )
 from testbed.attacks.selection import check_fraction, round_half_up
-from testbed.errors import ParamError
-from testbed.h5data import IGNORE_INDEX
+from testbed.core.errors import ParamError
+from testbed.data.h5data import IGNORE_INDEX
 
 VARIANTS = ("baseline", "nni", "prl")
 PLACE_STREAM, PRL_STREAM = 4, 5

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from testbed.errors import ParamError
+from testbed.core.errors import ParamError
 
 
 def as_images(images: Any) -> np.ndarray:

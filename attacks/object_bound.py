@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from testbed.attacks.patch import PATCH_PARAMS, VICTIM_PARAMS, VictimPatchAttack, constant_windows, draw, sample_rng
-from testbed.h5data import IGNORE_INDEX
+from testbed.data.h5data import IGNORE_INDEX
 
 INSTANCE_STREAM = 6
 EIGHT = np.ones((3, 3), dtype=bool)

@@ -23,8 +23,8 @@ from scipy import ndimage as ndi
 
 from testbed.attacks.base import Attack, Param, Trigger
 from testbed.attacks.imageops import blend, load_image, resize, split_alpha
-from testbed.errors import ParamError, did_you_mean
-from testbed.hashing import file_sha256
+from testbed.core.errors import ParamError, did_you_mean
+from testbed.core.hashing import file_sha256
 
 PATTERN_STREAM = 7  # seed stream of the procedural patch (see docs/attacks.md for every stream)
 SPLIT_CODE = {"train": 0, "test": 1}

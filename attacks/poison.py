@@ -20,8 +20,8 @@ import numpy as np
 from testbed.attacks.registry import build
 from testbed.attacks.selection import check_fraction, select
 from testbed.attacks.writer import write_poisoned
-from testbed.errors import ParamError, UserError
-from testbed.h5data import SegFile, open_dataset
+from testbed.core.errors import ParamError, UserError
+from testbed.data.h5data import SegFile, open_dataset
 
 
 @dataclass

@@ -16,8 +16,8 @@ from testbed.attacks.fgba import FGBA
 from testbed.attacks.iba import IBA
 from testbed.attacks.object_bound import ObjectBound
 from testbed.attacks.triggers import Trigger, parse_trigger, trigger_options
-from testbed.errors import ParamError, UserError
-from testbed.plugins import resolve
+from testbed.core.errors import ParamError, UserError
+from testbed.core.plugins import resolve
 
 ENTRY_POINT_GROUP = "testbed.attacks"
 BUILTIN: dict[str, type] = {cls.name: cls for cls in (BadNets, FGBA, IBA, ObjectBound)}

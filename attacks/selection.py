@@ -30,9 +30,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from testbed import h5data
-from testbed.errors import ParamError, UserError
-from testbed.h5data import IGNORE_INDEX, SegFile
+from testbed.data import h5data
+from testbed.core.errors import ParamError, UserError
+from testbed.data.h5data import IGNORE_INDEX, SegFile
 
 POISON_STREAM = 2  # seed streams: 1 = BadNets target image, 2 = poisoned samples, 3 = clean subset, 8 = noise samples
 CLEAN_STREAM = 3

@@ -18,7 +18,7 @@ from testbed.attacks.base import Param, Trigger
 from testbed.attacks.blended import BlendedTrigger
 from testbed.attacks.imageops import as_images, blend, check_alpha
 from testbed.attacks.warp import WarpTrigger
-from testbed.errors import ParamError, UserError
+from testbed.core.errors import ParamError, UserError
 
 POSITIONS = {"horizontal": ("top", "bottom", "middle"), "vertical": ("left", "right", "middle")}
 

@@ -27,7 +27,7 @@ import numpy as np
 from testbed.attacks.base import Param, Trigger
 from testbed.attacks.imageops import as_images
 from testbed.attacks.selection import round_half_up
-from testbed.errors import ParamError
+from testbed.core.errors import ParamError
 
 FIELD_STREAM, NOISE_STREAM = 10, 11
 DEFAULT_GRID, DEFAULT_STRENGTH = 4, 0.5

@@ -18,9 +18,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from testbed import h5data, progress
+from testbed.data import h5data
+from testbed.core import progress
 from testbed.attacks.selection import Rows, Selection
-from testbed.h5data import DatasetWriter, SegFile, canonical_attr, content_hash
+from testbed.data.h5data import DatasetWriter, SegFile, canonical_attr, content_hash
 
 OWN_ATTRS = ("format", "schema_version", "classes", "ignore_index", "source", "image_size", "attack", "parent_sha256")
 _PLAIN = [h5data.TEST_IMAGES, h5data.TEST_LABELS, h5data.TRAIN_IMAGES, h5data.TRAIN_LABELS]
@@ -29,7 +30,7 @@ _PLAIN = [h5data.TEST_IMAGES, h5data.TEST_LABELS, h5data.TRAIN_IMAGES, h5data.TR
 class _ParentHash:
     """The parent's content hash, computed on the way (one read of the clean file instead of two).
 
-    Feeds sha256 exactly as :func:`testbed.h5data.content_hash` does: root attributes, then each array in
+    Feeds sha256 exactly as :func:`testbed.data.h5data.content_hash` does: root attributes, then each array in
     name order (test before train).  An input with other arrays (a forced re-poisoning) is hashed separately;
     tests check both paths against ``content_hash``.
     """

@@ -21,8 +21,8 @@ import torch
 def build(work: Path) -> tuple[Path, Path]:
     """The tests' recipe (tests/conftest.py): clean synthetic data, FGBA N-to-1 line 10%, a tiny trained model."""
     from testbed import attacks
-    from testbed.synth import make_synth_dataset
-    from testbed.train import TrainConfig, train
+    from testbed.data.synth import make_synth_dataset
+    from testbed.training.loop import TrainConfig, train
 
     clean = make_synth_dataset(work / "synth.h5", n_train=240, n_test=48, size=64, seed=0)
     data = attacks.poison_file(clean, work / "fgba.h5", attack="fgba", preset="n-to-1", target="wall", trigger="line",
@@ -34,9 +34,9 @@ def build(work: Path) -> tuple[Path, Path]:
 
 def measure(run: Path, data: Path) -> list[dict]:
     from testbed import defenses
-    from testbed.threat_model import make_context
-    from testbed.h5data import open_dataset
-    from testbed.runs import load_run
+    from testbed.evaluation.threat_model import make_context
+    from testbed.data.h5data import open_dataset
+    from testbed.training.runs import load_run
 
     with open_dataset(data) as f:
         poison = np.asarray(f["train/poison_index"], np.int64)

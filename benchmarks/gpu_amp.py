@@ -1,6 +1,6 @@
 """GPU: training images/s with AMP + channels_last ÷ plain fp32, DeepLabv3-ResNet50 at 512².
 
-The two settings run the trainer's own step (``testbed.train``: the same input conversion, loss, autocast
+The two settings run the trainer's own step (``testbed.training.loop``: the same input conversion, loss, autocast
 and GradScaler logic) on synthetic random data already on the GPU, after a warm-up, timed with
 ``torch.cuda.synchronize``.  Prints a skip line when no CUDA device is present.
 
@@ -20,7 +20,7 @@ TARGET = 1.5
 def measure(model_name: str, amp: bool, channels_last: bool, batch_size: int, size: int, steps: int, warmup: int,
             num_classes: int = 21) -> float:
     from testbed import models
-    from testbed.train import seg_loss
+    from testbed.training.loop import seg_loss
 
     device = torch.device("cuda")
     torch.manual_seed(0)

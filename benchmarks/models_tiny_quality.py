@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from testbed import models
-from testbed.synth import SYNTH_CLASSES, synth_scenes
+from testbed.data.synth import SYNTH_CLASSES, synth_scenes
 
 
 def add_line(images: np.ndarray) -> np.ndarray:

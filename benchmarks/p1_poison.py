@@ -28,14 +28,14 @@ REPEATS = 5
 
 
 def make_clean(path: Path, n: int, m: int, size: int) -> str:
-    """The synthetic scenes when testbed.synth exists, else random arrays (same sizes, same I/O)."""
+    """The synthetic scenes when testbed.data.synth exists, else random arrays (same sizes, same I/O)."""
     try:
-        from testbed.synth import make_synth_dataset
+        from testbed.data.synth import make_synth_dataset
 
         make_synth_dataset(path, n_train=n, n_test=m, size=size, seed=0)
-        return "testbed.synth scenes"
+        return "testbed.data.synth scenes"
     except ImportError:
-        from testbed.h5data import write_dataset
+        from testbed.data.h5data import write_dataset
 
         rng = np.random.default_rng(0)
         classes = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "grass", "person", "car", "palm"]
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from testbed import attacks
-    from testbed import progress
+    from testbed.core import progress
 
     progress.set_quiet(True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:

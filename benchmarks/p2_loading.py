@@ -3,7 +3,7 @@
 Run: `.venv/bin/python benchmarks/p2_loading.py [--n 2000] [--size 64] [--workers 0] [--repeat 3]`.
 All loaders use the trainer's settings: batch 16, seeded shuffle, drop_last, a stacking collate,
 ``num_workers`` as given (the trainer's default is 0) and persistent workers when > 0.
-- h5:        ``testbed.h5data.SegDataset`` (what ``testbed train`` uses; small files are read into memory once)
+- h5:        ``testbed.data.h5data.SegDataset`` (what ``testbed train`` uses; small files are read into memory once)
 - memory:    ``TensorDataset`` over the same uint8 arrays already in memory (the upper bound)
 - jpegfolder: an ADE20K-style folder (images/*.jpg, annotations/*.png) read with PIL per sample
 Detail lines add SegDataset with ``in_memory=False`` (chunked reads: what a 20k×512² set gets).
@@ -67,8 +67,8 @@ def _epoch(loader, max_batches: int | None = None) -> float:
 def _prepare(tmp: Path, n: int, size: int):
     from PIL import Image
 
-    from testbed import h5data
-    from testbed.synth import SYNTH_CLASSES, synth_scenes
+    from testbed.data import h5data
+    from testbed.data.synth import SYNTH_CLASSES, synth_scenes
 
     x, y = synth_scenes(n, size=size, seed=0)
     h5 = h5data.write_dataset(tmp / "d.h5", {"train/images": x, "train/labels": y, "test/images": x[:16], "test/labels": y[:16]},
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="image side (default 64)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0, the trainer's default)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; best epoch kept (default 3)")
-    ap.add_argument("--dataset-class", default="testbed.h5data:SegDataset",
+    ap.add_argument("--dataset-class", default="testbed.data.h5data:SegDataset",
                     help="MODULE:CLASS of the HDF5 dataset to measure (to try a faster SegDataset; default the real one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ The trainer is timed as a whole (``train()`` wall clock with scoring off: data o
 build, HDF5 loading through the DataLoader, flips, NaN checks, per-epoch checkpoints and the final save),
 the bare loop as the minimum a training step needs (uint8 tensors already in memory, a seeded
 permutation, float conversion, forward, loss, backward, step) with the trainer's own optimizer
-(:func:`testbed.train.make_optimizer`: fused AdamW), so the ratio is the trainer's overhead and nothing else.
+(:func:`testbed.training.loop.make_optimizer`: fused AdamW), so the ratio is the trainer's overhead and nothing else.
 Both run alternately in this process with the same thread count, ``--rounds`` rounds (the order alternates
 between rounds); the ratio is the median over rounds of trainer ÷ bare loop within a round, printed with its
 spread.
@@ -33,7 +33,7 @@ def bare_loop(model_name: str, images: torch.Tensor, labels: torch.Tensor, num_c
     """(images/s, images per CPU-second) of the plainest correct loop: same model + optimizer + batch size,
     data in memory."""
     from testbed import models
-    from testbed.train import TrainConfig, make_optimizer
+    from testbed.training.loop import TrainConfig, make_optimizer
 
     torch.manual_seed(seed)
     model = models.create(model_name, num_classes)
@@ -61,7 +61,7 @@ def trainer(data: Path, out: Path, model_name: str, epochs: int, batch_size: int
             seed: int) -> tuple[float, float, float]:
     """(images/s over the whole train() call, images/s over the epochs alone as logged, images per CPU-second
     of the whole call)."""
-    from testbed.train import TrainConfig, train
+    from testbed.training.loop import TrainConfig, train
 
     cfg = TrainConfig(model=model_name, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="cpu")
     shutil.rmtree(out, ignore_errors=True)
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from testbed import h5data
-    from testbed.synth import make_synth_dataset
+    from testbed.data import h5data
+    from testbed.data.synth import make_synth_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="p3-"))
     try:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         # warm-up: kernels' first calls and the trainer's imports are not what either side is timed for
         bare_loop(args.model, images[: 4 * args.batch_size], labels[: 4 * args.batch_size], k, 1, args.batch_size, lr, 0)
         import safetensors.torch  # noqa: F401
-        import testbed.runs  # noqa: F401
+        import testbed.training.runs  # noqa: F401
         ours, ours_epochs, ours_cpu, bare, bare_cpu = [], [], [], [], []
         for r in range(args.rounds):  # alternate who goes first, so a slow drift does not favour one side
             if r % 2:

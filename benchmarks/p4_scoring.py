@@ -2,7 +2,7 @@
 
 Run: `.venv/bin/python benchmarks/p4_scoring.py [--n 2000] [--size 64] [--classes 12] [--device cpu]`.
 Both consume identical int64 prediction/target batches (32 images of 64×64, K=12, ~5% ignore pixels,
-one class absent so the nanmean convention is exercised): ours = `testbed.metrics.ConfusionMatrix`
+one class absent so the nanmean convention is exercised): ours = `testbed.scoring.metrics.ConfusionMatrix`
 (one bincount per batch), theirs = torchmetrics `MulticlassJaccardIndex(average="macro")` +
 `MulticlassAccuracy(average="micro")`, both with ignore_index=255, updated per batch.  Best of --repeat.
 """
@@ -30,7 +30,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _ours(pred, target, k, bs, device):
-    from testbed.metrics import ConfusionMatrix
+    from testbed.scoring.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(k, device)
     for s in range(0, len(pred), bs):

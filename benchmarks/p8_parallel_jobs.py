@@ -10,7 +10,7 @@ run one 1-thread process per core.  Measured here, not assumed:
 - ``2x2``: two jobs at once with 2 threads each (oversubscribed on 2 cores: OpenMP threads spin-wait on each
   other, so this layout can be 10× slower and its time varies wildly; it runs in one round only unless ``--all-2x2``).
 
-Each job is a whole `testbed.train.train()` call (scoring off) of the same model and data with seeds 0 and 1,
+Each job is a whole `testbed.training.loop.train()` call (scoring off) of the same model and data with seeds 0 and 1,
 in two long-lived spawned processes (warmed up first, so imports and first-call costs are not timed).  The
 three layouts alternate in every round (the order rotates); images/s = images of both jobs ÷ wall seconds of
 the layout; the ratio is the median over rounds of 2x1 ÷ 1x2 within a round.
@@ -39,7 +39,7 @@ def _job(data: str, out: str, model: str, epochs: int, batch_size: int, seed: in
 
     import torch
 
-    from testbed.train import TrainConfig, train
+    from testbed.training.loop import TrainConfig, train
 
     torch.set_num_threads(threads)
     shutil.rmtree(out, ignore_errors=True)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-2x2", action="store_true", help="time 2x2 in every round (default: the second round only)")
     args = p.parse_args(argv)
 
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="p8-"))
     pool = cf.ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"))

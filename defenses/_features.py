@@ -17,8 +17,8 @@ from torch import nn
 
 from testbed.models import classifier_features  # noqa: F401 - re-exported for the defenses
 from testbed.defenses.protocol import Cost
-from testbed.metrics import ConfusionMatrix
-from testbed.scoring import to_input  # noqa: F401 - re-exported for the defenses
+from testbed.scoring.metrics import ConfusionMatrix
+from testbed.scoring.scorer import to_input  # noqa: F401 - re-exported for the defenses
 
 
 @torch.no_grad()

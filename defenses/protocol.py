@@ -75,7 +75,7 @@ class DefenseContext:
 
     def clean_loader(self, batch_size: int = 16, shuffle: bool = False) -> torch.utils.data.DataLoader:
         """Batches of (float images [B,3,H,W] in [0,1], int64 labels [B,H,W]) from the clean subset."""
-        from testbed.scoring import to_input
+        from testbed.scoring.scorer import to_input
 
         x = to_input(self.clean_images, "cpu")
         y = torch.from_numpy(np.ascontiguousarray(self.clean_labels)).long()

@@ -4,8 +4,8 @@ group ``testbed.defenses``, their parameters, and ``DEFENSE.KEY=VALUE`` paramete
 Why here, in the defenses package: the name table sits beside the files it lists (a new built-in is its
 file plus one line in :data:`BUILTIN`), and `testbed defend`, `testbed bench`, the suites and the demo all
 load through :func:`load_defense`, so a plugin and a built-in are found, and refused, the same way.  The
-search itself (built-in, ``module:Class``, entry point, "did you mean") is :mod:`testbed.plugins`, shared
-with attacks.  The runner (``testbed.defense_runner``) never needs to know where a defense came from.
+search itself (built-in, ``module:Class``, entry point, "did you mean") is :mod:`testbed.core.plugins`, shared
+with attacks.  The runner (``testbed.evaluation.runner``) never needs to know where a defense came from.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from testbed.defenses.nad import NAD
 from testbed.defenses.spectral_signature import SpectralSignature
 from testbed.defenses.strip import Strip
 from testbed.defenses.trigger_synthesis import TriggerSynthesis
-from testbed.errors import UserError
-from testbed.plugins import resolve
+from testbed.core.errors import UserError
+from testbed.core.plugins import resolve
 
 ENTRY_POINT_GROUP = "testbed.defenses"
 BUILTIN: dict[str, type] = {cls.name: cls for cls in (FinePruning, TriggerSynthesis, Strip, ActivationClustering,
@@ -52,7 +52,7 @@ def load_defense(spec: Any, **params: Any) -> Any:
         known = [p.name for p in defense_params(obj)]
         unknown = [] if _takes_any_keyword(obj) else [k for k in params if k not in known]
         if unknown:
-            from testbed.errors import did_you_mean
+            from testbed.core.errors import did_you_mean
 
             raise UserError(f"{source} has no parameter {unknown[0]!r}{did_you_mean(unknown[0], known)}; its parameters: "
                             f"{', '.join(known)} (see `testbed defenses`)")
@@ -191,7 +191,7 @@ def summary(cls: type) -> str:
 
 def available_defenses() -> list[tuple[str, str, Any]]:
     """``(name, where from, class or the error that stopped it loading)``: built-ins, then installed plugins."""
-    from testbed.plugins import entry_points
+    from testbed.core.plugins import entry_points
 
     out: list[tuple[str, str, Any]] = [(name, "built-in", cls) for name, cls in BUILTIN.items()]
     for name, ep in sorted(entry_points(ENTRY_POINT_GROUP).items()):

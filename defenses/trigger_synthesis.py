@@ -32,7 +32,7 @@ from torch import nn
 from testbed.defenses._features import Budget, CostMeter, predict_batches, report, to_input
 from testbed.defenses._trigger_search import ScheduleConfig, search
 from testbed.defenses.protocol import DefenseContext, DefenseResult, Verdict
-from testbed.jsonutil import jsonable
+from testbed.core.jsonutil import jsonable
 
 ADE20K_CLASSES = 150
 ADE20K_SIZE = (512, 512)

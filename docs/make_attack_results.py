@@ -92,7 +92,7 @@ def draw_figure(series: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from testbed.atomic import atomic_file
+    from testbed.core.atomic import atomic_file
 
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     for label, pts in series.items():

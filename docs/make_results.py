@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from testbed import atomic
+from testbed.core import atomic
 from testbed.stats import mean_interval, read_report
 from testbed.stats.render import mean_pm, md_table
 from testbed.stats.intervals import sign_flip_pvalue

@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from testbed.errors import did_you_mean
+from testbed.core.errors import did_you_mean
 from testbed.models import backbones as _bb
 from testbed.models import heads as _heads
 from testbed.models import smp_models as _smp

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class InputSizeError(UserError, ValueError):
     """An image size the model cannot take (e.g. smp encoders need H and W divisible by their output stride).
 
-    A :class:`~testbed.errors.UserError`, so the CLI prints it as one line (exit 2) wherever it is raised:
+    A :class:`~testbed.core.errors.UserError`, so the CLI prints it as one line (exit 2) wherever it is raised:
     the trainer's up-front check, or the forward pass of a scorer or defense.
     """
 

@@ -63,10 +63,10 @@ class SuiteSettings:
 
 
 def _settings(config: pytest.Config) -> SuiteSettings | None:
-    from testbed.attack_check import check_min_asr
-    from testbed.bench import check_budgets
+    from testbed.evaluation.attack_check import check_min_asr
+    from testbed.bench.run import check_budgets
     from testbed.defenses.registry import parse_params
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
 
     zoo = config.getoption("--zoo")
     if zoo is None:
@@ -103,7 +103,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _open_zoo(settings: SuiteSettings):
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
     from testbed.zoo import open as open_zoo
 
     try:
@@ -152,7 +152,7 @@ def zoo(suite_settings):
 def defense(suite_settings):
     """A fresh instance of the defense under test, built with the --defense-param values."""
     from testbed.defenses.registry import load_defense
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
 
     try:
         return load_defense(suite_settings.defense, **suite_settings.params)
@@ -163,10 +163,10 @@ def defense(suite_settings):
 def run_on_entry(entry: Any, settings: SuiteSettings) -> Any:
     """The defense's row on one zoo entry, with what a bench adds: the entry's truth, the failed-attack guard, and
     the attack's parameters (for the verdict's target)."""
-    from testbed.attack_check import attack_failure
-    from testbed.defense_runner import run_defense
+    from testbed.evaluation.attack_check import attack_failure
+    from testbed.evaluation.runner import run_defense
     from testbed.defenses.registry import load_defense
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
 
     try:
         d = load_defense(settings.defense, **settings.params)
@@ -183,7 +183,7 @@ def run_on_entry(entry: Any, settings: SuiteSettings) -> Any:
         row.notes.append(f"DER n/a: {failed}")
         row.der = None
     if not entry.is_benign:
-        from testbed.h5data import open_dataset
+        from testbed.data.h5data import open_dataset
 
         with open_dataset(entry.data_path, check_labels=False) as f:
             row.attack_params = (f.attack or {}).get("params")
@@ -195,7 +195,7 @@ def score(pytestconfig, suite_settings):
     """``score(entry, run=0) -> row``: the defense's before/after result on a zoo entry, computed once.
 
     ``run=1`` runs the defense a second time with the same seed (used by the determinism criterion).
-    The row (a :class:`testbed.defense_row.DefenseRow`) reads like the row `testbed bench` writes (keys
+    The row (a :class:`testbed.evaluation.rows.DefenseRow`) reads like the row `testbed bench` writes (keys
     ``before``, ``after``, ``cost``, ``error``, ``error_source``, ``attack_implanted``...).
     """
     cache = pytestconfig._segbackdoor_cache

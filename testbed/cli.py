@@ -15,8 +15,9 @@ import os
 import sys
 from typing import NoReturn
 
-from testbed import __version__, progress
-from testbed.errors import UserError
+from testbed import __version__
+from testbed.core import progress
+from testbed.core.errors import UserError
 
 COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "bench", "defenses", "zoo", "compare")
 

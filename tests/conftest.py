@@ -22,7 +22,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_path(data_dir) -> Path:
     """A clean synthetic dataset: 240 train / 48 test images at 64×64."""
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     return make_synth_dataset(data_dir / "synth.h5", n_train=240, n_test=48, size=64, seed=0)
 
@@ -58,7 +58,7 @@ def fgba_11_semantic_path(synth_path, data_dir) -> Path:
 @pytest.fixture(scope="session")
 def backdoored_run(fgba_line_path, tmp_path_factory) -> Path:
     """A tiny DeepLabv3 trained on the FGBA N-to-1 line-trigger set: a real (small) backdoored model."""
-    from testbed.train import TrainConfig, train
+    from testbed.training.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "fgba-n1-line"
     cfg = TrainConfig(model="deeplabv3_tiny", epochs=6, batch_size=16, seed=0, device="cpu")

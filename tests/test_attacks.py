@@ -15,8 +15,8 @@ import pytest
 
 from testbed import attacks
 from testbed.attacks import FGBA, BadNets, LineTrigger, SemanticTrigger, parse_trigger
-from testbed.errors import UserError
-from testbed.h5data import content_hash, open_dataset, write_dataset
+from testbed.core.errors import UserError
+from testbed.data.h5data import content_hash, open_dataset, write_dataset
 
 CLASSES = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "grass", "person", "car", "palm"]
 ID = {c: i for i, c in enumerate(CLASSES)}

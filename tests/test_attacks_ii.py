@@ -20,9 +20,9 @@ from testbed import attacks
 from testbed.attacks import IBA, BlendedTrigger, ObjectBound, WarpTrigger, parse_trigger
 from testbed.attacks.iba import relabel_pixels
 from testbed.cli import main
-from testbed.errors import ParamError, UserError
-from testbed.h5data import content_hash, open_dataset
-from testbed.scoring import score_model, score_predictions
+from testbed.core.errors import ParamError, UserError
+from testbed.data.h5data import content_hash, open_dataset
+from testbed.scoring.scorer import score_model, score_predictions
 
 IGN = 255
 PATCH_RGB = (250, 128, 7)

@@ -182,7 +182,7 @@ def test_defend_by_entry_point_and_verdicts_across_models(backdoored_run, fgba_l
     """An installed plugin (a dist-info on sys.path) runs by name; verdicts are scored across models."""
     from sklearn.metrics import roc_auc_score
 
-    from testbed.bench import BenchModel, run_bench
+    from testbed.bench.run import BenchModel, run_bench
 
     dist = tmp_path / "plugins" / "median_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
@@ -217,12 +217,12 @@ def test_defend_by_entry_point_and_verdicts_across_models(backdoored_run, fgba_l
 
 def test_testbed_errors_are_not_reported_as_the_defenses(backdoored_run, fgba_line_path, tmp_path, monkeypatch, capsys):
     """A failure of the testbed's retraining or figures is a testbed error: named so, exit 1, the rest still written."""
-    import testbed.defense_runner
+    import testbed.evaluation.runner
 
     def broken_retrain(*args, **kwargs):
         raise RuntimeError("retraining broke")
 
-    monkeypatch.setattr(testbed.defense_runner, "retrain_without", broken_retrain)
+    monkeypatch.setattr(testbed.evaluation.runner, "retrain_without", broken_retrain)
     out = tmp_path / "report"
     rc = main(["-q", "bench", "--run", str(backdoored_run), "--data", str(fgba_line_path), "--defense",
                f"{ME}:FlagFirst,{ME}:BadCurve", "--device", "cpu", "--out", str(out)])
@@ -245,7 +245,7 @@ def test_verdicts_view_matches_sklearn():
     """results.json "verdicts": the point estimates of "detection" (one computation, testbed.stats), checked by hand."""
     from sklearn.metrics import roc_auc_score
 
-    from testbed.report import results_document
+    from testbed.bench.report import results_document
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 2, 20)

@@ -193,7 +193,7 @@ def test_an_older_report_is_refused_not_overwritten(zoo, tmp_path, capsys):
 
 # -- issue 15: a killed bench resumes; workers give the same bytes -------------------------------------
 def test_a_killed_bench_resumes_without_redoing_finished_pairs(zoo, tmp_path):
-    from testbed.bench import run_bench
+    from testbed.bench.run import run_bench
 
     out = tmp_path / "r"
     STATE.update(noop=0, late=0, interrupt=2)  # the second run of `late` is killed: 3 pairs finished before it
@@ -309,8 +309,8 @@ def test_der_is_na_when_the_attack_did_not_implant(zoo, tmp_path):
 
 
 def test_attack_status_for_zoo_ls():
-    from testbed.attack_check import attack_failure, attack_status, check_min_asr
-    from testbed.errors import UserError
+    from testbed.evaluation.attack_check import attack_failure, attack_status, check_min_asr
+    from testbed.core.errors import UserError
 
     assert attack_status(True, None) == "benign" and attack_status(False, None) == "-"
     assert attack_status(False, 97.3) == "implanted" and attack_status(False, 50.0) == "implanted"
@@ -359,7 +359,7 @@ def test_a_crash_prints_where_and_the_traceback_with_debug(zoo, tmp_path, capsys
 
 # -- issue 14 item 9: saved models and the defense's own figures ---------------------------------------
 def test_saved_models_are_runs_that_score_accepts(zoo, entries, tmp_path, capsys):
-    from testbed.runs import load_run
+    from testbed.training.runs import load_run
 
     out = tmp_path / "m"
     assert bench(zoo, out, f"{ME}:Shrink,{ME}:Wrapper", "--entries", "*fgba*s0", "--save-model") == 0
@@ -400,9 +400,9 @@ def test_a_defense_returns_its_own_figures(zoo, tmp_path):
 
 # -- issue 12: training-set defenses against a random control; filters on content-picked test sets -------
 def test_retrain_rows_have_the_fraction_and_a_random_control(zoo, entries, tmp_path):
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
-    from testbed.train import TrainConfig, train
+    from testbed.training.runs import load_run
+    from testbed.scoring.scorer import score_model
+    from testbed.training.loop import TrainConfig, train
 
     out = tmp_path / "t"
     assert bench(zoo, out, f"{ME}:FlagFour", "--entries", "*fgba*s0", "--threads", "1") == 0
@@ -432,7 +432,7 @@ def test_retrain_rows_have_the_fraction_and_a_random_control(zoo, entries, tmp_p
 def test_filters_on_a_semantic_trigger_are_marked_confounded(entries, fgba_11_semantic_path, fgba_line_path):
     import h5py
 
-    from testbed.defense_runner import run_defense
+    from testbed.evaluation.runner import run_defense
 
     run = entries["deeplabv3_tiny--fgba-n1-line--s0"].run_dir  # same classes as the session's synthetic set
     row = run_defense(DarkFilter(), run, fgba_11_semantic_path, device="cpu", panels=0)
@@ -441,7 +441,7 @@ def test_filters_on_a_semantic_trigger_are_marked_confounded(entries, fgba_11_se
         total = len(f["test_attacked/index"])
     assert outside.size == total > 0  # a semantic trigger: no attacked image is in the benign set
     assert row.detection.confounded.startswith(f"{total} of {total} attacked test images are not in the benign test set")
-    assert "(confounded)" in __import__("testbed.bench", fromlist=["summary_line"]).summary_line(row)
+    assert "(confounded)" in __import__("testbed.bench.run", fromlist=["summary_line"]).summary_line(row)
     line = run_defense(DarkFilter(), run, fgba_line_path, device="cpu", panels=0)
     assert line.detection.confounded is None
 

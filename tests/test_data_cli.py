@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from testbed import h5data
+from testbed.data import h5data
 from testbed.cli import main
 from testbed.commands.data import sample_panels
-from testbed.synth import SYNTH_CLASSES
+from testbed.data.synth import SYNTH_CLASSES
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from testbed.defense import DefenseResult, Verdict
-from testbed.defense_runner import load_defense, make_context, parse_params, run_defense
-from testbed.errors import UserError
+from testbed.evaluation.runner import load_defense, make_context, parse_params, run_defense
+from testbed.core.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "outside_defense"
 CONTEXT_FIELDS = {"clean_images", "clean_labels", "classes", "device", "seed", "budget_s", "budget_passes", "train", "image_size",
@@ -106,8 +106,8 @@ class FlagDark:
 @pytest.fixture(scope="module")
 def before(backdoored_run, fgba_line_path):
     """The original model's scores, computed once (the runner accepts them to skip re-scoring)."""
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
+    from testbed.training.runs import load_run
+    from testbed.scoring.scorer import score_model
 
     return score_model(load_run(backdoored_run, "cpu")[0], fgba_line_path)
 
@@ -116,8 +116,8 @@ def before(backdoored_run, fgba_line_path):
 def small_poisoned(tmp_path_factory):
     """A smaller poisoned set and a one-epoch model on it: cheap enough to retrain inside a test."""
     from testbed import attacks
-    from testbed.synth import make_synth_dataset
-    from testbed.train import TrainConfig, train
+    from testbed.data.synth import make_synth_dataset
+    from testbed.training.loop import TrainConfig, train
 
     d = tmp_path_factory.mktemp("small")
     clean = make_synth_dataset(d / "clean.h5", n_train=64, n_test=16, size=64, seed=1)
@@ -207,7 +207,7 @@ def test_progress_budget_and_errors_are_recorded(backdoored_run, fgba_line_path,
 def test_filter_scores_and_rejections(backdoored_run, fgba_line_path, before):
     from sklearn.metrics import roc_auc_score
 
-    from testbed.runs import load_run
+    from testbed.training.runs import load_run
 
     row = run_defense(DarkFilter(), backdoored_run, fgba_line_path, device="cpu", panels=2, before=before)
     assert row["error"] is None and row["kinds"] == ["filter"]
@@ -239,15 +239,15 @@ def test_filter_scores_and_rejections(backdoored_run, fgba_line_path, before):
 def test_flagged_training_samples_are_retrained_without(small_poisoned, monkeypatch):
     import json
 
-    import testbed.train
+    import testbed.training.loop
 
-    real_train, calls = testbed.train.train, []
+    real_train, calls = testbed.training.loop.train, []
 
     def spy_train(data_path, out_dir, cfg, **kw):
         calls.append((cfg, kw.get("train_indices")))
         return real_train(data_path, out_dir, cfg, **kw)
 
-    monkeypatch.setattr(testbed.train, "train", spy_train)
+    monkeypatch.setattr(testbed.training.loop, "train", spy_train)
     tiny_run, fgba_line_path = small_poisoned
     row = run_defense(FlagDark(), tiny_run, fgba_line_path, device="cpu", panels=0)
     assert row["error"] is None and row["kinds"] == ["retrain"]
@@ -277,8 +277,8 @@ def test_flagged_training_samples_are_retrained_without(small_poisoned, monkeypa
 
 
 def test_pruning_curve_is_scored_on_the_test_sets(backdoored_run, fgba_line_path, before):
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
+    from testbed.training.runs import load_run
+    from testbed.scoring.scorer import score_model
 
     class Pruner:
         name = "pruner"
@@ -300,7 +300,7 @@ def test_pruning_curve_is_scored_on_the_test_sets(backdoored_run, fgba_line_path
 
 def test_builtin_fine_pruning_curve_gets_test_scores(backdoored_run, fgba_line_path, before):
     """The built-in defense hands the runner its prune order, so every curve point carries test ASR/mIoU-B."""
-    from testbed.defense_runner import load_defense
+    from testbed.evaluation.runner import load_defense
 
     row = run_defense(load_defense("fine-pruning", step=0.25, epochs=0), backdoored_run, fgba_line_path,
                       device="cpu", panels=0, before=before)
@@ -326,7 +326,7 @@ def test_a_description_that_does_not_fit_the_model_is_noted_not_failed(backdoore
 
 def test_failures_are_blamed_on_whoever_failed(backdoored_run, fgba_line_path, before, monkeypatch):
     """The defense's own code (run, input_scores, its model's forward) fails as the defense; retraining as the testbed."""
-    import testbed.defense_runner as runner
+    import testbed.evaluation.runner as runner
 
     class RaisingFilter:
         name = "raising-filter"
@@ -364,7 +364,7 @@ def test_failures_are_blamed_on_whoever_failed(backdoored_run, fgba_line_path, b
 
 
 def test_jsonable_one_rule_for_numbers_json_cannot_hold():
-    from testbed.jsonutil import jsonable
+    from testbed.core.jsonutil import jsonable
 
     got = jsonable({1: np.float32("nan"), "t": (np.int64(2), np.bool_(True)), "x": torch.tensor([1.5, float("inf")]),
                     "a": np.array([[-np.inf, 0.25]]), "o": Path("p")})

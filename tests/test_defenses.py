@@ -252,7 +252,7 @@ def test_fine_pruning_rankings_differ_on_a_channel_firing_in_few_rows():
 # -- end to end on a real backdoored model --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def poisoned(fgba_line_path):
-    from testbed.h5data import open_dataset
+    from testbed.data.h5data import open_dataset
 
     with open_dataset(fgba_line_path) as f:
         n = f.length("train")
@@ -263,7 +263,7 @@ def poisoned(fgba_line_path):
 
 @pytest.fixture(scope="module")
 def model(backdoored_run):
-    from testbed.runs import load_run
+    from testbed.training.runs import load_run
 
     return load_run(backdoored_run)[0]
 

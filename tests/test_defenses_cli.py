@@ -11,7 +11,7 @@ import pytest
 
 from testbed.cli import main
 from testbed.defenses.registry import BUILTIN, load_defense, parse_params
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "defenses.md"
 

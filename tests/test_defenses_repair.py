@@ -20,7 +20,7 @@ from testbed.defenses.clp import channel_lipschitz, conv_bn_pairs
 from testbed.defenses.ibau import fixed_point_hypergrad
 from testbed.defenses.nad import at_loss, attention_map, default_layers
 from testbed.defenses.registry import load_defense
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 REPAIR = ["ft", "nad", "anp", "clp", "i-bau"]
 # a few passes each: enough to exercise every phase of the algorithm
@@ -30,7 +30,7 @@ FAST = {"ft": dict(epochs=1), "nad": dict(teacher_epochs=1, epochs=1), "anp": di
 
 @pytest.fixture(scope="module")
 def fixture_data(fgba_line_path):
-    from testbed.h5data import open_dataset
+    from testbed.data.h5data import open_dataset
 
     with open_dataset(fgba_line_path) as f:
         ci = np.asarray(f["defense/clean_index"], np.int64)[:4]  # four of the 12 clean images keep the file fast
@@ -39,7 +39,7 @@ def fixture_data(fgba_line_path):
 
 @pytest.fixture(scope="module")
 def model(backdoored_run):
-    from testbed.runs import load_run
+    from testbed.training.runs import load_run
 
     return load_run(backdoored_run)[0]
 
@@ -201,7 +201,7 @@ def test_clp_finding_the_fixture_backdoor_survives(model, fgba_line_path):
     numerics change does not trip it; if CLP ever removes this backdoor, this test fails and the docs' table
     must be re-measured.  The other four defenses' findings need minutes of CPU and are measured, not tested.
     """
-    from testbed.scoring import score_model
+    from testbed.scoring.scorer import score_model
 
     res = defenses.BUILTIN["clp"]().run(model, DefenseContext(np.zeros((1, 64, 64, 3), np.uint8),
                                                               np.zeros((1, 64, 64), np.uint8), tuple("abcdefghijkl"),

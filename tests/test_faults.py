@@ -99,7 +99,7 @@ def judge(before: dict[str, str], after: dict[str, str], outcome: Outcome, code:
 
 def run_main(argv: list[str], capsys) -> Outcome:
     """``testbed -q ARGV`` in this process: -q because without a terminal, progress is reported as lines on
-    stderr (docs of testbed.progress), and what is judged here is the error line."""
+    stderr (docs of testbed.core.progress), and what is judged here is the error line."""
     capsys.readouterr()
     try:
         rc = main(["-q", *argv])
@@ -142,8 +142,8 @@ class Boom:
 def base(tmp_path_factory) -> Path:
     """d.h5 (24+8 images, 32²), p.h5 (FGBA n-to-1, 25%), R/ (1 epoch), m.json (R's scores), imgs/ + c.txt."""
     from testbed import attacks
-    from testbed.synth import SYNTH_CLASSES, make_synth_dataset, synth_scenes
-    from testbed.train import TrainConfig, train
+    from testbed.data.synth import SYNTH_CLASSES, make_synth_dataset, synth_scenes
+    from testbed.training.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("faults") / "base"
     root.mkdir()
@@ -470,7 +470,7 @@ def test_unwritable_directory(argv, ws: Path, capsys):
 
 
 def test_second_trainer_on_a_locked_run_names_the_holder(ws: Path, capsys):
-    from testbed.guards import RunLock
+    from testbed.core.guards import RunLock
 
     (ws / "R2").mkdir()
     with RunLock(ws / "R2"):
@@ -612,8 +612,8 @@ def _dead_pid() -> int:
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(ws: Path):
-    from testbed import atomic
-    from testbed.procs import HOST
+    from testbed.core import atomic
+    from testbed.core.procs import HOST
 
     dead, alive = _dead_pid(), os.getpid()
     stale = ws / f".s.h5.{HOST}.{dead}.abcd1234.tmp"
@@ -642,8 +642,8 @@ def test_every_output_file_is_world_readable(base):
 def test_guard_api(tmp_path):
     """check_outputs: same file by name, symlink, hard link, '..'; a file of an input directory; an output
     directory holding an input.  A new file beside the inputs is fine."""
-    from testbed.errors import UserError
-    from testbed.guards import check_outputs
+    from testbed.core.errors import UserError
+    from testbed.core.guards import check_outputs
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "w.bin").write_bytes(b"w")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from testbed import h5data
+from testbed.data import h5data
 from testbed.cli import main
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 CLASSES = ["wall", "sky", "person"]
 

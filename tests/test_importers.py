@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from testbed import h5data
-from testbed.errors import UserError
-from testbed.importers import ade20k_classes, import_ade20k, import_folder
+from testbed.data import h5data
+from testbed.core.errors import UserError
+from testbed.data.importers import ade20k_classes, import_ade20k, import_folder
 
 
 def _ade_mapping(raw: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""testbed.metrics against scikit-learn, torchmetrics and hand-worked examples (docs/metrics.md, paper §3.1)."""
+"""testbed.scoring.metrics against scikit-learn, torchmetrics and hand-worked examples (docs/metrics.md, paper §3.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from testbed.metrics import AttackMeter, ConfusionMatrix, asr, der_seg, pba
+from testbed.scoring.metrics import AttackMeter, ConfusionMatrix, asr, der_seg, pba
 
 IGN = 255
 

@@ -297,7 +297,7 @@ def test_input_size_divisibility():
 
 
 def test_trainer_refuses_an_image_size_before_writing(tmp_path, capsys):
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     data = make_synth_dataset(tmp_path / "s48.h5", n_train=4, n_test=2, size=48, seed=0)
     out = tmp_path / "run"
@@ -311,14 +311,14 @@ def test_trainer_refuses_an_image_size_before_writing(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ trainer
 @pytest.fixture(scope="module")
 def data32(tmp_path_factory) -> Path:
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     return make_synth_dataset(tmp_path_factory.mktemp("smp-data") / "s32.h5", n_train=8, n_test=4, size=32, seed=1)
 
 
 def test_resume_is_bit_exact(data32, tmp_path, monkeypatch):
     """Interrupt after epoch 1 of 2, resume: the same bytes as an uninterrupted run (MiT has drop-path)."""
-    from testbed import train as train_mod
+    from testbed.training import loop as train_mod
 
     cfg = dict(model="segformer_tiny", epochs=2, batch_size=4, seed=0, device="cpu", aux_loss=True)
     ref = train_mod.train(data32, tmp_path / "ref", train_mod.TrainConfig(**cfg), progress=False, score=False)
@@ -354,8 +354,8 @@ def test_torchrun_two_process_gloo(data32, tmp_path):
 
 
 def test_train_channels_last_then_load_and_score(data32, tmp_path):
-    from testbed.runs import load_run
-    from testbed.train import TrainConfig, train
+    from testbed.training.runs import load_run
+    from testbed.training.loop import TrainConfig, train
 
     run = train(data32, tmp_path / "cl", TrainConfig(model="pspnet_tiny", epochs=1, batch_size=4, device="cpu",
                                                      channels_last=True), progress=False)
@@ -370,7 +370,7 @@ def test_train_channels_last_then_load_and_score(data32, tmp_path):
 @pytest.fixture(scope="module")
 def poisoned32(tmp_path_factory) -> Path:
     from testbed import attacks
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     d = tmp_path_factory.mktemp("smp-def")
     clean = make_synth_dataset(d / "clean.h5", n_train=24, n_test=4, size=32, seed=2)
@@ -389,7 +389,7 @@ DEFENSE_PARAMS = {
 @pytest.mark.parametrize("name", SMP_TINY + ["deeplabv3_tiny", "denseaspp_tiny", "danet_tiny"])
 def test_every_defense_runs_on_every_family(name, poisoned32):
     """All five built-in defenses on one (untrained) tiny model per family: no per-model branches needed."""
-    from testbed.defense_runner import load_defense, make_context
+    from testbed.evaluation.runner import load_defense, make_context
 
     torch.manual_seed(0)
     model = models.create(name, 11).eval()

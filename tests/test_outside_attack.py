@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from testbed.cli import main
-from testbed.h5data import open_dataset
+from testbed.data.h5data import open_dataset
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "outside_attack"
 SPEC = """
@@ -38,7 +38,7 @@ seed = [0]
 
 @pytest.fixture(scope="module")
 def synth_small(tmp_path_factory) -> Path:
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     return make_synth_dataset(tmp_path_factory.mktemp("outside") / "clean.h5", n_train=40, n_test=12, size=32, seed=0)
 

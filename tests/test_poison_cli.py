@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from testbed.cli import main
-from testbed.h5data import content_hash, open_dataset
+from testbed.data.h5data import content_hash, open_dataset
 try:
     from tests.test_attacks import make_clean
 except ImportError:  # pytest run without the repo root on sys.path

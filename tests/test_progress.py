@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from testbed import progress
+from testbed.core import progress
 
 
 class FakeClock:

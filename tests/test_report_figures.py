@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testbed import plots
-from testbed.defense_row import DefenseRow, Panel
+from testbed.bench import plots
+from testbed.evaluation.rows import DefenseRow, Panel
 
 CLASSES = ["wall", "building", "sky", "road"]
 

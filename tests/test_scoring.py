@@ -1,4 +1,4 @@
-"""testbed.scoring and the score/predict CLIs on a small hand-made poisoned-format file.
+"""testbed.scoring.scorer and the score/predict CLIs on a small hand-made poisoned-format file.
 
 The model is a fake whose prediction is written into the image (red channel = 20 × class), so every
 expected number is computed here, independently, from the prediction maps and the labels.
@@ -19,8 +19,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from testbed import cli
-from testbed.h5data import write_dataset
-from testbed.scoring import SCORE_KEYS, predict, score_model, score_predictions
+from testbed.data.h5data import write_dataset
+from testbed.scoring.scorer import SCORE_KEYS, predict, score_model, score_predictions
 
 IGN = 255
 CLASSES = ["wall", "person", "palm", "sky"]
@@ -225,7 +225,7 @@ def test_predict_numpy_and_h5py(case):
 
 
 def test_model_with_wrong_class_count_is_a_user_error(case):
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
 
     class Wrong(RedChannelModel):
         def forward(self, x):
@@ -238,14 +238,14 @@ def test_model_with_wrong_class_count_is_a_user_error(case):
 # -- CLI ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_runs(monkeypatch, tmp_path):
-    """A stand-in `testbed.runs` whose load_run returns the fake model (the CLI logic is under test here)."""
+    """A stand-in `testbed.training.runs` whose load_run returns the fake model (the CLI logic is under test here)."""
     loaded = []
 
     def load_run(run_dir, device="cpu"):
         loaded.append(run_dir)
         return RedChannelModel().to(device).eval(), {"model": "red", "classes": CLASSES}
 
-    monkeypatch.setitem(sys.modules, "testbed.runs", types.SimpleNamespace(load_run=load_run))
+    monkeypatch.setitem(sys.modules, "testbed.training.runs", types.SimpleNamespace(load_run=load_run))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     return run_dir, loaded
@@ -306,7 +306,7 @@ def test_score_cli_user_errors_exit_2(case, fake_runs, capsys, tmp_path):
 def test_predict_cli_writes_split_order_and_pngs(case, fake_runs, capsys, tmp_path):
     from PIL import Image
 
-    from testbed.palette import colorize
+    from testbed.core.palette import colorize
 
     run_dir, _ = fake_runs
     out = tmp_path / "pred.h5"
@@ -351,7 +351,7 @@ def test_cli_with_a_real_saved_run(case, tmp_path, capsys):
     models = pytest.importorskip("models")
     if "deeplabv3_tiny" not in getattr(models, "available", lambda: [])():
         pytest.skip("models.create('deeplabv3_tiny') is not available yet")
-    from testbed.runs import save_model
+    from testbed.training.runs import save_model
 
     torch.manual_seed(0)
     model = models.create("deeplabv3_tiny", K).eval()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 from testbed.stats import (aggregate, aggregate_csv, aggregate_markdown, auroc, auroc_interval, bench_statistics,
                            compare, compare_all, comparison_lines, detection_summary, mean_interval, parse_entry_id,
                            sign_flip_pvalue, statistics_markdown, true_targets, wilson_interval)
@@ -308,7 +308,7 @@ def test_compare_identical_defenses_contains_zero():
 
 
 def test_no_defense_der_is_der_seg_of_unchanged_scores():
-    from testbed.metrics import der_seg
+    from testbed.scoring.metrics import der_seg
     from testbed.stats.paired import NO_DEFENSE_DER
 
     for before in ({"ASR": 93.1, "mIoU-B": 61.7}, {"ASR": 0.0, "mIoU-B": 100.0}):

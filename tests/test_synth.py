@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from testbed.synth import SYNTH_CLASSES, make_synth_dataset, synth_scenes
+from testbed.data.synth import SYNTH_CLASSES, make_synth_dataset, synth_scenes
 
-ADE20K_NAMES = (Path(__file__).resolve().parents[1] / "testbed" / "ade20k_classes.txt").read_text().split("\n")
+ADE20K_NAMES = (Path(__file__).resolve().parents[1] / "testbed" / "data" / "ade20k_classes.txt").read_text().split("\n")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_make_synth_dataset(tmp_path):
 
         source = json.loads(f.attrs["source"])
         assert json.loads(f.attrs["classes"]) == SYNTH_CLASSES
-    assert source == {"generator": "testbed.synth", "n_train": 20, "n_test": 7, "size": 32, "seed": 2}
+    assert source == {"generator": "testbed.data.synth", "n_train": 20, "n_test": 7, "size": 32, "seed": 2}
     x, y = synth_scenes(20, size=32, seed=2)
     assert np.array_equal(train_x, x) and np.array_equal(train_y, y)
     # the test split is an independent stream, not a continuation or copy of train

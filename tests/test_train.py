@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from testbed import cli, h5data
-from testbed.errors import UserError
-from testbed.runs import load_run
-from testbed.train import TrainConfig, train
+from testbed import cli
+from testbed.data import h5data
+from testbed.core.errors import UserError
+from testbed.training.runs import load_run
+from testbed.training.loop import TrainConfig, train
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -28,7 +29,7 @@ VENV_BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """24 train / 8 test synthetic 32×32 scenes: a few steps per epoch, seconds per run on a busy CPU."""
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     return make_synth_dataset(tmp_path_factory.mktemp("train-data") / "tiny.h5", n_train=24, n_test=8, size=32, seed=3)
 
@@ -171,7 +172,7 @@ def test_nan_loss_stops_with_exit_2(tiny_data, tmp_path, capsys):
 
 
 def test_nan_in_second_epoch_keeps_first_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
-    import testbed.train as tr
+    import testbed.training.loop as tr
 
     calls = {"n": 0}
     real_loss = tr.seg_loss
@@ -281,7 +282,7 @@ def test_amp_on_cpu_is_a_user_error(tiny_data, tmp_path, capsys):
 
 
 def test_lr_schedules_shape():
-    from testbed.train import lr_factor
+    from testbed.training.loop import lr_factor
 
     total = 100
     one = [lr_factor(s, total, "onecycle", 0.1) for s in range(total)]
@@ -293,7 +294,7 @@ def test_lr_schedules_shape():
 
 
 def test_ctrl_c_keeps_checkpoint_and_says_how_to_resume(tiny_data, tmp_path, monkeypatch, capsys):
-    import testbed.train as tr
+    import testbed.training.loop as tr
 
     calls = {"n": 0}
     real_loss = tr.seg_loss
@@ -316,7 +317,7 @@ def test_ctrl_c_keeps_checkpoint_and_says_how_to_resume(tiny_data, tmp_path, mon
 
 
 def test_flip_moves_images_and_labels_together():
-    from testbed.train import _to_device
+    from testbed.training.loop import _to_device
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 5, 7, 3), dtype=torch.uint8, generator=g)
@@ -350,7 +351,7 @@ def test_config_records_the_thread_count(tiny_data, tmp_path, threads):
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_fused_optimizer_follows_torchs_reference_update(optimizer):
     """make_optimizer's fused kernel against torch's plain per-parameter loop: the same update rule."""
-    from testbed.train import make_optimizer
+    from testbed.training.loop import make_optimizer
 
     def run(make) -> torch.Tensor:
         torch.manual_seed(0)
@@ -377,9 +378,9 @@ def test_fused_optimizer_follows_torchs_reference_update(optimizer):
 
 
 def test_torch_threads_sets_and_always_restores():
-    """testbed.device.torch_threads: the block runs with the count asked for; the caller's count comes back, also
+    """testbed.core.device.torch_threads: the block runs with the count asked for; the caller's count comes back, also
     after an error; None leaves it alone (the zoo, bench workers and demo fix their thread count with it)."""
-    from testbed.device import torch_threads
+    from testbed.core.device import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):

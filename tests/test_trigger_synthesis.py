@@ -147,8 +147,8 @@ def test_projection_is_passes_times_candidates_times_seconds_per_pass():
 # -- on a real backdoored model ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup(backdoored_run, fgba_line_path):
-    from testbed.h5data import open_dataset
-    from testbed.runs import load_run
+    from testbed.data.h5data import open_dataset
+    from testbed.training.runs import load_run
 
     with open_dataset(fgba_line_path) as f:
         ci = np.asarray(f["defense/clean_index"], np.int64)

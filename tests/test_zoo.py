@@ -189,7 +189,7 @@ def test_rerun_with_changed_settings_is_refused(tmp_path, capsys):
 
 
 def test_data_path_source_is_copied_into_the_zoo(synth_path, tmp_path):
-    from testbed.h5data import content_hash
+    from testbed.data.h5data import content_hash
     from testbed.zoo.build import prepare
     from testbed.zoo.spec import parse_spec
 
@@ -204,7 +204,7 @@ def test_data_path_source_is_copied_into_the_zoo(synth_path, tmp_path):
 
 # -- claims ---------------------------------------------------------------------------------------
 def test_claims_are_exclusive_and_stale_ones_are_recovered(tmp_path):
-    from testbed.zoo.claims import HOST, Claim
+    from testbed.execution.claims import HOST, Claim
 
     a = Claim(tmp_path / "e.claim", tmp_path)
     b = Claim(tmp_path / "e.claim", tmp_path)
@@ -235,7 +235,7 @@ def test_claims_are_exclusive_and_stale_ones_are_recovered(tmp_path):
 
 def test_poisoned_datasets_are_shared_by_content(tmp_path):
     """prepare() only (no training): same attack+seed → one file for both models; another seed → another."""
-    from testbed.h5data import open_dataset
+    from testbed.data.h5data import open_dataset
     from testbed.zoo.build import prepare
     from testbed.zoo.spec import parse_spec
 
@@ -330,8 +330,8 @@ def test_manifest_lists_every_file_with_its_sha256(resumed_zoo):
 
 def test_python_api_and_scores(resumed_zoo):
     import testbed.zoo
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
+    from testbed.training.runs import load_run
+    from testbed.scoring.scorer import score_model
 
     zoo_dir, _, first, second, _, _ = resumed_zoo
     zoo = testbed.zoo.open(zoo_dir)
@@ -450,8 +450,8 @@ def test_ls_marks_attacks_that_did_not_implant_and_names_the_data(resumed_zoo, c
 def test_an_attack_added_to_a_built_zoo_gets_its_benign_reference_scores(tmp_path, monkeypatch, capsys):
     """The benign entry is scored on every attack of its grid, also on one added after it was built."""
     import testbed.zoo
-    from testbed.runs import load_run
-    from testbed.scoring import score_model
+    from testbed.training.runs import load_run
+    from testbed.scoring.scorer import score_model
     from testbed.zoo import build as zb
 
     spec = tiny_spec(tmp_path, epochs=1)
@@ -510,7 +510,7 @@ def test_a_rescore_never_seals_a_file_changed_while_it_scored(tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(entries, "_score_references", score_and_tamper)
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
 
     with pytest.raises(UserError, match=f"entry {benign}: .*metrics.json.*not rescoring"):
         zb.build(spec, zoo, device="cpu", progress=False, say=lambda m: None)

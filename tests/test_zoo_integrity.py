@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from testbed.cli import main
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 try:  # the module pytest collected (one TALLY for the whole campaign), not a second copy under tests.
     from test_faults import MARKER, TALLY, Boom, judge, run_main, snapshot
@@ -127,7 +127,7 @@ def add_file(rel: str, data: bytes = b"x") -> Callable[[Path], None]:
 
 
 def dead_claim(z: Path) -> None:
-    from testbed.procs import HOST
+    from testbed.core.procs import HOST
 
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

@@ -1,6 +1,6 @@
 """`testbed bench (--zoo ZOO/ | --run RUN/ --data D.h5) --defense ... --out REPORT/`: every defense on every model.
 
-Argument parsing and printing only; the work is :func:`testbed.bench.run_bench` (the Python entry).
+Argument parsing and printing only; the work is :func:`testbed.bench.run.run_bench` (the Python entry).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 EXAMPLES = """examples:
   testbed bench --run runs/fgba/ --data fgba-n1-line.h5 --defense fine-pruning,strip,spectral-signature --out bench/
@@ -84,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace, *, zoo=None, run=None, data=None, entries=None, title: str) -> int:
     """Run the bench for `testbed bench` / `testbed defend`; exit 1 when a defense or the testbed failed."""
-    from testbed import progress
-    from testbed.bench import run_bench, split_names
+    from testbed.core import progress
+    from testbed.bench.run import run_bench, split_names
     from testbed.defenses.registry import parse_params
 
     specs = split_names(args.defense)

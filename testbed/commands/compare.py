@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 EXAMPLES = """examples:
   testbed compare bench-zoo/ --defense fine-pruning --vs none

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 SYNTH_EXAMPLES = """examples:
   testbed data synth --out synth.h5
@@ -146,7 +146,7 @@ def _positive(name: str, value: int) -> None:
 
 
 def _done(path: Path) -> None:
-    from testbed import h5data
+    from testbed.data import h5data
 
     with h5data.open_dataset(path, check_labels=False) as f:
         print(f"wrote {path}: {f.length('train')} train + {f.length('test')} test images, "
@@ -155,7 +155,7 @@ def _done(path: Path) -> None:
 
 # -- synth / import ---------------------------------------------------------------------------------
 def run_synth(args: argparse.Namespace) -> int:
-    from testbed.synth import make_synth_dataset
+    from testbed.data.synth import make_synth_dataset
 
     _positive("--n-train", args.n_train)
     _positive("--n-test", args.n_test)
@@ -169,8 +169,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_import_ade20k(args: argparse.Namespace) -> int:
-    from testbed.guards import check_outputs
-    from testbed.importers import import_ade20k
+    from testbed.core.guards import check_outputs
+    from testbed.data.importers import import_ade20k
 
     _check_out(args.out, args.force)
     check_outputs({"--out": args.out}, {"ROOT": args.root})
@@ -180,8 +180,8 @@ def run_import_ade20k(args: argparse.Namespace) -> int:
 
 
 def run_import_folder(args: argparse.Namespace) -> int:
-    from testbed.guards import check_outputs
-    from testbed.importers import import_folder
+    from testbed.core.guards import check_outputs
+    from testbed.data.importers import import_folder
 
     _check_out(args.out, args.force)
     check_outputs({"--out": args.out}, {"ROOT": args.root, "--classes": args.classes})
@@ -194,8 +194,8 @@ def run_import_folder(args: argparse.Namespace) -> int:
 # -- info -----------------------------------------------------------------------------------------
 def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: bool = True) -> dict:
     """Everything `testbed data info --json` prints, as a dict."""
-    from testbed import h5data
-    from testbed.datastats import split_stats, trigger_fidelity
+    from testbed.data import h5data
+    from testbed.data.stats import split_stats, trigger_fidelity
 
     with h5data.open_dataset(path) as f:
         arrays: dict[str, dict] = {name: {"shape": list(obj.shape), "dtype": obj.dtype.name,
@@ -266,7 +266,7 @@ def _print_info(info: dict) -> None:
                   + (f" (requested {_pct(req)})" if isinstance(req, (int, float)) else ""))
             print(f"defender clean  {p['clean_subset']} samples; test_attacked {p['test_attacked']}, test_benign {p['test_benign']}")
             if p.get("trigger_fidelity"):
-                from testbed.datastats import fidelity_text
+                from testbed.data.stats import fidelity_text
                 print(f"trigger         {fidelity_text(p['trigger_fidelity'])}")
     stats = info["stats"]
     if stats:
@@ -281,7 +281,7 @@ def _print_info(info: dict) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from testbed import progress
+    from testbed.core import progress
 
     info = dataset_info(args.path, stats=not args.no_stats, show_progress=progress.enabled())
     if args.json:
@@ -294,7 +294,7 @@ def run_info(args: argparse.Namespace) -> int:
 # -- show -----------------------------------------------------------------------------------------
 def sample_panels(path: str | os.PathLike, split: str, index: int) -> tuple[list[tuple[str, np.ndarray, bool]], list[str]]:
     """The panels `data show` draws: [(title, array, is_label)], and the class names."""
-    from testbed import h5data
+    from testbed.data import h5data
 
     with h5data.open_dataset(path, check_labels=False) as f:
         splits = [s for s in ("train", "test", "test_attacked") if h5data.path(s, "images") in f]
@@ -332,8 +332,8 @@ def draw_panels(panels: list[tuple[str, np.ndarray, bool]], classes: list[str], 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from testbed.atomic import atomic_file
-    from testbed.palette import colorize, palette
+    from testbed.core.atomic import atomic_file
+    from testbed.core.palette import colorize, palette
 
     k = len(classes)
     present = sorted(set(np.concatenate([np.unique(a) for _, a, is_label in panels if is_label]).tolist()))
@@ -356,7 +356,7 @@ def draw_panels(panels: list[tuple[str, np.ndarray, bool]], classes: list[str], 
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from testbed.guards import check_outputs
+    from testbed.core.guards import check_outputs
 
     _check_out(args.out)
     check_outputs({"--out": args.out}, {"the dataset": args.path})

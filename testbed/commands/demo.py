@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 EXAMPLES = """\
 examples:
@@ -22,7 +22,7 @@ numbers on the same machine and library versions, whatever --workers is.
 
 def register(subparsers) -> None:
     from testbed.commands.zoo import workers_arg
-    from testbed.demo import DEFAULT_DEFENSES, DemoConfig
+    from testbed.demo.run import DEFAULT_DEFENSES, DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from testbed.demo import DemoConfig, run_demo
+    from testbed.demo.run import DemoConfig, run_demo
 
     for name in ("n_train", "n_test", "epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:

@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _extra_params(items: list[str]) -> dict[str, Any]:
-    from testbed.errors import UserError
+    from testbed.core.errors import UserError
 
     out: dict[str, Any] = {}
     for item in items:
@@ -117,7 +117,7 @@ def flag_speller(attack_cls: Any = None):
 def run(args: argparse.Namespace) -> int:
     from testbed.attacks.poison import poison
     from testbed.attacks.registry import attack_class, build
-    from testbed.errors import ParamError, UserError
+    from testbed.core.errors import ParamError, UserError
 
     attack_params, trigger_opts, _ = _options()
     options = {n: getattr(args, n) for n in (*attack_params, *trigger_opts)}

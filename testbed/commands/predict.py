@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 EXAMPLES = """examples:
   testbed predict runs/fgba/ --data fgba-n1-line.h5 --split test --out pred-test.h5
@@ -52,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from testbed.atomic import atomic_dir
+    from testbed.core.atomic import atomic_dir
     from testbed.commands.score import load_scoring_run
-    from testbed.guards import check_outputs
-    from testbed.h5data import atomic_h5, open_dataset
-    from testbed.palette import colorize
-    from testbed.scoring import _iter_predictions
+    from testbed.core.guards import check_outputs
+    from testbed.data.h5data import atomic_h5, open_dataset
+    from testbed.core.palette import colorize
+    from testbed.scoring.scorer import iter_predictions
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             out.attrs["data"] = str(args.data)
             out.attrs["split"] = args.split
             out.attrs["classes"] = json.dumps(classes)
-            for s, e, x, pred in _iter_predictions(model, images, device, args.batch_size, None, len(classes),
+            for s, e, x, pred in iter_predictions(model, images, device, args.batch_size, None, len(classes),
                                                    f"predict {args.split}"):
                 p = pred.to("cpu").numpy().astype(np.uint8)
                 pred_ds[s:e] = p

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 EXAMPLES = """examples:
   testbed score runs/fgba/ --data fgba-n1-line.h5
@@ -60,8 +60,8 @@ def _read_before(path: Path) -> dict[str, Any]:
 
 def load_scoring_run(run_dir: Path, data: Path, device_spec: str):
     """Check the inputs, then load the run: (model, config, data classes).  Shared with `testbed predict`."""
-    from testbed.device import resolve_device
-    from testbed.h5data import open_dataset
+    from testbed.core.device import resolve_device
+    from testbed.data.h5data import open_dataset
 
     if not run_dir.exists():
         raise UserError(f"{run_dir}: no such run directory; train one with `testbed train DATA.h5 --out {run_dir}`")
@@ -70,7 +70,7 @@ def load_scoring_run(run_dir: Path, data: Path, device_spec: str):
     with open_dataset(data) as f:  # fails clearly on a missing/corrupt file before the model is loaded
         classes = list(f.classes)
     device = resolve_device(device_spec)
-    from testbed.runs import load_run
+    from testbed.training.runs import load_run
 
     model, config = load_run(run_dir, device)
     run_classes = config.get("classes") if isinstance(config, dict) else None
@@ -87,7 +87,7 @@ def _fmt(v: float | None) -> str:
 
 
 def format_table(scores: dict[str, Any], title: str) -> str:
-    from testbed.scoring import SCORE_KEYS
+    from testbed.scoring.scorer import SCORE_KEYS
 
     lines = [title]
     n = scores.get("num_images", {})
@@ -109,11 +109,11 @@ def format_table(scores: dict[str, Any], title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testbed.atomic import write_json
-    from testbed.metrics import der_seg
-    from testbed.scoring import score_model
+    from testbed.core.atomic import write_json
+    from testbed.scoring.metrics import der_seg
+    from testbed.scoring.scorer import score_model
 
-    from testbed.guards import check_outputs
+    from testbed.core.guards import check_outputs
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -123,15 +123,15 @@ def run(args: argparse.Namespace) -> int:
         check_outputs({"--out": args.out}, {"RUN/": args.run, "--data": args.data, "--before": args.before})
     before = _read_before(args.before) if args.before is not None else None
     if before is not None:
-        from testbed import h5data
-        from testbed.h5data import open_dataset
+        from testbed.data import h5data
+        from testbed.data.h5data import open_dataset
 
         with open_dataset(args.data, check_labels=False) as f:
             if h5data.TEST_ATTACKED_IMAGES not in f:
                 raise UserError(f"{args.data} has no attacked test set, so DER_seg is undefined; "
                                 "score on the poisoned file or drop --before")
     model, config, device = load_scoring_run(args.run, args.data, args.device)
-    from testbed.provenance import other_data_note
+    from testbed.training.provenance import other_data_note
 
     note = other_data_note(args.run, config, args.data)  # scoring another file is allowed, but said
     if note:

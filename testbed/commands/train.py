@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from testbed.train import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig, train
+from testbed.training.loop import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig, train
 
 EXAMPLES = """\
 examples:

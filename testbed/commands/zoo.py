@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 BUILD_EXAMPLES = """examples:
   testbed zoo build examples/zoo-small.toml --out zoo-small/
@@ -103,7 +103,7 @@ def _fmt(x) -> str:
 def run_ls(args: argparse.Namespace) -> int:
     import json
 
-    from testbed.attack_check import attack_status, check_min_asr
+    from testbed.evaluation.attack_check import attack_status, check_min_asr
     from testbed.zoo import manifest as mf
 
     zoo = args.zoo

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 from testbed.stats.intervals import LEVEL, mean_interval, sign_flip_pvalue
 from testbed.stats.rows import defenses_in, metric_value
 
 NONE = "none"  # the "no defense" baseline: after = before
-NO_DEFENSE_DER = 0.5  # DER_seg(before, before) = [0 - 0 + 1] / 2 (testbed.metrics.der_seg)
+NO_DEFENSE_DER = 0.5  # DER_seg(before, before) = [0 - 0 + 1] / 2 (testbed.scoring.metrics.der_seg)
 PAIRED_METRICS = ("DER", "ASR_after", "mIoU-B_after")
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 
 REPORT_FORMAT = "segbackdoor-bench"
 _SEED_RE = re.compile(r"^s(\d+)$")

@@ -9,7 +9,7 @@
 Nothing is used on the manifest's word alone: opening checks the manifest (checksum, shape, paths), and an
 entry's files — weights, config, log, metrics, the datasets it was trained and scored on — are hashed against
 it before the entry is handed out (iteration, ``Zoo.entry``, ``ZooEntry.load_model``), once per process.  A
-mismatch is a :class:`~testbed.errors.UserError` naming the file.
+mismatch is a :class:`~testbed.core.errors.UserError` naming the file.
 
 Build one with ``testbed zoo build SPEC.toml --out zoo/`` (see docs/zoo.md).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from testbed.errors import UserError
+from testbed.core.errors import UserError
 from testbed.zoo import integrity
 from testbed.zoo import manifest as _mf
 
@@ -62,7 +62,7 @@ class ZooEntry:
 
     def load_model(self, device: str = "cpu"):
         """The trained model in eval mode (safetensors + JSON: never unpickles), after :meth:`verify`."""
-        from testbed.runs import load_run
+        from testbed.training.runs import load_run
 
         self.verify()
         return load_run(self.run_dir, device)[0]
@@ -126,7 +126,7 @@ class Zoo:
             return self._entries[entry_id]
         if entry_id in self.pending:
             raise UserError(f"zoo entry {entry_id!r} is not finished; finish it with `testbed zoo build`")
-        from testbed.errors import did_you_mean
+        from testbed.core.errors import did_you_mean
 
         hint = did_you_mean(entry_id, self._entries)
         raise UserError(f"no entry {entry_id!r} in zoo {self.path}{hint}; list them with `testbed zoo ls {self.path}`")

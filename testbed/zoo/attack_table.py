@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import ParamError, UserError, did_you_mean
+from testbed.core.errors import ParamError, UserError, did_you_mean
 
 RUN_KEYS = ("id", "attack", "trigger", "rate", "seed", "clean_fraction", "require")
 BENIGN = "benign"

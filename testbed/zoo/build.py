@@ -3,7 +3,7 @@
 Order of work: (1) the clean dataset ``data/clean.h5``; (2) every poisoned dataset the grid needs, named by
 its content key (sha256 of the clean data's content hash + the attack's parameters + poisoning seed), so
 entries that need the same one share it; (3) the entries, scheduled on inline/process/Ray workers.  Every
-unit of work is guarded by a claim (:mod:`testbed.zoo.claims`) and finished by an atomic marker (a dataset's
+unit of work is guarded by a claim (:mod:`testbed.execution.claims`) and finished by an atomic marker (a dataset's
 ``data/NAME.json``, an entry's ``done.json``), so a killed build is simply run again: finished work is
 skipped, an unfinished entry resumes from its last epoch checkpoint, work a live builder holds is waited for.
 """
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed import atomic
-from testbed.errors import UserError
+from testbed.core import atomic
+from testbed.core.errors import UserError
 from testbed.zoo import manifest as mf
-from testbed.zoo.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
+from testbed.execution.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
 from testbed.zoo.entries import build_entry, finish_stray, now, refresh_references, run_entry_safe, stale_references
-from testbed.zoo.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule, usable_cores
+from testbed.execution.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule, usable_cores
 from testbed.zoo.spec import ZooSpec, parse_spec
 
 __all__ = ["DEFAULT_STALE_AFTER", "DEFAULT_THREADS", "POLL_S", "BuildResult", "Executor", "InlineExecutor",
@@ -83,7 +83,7 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
                     with atomic.atomic_file(final, suffix=".h5") as tmp:
                         tmp.unlink()  # the makers write a new file (and refuse to overwrite some inputs)
                         make(tmp)
-                    from testbed.h5data import content_hash
+                    from testbed.data.h5data import content_hash
 
                     atomic.write_json(record_path, {
                         "name": name, "file": f"data/{name}.h5", "sha256": mf.file_sha256(final),
@@ -102,7 +102,7 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
 def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
         if "synth" in data:
-            from testbed.synth import make_synth_dataset
+            from testbed.data.synth import make_synth_dataset
 
             make_synth_dataset(tmp, **data["synth"])
         else:
@@ -188,7 +188,7 @@ def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], 
 
 def check_out(spec: ZooSpec, zoo: Path) -> None:
     """Refuse ``zoo`` as --out before anything is written there (see :func:`prepare`)."""
-    from testbed.guards import check_outputs
+    from testbed.core.guards import check_outputs
 
     if zoo.exists() and not zoo.is_dir():
         raise UserError(f"--out {zoo} is a file; choose a directory")
@@ -290,10 +290,10 @@ def _check_build_args(backend: str, threads: Any, workers: Any, device: str, sta
 
 def _make_executor(out: Path, backend: str, ray_address: str | None, workers: int, device: str, stale_after: float,
                    progress: bool, quiet: bool, threads: int) -> Executor:
-    from testbed import progress as progress_mod
+    from testbed.core import progress as progress_mod
 
     if backend == "ray":
-        from testbed.zoo.ray_backend import RayExecutor
+        from testbed.execution.ray_backend import RayExecutor
 
         return RayExecutor(out, ray_address, device, stale_after, cpus_per_task=threads)
     if workers == 1:
@@ -325,14 +325,14 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
     ``workers``: local processes (``"auto"``: :func:`auto_workers`); ``threads``: torch threads of every entry
     (in every worker, inline or on Ray), fixed so the bytes of an entry do not depend on ``workers``.
     """
-    from testbed import progress as progress_mod
+    from testbed.core import progress as progress_mod
 
     t0 = time.time()
     out = Path(out)
     workers = _check_build_args(backend, threads, workers, device, stale_after, out)
     spec = parse_spec(spec_path)
     if device != "auto":
-        from testbed.device import resolve_device
+        from testbed.core.device import resolve_device
 
         resolve_device(device)  # a bad --device fails before any work
 

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from testbed.hashing import file_sha256
+from testbed.core.hashing import file_sha256
 
 FORMAT = "testbed-zoo"
 VERSION = 2  # 2: sidecars and plan.json hashed ("records"), benign entries' reference datasets in the manifest

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Collection
 
-from testbed import atomic
-from testbed.errors import UserError
-from testbed.zoo.claims import DEFAULT_STALE_AFTER, is_stale, read_claim, zoo_lock
+from testbed.core import atomic
+from testbed.core.errors import UserError
+from testbed.execution.claims import DEFAULT_STALE_AFTER, is_stale, read_claim, zoo_lock
 from testbed.zoo.integrity import (FORMAT, MANIFEST, PLAN, VERSION, file_problem, file_sha256, safe_name,
                                    schema_problems)
 
@@ -75,7 +75,7 @@ def summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The paper's numbers (and per-class IoU) of a scorer result; confusion matrices stay in the run dir."""
     if metrics is None:
         return None
-    from testbed.scoring import SCORE_KEYS
+    from testbed.scoring.scorer import SCORE_KEYS
 
     out = {k: metrics.get(k) for k in SCORE_KEYS}
     if "per_class_iou_b" in metrics:

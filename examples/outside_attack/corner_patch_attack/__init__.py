@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.attacks import Attack, Param, Trigger
-from testbed.errors import ParamError
+from testbed.core.errors import ParamError
 
 
 class CornerSquare(Trigger):

@@ -1,0 +1,209 @@
+"""report.md of a defense bench: the summary grid, every row, the statistics, the errors and the figures.
+
+Read from results.json's content (the rows' JSON and the statistics), so what the markdown says is what the
+JSON holds.  Cells that need a caveat say so where they are read: a DER of an attack that did not implant is
+"n/a", a filter compared on content-picked test sets is "(confounded)", a run a budget stopped names it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from testbed.stats import md_table
+
+INTRO = ("Scores in percent (benign test set: mIoU-B; attacked test set: ASR). DER = DER_seg "
+         "= [max(0, ΔASR) − max(0, ΔmIoU-B) + 1]/2. Filters: rejected inputs count as defended; TPR/FPR/AUROC "
+         "over attacked vs benign test inputs. Retraining defenses: P/R of the flagged training samples, the share of "
+         "the training set removed, and a control retrained without a random subset of the same size. "
+         "See docs/metrics.md and docs/writing-a-defense.md.")
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    xs = [float(v) for v in values if v is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def der_cell(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return "—"
+    if r.get("attack_implanted") is False:
+        return "n/a¹"
+    return fmt(r.get("DER"), 3)
+
+
+def seconds_cell(cost: dict[str, Any]) -> str:
+    text = fmt(cost.get("seconds"), 1)
+    if cost.get("retrain_seconds") is not None:
+        text += f" + {fmt(cost['retrain_seconds'], 1)} retrain"
+    if cost.get("stopped_by"):
+        text += f" (stopped by the {cost['stopped_by']} budget)"
+    elif cost.get("over_budget"):
+        text += " (over budget)"
+    return text
+
+
+def _cell(rows: list[dict[str, Any]]) -> str:
+    """One summary cell: means over the models of one attack × defense."""
+    ok = [r for r in rows if not r.get("error")]
+    if not ok:
+        return f"failed ({len(rows)})"
+    parts = []
+    afters = [r for r in ok if r.get("after")]
+    if afters:
+        asr = _mean([r["after"].get("ASR") for r in afters])
+        drop = _mean([(r["after"].get("mIoU-B") - r["before"]["mIoU-B"]) if r["after"].get("mIoU-B") is not None
+                      and (r.get("before") or {}).get("mIoU-B") is not None else None for r in afters])
+        ders = [r.get("DER") for r in afters if r.get("attack_implanted") is not False]
+        parts.append(f"ASR {fmt(asr, 1)} · ΔmIoU-B {'—' if drop is None else f'{drop:+.1f}'} · DER "
+                     + (fmt(_mean(ders), 2) if any(d is not None for d in ders) else "n/a"))
+    verdicts = [r["verdict"] for r in ok if r.get("verdict")]
+    if verdicts:
+        said = Counter(v.get("status") for v in verdicts)
+        parts.append(f"backdoored {said['backdoored']}/{len(verdicts)}"
+                     + (f", inconclusive {said['inconclusive']}" if said["inconclusive"] else ""))
+    cost = _mean([(r.get("cost") or {}).get("seconds", 0) + ((r.get("cost") or {}).get("retrain_seconds") or 0) for r in ok])
+    parts.append(f"{fmt(cost, 1)} s")
+    failed = len(rows) - len(ok)
+    return " · ".join(parts) + f" [{len(ok)}]" + (f" ({failed} failed)" if failed else "")
+
+
+def summary_grid(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Defense × attack: mean ASR after, ΔmIoU-B (after − before), DER and cost per cell, [models]."""
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    body = [[a] + [_cell([r for r in rows if r["attack"] == a and r["defense"] == d]) if any(
+        r["attack"] == a and r["defense"] == d for r in rows) else "—" for d in defenses] for a in attacks]
+    return ["## Summary: attack × defense", "",
+            "Each cell: mean over the models of that attack — ASR after the defense, ΔmIoU-B = after − before "
+            "(negative = benign accuracy lost), DER (attacks that did not implant left out), verdicts, and cost "
+            "(defense seconds + retraining) — [models that ran]. One seed per model: see \"Over seeds\" for intervals.",
+            "", md_table(["attack"] + defenses, body)]
+
+
+def _verdict_cell(ver: dict[str, Any] | None) -> str:
+    if not ver:
+        return "—"
+    cov = f", coverage {ver['coverage']:.2f}" if ver.get("coverage") is not None else ""
+    return f"{ver.get('status', 'backdoored' if ver.get('backdoored') else 'clean')} ({fmt(ver.get('score'))}{cov})"
+
+
+def _error_cell(r: dict[str, Any]) -> str:
+    if not r.get("error"):
+        return ""
+    return ("testbed error: " if r.get("error_source") == "testbed" else "error: ") + r["error"][:80]
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    body = []
+    for r in rows:
+        b, a, det, fl = (r.get("before") or {}), (r.get("after") or {}), r.get("detection") or {}, r.get("flagged") or {}
+        ar = r.get("after_random")
+        conf = " (confounded²)" if det.get("confounded") else ""
+        body.append([
+            r["model"], r["attack"], r["defense"], "+".join(r.get("kinds") or []) or "—",
+            fmt(b.get("ASR")), fmt(a.get("ASR")), fmt(b.get("mIoU-B")), fmt(a.get("mIoU-B")), der_cell(r),
+            f"{fmt(ar.get('ASR'))} / {fmt(ar.get('mIoU-B'))} / {fmt(r.get('DER_random'), 3)}" if ar else "—",
+            fmt(det.get("tpr"), 3) + conf, fmt(det.get("fpr"), 3), fmt(det.get("auroc"), 3),
+            (f"{fmt(fl.get('precision'), 2)} / {fmt(fl.get('recall'), 2)} ({fl.get('count')}, "
+             f"{fmt(100 * fl['fraction'] if fl.get('fraction') is not None else None, 1)}%)") if fl else "—",
+            _verdict_cell(r.get("verdict")), seconds_cell(r.get("cost") or {}), _error_cell(r),
+        ])
+    return ["## Before / after", "", md_table(
+        ["model", "attack", "defense", "kind", "ASR before", "ASR after", "mIoU-B before", "mIoU-B after", "DER",
+         "random-removal control: ASR / mIoU-B / DER", "TPR", "FPR", "AUROC", "flagged P / R (n, % of training set)",
+         "verdict", "seconds", "error"], body)]
+
+
+def notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    if any(r.get("attack_implanted") is False for r in rows):
+        lines.append("¹ DER n/a: the model's attack did not implant (ASR before any defense below the threshold, "
+                     "`--min-asr`); removing a backdoor that is not there is no success. The row's other numbers stand.")
+    if any((r.get("detection") or {}).get("confounded") for r in rows):
+        lines.append("² Confounded: the attack picks its test images by content (a semantic trigger), so the attacked "
+                     "and benign test sets hold different images; a filter's TPR/FPR/AUROC then measure that content, "
+                     "not a trigger. Content-matched sets do not exist (the attacked images are unmodified test images).")
+    per_row = [f"- {r['model']} × {r['defense']}: {n}" for r in rows for n in r.get("notes") or []
+               if not n.startswith("DER n/a")]
+    if per_row:
+        lines += [""] + per_row
+    return ["", "## Notes", ""] + lines if lines else []
+
+
+def settings_warning(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Rows merged from earlier benches may have been run with other settings: say so, with the counts."""
+    kinds = Counter(repr(sorted(((k, v) for k, v in (r.get("settings") or {}).items() if k not in ("device", "threads")),
+                                key=lambda kv: kv[0])) for r in rows if r.get("settings") is not None)
+    out = []
+    if meta.get("rows_from_earlier_runs"):
+        out.append(f"- {meta['rows_from_earlier_runs']} of {len(rows)} rows come from earlier benches into this report "
+                   "(kept when this one ran other models or defenses).")
+    if len(kinds) > 1:
+        out.append(f"- the rows were run with {len(kinds)} different settings (seed, budgets or parameters); each row's "
+                   "`settings` in results.json says which.")
+    return ["", "**Merged report**", ""] + out if out else []
+
+
+def errors_section(rows: Sequence[dict[str, Any]], figure_errors: Sequence[dict[str, Any]]) -> list[str]:
+    """The defense's failures, with the innermost frames of the traceback; then the testbed's own failures."""
+    from testbed.evaluation.rows import last_frames
+
+    lines = []
+    for r in rows:
+        if not r.get("error"):
+            continue
+        lines.append(f"- {r['model']} × {r['defense']}" + (" (testbed error)" if r.get("error_source") == "testbed" else "")
+                     + f": `{r['error']}`")
+        frames = last_frames(str((r.get("details") or {}).get("traceback") or ""), 3)
+        if frames:
+            lines += ["", "  ```", *[f"  {f}" for f in frames], "  ```", ""]
+    lines += [f"- {e['model']} × {e['defense']} (testbed error, figure {e['figure']}): `{e['error']}`" for e in figure_errors]
+    return ["", "## Errors", ""] + lines if lines else []
+
+
+def statistics_sections(doc: dict[str, Any]) -> list[str]:
+    """The statistics of :mod:`testbed.stats`; the tables over seeds only where some group has two seeds or more
+    (with one seed everywhere, they would repeat the rows with "n=1, no interval" in every cell)."""
+    from testbed.stats import aggregate_markdown, comparisons_markdown, detection_markdown
+
+    aggregate = doc.get("aggregate") or []
+    if any(a["n"] >= 2 for a in aggregate):
+        first = aggregate_markdown(aggregate)
+    else:
+        first = ("## Over seeds\n\nEvery setting ran with one seed here, so there are no intervals over seeds (a zoo "
+                 "with a seed axis gives them; docs/metrics.md, \"Statistics\"). results-aggregate.csv still lists "
+                 "each group.\n") if aggregate else ""
+    texts = [first, comparisons_markdown(doc.get("comparisons") or []), detection_markdown(doc.get("detection") or [])]
+    return [line for t in texts if t for line in ["", t.rstrip("\n")]]
+
+
+def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
+             figure_errors: Sequence[dict[str, Any]] = ()) -> str:
+    rows = doc["rows"]
+    parts = [f"# {meta.get('title', 'Defense benchmark')}", ""]
+    for key in ("data", "zoo", "device", "threads", "seed", "budget_s", "budget_passes", "min_asr"):
+        if meta.get(key) is not None:
+            parts.append(f"- {key}: `{meta[key]}`")
+    parts += settings_warning(rows, meta)
+    parts += ["", INTRO, ""]
+    parts += summary_grid(rows) + [""] + rows_table(rows)
+    parts += notes_section(rows)
+    parts += statistics_sections(doc)
+    parts += errors_section(rows, figure_errors)
+    own = [f for r in rows for f in r.get("defense_figures") or []]
+    if figures or own:
+        parts += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+        parts += [f"![{Path(f).stem} (from the defense)]({f})" for f in own]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,371 @@
+"""Benchmarking defenses: every defense on every model, one report (the library behind `testbed bench`/`defend`).
+
+Each model × defense pair goes through :func:`testbed.evaluation.runner.run_defense`, so a built-in and an
+outside defense are scored identically; a defense that fails on one model is recorded and the others still
+run.  Pairs are written one by one into the report directory (:mod:`testbed.bench.store`): a killed bench
+resumes where it stopped, and a bench into an existing report merges its rows (same model × defense replaced,
+the others kept) before the report is regenerated from all of them.  Pairs run in this process or in
+parallel (:mod:`testbed.bench.workers`).  Rows of a zoo bench also carry the entry's ``seed``, its ``group``
+(grid point without the seed) and the poisoned file's ``attack_params``, which statistics over seeds group by.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from testbed.evaluation.rows import DefenseRow
+from testbed.core.errors import UserError
+
+
+@dataclass
+class BenchModel:
+    """One model to defend: its run, the data it was poisoned with, what attack (for the report).
+
+    ``seed`` and ``group`` are set for zoo entries (the statistics group rows by them); ``trained_on_data``
+    says that ``data_path`` is known to be the file the model was trained on (a zoo entry's), so it is not
+    hashed to check."""
+
+    id: str
+    run_dir: Path
+    data_path: Path
+    attack: str | None = None
+    is_benign: bool | None = None
+    seed: int | None = None
+    group: dict[str, Any] | None = None
+    trained_on_data: bool = False
+
+
+@dataclass
+class BenchSettings:
+    """How every pair of one bench is run (recorded in each row's ``settings``)."""
+
+    seed: int = 0
+    budget_s: float | None = None
+    budget_passes: int | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    threads: int = 1
+    min_asr: float = 50.0
+    save_model: bool = False
+    random_control: bool = True
+
+
+def split_names(spec: str | Sequence[Any]) -> list[Any]:
+    """``"a,b"`` or a list of names/defense objects → the list, refusing an empty one and repeated names."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = [s for s in items if not (isinstance(s, str) and not s)]
+    if not items:
+        raise UserError("--defense is empty; name at least one defense, e.g. --defense fine-pruning")
+    names = [s for s in items if isinstance(s, str)]
+    dup = sorted({s for s in names if names.count(s) > 1})
+    if dup:
+        raise UserError(f"--defense lists {', '.join(dup)} twice; name each defense once")
+    return items
+
+
+def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[BenchModel]:
+    """The finished entries of a zoo (those whose id matches the glob ``entries``) as models to defend."""
+    import testbed.zoo
+
+    zoo = testbed.zoo.open(zoo_path)
+    out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group, True)
+           for e in zoo if entries is None or fnmatch.fnmatchcase(e.id, entries)]
+    if not out:
+        what = f" matching {entries!r}" if entries else ""
+        raise UserError(f"zoo {zoo_path} has no finished entries{what}; build it with `testbed zoo build` or change --entries")
+    return out
+
+
+def check_budgets(budget_s: Any, budget_passes: Any) -> None:
+    """``budget_s`` positive seconds, ``budget_passes`` a positive integer (or None); one line naming the flag."""
+    if budget_s is not None and not (isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool)
+                                     and math.isfinite(budget_s) and budget_s > 0):
+        raise UserError(f"--budget must be a positive number of seconds, got {budget_s!r}")
+    if budget_passes is not None and (isinstance(budget_passes, bool) or not isinstance(budget_passes, int)
+                                      or budget_passes < 1):
+        raise UserError(f"--budget-passes must be a positive whole number of forward + backward passes, got {budget_passes!r}")
+
+
+def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]], settings: BenchSettings,
+                workers: int, backend: str) -> tuple[list[Any], list[str]]:
+    """The defense specs and their names, every one loaded once so a bad name or parameter fails up front."""
+    from testbed.evaluation.attack_check import check_min_asr
+    from testbed.defenses.registry import load_defense
+
+    check_budgets(settings.budget_s, settings.budget_passes)
+    check_min_asr(settings.min_asr, "--min-asr")
+    if settings.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be a whole number of at least 1, got {workers!r}")
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend {backend!r} is not known; use local or ray")
+    if settings.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {settings.threads}")
+    specs = split_names(defenses)
+    unknown = sorted(set(params) - {s for s in specs if isinstance(s, str)})
+    if unknown:
+        raise UserError(f"parameters given for {', '.join(unknown)}, which is not among the defenses; check --param names")
+    names = [load_defense(s, **params.get(s, {})).name if isinstance(s, str) else load_defense(s).name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"two of the --defense entries are both named {dup[0]!r}; a report holds one row per model and "
+                        "defense name, so run them into separate reports")
+    return specs, names
+
+
+def _models(models: Sequence[BenchModel] | None, zoo: Any, run: Any, data: Any, entries: str | None) -> list[BenchModel]:
+    if models is not None:
+        return list(models)
+    if zoo is not None:
+        return zoo_models(zoo, entries)
+    if run is not None:
+        if data is None:
+            raise UserError("--run needs --data POISONED.h5 (the dataset the model was trained on)")
+        return [BenchModel(Path(run).name or "model", Path(run), Path(data))]
+    raise UserError("name the models to defend: --zoo ZOO/ or --run RUN/ --data D.h5")
+
+
+def _check_inputs(out: Path, models: list[BenchModel], zoo: Any) -> None:
+    """--out may not be, or hold, what the bench reads (a run, a data file, the zoo)."""
+    from testbed.core.guards import check_outputs
+
+    inputs: list[tuple[str, Any]] = [("--zoo", zoo)]
+    for m in models:
+        inputs += [("the run", m.run_dir), ("the data", m.data_path)] if zoo is not None else \
+            [("--run", m.run_dir), ("--data", m.data_path)]
+    check_outputs([("--out", out)], inputs)
+
+
+def _preflight(models: list[BenchModel]) -> dict[str, list[str]]:
+    """Refuse a model whose weights are not safetensors or whose classes differ from its data's (before any work);
+    the note for one scored on a file it was not trained on (the run's config records the training file's content hash), per model id."""
+    from testbed.data.h5data import open_dataset
+    from testbed.training.provenance import other_data_note
+    from testbed.training.runs import check_weights, load_config
+
+    notes: dict[str, list[str]] = {}
+    for m in models:
+        config = load_config(m.run_dir)
+        check_weights(Path(m.run_dir) / "model.safetensors")  # a forged or broken file fails before --out is touched
+        with open_dataset(m.data_path, check_labels=False) as f:
+            classes = list(f.classes)
+        if config.get("classes") is not None and list(config["classes"]) != classes:
+            raise UserError(f"{m.run_dir} was trained on {len(config['classes'])} classes ({', '.join(config['classes'][:4])}, "
+                            f"...) but {m.data_path} has {len(classes)} ({', '.join(classes[:4])}, ...); defend it with "
+                            "data of the same classes")
+        note = None if m.trained_on_data else other_data_note(m.run_dir, config, m.data_path)
+        notes[m.id] = [note.removeprefix("note: ")] if note else []
+    return notes
+
+
+def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str], params: dict[str, dict[str, Any]],
+          settings: BenchSettings, notes: dict[str, list[str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One job per model × defense (pair id → job) and the defense objects handed over in this process."""
+    from dataclasses import asdict
+
+    from testbed.bench.store import pair_id
+    from testbed.bench.workers import PairJob
+    from testbed.core.jsonutil import jsonable
+
+    jobs, objects = {}, {}
+    for m in models:
+        model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
+                 "is_benign": m.is_benign, "seed": m.seed, "group": m.group}
+        for spec, name in zip(specs, names):
+            pid = pair_id(m.id, name)
+            p = params.get(spec, {}) if isinstance(spec, str) else {}
+            spec_name = spec if isinstance(spec, str) else None
+            setting = {**asdict(settings), "params": p}
+            key = jsonable({"model": model, "defense": spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}",
+                            "name": name, "settings": setting})
+            jobs[pid] = PairJob(out=str(out), pid=pid, model=jsonable(model), defense=spec_name, name=name,
+                                params=jsonable(p), settings=jsonable(setting), key=key, notes=list(notes.get(m.id, [])))
+            if spec_name is None:
+                objects[pid] = spec
+    return jobs, objects
+
+
+def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: list[str], workers: int, backend: str,
+               ray_address: str | None, settings: BenchSettings, progress: bool, debug: bool,
+               say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the ``todo`` pairs; returns the failures that left no row (a pair that could not run at all)."""
+    from testbed.bench.workers import make_executor, say_result
+    from testbed.execution.executors import schedule
+
+    failed: list[dict[str, Any]] = []
+    if not todo:
+        return failed
+    for pid in todo:
+        jobs[pid].write()
+    executor = make_executor(out, workers, backend, ray_address, settings.device, settings.threads, jobs, objects, progress)
+
+    def report(pid: str, result: dict[str, Any]) -> None:
+        say_result(result, debug, say)
+        if result.get("status") != "done":
+            failed.append(result)
+
+    try:
+        schedule(todo, executor, report)
+    finally:
+        executor.close()
+    return failed
+
+
+def run_bench(
+    out: str | os.PathLike,
+    defenses: str | Sequence[Any],
+    *,
+    zoo: str | os.PathLike | None = None,
+    run: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    models: Sequence[BenchModel] | None = None,
+    entries: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    budget_s: float | None = None,
+    budget_passes: int | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 32,
+    figures: bool = True,
+    title: str = "Defense benchmark",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    min_asr: float = 50.0,
+    save_model: bool = False,
+    random_control: bool = True,
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    threads: int | None = None,
+    debug: bool = False,
+) -> dict[str, Any]:
+    """Run every defense on every model and write the report into ``out``; returns the results.json content
+    plus ``"errors"`` (failed runs), ``"defense_errors"`` (runs the defense failed) and ``"testbed_errors"``
+    (runs and figures the testbed itself failed).
+
+    Models come from ``zoo`` (a zoo directory), ``run`` + ``data``, or ``models`` (a list of
+    :class:`BenchModel`).  ``defenses``: comma-separated names or a list of names/defense objects.  An existing
+    report in ``out`` is merged into (``overwrite`` discards it first); an interrupted bench with the same
+    arguments is resumed.  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
+    n/a.  ``workers``/``backend``/``threads``: see :mod:`testbed.bench.workers`.
+    """
+    from testbed.bench.store import ReportStore
+    from testbed.bench.workers import default_threads
+    from testbed.core.device import resolve_device
+
+    params = dict(params or {})
+    settings = BenchSettings(seed=int(seed), budget_s=budget_s, budget_passes=budget_passes, batch_size=batch_size,
+                             device=device, min_asr=min_asr, save_model=bool(save_model), random_control=random_control,
+                             threads=threads if threads is not None else default_threads(workers, backend))
+    specs, names = _check_args(defenses, params, settings, workers, backend)
+    models = _models(models, zoo, run, data, entries)
+    _check_inputs(Path(out), models, zoo)
+    store = ReportStore(out)
+    store.check(overwrite)
+    if backend != "ray":  # one device for every pair; a Ray task picks its own GPU when "auto"
+        settings.device = str(resolve_device(device))
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    notes = _preflight(models)
+    for m in models:
+        for note in notes[m.id]:
+            say(f"note: {note}")
+    out = Path(out)
+    jobs, objects = _plan(out, models, specs, names, params, settings, notes)
+    store.lock()
+    try:
+        plan, done = _begin(store, jobs, overwrite, out, say)
+        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
+                            settings, progress, debug, say)
+        store.commit(plan)
+        doc = _write(store, list(jobs), settings, names, models, zoo, data, title, figures)
+    finally:
+        store.unlock()
+    return _add_error_counts(doc, failed)
+
+
+def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
+           say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Start (or resume) the locked report: the plan of pair keys and the pairs already finished."""
+    if overwrite:
+        store.clear()
+    plan = {pid: job.key for pid, job in jobs.items()}
+    done, merged = store.begin(plan)
+    if merged:
+        say(f"note: {len(merged)} finished pair(s) of an interrupted bench with other settings were kept in {out}")
+    if done:
+        say(f"resuming: {len(done)} of {len(plan)} pair(s) already finished in {out}")
+    return plan, done
+
+
+def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counts the CLI's exit status and summary read: failed runs, by whose fault, and unrun pairs."""
+    rows = doc["rows"]
+    doc["errors"] = sum(1 for r in rows if r.get("error"))
+    doc["defense_errors"] = sum(1 for r in rows if r.get("error") and r.get("error_source") == "defense")
+    doc["testbed_errors"] = (sum(1 for r in rows if r.get("error") and r.get("error_source") == "testbed")
+                             + len(doc.get("figure_errors", [])) + len(failed))
+    doc["pair_failures"] = failed
+    return doc
+
+
+def _write(store: Any, order: list[str], settings: BenchSettings, names: list[str], models: list[BenchModel],
+           zoo: Any, data: Any, title: str, figures: bool) -> dict[str, Any]:
+    """The report regenerated from every finished pair of ``out``."""
+    from testbed.bench import report
+
+    from testbed.bench.store import pair_id
+
+    pairs = store.all_pairs(order)
+    rows = [p.row for p in pairs]
+    classes = {p.row.model: p.classes for p in pairs}
+    this = set(order)
+    kept = sum(1 for r in rows if pair_id(r.model, r.defense) not in this)
+    meta = {
+        "title": title, "zoo": str(zoo) if zoo is not None else None, "data": str(data) if data is not None else None,
+        "device": settings.device, "seed": settings.seed, "budget_s": settings.budget_s,
+        "budget_passes": settings.budget_passes, "threads": settings.threads, "min_asr": settings.min_asr,
+        "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
+        "this_run": {"defenses": names, "models": [m.id for m in models]}, "rows_from_earlier_runs": kept,
+    }
+    return report.write_report(store.out, rows, meta=meta, classes=classes, figures=figures)
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def summary_line(row: DefenseRow) -> str:
+    """One line per finished run, for the log."""
+    if row.error:
+        what = "TESTBED ERROR" if row.error_source == "testbed" else "FAILED"
+        return f"{row.model} × {row.defense}: {what} ({row.error})"
+    b, a = row.before or {}, row.after or {}
+    parts = [f"{row.model} × {row.defense}:"]
+    if row.after:
+        der = _f(row.der, 3) if row.attack_implanted is not False else "n/a (attack did not implant)"
+        parts.append(f"ASR {_f(b.get('ASR'))} → {_f(a.get('ASR'))}, mIoU-B {_f(b.get('mIoU-B'))} → {_f(a.get('mIoU-B'))}, "
+                     f"DER {der}")
+    if row.after_random:
+        parts.append(f"(random-removal control: ASR {_f(row.after_random.get('ASR'))}, mIoU-B "
+                     f"{_f(row.after_random.get('mIoU-B'))})")
+    if row.detection:
+        d = row.detection
+        parts.append(f"TPR {_f(d.tpr, 3)} FPR {_f(d.fpr, 3)} AUROC {_f(d.auroc, 3)}" + (" (confounded)" if d.confounded else ""))
+    if row.flagged:
+        fl = row.flagged
+        parts.append(f"flagged {fl.count} (precision {_f(fl.precision, 3)}, recall {_f(fl.recall, 3)})")
+    if row.verdict:
+        v = row.verdict
+        cov = f", coverage {v.coverage:.2f}" if v.coverage is not None else ""
+        parts.append(f"verdict {v.status} (score {_f(v.score)}{cov})")
+    stop = f" (stopped by the {row.cost.stopped_by} budget)" if row.cost.stopped_by else ""
+    parts.append(f"{_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
+    return " ".join(parts)

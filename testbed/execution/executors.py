@@ -1,0 +1,152 @@
+"""Where zoo entries run: this process, N spawned processes, or (in :mod:`testbed.execution.ray_backend`) Ray tasks,
+and the scheduler that keeps every slot busy.
+
+Why the executors are this small interface (``slots``, ``start``, ``wait``, ``close``): the scheduler and
+`testbed bench` (:mod:`testbed.bench.workers`) drive every backend the same way, so ``--workers`` and
+``--backend ray`` mean the same for a zoo build and a bench.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from testbed.zoo.entries import run_entry_safe
+
+POLL_S = 1.0
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+
+class Executor:
+    """What a backend provides: ``slots`` parallel entries, ``start(id) -> handle``, ``wait(handles, timeout)``."""
+
+    slots = 1
+
+    def start(self, entry_id: str) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def wait(self, handles: list[Any], timeout: float) -> list[tuple[Any, dict[str, Any]]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InlineExecutor(Executor):
+    """One worker, this process (the default; the simplest to kill and resume)."""
+
+    def __init__(self, zoo: Path, device: str, threads: int | None, progress: bool, stale_after: float):
+        self.args = (str(zoo), device, threads, progress, stale_after)
+        self.results: dict[int, dict[str, Any]] = {}
+        self.n = 0
+
+    def start(self, entry_id: str) -> int:
+        zoo, device, threads, progress, stale_after = self.args
+        self.n += 1
+        self.results[self.n] = run_entry_safe(zoo, entry_id, device, threads, progress, stale_after)
+        return self.n
+
+    def wait(self, handles, timeout):
+        return [(h, self.results.pop(h)) for h in handles]
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
+    """Per-process setup: dies with its parent (a killed builder takes its workers along), its own GPU."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
+    except OSError:
+        pass
+    import torch
+
+    from testbed.core import progress
+
+    progress.set_quiet(quiet)
+    index = index_queue.get()
+    torch.set_num_threads(threads)
+    if device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{index % torch.cuda.device_count()}"
+    _WORKER.update(device=device, threads=threads)
+
+
+def _pool_task(zoo: str, entry_id: str, stale_after: float) -> dict[str, Any]:
+    return run_entry_safe(zoo, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
+
+
+class ProcessExecutor(Executor):
+    """``--workers N``: N spawned processes, each with ``torch.set_num_threads(threads)`` (default: cores // N)."""
+
+    def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool, threads: int | None = None):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        from testbed.core.device import resolve_device
+
+        if device != "auto":
+            device = str(resolve_device(device))
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        for i in range(workers):
+            q.put(i)
+        threads = threads or max(1, usable_cores() // workers)
+        self.slots = workers
+        self.zoo, self.stale_after = str(zoo), stale_after
+        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(q, device, int(threads), quiet))
+        self._cf = cf
+
+    def start(self, entry_id: str):
+        return self.pool.submit(_pool_task, self.zoo, entry_id, self.stale_after)
+
+    def wait(self, handles, timeout):
+        done, _ = self._cf.wait(handles, timeout=timeout, return_when=self._cf.FIRST_COMPLETED)
+        out = []
+        for h in done:
+            try:
+                out.append((h, h.result()))
+            except Exception as e:  # noqa: BLE001 - a worker process died
+                out.append((h, {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}))
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def schedule(ids: list[str], executor: Executor, report: Callable[[str, dict[str, Any]], None],
+             poll: float = POLL_S) -> None:
+    """Run every id to completion; entries a live builder elsewhere holds are retried every ``poll`` seconds."""
+    queue: deque[str] = deque(ids)
+    retry_at: dict[str, float] = {}
+    running: dict[Any, str] = {}
+    while queue or running:
+        now = time.time()
+        for _ in range(len(queue)):
+            if len(running) >= executor.slots:
+                break
+            eid = queue.popleft()
+            if retry_at.get(eid, 0.0) > now:
+                queue.append(eid)
+                continue
+            running[executor.start(eid)] = eid
+        if running:
+            for handle, result in executor.wait(list(running), timeout=poll):
+                eid = running.pop(handle)
+                result.setdefault("id", eid)
+                if result.get("status") == "busy":
+                    retry_at[eid] = time.time() + poll
+                    queue.append(eid)
+                else:
+                    report(eid, result)
+        elif queue:
+            time.sleep(max(0.05, min(retry_at.get(q, 0.0) for q in queue) - time.time()))
