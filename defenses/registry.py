@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.defenses.activation_clustering import ActivationClustering
+from testbed.defenses.anp import ANP
+from testbed.defenses.clp import CLP
 from testbed.defenses.fine_pruning import FinePruning
+from testbed.defenses.ft import FineTuning
+from testbed.defenses.ibau import IBAU
+from testbed.defenses.nad import NAD
 from testbed.defenses.spectral_signature import SpectralSignature
 from testbed.defenses.strip import Strip
 from testbed.defenses.trigger_synthesis import TriggerSynthesis
@@ -24,7 +29,8 @@ from testbed.core.plugins import resolve
 
 ENTRY_POINT_GROUP = "testbed.defenses"
 BUILTIN: dict[str, type] = {cls.name: cls for cls in (FinePruning, TriggerSynthesis, Strip, ActivationClustering,
-                                                      SpectralSignature)}
+                                                      SpectralSignature, FineTuning, NAD, ANP, CLP,
+                                                      IBAU)}
 
 
 def builtin_defenses() -> dict[str, type]:
@@ -52,6 +58,8 @@ def load_defense(spec: Any, **params: Any) -> Any:
                             f"{', '.join(known)} (see `testbed defenses`)")
         try:
             obj = obj(**params)
+            if callable(getattr(obj, "check_params", None)):  # sklearn-style classes validate apart from __init__
+                obj.check_params()
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: bad parameters {sorted(params)} ({e}); see `testbed defenses`") from None
     elif params:

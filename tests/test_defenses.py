@@ -22,7 +22,8 @@ from testbed.defense import Defense, DefenseContext, ReadOnlyArray, TrainingSet
 
 # -- registry ----------------------------------------------------------------------------------------
 def test_builtin_registry_names_and_protocol():
-    assert set(defenses.BUILTIN) == {"fine-pruning", "trigger-synthesis", "strip", "activation-clustering", "spectral-signature"}
+    assert set(defenses.BUILTIN) == {"fine-pruning", "trigger-synthesis", "strip", "activation-clustering", "spectral-signature",
+                                     "ft", "nad", "anp", "clp", "i-bau"}
     for name, cls in defenses.BUILTIN.items():
         obj = cls()
         assert obj.name == name

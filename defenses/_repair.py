@@ -1,0 +1,112 @@
+"""Helpers the repair defenses (ft, nad, anp, i-bau) share: parameter checks, the clean-subset SGD loop,
+BatchNorm freezing and the clean mIoU bookends.
+
+Kept apart from :mod:`testbed.defenses._features` (helpers of every defense) because only the defenses that
+train the model on the clean subset need them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from testbed.defenses._features import Budget, CostMeter, clean_miou, report
+from testbed.defenses.fine_pruning import _freeze_bn as freeze_bn  # noqa: F401 - one rule for every repair defense
+from testbed.defenses.protocol import DefenseContext
+
+
+def check(ok: bool, name: str, rule: str, value: Any) -> None:
+    """Raise ``ValueError("NAME must be RULE, got VALUE")`` unless ``ok``: errors name the parameter."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sgd(obj: Any, epochs: str = "epochs") -> None:
+    """The parameters every clean-subset SGD loop takes: ``epochs`` (named as given), lr, batch_size, momentum,
+    weight_decay."""
+    check(is_int(getattr(obj, epochs)), epochs, "an integer >= 0", getattr(obj, epochs))
+    check(is_num(obj.lr) and obj.lr > 0, "lr", "a number > 0", obj.lr)
+    check(is_int(obj.batch_size, 1), "batch_size", "an integer >= 1", obj.batch_size)
+    check(is_num(obj.momentum) and 0 <= obj.momentum < 1, "momentum", "a number in [0, 1)", obj.momentum)
+    check(is_num(obj.weight_decay) and obj.weight_decay >= 0, "weight_decay", "a number >= 0", obj.weight_decay)
+
+
+def check_clean(ctx: DefenseContext, name: str) -> int:
+    n = len(ctx.clean_images)
+    if n == 0:
+        raise ValueError(f"{name} needs a non-empty clean subset")
+    return n
+
+
+@dataclass(frozen=True)
+class SGDPlan:
+    """One clean-subset training phase: SGD settings, learning-rate schedule and the progress span it covers."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    schedule: str = "cosine"  # "cosine": CosineAnnealingLR over the epochs (BackdoorBench); "constant"
+    label: str = "fine-tuning"
+    span: tuple[float, float] = (0.0, 1.0)
+
+
+# loss(model, x, y) -> (loss, forward images, backward images): what one batch costs, counted by the caller
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int, int]]
+
+
+def train_clean(model: nn.Module, ctx: DefenseContext, plan: SGDPlan, loss_fn: BatchLoss, budget: Budget,
+                meter: CostMeter, passes_per_image: int = 2) -> tuple[int, bool]:
+    """SGD over the clean subset for ``plan.epochs`` (BatchNorm statistics frozen), seeded by ``ctx.seed``.
+
+    Before every batch ``budget`` is asked for the batch's ``passes_per_image`` × images plus one clean
+    forward per image in reserve (the final clean mIoU).  Returns (epochs completed, stopped by the budget).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+    loader = ctx.clean_loader(batch_size=plan.batch_size, shuffle=True)
+    reserve, (lo, hi) = len(ctx.clean_images), plan.span
+    done = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)  # dropout, if the model has any
+        try:
+            for epoch in range(plan.epochs):
+                if plan.schedule == "cosine":  # torch's CosineAnnealingLR(T_max=epochs, eta_min=0), per epoch
+                    for g in opt.param_groups:
+                        g["lr"] = 0.5 * plan.lr * (1 + math.cos(math.pi * epoch / plan.epochs))
+                model.train()
+                freeze_bn(model)
+                for x, y in loader:
+                    if budget.spent(passes_per_image * len(x) + reserve):
+                        return done, True
+                    loss, fwd, bwd = loss_fn(model, x.to(ctx.device), y.to(ctx.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    meter.forward += fwd
+                    meter.backward += bwd
+                done = epoch + 1
+                report(ctx.progress, lo + (hi - lo) * done / plan.epochs, f"{plan.label} epoch {done}/{plan.epochs}")
+        finally:
+            model.eval()  # the returned model is in eval mode, however the loop ended
+    return done, False
+
+
+def miou(model: nn.Module, ctx: DefenseContext, meter: CostMeter) -> float:
+    """Clean mIoU (fraction) of ``model`` on the clean subset; one counted forward per clean image."""
+    meter.forward += len(ctx.clean_images)
+    return clean_miou(model, ctx.clean_images, ctx.clean_labels, ctx.num_classes, ctx.device,
+                      ignore_index=ctx.ignore_index)

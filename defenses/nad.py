@@ -1,0 +1,189 @@
+"""Neural Attention Distillation (NAD; Li et al., ICLR 2021) adapted to segmentation.
+
+1. Teacher: a copy of the suspicious model fine-tuned on the clean subset for ``teacher_epochs`` (per-pixel
+   cross-entropy, SGD, cosine learning rate, as :mod:`ft`).
+2. Student: the suspicious model trained for ``epochs`` on the clean subset with per-pixel cross-entropy
+   plus, for each chosen feature map l, ``beta_l`` × AT(student_l, teacher_l), where the attention map of a
+   feature map ``F [N,C,h,w]`` is ``A = sum_c |F_c|^p``, divided by its L2 norm over the h×w positions, and
+   AT is the mean squared difference of the two maps (Zagoruyko & Komodakis' attention transfer, as NAD's
+   and BackdoorBench's ``AT`` class).  The attention map is spatial, so it carries over to segmentation
+   unchanged.
+3. The student is the repaired model.
+
+Which feature maps: NAD distils the outputs of the last three residual groups of a WRN/ResNet (BackdoorBench:
+ResNet ``layer2``-``layer4``, betas 500, 1000, 1000 from shallow to deep).  Here ``layers`` names modules
+(dotted names of ``model.named_modules()``); by default the last three direct children of ``model.backbone``
+whose output is a 4-D tensor (descending into a lone container such as torchvision's ``features``): the tiny
+backbone's ``layer1``-``layer3``, a ResNet's ``layer2``-``layer4`` — NAD's choice.  The maps are read with
+forward hooks, so any model works.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
+from testbed.defenses._repair import (SGDPlan, check, check_clean, check_sgd, is_int, is_num, miou,
+                                      train_clean)
+from testbed.defenses.protocol import DefenseContext, DefenseResult
+
+
+def attention_map(fm: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
+    """``sum_c |F_c|^p`` per position, divided by its L2 norm over the positions: ``[N,1,h,w]``."""
+    am = fm.abs().pow(p).sum(1, keepdim=True)
+    return am / (torch.linalg.vector_norm(am, dim=(2, 3), keepdim=True) + eps)
+
+
+def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
+    """Attention-transfer loss: mean squared difference of the two attention maps."""
+    return F.mse_loss(attention_map(student, p), attention_map(teacher, p))
+
+
+def default_layers(model: nn.Module, image_size: tuple[int, int], device: torch.device) -> list[str]:
+    """The last three direct children of ``model.backbone`` (or of its lone child) with a 4-D output."""
+    root, prefix = getattr(model, "backbone", None), "backbone"
+    if root is None:
+        raise ValueError("nad needs `layers` for a model without a `backbone` attribute (module names to distil)")
+    children = list(root.named_children())
+    while len(children) == 1:
+        prefix, root = f"{prefix}.{children[0][0]}", children[0][1]
+        children = list(root.named_children())
+    order, hooks = [], []
+
+    def record(name):
+        def hook(module, inputs, output):
+            if torch.is_tensor(output) and output.dim() == 4:
+                order.append(name)
+        return hook
+
+    for name, child in children:
+        hooks.append(child.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *image_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    names = list(dict.fromkeys(order))  # execution order, each once
+    return [f"{prefix}.{n}" for n in names[-3:]]
+
+
+class Taps:
+    """Forward hooks that keep the latest output of the named modules (in the order given)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"layers: no module named {missing[0]!r} in the model")
+        self.out: dict[str, torch.Tensor] = {}
+        self.names = names
+        self.hooks = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name):
+        def hook(module, inputs, output):
+            self.out[name] = output
+        return hook
+
+    def maps(self) -> list[torch.Tensor]:
+        return [self.out[n] for n in self.names]
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class NAD:
+    """Neural Attention Distillation: fine-tune a teacher on the clean subset, then distil its attention maps.
+
+    Parameters: ``teacher_epochs``/``epochs`` (NAD and BackdoorBench: 10 each), ``betas`` (per layer, shallow
+    to deep: 500, 1000, 1000), ``p`` (attention power, 2), ``layers`` (module names; None = the backbone's
+    last three stages), ``lr``/``batch_size``/``momentum``/``weight_decay`` (0.01, 8, 0.9, 1e-4).
+    """
+
+    name = "nad"
+    uses_training_set = False
+    params_doc = {
+        "teacher_epochs": "epochs fine-tuning the teacher on the clean subset (NAD: 10)",
+        "epochs": "epochs training the student with CE + attention distillation (NAD: 10)",
+        "betas": "AT-loss weight per distilled layer, shallow to deep (NAD: 500, 1000, 1000)",
+        "p": "power of the attention map sum_c |F_c|^p (NAD: 2)",
+        "layers": "module names whose outputs are distilled; None = the last three stages of model.backbone",
+        "lr": "SGD learning rate (BackdoorBench: 0.01; teacher cosine-annealed, student constant)",
+        "batch_size": "clean images per SGD step",
+        "momentum": "SGD momentum (0.9)",
+        "weight_decay": "SGD weight decay (NAD: 1e-4)",
+    }
+
+    def __init__(self, teacher_epochs: int = 10, epochs: int = 10, betas: tuple = (500.0, 1000.0, 1000.0),
+                 p: float = 2.0, layers: list | None = None, lr: float = 0.01, batch_size: int = 8,
+                 momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
+        self.teacher_epochs, self.epochs, self.betas, self.p, self.layers = teacher_epochs, epochs, betas, p, layers
+        self.lr, self.batch_size, self.momentum, self.weight_decay = lr, batch_size, momentum, weight_decay
+
+    def check_params(self) -> None:
+        check_sgd(self)
+        check(is_int(self.teacher_epochs), "teacher_epochs", "an integer >= 0", self.teacher_epochs)
+        check(is_num(self.p) and self.p > 0, "p", "a number > 0", self.p)
+        betas = self.betas
+        check(isinstance(betas, (list, tuple)) and len(betas) > 0 and all(is_num(b) and b >= 0 for b in betas),
+              "betas", "a non-empty list of numbers >= 0", betas)
+        layers = self.layers
+        check(layers is None or isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)
+              and len(layers) == len(betas), "layers", f"None or a list of {len(betas)} module names (one per beta)",
+              layers)
+
+    def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        self.check_params()
+        check_clean(ctx, self.name)
+        meter = CostMeter()
+        budget = Budget.for_context(ctx, meter)
+        student = copy.deepcopy(model).to(ctx.device).eval()
+        size = tuple(ctx.clean_images.shape[1:3])
+        layers = list(self.layers) if self.layers is not None else default_layers(student, size, ctx.device)
+        check(len(layers) == len(self.betas), "betas", f"one weight per distilled layer ({', '.join(layers)})",
+              self.betas)
+        start = miou(student, ctx, meter)
+        teacher = copy.deepcopy(student)
+        ce = lambda m, x, y: (cross_entropy(m(x)["out"], y, ctx.ignore_index), len(x), len(x))  # noqa: E731
+        plan = SGDPlan(self.teacher_epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "cosine",
+                       "teacher", (0.0, 0.5))
+        teacher_done, stopped = train_clean(teacher, ctx, plan, ce, budget, meter)
+        teacher.eval().requires_grad_(False)
+        teacher_miou = miou(teacher, ctx, meter)
+        student_done = 0
+        if not stopped:
+            student_done = self._distil(student, teacher, layers, ctx, budget, meter)
+        final = miou(student, ctx, meter)
+        report(ctx.progress, 1.0, f"nad done: clean mIoU {final:.3f}")
+        details = {"layers": layers, "betas": [float(b) for b in self.betas], "p": float(self.p),
+                   "teacher_epochs_done": teacher_done, "epochs_done": student_done, "miou_clean_start": start,
+                   "miou_clean_teacher": teacher_miou, "miou_clean_final": final, **budget.summary()}
+        return DefenseResult(model=student, cost=meter.cost(), details=details)
+
+    def _distil(self, student, teacher, layers, ctx, budget, meter) -> int:
+        """The student phase: per-pixel CE + sum of beta_l × AT over the tapped layers (teacher detached)."""
+        s_taps, t_taps = Taps(student, layers), Taps(teacher, layers)
+
+        def loss_fn(m, x, y):
+            logits = m(x)["out"]
+            with torch.no_grad():
+                teacher(x)
+            loss = cross_entropy(logits, y, ctx.ignore_index)
+            for beta, fs, ft in zip(self.betas, s_taps.maps(), t_taps.maps()):
+                loss = loss + float(beta) * at_loss(fs, ft.detach(), float(self.p))
+            return loss, 2 * len(x), len(x)  # student and teacher forwards, student backward
+
+        # NAD's adjust_learning_rate keeps the learning rate for the first epochs (0.01 throughout at lr=0.01)
+        plan = SGDPlan(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "constant",
+                       "student", (0.5, 1.0))
+        try:
+            done, _ = train_clean(student, ctx, plan, loss_fn, budget, meter, passes_per_image=3)
+        finally:
+            s_taps.remove()
+            t_taps.remove()
+        return done
