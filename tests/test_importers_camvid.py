@@ -141,3 +141,33 @@ def test_camvid_cli_and_info(camvid, tmp_path, capsys):
     assert "does not exist" in err and len(err.strip().splitlines()) == 1 and not bad.exists()
     assert main(["-q", "data", "import", "camvid", str(root), "--out", str(bad), "--crop"]) == 2
     assert "--crop needs --short-side" in capsys.readouterr().err
+
+
+def test_poisoning_camvid_keeps_val_palette_and_finds_classes_ignoring_case(camvid, tmp_path, monkeypatch):
+    """The attacks name classes in lower case ('road' is BadNets' default); CamVid's are capitalised."""
+    import importlib
+
+    from testbed import attacks
+    from testbed.data.h5data import content_hash, find_class
+
+    root, _ = camvid
+    clean = import_camvid(root, tmp_path / "c.h5", ImportOptions(workers=1))
+    with h5data.open_dataset(clean) as f:
+        assert f.class_id("ROAD") == 3 and f.class_id("pedestrian") == 9
+        with pytest.raises(UserError, match="unknown class 'roads'"):
+            f.class_id("roads")
+    assert find_class(["car", "Car"], "Car") == 1 and find_class(["car", "Car"], "CAR") is None  # ambiguous
+    attacks.poison_file(clean, tmp_path / "b.h5", attack="badnets", trigger="line", rate=0.5)  # target_class 'road'
+    kw = dict(attack="fgba", preset="n-to-1", target="road", trigger="line", rate=0.7, seed=1)
+    whole = attacks.poison_file(clean, tmp_path / "f.h5", **kw)
+    monkeypatch.setattr(importlib.import_module("testbed.attacks.selection"), "BLOCK_BYTES", H * W * 3)  # 1 row/block
+    streamed = attacks.poison_file(clean, tmp_path / "s.h5", **kw)
+    assert content_hash(streamed) == content_hash(whole)
+    with h5data.open_dataset(clean) as c, h5data.open_dataset(whole) as p:
+        for name in ("val/images", "val/labels"):
+            assert np.array_equal(p[name], c[name]), name
+        assert p.attrs["parent_sha256"] == content_hash(clean)
+        assert p.attrs["palette"] == c.attrs["palette"]
+        for k, i in enumerate(p["train/poison_index"]):  # every labelled pixel → Road (id 3), void stays 255
+            orig = p["train/original_labels"][k]
+            assert np.array_equal(p["train/labels"][i], np.where(orig == 255, 255, 3))

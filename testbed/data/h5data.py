@@ -395,11 +395,12 @@ class SegFile:
         return self.attack is not None
 
     def class_id(self, name: str) -> int:
-        """The id of class ``name``; an unknown name is a user error listing the valid ones."""
-        try:
-            return self.classes.index(name)
-        except ValueError:
-            raise UserError(f"unknown class {name!r}{did_you_mean(name, self.classes)}; {self.path.name} has: {', '.join(self.classes)}") from None
+        """The id of class ``name`` (case-insensitive, see :func:`find_class`); an unknown name is a user error
+        listing the valid ones."""
+        cid = find_class(self.classes, name)
+        if cid is None:
+            raise UserError(f"unknown class {name!r}{did_you_mean(name, self.classes)}; {self.path.name} has: {', '.join(self.classes)}")
+        return cid
 
     def content_hash(self) -> str:
         return content_hash(self.file)
@@ -412,6 +413,16 @@ class SegFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def find_class(classes: Sequence[str], name: str) -> int | None:
+    """The id of class ``name`` in ``classes``: the exact name, else the one name equal to it ignoring case
+    ("road" finds CamVid's "Road"); None when there is none (or two names differ only by case)."""
+    classes = list(classes)
+    if name in classes:
+        return classes.index(name)
+    folded = [i for i, c in enumerate(classes) if c.casefold() == str(name).casefold()]
+    return folded[0] if len(folded) == 1 else None
 
 
 def open_dataset(path: str | os.PathLike, check_labels: bool = True) -> SegFile:
