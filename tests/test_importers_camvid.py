@@ -171,3 +171,28 @@ def test_poisoning_camvid_keeps_val_palette_and_finds_classes_ignoring_case(camv
         for k, i in enumerate(p["train/poison_index"]):  # every labelled pixel → Road (id 3), void stays 255
             orig = p["train/original_labels"][k]
             assert np.array_equal(p["train/labels"][i], np.where(orig == 255, 255, 3))
+
+
+def test_figures_use_the_files_palette(camvid, tmp_path):
+    """`data show` colours CamVid labels with CamVid's colours (stored in the file), not the synthetic defaults."""
+    from testbed.core.palette import palette
+    from testbed.data.show import sample_panels
+
+    root, raw = camvid
+    clean = import_camvid(root, tmp_path / "c.h5", ImportOptions(workers=1))
+    sample = sample_panels(clean, "val", 0)
+    assert sample.palette == CAMVID_COLOURS
+    pal = palette(11, sample.palette)
+    assert pal[:11].tolist() == CAMVID_COLOURS and pal[255].tolist() == [0, 0, 0]
+    assert palette(11, classes=CLASSES)[:11].tolist() == CAMVID_COLOURS  # figures that know only the names
+    assert palette(11)[4].tolist() != CAMVID_COLOURS[4]  # the default colours differ (so this test can fail)
+    png = tmp_path / "show.png"
+    assert main(["-q", "data", "show", str(clean), "--split", "val", "--index", "0", "--out", str(png)]) == 0
+    drawn = {tuple(c) for c in np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).tolist()}
+    present = set(np.unique(_stored(raw[("val", NAMES["val"][0])][1])).tolist()) - {255}
+    assert {tuple(CAMVID_COLOURS[c]) for c in present} <= drawn
+    assert tuple(palette(11)[4].tolist()) not in drawn
+
+
+CAMVID_COLOURS = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
+                  [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]]

