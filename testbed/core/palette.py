@@ -36,7 +36,8 @@ CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 DATASET_PALETTES = {CAMVID_CLASSES: CAMVID_PALETTE}
 
 
-def _voc(i: int) -> tuple[int, int, int]:
+def voc_colour(i: int) -> tuple[int, int, int]:
+    """PASCAL VOC's colour of class index ``i`` (its devkit's bit-interleaved colour map; 0 = black background)."""
     r = g = b = 0
     c = i
     for j in range(8):
@@ -54,7 +55,7 @@ def palette(num_classes: int, stored: Sequence[Sequence[int]] | None = None,
     ``stored`` (a file's ``palette`` attribute, K rows of r, g, b) colours the first K classes; without it, the
     palette of a known dataset whose class names are exactly ``classes`` does.
     """
-    pal = np.array([_voc(i + 1) for i in range(256)], dtype=np.uint8)
+    pal = np.array([voc_colour(i + 1) for i in range(256)], dtype=np.uint8)
     pal[: len(_BASE)] = _BASE
     own = stored if stored is not None else DATASET_PALETTES.get(tuple(classes)) if classes is not None else None
     if own is not None and len(own):

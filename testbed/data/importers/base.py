@@ -169,6 +169,23 @@ def write(out: str | os.PathLike, plan: Plan, options: ImportOptions) -> Path:
     return Path(out)
 
 
+def hold_out(splits: dict[str, Pairs], fraction: float, seed: int) -> tuple[dict[str, Pairs], dict]:
+    """Move a seeded ``fraction`` of the training pairs to a ``val`` split (for datasets whose own validation
+    split serves as the test split); returns the splits and what to record in ``source``."""
+    if not fraction:
+        return splits, {}
+    if not 0 < float(fraction) < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    train = splits["train"]
+    n_val = min(len(train) - 1, max(1, round(len(train) * float(fraction))))
+    if n_val < 1:
+        raise UserError(f"--val-fraction needs at least two training images, the train split has {len(train)}")
+    held = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
+    out = dict(splits, train=[p for i, p in enumerate(train) if i not in held],
+               val=[p for i, p in enumerate(train) if i in held])
+    return out, {"val_fraction": float(fraction), "val_seed": int(seed)}
+
+
 def square(size: int | None) -> Resize:
     """The ade20k/folder ``size`` argument of old: shorter side to ``size``, centre crop to ``size``×``size``."""
     if size is not None and int(size) < 8:
