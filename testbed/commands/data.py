@@ -16,7 +16,7 @@ IMPORT_EXAMPLES = """examples:
   testbed data import cityscapes ~/data/cityscapes --out cs-256x512.h5 --size 256 512 --val-fraction 0.1
   testbed data import voc ~/data/VOCdevkit/VOC2012 --out voc-256.h5 --short-side 256 --crop
   testbed data import ade20k ~/data/ADEChallengeData2016 --out ade20k-512.h5 --workers 8
-  testbed data import folder ~/data/voc --classes voc-names.txt --out voc.h5 --size 256"""
+  testbed data import folder ~/data/mine --classes names.txt --out mine.h5 --size 256 --ignore 11"""
 INFO_EXAMPLES = """examples:
   testbed data info synth.h5
   testbed data info poisoned.h5 --json > info.json"""
@@ -66,34 +66,22 @@ def _register_import(sub) -> None:
     isub = imp.add_subparsers(dest="import_kind", required=True, metavar="KIND")
     for name in _DATASETS:
         _register_dataset(isub, name)
-    a = isub.add_parser(
-        "ade20k", help="ADE20K SceneParsing (ADEChallengeData2016/)",
-        description="Import ADEChallengeData2016/ (images/{training,validation}/*.jpg, annotations/.../*.png). "
-        "training → train, validation → test; raw 0 ('other') → 255 (ignore), raw v → v−1 (wall=0 ... flag=149). "
-        "Images are resized (shorter side, bilinear; labels nearest) and centre-cropped to --size.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
-    )
-    a.add_argument("root", type=Path, help="the ADEChallengeData2016 folder")
-    a.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
-    a.add_argument("--size", type=int, default=512, help="square output size in pixels (default 512)")
-    a.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
-    _add_common_out(a)
-    a.set_defaults(func=run_import_ade20k)
-    fo = isub.add_parser(
-        "folder", help="any ROOT/images + ROOT/masks pairs of class-id masks",
-        description="Import ROOT/images/* with ROOT/masks/<same stem>.png holding class ids (255 = ignore). "
-        "Splits: ROOT/images/{train,test} (and masks/{train,test}) when present, else a seeded --test-fraction.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
-    )
-    fo.add_argument("root", type=Path, help="folder with images/ and masks/")
+    fo = isub.choices["folder"]
     fo.add_argument("--classes", required=True, type=Path, help="text file: one class name per line, in id order")
-    fo.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
-    fo.add_argument("--size", type=int, default=None, help="resize + centre-crop to SIZE×SIZE (default: keep; all images must match)")
-    fo.add_argument("--test-fraction", type=float, default=0.2, help="share of pairs for the test split without train/test folders (default 0.2)")
+    fo.add_argument("--test-fraction", type=float, default=0.2,
+                    help="share of pairs for the test split without train/test folders (default 0.2)")
     fo.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
-    fo.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
-    _add_common_out(fo)
-    fo.set_defaults(func=run_import_folder)
+    fo.add_argument("--ignore", type=_int_list, default=(), metavar="V[,V...]",
+                    help="mask values to store as 255 (ignore), e.g. CamVid's void 11")
+    fo.add_argument("--palette", type=Path, default=None, metavar="FILE",
+                    help="the dataset's colours: one 'R G B' line per class (stored in the file, used by figures)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
 _DATASETS = {  # name: (help, description, root help)
@@ -112,6 +100,18 @@ _DATASETS = {  # name: (help, description, root help)
         "train → /train; val → /test (the test labels are not public); --val-fraction holds out part of train as /val. "
         "Cityscapes' colours are stored as the file's palette.",
         "the Cityscapes folder (holding leftImg8bit/ and gtFine/)"),
+    "ade20k": (
+        "ADE20K SceneParsing (ADEChallengeData2016/)",
+        "Import ADEChallengeData2016/ (images/{training,validation}/*.jpg, annotations/.../*.png). training → train, "
+        "validation → test; raw 0 ('other') → 255 (ignore), raw v → v−1 (wall=0 ... flag=149). Default: the shorter "
+        "side resized to 512 and centre-cropped to 512×512 (--size 512).",
+        "the ADEChallengeData2016 folder"),
+    "folder": (
+        "any ROOT/images + ROOT/masks pairs of class-id masks",
+        "Import ROOT/images/* with ROOT/masks/<same stem>.png holding class ids (255 = ignore; --ignore turns other "
+        "values into 255). Splits: ROOT/images/{train,test} (and masks/{train,test}) when present, with "
+        "ROOT/images/val a /val split too; else a seeded --test-fraction. Without --size all images must share one size.",
+        "folder with images/ and masks/"),
     "voc": (
         "PASCAL VOC 2012 segmentation (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)",
         "Import VOC2012: JPEGImages/*.jpg with SegmentationClass/*.png (palette PNGs: indices 0..20 = background, "
@@ -129,10 +129,10 @@ def _register_dataset(isub, name: str) -> None:
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES)
     c.add_argument("root", type=Path, help=root_help)
     c.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
-    _add_resize(c)
+    _add_resize(c, 512 if name == "ade20k" else None)
     c.add_argument("--limit", type=int, default=None, help="import only the first N images of each split (a quick subset)")
     c.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
-    if name != "camvid":
+    if name in ("cityscapes", "voc"):
         c.add_argument("--val-fraction", type=float, default=0.0,
                        help="hold out this seeded share of train as /val (default 0: no /val)")
         c.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction hold-out (default 0)")
@@ -140,10 +140,12 @@ def _register_dataset(isub, name: str) -> None:
     c.set_defaults(func=run_import_dataset, dataset=name)
 
 
-def _add_resize(p: argparse.ArgumentParser) -> None:
+def _add_resize(p: argparse.ArgumentParser, default: int | None) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="resize every sample to H×W (images antialiased bilinear, labels nearest; default: keep)")
+    keep = "keep" if default is None else f"{default}"
+    g.add_argument("--size", type=int, nargs="+", metavar="PX", default=None if default is None else [default],
+                   help="H W: resize every sample to H×W (images antialiased bilinear, labels nearest); N: the shorter "
+                   f"side to N, then the centre N×N (default: {keep})")
     g.add_argument("--short-side", type=int, default=None, metavar="N", help="resize so the shorter side is N, aspect kept")
     p.add_argument("--crop", action="store_true", help="with --short-side N: then take the centre N×N")
 
@@ -151,8 +153,13 @@ def _add_resize(p: argparse.ArgumentParser) -> None:
 def _import_options(args: argparse.Namespace):
     from testbed.data.importers import ImportOptions, Resize
 
-    size = tuple(args.size) if args.size else None
-    resize = Resize(size=size, short_side=args.short_side, crop=args.crop)
+    size = tuple(args.size) if args.size and args.short_side is None else ()
+    if len(size) > 2:
+        raise UserError(f"--size takes N (a square) or H W, got {len(size)} numbers")
+    if len(size) == 1:
+        resize = Resize(short_side=size[0], crop=True)
+    else:
+        resize = Resize(size=size or None, short_side=args.short_side, crop=args.crop)
     return ImportOptions(resize=resize, limit=args.limit, workers=args.workers, compression=_compression(args.compression))
 
 
@@ -238,34 +245,16 @@ def run_import_dataset(args: argparse.Namespace) -> int:
     options = _import_options(args)
     _check_out(args.out, args.force)
     check_outputs({"--out": args.out}, {"ROOT": args.root})
-    if args.dataset == "camvid":
-        importers.import_camvid(args.root, args.out, options)
+    if args.dataset in ("camvid", "ade20k"):
+        run = importers.import_camvid if args.dataset == "camvid" else importers.import_ade20k
+        run(args.root, args.out, options=options)
+    elif args.dataset == "folder":
+        check_outputs({"--out": args.out}, {"--classes": args.classes})
+        layout = importers.FolderLayout(args.test_fraction, args.seed, args.ignore, args.palette)
+        importers.import_folder(args.root, args.classes, args.out, options, layout)
     else:
         run = importers.import_cityscapes if args.dataset == "cityscapes" else importers.import_voc
         run(args.root, args.out, options, val_fraction=args.val_fraction, seed=args.seed)
-    _done(args.out)
-    return 0
-
-
-def run_import_ade20k(args: argparse.Namespace) -> int:
-    from testbed.core.guards import check_outputs
-    from testbed.data.importers import import_ade20k
-
-    _check_out(args.out, args.force)
-    check_outputs({"--out": args.out}, {"ROOT": args.root})
-    import_ade20k(args.root, args.out, size=args.size, workers=args.workers, compression=_compression(args.compression))
-    _done(args.out)
-    return 0
-
-
-def run_import_folder(args: argparse.Namespace) -> int:
-    from testbed.core.guards import check_outputs
-    from testbed.data.importers import import_folder
-
-    _check_out(args.out, args.force)
-    check_outputs({"--out": args.out}, {"ROOT": args.root, "--classes": args.classes})
-    import_folder(args.root, args.classes, args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
-                  workers=args.workers, compression=_compression(args.compression))
     _done(args.out)
     return 0
 

@@ -48,13 +48,14 @@ class Resize:
 
 @dataclass(frozen=True)
 class LabelRule:
-    """Raw mask value → stored label: values above ``max_value`` are refused (but 255 when ``allow_ignore``),
-    then ``lut`` maps them (None: identity).  ``hint`` ends the out-of-range error."""
+    """Raw mask value → stored label: values above ``max_value`` are refused (but 255 when ``allow_ignore``, and
+    the ``extra`` values), then ``lut`` maps them (None: identity).  ``hint`` ends the out-of-range error."""
 
     max_value: int
     lut: tuple[int, ...] | None = None
     allow_ignore: bool = False
     hint: str = "check the mask encoding"
+    extra: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,13 @@ def _check_mask(job: Job, img, mask: np.ndarray) -> None:
     bad = mask > rule.max_value
     if rule.allow_ignore:
         bad &= mask != IGNORE_INDEX
+    if rule.extra:
+        bad &= ~np.isin(mask, rule.extra)
     if bad.any():
         raise UserError(
             f"mask {job.mask} holds value {int(mask[bad].max())} but valid values are 0..{rule.max_value}"
-            + (" and 255 (ignore)" if rule.allow_ignore else "") + f"; {rule.hint}"
+            + (" and 255 (ignore)" if rule.allow_ignore else "")
+            + (f" and {','.join(map(str, rule.extra))} (ignored)" if rule.extra else "") + f"; {rule.hint}"
         )
 
 

@@ -8,9 +8,9 @@ from testbed.data.importers.ade20k import ADE20K_NUM_CLASSES, ade20k_classes, im
 from testbed.data.importers.base import IMAGE_EXTENSIONS, ImportOptions, read_classes_file
 from testbed.data.importers.camvid import CAMVID_CLASSES, CAMVID_PALETTE, import_camvid
 from testbed.data.importers.cityscapes import CITYSCAPES_CLASSES, import_cityscapes
-from testbed.data.importers.folder import import_folder
+from testbed.data.importers.folder import FolderLayout, import_folder
 from testbed.data.importers.voc import VOC_CLASSES, import_voc
 
-__all__ = ["ADE20K_NUM_CLASSES", "CAMVID_CLASSES", "CAMVID_PALETTE", "CITYSCAPES_CLASSES", "IMAGE_EXTENSIONS",
+__all__ = ["ADE20K_NUM_CLASSES", "CAMVID_CLASSES", "CAMVID_PALETTE", "CITYSCAPES_CLASSES", "FolderLayout", "IMAGE_EXTENSIONS",
            "ImportOptions", "Resize", "VOC_CLASSES", "ade20k_classes", "import_ade20k", "import_camvid",
            "import_cityscapes", "import_folder", "import_voc", "read_classes_file"]
