@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,23 @@ class _Extras:
             self.ds[name][start : start + arr.shape[0]] = arr
 
 
-def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: int, parent: _ParentHash, bar) -> None:
+@dataclass(frozen=True)
+class _Pass:
+    """What the streamed passes over the clean file share."""
+
+    src: h5py.File
+    wr: DatasetWriter
+    sel: Selection
+    attack: Any
+    trigger: Any
+    block: int
+    parent: _ParentHash
+    bar: Any
+
+
+def _write_test(ps: _Pass, test_y: Rows) -> None:
+    src, wr, sel, attack, trigger, block, parent, bar = (ps.src, ps.wr, ps.sel, ps.attack, ps.trigger, ps.block,
+                                                         ps.parent, ps.bar)
     h, w = src[h5data.TEST_IMAGES].shape[1:3]
     m, a = src[h5data.TEST_IMAGES].shape[0], sel.attacked_index.size
     vx, vy = wr.create(h5data.TEST_IMAGES, (m, h, w, 3), np.uint8), wr.create(h5data.TEST_LABELS, (m, h, w), np.uint8)
@@ -100,7 +117,9 @@ def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: i
     parent.feed(test_y.data)
 
 
-def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block: int, parent: _ParentHash, bar) -> None:
+def _write_train(ps: _Pass, train_y: Rows) -> None:
+    src, wr, sel, attack, trigger, block, parent, bar = (ps.src, ps.wr, ps.sel, ps.attack, ps.trigger, ps.block,
+                                                         ps.parent, ps.bar)
     n, h, w = src[h5data.TRAIN_IMAGES].shape[:3]
     p, q = sel.poison_index.size, sel.noise_index.size
     tx, ty = wr.create(h5data.TRAIN_IMAGES, (n, h, w, 3), np.uint8), wr.create(h5data.TRAIN_LABELS, (n, h, w), np.uint8)
@@ -145,8 +164,10 @@ def _copy_val(src, wr, block: int, parent: _ParentHash, bar) -> None:
 
 
 def write_poisoned(clean: SegFile, out: Path, attack: Any, trigger: Any, meta: dict[str, Any], sel: Selection,
-                   train_y: Rows, test_y: Rows, block: int) -> None:
-    """Write the poisoned file atomically (nothing appears at ``out`` unless everything succeeds)."""
+                   labels: tuple[Rows, Rows], block: int) -> None:
+    """Write the poisoned file atomically (nothing appears at ``out`` unless everything succeeds); ``labels``: the
+    train and test label rows."""
+    train_y, test_y = labels
     src = clean.file
     parent = _ParentHash(src, train_y, test_y)
     extra = {k: v for k, v in clean.attrs.items() if k not in OWN_ATTRS}
@@ -158,8 +179,9 @@ def write_poisoned(clean: SegFile, out: Path, attack: Any, trigger: Any, meta: d
     with DatasetWriter(out, clean.classes, source=clean.source, image_size=clean.image_size, compression=comp,
                        attrs=extra) as wr, bar:
         # test split first: the hash order is test/images, test/labels, train/images, train/labels
-        _write_test(src, wr, sel, attack, trigger, test_y, block, parent, bar)
-        _write_train(src, wr, sel, attack, trigger, train_y, block, parent, bar)
+        p = _Pass(src, wr, sel, attack, trigger, block, parent, bar)
+        _write_test(p, test_y)
+        _write_train(p, train_y)
         if has_val:
             _copy_val(src, wr, block, parent, bar)
         wr.put(h5data.POISON_INDEX, sel.poison_index)

@@ -183,7 +183,7 @@ def _register_info_show(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHOW_EXAMPLES,
     )
     sh.add_argument("path", type=Path, help="dataset file (.h5)")
-    sh.add_argument("--split", default="train", help="train, test or test_attacked (default train)")
+    sh.add_argument("--split", default="train", help="train, val, test or test_attacked (default train)")
     sh.add_argument("--index", type=int, default=0, help="sample index within the split (default 0)")
     sh.add_argument("--out", required=True, type=Path, help="output PNG")
     sh.set_defaults(func=run_show)
