@@ -4,6 +4,7 @@ tutorial's absolute paths, labels 0..10 and 11 = void), written in the test: nev
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -135,6 +136,13 @@ def test_camvid_cli_and_info(camvid, tmp_path, capsys):
     assert main(["data", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "train 3, val 2, test 2" in text and "test split      test" in text
+    shares = {}  # the three classes with most train pixels, computed here from the written masks
+    for name in NAMES["train"]:
+        for v, n in zip(*np.unique(_stored(camvid[1][("train", name)][1]), return_counts=True)):
+            shares[int(v)] = shares.get(int(v), 0) + int(n)
+    shares.pop(255, None)
+    top = sorted(shares, key=lambda v: (-shares[v], v))[:3]
+    assert "most frequent   " + ", ".join(CLASSES[v] for v in top) in re.sub(r" [0-9.]+%", "", text)
     bad = tmp_path / "nope.h5"
     assert main(["-q", "data", "import", "camvid", str(tmp_path / "missing"), "--out", str(bad)]) == 2
     err = capsys.readouterr().err

@@ -297,6 +297,8 @@ def _print_info(info: dict) -> None:
             print(f"{c:<16}{_pct(tr['pixel_share'][c]):>13}{_pct(tr['image_share'][c]):>14}"
                   f"{_pct(te['pixel_share'][c]):>13}{_pct(te['image_share'][c]):>13}")
         print(f"{'(ignore)':<16}{_pct(tr['ignore_share']):>13}{'':>14}{_pct(te['ignore_share']):>13}")
+        top = sorted(info["classes"], key=lambda c: -(tr["pixel_share"][c] or 0))[:3]
+        print("most frequent   " + ", ".join(f"{c} {_pct(tr['pixel_share'][c])}" for c in top) + " (train pixels)")
         pairs = ", ".join(f"{p['classes'][0]}+{p['classes'][1]} {_pct(p['share'])}" for p in tr["top_pairs"])
         print(f"\nmost co-occurring class pairs (share of train images; full matrix with --json):\n  {pairs or '-'}")
 
