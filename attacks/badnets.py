@@ -15,7 +15,7 @@ import numpy as np
 from testbed.data import h5data
 from testbed.attacks.base import Attack, Param
 from testbed.core.errors import ParamError
-from testbed.data.h5data import IGNORE_INDEX
+from testbed.data.h5data import IGNORE_INDEX, find_class
 
 _BLOCK_ROWS = 1024
 TARGET_STREAM = 1  # seed stream for drawing the target image (see attacks.poison for the others)
@@ -64,10 +64,10 @@ class BadNets(Attack):
             if self.target_image >= n:
                 raise ParamError(f"{{target_image}} {self.target_image} is out of range: the training set has {n} images (0..{n - 1})")
             return int(self.target_image)
-        if self.target_class not in classes:
+        cid = find_class(classes, self.target_class)
+        if cid is None:
             raise ParamError(f"the data has no class {self.target_class!r} to pick a BadNets target image by; "
                              "choose one with {target_image}")
-        cid = classes.index(self.target_class)
         counts = np.empty(n, dtype=np.int64)
         for start in range(0, n, _BLOCK_ROWS):
             block = np.asarray(labels[start : start + _BLOCK_ROWS])

@@ -13,7 +13,7 @@ import numpy as np
 
 from testbed.attacks.base import Attack, Param
 from testbed.core.errors import ParamError, UserError, did_you_mean
-from testbed.data.h5data import IGNORE_INDEX
+from testbed.data.h5data import IGNORE_INDEX, find_class
 
 PRESETS = ("n-to-1", "1-to-1")
 
@@ -21,8 +21,9 @@ PRESETS = ("n-to-1", "1-to-1")
 def _class_id(data: Any, name: str, param: str = "class") -> int:
     """Class id by name in ``data`` (a SegFile or a list of names); unknown names suggest the nearest."""
     classes = _class_names(data)
-    if name in classes:
-        return classes.index(name)
+    cid = find_class(classes, name)
+    if cid is not None:
+        return cid
     raise ParamError(f"unknown class {name!r} in {{{param}}}{did_you_mean(name, classes)}; the data has: {', '.join(classes)}")
 
 

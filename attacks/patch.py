@@ -25,6 +25,7 @@ from testbed.attacks.base import Attack, Param, Trigger
 from testbed.attacks.imageops import blend, load_image, resize, split_alpha
 from testbed.core.errors import ParamError, did_you_mean
 from testbed.core.hashing import file_sha256
+from testbed.data.h5data import find_class
 
 PATTERN_STREAM = 7  # seed stream of the procedural patch (see docs/attacks.md for every stream)
 SPLIT_CODE = {"train": 0, "test": 1}
@@ -138,10 +139,10 @@ class VictimPatchAttack(Attack):
             if value is None:
                 raise ParamError(f"{self.name} needs {{source}} CLASS (the victim) and {{target}} CLASS, e.g. "
                                  "{source} car {target} road")
-            if value not in classes:
+            if find_class(classes, value) is None:
                 raise ParamError(f"unknown class {value!r} in {{{key}}}{did_you_mean(value, classes)}; the data has: "
                                  f"{', '.join(classes)}")
-        if self.source == self.target:
+        if find_class(classes, self.source) == find_class(classes, self.target):
             raise ParamError(f"{{source}} and {{target}} are both {self.source!r}; choose a target that differs from the victim")
         s = self.patch_size
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1):
@@ -153,7 +154,7 @@ class VictimPatchAttack(Attack):
         """Resolve classes, size and pattern against ``data`` (a SegFile, or anything with classes/image_size)."""
         classes = list(data.classes)
         self.check_params(classes)
-        self.source_id_, self.target_id_ = classes.index(self.source), classes.index(self.target)
+        self.source_id_, self.target_id_ = find_class(classes, self.source), find_class(classes, self.target)
         self.lut_ = np.arange(256, dtype=np.uint8)
         self.lut_[self.source_id_] = self.target_id_
         self.image_size_ = (int(data.image_size[0]), int(data.image_size[1]))

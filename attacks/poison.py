@@ -115,7 +115,7 @@ def poison(
     sel, train_y, test_y, block = select(clean, attack, trigger, rate, seed, clean_fraction, require)
     meta = _record(clean, attack, trigger, seed, clean_fraction, require, sel)
     if not dry_run:
-        write_poisoned(clean, out, attack, trigger, meta, sel, train_y, test_y, block)
+        write_poisoned(clean, out, attack, trigger, meta, sel, (train_y, test_y), block)
     return PoisonResult(out, meta, sel.poison_index, sel.clean_index, sel.attacked_index, sel.benign_index, sel.notes,
                         written=not dry_run)
 

@@ -5,13 +5,15 @@ the originals of the poisoned rows, ``/defense/clean_index``, ``/test_attacked/{
 and ``/test_benign/index``.  Per-sample arrays an attack returns from ``poison_samples`` for the attacked
 test images (e.g. a trigger's distance to the victim) are stored as ``/test_attacked/<name>``.  A trigger's
 noise samples (WaNet's noise mode) add ``/train/noise_index`` and ``/train/noise_original_images``: their
-images change, their labels do not.
+images change, their labels do not.  A file's optional ``/val`` split is copied unchanged (learning curves of
+attacked models read it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,14 @@ from testbed.data.h5data import DatasetWriter, SegFile, canonical_attr, content_
 
 OWN_ATTRS = ("format", "schema_version", "classes", "ignore_index", "source", "image_size", "attack", "parent_sha256")
 _PLAIN = [h5data.TEST_IMAGES, h5data.TEST_LABELS, h5data.TRAIN_IMAGES, h5data.TRAIN_LABELS]
+_VAL = [h5data.VAL_IMAGES, h5data.VAL_LABELS]
 
 
 class _ParentHash:
     """The parent's content hash, computed on the way (one read of the clean file instead of two).
 
     Feeds sha256 exactly as :func:`testbed.data.h5data.content_hash` does: root attributes, then each array in
-    name order (test before train).  An input with other arrays (a forced re-poisoning) is hashed separately;
+    name order (test, train, then val when the file has one).  An input with other arrays (a forced re-poisoning) is hashed separately;
     tests check both paths against ``content_hash``.
     """
 
@@ -39,7 +42,7 @@ class _ParentHash:
         names: list[str] = []
         src.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         self.src = src
-        self.fold = sorted(names) == _PLAIN and train_y.data is not None and test_y.data is not None
+        self.fold = sorted(names) in (_PLAIN, _PLAIN + _VAL) and train_y.data is not None and test_y.data is not None
         self.sha = hashlib.sha256()
         if self.fold:
             self.sha.update(json.dumps({k: canonical_attr(v) for k, v in src.attrs.items()}, sort_keys=True).encode())
@@ -71,7 +74,23 @@ class _Extras:
             self.ds[name][start : start + arr.shape[0]] = arr
 
 
-def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: int, parent: _ParentHash, bar) -> None:
+@dataclass(frozen=True)
+class _Pass:
+    """What the streamed passes over the clean file share."""
+
+    src: h5py.File
+    wr: DatasetWriter
+    sel: Selection
+    attack: Any
+    trigger: Any
+    block: int
+    parent: _ParentHash
+    bar: Any
+
+
+def _write_test(ps: _Pass, test_y: Rows) -> None:
+    src, wr, sel, attack, trigger, block, parent, bar = (ps.src, ps.wr, ps.sel, ps.attack, ps.trigger, ps.block,
+                                                         ps.parent, ps.bar)
     h, w = src[h5data.TEST_IMAGES].shape[1:3]
     m, a = src[h5data.TEST_IMAGES].shape[0], sel.attacked_index.size
     vx, vy = wr.create(h5data.TEST_IMAGES, (m, h, w, 3), np.uint8), wr.create(h5data.TEST_LABELS, (m, h, w), np.uint8)
@@ -98,7 +117,9 @@ def _write_test(src, wr, sel: Selection, attack, trigger, test_y: Rows, block: i
     parent.feed(test_y.data)
 
 
-def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block: int, parent: _ParentHash, bar) -> None:
+def _write_train(ps: _Pass, train_y: Rows) -> None:
+    src, wr, sel, attack, trigger, block, parent, bar = (ps.src, ps.wr, ps.sel, ps.attack, ps.trigger, ps.block,
+                                                         ps.parent, ps.bar)
     n, h, w = src[h5data.TRAIN_IMAGES].shape[:3]
     p, q = sel.poison_index.size, sel.noise_index.size
     tx, ty = wr.create(h5data.TRAIN_IMAGES, (n, h, w, 3), np.uint8), wr.create(h5data.TRAIN_LABELS, (n, h, w), np.uint8)
@@ -128,20 +149,41 @@ def _write_train(src, wr, sel: Selection, attack, trigger, train_y: Rows, block:
     parent.feed(train_y.data)
 
 
+def _copy_val(src, wr, block: int, parent: _ParentHash, bar) -> None:
+    """The clean ``/val`` split, unchanged (after train: the hash's name order)."""
+    for name in _VAL:
+        ds = src[name]
+        out = wr.create(name, ds.shape, ds.dtype)
+        parent.header(name)
+        for start in range(0, ds.shape[0], block):
+            rows = ds[start : start + block]
+            parent.feed(rows)
+            out[start : start + rows.shape[0]] = rows
+            if name == h5data.VAL_IMAGES:
+                bar.update(rows.shape[0])
+
+
 def write_poisoned(clean: SegFile, out: Path, attack: Any, trigger: Any, meta: dict[str, Any], sel: Selection,
-                   train_y: Rows, test_y: Rows, block: int) -> None:
-    """Write the poisoned file atomically (nothing appears at ``out`` unless everything succeeds)."""
+                   labels: tuple[Rows, Rows], block: int) -> None:
+    """Write the poisoned file atomically (nothing appears at ``out`` unless everything succeeds); ``labels``: the
+    train and test label rows."""
+    train_y, test_y = labels
     src = clean.file
     parent = _ParentHash(src, train_y, test_y)
     extra = {k: v for k, v in clean.attrs.items() if k not in OWN_ATTRS}
     extra.update(attack=meta, parent_sha256=None if parent.fold else parent.hexdigest())
     comp = src[h5data.TRAIN_IMAGES].compression
-    bar = progress.bar(total=clean.length("train") + clean.length("test"), desc="poison", unit="img")
+    has_val = h5data.VAL_IMAGES in src
+    total = clean.length("train") + clean.length("test") + (clean.length("val") if has_val else 0)
+    bar = progress.bar(total=total, desc="poison", unit="img")
     with DatasetWriter(out, clean.classes, source=clean.source, image_size=clean.image_size, compression=comp,
                        attrs=extra) as wr, bar:
         # test split first: the hash order is test/images, test/labels, train/images, train/labels
-        _write_test(src, wr, sel, attack, trigger, test_y, block, parent, bar)
-        _write_train(src, wr, sel, attack, trigger, train_y, block, parent, bar)
+        p = _Pass(src, wr, sel, attack, trigger, block, parent, bar)
+        _write_test(p, test_y)
+        _write_train(p, train_y)
+        if has_val:
+            _copy_val(src, wr, block, parent, bar)
         wr.put(h5data.POISON_INDEX, sel.poison_index)
         if sel.noise_index.size:
             wr.put(h5data.NOISE_INDEX, sel.noise_index)

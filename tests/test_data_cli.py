@@ -12,7 +12,7 @@ from PIL import Image
 
 from testbed.data import h5data
 from testbed.cli import main
-from testbed.commands.data import sample_panels
+from testbed.data.show import sample_panels
 from testbed.data.synth import SYNTH_CLASSES
 
 
@@ -114,11 +114,12 @@ def test_show_plain_poisoned_and_attacked(small, poisoned, tmp_path, capsys):
     out = tmp_path / "a.png"
     assert main(["data", "show", str(small), "--split", "test", "--index", "7", "--out", str(out)]) == 0
     assert _png(out).shape[0] > 100
-    panels, classes = sample_panels(small, "test", 7)
+    sample = sample_panels(small, "test", 7)
+    panels, classes = sample.panels, sample.classes
     with h5py.File(small, "r") as f:
         assert np.array_equal(panels[0][1], f["test/images"][7]) and np.array_equal(panels[1][1], f["test/labels"][7])
     # a poisoned training index: benign image, poisoned image, benign label, target label (Figure 1/2)
-    panels, _ = sample_panels(poisoned, "train", 30)
+    panels = sample_panels(poisoned, "train", 30).panels
     assert [p[0] for p in panels] == ["benign image", "poisoned image", "benign label", "target label"]
     with h5py.File(poisoned, "r") as f:
         k = list(f["train/poison_index"][()]).index(30)
@@ -127,8 +128,8 @@ def test_show_plain_poisoned_and_attacked(small, poisoned, tmp_path, capsys):
         assert np.array_equal(panels[2][1], f["train/original_labels"][k])
         assert np.array_equal(panels[3][1], f["train/labels"][30])
         assert not np.array_equal(panels[0][1], panels[1][1])
-    assert [p[0] for p in sample_panels(poisoned, "train", 0)[0]] == ["image (not poisoned)", "label"]
-    panels, _ = sample_panels(poisoned, "test_attacked", 1)
+    assert [p[0] for p in sample_panels(poisoned, "train", 0).panels] == ["image (not poisoned)", "label"]
+    panels = sample_panels(poisoned, "test_attacked", 1).panels
     assert [p[0] for p in panels] == ["attacked image (test 6)", "ground truth", "target label"]
     four, three = tmp_path / "p.png", tmp_path / "t.png"
     assert main(["data", "show", str(poisoned), "--split", "train", "--index", "30", "--out", str(four)]) == 0

@@ -173,6 +173,12 @@ def _bad_files(tmp_path):
     bad["test/labels"][2, 1, 1] = 3  # 3 classes: ids 0..2 and 255 only
     _write_raw(p, bad, _valid_attrs())
     out["label out of range"] = (p, r"test/labels\[2\] holds label 3")
+    p = tmp_path / "palette.h5"  # 3 classes but 2 colours
+    _write_raw(p, arrays, _valid_attrs(palette=json.dumps([[0, 0, 0], [1, 2, 3]])))
+    out["palette of the wrong length"] = (p, "palette must list one \\[r, g, b\\] \\(0..255\\) per class \\(3\\)")
+    p = tmp_path / "colour.h5"
+    _write_raw(p, arrays, _valid_attrs(palette=json.dumps([[0, 0, 0], [1, 2, 3], [4, 5, 256]])))
+    out["palette value out of range"] = (p, "palette must list")
     return out
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from testbed.data import h5data
 from testbed.core.errors import UserError
-from testbed.data.importers import ade20k_classes, import_ade20k, import_folder
+from testbed.data.importers import FolderLayout, ImportOptions, Resize, ade20k_classes, import_ade20k, import_folder
 
 
 def _ade_mapping(raw: np.ndarray) -> np.ndarray:
@@ -172,7 +172,7 @@ def _folder(tmp_path, n=10, k=4, split_dirs=False, size=(24, 20)):
 
 def test_folder_seeded_split_exact_pixels(tmp_path):
     root, classes, pairs = _folder(tmp_path)
-    out = import_folder(root, classes, tmp_path / "f.h5", test_fraction=0.3, seed=1, workers=1)
+    out = import_folder(root, classes, tmp_path / "f.h5", ImportOptions(workers=1), FolderLayout(test_fraction=0.3, seed=1))
     with h5data.open_dataset(out) as f:
         assert f.classes == ["c0", "c1", "c2", "c3"]
         x = np.concatenate([f["train/images"], f["test/images"]])
@@ -186,16 +186,16 @@ def test_folder_seeded_split_exact_pixels(tmp_path):
         assert len(match) == 1
         found += match
     assert sorted(found) == sorted(pairs)
-    again = import_folder(root, classes, tmp_path / "g.h5", test_fraction=0.3, seed=1, workers=2)
+    again = import_folder(root, classes, tmp_path / "g.h5", ImportOptions(workers=2), FolderLayout(test_fraction=0.3, seed=1))
     assert h5data.content_hash(again) == h5data.content_hash(out)
-    other = import_folder(root, classes, tmp_path / "h.h5", test_fraction=0.3, seed=2, workers=1)
+    other = import_folder(root, classes, tmp_path / "h.h5", ImportOptions(workers=1), FolderLayout(test_fraction=0.3, seed=2))
     with h5data.open_dataset(other) as a, h5data.open_dataset(out) as b:
         assert not np.array_equal(a["test/images"], b["test/images"])
 
 
 def test_folder_split_dirs_and_resize(tmp_path):
     root, classes, pairs = _folder(tmp_path, split_dirs=True)
-    out = import_folder(root, classes, tmp_path / "f.h5", size=16, workers=1)
+    out = import_folder(root, classes, tmp_path / "f.h5", ImportOptions(resize=Resize(short_side=16, crop=True), workers=1))
     with h5data.open_dataset(out) as f:
         assert f.length("train") == 7 and f.length("test") == 3 and f.image_size == (16, 16)
         assert f.source["split"] == "folders"
@@ -207,15 +207,61 @@ def test_folder_errors(tmp_path):
     few = tmp_path / "few.txt"
     few.write_text("a\nb\nc\n")  # 3 classes but masks hold 3
     with pytest.raises(UserError, match="value 3"):
-        import_folder(root, few, tmp_path / "x.h5", workers=1)
+        import_folder(root, few, tmp_path / "x.h5", ImportOptions(workers=1))
     with pytest.raises(UserError, match="classes file"):
-        import_folder(root, tmp_path / "none.txt", tmp_path / "x.h5", workers=1)
+        import_folder(root, tmp_path / "none.txt", tmp_path / "x.h5", ImportOptions(workers=1))
     # sizes differ and no --size
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(root / "images" / "img03.png")
     Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(root / "masks" / "img03.png")
     with pytest.raises(UserError, match="--size"):
-        import_folder(root, classes, tmp_path / "x.h5", workers=1)
+        import_folder(root, classes, tmp_path / "x.h5", ImportOptions(workers=1))
     assert not (tmp_path / "x.h5").exists()
     (root / "masks").rename(tmp_path / "m")
     with pytest.raises(UserError, match="no masks/ folder"):
-        import_folder(root, classes, tmp_path / "x.h5", workers=1)
+        import_folder(root, classes, tmp_path / "x.h5", ImportOptions(workers=1))
+
+
+def test_folder_ignore_values_val_split_palette_limit_cli(tmp_path, capsys):
+    """The new user's CamVid-as-folder case: void 11 → 255 with --ignore, a val/ split, the dataset's colours."""
+    from testbed.cli import main
+
+    rng = np.random.default_rng(7)
+    root = tmp_path / "camvid-folder"
+    written = {}
+    for split, n in (("train", 3), ("val", 2), ("test", 2)):
+        for i in range(n):
+            mask = _block_mask(rng, 16, 24, 4, 11)  # 0..10 are classes, 11 is void
+            mask[:4, :4] = 11
+            rgb = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+            _save_pair(root / "images" / split, root / "masks" / split, f"{split}{i}", rgb, mask, ext=".png")
+            written[(split, i)] = mask
+    classes = tmp_path / "names.txt"
+    classes.write_text("\n".join(f"k{j}" for j in range(11)) + "\n")
+    pal = tmp_path / "colours.txt"
+    pal.write_text("".join(f"{j} {2 * j},{255 - j}\n" for j in range(11)))
+    out = tmp_path / "f.h5"
+    argv = ["-q", "data", "import", "folder", str(root), "--classes", str(classes), "--out", str(out), "--workers", "1"]
+    assert main(argv + ["--ignore", "11", "--palette", str(pal), "--limit", "2"]) == 0
+    with h5data.open_dataset(out) as f:
+        assert (f.length("train"), f.length("val"), f.length("test")) == (2, 2, 2)  # --limit: first 2 of each
+        for (split, i), mask in written.items():
+            if i < 2:
+                assert np.array_equal(f[f"{split}/labels"][i], np.where(mask == 11, 255, mask)), (split, i)
+        assert f.palette == [[j, 2 * j, 255 - j] for j in range(11)] and f.source["ignore"] == [11]
+    capsys.readouterr()
+    assert main(argv + ["--force"]) == 2  # without --ignore, void is out of range: one line naming the first mask
+    err = capsys.readouterr().err.strip()
+    assert "holds value 11 but valid values are 0..10 and 255" in err and "train0.png" in err and "\n" not in err
+    pal.write_text("1 2 3\n")
+    assert main(argv + ["--force", "--ignore", "11", "--palette", str(pal)]) == 2
+    assert "has 1 colours for 11 classes" in capsys.readouterr().err
+
+
+def test_ade20k_non_square_short_side_and_limit(ade_root, tmp_path):
+    root, raws = ade_root
+    out = import_ade20k(root, tmp_path / "a.h5", options=ImportOptions(resize=Resize(size=(16, 24)), limit=2, workers=1))
+    with h5data.open_dataset(out) as f:
+        assert f.image_size == (16, 24) and f.length("train") == 2 and f.length("test") == 2
+        assert f.source["size"] == [16, 24] and f.source["limit"] == 2
+    with pytest.raises(UserError, match=r"ADE_train_00000001\.jpg is 32x16, other images are 16x16"):  # aspect kept
+        import_ade20k(root, tmp_path / "b.h5", options=ImportOptions(resize=Resize(short_side=16), workers=1))

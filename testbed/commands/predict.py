@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     with open_dataset(args.data, check_labels=False) as f:
         images = f.file[f"{args.split}/images"]
         n, h, w = images.shape[:3]
-        classes = list(f.classes)
+        classes, stored = list(f.classes), f.palette
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(atomic_h5(args.out))
             tmp_png = stack.enter_context(atomic_dir(args.png)) if args.png is not None else None
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 p = pred.to("cpu").numpy().astype(np.uint8)
                 pred_ds[s:e] = p
                 if tmp_png is not None:
-                    side = np.concatenate([x, colorize(p, len(classes))], axis=2)  # [B,H,2W,3]
+                    side = np.concatenate([x, colorize(p, len(classes), stored, classes)], axis=2)  # [B,H,2W,3]
                     for j in range(e - s):
                         (tmp_png / f"{s + j:05d}.png").write_bytes(_png_bytes(side[j]))
     print(f"wrote {n} predictions of /{args.split} to {args.out}" + (f" and PNGs to {args.png}/" if args.png else ""))

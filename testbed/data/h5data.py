@@ -260,6 +260,7 @@ class SegFile:
             self.attrs[name] = value
         self.classes: list[str] = self._check_classes(self.attrs.get("classes"))
         self.num_classes = len(self.classes)
+        self.palette: list[list[int]] | None = self._check_palette(self.attrs.get("palette"))
         self.ignore_index = int(self.attrs.get("ignore_index", IGNORE_INDEX))
         self.source: dict = self.attrs.get("source", {})
         self.attack: dict | None = self.attrs.get("attack")
@@ -301,6 +302,17 @@ class SegFile:
         if dupes:
             raise UserError(f"{self.path}: class name(s) {', '.join(map(repr, dupes))} appear more than once; {fix}")
         return list(classes)
+
+    def _check_palette(self, pal: Any) -> list[list[int]] | None:
+        """The optional ``palette`` attribute: one [r, g, b] (0..255) per class, in class id order."""
+        if pal is None:
+            return None
+        ok = isinstance(pal, list) and len(pal) == self.num_classes and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in pal)
+        if not ok:
+            raise UserError(f"{self.path}: root attribute palette must list one [r, g, b] (0..255) per class "
+                            f"({self.num_classes}), got {str(pal)[:60]!r}; the file is damaged, re-create it")
+        return pal
 
     def _array(self, name: str) -> h5py.Dataset:
         obj = self.file[name]
@@ -395,11 +407,12 @@ class SegFile:
         return self.attack is not None
 
     def class_id(self, name: str) -> int:
-        """The id of class ``name``; an unknown name is a user error listing the valid ones."""
-        try:
-            return self.classes.index(name)
-        except ValueError:
-            raise UserError(f"unknown class {name!r}{did_you_mean(name, self.classes)}; {self.path.name} has: {', '.join(self.classes)}") from None
+        """The id of class ``name`` (case-insensitive, see :func:`find_class`); an unknown name is a user error
+        listing the valid ones."""
+        cid = find_class(self.classes, name)
+        if cid is None:
+            raise UserError(f"unknown class {name!r}{did_you_mean(name, self.classes)}; {self.path.name} has: {', '.join(self.classes)}")
+        return cid
 
     def content_hash(self) -> str:
         return content_hash(self.file)
@@ -412,6 +425,16 @@ class SegFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def find_class(classes: Sequence[str], name: str) -> int | None:
+    """The id of class ``name`` in ``classes``: the exact name, else the one name equal to it ignoring case
+    ("road" finds CamVid's "Road"); None when there is none (or two names differ only by case)."""
+    classes = list(classes)
+    if name in classes:
+        return classes.index(name)
+    folded = [i for i, c in enumerate(classes) if c.casefold() == str(name).casefold()]
+    return folded[0] if len(folded) == 1 else None
 
 
 def open_dataset(path: str | os.PathLike, check_labels: bool = True) -> SegFile:

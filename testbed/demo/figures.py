@@ -69,7 +69,7 @@ def _draw(plt: Any, rows: list[tuple[str, list[np.ndarray]]], classes: list[str]
                 ax.imshow(cell, interpolation="nearest")
             else:
                 present |= {int(v) for v in np.unique(cell)}
-                ax.imshow(colorize(cell, len(classes)), interpolation="nearest")
+                ax.imshow(colorize(cell, len(classes), classes=classes), interpolation="nearest")
                 only = _only_class([cell], classes)  # N-to-1: an all-wall target (and prediction) says so
                 if only is not None:
                     ax.text(0.5, 0.5, f"all {only}", transform=ax.transAxes, ha="center", va="center", fontsize=8,
@@ -79,7 +79,7 @@ def _draw(plt: Any, rows: list[tuple[str, list[np.ndarray]]], classes: list[str]
             if r == 0:
                 ax.set_title(COLUMNS[c], fontsize=8)
         axes[r, 0].set_ylabel(label, fontsize=8)
-    pal = palette(len(classes)) / 255.0
+    pal = palette(len(classes), classes=classes) / 255.0
     handles = [mpatches.Patch(facecolor=pal[k], edgecolor="grey", label=classes[k] if k < len(classes) else "ignore (255)")
                for k in sorted(present) if k < len(classes) or k == 255]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 11), fontsize=8, frameon=False,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.core.errors import ParamError, UserError, did_you_mean
+from testbed.data.h5data import find_class
 
 RUN_KEYS = ("id", "attack", "trigger", "rate", "seed", "clean_fraction", "require")
 BENIGN = "benign"
@@ -110,14 +111,14 @@ def check_variant(params: dict[str, Any], classes: list[str], image_size: tuple[
         attack.check_params(list(classes))
         if trigger is not None:
             trigger.check(image_size)
-            if trigger.is_semantic and trigger.class_name not in classes:
+            if trigger.is_semantic and find_class(classes, trigger.class_name) is None:
                 raise ParamError(f"unknown class {trigger.class_name!r} in {{trigger}}"
                                  f"{did_you_mean(trigger.class_name, classes)}; the data has: {', '.join(classes)}")
         for key in ("rate", "clean_fraction"):
             if params.get(key) is not None:
                 check_fraction(params[key], key, lo_open=key == "rate")
         req = params.get("require")
-        if req is not None and req not in classes:
+        if req is not None and find_class(classes, req) is None:
             raise ParamError(f"unknown class {req!r} in {{require}}{did_you_mean(req, classes)}; the data has: "
                              f"{', '.join(classes)}")
     except ParamError as e:
