@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
     ap.add_argument("--test", type=int, default=400, help="test images (default 400)")
     ap.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help=f"timed runs of each side (default {REPEATS})")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(n=24, test=8, size=32, repeats=1)
 
     from testbed import attacks
     from testbed.core import progress
@@ -81,21 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         kind = make_clean(clean, args.n, args.test, args.size)
         nbytes = clean.stat().st_size
         t_copy, t_poison = [], []
-        for _ in range(REPEATS):
+        for i in range(args.repeats):  # a fresh output name each time: poison_file refuses to replace one
+            copy_out, poison_out = tmp / f"copy{i}.h5", tmp / f"poisoned{i}.h5"
             t0 = time.perf_counter()
-            h5_copy(clean, tmp / "copy.h5")
+            h5_copy(clean, copy_out)
             t_copy.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            attacks.poison_file(clean, tmp / "poisoned.h5", attack="fgba", preset="n-to-1", target="wall",
+            attacks.poison_file(clean, poison_out, attack="fgba", preset="n-to-1", target="wall",
                                 trigger="line", rate=0.1, seed=0)
             t_poison.append(time.perf_counter() - t0)
+            copy_out.unlink()
+            poison_out.unlink()
         images = args.n + args.test
         copy_s, poison_s = statistics.median(t_copy), statistics.median(t_poison)
         ratio = (images / poison_s) / (images / copy_s)
         print(f"P1 poison_vs_h5copy ratio={ratio:.2f} target>=0.5")
         print(f"  data: {kind}, {args.n} train + {args.test} test images at {args.size}x{args.size}, {nbytes / 2**20:.1f} MiB")
-        print(f"  poison_file (fgba n-to-1 wall, line, 10%): {poison_s * 1e3:.0f} ms median of {REPEATS} = {images / poison_s:.0f} images/s")
-        print(f"  h5py read+write copy of the same arrays:   {copy_s * 1e3:.0f} ms median of {REPEATS} = {images / copy_s:.0f} images/s")
+        print(f"  poison_file (fgba n-to-1 wall, line, 10%): {poison_s * 1e3:.0f} ms median of {args.repeats} = {images / poison_s:.0f} images/s")
+        print(f"  h5py read+write copy of the same arrays:   {copy_s * 1e3:.0f} ms median of {args.repeats} = {images / copy_s:.0f} images/s")
     return 0
 
 

@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; best epoch kept (default 3)")
     ap.add_argument("--dataset-class", default="testbed.data.h5data:SegDataset",
                     help="MODULE:CLASS of the HDF5 dataset to measure (to try a faster SegDataset; default the real one)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(n=32, size=32, repeat=1)
     torch.set_num_threads(1)
     import importlib
 

@@ -4,7 +4,9 @@ The trainer is timed as a whole (``train()`` wall clock with scoring off: data o
 build, HDF5 loading through the DataLoader, flips, NaN checks, per-epoch checkpoints and the final save),
 the bare loop as the minimum a training step needs (uint8 tensors already in memory, a seeded
 permutation, float conversion, forward, loss, backward, step) with the trainer's own optimizer
-(:func:`testbed.training.loop.make_optimizer`: fused AdamW), so the ratio is the trainer's overhead and nothing else.
+(:func:`testbed.training.loop.make_optimizer`: fused AdamW) and the trainer's arithmetic path (what
+``--precision auto`` picks on this CPU: bf16 autocast where the CPU has native bf16), so the ratio is the
+trainer's overhead and nothing else.
 Both run alternately in this process with the same thread count, ``--rounds`` rounds (the order alternates
 between rounds); the ratio is the median over rounds of trainer ÷ bare loop within a round, printed with its
 spread.
@@ -18,12 +20,15 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's testbed, not an installed one
 
 TARGET = 0.95
 
@@ -33,12 +38,16 @@ def bare_loop(model_name: str, images: torch.Tensor, labels: torch.Tensor, num_c
     """(images/s, images per CPU-second) of the plainest correct loop: same model + optimizer + batch size,
     data in memory."""
     from testbed import models
-    from testbed.training.loop import TrainConfig, make_optimizer
+    from testbed.training.loop import TrainConfig, make_optimizer, resolve_precision
 
     torch.manual_seed(seed)
     model = models.create(model_name, num_classes)
     model.train()
-    opt = make_optimizer(model.parameters(), TrainConfig(model=model_name, lr=lr, weight_decay=1e-4, device="cpu"))
+    cfg = TrainConfig(model=model_name, lr=lr, weight_decay=1e-4, device="cpu")
+    prec = resolve_precision(cfg, torch.device("cpu"))  # the trainer's own path: bf16 autocast where it picks it
+    memory_format = torch.channels_last if prec.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    opt = make_optimizer(model.parameters(), cfg)
     n = images.shape[0]
     steps = n // batch_size
     g = torch.Generator().manual_seed(seed)
@@ -47,9 +56,10 @@ def bare_loop(model_name: str, images: torch.Tensor, labels: torch.Tensor, num_c
         perm = torch.randperm(n, generator=g)
         for s in range(steps):
             idx = perm[s * batch_size : (s + 1) * batch_size]
-            x = images[idx].permute(0, 3, 1, 2).float().div_(255).contiguous()
+            x = images[idx].permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=memory_format)
             y = labels[idx].long()
-            loss = F.cross_entropy(model(x)["out"], y, ignore_index=255)
+            with torch.autocast("cpu", dtype=prec.dtype, enabled=prec.amp):
+                loss = F.cross_entropy(model(x)["out"].float(), y, ignore_index=255)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -82,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(images=32, size=32, epochs=1, batch_size=8, rounds=1)
     torch.set_num_threads(args.threads)
 
     from testbed.data import h5data
@@ -124,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"P3 trainer_vs_bare_loop ratio={ratio:.2f} target>={TARGET}")
         print(f"  model={args.model} images={args.images} size={args.size} epochs={args.epochs} "
               f"batch={args.batch_size} threads={args.threads} rounds={args.rounds}")
+        from testbed.training.loop import TrainConfig, resolve_precision
+
+        prec = resolve_precision(TrainConfig(model=args.model, device="cpu"), torch.device("cpu"))
+        print(f"  path (both sides): {prec.name}, {'channels_last' if prec.channels_last else 'contiguous'} ({prec.reason})")
         print(f"  ratio per round: {', '.join(f'{x:.3f}' for x in ratios)}  (median {ratio:.3f}, "
               f"spread {min(ratios):.3f}-{max(ratios):.3f})")
         print(f"  trainer (whole train() call, scoring off) img/s: {', '.join(f'{x:.1f}' for x in ours)}")

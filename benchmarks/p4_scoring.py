@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     a = ap.parse_args(argv)
+    if a.smoke:
+        vars(a).update(n=32, size=32, repeat=1)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     pred, target = _data(a.n, a.size, a.classes, 0, device)

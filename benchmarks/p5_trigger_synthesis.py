@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default="4,8,16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(steps=2, clean=4, batch=2, ks="4")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = [measure(int(k), args.size, args.steps, args.clean, args.batch, device) for k in args.ks.split(",")]

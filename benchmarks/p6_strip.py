@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(images=2, overlays=4, size=32, repeat=1)
     torch.set_num_threads(args.threads)
     from testbed import models
     from testbed.defenses.strip import Strip

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", default="0,1", help="torch CPU thread settings to measure (0 = torch's default)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(k=2, size=32, clean=4, batch=2, steps=2, rounds=1, threads="1")
     rows = [measure(args.k, args.size, args.clean, args.batch, args.steps, args.rounds, int(t))
             for t in args.threads.split(",")]
     print(f"P7 ts_batched_vs_sequential ratio={rows[0]['ratio']:.2f} target>=3")

@@ -1,6 +1,6 @@
 """Run every benchmarks/p*.py in order, each in its own process (one crash does not stop the rest).
 
-Run: `.venv/bin/python benchmarks/run_all.py [--only p2,p4] [--timeout 300]` (what `make bench` does).
+Run: `.venv/bin/python benchmarks/run_all.py [--only p2,p4] [--timeout 300] [--smoke]` (what `make bench` does).
 Each benchmark prints `Pn name ratio=X target>=Y` then detail lines; this prints a summary at the end
 and exits 1 if any benchmark crashed or timed out (a missed target is reported, not an error).
 """
@@ -19,28 +19,34 @@ _CALL_MAIN = (
     "import importlib.util, sys\n"
     "spec = importlib.util.spec_from_file_location('bench', sys.argv[1])\n"
     "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-    "rc = mod.main([])\n"
+    "rc = mod.main(sys.argv[2:])\n"
     "sys.exit(rc if isinstance(rc, int) else 0)\n"
 )
 _LINE = re.compile(r"^(P\d+) (\S+) (?:ratio|max_rel_err)=([-\d.naif]+) target(>=|<=)([\d.]+)")
+
+
+def benchmark_scripts(only: str = "") -> list[Path]:
+    """benchmarks/p*.py in numeric order; ``only``: comma-separated name prefixes (e.g. "p2,p4")."""
+    scripts = sorted(HERE.glob("p[0-9]*.py"), key=lambda p: (int(re.match(r"p(\d+)", p.name).group(1)), p.name))
+    wanted = tuple(s.strip() for s in only.split(",") if s.strip())
+    return [s for s in scripts if s.name.startswith(wanted)] if wanted else scripts
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run all benchmarks (benchmarks/p*.py), each in a subprocess.")
     ap.add_argument("--only", default="", help="comma-separated prefixes, e.g. p2,p4 (default: all)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per benchmark (default 300)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="each benchmark at tiny sizes: checks that every one runs and prints its line; the ratios mean nothing")
     args = ap.parse_args(argv)
-    scripts = sorted(HERE.glob("p[0-9]*.py"), key=lambda p: (int(re.match(r"p(\d+)", p.name).group(1)), p.name))
-    if args.only:
-        wanted = tuple(s.strip() for s in args.only.split(",") if s.strip())
-        scripts = [s for s in scripts if s.name.startswith(wanted)]
+    scripts = benchmark_scripts(args.only)
     summary, failed = [], []
     start = time.perf_counter()
     for script in scripts:
         t = time.perf_counter()
         print(f"== {script.name}", flush=True)
         try:
-            proc = subprocess.run([sys.executable, "-c", _CALL_MAIN, str(script)], cwd=HERE.parent, timeout=args.timeout,
+            proc = subprocess.run([sys.executable, "-c", _CALL_MAIN, str(script), *(["--smoke"] if args.smoke else [])], cwd=HERE.parent, timeout=args.timeout,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             out, rc = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as e:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -393,3 +394,106 @@ def test_torch_threads_sets_and_always_restores():
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_train_and_score_take_threads(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    """`--threads N` runs training and scoring with N torch threads (recorded in config.json), then restores the
+    caller's count; 0 is a user error that writes nothing."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    rc = cli.main(["-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "1", "--batch-size", "8",
+                   "--device", "cpu", "--no-score", "--threads", str(want), "--out", str(tmp_path / "r")])
+    assert rc == 0 and torch.get_num_threads() == before
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["threads"] == want
+    from testbed.scoring import scorer
+
+    seen = []
+    real = scorer.score_model
+    monkeypatch.setattr(scorer, "score_model", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    assert cli.main(["score", str(finished_run), "--data", str(tiny_data), "--device", "cpu", "--json",
+                     "--threads", str(want)]) == 0
+    assert seen == [want] and torch.get_num_threads() == before
+    capsys.readouterr()
+    for cmd in (["train", str(tiny_data), "--model", "deeplabv3_tiny", "--out", str(tmp_path / "z")],
+                ["score", str(finished_run), "--data", str(tiny_data)]):
+        assert cli.main(["-q", *cmd, "--threads", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "--threads must be an integer >= 1, got 0" in err and "Traceback" not in err
+    assert not (tmp_path / "z").exists()
+
+
+def _fake_cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / f"cpuinfo-{abs(hash(flags))}"
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+                    "model name\t: other\nflags\t\t: fpu\n")
+    return path
+
+
+def test_cpu_bf16_support_reads_the_flags_never_assumes(tmp_path):
+    from testbed.core.device import cpu_bf16_support
+
+    amx = cpu_bf16_support(_fake_cpuinfo(tmp_path, "fpu sse avx512f amx_bf16 amx_tile avx512_bf16"))
+    assert amx["native_bf16"] and amx["bf16_flags"] == ["avx512_bf16", "amx_bf16"] and amx["amx_tile"]
+    assert amx["model"] == "Test CPU 9000"  # the first CPU's lines
+    epyc = cpu_bf16_support(_fake_cpuinfo(tmp_path, "fpu sse avx2 avx512f"))
+    assert not epyc["native_bf16"] and epyc["bf16_flags"] == [] and not epyc["amx_tile"]
+    missing = cpu_bf16_support(tmp_path / "no-such-cpuinfo")
+    assert not missing["native_bf16"] and missing["bf16_flags"] == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_follows_the_cpu_flags_and_the_run_records_why(tiny_data, tmp_path, monkeypatch, native):
+    import testbed.training.loop as tr
+
+    flags = ["avx512_bf16"] if native else []
+    fake = {"model": "Test CPU", "bf16_flags": flags, "amx_tile": False, "capability": "AVX2", "native_bf16": native}
+    monkeypatch.setattr(tr, "cpu_bf16_support", lambda: dict(fake))
+    prec = tr.resolve_precision(_cfg(), torch.device("cpu"))
+    assert (prec.amp, prec.name, prec.channels_last) == ((True, "bf16", True) if native else (False, "fp32", False))
+    assert prec.dtype == torch.bfloat16
+    for asked, amp in (("fp32", False), ("bf16", True)):  # an explicit choice wins over the flags
+        assert tr.resolve_precision(_cfg(precision=asked), torch.device("cpu")).amp is amp
+    assert not tr.resolve_precision(_cfg(precision="bf16", channels_last=False), torch.device("cpu")).channels_last
+    run = train(tiny_data, tmp_path / "r", _cfg(), progress=False, score=False)
+    rec = json.loads((run / "config.json").read_text())["precision"]
+    assert rec["used"] == prec.name and rec["cpu"] == fake
+    assert rec["memory_format"] == ("channels_last" if native else "contiguous")
+    assert ("native bf16" in rec["why"]) and (("no native" in rec["why"]) is not native)
+
+
+def test_precision_setting_is_checked():
+    with pytest.raises(UserError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        _cfg(precision="fp16")
+    from testbed.training.loop import resolve_precision
+
+    with pytest.raises(UserError, match="--amp needs a CUDA device"):
+        resolve_precision(_cfg(amp=True, precision="bf16"), torch.device("cpu"))
+
+
+def test_bf16_runs_are_byte_identical_and_differ_from_fp32(tiny_data, tmp_path):
+    """Determinism holds on the bf16 path too: same settings, same machine, same bytes."""
+    from testbed.core.device import cpu_bf16_support
+
+    if not cpu_bf16_support()["native_bf16"]:
+        pytest.skip("this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag): bf16 would run emulated, and "
+                    "`--precision auto` never picks it here")
+    a = train(tiny_data, tmp_path / "a", _cfg(precision="bf16"), progress=False, score=False)
+    b = train(tiny_data, tmp_path / "b", _cfg(precision="bf16"), progress=False, score=False)
+    c = train(tiny_data, tmp_path / "c", _cfg(precision="fp32"), progress=False, score=False)
+    assert _bytes(a) == _bytes(b)
+    assert _bytes(a) != _bytes(c)  # the autocast really ran
+    assert json.loads((a / "config.json").read_text())["precision"]["used"] == "bf16"
+
+
+def test_cli_precision_and_epoch_lines_in_a_log(tiny_data, tmp_path, capsys):
+    """`--precision fp32` reaches the run; without a TTY (pytest's captured stderr) every epoch gets one line
+    with its loss, images/s and seconds."""
+    rc = cli.main(["train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "8",
+                   "--device", "cpu", "--no-score", "--precision", "fp32", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["train"]["precision"] == "fp32" and config["precision"]["used"] == "fp32"
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2, lines
+    for i, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"epoch {i}/2: loss \d+\.\d{{4}}, \d+ img/s, \d+\.\ds", line), line

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--before", type=Path, metavar="BEFORE.json",
                    help="scores of the model before a defense (a metrics.json or `--json` output): adds DER_seg")
     p.add_argument("--out", type=Path, metavar="METRICS.json", help="also write the JSON scores to this file (atomically)")
@@ -109,7 +110,9 @@ def format_table(scores: dict[str, Any], title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from testbed.commands.train import check_threads
     from testbed.core.atomic import write_json
+    from testbed.core.device import torch_threads
     from testbed.scoring.metrics import der_seg
     from testbed.scoring.scorer import score_model
 
@@ -117,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_threads(args.threads)
     if args.out is not None:
         if args.out.is_dir():
             raise UserError(f"--out {args.out} is a directory; give a file name such as {args.out / 'scores.json'}")
@@ -136,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     note = other_data_note(args.run, config, args.data)  # scoring another file is allowed, but said
     if note:
         print(f"testbed: {note}", file=sys.stderr)
-    scores = score_model(model, args.data, device=device, batch_size=args.batch_size)
+    with torch_threads(args.threads):
+        scores = score_model(model, args.data, device=device, batch_size=args.batch_size)
     scores = {**scores, "run": str(args.run), "data": str(args.data)}
     if before is not None:
         if scores["ASR"] is None or scores["mIoU-B"] is None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from testbed.core.device import torch_threads
+from testbed.core.errors import UserError
+from testbed.training.config import PRECISIONS
 from testbed.training.loop import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig, train
 
 EXAMPLES = """\
@@ -28,7 +31,8 @@ def register(subparsers) -> None:
         help="train a model on a (poisoned or clean) dataset",
         description="Train a segmentation model on the /train split of DATA.h5 (poisoned or clean) and score it "
         "on the file's test splits. SGD or AdamW with a poly or one-cycle schedule stepped per iteration, "
-        "AMP + channels_last on CUDA, DDP under torchrun, a checkpoint after every epoch.",
+        "AMP + channels_last on CUDA, bf16 autocast on CPUs with native bf16, DDP under torchrun, a checkpoint "
+        "after every epoch.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,13 +51,19 @@ def register(subparsers) -> None:
     p.add_argument("--momentum", type=float, default=d["momentum"].default, help="SGD momentum (default %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of init, shuffling and flips (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice); CPU weights depend on it, config.json records it")
     p.add_argument("--workers", type=int, default=d["num_workers"].default, help="DataLoader worker processes (default %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (bf16, or fp16 with loss scaling); default: on for CUDA, off on CPU")
     p.add_argument("--amp-dtype", choices=("bf16", "fp16"), default=None,
                    help="AMP precision (implies --amp); default bf16 where the GPU supports it, else fp16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format; default: on for CUDA")
+                   help="channels_last memory format; default: on for CUDA and with bf16 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
+                   help="CPU arithmetic: bf16 autocast or fp32; auto = bf16 only where the CPU has native bf16 "
+                   "(avx512_bf16 or amx_bf16 in its flags), else fp32; config.json records the choice and why "
+                   "(default %(default)s)")
     p.add_argument("--aux-loss", action="store_true", help="add the auxiliary head's loss (models that have one)")
     p.add_argument("--aux-weight", type=float, default=d["aux_weight"].default, help="weight of the aux loss (default %(default)s)")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
@@ -76,15 +86,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         amp=args.amp_dtype if args.amp_dtype and args.amp is not False else ("auto" if args.amp is None else args.amp),
         channels_last="auto" if args.channels_last is None else args.channels_last, aux_loss=args.aux_loss,
         aux_weight=args.aux_weight, num_workers=args.workers, hflip=not args.no_hflip, log_every=args.log_every,
-        backbone_weights=args.backbone_weights, val_every=args.val_every,
+        backbone_weights=args.backbone_weights, val_every=args.val_every, precision=args.precision,
     )
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` is absent (torch's choice) or an integer >= 1."""
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be an integer >= 1, got {threads}")
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
+    check_threads(args.threads)
     cfg = config_from_args(args)
-    out = train(args.data, args.out, cfg, resume=args.resume, overwrite=args.overwrite, score=not args.no_score)
+    with torch_threads(args.threads):
+        out = train(args.data, args.out, cfg, resume=args.resume, overwrite=args.overwrite, score=not args.no_score)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]

@@ -1,9 +1,12 @@
-"""--device auto|cpu|cuda[:N] parsing, and the torch thread count work runs with."""
+"""--device auto|cpu|cuda[:N] parsing, the torch thread count work runs with, and what the CPU can do in bf16."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+import platform
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -46,3 +49,34 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic (AVX512-BF16, AMX-BF16)
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_bf16_support(cpuinfo: Path | None = None) -> dict[str, Any]:
+    """Whether this CPU computes in bf16 natively, read from the kernel's CPU flags, never assumed.
+
+    ``{"model", "bf16_flags" (those of :data:`BF16_FLAGS` present), "amx_tile", "capability" (torch's
+    dispatch level, e.g. AVX512), "native_bf16"}``.  Without /proc/cpuinfo (not Linux) nothing is native:
+    bf16 autocast then runs emulated, slower than fp32, so ``--precision auto`` keeps fp32.
+    """
+    info = dict(_cpu_bf16_support(cpuinfo or CPUINFO))
+    return {**info, "bf16_flags": list(info["bf16_flags"])}
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_bf16_support(cpuinfo: Path) -> tuple[tuple[str, Any], ...]:
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's lines
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    found = [f for f in BF16_FLAGS if f in flags]
+    return (("model", fields.get("model name") or platform.processor() or "unknown"), ("bf16_flags", tuple(found)),
+            ("amx_tile", "amx_tile" in flags), ("capability", torch.backends.cpu.get_cpu_capability()),
+            ("native_bf16", bool(found)))

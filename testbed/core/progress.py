@@ -54,13 +54,14 @@ class LineBar:
     iteration, as occasional whole lines on stderr."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None,
-                 initial: int = 0, unit: str = "it", **_: Any) -> None:
+                 initial: int = 0, unit: str = "it", closing_line: bool = True, **_: Any) -> None:
         self.iterable, self.desc, self.unit = iterable, desc or "", unit
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.total, self.n, self.postfix = total, int(initial), ""
         self._start = self._last = time.monotonic()
         self._printed, self._closed, self._every = False, False, _interval()
+        self._closing_line = closing_line  # False: the caller prints its own line when the bar ends (an epoch's)
         self.family = re.sub(r"\d+", "#", self.desc)  # "epoch 3/8" and "epoch 4/8" are one family
         _family_last.setdefault(self.family, self._start)
 
@@ -128,12 +129,26 @@ class LineBar:
         self._closed = True
         now = time.monotonic()
         moved = self.n > 0 or bool(self.postfix)
-        if moved and (self._printed or now - self._start >= MIN_SECONDS or now - _family_last[self.family] >= MIN_SECONDS):
+        if moved and self._closing_line and (self._printed or now - self._start >= MIN_SECONDS or now - _family_last[self.family] >= MIN_SECONDS):
             self._emit()
 
 
-def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None, **kw: Any) -> Any:
-    """A tqdm bar on a terminal, a :class:`LineBar` in a log, a silent bar with --quiet."""
+def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None,
+        closing_line: bool = True, **kw: Any) -> Any:
+    """A tqdm bar on a terminal, a :class:`LineBar` in a log, a silent bar with --quiet.
+
+    ``closing_line=False``: in a log, no line when the bar closes (the caller writes its own summary with
+    :func:`say`); the lines every :data:`INTERVAL_S` seconds while it runs remain."""
     if not _quiet and not sys.stderr.isatty():
-        return LineBar(iterable, total=total, desc=desc, **kw)
+        return LineBar(iterable, total=total, desc=desc, closing_line=closing_line, **kw)
     return tqdm(iterable, total=total, desc=desc, disable=not enabled(), dynamic_ncols=True, leave=False, **kw)
+
+
+def say(msg: str) -> None:
+    """One whole line of progress on stderr: above the bars on a terminal, plain in a log, nothing with --quiet."""
+    if _quiet:
+        return
+    if sys.stderr.isatty():
+        tqdm.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)

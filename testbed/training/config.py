@@ -7,15 +7,18 @@ and ``config.json["train"]`` is this dataclass as a dict, so a run can be repeat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from testbed import models
 from testbed.core.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("poly", "onecycle")
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.02}
 
@@ -25,8 +28,10 @@ class TrainConfig:
     """Every knob of a training run; stored in ``config.json`` so a run can be repeated exactly.
 
     ``lr=None`` takes the optimizer's default (AdamW 2e-3, SGD 0.02), meant for the tiny models on 64×64
-    synthetic scenes.  ``amp``/``channels_last`` ``"auto"`` means on for CUDA, off on CPU; ``amp`` may
-    also name the dtype, ``"bf16"`` or ``"fp16"`` (the latter with a GradScaler).
+    synthetic scenes.  ``amp``/``channels_last`` ``"auto"`` means on for CUDA; ``amp`` may
+    also name the dtype, ``"bf16"`` or ``"fp16"`` (the latter with a GradScaler).  ``precision`` (``auto``,
+    ``fp32``, ``bf16``) is the CPU's: ``auto`` takes bf16 autocast only on a CPU with native bf16 (AVX512-BF16 or
+    AMX-BF16); see :func:`testbed.training.loop.resolve_precision`.
     ``batch_size`` is per process (as in torchvision's references) under ``torchrun``.
     """
 
@@ -43,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | str = "auto"
     channels_last: bool | str = "auto"
+    precision: str = "auto"  # CPU arithmetic: auto = bf16 autocast where the CPU has native bf16, else fp32
     aux_loss: bool = False
     aux_weight: float = 0.5
     num_workers: int = 0
@@ -83,6 +89,7 @@ class TrainConfig:
             (self.backbone_weights is None or isinstance(self.backbone_weights, str),
              f"backbone_weights must be \"imagenet\" or a file path, got {self.backbone_weights!r}"),
             (isinstance(self.model, str), f"model must be a model name, got {self.model!r}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -97,11 +104,7 @@ class TrainConfig:
                 if value is None:
                     raise UserError(f"{name} must be one of {', '.join(words)}, got {getattr(self, name)!r}")
                 setattr(self, name, value)
-        from testbed import models  # late: models/ is heavy and optional for config handling
-
         if self.model not in models.available():
-            import difflib
-
             close = difflib.get_close_matches(self.model, models.available(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"unknown model {self.model!r}{hint}; available: {', '.join(models.available())}")

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,20 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from testbed import models
 from testbed.core import atomic
-from testbed.data import h5data
 from testbed.core import progress as progress_mod
-from testbed.core.device import resolve_device
+from testbed.core.device import cpu_bf16_support, resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
 from testbed.core.jsonutil import jsonable
-from testbed.training.curve import curve_point, write_curve
+from testbed.data import h5data
+from testbed.scoring.scorer import score_model
 from testbed.training.config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
+from testbed.training.curve import curve_point, write_curve
 from testbed.training.rundir import (CHECKPOINT, RUN_FILES, clear_run_dir, locked_run_dir, plan_run_dir, save_checkpoint,
-                                  versions, write_log)
+                                     versions, write_log)
+from testbed.training.runs import save_model
+
+# channels_last "auto" on CPU, per precision: measured (BENCHMARKS.md, P9): oneDNN's bf16 kernels gain from it,
+# fp32 ones do not (the tiny models' 1x1 convs then still take torch's non-oneDNN path)
+CPU_CHANNELS_LAST = {"fp32": False, "bf16": True}
 
 __all__ = ["CHECKPOINT", "DEFAULT_LR", "OPTIMIZERS", "RUN_FILES", "SCHEDULES", "TrainConfig", "indices_digest",
-           "lr_factor", "make_optimizer", "make_scheduler", "seg_loss", "train"]
+           "lr_factor", "make_optimizer", "make_scheduler", "resolve_precision", "seg_loss", "train", "TrainState"]
 
 
 def _mix(*parts: Any) -> int:
@@ -186,14 +193,53 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
 
 
 
-def _score(model: nn.Module, data_path: Path, device: torch.device, batch_size: int) -> dict[str, Any] | None:
-    try:
-        from testbed.scoring.scorer import score_model
-    except ImportError:
-        print("testbed: warning: testbed.scoring.scorer is not available; metrics.json not written", file=sys.stderr)
-        return None
-    return score_model(model, data_path, device=device, batch_size=batch_size)
+# -- precision ---------------------------------------------------------------------------------
+@dataclass
+class Precision:
+    """How the arithmetic runs: autocast on/off and its dtype, the memory format of images and weights, and why.
 
+    ``name`` (fp32, bf16, fp16) and ``reason`` go into config.json, with the CPU's bf16 flags that decided ``auto``.
+    """
+
+    amp: bool
+    dtype: torch.dtype
+    channels_last: bool
+    name: str = "fp32"
+    reason: str = ""
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """``cfg.precision``/``amp``/``channels_last`` for this device: CUDA's AMP as before; on CPU, bf16 autocast
+    when asked (``bf16``) or when ``auto`` finds native bf16 (AVX512-BF16 or AMX-BF16, :func:`cpu_bf16_support`)."""
+    if device.type == "cuda":
+        return _cuda_precision(cfg)
+    if cfg.amp not in ("auto", False):
+        raise UserError("--amp needs a CUDA device; use --no-amp on CPU (--precision bf16 for bf16 autocast on CPU)")
+    if cfg.precision == "auto":
+        support = cpu_bf16_support()
+        bf16 = support["native_bf16"]
+        flags = ", ".join(support["bf16_flags"]) or "no avx512_bf16/amx_bf16 flag"
+        reason = f"auto: {'native' if bf16 else 'no native'} bf16 on this CPU ({flags})"
+    else:
+        bf16, reason = cfg.precision == "bf16", f"--precision {cfg.precision}"
+    name = "bf16" if bf16 else "fp32"
+    channels_last = CPU_CHANNELS_LAST[name] if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    return Precision(bf16, torch.bfloat16, channels_last, name, reason)
+
+
+def _cuda_precision(cfg: TrainConfig) -> Precision:
+    clash = ((cfg.precision == "fp32" and cfg.amp not in ("auto", False))
+             or (cfg.precision == "bf16" and cfg.amp in (False, "fp16")))
+    if clash:
+        raise UserError(f"--precision {cfg.precision} contradicts the AMP setting ({cfg.amp!r}); give one of them")
+    amp = cfg.precision != "fp32" and (cfg.amp == "auto" or bool(cfg.amp))
+    if cfg.amp in ("bf16", "fp16") or cfg.precision == "bf16":
+        dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    else:  # bf16 needs no loss scaling; fp16 (older GPUs) gets a GradScaler
+        dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    channels_last = True if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    name = (str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")) if amp else "fp32"
+    return Precision(amp, dtype, channels_last, name, f"CUDA: amp {cfg.amp}, precision {cfg.precision}")
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -213,38 +259,62 @@ def train(
     Returns the RUN directory.  Under ``torchrun`` (``WORLD_SIZE>1``) every process calls this; rank 0
     alone writes files.
     """
-    from testbed import models
-
-    data_path, out = Path(data_path), Path(out_dir)
+    request = _Request(Path(data_path), Path(out_dir), resume, train_indices, progress, overwrite, score)
     dist = _dist_from_env()
     device = _init_dist(dist, cfg.device)
     try:
-        return _train(models, data_path, out, cfg, dist, device, resume, train_indices, progress, overwrite, score)
+        return _train(request, cfg, dist, device)
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 @dataclass
-class _Precision:
-    """How the arithmetic runs: autocast on/off and its dtype, and the memory format of images and weights."""
+class _Request:
+    """What the caller of :func:`train` asked for besides the settings."""
 
-    amp: bool
-    dtype: torch.dtype
-    channels_last: bool
+    data_path: Path
+    out: Path
+    resume: bool
+    train_indices: Sequence[int] | np.ndarray | None
+    progress: bool
+    overwrite: bool
+    score: bool
 
 
-def _precision(cfg: TrainConfig, device: torch.device) -> _Precision:
-    use_cuda = device.type == "cuda"
-    amp = use_cuda if cfg.amp == "auto" else bool(cfg.amp)
-    if amp and not use_cuda:
-        raise UserError("--amp needs a CUDA device; use --no-amp on CPU")
-    channels_last = use_cuda if cfg.channels_last == "auto" else bool(cfg.channels_last)
-    if cfg.amp in ("bf16", "fp16"):
-        amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    else:  # bf16 needs no loss scaling; fp16 (older GPUs) gets a GradScaler
-        amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    return _Precision(amp, amp_dtype, channels_last)
+@dataclass
+class _Job:
+    """What stays fixed while a run trains: settings, processes, device, precision, where it reads and writes."""
+
+    cfg: TrainConfig
+    dist: _Dist
+    device: torch.device
+    prec: Precision
+    data_path: Path
+    out: Path
+    identity: dict[str, Any]
+    show: bool  # this process reports progress
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+
+@dataclass
+class TrainState:
+    """What changes while a run trains: the model (and what the loop calls: DDP-wrapped under torchrun), its
+    optimisation state, the data order, and the epochs done so far (from a checkpoint on --resume)."""
+
+    model: nn.Module
+    net: nn.Module
+    loader: torch.utils.data.DataLoader
+    sampler: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
 
 
 def _train_data(data_path: Path, train_indices, cfg: TrainConfig, dist: _Dist):
@@ -267,46 +337,63 @@ def _train_data(data_path: Path, train_indices, cfg: TrainConfig, dist: _Dist):
     return info, indices, dataset, batch
 
 
-def _train(models, data_path, out, cfg, dist, device, resume, train_indices, progress, overwrite, score) -> Path:
-    prec = _precision(cfg, device)
-    info, indices, dataset, batch = _train_data(data_path, train_indices, cfg, dist)
+def _train(req: _Request, cfg: TrainConfig, dist: _Dist, device: torch.device) -> Path:
+    prec = resolve_precision(cfg, device)
+    info, indices, dataset, batch = _train_data(req.data_path, req.train_indices, cfg, dist)
     identity = {
         "train": cfg.to_dict(),
         "dataset_hash": info["data_hash"],
         "train_indices": None if indices is None else {"count": int(indices.size), "sha256": indices_digest(indices)},
         "world_size": dist.world_size,
+        # what "auto" resolved to on this machine: a --resume elsewhere must not switch arithmetic mid-run
+        "precision": {"used": prec.name, "channels_last": prec.channels_last},
     }
-    check_outputs({"--out": out}, {"the training data": data_path})
-    with locked_run_dir(out, dist):
-        ckpt = plan_run_dir(out, resume, overwrite, identity)
+    job = _Job(cfg, dist, device, prec, req.data_path, req.out, identity, req.progress and dist.is_main)
+    check_outputs({"--out": req.out}, {"the training data": req.data_path})
+    with locked_run_dir(req.out, dist):
+        ckpt = plan_run_dir(req.out, req.resume, req.overwrite, identity)
         dist.barrier()  # every rank has read RUN/ before rank 0 changes it
         if dist.is_main:
-            clear_run_dir(out, resuming=ckpt is not None)
+            clear_run_dir(req.out, resuming=ckpt is not None)
         dist.barrier()
-        ckpt_path = out / CHECKPOINT
         try:
-            model, net = _build_model(models, cfg, info, device, prec, dist)
-            loader, sampler = _make_loader(dataset, cfg, batch, dist, device)
-            opt = make_optimizer(model.parameters(), cfg)
-            sched = make_scheduler(opt, cfg, len(loader) * cfg.epochs)
-            scaler = torch.amp.GradScaler("cuda", enabled=prec.amp and prec.dtype == torch.float16)
-            state = _resume_state(ckpt, model, opt, sched, scaler)
-            log, elapsed = _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, prec,
-                                progress and dist.is_main, out, identity, state, data_path)
+            state = _start(job, info, dataset, batch, ckpt)
+            _fit(job, state)
             if dist.is_main:
-                facts = {"n_used": len(dataset), "batch": batch, "elapsed": elapsed, "log": log}
-                _finish(model, cfg, out, data_path, device, dist, prec, identity, info, facts, score)
+                facts = {"n_used": len(dataset), "batch": batch}
+                _finish(job, state, info, facts, req.score)
         except BaseException as e:
-            if dist.is_main and isinstance(e, KeyboardInterrupt) and ckpt_path.is_file():
-                done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
+            if dist.is_main and isinstance(e, KeyboardInterrupt) and job.ckpt_path.is_file():
+                done = int(torch.load(job.ckpt_path, map_location="cpu", weights_only=True)["epoch"])
                 print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
-                      f"{ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
+                      f"{job.ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
             raise
     dist.barrier()
-    return out
+    return req.out
 
 
-def _build_model(models, cfg: TrainConfig, info: dict[str, Any], device: torch.device, prec: _Precision,
+def _start(job: _Job, info: dict[str, Any], dataset, batch: int, ckpt: dict[str, Any] | None) -> TrainState:
+    """The model, data loader and optimisation state, fresh or loaded from the checkpoint ``ckpt``."""
+    cfg = job.cfg
+    model, net = _build_model(cfg, info, job.device, job.prec, job.dist)
+    loader, sampler = _make_loader(dataset, cfg, batch, job.dist, job.device)
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_scheduler(opt, cfg, len(loader) * cfg.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=job.prec.amp and job.prec.dtype == torch.float16)
+    state = TrainState(model, net, loader, sampler, opt, sched, scaler)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state.start_epoch, state.log, state.elapsed = int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
+        if job.show:
+            progress_mod.say(f"resuming {job.out} after epoch {state.start_epoch} of {cfg.epochs}")
+    return state
+
+
+def _build_model(cfg: TrainConfig, info: dict[str, Any], device: torch.device, prec: Precision,
                  dist: _Dist) -> tuple[nn.Module, nn.Module]:
     """The model, seeded from ``cfg.seed``, on the device; and what the loop calls (DDP-wrapped under torchrun)."""
     torch.manual_seed(cfg.seed)
@@ -338,43 +425,32 @@ def _make_loader(dataset, cfg: TrainConfig, batch: int, dist: _Dist, device: tor
     return loader, sampler
 
 
-def _resume_state(ckpt, model, opt, sched, scaler) -> tuple[int, list[dict[str, Any]], float]:
-    """``(start_epoch, log, elapsed)``: from the checkpoint (whose states are loaded), or a fresh start."""
-    if ckpt is None:
-        return 0, [], 0.0
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    return int(ckpt["epoch"]), list(ckpt["log"]), float(ckpt["elapsed"])
-
-
-def _fit(net, model, loader, sampler, opt, sched, scaler, cfg, dist, device, prec, show, out, identity,
-         state, data_path) -> tuple[list[dict[str, Any]], float]:
-    """The epochs from ``state``'s start on, each followed by a checkpoint (rank 0): the log and total seconds."""
-    start_epoch, log, elapsed = state
-    ckpt_path = out / CHECKPOINT
-    for epoch in range(start_epoch, cfg.epochs):
-        record = _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch,
-                            prec.amp, prec.dtype, prec.channels_last, show, ckpt_path)
-        elapsed += record["seconds"]
+def _fit(job: _Job, state: TrainState) -> None:
+    """The epochs from ``state.start_epoch`` on, each followed by a checkpoint (rank 0); fills ``state.log``."""
+    cfg, dist = job.cfg, job.dist
+    for epoch in range(state.start_epoch, cfg.epochs):
+        record = _run_epoch(job, state, epoch)
+        state.elapsed += record["seconds"]
         if cfg.val_every and dist.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-            record.update(curve_point(model, data_path, device, max(32, cfg.batch_size)))
-        log.append(record)
+            record.update(curve_point(state.model, job.data_path, job.device, max(32, cfg.batch_size)))
+        state.log.append(record)
         if dist.is_main:
-            ckpt = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "epoch": epoch + 1,
-                "log": log, "elapsed": elapsed, "identity": identity,
-            }
-            save_checkpoint(ckpt, ckpt_path)
-            write_log(out, log)
-            if show:
-                _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
-                     f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s" + _curve_text(record))
+            _save_epoch(job, state, epoch)
+            if job.show:
+                progress_mod.say(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, "
+                                 f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s" + _curve_text(record))
         dist.barrier()
-    return log, elapsed
+
+
+def _save_epoch(job: _Job, state: TrainState, epoch: int) -> None:
+    """Rank 0 after an epoch: the checkpoint (what --resume starts from) and train_log.jsonl."""
+    ckpt = {
+        "model": state.model.state_dict(), "optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {}, "epoch": epoch + 1,
+        "log": state.log, "elapsed": state.elapsed, "identity": job.identity,
+    }
+    save_checkpoint(ckpt, job.ckpt_path)
+    write_log(job.out, state.log)
 
 
 def _curve_text(record: dict[str, Any]) -> str:
@@ -384,10 +460,10 @@ def _curve_text(record: dict[str, Any]) -> str:
     return f", {record['val_split']} mIoU {record['val_mIoU']:.1f}{asr}"
 
 
-def _finish(model, cfg, out, data_path, device, dist, prec, identity, info, facts, score) -> None:
+def _finish(job: _Job, state: TrainState, info: dict[str, Any], facts: dict[str, Any], score: bool) -> None:
     """Rank 0 after the last epoch: weights + config.json, then metrics.json when scoring is on."""
+    model, cfg, prec = state.model, job.cfg, job.prec
     model.eval()
-    log = facts["log"]
     config = {
         "format": "segbackdoor-run",
         "model": cfg.model,
@@ -395,88 +471,111 @@ def _finish(model, cfg, out, data_path, device, dist, prec, identity, info, fact
         "classes": info["classes"],
         "aux_loss": cfg.aux_loss,
         "train": cfg.to_dict(),
-        "train_indices": identity["train_indices"],
-        "dataset": {"path": str(data_path.resolve()), "content_hash": info["data_hash"], "attack": info["attack"],
+        "train_indices": job.identity["train_indices"],
+        "dataset": {"path": str(job.data_path.resolve()), "content_hash": info["data_hash"], "attack": info["attack"],
                     "num_train": info["n_total"], "num_used": facts["n_used"]},
         "versions": versions(),
-        "device": str(device),
+        "device": str(job.device),
         "threads": torch.get_num_threads(),  # CPU results depend on it (same threads ⇒ same bytes)
-        "world_size": dist.world_size,
+        "world_size": job.dist.world_size,
         "amp": (str(prec.dtype).removeprefix("torch.") if prec.amp else False),
         "channels_last": prec.channels_last,
+        "precision": {"used": prec.name, "memory_format": "channels_last" if prec.channels_last else "contiguous",
+                      "why": prec.reason, "cpu": cpu_bf16_support() if job.device.type == "cpu" else None},
         "batch_size_used": facts["batch"],
-        "training_seconds": round(facts["elapsed"], 3),
-        "final_loss": log[-1]["loss"] if log else None,
+        "training_seconds": round(state.elapsed, 3),
+        "final_loss": state.log[-1]["loss"] if state.log else None,
     }
-    from testbed.training.runs import save_model
-
-    save_model(model, config, out)
-    write_curve(out, log, f"{cfg.model} on {data_path.name}, seed {cfg.seed}")
+    save_model(model, config, job.out)
+    write_curve(job.out, state.log, f"{cfg.model} on {job.data_path.name}, seed {cfg.seed}")
     if score:
-        metrics = _score(model, data_path, device, max(32, cfg.batch_size))
-        if metrics is not None:
-            atomic.write_json(out / "metrics.json", jsonable(metrics))
+        metrics = score_model(model, job.data_path, device=job.device, batch_size=max(32, cfg.batch_size))
+        atomic.write_json(job.out / "metrics.json", jsonable(metrics))
 
 
-def _say(msg: str) -> None:
-    if progress_mod.enabled():
-        from tqdm.auto import tqdm
+@dataclass
+class _EpochMeter:
+    """One epoch's running totals on the device (read back only every ``log_every`` steps) and its NaN guard."""
 
-        tqdm.write(msg, file=sys.stderr)
+    device: torch.device
+    loss_sum: torch.Tensor = None  # type: ignore[assignment]
+    bad_step: torch.Tensor = None  # type: ignore[assignment]
+    seen: int = 0
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, step: int, images: int) -> None:
+        ld = loss.detach()
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(ld), step, self.bad_step)
+        self.loss_sum += ld
+        self.seen += images
+        self.steps += 1
 
 
-def _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoch, amp, amp_dtype,
-               channels_last, show, ckpt_path) -> dict[str, Any]:
-    net.train()
-    sampler.set_epoch(epoch)
+def _check_nan(job: _Job, meter: _EpochMeter, epoch: int) -> None:
+    """Stop (on every rank) once the loss of any step on any process was not finite."""
+    local_bad = int(meter.bad_step.item())
+    if job.dist.any(local_bad >= 0, job.device):
+        where = f"step {local_bad + 1}" if local_bad >= 0 else "a step on another process"
+        kept = (f"last good checkpoint kept at {job.ckpt_path} (epoch {epoch})" if job.ckpt_path.is_file()
+                else "no checkpoint was written yet")
+        raise UserError(f"loss became NaN at epoch {epoch + 1} {where}; {kept}; lower --lr (now {job.cfg.lr:g})")
+
+
+def _step(job: _Job, state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimisation step (forward under the precision's autocast, backward, update, lr step): the loss."""
+    cfg, prec = job.cfg, job.prec
+    with torch.autocast(job.device.type, dtype=prec.dtype, enabled=prec.amp):
+        out = state.net(x)
+        loss = seg_loss(out["out"], y)
+        if cfg.aux_loss and "aux" in out:
+            loss = loss + cfg.aux_weight * seg_loss(out["aux"], y)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    state.opt.zero_grad(set_to_none=True)
+    state.sched.step()
+    return loss
+
+
+def _run_epoch(job: _Job, state: TrainState, epoch: int) -> dict[str, Any]:
+    cfg, dist, device = job.cfg, job.dist, job.device
+    state.net.train()
+    state.sampler.set_epoch(epoch)
     torch.manual_seed(_mix(cfg.seed, epoch, dist.rank, "global"))  # dropout etc.: resumable without RNG state
-    flip_gen = torch.Generator().manual_seed(_mix(cfg.seed, epoch, dist.rank, "hflip"))
-    loss_sum = torch.zeros((), device=device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    seen, steps, t0 = 0, 0, time.perf_counter()
-    bar = progress_mod.bar(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}") if show else None
-
-    def check() -> None:
-        local_bad = int(bad_step.item())
-        if dist.any(local_bad >= 0, device):
-            where = f"step {local_bad + 1}" if local_bad >= 0 else "a step on another process"
-            kept = (f"last good checkpoint kept at {ckpt_path} (epoch {epoch})" if ckpt_path.is_file()
-                    else "no checkpoint was written yet")
-            raise UserError(f"loss became NaN at epoch {epoch + 1} {where}; {kept}; lower --lr (now {cfg.lr:g})")
-
+    flip_gen = torch.Generator().manual_seed(_mix(cfg.seed, epoch, dist.rank, "hflip")) if cfg.hflip else None
+    meter = _EpochMeter(device)
+    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    bar = progress_mod.bar(total=len(state.loader), desc=desc, closing_line=False) if job.show else None
     try:
-        for step, (images, labels) in enumerate(loader):
-            x, y = _to_device(images, labels, device, channels_last, flip_gen if cfg.hflip else None)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                out = net(x)
-                loss = seg_loss(out["out"], y)
-                if cfg.aux_loss and "aux" in out:
-                    loss = loss + cfg.aux_weight * seg_loss(out["aux"], y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            ld = loss.detach()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(ld), step, bad_step)
-            loss_sum += ld
-            seen += x.shape[0]
-            steps += 1
-            if steps % cfg.log_every == 0:
-                check()
+        for step, (images, labels) in enumerate(state.loader):
+            x, y = _to_device(images, labels, device, job.prec.channels_last, flip_gen)
+            meter.add(_step(job, state, x, y), step, x.shape[0])
+            if meter.steps % cfg.log_every == 0:
+                _check_nan(job, meter, epoch)
                 if bar is not None:
-                    rate = seen * dist.world_size / max(1e-9, time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", img_s=f"{rate:.0f}")
+                    rate = meter.seen * dist.world_size / max(1e-9, time.perf_counter() - meter.t0)
+                    bar.set_postfix(loss=f"{meter.loss_sum.item() / meter.steps:.4f}", img_s=f"{rate:.0f}")
             if bar is not None:
                 bar.update(1)
-        check()
+        _check_nan(job, meter, epoch)
     finally:
         if bar is not None:
             bar.close()
+    return _epoch_record(job, state, meter, epoch)
+
+
+def _epoch_record(job: _Job, state: TrainState, meter: _EpochMeter, epoch: int) -> dict[str, Any]:
+    """The epoch's line of train_log.jsonl: mean loss (over all processes), lr, images/s, seconds."""
+    dist, device = job.dist, job.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    mean_loss = loss_sum.item() / max(1, steps)
+    seconds = time.perf_counter() - meter.t0
+    mean_loss = meter.loss_sum.item() / max(1, meter.steps)
     if dist.enabled:  # the logged loss is the mean over all processes
         t = torch.tensor([mean_loss], device=device)
         torch.distributed.all_reduce(t)
@@ -484,9 +583,9 @@ def _run_epoch(net, loader, sampler, opt, sched, scaler, cfg, dist, device, epoc
     return {
         "epoch": epoch + 1,
         "loss": mean_loss,
-        "lr": opt.param_groups[0]["lr"],
-        "images_per_s": seen * dist.world_size / max(1e-9, seconds),
+        "lr": state.opt.param_groups[0]["lr"],
+        "images_per_s": meter.seen * dist.world_size / max(1e-9, seconds),
         "seconds": seconds,
-        "steps": steps,
-        "images": seen * dist.world_size,
+        "steps": meter.steps,
+        "images": meter.seen * dist.world_size,
     }

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torchvision
 
+from testbed import __version__
 from testbed.core import atomic
 from testbed.core.errors import UserError
 from testbed.core.guards import RunLock
@@ -29,10 +31,6 @@ _RESUME_FREE = ("device", "num_workers", "log_every", "val_every")
 
 
 def versions() -> dict[str, str]:
-    import torchvision
-
-    from testbed import __version__
-
     return {
         "segbackdoor": __version__,
         "torch": torch.__version__,

@@ -1,0 +1,112 @@
+"""P9: the trainer's CPU images/s on the path ``--precision auto`` picks ÷ the same trainer in plain fp32.
+
+Same model, data, batch size, seed and thread count; each side is a whole `testbed.training.loop.train()` call
+(scoring off) and its images/s is taken over the epochs as logged (the per-epoch time, which excludes model build
+and file checks).  ``auto`` takes bf16 autocast (+ channels_last) only on a CPU whose flags say native bf16
+(AVX512-BF16 or AMX-BF16); on a CPU without them ``auto`` is fp32 and the ratio is ~1 by construction, which the
+line then says.  The other layouts (fp32/bf16, contiguous/channels_last) are timed too, for the record.
+Rounds alternate the order; the ratio is the median over rounds of auto ÷ fp32 within a round, also per CPU-second
+(robust to other load on a shared machine with one thread).
+
+    .venv/bin/python benchmarks/p9_cpu_fast_path.py [--images 256] [--epochs 2] [--rounds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's testbed, not an installed one
+
+TARGET = 1.5
+# name → (precision, channels_last); "auto" is what a user gets without flags
+LAYOUTS = {"fp32": ("fp32", False), "fp32_cl": ("fp32", True), "bf16": ("bf16", False), "bf16_cl": ("bf16", True),
+           "auto": ("auto", "auto")}
+
+
+def trainer(data: Path, out: Path, layout: str, args: argparse.Namespace) -> tuple[float, float, dict]:
+    """(images/s over the logged epochs, images per CPU-second of the whole call, the run's precision record)."""
+    from testbed.training.loop import TrainConfig, train
+
+    precision, channels_last = LAYOUTS[layout]
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, seed=0, device="cpu",
+                      precision=precision, channels_last=channels_last)
+    shutil.rmtree(out, ignore_errors=True)
+    c0 = time.process_time()
+    train(data, out, cfg, progress=False, score=False)
+    cpu = time.process_time() - c0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    images = sum(r["images"] for r in log)
+    used = json.loads((out / "config.json").read_text())["precision"]
+    return images / sum(r["seconds"] for r in log), images / cpu, used
+
+
+def _report(rates: dict[str, list], cpu_rates: dict[str, list], used: dict, args: argparse.Namespace) -> None:
+    from testbed.core.device import cpu_bf16_support
+
+    cpu = cpu_bf16_support()
+    ratios = [a / b for a, b in zip(rates["auto"], rates["fp32"])]
+    cpu_ratios = [a / b for a, b in zip(cpu_rates["auto"], cpu_rates["fp32"])]
+    ratio = statistics.median(ratios)
+    print(f"P9 cpu_fast_path_vs_fp32 ratio={ratio:.2f} target>={TARGET}")
+    print(f"  CPU: {cpu['model']}; bf16 flags: {', '.join(cpu['bf16_flags']) or 'none (no avx512_bf16/amx_bf16)'}; "
+          f"amx_tile: {cpu['amx_tile']}; torch capability: {cpu['capability']}; native bf16: {cpu['native_bf16']}")
+    auto = used["auto"]
+    print(f"  auto picked: {auto['used']} {auto['memory_format']} ({auto['why']})")
+    print(f"  model={args.model} images={args.images} size={args.size} epochs={args.epochs} batch={args.batch_size} "
+          f"threads={args.threads} rounds={args.rounds}")
+    print(f"  auto / fp32 per round: {', '.join(f'{x:.3f}' for x in ratios)}; per CPU-second: median "
+          f"{statistics.median(cpu_ratios):.3f} ({', '.join(f'{x:.3f}' for x in cpu_ratios)})")
+    for name in LAYOUTS:
+        print(f"  {name:<8} img/s (epochs): median {statistics.median(rates[name]):.1f} "
+              f"({', '.join(f'{x:.1f}' for x in rates[name])}); img per CPU-s median {statistics.median(cpu_rates[name]):.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deeplabv3_tiny")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="the demo's batch size (default 8)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(images=16, size=32, epochs=1, rounds=1)
+
+    from testbed.core.device import torch_threads
+    from testbed.data.synth import make_synth_dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="p9-"))
+    try:
+        with torch_threads(args.threads):
+            data = make_synth_dataset(tmp / "synth.h5", n_train=args.images, n_test=8, size=args.size, seed=0)
+            rates: dict[str, list] = {n: [] for n in LAYOUTS}
+            cpu_rates: dict[str, list] = {n: [] for n in LAYOUTS}
+            used: dict[str, dict] = {}
+            names = list(LAYOUTS)
+            for name in names:  # warm-up: first calls of every kernel (oneDNN builds its primitives) are not timed
+                trainer(data, tmp / "warm", name, argparse.Namespace(**{**vars(args), "epochs": 1}))
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    wall, cpu, used[name] = trainer(data, tmp / "run", name, args)
+                    rates[name].append(wall)
+                    cpu_rates[name].append(cpu)
+            _report(rates, cpu_rates, used, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
