@@ -136,6 +136,7 @@ def test_camvid_cli_and_info(camvid, tmp_path, capsys):
     assert main(["data", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "train 3, val 2, test 2" in text and "test split      test" in text
+    assert "pixels val" in text and "images val" in text
     shares = {}  # the three classes with most train pixels, computed here from the written masks
     for name in NAMES["train"]:
         for v, n in zip(*np.unique(_stored(camvid[1][("train", name)][1]), return_counts=True)):

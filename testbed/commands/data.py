@@ -289,18 +289,22 @@ def _print_info(info: dict) -> None:
             if p.get("trigger_fidelity"):
                 from testbed.data.stats import fidelity_text
                 print(f"trigger         {fidelity_text(p['trigger_fidelity'])}")
-    stats = info["stats"]
-    if stats:
-        tr, te = stats["train"], stats["test"]
-        print(f"\n{'class':<16}{'pixels train':>13}{'images train':>14}{'pixels test':>13}{'images test':>13}")
-        for c in info["classes"]:
-            print(f"{c:<16}{_pct(tr['pixel_share'][c]):>13}{_pct(tr['image_share'][c]):>14}"
-                  f"{_pct(te['pixel_share'][c]):>13}{_pct(te['image_share'][c]):>13}")
-        print(f"{'(ignore)':<16}{_pct(tr['ignore_share']):>13}{'':>14}{_pct(te['ignore_share']):>13}")
-        top = sorted(info["classes"], key=lambda c: -(tr["pixel_share"][c] or 0))[:3]
-        print("most frequent   " + ", ".join(f"{c} {_pct(tr['pixel_share'][c])}" for c in top) + " (train pixels)")
-        pairs = ", ".join(f"{p['classes'][0]}+{p['classes'][1]} {_pct(p['share'])}" for p in tr["top_pairs"])
-        print(f"\nmost co-occurring class pairs (share of train images; full matrix with --json):\n  {pairs or '-'}")
+    if info["stats"]:
+        _print_stats(info)
+
+
+def _print_stats(info: dict) -> None:
+    """Per-class pixel and image shares of every split (train, val when present, test), then co-occurrence."""
+    stats, classes = info["stats"], info["classes"]
+    tr = stats["train"]
+    print("\n" + f"{'class':<16}" + "".join(f"{'pixels ' + s:>13}{'images ' + s:>14}" for s in stats))
+    for c in classes:
+        print(f"{c:<16}" + "".join(f"{_pct(st['pixel_share'][c]):>13}{_pct(st['image_share'][c]):>14}" for st in stats.values()))
+    print(f"{'(ignore)':<16}" + "".join(f"{_pct(st['ignore_share']):>13}{'':>14}" for st in stats.values()))
+    top = sorted(classes, key=lambda c: -(tr["pixel_share"][c] or 0))[:3]
+    print("most frequent   " + ", ".join(f"{c} {_pct(tr['pixel_share'][c])}" for c in top) + " (train pixels)")
+    pairs = ", ".join(f"{p['classes'][0]}+{p['classes'][1]} {_pct(p['share'])}" for p in tr["top_pairs"])
+    print(f"\nmost co-occurring class pairs (share of train images; full matrix with --json):\n  {pairs or '-'}")
 
 
 def run_info(args: argparse.Namespace) -> int:

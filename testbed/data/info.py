@@ -64,5 +64,5 @@ def dataset_info(path: str | os.PathLike, stats: bool = True, show_progress: boo
         }
         if stats:
             info["stats"] = {s: split_stats(f, h5data.path(s, "labels"), show_progress).to_dict(f.classes)
-                             for s in ("train", "test")}
+                             for s in ("train", "val", "test") if h5data.path(s, "labels") in f}
     return info
