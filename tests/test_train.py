@@ -493,6 +493,7 @@ def test_cli_precision_and_epoch_lines_in_a_log(tiny_data, tmp_path, capsys, mon
     from testbed.core import progress
 
     monkeypatch.setattr(progress, "_quiet", False)  # an earlier `-q` in this process leaves it set
+    monkeypatch.setenv("TESTBED_PROGRESS_SECONDS", "0")  # no "still running" lines on a slow machine: the epoch lines only
     rc = cli.main(["train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "8",
                    "--device", "cpu", "--no-score", "--precision", "fp32", "--out", str(tmp_path / "r")])
     assert rc == 0
