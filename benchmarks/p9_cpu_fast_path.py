@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="the demo's batch size (default 8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-warmup", action="store_true", help="time from the first call (kernels' first calls included)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = p.parse_args(argv)
     if args.smoke:
-        vars(args).update(images=16, size=32, epochs=1, rounds=1)
+        vars(args).update(images=16, size=32, epochs=1, rounds=1, no_warmup=True)
 
     from testbed.core.device import torch_threads
     from testbed.data.synth import make_synth_dataset
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu_rates: dict[str, list] = {n: [] for n in LAYOUTS}
             used: dict[str, dict] = {}
             names = list(LAYOUTS)
-            for name in names:  # warm-up: first calls of every kernel (oneDNN builds its primitives) are not timed
+            # warm-up: the first calls of every kernel (oneDNN builds its primitives) are not what is timed
+            for name in [] if args.no_warmup else names:
                 trainer(data, tmp / "warm", name, argparse.Namespace(**{**vars(args), "epochs": 1}))
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[: r % len(names)]:

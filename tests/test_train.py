@@ -25,6 +25,7 @@ from testbed.training.runs import load_run
 from testbed.training.loop import TrainConfig, train
 
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +104,10 @@ def test_sigkill_then_resume_is_bit_exact(tiny_data, tmp_path):
                     "--device", "cpu", "--no-score", "--out", str(tmp_path / "ref")])
     assert ref == 0
     run = tmp_path / "killed"
-    args = [str(VENV_BIN / "testbed"), "-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2",
+    # `python -m testbed.cli` from the checkout: this checkout's code, whichever copy the console script points at
+    args = [sys.executable, "-m", "testbed.cli", "-q", "train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2",
             "--batch-size", "4", "--device", "cpu", "--no-score", "--out", str(run)]
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint.pt").exists():
         assert proc.poll() is None, proc.communicate()
@@ -485,9 +487,13 @@ def test_bf16_runs_are_byte_identical_and_differ_from_fp32(tiny_data, tmp_path):
     assert json.loads((a / "config.json").read_text())["precision"]["used"] == "bf16"
 
 
-def test_cli_precision_and_epoch_lines_in_a_log(tiny_data, tmp_path, capsys):
+def test_cli_precision_and_epoch_lines_in_a_log(tiny_data, tmp_path, capsys, monkeypatch):
     """`--precision fp32` reaches the run; without a TTY (pytest's captured stderr) every epoch gets one line
     with its loss, images/s and seconds."""
+    from testbed.core import progress
+
+    monkeypatch.setattr(progress, "_quiet", False)  # an earlier `-q` in this process leaves it set
+    monkeypatch.setenv("TESTBED_PROGRESS_SECONDS", "0")  # no "still running" lines on a slow machine: the epoch lines only
     rc = cli.main(["train", str(tiny_data), "--model", "deeplabv3_tiny", "--epochs", "2", "--batch-size", "8",
                    "--device", "cpu", "--no-score", "--precision", "fp32", "--out", str(tmp_path / "r")])
     assert rc == 0

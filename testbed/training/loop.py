@@ -498,10 +498,11 @@ class _EpochMeter:
     """One epoch's running totals on the device (read back only every ``log_every`` steps) and its NaN guard."""
 
     device: torch.device
-    loss_sum: torch.Tensor = None  # type: ignore[assignment]
-    bad_step: torch.Tensor = None  # type: ignore[assignment]
     seen: int = 0
     steps: int = 0
+    loss_sum: torch.Tensor = field(init=False)
+    bad_step: torch.Tensor = field(init=False)  # the first step whose loss was not finite, -1 while none
+    t0: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
