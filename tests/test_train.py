@@ -443,15 +443,20 @@ def test_cpu_bf16_support_reads_the_flags_never_assumes(tmp_path):
     assert not missing["native_bf16"] and missing["bf16_flags"] == []
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_precision_auto_follows_the_cpu_flags_and_the_run_records_why(tiny_data, tmp_path, monkeypatch, native):
+@pytest.mark.parametrize("native,enabled", [(True, True), (True, False), (False, True)])
+def test_precision_auto_follows_the_cpu_flags_and_the_run_records_why(tiny_data, tmp_path, monkeypatch, native,
+                                                                       enabled):
+    """``auto`` takes bf16 only on a CPU with native bf16, and only once bf16 is switched on for ``auto``
+    (``CPU_AUTO_BF16``, off until the quality-equivalence table shows fp32 and bf16 agree)."""
     import testbed.training.loop as tr
 
     flags = ["avx512_bf16"] if native else []
     fake = {"model": "Test CPU", "bf16_flags": flags, "amx_tile": False, "capability": "AVX2", "native_bf16": native}
     monkeypatch.setattr(tr, "cpu_bf16_support", lambda: dict(fake))
+    monkeypatch.setattr(tr, "CPU_AUTO_BF16", enabled)
+    bf16 = native and enabled
     prec = tr.resolve_precision(_cfg(), torch.device("cpu"))
-    assert (prec.amp, prec.name, prec.channels_last) == ((True, "bf16", True) if native else (False, "fp32", False))
+    assert (prec.amp, prec.name, prec.channels_last) == ((True, "bf16", True) if bf16 else (False, "fp32", False))
     assert prec.dtype == torch.bfloat16
     for asked, amp in (("fp32", False), ("bf16", True)):  # an explicit choice wins over the flags
         assert tr.resolve_precision(_cfg(precision=asked), torch.device("cpu")).amp is amp
@@ -459,8 +464,30 @@ def test_precision_auto_follows_the_cpu_flags_and_the_run_records_why(tiny_data,
     run = train(tiny_data, tmp_path / "r", _cfg(), progress=False, score=False)
     rec = json.loads((run / "config.json").read_text())["precision"]
     assert rec["used"] == prec.name and rec["cpu"] == fake
-    assert rec["memory_format"] == ("channels_last" if native else "contiguous")
+    assert rec["memory_format"] == ("channels_last" if bf16 else "contiguous")
     assert ("native bf16" in rec["why"]) and (("no native" in rec["why"]) is not native)
+    assert ("until bf16's quality" in rec["why"]) is (native and not enabled)
+
+
+def test_checkpoint_of_an_earlier_version_resumes(tiny_data, tmp_path):
+    """A checkpoint written before ``precision`` and ``val_every`` existed ran fp32 with the defaults: it resumes."""
+    import testbed.training.loop as tr
+    from testbed.training.rundir import load_checkpoint, save_checkpoint
+
+    run = train(tiny_data, tmp_path / "r", _cfg(epochs=2), progress=False, score=False)
+    ckpt = load_checkpoint(run / tr.CHECKPOINT)
+    ckpt["identity"].pop("precision")
+    for key in ("precision", "val_every"):
+        ckpt["identity"]["train"].pop(key)
+    ckpt["epoch"], ckpt["log"] = 1, ckpt["log"][:1]
+    save_checkpoint(ckpt, run / tr.CHECKPOINT)
+    (run / "model.safetensors").unlink()
+    train(tiny_data, run, _cfg(epochs=2), resume=True, progress=False, score=False)
+    assert (run / "model.safetensors").is_file()
+    ckpt["identity"]["train"]["lr"] = 0.5  # a setting that differs is still refused
+    save_checkpoint(ckpt, run / tr.CHECKPOINT)
+    with pytest.raises(UserError, match="different settings"):
+        train(tiny_data, run, _cfg(epochs=2), resume=True, progress=False, score=False)
 
 
 def test_precision_setting_is_checked():

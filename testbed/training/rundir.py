@@ -8,6 +8,7 @@ refusals (a file as --out, a run started with other settings) are words the user
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -22,6 +23,7 @@ from testbed import __version__
 from testbed.core import atomic
 from testbed.core.errors import UserError
 from testbed.core.guards import RunLock
+from testbed.training.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("model.safetensors", "config.json", "train_log.jsonl", "metrics.json", CHECKPOINT, "curve.csv", "curve.json",
@@ -124,7 +126,7 @@ def plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, A
         if not ckpt_path.is_file():
             raise UserError(f"--resume: {out} holds no {CHECKPOINT} to continue from; run without --resume to start")
         ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt.get("identity", {})
+        saved = _upgrade_identity(ckpt.get("identity", {}))
         if _resume_key(saved.get("train", {})) != _resume_key(identity["train"]) or {
             k: v for k, v in saved.items() if k != "train"
         } != {k: v for k, v in identity.items() if k != "train"}:
@@ -137,6 +139,16 @@ def plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, A
         hint = " (it looks like an unfinished run: add --resume)" if ckpt_path.is_file() and not (out / "model.safetensors").exists() else ""
         raise UserError(f"--out {out} already holds files{hint}; use --overwrite to replace it or choose another directory")
     return None
+
+
+def _upgrade_identity(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written by an earlier version, in today's terms: a setting it did not record yet ran with
+    that setting's default, and before ``precision`` existed every CPU run was fp32 in the contiguous format."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    train = saved.get("train", {})
+    out = {**saved, "train": {**{k: v for k, v in defaults.items() if k not in train}, **train}}
+    out.setdefault("precision", {"used": "fp32", "channels_last": False})
+    return out
 
 
 def _describe_diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
