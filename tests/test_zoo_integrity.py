@@ -150,6 +150,55 @@ def _files(name: str, value) -> Callable[[dict], None]:
     return edit
 
 
+def swap_weights(z: Path) -> None:
+    """Swap two entries' weights, write their new hashes into the manifest and recompute its checksum: the
+    re-seal a forger without the publisher's key can do.  Only the entries' own done.json still disagree."""
+    a, b = z / "entries" / N1 / "model.safetensors", z / "entries" / BENIGN / "model.safetensors"
+    tmp = z.parent / "swap.tmp"
+    os.replace(a, tmp)
+    os.replace(b, a)
+    os.replace(tmp, b)
+
+    def edit(m: dict) -> None:
+        for eid, w in ((N1, a), (BENIGN, b)):
+            entry(m, eid)["files"][f"entries/{eid}/model.safetensors"] = sha(w)
+
+    manifest_edit(edit)(z)
+
+
+def swap_config(z: Path) -> None:
+    """Give the backdoored entry the benign entry's config.json (a run claiming other data), manifest re-sealed."""
+    shutil.copy(z / "entries" / BENIGN / "config.json", z / "entries" / N1 / "config.json")
+    done = json.loads((z / "entries" / N1 / "done.json").read_text())
+    done["files"]["config.json"] = sha(z / "entries" / N1 / "config.json")
+    (z / "entries" / N1 / "done.json").write_text(json.dumps(done))
+
+    def edit(m: dict) -> None:
+        entry(m, N1)["files"][f"entries/{N1}/config.json"] = sha(z / "entries" / N1 / "config.json")
+        entry(m, N1)["files"][f"entries/{N1}/done.json"] = sha(z / "entries" / N1 / "done.json")
+
+    manifest_edit(edit)(z)
+
+
+def swap_data_hash(z: Path) -> None:
+    """Replace the poisoned dataset by the clean one and write its hash into the manifest (sidecar untouched)."""
+    p = poisoned(z)
+    shutil.copy(z / "data" / "clean.h5", p)
+    name = p.stem
+    manifest_edit(lambda m: m["datasets"][name].update(sha256=sha(p)))(z)
+
+
+def linked_outside(rel: str, hard: bool) -> Callable[[Path], None]:
+    """``rel`` replaced by a link to a byte-identical copy outside the zoo (only the link gives it away)."""
+    def tamper(z: Path) -> None:
+        target = z.parent / ("outside-" + rel.replace("/", "_"))
+        shutil.copy(z / rel, target)
+        (z / rel).unlink()
+        (os.link if hard else os.symlink)(target, z / rel)
+
+    return tamper
+
+
 # (id, tamper, needle in verify's output, needle of the API's / bench's error or None when they do not read it)
 TAMPER = [
     # flips
@@ -164,7 +213,7 @@ TAMPER = [
      "model.safetensors: missing"),
     # re-seals (a rebuild must not bless them either: test_rebuild_refuses_to_bless)
     ("reseal-done-json", reseal_done, "model.safetensors: sha256 mismatch", "sha256 mismatch"),
-    ("reseal-sidecar", reseal_sidecar, ": sha256 mismatch", ".h5: sha256 mismatch"),
+    ("reseal-sidecar", reseal_sidecar, ": sha256 mismatch", ": sha256 mismatch"),  # the sidecar's own hash, first
     # paths leaving the zoo (re-sealed manifests, so only the path gives them away)
     ("escape-dotdot", manifest_edit(_files("../../../../etc/passwd", "0" * 64)), "malformed", "malformed"),
     ("escape-absolute", manifest_edit(_files("/etc/passwd", "0" * 64)), "malformed", "malformed"),
@@ -194,6 +243,18 @@ TAMPER = [
     ("data-file", add_file("data/extra.h5"), "data/extra.h5: not listed", None),
     ("leftover-claim", dead_claim, f"entries/{N1}.claim: a builder's claim", None),
     ("unexpected-dir", add_file("entries/other/x.bin"), "entries/other/: a directory not listed", None),
+    # issue 23: swapped files under a re-sealed manifest, links to outside the zoo
+    ("swap-weights-resealed", swap_weights, f"entries/{N1}/model.safetensors: the manifest's sha256 differs from the "
+     "one done.json recorded", "done.json recorded"),
+    ("swap-config-resealed", swap_config, f"entries/{N1}/config.json: trained on other data", "trained on other data"),
+    ("swap-data-resealed", swap_data_hash, "differs from the manifest's", "differs from the manifest's"),
+    ("symlinked-manifest", linked_outside("manifest.json", hard=False), "manifest.json: a symbolic link",
+     "manifest.json: a symbolic link"),
+    ("symlinked-plan", linked_outside("plan.json", hard=False), "plan.json: a symbolic link", "plan.json: a symbolic link"),
+    ("hardlinked-weights", linked_outside(f"entries/{N1}/model.safetensors", hard=True),
+     f"entries/{N1}/model.safetensors: a hard link", "model.safetensors: a hard link"),
+    ("hardlinked-manifest", linked_outside("manifest.json", hard=True), "manifest.json: a hard link",
+     "manifest.json: a hard link"),
 ]
 
 

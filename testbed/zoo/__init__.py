@@ -91,6 +91,11 @@ class Zoo:
         self._entries: dict[str, ZooEntry] = {}
         self.pending: list[str] = []
         datasets = self.manifest["datasets"]
+        records = self.manifest.get("records") or {}
+        problems = [p for rel, h in sorted(records.items()) if (p := integrity.file_problem(self.path, rel, h)) is not None]
+        problems = problems or integrity.dataset_record_problems(self.path, datasets)
+        if problems:  # plan.json and the dataset sidecars: small files, hashed and cross-checked when opened
+            raise UserError(f"zoo {self.path}: {problems[0]}; run `testbed zoo verify {self.path}`")
         for row in self.manifest["entries"]:
             if row["status"] != "done":
                 self.pending.append(row["id"])
@@ -100,9 +105,11 @@ class Zoo:
     def _entry(self, row: dict[str, Any], datasets: dict[str, Any]) -> ZooEntry:
         used = [row["dataset"], *row.get("reference_data", {}).values()]
         config_rel = f"{row['run_dir']}/config.json"
-        problem = integrity.file_problem(self.path, config_rel, row["files"][config_rel])
-        if problem is not None:
-            raise UserError(f"zoo {self.path}, entry {row['id']}: {problem}; run `testbed zoo verify {self.path}`")
+        records = [rel for rel in row["files"] if rel.rsplit("/", 1)[-1] in ("config.json", "done.json", "entry.json")]
+        problems = [p for rel in records if (p := integrity.file_problem(self.path, rel, row["files"][rel])) is not None]
+        problems = problems or integrity.record_problems(self.path, row, datasets)
+        if problems:
+            raise UserError(f"zoo {self.path}, entry {row['id']}: {problems[0]}; run `testbed zoo verify {self.path}`")
         metrics = dict(row.get("metrics") or {})
         if row["is_benign"]:
             metrics["reference"] = row.get("reference") or {}

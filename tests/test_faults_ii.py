@@ -1,0 +1,96 @@
+"""Fault suite II (issue 23): hostile files bounded, malformed input one line, claims that cannot block forever.
+
+Each case checks, independently of the code under test, the exit code, exactly one line on stderr, no
+traceback, no new file and every file byte-identical (``judge`` of tests/test_faults.py), or — for library
+functions — the exception type and its one-line message.  Every case runs in well under 10 s of CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from testbed.core import safeload
+from testbed.core.errors import UserError
+
+try:  # the module pytest collected (one TALLY for the whole campaign), not a second copy under tests.
+    from test_faults import TALLY, judge, run_main, snapshot
+except ImportError:
+    from tests.test_faults import TALLY, judge, run_main, snapshot
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+# -- claims that name no process --------------------------------------------------------------------
+@pytest.mark.parametrize("pid", [0, -1])
+def test_a_claim_with_an_impossible_pid_is_stale(pid, tmp_path):
+    from testbed.core.procs import HOST
+    from testbed.execution.claims import is_stale, read_claim
+
+    path = tmp_path / "e.claim"
+    path.write_text(json.dumps({"pid": pid, "host": HOST, "proc_start": None, "started": 0}))
+    TALLY["tried"] += 1
+    assert is_stale(read_claim(path), stale_after=3600.0)  # same host: judged by pid, not by age
+    TALLY["clean_errors"] += 1
+
+
+@pytest.mark.parametrize("text", ["[1,2]", "null", DEEP, '"x"', "{"])
+def test_a_malformed_claim_reads_as_unknown_holder(text, tmp_path):
+    from testbed.execution.claims import is_stale, read_claim
+
+    path = tmp_path / "e.claim"
+    path.write_text(text)
+    info = read_claim(path)
+    TALLY["tried"] += 1
+    assert text.startswith(info["_raw"]) and set(info) == {"_mtime", "_raw"}  # a huge one is read only in part
+    assert not is_stale(info, stale_after=3600.0) and is_stale(info, stale_after=-1.0)  # judged by its age
+    TALLY["clean_errors"] += 1
+
+
+# -- the one JSON loader ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text, needle", [
+    (DEEP, "nested"), ('{"a": ' * 70 + "1" + "}" * 70, "nested deeper than 64"), ('{"ASR": Infinity}', "Infinity"),
+    ('{"ASR": NaN}', "NaN"), ("[1,", "not valid JSON"), ("1" * 5000, "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
+])
+def test_safe_json_refuses_in_one_line(text, needle, tmp_path):
+    path = tmp_path / "f.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as info:
+        safeload.load_json(path)
+    msg = str(info.value)
+    assert needle in msg and str(path) in msg and "\n" not in msg, msg
+
+
+def test_safe_json_bounds_size_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(list(range(1000))))
+    monkeypatch.setenv("TESTBED_MAX_JSON_BYTES", "100")
+    with pytest.raises(UserError, match="TESTBED_MAX_JSON_BYTES"):
+        safeload.load_json(path)
+    monkeypatch.setenv("TESTBED_MAX_JSON_BYTES", str(1 << 20))
+    assert safeload.load_json(path) == list(range(1000))
+
+
+def test_safe_json_depth_limit_is_exact_and_overridable(monkeypatch):
+    assert safeload.loads("[" * 64 + "]" * 64, "x") is not None  # 64 levels: allowed
+    with pytest.raises(UserError):
+        safeload.loads("[" * 65 + "]" * 65, "x")
+    monkeypatch.setenv("TESTBED_MAX_JSON_DEPTH", "200")
+    assert safeload.loads("[" * 65 + "]" * 65, "x") is not None
+
+
+def test_field_checks_types_and_finiteness():
+    doc = {"n": 3, "b": True, "f": 1.5, "s": "x"}
+    assert safeload.field(doc, "n", int, "f.json") == 3
+    assert safeload.field(doc, "gone", int, "f.json", default=None) is None
+    for key, types in (("b", int), ("s", (int, float)), ("n", str), ("gone", int)):
+        with pytest.raises(UserError, match=f"f.json: field '{key}'"):
+            safeload.field(doc, key, types, "f.json")
+    with pytest.raises(UserError, match="must be a finite number"):
+        safeload.number(1e308 * 10, "DER")
+    assert safeload.number(1e308, "DER", limit=1e309) == 1e308
+    with pytest.raises(UserError, match="at most"):
+        safeload.number(1e308, "DER")
