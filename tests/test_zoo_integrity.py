@@ -461,3 +461,100 @@ def test_a_version_1_manifest_is_refreshed_by_a_rebuild_without_retraining(zoo: 
     assert main(["zoo", "verify", str(zoo)]) == 0
     assert {p: sha(p) for p in zoo.glob("entries/*/model.safetensors")} == weights
     assert len(testbed.zoo.open(zoo)) == 2
+
+
+# -- signed zoos (issue 23): a re-seal without the publisher's key fails verification against it ----------------
+def _key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = directory / f"{name}.pem", directory / f"{name}.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+@pytest.fixture
+def signed(zoo: Path, capsys) -> tuple[Path, Path, Path]:
+    """The zoo signed by a publisher; returns (zoo, publisher's public key, a stranger's private key)."""
+    pytest.importorskip("model_signing")
+    keys = zoo.parent / "keys"
+    keys.mkdir()
+    priv, pub = _key_pair(keys, "publisher")
+    other, _ = _key_pair(keys, "stranger")
+    assert main(["zoo", "sign", str(zoo), "--private-key", str(priv)]) == 0
+    assert (zoo / "manifest.sig").is_file()
+    capsys.readouterr()
+    return zoo, pub, other
+
+
+def test_a_signed_zoo_verifies_with_its_key_and_is_used(signed, capsys):
+    import testbed.zoo
+
+    zoo, pub, _ = signed
+    for flag in ("--public-key", "--trusted-key"):
+        assert main(["zoo", "verify", str(zoo), flag, str(pub)]) == 0
+        assert "signed by the --public-key" in capsys.readouterr().out
+    assert len(testbed.zoo.open(zoo, public_key=pub)) == 2
+
+
+RESIGN = [("reseal-swap", swap_weights, None), ("reseal-swap-signed-by-stranger", swap_weights, "stranger"),
+          ("manifest-edited-resealed", manifest_edit(lambda m: entry(m, N1)["metrics"].update(ASR=99.0)), None),
+          ("signature-removed", lambda z: (z / "manifest.sig").unlink(), None),
+          ("signature-garbage", lambda z: (z / "manifest.sig").write_text("[" * 100000), None)]
+
+
+@pytest.mark.parametrize("case", RESIGN, ids=[c[0] for c in RESIGN])
+def test_a_resealed_zoo_fails_against_the_publishers_key(case, signed, capsys):
+    import testbed.zoo
+
+    zoo, pub, stranger = signed
+    _, tamper, resign = case
+    tamper(zoo)
+    if resign:  # the forger re-seals and signs with their own key: still not the publisher's signature
+        from testbed.zoo.signing import sign
+
+        sign(zoo, stranger)  # through the library: `testbed zoo sign` itself refuses a zoo that does not verify
+    before = snapshot(zoo.parent)
+    capsys.readouterr()
+    rc = main(["zoo", "verify", str(zoo), "--trusted-key", str(pub)])
+    out, err = capsys.readouterr()
+    TALLY["tried"] += 1
+    TALLY["clean_errors"] += rc == 1 and not err
+    assert rc == 1 and not err and "FAIL manifest.sig" in out, (rc, out, err)
+    with pytest.raises(UserError, match="manifest.sig") as info:
+        testbed.zoo.open(zoo, public_key=pub)
+    assert "\n" not in str(info.value)
+    outcome = run_main(["bench", "--zoo", str(zoo), "--public-key", str(pub), "--defense", "strip", "--device", "cpu",
+                        "--out", str(zoo.parent / "rep")], capsys)
+    judge(before, snapshot(zoo.parent), outcome, 2, "manifest.sig")
+
+
+def test_signing_refuses_an_unverified_zoo_and_bad_keys(zoo: Path, capsys):
+    pytest.importorskip("model_signing")
+    priv, pub = _key_pair(zoo.parent, "k")
+    flip(zoo / "entries" / N1 / "model.safetensors")
+    for argv, needle in ((["zoo", "sign", str(zoo), "--private-key", str(priv)], "does not verify"),
+                         (["zoo", "sign", str(zoo), "--private-key", str(pub)], "cannot sign with it"),
+                         (["zoo", "sign", str(zoo), "--private-key", str(zoo.parent / "none.pem")], "no such file"),
+                         (["zoo", "verify", str(zoo), "--public-key", str(zoo.parent / "none.pub")], "no such file")):
+        if needle == "cannot sign with it":
+            flip(zoo / "entries" / N1 / "model.safetensors")  # restore: only the key is wrong now
+        before = snapshot(zoo.parent)
+        judge(before, snapshot(zoo.parent), run_main(argv, capsys), 2, needle)
+        if needle == "cannot sign with it":
+            flip(zoo / "entries" / N1 / "model.safetensors")
+
+
+def test_suites_refuse_an_unsigned_zoo_given_a_public_key(zoo: Path, tmp_path):
+    pytest.importorskip("model_signing")
+    _, pub = _key_pair(tmp_path, "publisher")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "testbed.suites", "--defense", "strip", "--zoo",
+                           str(zoo), "--public-key", str(pub), "-q", "-p", "no:cacheprovider"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # this checkout
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "the zoo is not signed" in out and "Traceback" not in out, out[-2000:]

@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--zoo", type=Path, metavar="ZOO/", help="a zoo built by `testbed zoo build`")
     src.add_argument("--run", type=Path, metavar="RUN/", help="one run directory (needs --data)")
     p.add_argument("--data", type=Path, metavar="D.h5", help="the (poisoned) dataset of --run")
+    p.add_argument("--public-key", type=Path, metavar="PUB", help="with --zoo: the publisher's public key (PEM); "
+                   "refuse the zoo unless its manifest is signed by it (`testbed zoo sign`)")
     p.add_argument("--entries", metavar="GLOB", help="with --zoo: only entries whose id matches, e.g. '*fgba*'")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="run N model × defense pairs at once in "
                    "separate processes (default: 1, this process)")
@@ -118,4 +120,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--entries filters zoo entries; use it with --zoo")
     if args.ray_address is not None and args.backend != "ray":
         raise UserError("--ray-address goes with --backend ray")
+    if args.public_key is not None:
+        if args.zoo is None:
+            raise UserError("--public-key checks a zoo's signature; use it with --zoo")
+        from testbed.zoo.signing import require_signed
+
+        require_signed(args.zoo, args.public_key)
     return run_cli(args, zoo=args.zoo, run=args.run, data=args.data, entries=args.entries, title="testbed bench")

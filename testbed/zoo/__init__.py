@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from testbed.core.errors import UserError
-from testbed.zoo import integrity
+from testbed.zoo import integrity, signing
 from testbed.zoo import manifest as _mf
 
 __all__ = ["Zoo", "ZooEntry", "open"]
@@ -85,8 +85,9 @@ class ZooEntry:
 class Zoo:
     """A built (or partly built) zoo directory; iterating yields its finished entries, each verified."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, public_key: str | os.PathLike | None = None):
         self.path = Path(path)
+        signing.require_signed(self.path, public_key)  # with a key: the manifest below is the publisher's
         self.manifest = _mf.load_manifest(self.path)  # checksum, shape and layout checked: paths stay inside
         self._entries: dict[str, ZooEntry] = {}
         self.pending: list[str] = []
@@ -153,11 +154,13 @@ class Zoo:
         return f"Zoo({str(self.path)!r}, {len(self)} entries{', ' + str(len(self.pending)) + ' pending' if self.pending else ''})"
 
 
-def open(path: str | os.PathLike) -> Zoo:  # noqa: A001 - the documented name: testbed.zoo.open(path)
-    """Open a zoo directory made by ``testbed zoo build`` (its manifest is checked; entries when handed out)."""
+def open(path: str | os.PathLike, public_key: str | os.PathLike | None = None) -> Zoo:  # noqa: A001 - documented name
+    """Open a zoo directory made by ``testbed zoo build`` (its manifest is checked; entries when handed out).
+
+    ``public_key``: a PEM public key; the zoo is refused unless its manifest is signed by it (docs/zoo.md)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"zoo {path} is not a directory; build one with `testbed zoo build SPEC.toml --out {path}`")
-    return Zoo(path)
+    return Zoo(path, public_key)
 
 
