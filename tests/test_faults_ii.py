@@ -17,9 +17,13 @@ from testbed.core import safeload
 from testbed.core.errors import UserError
 
 try:  # the module pytest collected (one TALLY for the whole campaign), not a second copy under tests.
-    from test_faults import TALLY, judge, run_main, snapshot
+    from test_compare_cli import write_report
+    from test_faults import MARKER, TALLY, Case, base, h5_edit, judge, run_main, set_attr, snapshot, ws  # noqa: F401
+    from test_stats import noop_oracle_rows
 except ImportError:
-    from tests.test_faults import TALLY, judge, run_main, snapshot
+    from tests.test_compare_cli import write_report
+    from tests.test_faults import MARKER, TALLY, Case, base, h5_edit, judge, run_main, set_attr, snapshot, ws  # noqa: F401
+    from tests.test_stats import noop_oracle_rows
 
 DEEP = "[" * 100000 + "]" * 100000
 
@@ -94,3 +98,69 @@ def test_field_checks_types_and_finiteness():
     assert safeload.number(1e308, "DER", limit=1e309) == 1e308
     with pytest.raises(UserError, match="at most"):
         safeload.number(1e308, "DER")
+
+
+# -- malformed input through the command line: one line, exit 2, nothing written -----------------------
+D, P, R = "{ws}/d.h5", "{ws}/p.h5", "{ws}/R"
+SCORE = ["score", R, "--data", D, "--device", "cpu"]
+
+
+def write(rel: str, text: str):
+    def setup(ws: Path) -> None:
+        (ws / rel).write_text(text)
+
+    return setup
+
+
+def report(edit, n: int = 12):
+    """A bench report (the noop/oracle rows of test_stats) at ws/rep/ with ``edit`` applied to its rows."""
+    def setup(ws: Path) -> None:
+        rows = noop_oracle_rows(n)
+        edit(rows)
+        write_report(ws / "rep", rows)
+        text = (ws / "rep" / "results.json").read_text()
+        (ws / "rep" / "results.json").write_text(text.replace('"DER": 1e999', '"DER": Infinity'))
+
+    return setup
+
+
+def _set(key, value, every: bool = False):
+    def edit(rows):
+        for r in rows if every else rows[:1]:
+            r[key] = value
+
+    return edit
+
+
+COMPARE = ["compare", "{ws}/rep", "--defense", "oracle", "--vs", "noop"]
+CASES = [
+    Case("attack-attr-a-list", ["data", "info", P], "attribute 'attack' must be a JSON object",
+         h5_edit("p.h5", set_attr("attack", "[1, 2]"))),
+    Case("attack-attr-deep", ["data", "info", P], "attribute 'attack': nested", h5_edit("p.h5", set_attr("attack", DEEP))),
+    Case("source-attr-deep", SCORE, "attribute 'source': nested", h5_edit("d.h5", set_attr("source", DEEP))),
+    Case("config-json-deep", SCORE, "config.json: nested", write("R/config.json", DEEP)),
+    Case("before-deep", SCORE + ["--before", "{ws}/b.json"], "--before", write("b.json", DEEP)),
+    Case("before-infinity-json", SCORE + ["--before", "{ws}/b.json", "--json"], "Infinity",
+         write("b.json", '{"ASR": Infinity, "mIoU-B": 50.0}')),
+    Case("before-1e308", SCORE + ["--before", "{ws}/b.json", "--json"], "finite numeric 'ASR'",
+         write("b.json", '{"ASR": 1e308, "mIoU-B": 50.0}')),
+    Case("results-json-deep", COMPARE, "nested", lambda ws: ((ws / "rep").mkdir(), write("rep/results.json", DEEP)(ws))),
+    Case("compare-before-a-list", COMPARE, "field 'before' must be an object", report(_set("before", [1, 2]))),
+    Case("compare-after-a-string", COMPARE, "field 'after' must be an object", report(_set("after", "high"))),
+    Case("compare-der-infinity-json", COMPARE + ["--json"], "Infinity", report(_set("DER", 1e999))),
+    Case("compare-der-1e308", COMPARE, "magnitude at most", report(_set("DER", 1e308, every=True))),
+    Case("compare-seed-negative-21-models", COMPARE + ["--seed", "-1"], "--seed", report(lambda rows: None, n=24)),
+    Case("train-seed-2-64", ["train", D, "--model", "deeplabv3_tiny", "--out", "{ws}/R2", "--seed",
+                             str(2**64)], "--seed"),
+    Case("zoo-spec-nested-toml", ["zoo", "build", "{ws}/z.toml", "--out", "{ws}/Z"], "nested",
+         write("z.toml", "x = " + "[" * 5000 + "]" * 5000 + "\n")),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_malformed_input_is_one_clean_line_and_touches_nothing(case, ws: Path, capsys):
+    if case.setup is not None:
+        case.setup(ws)
+    before = snapshot(ws)
+    outcome = run_main([a.replace("{ws}", str(ws)) for a in case.argv], capsys)
+    judge(before, snapshot(ws), outcome, case.code, case.needle.replace("{ws}", str(ws)), ws / MARKER)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 
 EXAMPLES = """examples:
   testbed bench --run runs/fgba/ --data fgba-n1-line.h5 --defense fine-pruning,strip,spectral-signature --out bench/
@@ -38,7 +39,7 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
                    "defense (the report marks runs that exceed it or that it stopped)")
     p.add_argument("--budget-passes", type=int, metavar="N", help="compute budget per defense run: forward + backward "
                    "passes of one image through the model; unlike --budget it gives the same result on any machine")
-    p.add_argument("--seed", type=int, default=0, help="seed handed to each defense (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed handed to each defense (default: 0)")
     p.add_argument("--min-asr", type=float, default=50.0, metavar="PCT",
                    help="a backdoored model whose ASR before any defense is below PCT%% did not really learn its backdoor: "
                    "its DER is reported as n/a with the reason (default: 50)")

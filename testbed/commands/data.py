@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 
 SYNTH_EXAMPLES = """examples:
   testbed data synth --out synth.h5
@@ -52,7 +53,7 @@ def _register_synth(sub) -> None:
     s.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
     s.add_argument("--n-test", type=int, default=200, help="test images (default 200)")
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0)")
     _add_common_out(s)
     s.set_defaults(func=run_synth)
 
@@ -88,7 +89,7 @@ def _register_import(sub) -> None:
     fo.add_argument("--out", required=True, type=Path, help="output dataset file (.h5)")
     fo.add_argument("--size", type=int, default=None, help="resize + centre-crop to SIZE×SIZE (default: keep; all images must match)")
     fo.add_argument("--test-fraction", type=float, default=0.2, help="share of pairs for the test split without train/test folders (default 0.2)")
-    fo.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
+    fo.add_argument("--seed", type=seed_arg, default=0, help="seed of the train/test split (default 0)")
     fo.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 8)")
     _add_common_out(fo)
     fo.set_defaults(func=run_import_folder)

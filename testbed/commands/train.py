@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from testbed.core.seeds import seed_arg
 from testbed.training.loop import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig, train
 
 EXAMPLES = """\
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=float, default=d["warmup"].default, help="fraction of steps warming up the lr (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default, help="default %(default)s")
     p.add_argument("--momentum", type=float, default=d["momentum"].default, help="SGD momentum (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of init, shuffling and flips (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=d["seed"].default, help="seed of init, shuffling and flips (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--workers", type=int, default=d["num_workers"].default, help="DataLoader worker processes (default %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

@@ -164,3 +164,27 @@ def number(value: Any, what: str, limit: float = 1e15) -> float:
     if not math.isfinite(v) or abs(v) > limit:
         raise UserError(f"{what} must be a finite number of magnitude at most {limit:g}, got {str(value)[:60]}")
     return v
+
+
+def bounded_numbers(obj: Any, what: str, limit: float = 1e15) -> None:
+    """Refuse any number in ``obj`` (at any depth) whose magnitude exceeds ``limit``, naming its field: sums and
+    differences of a few such stay finite (1e308 + 1e308 would overflow to inf)."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        x, where = stack.pop()
+        if isinstance(x, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in x.items())
+        elif isinstance(x, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(x))
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            number(x, f"{what}: field {where!r}", limit)
+
+
+def check_records(records: Any, what: str, types: dict[str, type | tuple[type, ...]]) -> None:
+    """Each record of the list ``records`` holds, for each key of ``types`` it has, a value of those types; and no
+    number anywhere beyond :func:`bounded_numbers`' limit.  Errors name the file, the record and the field."""
+    for i, rec in enumerate(records if isinstance(records, list) else []):
+        for key, t in types.items():
+            if isinstance(rec, dict) and key in rec:
+                field(rec, key, t, f"{what}: record {i}")
+    bounded_numbers(records, what)

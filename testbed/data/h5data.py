@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from testbed.core.atomic import atomic_file
+from testbed.core import safeload
 from testbed.core.errors import UserError, did_you_mean
 
 FORMAT = "testbed-seg"
@@ -252,7 +253,7 @@ class SegFile:
             if isinstance(value, bytes):
                 value = value.decode()
             if isinstance(value, str) and value[:1] in "{[":
-                value = json.loads(value)
+                value = safeload.loads(value, f"{self.path}: attribute {name!r}")
             elif isinstance(value, np.ndarray):
                 value = value.tolist()
             elif isinstance(value, np.generic):
@@ -263,6 +264,10 @@ class SegFile:
         self.ignore_index = int(self.attrs.get("ignore_index", IGNORE_INDEX))
         self.source: dict = self.attrs.get("source", {})
         self.attack: dict | None = self.attrs.get("attack")
+        for key, value in (("source", self.source), ("attack", self.attack)):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{self.path}: attribute {key!r} must be a JSON object, got {str(value)[:60]}; the file "
+                                "is damaged or was not written by segbackdoor")
         size = self.attrs.get("image_size")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise UserError(f"{self.path}: root attribute image_size is {size!r}, not [H, W]; the file is damaged, re-create it")
@@ -424,8 +429,8 @@ def canonical_attr(value: Any) -> Any:
         value = value.decode()
     if isinstance(value, str):
         try:  # JSON attrs hash by content, not by key order or whitespace
-            return json.loads(value)
-        except ValueError:
+            return safeload.loads(value, "attribute")
+        except UserError:
             return value
     if isinstance(value, np.ndarray):
         return value.tolist()

@@ -6,7 +6,6 @@ tensor bytes) and refuses anything else with one clear error: nothing on disk is
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from testbed.core import atomic
+from testbed.core import atomic, safeload
 from testbed.core.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -50,9 +49,9 @@ def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG}; it is not a finished run (resume it with `testbed train ... --resume`)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-create the run") from None
+        config = safeload.load_json(path)
+    except UserError as e:
+        raise UserError(f"{e}; re-create the run") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} does not hold a JSON object; re-create the run")
     _check_config(config, path)

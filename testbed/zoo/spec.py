@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.core import safeload
 from testbed.core.errors import UserError, did_you_mean
 from testbed.zoo.attack_table import BENIGN, check_variant, parse_attack_table
 
@@ -212,7 +213,7 @@ def _read_doc(path: Path, text: str | None) -> tuple[dict[str, Any], str]:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read zoo spec {path} ({e}); check the file") from None
     try:
-        return tomllib.loads(text), text
+        return safeload.loads_toml(text, f"zoo spec {path}"), text
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path.name}: TOML syntax error: {e}; fix the spec (see docs/zoo.md)") from None
 
