@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import h5py
 import pytest
 
 from testbed.core import safeload
@@ -164,3 +166,73 @@ def test_malformed_input_is_one_clean_line_and_touches_nothing(case, ws: Path, c
     before = snapshot(ws)
     outcome = run_main([a.replace("{ws}", str(ws)) for a in case.argv], capsys)
     judge(before, snapshot(ws), outcome, case.code, case.needle.replace("{ws}", str(ws)), ws / MARKER)
+
+
+# -- hostile HDF5 files: bounded work before anything is read -------------------------------------------
+def declared(rows: int, size: int = 32, image_size: tuple[int, int] | None = None):
+    """ws/big.h5: d.h5's attributes, every split declaring ``rows`` rows of size² images, chunked, nothing written
+    (a file of a few KB)."""
+    def setup(ws: Path) -> None:
+        with h5py.File(ws / "d.h5", "r") as src, h5py.File(ws / "big.h5", "w") as f:
+            for k, v in src.attrs.items():
+                f.attrs[k] = v
+            f.attrs["image_size"] = json.dumps(list(image_size or (size, size)))
+            h, w = image_size or (size, size)
+            for split in ("train", "test"):
+                f.create_dataset(f"{split}/images", shape=(rows, h, w, 3), dtype="u1", chunks=(1, min(h, 64), min(w, 64), 3))
+                f.create_dataset(f"{split}/labels", shape=(rows, h, w), dtype="u1", chunks=(1, min(h, 64), min(w, 64)))
+        assert (ws / "big.h5").stat().st_size < 16 << 10
+
+    return setup
+
+
+BIG = "{ws}/big.h5"
+HOSTILE = [
+    Case("info-1e9-declared-rows", ["data", "info", BIG], "stores 0 chunk(s)", declared(10**9)),
+    Case("train-1e9-declared-rows", ["train", BIG, "--model", "deeplabv3_tiny", "--out", "{ws}/R9", "--device", "cpu"],
+         "stores 0 chunk(s)", declared(10**9)),
+    Case("score-1e9-declared-rows", ["score", R, "--data", BIG, "--device", "cpu"], "stores 0 chunk(s)", declared(10**9)),
+    Case("zoo-build-1e9-declared-rows", ["zoo", "build", "{ws}/z.toml", "--out", "{ws}/Z"], "stores 0 chunk(s)",
+         lambda ws: (declared(10**9)(ws), write("z.toml", '[data]\npath = "big.h5"\n[[attack]]\nid = "benign"\n'
+                                                          '[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["benign"]\n')(ws))),
+    Case("show-huge-declared-image", ["data", "show", BIG, "--out", "{ws}/s.png"], "TESTBED_MAX_IMAGE_PIXELS",
+         declared(1, image_size=(100000, 100000))),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in HOSTILE])
+def test_hostile_hdf5_is_refused_in_bounded_time(case, ws: Path, capsys):
+    import time
+
+    case.setup(ws)
+    before = snapshot(ws)
+    t0 = time.process_time()
+    outcome = run_main([a.replace("{ws}", str(ws)) for a in case.argv], capsys)
+    assert time.process_time() - t0 < 10
+    judge(before, snapshot(ws), outcome, case.code, case.needle, ws / MARKER)
+
+
+def test_a_partly_written_array_is_refused_and_a_whole_one_read(ws: Path):
+    """The stored-chunk rule against an independent count: one chunk missing is refused, all present is fine."""
+    from testbed.data.h5data import open_dataset, stored_problem
+
+    with h5py.File(ws / "d.h5", "r") as f:
+        assert all(stored_problem(f[n]) is None for n in ("train/images", "train/labels", "test/images"))
+    with h5py.File(ws / "d.h5", "a") as f:
+        x = f["train/images"][()]
+        del f["train/images"]
+        ds = f.create_dataset("train/images", shape=x.shape, dtype="u1", chunks=(1,) + x.shape[1:])
+        ds[: len(x) - 1] = x[:-1]  # the last row never written
+    with pytest.raises(UserError, match=re.escape(f"declares {x.shape} ({len(x)} chunks) but stores {len(x) - 1} chunk")):
+        open_dataset(ws / "d.h5")
+
+
+def test_image_pixel_limit_is_overridable(ws: Path, monkeypatch):
+    from testbed.data.h5data import open_dataset
+
+    monkeypatch.setenv("TESTBED_MAX_IMAGE_PIXELS", str(32 * 32 - 1))
+    with pytest.raises(UserError, match="TESTBED_MAX_IMAGE_PIXELS"):
+        open_dataset(ws / "d.h5")
+    monkeypatch.setenv("TESTBED_MAX_IMAGE_PIXELS", str(32 * 32))
+    with open_dataset(ws / "d.h5") as f:
+        assert f.image_size == (32, 32)
