@@ -236,3 +236,66 @@ def test_image_pixel_limit_is_overridable(ws: Path, monkeypatch):
     monkeypatch.setenv("TESTBED_MAX_IMAGE_PIXELS", str(32 * 32))
     with open_dataset(ws / "d.h5") as f:
         assert f.image_size == (32, 32)
+
+
+# -- weights: dtype and finiteness checked on load ---------------------------------------------------------
+def weights_edit(edit, config_edit=None):
+    def setup(ws: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(ws / "R" / "model.safetensors"))
+        save_file(edit(state), str(ws / "R" / "model.safetensors"), metadata={"format": "pt"})
+        if config_edit is not None:
+            cfg = json.loads((ws / "R" / "config.json").read_text())
+            config_edit(cfg)
+            (ws / "R" / "config.json").write_text(json.dumps(cfg))
+
+    return setup
+
+
+def _floats(dtype):
+    return lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _poke(value):
+    def edit(state):
+        k = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+        state[k] = state[k].clone()
+        state[k].view(-1)[1] = value
+        return state
+
+    return edit
+
+
+WEIGHTS = [
+    Case("weights-float16", SCORE, "is float16, the model holds float32", lambda ws: weights_edit(_floats(_torch().float16))(ws)),
+    Case("weights-int8", SCORE, "is int8, the model holds float32", lambda ws: weights_edit(_floats(_torch().int8))(ws)),
+    Case("weights-nan", SCORE, "NaN or infinite", lambda ws: weights_edit(_poke(float("nan")))(ws)),
+    Case("weights-inf", SCORE, "NaN or infinite", lambda ws: weights_edit(_poke(float("inf")))(ws)),
+    Case("weights-bfloat16-config-says-float16", SCORE, "(config.json says float16)",
+         lambda ws: weights_edit(_floats(_torch().bfloat16), lambda c: c.update(weights_dtype="float16"))(ws)),
+]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+@pytest.mark.parametrize("case", [c.param() for c in WEIGHTS])
+def test_converted_or_damaged_weights_are_one_line(case, ws: Path, capsys):
+    case.setup(ws)
+    before = snapshot(ws)
+    outcome = run_main([a.replace("{ws}", str(ws)) for a in case.argv], capsys)
+    judge(before, snapshot(ws), outcome, case.code, case.needle, ws / MARKER)
+
+
+def test_half_weights_load_where_the_config_says_so(ws: Path):
+    import torch
+
+    from testbed.training.runs import load_run
+
+    weights_edit(_floats(torch.float16), lambda c: c.update(weights_dtype="float16"))(ws)
+    model, _ = load_run(ws / "R")
+    assert next(model.parameters()).dtype == torch.float32  # loaded into the float32 model, values rounded

@@ -130,7 +130,7 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
     try:
         doc = safeload.load_json(file)
     except UserError as e:
-        raise UserError(f"{e}; rerun `testbed bench` to rewrite the report") from None
+        raise UserError(f"cannot read {e}; rerun `testbed bench` to rewrite the report") from None
     except OSError as e:
         raise UserError(f"cannot read {file} ({e.strerror}); rerun `testbed bench` to rewrite the report") from None
     if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT:
