@@ -299,3 +299,48 @@ def test_half_weights_load_where_the_config_says_so(ws: Path):
     weights_edit(_floats(torch.float16), lambda c: c.update(weights_dtype="float16"))(ws)
     model, _ = load_run(ws / "R")
     assert next(model.parameters()).dtype == torch.float32  # loaded into the float32 model, values rounded
+
+
+# -- the whole zoo spec is checked before anything is written ----------------------------------------------
+def spec(text: str, extra=None):
+    def setup(ws: Path) -> None:
+        (ws / "z.toml").write_text(text)
+        if extra is not None:
+            extra(ws)
+
+    return setup
+
+
+def _spec_text(attack_id: str = "n1", train: str = "") -> str:
+    return ('[data]\nsynth = { n_train = 8, n_test = 4, size = 32, seed = 0 }\n[train]\nepochs = 1\n' + train +
+            f'[[attack]]\nid = "{attack_id}"\nattack = "fgba"\npreset = "n-to-1"\ntarget = "wall"\ntrigger = "line"\n'
+            f'[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["{attack_id}"]\n')
+
+
+def _pickle_file(ws: Path) -> None:
+    import pickle
+
+    from test_faults import Boom
+
+    (ws / "bb.safetensors").write_bytes(pickle.dumps(Boom(ws / MARKER)))
+
+
+BUILD = ["zoo", "build", "{ws}/z.toml", "--out", "{ws}/Z", "--device", "cpu"]
+SPECS = [
+    Case("spec-attack-id-dotdot", BUILD, "[[attack]] id '..'", spec(_spec_text(".."))),
+    Case("spec-attack-id-dot-dash", BUILD, "[[attack]] id '.-.'", spec(_spec_text(".-."))),
+    Case("spec-backbone-weights-missing", BUILD, "backbone_weights file", spec(_spec_text(train='backbone_weights = "nope.safetensors"\n'))),
+    Case("spec-backbone-weights-a-pickle", BUILD, "looks like a pickle",
+         spec(_spec_text(train='backbone_weights = "{ws}/bb.safetensors"\n'), _pickle_file)),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in SPECS])
+def test_a_bad_zoo_spec_writes_nothing(case, ws: Path, capsys):
+    case.setup(ws)
+    text = (ws / "z.toml").read_text().replace("{ws}", str(ws))
+    (ws / "z.toml").write_text(text)
+    before = snapshot(ws)
+    outcome = run_main([a.replace("{ws}", str(ws)) for a in case.argv], capsys)
+    judge(before, snapshot(ws), outcome, case.code, case.needle, ws / MARKER)
+    assert not (ws / "Z").exists()

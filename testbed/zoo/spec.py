@@ -255,7 +255,8 @@ def _parse_grid(doc: dict[str, Any], train: dict[str, Any], defined: dict[str, A
                             f"add an [[attack]] table with id = {json.dumps(str(a))} or use one of: {', '.join(defined)}")
     g["combos"] = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     for combo in g["combos"]:  # bad values fail now, not an hour into a cluster job
-        TrainConfig(**{**train, **combo, "model": g["model"][0], "seed": 0, "device": "cpu"})
+        cfg = TrainConfig(**{**train, **combo, "model": g["model"][0], "seed": 0, "device": "cpu"})
+        _check_backbone_weights(cfg.backbone_weights, path)
     for s in g["seed"]:
         _need(_is_int(s) and s >= 0, path, f"[grid] seed values must be non-negative integers, got {s!r}")
     for r in g["rate"]:
@@ -264,6 +265,23 @@ def _parse_grid(doc: dict[str, Any], train: dict[str, Any], defined: dict[str, A
         _need(t is None or (isinstance(t, str) and t.strip() != ""), path,
               f"[grid] trigger values must be strings like \"line\" or \"semantic:CLASS\", got {t!r}")
     return g
+
+
+def _check_backbone_weights(weights: str | None, path: Path) -> None:
+    """A backbone_weights file must exist and be safetensors (its header parsed, nothing unpickled) before the
+    build writes anything: found at training time, the data and entry records were already written."""
+    if weights is None or weights.lower() == "imagenet":
+        return
+    from testbed.training.runs import check_weights
+
+    file = Path(weights)
+    if not file.is_file():
+        raise UserError(f"{_where(path)}: backbone_weights file {weights} does not exist (paths are relative to the "
+                        "directory you run the build from); pass an existing .safetensors file or \"imagenet\"")
+    try:
+        check_weights(file)
+    except UserError as e:
+        raise UserError(f"{_where(path)}: backbone_weights: {e}") from None
 
 
 def _variants(g: dict[str, Any], defined: dict[str, Any], classes: list[str], image_size: tuple[int, int],
