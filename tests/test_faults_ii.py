@@ -344,3 +344,58 @@ def test_a_bad_zoo_spec_writes_nothing(case, ws: Path, capsys):
     outcome = run_main([a.replace("{ws}", str(ws)) for a in case.argv], capsys)
     judge(before, snapshot(ws), outcome, case.code, case.needle, ws / MARKER)
     assert not (ws / "Z").exists()
+
+
+# -- out of memory, Ctrl-C: one line, the right exit code, nothing partial --------------------------------
+def _oom(kind: str):
+    import torch
+
+    return {"host": MemoryError(), "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            "mps": RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["host", "cuda", "mps"])
+def test_out_of_memory_while_scoring_is_one_line(kind, ws: Path, capsys, monkeypatch):
+    import testbed.scoring.scorer as scorer
+
+    def boom(*a, **k):
+        raise _oom(kind)
+
+    monkeypatch.setattr(scorer, "score_model", boom)
+    before = snapshot(ws)
+    outcome = run_main(["score", f"{ws}/R", "--data", f"{ws}/d.h5", "--device", "cpu", "--out", f"{ws}/m2.json"], capsys)
+    judge(before, snapshot(ws), outcome, 2, "out of memory")
+
+
+def test_out_of_memory_while_training_leaves_nothing(ws: Path, capsys, monkeypatch):
+    import testbed.models as models
+
+    def boom(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(models, "create", boom)
+    before = snapshot(ws)
+    outcome = run_main(["train", f"{ws}/d.h5", "--model", "deeplabv3_tiny", "--out", f"{ws}/R3", "--device", "cpu"],
+                       capsys)
+    judge(before, snapshot(ws), outcome, 2, "out of memory")
+
+
+def test_ctrl_c_while_the_commands_import_is_exit_130(capsys, monkeypatch):
+    import testbed.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["zoo", "build", "x.toml", "--out", "z"]) == 130
+    err = capsys.readouterr().err
+    TALLY["tried"] += 1
+    assert err == "testbed: interrupted\n"
+    TALLY["clean_errors"] += 1
+
+
+def test_a_runtime_error_that_is_not_memory_still_raises(monkeypatch):
+    import testbed.cli as cli
+
+    assert cli.out_of_memory(RuntimeError("shape mismatch")) is None
+    assert cli.out_of_memory(MemoryError()) is not None
