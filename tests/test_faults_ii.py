@@ -399,3 +399,32 @@ def test_a_runtime_error_that_is_not_memory_still_raises(monkeypatch):
 
     assert cli.out_of_memory(RuntimeError("shape mismatch")) is None
     assert cli.out_of_memory(MemoryError()) is not None
+
+
+# -- a valid long file name is written (its temporary name stays within the limit) ---------------------------
+def test_a_243_character_output_name_is_written_atomically(ws: Path, capsys):
+    from testbed.core import atomic
+
+    name = "m" * 238 + ".json"  # 243 characters: a valid name, longer than room for its temporary name
+    outcome = run_main(["score", f"{ws}/R", "--data", f"{ws}/d.h5", "--device", "cpu", "--out", f"{ws}/{name}"], capsys)
+    TALLY["tried"] += 1
+    assert outcome.rc == 0 and outcome.crashed is None, outcome
+    assert json.loads((ws / name).read_text())["mIoU-B"] is not None
+    assert len(atomic.temp_prefix(name).encode()) + 24 <= 255
+    assert not [p for p in os.listdir(ws) if p.startswith(".")]  # no temporary left behind
+    TALLY["clean_errors"] += 1
+
+
+def test_stale_temporaries_of_long_names_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from testbed.core import atomic
+    from testbed.core.procs import HOST
+
+    name = "x" * 243
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_path / f".{atomic.temp_stem(name)}.{HOST}.{p.pid}.abc.tmp"
+    stale.write_text("partial")
+    assert atomic.sweep_stale(tmp_path, name) == [stale] and not stale.exists()
