@@ -255,6 +255,10 @@ TAMPER = [
      f"entries/{N1}/model.safetensors: a hard link", "model.safetensors: a hard link"),
     ("hardlinked-manifest", linked_outside("manifest.json", hard=True), "manifest.json: a hard link",
      "manifest.json: a hard link"),
+    ("manifest-deeply-nested", lambda z: (z / "manifest.json").write_text("[" * 100000 + "]" * 100000),
+     "manifest.json: not valid JSON (nested", "nested"),
+    ("plan-deeply-nested", lambda z: (z / "plan.json").write_text("[" * 100000 + "]" * 100000),
+     "plan.json: sha256 mismatch", "plan.json: sha256 mismatch"),
 ]
 
 
@@ -303,7 +307,8 @@ def test_bench_refuses_tampering(case, zoo: Path, capsys):
 
 
 @pytest.mark.parametrize("case", ["reseal-done-json", "reseal-sidecar", "flip-weights", "manifest-edited",
-                                  "datasets-a-list"])
+                                  "datasets-a-list", "swap-weights-resealed", "manifest-deeply-nested",
+                                  "plan-deeply-nested"])
 def test_rebuild_refuses_to_bless_tampering(case, zoo: Path, capsys):
     tamper = next(t[1] for t in TAMPER if t[0] == case)
     tamper(zoo)
@@ -434,7 +439,7 @@ def test_suites_refuse_a_tampered_zoo_as_a_usage_error(zoo: Path, tmp_path):
     flip(zoo / "entries" / N1 / "model.safetensors")
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "testbed.suites", "--defense", "strip", "--zoo",
                            str(zoo), "-q", "-p", "no:cacheprovider"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 4 and "sha256 mismatch" in out and "Traceback" not in out, out[-2000:]
 

@@ -27,9 +27,9 @@ SIGN_EXAMPLES = """examples:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "zoo", help="build, list and verify model zoos (models × attacks × seeds)",
+        "zoo", help="build, list, verify and sign model zoos (models × attacks × seeds)",
         description="Model zoos (docs/zoo.md): a TOML spec names the data, training arguments, attacks and a grid; "
-        "`build` trains every entry once (resumable, shareable across workers and Ray nodes), `ls` lists them, "
+        "`build` trains every entry once (resumable, shareable across workers and Ray nodes), `ls` lists them, `sign` signs it, "
         "`verify` recomputes every checksum. Spec format: docs/zoo.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BUILD_EXAMPLES.split("\n\n")[0] + "\n" + LS_EXAMPLES.split("\n", 1)[1] + "\n" + VERIFY_EXAMPLES.split("\n", 1)[1],
@@ -78,7 +78,10 @@ def register(subparsers) -> None:
     v.add_argument("--public-key", "--trusted-key", dest="public_key", type=Path, metavar="PUB",
                    help="the publisher's public key (PEM): also require manifest.sig to be its signature of manifest.json")
     v.set_defaults(func=run_verify)
+    _register_sign(sub)
 
+
+def _register_sign(sub) -> None:
     s = sub.add_parser("sign", help="sign a verified zoo's manifest with a private key",
                        description="Verify the zoo, then sign its manifest.json (which records the sha256 of every "
                        "file) with an ECDSA private key, writing ZOO/manifest.sig (OpenSSF model-signing, key mode, "

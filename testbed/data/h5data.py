@@ -303,14 +303,7 @@ class SegFile:
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise UserError(f"{self.path}: root attribute image_size is {size!r}, not [H, W]; the file is damaged, re-create it")
         self.image_size = (size[0], size[1])
-        if size[0] * size[1] > max_image_pixels():
-            raise UserError(f"{self.path}: declares {size[0]}×{size[1]} images, more than the {max_image_pixels()} pixels "
-                            "an image may have (TESTBED_MAX_IMAGE_PIXELS); refused before reading")
-        for name, ds in self.arrays().items():
-            problem = stored_problem(ds)
-            if problem is not None:
-                raise UserError(f"{self.path}: /{name} {problem}; the file is damaged, truncated or hostile: refused "
-                                "before reading")
+        self._check_declared()
         for split in SPLITS:
             for kind in ("images", "labels"):
                 if f"{split}/{kind}" not in self.file:
@@ -332,6 +325,18 @@ class SegFile:
                 for key in ("labels", "gt", "original_labels"):
                     if f"{name}/{key}" in self.file:
                         self._check_label_range(f"{name}/{key}")
+
+    def _check_declared(self) -> None:
+        """What the file declares, bounded before anything is read (docs/data-format.md, "Limits")."""
+        h, w = self.image_size
+        if h * w > max_image_pixels():
+            raise UserError(f"{self.path}: declares {h}×{w} images, more than the {max_image_pixels()} pixels "
+                            "an image may have (TESTBED_MAX_IMAGE_PIXELS); refused before reading")
+        for name, ds in self.arrays().items():
+            problem = stored_problem(ds)
+            if problem is not None:
+                raise UserError(f"{self.path}: /{name} {problem}; the file is damaged, truncated or hostile: refused "
+                                "before reading")
 
     def _check_classes(self, classes: Any) -> list[str]:
         """Class names are how everything refers to classes: 1..255 distinct, non-empty strings."""
