@@ -16,6 +16,7 @@ import h5py
 import pytest
 
 from testbed.core import safeload
+from testbed.cli import main
 from testbed.core.errors import UserError
 
 try:  # the module pytest collected (one TALLY for the whole campaign), not a second copy under tests.
@@ -428,3 +429,14 @@ def test_stale_temporaries_of_long_names_are_swept(tmp_path):
     stale = tmp_path / f".{atomic.temp_stem(name)}.{HOST}.{p.pid}.abc.tmp"
     stale.write_text("partial")
     assert atomic.sweep_stale(tmp_path, name) == [stale] and not stale.exists()
+
+
+# -- provenance by content -----------------------------------------------------------------------------------
+def test_a_byte_identical_copy_of_the_training_data_is_the_same_data(ws: Path, capsys):
+    import shutil
+
+    shutil.copy(ws / "d.h5", ws / "copy.h5")
+    assert main(["-q", "score", f"{ws}/R", "--data", f"{ws}/copy.h5", "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().err  # same content: not "trained on another file"
+    assert main(["-q", "score", f"{ws}/R", "--data", f"{ws}/p.h5", "--device", "cpu"]) == 0
+    assert "note:" in capsys.readouterr().err  # other content: said
