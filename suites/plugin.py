@@ -19,6 +19,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("segbackdoor", "segbackdoor robustness suites")
     g.addoption("--defense", default=None, help="defense under test: a built-in name or package.module:Class")
     g.addoption("--zoo", default=None, help="model zoo directory (from `testbed zoo build`)")
+    g.addoption("--public-key", default=None, metavar="PUB",
+                help="the zoo publisher's public key (PEM): refuse the zoo unless its manifest is signed by it")
     g.addoption("--defense-param", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                 help="a parameter for the defense's constructor, as `testbed defend --param`: KEY=VALUE or "
                 "NAME.KEY=VALUE (repeatable; values parsed as JSON when possible)")
@@ -57,6 +59,7 @@ class SuiteSettings:
     params: dict
     device: str
     seed: int
+    public_key: str | None = None  # the zoo publisher's public key: the zoo must be signed by it
 
     def __repr__(self) -> str:  # what an assertion message shows: short, not every field
         return f"SuiteSettings({self.defense!r} on {str(self.zoo)!r})"
@@ -86,7 +89,7 @@ def _settings(config: pytest.Config) -> SuiteSettings | None:
     except UserError as e:
         raise pytest.UsageError(str(e)) from None
     return SuiteSettings(
-        defense=defense, zoo=Path(zoo), max_asr=opt("--max-asr"), max_miou_drop=opt("--max-miou-drop"),
+        defense=defense, zoo=Path(zoo), public_key=opt("--public-key"), max_asr=opt("--max-asr"), max_miou_drop=opt("--max-miou-drop"),
         min_tpr=opt("--min-tpr"), max_fpr=opt("--max-fpr"), min_accuracy=opt("--min-detection-accuracy"),
         min_auroc=opt("--min-detection-auroc"), min_asr=opt("--min-asr"), budget_s=opt("--budget"),
         budget_passes=opt("--budget-passes"), params=params, device=opt("--suite-device"), seed=opt("--suite-seed"),
@@ -107,7 +110,7 @@ def _open_zoo(settings: SuiteSettings):
     from testbed.zoo import open as open_zoo
 
     try:
-        zoo = open_zoo(settings.zoo)
+        zoo = open_zoo(settings.zoo, public_key=settings.public_key)
         list(zoo)  # handing out the entries verifies their files (cached): tampering is a usage error here
         return zoo
     except UserError as e:

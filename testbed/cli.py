@@ -65,11 +65,38 @@ def _stdout_gone() -> bool:
     return False
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for running out of memory (host: ``MemoryError``; a GPU: torch's out-of-memory error), else None."""
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError):
+        return "out of memory; use smaller --batch-size or images, or a machine with more memory"
+    if isinstance(e, RuntimeError) and ("out of memory" in text.lower() or type(e).__name__ == "OutOfMemoryError"):
+        return f"out of memory on the device ({text[:120]}); use a smaller --batch-size or another --device"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # Ctrl-C at any moment, also while the commands (and torch) are imported
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
+    except RecursionError:  # a reader without its own bound met deeply nested input
+        print("testbed: error: input nested too deeply to read; refusing it as damaged or hostile", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        line = out_of_memory(e)
+        if line is None:
+            raise
+        print(f"testbed: error: {line}", file=sys.stderr)
+        return 2
     if args.quiet:
         progress.set_quiet(True)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that left is noticed here, not in the interpreter's final flush
@@ -91,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130
+    except RecursionError:  # a reader without its own bound met deeply nested input
+        print("testbed: error: input nested too deeply to read; refusing it as damaged or hostile", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        line = out_of_memory(e)
+        if line is None:
+            raise
+        print(f"testbed: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

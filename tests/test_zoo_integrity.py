@@ -150,6 +150,55 @@ def _files(name: str, value) -> Callable[[dict], None]:
     return edit
 
 
+def swap_weights(z: Path) -> None:
+    """Swap two entries' weights, write their new hashes into the manifest and recompute its checksum: the
+    re-seal a forger without the publisher's key can do.  Only the entries' own done.json still disagree."""
+    a, b = z / "entries" / N1 / "model.safetensors", z / "entries" / BENIGN / "model.safetensors"
+    tmp = z.parent / "swap.tmp"
+    os.replace(a, tmp)
+    os.replace(b, a)
+    os.replace(tmp, b)
+
+    def edit(m: dict) -> None:
+        for eid, w in ((N1, a), (BENIGN, b)):
+            entry(m, eid)["files"][f"entries/{eid}/model.safetensors"] = sha(w)
+
+    manifest_edit(edit)(z)
+
+
+def swap_config(z: Path) -> None:
+    """Give the backdoored entry the benign entry's config.json (a run claiming other data), manifest re-sealed."""
+    shutil.copy(z / "entries" / BENIGN / "config.json", z / "entries" / N1 / "config.json")
+    done = json.loads((z / "entries" / N1 / "done.json").read_text())
+    done["files"]["config.json"] = sha(z / "entries" / N1 / "config.json")
+    (z / "entries" / N1 / "done.json").write_text(json.dumps(done))
+
+    def edit(m: dict) -> None:
+        entry(m, N1)["files"][f"entries/{N1}/config.json"] = sha(z / "entries" / N1 / "config.json")
+        entry(m, N1)["files"][f"entries/{N1}/done.json"] = sha(z / "entries" / N1 / "done.json")
+
+    manifest_edit(edit)(z)
+
+
+def swap_data_hash(z: Path) -> None:
+    """Replace the poisoned dataset by the clean one and write its hash into the manifest (sidecar untouched)."""
+    p = poisoned(z)
+    shutil.copy(z / "data" / "clean.h5", p)
+    name = p.stem
+    manifest_edit(lambda m: m["datasets"][name].update(sha256=sha(p)))(z)
+
+
+def linked_outside(rel: str, hard: bool) -> Callable[[Path], None]:
+    """``rel`` replaced by a link to a byte-identical copy outside the zoo (only the link gives it away)."""
+    def tamper(z: Path) -> None:
+        target = z.parent / ("outside-" + rel.replace("/", "_"))
+        shutil.copy(z / rel, target)
+        (z / rel).unlink()
+        (os.link if hard else os.symlink)(target, z / rel)
+
+    return tamper
+
+
 # (id, tamper, needle in verify's output, needle of the API's / bench's error or None when they do not read it)
 TAMPER = [
     # flips
@@ -164,7 +213,7 @@ TAMPER = [
      "model.safetensors: missing"),
     # re-seals (a rebuild must not bless them either: test_rebuild_refuses_to_bless)
     ("reseal-done-json", reseal_done, "model.safetensors: sha256 mismatch", "sha256 mismatch"),
-    ("reseal-sidecar", reseal_sidecar, ": sha256 mismatch", ".h5: sha256 mismatch"),
+    ("reseal-sidecar", reseal_sidecar, ": sha256 mismatch", ": sha256 mismatch"),  # the sidecar's own hash, first
     # paths leaving the zoo (re-sealed manifests, so only the path gives them away)
     ("escape-dotdot", manifest_edit(_files("../../../../etc/passwd", "0" * 64)), "malformed", "malformed"),
     ("escape-absolute", manifest_edit(_files("/etc/passwd", "0" * 64)), "malformed", "malformed"),
@@ -194,6 +243,22 @@ TAMPER = [
     ("data-file", add_file("data/extra.h5"), "data/extra.h5: not listed", None),
     ("leftover-claim", dead_claim, f"entries/{N1}.claim: a builder's claim", None),
     ("unexpected-dir", add_file("entries/other/x.bin"), "entries/other/: a directory not listed", None),
+    # issue 23: swapped files under a re-sealed manifest, links to outside the zoo
+    ("swap-weights-resealed", swap_weights, f"entries/{N1}/model.safetensors: the manifest's sha256 differs from the "
+     "one done.json recorded", "done.json recorded"),
+    ("swap-config-resealed", swap_config, f"entries/{N1}/config.json: trained on other data", "trained on other data"),
+    ("swap-data-resealed", swap_data_hash, "differs from the manifest's", "differs from the manifest's"),
+    ("symlinked-manifest", linked_outside("manifest.json", hard=False), "manifest.json: a symbolic link",
+     "manifest.json: a symbolic link"),
+    ("symlinked-plan", linked_outside("plan.json", hard=False), "plan.json: a symbolic link", "plan.json: a symbolic link"),
+    ("hardlinked-weights", linked_outside(f"entries/{N1}/model.safetensors", hard=True),
+     f"entries/{N1}/model.safetensors: a hard link", "model.safetensors: a hard link"),
+    ("hardlinked-manifest", linked_outside("manifest.json", hard=True), "manifest.json: a hard link",
+     "manifest.json: a hard link"),
+    ("manifest-deeply-nested", lambda z: (z / "manifest.json").write_text("[" * 100000 + "]" * 100000),
+     "manifest.json: not valid JSON (nested", "nested"),
+    ("plan-deeply-nested", lambda z: (z / "plan.json").write_text("[" * 100000 + "]" * 100000),
+     "plan.json: sha256 mismatch", "plan.json: sha256 mismatch"),
 ]
 
 
@@ -242,7 +307,8 @@ def test_bench_refuses_tampering(case, zoo: Path, capsys):
 
 
 @pytest.mark.parametrize("case", ["reseal-done-json", "reseal-sidecar", "flip-weights", "manifest-edited",
-                                  "datasets-a-list"])
+                                  "datasets-a-list", "swap-weights-resealed", "manifest-deeply-nested",
+                                  "plan-deeply-nested"])
 def test_rebuild_refuses_to_bless_tampering(case, zoo: Path, capsys):
     tamper = next(t[1] for t in TAMPER if t[0] == case)
     tamper(zoo)
@@ -373,7 +439,7 @@ def test_suites_refuse_a_tampered_zoo_as_a_usage_error(zoo: Path, tmp_path):
     flip(zoo / "entries" / N1 / "model.safetensors")
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "testbed.suites", "--defense", "strip", "--zoo",
                            str(zoo), "-q", "-p", "no:cacheprovider"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 4 and "sha256 mismatch" in out and "Traceback" not in out, out[-2000:]
 
@@ -400,3 +466,100 @@ def test_a_version_1_manifest_is_refreshed_by_a_rebuild_without_retraining(zoo: 
     assert main(["zoo", "verify", str(zoo)]) == 0
     assert {p: sha(p) for p in zoo.glob("entries/*/model.safetensors")} == weights
     assert len(testbed.zoo.open(zoo)) == 2
+
+
+# -- signed zoos (issue 23): a re-seal without the publisher's key fails verification against it ----------------
+def _key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = directory / f"{name}.pem", directory / f"{name}.pub"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+@pytest.fixture
+def signed(zoo: Path, capsys) -> tuple[Path, Path, Path]:
+    """The zoo signed by a publisher; returns (zoo, publisher's public key, a stranger's private key)."""
+    pytest.importorskip("model_signing")
+    keys = zoo.parent / "keys"
+    keys.mkdir()
+    priv, pub = _key_pair(keys, "publisher")
+    other, _ = _key_pair(keys, "stranger")
+    assert main(["zoo", "sign", str(zoo), "--private-key", str(priv)]) == 0
+    assert (zoo / "manifest.sig").is_file()
+    capsys.readouterr()
+    return zoo, pub, other
+
+
+def test_a_signed_zoo_verifies_with_its_key_and_is_used(signed, capsys):
+    import testbed.zoo
+
+    zoo, pub, _ = signed
+    for flag in ("--public-key", "--trusted-key"):
+        assert main(["zoo", "verify", str(zoo), flag, str(pub)]) == 0
+        assert "signed by the --public-key" in capsys.readouterr().out
+    assert len(testbed.zoo.open(zoo, public_key=pub)) == 2
+
+
+RESIGN = [("reseal-swap", swap_weights, None), ("reseal-swap-signed-by-stranger", swap_weights, "stranger"),
+          ("manifest-edited-resealed", manifest_edit(lambda m: entry(m, N1)["metrics"].update(ASR=99.0)), None),
+          ("signature-removed", lambda z: (z / "manifest.sig").unlink(), None),
+          ("signature-garbage", lambda z: (z / "manifest.sig").write_text("[" * 100000), None)]
+
+
+@pytest.mark.parametrize("case", RESIGN, ids=[c[0] for c in RESIGN])
+def test_a_resealed_zoo_fails_against_the_publishers_key(case, signed, capsys):
+    import testbed.zoo
+
+    zoo, pub, stranger = signed
+    _, tamper, resign = case
+    tamper(zoo)
+    if resign:  # the forger re-seals and signs with their own key: still not the publisher's signature
+        from testbed.zoo.signing import sign
+
+        sign(zoo, stranger)  # through the library: `testbed zoo sign` itself refuses a zoo that does not verify
+    before = snapshot(zoo.parent)
+    capsys.readouterr()
+    rc = main(["zoo", "verify", str(zoo), "--trusted-key", str(pub)])
+    out, err = capsys.readouterr()
+    TALLY["tried"] += 1
+    TALLY["clean_errors"] += rc == 1 and not err
+    assert rc == 1 and not err and "FAIL manifest.sig" in out, (rc, out, err)
+    with pytest.raises(UserError, match="manifest.sig") as info:
+        testbed.zoo.open(zoo, public_key=pub)
+    assert "\n" not in str(info.value)
+    outcome = run_main(["bench", "--zoo", str(zoo), "--public-key", str(pub), "--defense", "strip", "--device", "cpu",
+                        "--out", str(zoo.parent / "rep")], capsys)
+    judge(before, snapshot(zoo.parent), outcome, 2, "manifest.sig")
+
+
+def test_signing_refuses_an_unverified_zoo_and_bad_keys(zoo: Path, capsys):
+    pytest.importorskip("model_signing")
+    priv, pub = _key_pair(zoo.parent, "k")
+    flip(zoo / "entries" / N1 / "model.safetensors")
+    for argv, needle in ((["zoo", "sign", str(zoo), "--private-key", str(priv)], "does not verify"),
+                         (["zoo", "sign", str(zoo), "--private-key", str(pub)], "cannot sign with it"),
+                         (["zoo", "sign", str(zoo), "--private-key", str(zoo.parent / "none.pem")], "no such file"),
+                         (["zoo", "verify", str(zoo), "--public-key", str(zoo.parent / "none.pub")], "no such file")):
+        if needle == "cannot sign with it":
+            flip(zoo / "entries" / N1 / "model.safetensors")  # restore: only the key is wrong now
+        before = snapshot(zoo.parent)
+        judge(before, snapshot(zoo.parent), run_main(argv, capsys), 2, needle)
+        if needle == "cannot sign with it":
+            flip(zoo / "entries" / N1 / "model.safetensors")
+
+
+def test_suites_refuse_an_unsigned_zoo_given_a_public_key(zoo: Path, tmp_path):
+    pytest.importorskip("model_signing")
+    _, pub = _key_pair(tmp_path, "publisher")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "testbed.suites", "--defense", "strip", "--zoo",
+                           str(zoo), "--public-key", str(pub), "-q", "-p", "no:cacheprovider"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # this checkout
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "the zoo is not signed" in out and "Traceback" not in out, out[-2000:]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 
 EXAMPLES = """examples:
   testbed bench --run runs/fgba/ --data fgba-n1-line.h5 --defense fine-pruning,strip,spectral-signature --out bench/
@@ -38,7 +39,7 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
                    "defense (the report marks runs that exceed it or that it stopped)")
     p.add_argument("--budget-passes", type=int, metavar="N", help="compute budget per defense run: forward + backward "
                    "passes of one image through the model; unlike --budget it gives the same result on any machine")
-    p.add_argument("--seed", type=int, default=0, help="seed handed to each defense (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed handed to each defense (default: 0)")
     p.add_argument("--min-asr", type=float, default=50.0, metavar="PCT",
                    help="a backdoored model whose ASR before any defense is below PCT%% did not really learn its backdoor: "
                    "its DER is reported as n/a with the reason (default: 50)")
@@ -70,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--zoo", type=Path, metavar="ZOO/", help="a zoo built by `testbed zoo build`")
     src.add_argument("--run", type=Path, metavar="RUN/", help="one run directory (needs --data)")
     p.add_argument("--data", type=Path, metavar="D.h5", help="the (poisoned) dataset of --run")
+    p.add_argument("--public-key", type=Path, metavar="PUB", help="with --zoo: the publisher's public key (PEM); "
+                   "refuse the zoo unless its manifest is signed by it (`testbed zoo sign`)")
     p.add_argument("--entries", metavar="GLOB", help="with --zoo: only entries whose id matches, e.g. '*fgba*'")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="run N model × defense pairs at once in "
                    "separate processes (default: 1, this process)")
@@ -118,4 +121,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--entries filters zoo entries; use it with --zoo")
     if args.ray_address is not None and args.backend != "ray":
         raise UserError("--ray-address goes with --backend ray")
+    if args.public_key is not None:
+        if args.zoo is None:
+            raise UserError("--public-key checks a zoo's signature; use it with --zoo")
+        from testbed.zoo.signing import require_signed
+
+        require_signed(args.zoo, args.public_key)
     return run_cli(args, zoo=args.zoo, run=args.run, data=args.data, entries=args.entries, title="testbed bench")

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 
 EXAMPLES = """examples:
   testbed compare bench-zoo/ --defense fine-pruning --vs none
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("report", type=Path, metavar="REPORT/", help="a report directory written by `testbed bench` or `testbed defend`")
     p.add_argument("--defense", required=True, metavar="A", help="the defense to assess (a name in the report)")
     p.add_argument("--vs", required=True, metavar="B", help="the defense to compare against, or 'none' for no defense")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_arg, default=0,
                    help="seed of the Monte Carlo sign patterns, used only beyond 20 models (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.set_defaults(func=run)

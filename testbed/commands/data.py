@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 
 SYNTH_EXAMPLES = """examples:
   testbed data synth --out synth.h5
@@ -52,7 +53,7 @@ def _register_synth(sub) -> None:
     s.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
     s.add_argument("--n-test", type=int, default=200, help="test images (default 200)")
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0)")
     _add_common_out(s)
     s.set_defaults(func=run_synth)
 
@@ -70,7 +71,7 @@ def _register_import(sub) -> None:
     fo.add_argument("--classes", required=True, type=Path, help="text file: one class name per line, in id order")
     fo.add_argument("--test-fraction", type=float, default=0.2,
                     help="share of pairs for the test split without train/test folders (default 0.2)")
-    fo.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
+    fo.add_argument("--seed", type=seed_arg, default=0, help="seed of the train/test split (default 0)")
     fo.add_argument("--ignore", type=_int_list, default=(), metavar="V[,V...]",
                     help="mask values to store as 255 (ignore), e.g. CamVid's void 11")
     fo.add_argument("--palette", type=Path, default=None, metavar="FILE",
@@ -135,7 +136,7 @@ def _register_dataset(isub, name: str) -> None:
     if name in ("cityscapes", "voc"):
         c.add_argument("--val-fraction", type=float, default=0.0,
                        help="hold out this seeded share of train as /val (default 0: no /val)")
-        c.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction hold-out (default 0)")
+        c.add_argument("--seed", type=seed_arg, default=0, help="seed of the --val-fraction hold-out (default 0)")
     _add_common_out(c)
     c.set_defaults(func=run_import_dataset, dataset=name)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 
 EXAMPLES = """\
 examples:
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=d.model, help="model name (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per model (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of data, poisoning and training (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=d.seed, help="seed of data, poisoning and training (default %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--defenses", default=",".join(DEFAULT_DEFENSES),
                    help="comma-separated defenses to run on the FGBA N-to-1 line model; '' for none (default %(default)s)")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from testbed.core import safeload
 from testbed.core.errors import UserError
 
 EXAMPLES = """examples:
@@ -47,15 +48,15 @@ def _read_before(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--before {path}: no such file; pass the metrics.json of the model before the defense")
     try:
-        before = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"--before {path} is not valid JSON ({e}); pass a metrics.json written by `testbed score`") from None
+        before = safeload.load_json(path)
+    except UserError as e:
+        raise UserError(f"--before {e}; pass a metrics.json written by `testbed score`") from None
     if not isinstance(before, dict):
         raise UserError(f"--before {path} holds no JSON object; pass a metrics.json written by `testbed score`")
     for key in ("ASR", "mIoU-B"):
         v = before.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
-            raise UserError(f"--before {path} has no numeric {key!r}; it must be scores on data with an attacked test set")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 1e15:
+            raise UserError(f"--before {path} has no finite numeric {key!r}; it must be scores on data with an attacked test set")
     return before
 
 

@@ -7,6 +7,7 @@ import json
 
 from testbed.core.device import torch_threads
 from testbed.core.errors import UserError
+from testbed.core.seeds import seed_arg
 from testbed.training.config import PRECISIONS
 from testbed.training.loop import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig, train
 
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=float, default=d["warmup"].default, help="fraction of steps warming up the lr (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default, help="default %(default)s")
     p.add_argument("--momentum", type=float, default=d["momentum"].default, help="SGD momentum (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of init, shuffling and flips (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=d["seed"].default, help="seed of init, shuffling and flips (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice); CPU weights depend on it, config.json records it")

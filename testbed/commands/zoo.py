@@ -18,14 +18,18 @@ LS_EXAMPLES = """examples:
   testbed zoo ls zoo-small/
   testbed zoo ls zoo-small/ --json"""
 VERIFY_EXAMPLES = """examples:
-  testbed zoo verify zoo-small/          (exit 0: every file matches the manifest; 1: problems, one per line)"""
+  testbed zoo verify zoo-small/          (exit 0: every file matches the manifest; 1: problems, one per line)
+  testbed zoo verify zoo-small/ --public-key publisher.pub   (also: the manifest is signed by that key)"""
+SIGN_EXAMPLES = """examples:
+  openssl ecparam -name prime256v1 -genkey -noout -out zoo-key.pem && openssl ec -in zoo-key.pem -pubout -out zoo-key.pub
+  testbed zoo sign zoo-small/ --private-key zoo-key.pem      (writes zoo-small/manifest.sig; publish zoo-key.pub)"""
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "zoo", help="build, list and verify model zoos (models × attacks × seeds)",
+        "zoo", help="build, list, verify and sign model zoos (models × attacks × seeds)",
         description="Model zoos (docs/zoo.md): a TOML spec names the data, training arguments, attacks and a grid; "
-        "`build` trains every entry once (resumable, shareable across workers and Ray nodes), `ls` lists them, "
+        "`build` trains every entry once (resumable, shareable across workers and Ray nodes), `ls` lists them, `sign` signs it, "
         "`verify` recomputes every checksum. Spec format: docs/zoo.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BUILD_EXAMPLES.split("\n\n")[0] + "\n" + LS_EXAMPLES.split("\n", 1)[1] + "\n" + VERIFY_EXAMPLES.split("\n", 1)[1],
@@ -71,7 +75,22 @@ def register(subparsers) -> None:
                        "there is any.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VERIFY_EXAMPLES)
     v.add_argument("zoo", type=Path, help="zoo directory")
+    v.add_argument("--public-key", "--trusted-key", dest="public_key", type=Path, metavar="PUB",
+                   help="the publisher's public key (PEM): also require manifest.sig to be its signature of manifest.json")
     v.set_defaults(func=run_verify)
+    _register_sign(sub)
+
+
+def _register_sign(sub) -> None:
+    s = sub.add_parser("sign", help="sign a verified zoo's manifest with a private key",
+                       description="Verify the zoo, then sign its manifest.json (which records the sha256 of every "
+                       "file) with an ECDSA private key, writing ZOO/manifest.sig (OpenSSF model-signing, key mode, "
+                       "offline). Whoever has the public key can then tell the zoo from a re-sealed copy: `testbed zoo "
+                       "verify ZOO/ --public-key PUB`, `testbed bench --zoo ZOO/ --public-key PUB`.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SIGN_EXAMPLES)
+    s.add_argument("zoo", type=Path, help="zoo directory")
+    s.add_argument("--private-key", required=True, type=Path, metavar="KEY", help="PEM ECDSA private key (P-256 or larger)")
+    s.set_defaults(func=run_sign)
 
 
 def workers_arg(text: str) -> int | str:
@@ -139,7 +158,16 @@ def run_verify(args: argparse.Namespace) -> int:
     zoo = args.zoo
     if not zoo.is_dir():
         raise UserError(f"zoo {zoo} is not a directory; give the --out directory of `testbed zoo build`")
+    if args.public_key is not None:
+        from testbed.zoo.signing import key_file
+
+        key_file(args.public_key, "--public-key")  # a missing key is a usage error, before any hashing
     problems, manifest = mf.verify(zoo)
+    if args.public_key is not None and manifest is not None:
+        from testbed.zoo.signing import signature_problem
+
+        problem = signature_problem(zoo, args.public_key)
+        problems = problems + ([problem] if problem is not None else [])
     for p in problems:
         print(f"FAIL {p}")
     if problems:
@@ -148,5 +176,22 @@ def run_verify(args: argparse.Namespace) -> int:
     n_files = (sum(len(e.get("files") or {}) for e in manifest["entries"]) + len(manifest["datasets"])
                + len(manifest.get("records") or {}))
     print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
-          f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}")
+          f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}" + ("; signed by the --public-key" if args.public_key else ""))
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    from testbed.zoo import manifest as mf
+    from testbed.zoo.signing import key_file, sign
+
+    zoo = args.zoo
+    if not zoo.is_dir():
+        raise UserError(f"zoo {zoo} is not a directory; give the --out directory of `testbed zoo build`")
+    key_file(args.private_key, "--private-key")
+    problems, _ = mf.verify(zoo)
+    if problems:
+        raise UserError(f"zoo {zoo} does not verify ({problems[0]}{' and more' if len(problems) > 1 else ''}); "
+                        f"a signature would vouch for it: run `testbed zoo verify {zoo}` and fix it first")
+    path = sign(zoo, args.private_key)
+    print(f"zoo {zoo}: signed {mf.MANIFEST} (sha256 {mf.file_sha256(zoo / mf.MANIFEST)}) into {path}")
     return 0

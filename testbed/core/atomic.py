@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -60,9 +61,25 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+_TAIL = 24  # mkstemp's random part, ".tmp" and a caller's suffix
+
+
+def temp_stem(name: str) -> str:
+    """``name`` as it appears in temporary names: itself, or — when ``.NAME.HOST.PID.`` plus a tail would pass
+    the file-name limit (a valid 243-character name) — its start plus ``~`` and 12 hex digits of its sha256."""
+    room = _NAME_MAX - _TAIL - len(f"..{HOST}.{os.getpid()}.".encode())
+    if len(name.encode()) <= room:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    head = name.encode()[: max(0, room - 13)].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
+
+
 def temp_prefix(name: str) -> str:
-    """The start of every temporary name this process uses for ``name``: ``.NAME.HOST.PID.``."""
-    return f".{name}.{HOST}.{os.getpid()}."
+    """The start of every temporary name this process uses for ``name``: ``.NAME.HOST.PID.`` (NAME shortened by
+    :func:`temp_stem` when it is long)."""
+    return f".{temp_stem(name)}.{HOST}.{os.getpid()}."
 
 
 _TEMP_RE = re.compile(rf"^\.(?P<name>.+)\.{re.escape(HOST)}\.(?P<pid>\d+)\.(?P<tail>.*)$")
@@ -82,7 +99,7 @@ def sweep_stale(directory: str | os.PathLike, name: str | None = None) -> list[P
         return removed
     for e in it:
         m = _TEMP_RE.match(e.name)
-        if m is None or (name is not None and m["name"] != name):
+        if m is None or (name is not None and m["name"] not in (name, temp_stem(name))):
             continue
         if "tmp" not in m["tail"] and "old" not in m["tail"]:
             continue

@@ -31,7 +31,11 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def pid_alive(pid: int, start: str | None = None) -> bool:
-    """True while ``pid`` runs on this host (a zombie, or a younger process under the same pid, is not it)."""
+    """True while ``pid`` runs on this host (a zombie, or a younger process under the same pid, is not it).
+
+    0 and negative numbers name no process (``kill`` would signal a process group): never alive."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from testbed.core.atomic import atomic_file
+from testbed.core import safeload
 from testbed.core.errors import UserError, did_you_mean
 
 FORMAT = "testbed-seg"
@@ -36,6 +37,37 @@ TEST_BENIGN_INDEX, CLEAN_INDEX = "test_benign/index", "defense/clean_index"
 POISON_INDEX, ORIGINAL_IMAGES, ORIGINAL_LABELS = "train/poison_index", "train/original_images", "train/original_labels"
 NOISE_INDEX, NOISE_ORIGINAL_IMAGES = "train/noise_index", "train/noise_original_images"
 _LABEL_CHECK_BLOCK = 256
+# Bounds on what a file may declare, checked before anything is read (docs/data-format.md, "Limits")
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # H × W of one image: 134 M pixels (11585²), 384 MiB per RGB image
+
+
+def max_image_pixels() -> int:
+    """``TESTBED_MAX_IMAGE_PIXELS`` (default 2**27): the largest H × W a dataset file may declare."""
+    text = os.environ.get("TESTBED_MAX_IMAGE_PIXELS", "")
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"environment variable TESTBED_MAX_IMAGE_PIXELS={text!r} must be a positive whole number")
+    return int(text)
+
+
+def stored_problem(ds: h5py.Dataset) -> str | None:
+    """Why array ``ds`` declares more than the file stores (None when every element it declares is stored).
+
+    Writers of this testbed write every row, so a chunked array holds every chunk its shape needs and a
+    contiguous one all its bytes; a file that declares 10⁹ rows in 1.4 KB would otherwise be read (as fill
+    values) for hours.  Cheap: counts chunks in the index, reads no data."""
+    if ds.size == 0:
+        return None
+    if ds.chunks is None:
+        stored, declared = ds.id.get_storage_size(), ds.size * ds.dtype.itemsize
+        return None if stored >= declared else (
+            f"declares {declared} bytes {ds.shape} but stores {stored}")
+    declared = 1
+    for n, c in zip(ds.shape, ds.chunks):
+        declared *= -(-n // c)
+    stored = ds.id.get_num_chunks()
+    return None if stored >= declared else f"declares {ds.shape} ({declared} chunks) but stores {stored} chunk(s)"
 
 
 def _json_attr(value: Any) -> str:
@@ -252,7 +284,7 @@ class SegFile:
             if isinstance(value, bytes):
                 value = value.decode()
             if isinstance(value, str) and value[:1] in "{[":
-                value = json.loads(value)
+                value = safeload.loads(value, f"{self.path}: attribute {name!r}")
             elif isinstance(value, np.ndarray):
                 value = value.tolist()
             elif isinstance(value, np.generic):
@@ -264,10 +296,15 @@ class SegFile:
         self.ignore_index = int(self.attrs.get("ignore_index", IGNORE_INDEX))
         self.source: dict = self.attrs.get("source", {})
         self.attack: dict | None = self.attrs.get("attack")
+        for key, value in (("source", self.source), ("attack", self.attack)):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{self.path}: attribute {key!r} must be a JSON object, got {str(value)[:60]}; the file "
+                                "is damaged or was not written by segbackdoor")
         size = self.attrs.get("image_size")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise UserError(f"{self.path}: root attribute image_size is {size!r}, not [H, W]; the file is damaged, re-create it")
         self.image_size = (size[0], size[1])
+        self._check_declared()
         for split in SPLITS:
             for kind in ("images", "labels"):
                 if f"{split}/{kind}" not in self.file:
@@ -289,6 +326,18 @@ class SegFile:
                 for key in ("labels", "gt", "original_labels"):
                     if f"{name}/{key}" in self.file:
                         self._check_label_range(f"{name}/{key}")
+
+    def _check_declared(self) -> None:
+        """What the file declares, bounded before anything is read (docs/data-format.md, "Limits")."""
+        h, w = self.image_size
+        if h * w > max_image_pixels():
+            raise UserError(f"{self.path}: declares {h}×{w} images, more than the {max_image_pixels()} pixels "
+                            "an image may have (TESTBED_MAX_IMAGE_PIXELS); refused before reading")
+        for name, ds in self.arrays().items():
+            problem = stored_problem(ds)
+            if problem is not None:
+                raise UserError(f"{self.path}: /{name} {problem}; the file is damaged, truncated or hostile: refused "
+                                "before reading")
 
     def _check_classes(self, classes: Any) -> list[str]:
         """Class names are how everything refers to classes: 1..255 distinct, non-empty strings."""
@@ -447,8 +496,8 @@ def canonical_attr(value: Any) -> Any:
         value = value.decode()
     if isinstance(value, str):
         try:  # JSON attrs hash by content, not by key order or whitespace
-            return json.loads(value)
-        except ValueError:
+            return safeload.loads(value, "attribute")
+        except UserError:
             return value
     if isinstance(value, np.ndarray):
         return value.tolist()

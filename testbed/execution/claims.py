@@ -23,11 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from testbed.core import safeload
+from testbed.core.errors import UserError
 from testbed.core.procs import HOST, me, pid_alive
 
 __all__ = ["HOST", "Claim", "DEFAULT_STALE_AFTER", "break_stale", "is_stale", "me", "read_claim", "zoo_lock"]
 
 DEFAULT_STALE_AFTER = 300.0
+_MAX_CLAIM = 64 << 10  # a claim is a few hundred bytes
 
 
 @contextlib.contextmanager
@@ -45,14 +48,20 @@ def zoo_lock(zoo_dir: str | os.PathLike) -> Iterator[None]:
 
 
 def read_claim(path: Path) -> dict[str, Any] | None:
+    """The claim's record plus ``_mtime`` and ``_raw``; an unreadable, malformed or oversized one reads as ``{}``
+    (whose holder is unknown: stale once its mtime is older than ``stale_after``)."""
     try:
-        text = path.read_text()
-        mtime = path.stat().st_mtime
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CLAIM + 1)
+            mtime = os.fstat(f.fileno()).st_mtime
     except FileNotFoundError:
         return None
+    text = raw.decode("utf-8", "replace")
     try:
-        info = json.loads(text)
-    except ValueError:
+        info = safeload.loads(text, str(path)) if len(raw) <= _MAX_CLAIM else {}
+    except UserError:
+        info = {}
+    if not isinstance(info, dict):
         info = {}
     info["_mtime"] = mtime
     info["_raw"] = text
@@ -60,8 +69,9 @@ def read_claim(path: Path) -> dict[str, Any] | None:
 
 
 def is_stale(info: dict[str, Any], stale_after: float = DEFAULT_STALE_AFTER) -> bool:
-    if info.get("host") == HOST and isinstance(info.get("pid"), int):
-        return not pid_alive(info["pid"], info.get("proc_start"))
+    pid = info.get("pid")
+    if info.get("host") == HOST and isinstance(pid, int) and not isinstance(pid, bool):
+        return pid <= 0 or not pid_alive(pid, info.get("proc_start"))  # pid 0 / -1 name no process: never alive
     return time.time() - float(info.get("_mtime", 0)) > stale_after
 
 

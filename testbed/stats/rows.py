@@ -14,9 +14,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from testbed.core import safeload
 from testbed.core.errors import UserError
 
 REPORT_FORMAT = "segbackdoor-bench"
+# the row fields the statistics compute with, and what each must hold (checked when a report is read)
+ROW_TYPES: dict[str, tuple[type, ...]] = {"before": (dict, type(None)), "after": (dict, type(None)),
+                                          "DER": (int, float, type(None)), "detection": (dict, type(None))}
 _SEED_RE = re.compile(r"^s(\d+)$")
 
 
@@ -124,9 +128,11 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise UserError(f"{path} has no results.json; give a report directory written by `testbed bench` or `testbed defend`")
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {file} ({e}); rerun `testbed bench` to rewrite the report") from None
+        doc = safeload.load_json(file)
+    except UserError as e:
+        raise UserError(f"cannot read {e}; rerun `testbed bench` to rewrite the report") from None
+    except OSError as e:
+        raise UserError(f"cannot read {file} ({e.strerror}); rerun `testbed bench` to rewrite the report") from None
     if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT:
         raise UserError(f"{file} is not a bench report (no \"format\": \"{REPORT_FORMAT}\"); give the results.json "
                         "of `testbed bench` or `testbed defend`")
@@ -135,4 +141,5 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{file} has no valid \"rows\" list (each row needs \"model\" and \"defense\"); rerun `testbed bench`")
     if not rows:
         raise UserError(f"{file} has no rows (no defense ran on any model); rerun `testbed bench` with models and defenses")
+    safeload.check_records(rows, str(file), ROW_TYPES)
     return doc

@@ -6,7 +6,6 @@ tensor bytes) and refuses anything else with one clear error: nothing on disk is
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from testbed.core import atomic
+from testbed.core import atomic, safeload
 from testbed.core.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -50,9 +49,9 @@ def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG}; it is not a finished run (resume it with `testbed train ... --resume`)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-create the run") from None
+        config = safeload.load_json(path)
+    except UserError as e:
+        raise UserError(f"{e}; re-create the run") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} does not hold a JSON object; re-create the run")
     _check_config(config, path)
@@ -112,6 +111,25 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise _not_safetensors(path, e) from None
 
 
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], config: dict[str, Any],
+                  path: Path) -> None:
+    """Each tensor of the model's own dtype — float16/bfloat16 only where config.json says the weights were
+    saved so (``weights_dtype``) — and every floating value finite (NaN/inf weights score as garbage, silently)."""
+    half = HALF.get(config.get("weights_dtype"))
+    for k, v in state.items():
+        want = expected[k].dtype
+        if v.dtype != want and not (half is not None and want.is_floating_point and v.dtype == half):
+            saved = f" (config.json says {config.get('weights_dtype')})" if half is not None else ""
+            raise UserError(f"{path}: tensor {k} is {str(v.dtype).removeprefix('torch.')}, the model holds "
+                            f"{str(want).removeprefix('torch.')}{saved}; the weights were converted or damaged: re-create the run")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"{path}: tensor {k} holds NaN or infinite values; the weights are damaged (or training "
+                            "diverged): re-create the run")
+
+
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """``(model in eval mode on device, config)`` of a finished run."""
     from testbed import models
@@ -138,6 +156,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
             parts.append(f"{len(wrong)} with wrong shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
         raise UserError(f"{run_dir / WEIGHTS} does not fit model {name!r} with {config['num_classes']} classes: "
                         f"{'; '.join(parts)}; the weights and config.json belong to different models")
+    _check_values(state, expected, config, run_dir / WEIGHTS)
     model.load_state_dict(state, strict=True)
     from testbed.core.device import resolve_device
 

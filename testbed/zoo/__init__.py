@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from testbed.core.errors import UserError
-from testbed.zoo import integrity
+from testbed.zoo import integrity, signing
 from testbed.zoo import manifest as _mf
 
 __all__ = ["Zoo", "ZooEntry", "open"]
@@ -85,12 +85,18 @@ class ZooEntry:
 class Zoo:
     """A built (or partly built) zoo directory; iterating yields its finished entries, each verified."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, public_key: str | os.PathLike | None = None):
         self.path = Path(path)
+        signing.require_signed(self.path, public_key)  # with a key: the manifest below is the publisher's
         self.manifest = _mf.load_manifest(self.path)  # checksum, shape and layout checked: paths stay inside
         self._entries: dict[str, ZooEntry] = {}
         self.pending: list[str] = []
         datasets = self.manifest["datasets"]
+        records = self.manifest.get("records") or {}
+        problems = [p for rel, h in sorted(records.items()) if (p := integrity.file_problem(self.path, rel, h)) is not None]
+        problems = problems or integrity.dataset_record_problems(self.path, datasets)
+        if problems:  # plan.json and the dataset sidecars: small files, hashed and cross-checked when opened
+            raise UserError(f"zoo {self.path}: {problems[0]}; run `testbed zoo verify {self.path}`")
         for row in self.manifest["entries"]:
             if row["status"] != "done":
                 self.pending.append(row["id"])
@@ -100,9 +106,11 @@ class Zoo:
     def _entry(self, row: dict[str, Any], datasets: dict[str, Any]) -> ZooEntry:
         used = [row["dataset"], *row.get("reference_data", {}).values()]
         config_rel = f"{row['run_dir']}/config.json"
-        problem = integrity.file_problem(self.path, config_rel, row["files"][config_rel])
-        if problem is not None:
-            raise UserError(f"zoo {self.path}, entry {row['id']}: {problem}; run `testbed zoo verify {self.path}`")
+        records = [rel for rel in row["files"] if rel.rsplit("/", 1)[-1] in ("config.json", "done.json", "entry.json")]
+        problems = [p for rel in records if (p := integrity.file_problem(self.path, rel, row["files"][rel])) is not None]
+        problems = problems or integrity.record_problems(self.path, row, datasets)
+        if problems:
+            raise UserError(f"zoo {self.path}, entry {row['id']}: {problems[0]}; run `testbed zoo verify {self.path}`")
         metrics = dict(row.get("metrics") or {})
         if row["is_benign"]:
             metrics["reference"] = row.get("reference") or {}
@@ -146,11 +154,13 @@ class Zoo:
         return f"Zoo({str(self.path)!r}, {len(self)} entries{', ' + str(len(self.pending)) + ' pending' if self.pending else ''})"
 
 
-def open(path: str | os.PathLike) -> Zoo:  # noqa: A001 - the documented name: testbed.zoo.open(path)
-    """Open a zoo directory made by ``testbed zoo build`` (its manifest is checked; entries when handed out)."""
+def open(path: str | os.PathLike, public_key: str | os.PathLike | None = None) -> Zoo:  # noqa: A001 - documented name
+    """Open a zoo directory made by ``testbed zoo build`` (its manifest is checked; entries when handed out).
+
+    ``public_key``: a PEM public key; the zoo is refused unless its manifest is signed by it (docs/zoo.md)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"zoo {path} is not a directory; build one with `testbed zoo build SPEC.toml --out {path}`")
-    return Zoo(path)
+    return Zoo(path, public_key)
 
 

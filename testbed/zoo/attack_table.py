@@ -58,8 +58,8 @@ def parse_attack_table(table: Any, path: Path) -> tuple[str, dict[str, Any], int
     if "id" not in table:
         raise _fail(path, "an [[attack]] table has no id; add id = \"NAME\"")
     aid = table["id"]
-    if not (isinstance(aid, str) and _ID_RE.match(aid)):
-        raise _fail(path, f"[[attack]] id {aid!r} must be letters, digits, '_', '.', single '-' (no '--', no spaces)")
+    if not (isinstance(aid, str) and _ID_RE.match(aid)) or aid.startswith(".") or ".." in aid:  # ".." names no directory
+        raise _fail(path, f"[[attack]] id {aid!r} must be letters, digits, '_', '.', single '-' (no '--', no '..', no leading '.', no spaces)")
     where = f"[[attack]] {aid!r}"
     if aid == BENIGN:
         if len(table) != 1:

@@ -17,6 +17,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from testbed.core import safeload
+from testbed.core.errors import UserError
 from testbed.core.hashing import file_sha256
 
 FORMAT = "testbed-zoo"
@@ -65,6 +67,9 @@ def path_problem(zoo: Path, rel: str) -> str | None:
             return f"{rel}: missing ({'/'.join(parts[:i + 1])} is not a directory)"
     if not stat.S_ISREG(st.st_mode):
         return f"{rel}: not a regular file"
+    if st.st_nlink > 1:
+        return (f"{rel}: a hard link ({st.st_nlink} names for one file; the other may lie outside the zoo, where it "
+                "can change: copy the zoo without hard links)")
     return None
 
 
@@ -163,4 +168,66 @@ def schema_problems(manifest: Any) -> list[str]:
             out.append("'records' must map plan.json and dataset records data/NAME.json to their sha256")
     if not isinstance(manifest.get("checksum"), str):
         out.append("'checksum' is missing")
+    return out
+
+
+# -- records that name a hash, cross-checked ------------------------------------------------------
+def _json_of(zoo: Path, rel: str) -> Any:
+    try:
+        return safeload.load_json(Path(zoo) / rel, missing_ok=True)
+    except (UserError, OSError) as e:
+        return e
+
+
+def _done_problems(zoo: Path, row: dict[str, Any]) -> list[str]:
+    """done.json names the sha256 of every file of its entry: the manifest must name the same ones."""
+    eid, prefix = row["id"], f"entries/{row['id']}/"
+    done = _json_of(zoo, prefix + "done.json")
+    if not isinstance(done, dict) or not _str_map(done.get("files")) or done.get("id") != eid:
+        return [f"{prefix}done.json: not the record of entry {eid} (malformed or from another entry)"]
+    listed = {rel[len(prefix):]: h for rel, h in row["files"].items() if rel != prefix + "done.json"}
+    out = []
+    for name in sorted(set(listed) | set(done["files"])):
+        if listed.get(name) != done["files"].get(name):
+            out.append(f"{prefix}{name}: the manifest's sha256 differs from the one done.json recorded when the entry "
+                       "was built (swapped or re-sealed)")
+    return out
+
+
+def _definition_problems(zoo: Path, row: dict[str, Any], datasets: dict[str, Any]) -> list[str]:
+    """entry.json (the entry's definition) and config.json (the run: model, data) against the manifest's row."""
+    prefix, out = f"entries/{row['id']}/", []
+    definition = _json_of(zoo, prefix + "entry.json") if prefix + "entry.json" in row["files"] else None
+    if definition is not None and (not isinstance(definition, dict) or any(
+            definition.get(k) != row.get(k) for k in ("model", "attack_id", "seed", "attack"))):
+        out.append(f"{prefix}entry.json: describes another entry than the manifest's {row['id']} (swapped or re-sealed)")
+    config = _json_of(zoo, prefix + "config.json")
+    if not isinstance(config, dict):
+        return out + [f"{prefix}config.json: unreadable or not a run config"]
+    trained = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+    want = (datasets.get(row.get("dataset")) or {}).get("content_hash")
+    if config.get("model") != row["model"]:
+        out.append(f"{prefix}config.json: a run of model {str(config.get('model'))[:40]!r}, not the manifest's "
+                   f"{row['model']!r} (swapped or re-sealed)")
+    if want is not None and trained.get("content_hash") not in (None, want):
+        out.append(f"{prefix}config.json: trained on other data than the manifest's data/{row['dataset']}.h5 "
+                   "(its content hash differs; swapped or re-sealed)")
+    return out
+
+
+def record_problems(zoo: Path, row: dict[str, Any], datasets: dict[str, Any]) -> list[str]:
+    """Everything a finished entry's own records (done.json, entry.json, config.json) say against the manifest.
+
+    The manifest's hashes alone can be rewritten along with its checksum; the records were sealed when the
+    entry was built, so a swapped file with a rewritten manifest hash still disagrees with them."""
+    return _done_problems(zoo, row) + _definition_problems(zoo, row, datasets)
+
+
+def dataset_record_problems(zoo: Path, datasets: dict[str, Any]) -> list[str]:
+    """Each dataset sidecar ``data/NAME.json`` must say what the manifest says of it (its file's sha256)."""
+    out = []
+    for name, rec in sorted(datasets.items()):
+        side = _json_of(zoo, f"data/{name}.json")
+        if not isinstance(side, dict) or side.get("sha256") != rec.get("sha256") or side.get("file") != rec.get("file"):
+            out.append(f"data/{name}.json: its record of data/{name}.h5 differs from the manifest's (swapped or re-sealed)")
     return out

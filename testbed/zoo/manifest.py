@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Collection
 
-from testbed.core import atomic
+from testbed.core import atomic, safeload
 from testbed.core.errors import UserError
 from testbed.execution.claims import DEFAULT_STALE_AFTER, is_stale, read_claim, zoo_lock
-from testbed.zoo.integrity import (FORMAT, MANIFEST, PLAN, VERSION, file_problem, file_sha256, safe_name,
+from testbed.zoo import integrity
+from testbed.zoo.integrity import (FORMAT, MANIFEST, PLAN, VERSION, file_problem, file_sha256, path_problem, safe_name,
                                    schema_problems)
 
 __all__ = ["FORMAT", "MANIFEST", "PLAN", "VERSION", "adoption_problems", "collect", "file_sha256", "load_manifest",
@@ -34,6 +35,7 @@ __all__ = ["FORMAT", "MANIFEST", "PLAN", "VERSION", "adoption_problems", "collec
 DONE = "done.json"
 ENTRY_DEF = "entry.json"
 ZOO_LOG = "zoo_log.jsonl"
+SIGNATURE = "manifest.sig"  # testbed.zoo.signing: the publisher's signature of manifest.json
 REFERENCE = "reference.json"
 
 
@@ -84,15 +86,19 @@ def summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def read_json(path: Path) -> Any | None:
+    """A zoo file's JSON through the bounded loader (None when it does not exist)."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is unreadable or corrupt ({e}); remove it and rebuild, or run `testbed zoo verify`") from None
+        return safeload.load_json(path, missing_ok=True)
+    except UserError as e:
+        raise UserError(f"{e}; remove it and rebuild, or run `testbed zoo verify`") from None
+    except OSError as e:
+        raise UserError(f"{path} is unreadable ({e.strerror}); remove it and rebuild, or run `testbed zoo verify`") from None
 
 
 def load_plan(zoo: Path) -> dict[str, Any]:
+    link = path_problem(zoo, PLAN) if os.path.lexists(zoo / PLAN) else None
+    if link is not None:
+        raise UserError(f"zoo {zoo}: {link}; refusing it: restore the zoo from a copy")
     plan = read_json(zoo / PLAN)
     if plan is None:
         raise UserError(f"{zoo} is not a model zoo (no {PLAN}); build one with `testbed zoo build SPEC.toml --out {zoo}`")
@@ -291,12 +297,17 @@ def entry_file_problems(zoo: Path, entry_id: str) -> list[str]:
 def _manifest_problems(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
     """Problems of manifest.json itself (unreadable, malformed, checksum), and its content when readable."""
     path = zoo / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         return [f"{MANIFEST}: missing; {zoo} is not a built model zoo (build one with `testbed zoo build`)"], None
+    link = path_problem(zoo, MANIFEST)
+    if link is not None:
+        return [f"{link}; tampered"], None
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        return [f"{MANIFEST}: not valid JSON ({' '.join(str(e).split())}); tampered or corrupt"], None
+        manifest = safeload.load_json(path)
+    except UserError as e:
+        return [f"{MANIFEST}: not valid JSON ({str(e).removeprefix(str(path) + ': ')}); tampered or corrupt"], None
+    except OSError as e:
+        return [f"{MANIFEST}: unreadable ({e.strerror}); tampered or corrupt"], None
     shape = schema_problems(manifest)
     if shape:
         return [f"{MANIFEST}: malformed ({p}); tampered or corrupt" for p in shape[:3]], None
@@ -345,7 +356,7 @@ def _unexpected(zoo: Path, expected: dict[str, str], skip: set[str]) -> list[str
             dirs.remove(d)
         for f in sorted(files):
             rel = base + f
-            if rel in expected or rel in (MANIFEST, ".lock"):
+            if rel in expected or (rel in (MANIFEST, ".lock", SIGNATURE) and not os.path.islink(os.path.join(root, f))):
                 continue
             if f.endswith(".claim"):
                 out.append(f"{rel}: a builder's claim (a build is running, or was killed: run `testbed zoo build` again)")
@@ -381,8 +392,18 @@ def verify(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
             if stale:
                 problems.append(f"entry {e['id']}: stale: no benign reference scores for {', '.join(stale)} (attacks "
                                 "added after it was built); rerun `testbed zoo build` with the spec")
-    for rel, h in sorted(expected.items()):
-        problem = file_problem(zoo, rel, h)
-        if problem is not None:
-            problems.append(problem)
+    bad = {rel: p for rel, h in sorted(expected.items()) if (p := file_problem(zoo, rel, h)) is not None}
+    problems += list(bad.values())
+    problems += _record_problems(zoo, manifest, bad)
     return problems + _unexpected(zoo, expected, unfinished), manifest
+
+
+def _record_problems(zoo: Path, manifest: dict[str, Any], bad: dict[str, str]) -> list[str]:
+    """The records that name hashes (done.json, entry.json, config.json, dataset sidecars) against the manifest,
+    for the files whose own hashes matched (a mismatch is already reported)."""
+    datasets = manifest["datasets"]
+    out = integrity.dataset_record_problems(zoo, {n: r for n, r in datasets.items() if f"data/{n}.json" not in bad})
+    for row in _done_rows(manifest).values():
+        if not any(rel in bad for rel in row["files"]):
+            out += integrity.record_problems(zoo, row, datasets)
+    return out

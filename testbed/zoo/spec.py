@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.core import safeload
 from testbed.core.errors import UserError, did_you_mean
 from testbed.zoo.attack_table import BENIGN, check_variant, parse_attack_table
 
@@ -212,7 +213,7 @@ def _read_doc(path: Path, text: str | None) -> tuple[dict[str, Any], str]:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read zoo spec {path} ({e}); check the file") from None
     try:
-        return tomllib.loads(text), text
+        return safeload.loads_toml(text, f"zoo spec {path}"), text
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path.name}: TOML syntax error: {e}; fix the spec (see docs/zoo.md)") from None
 
@@ -254,7 +255,8 @@ def _parse_grid(doc: dict[str, Any], train: dict[str, Any], defined: dict[str, A
                             f"add an [[attack]] table with id = {json.dumps(str(a))} or use one of: {', '.join(defined)}")
     g["combos"] = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     for combo in g["combos"]:  # bad values fail now, not an hour into a cluster job
-        TrainConfig(**{**train, **combo, "model": g["model"][0], "seed": 0, "device": "cpu"})
+        cfg = TrainConfig(**{**train, **combo, "model": g["model"][0], "seed": 0, "device": "cpu"})
+        _check_backbone_weights(cfg.backbone_weights, path)
     for s in g["seed"]:
         _need(_is_int(s) and s >= 0, path, f"[grid] seed values must be non-negative integers, got {s!r}")
     for r in g["rate"]:
@@ -263,6 +265,23 @@ def _parse_grid(doc: dict[str, Any], train: dict[str, Any], defined: dict[str, A
         _need(t is None or (isinstance(t, str) and t.strip() != ""), path,
               f"[grid] trigger values must be strings like \"line\" or \"semantic:CLASS\", got {t!r}")
     return g
+
+
+def _check_backbone_weights(weights: str | None, path: Path) -> None:
+    """A backbone_weights file must exist and be safetensors (its header parsed, nothing unpickled) before the
+    build writes anything: found at training time, the data and entry records were already written."""
+    if weights is None or weights.lower() == "imagenet":
+        return
+    from testbed.training.runs import check_weights
+
+    file = Path(weights)
+    if not file.is_file():
+        raise UserError(f"{_where(path)}: backbone_weights file {weights} does not exist (paths are relative to the "
+                        "directory you run the build from); pass an existing .safetensors file or \"imagenet\"")
+    try:
+        check_weights(file)
+    except UserError as e:
+        raise UserError(f"{_where(path)}: backbone_weights: {e}") from None
 
 
 def _variants(g: dict[str, Any], defined: dict[str, Any], classes: list[str], image_size: tuple[int, int],
