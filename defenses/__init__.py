@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BUILTIN", "ActivationClustering", "FinePruning", "SpectralSignature", "Strip", "TriggerSynthesis"]
+__all__ = ["BUILTIN", "ABL", "ActivationClustering", "FinePruning", "ScaleUp", "SpectralSignature", "Strip", "TriggerSynthesis"]
 
 
 def __getattr__(name: str) -> Any:

@@ -119,9 +119,9 @@ class NCSchedule:
 class CandidateResult:
     index: int  # position in the candidate list
     norm: float  # L1 norm of the best mask (the smallest one reaching the success threshold, else the last)
-    success: float  # attack success of that mask on its mini-batch
-    reached: bool
-    steps: int
+    success: float  # attack success of that mask: share of the epoch's images attacked
+    reached: bool  # a mask reached the success threshold (NC's reg_best < inf): the candidate converged
+    steps: int  # schedule decisions: epochs (NC), or mini-batches in the cheaper setting
     stop: str  # "converged" (NC's early stop) | "max_steps"
     seconds: float  # this candidate's share of the wall time of the steps it was in
     forward: int
@@ -147,6 +147,9 @@ class _Slots:
         self.seconds = np.zeros(0)
         self.last = np.zeros((0, 2))  # last step's (norm, success)
         self.best_success = np.zeros(0)
+        self.epoch = np.zeros((0, 3))  # this epoch's sums: attacked images, images that count, mask norm
+        self.perms: list[torch.Tensor] = []  # each row's image order for this epoch
+        self.passes = np.zeros(0, np.int64)
         self.schedule = NCSchedule(cfg)
 
     @property
@@ -168,6 +171,9 @@ class _Slots:
         self.seconds = np.append(self.seconds, 0.0)
         self.last = np.concatenate([self.last, [[math.inf, 0.0]]])
         self.best_success = np.append(self.best_success, 0.0)
+        self.epoch = np.concatenate([self.epoch, np.zeros((1, 3))])
+        self.perms.append(torch.zeros(0, dtype=torch.long))
+        self.passes = np.append(self.passes, 0)
         self.schedule.add(1)
 
     def keep(self, rows: np.ndarray) -> None:
@@ -175,9 +181,9 @@ class _Slots:
         self.mask_p, self.pattern_p = self.mask_p[idx], self.pattern_p[idx]
         self.moments = [m[idx] for m in self.moments]
         self.best_mask = self.best_mask[idx]
-        for name in ("t", "seconds", "last", "best_success"):
+        for name in ("t", "seconds", "last", "best_success", "epoch", "passes"):
             setattr(self, name, getattr(self, name)[rows])
-        for name in ("ids", "pairs", "gens", "curves"):
+        for name in ("ids", "pairs", "gens", "curves", "perms"):
             setattr(self, name, [x for x, k in zip(getattr(self, name), rows) if k])
         self.schedule.keep(rows)
 
@@ -194,7 +200,7 @@ class _Slots:
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 p.sub_(lr / bc1 * m / (v.sqrt() / bc2.sqrt() + ADAM_EPS))
 
-    def result(self, row: int, stop: str, images_per_step: int) -> CandidateResult:
+    def result(self, row: int, stop: str) -> CandidateResult:
         steps = int(self.schedule.steps[row])
         reached = bool(np.isfinite(self.schedule.best[row]))
         if reached:
@@ -202,21 +208,25 @@ class _Slots:
         else:  # no mask reached the threshold: report the last one
             norm, success = float(self.last[row, 0]), float(self.last[row, 1])
             mask = torch.sigmoid(self.mask_p[row, 0])
+        half = int(self.passes[row]) // 2  # every image goes through one forward and one backward
         return CandidateResult(self.ids[row], norm, success, reached, steps, stop, float(self.seconds[row]),
-                               steps * images_per_step, steps * images_per_step, mask.detach().cpu().numpy(),
-                               self.curves[row])
+                               half, half, mask.detach().cpu().numpy(), self.curves[row])
 
 
-def _step(model: nn.Module, slots: _Slots, x_all: torch.Tensor, pred_all: torch.Tensor, batch: int,
-          lr: float) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """One optimisation step for every slot: stacked forward/backward, per-row loss and Adam update.
+def _step(model: nn.Module, slots: _Slots, x_all: torch.Tensor, pred_all: torch.Tensor, idx: torch.Tensor,
+          lr: float, pixel_share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """One optimisation step for every slot on its images ``idx [A,b]``: stacked forward/backward, per-row
+    loss and Adam update.
 
     Loss per row = CE toward the candidate's goal + λ·‖m‖₁.  Image-level (source −1): every pixel → t, CE
     averaged over the pixels.  Pair (s, t): pixels the model predicts as s → t and all others keep the clean
     prediction, each term averaged over its own pixels (so a small source region is not drowned out).
+    Success is counted per image, as NC counts a classified image: an image is attacked when at least
+    ``pixel_share`` of its attacked pixels (all of them at 1.0) reach the target; images without attacked
+    pixels (a pair whose source the image lacks) do not count.  Returns per row: attacked images, images
+    that count, mask L1 norm, and the masks.
     """
-    a, n = slots.size, x_all.shape[0]
-    idx = torch.stack([torch.randint(0, n, (batch,), generator=g) for g in slots.gens]).to(x_all.device)  # [A,b]
+    a = slots.size
     x, pred = x_all[idx], pred_all[idx]  # [A,b,3,H,W], [A,b,H,W]
     src = torch.tensor([s for s, _ in slots.pairs], device=x.device).view(a, 1, 1, 1)
     tgt = torch.tensor([t for _, t in slots.pairs], device=x.device).view(a, 1, 1, 1)
@@ -235,18 +245,69 @@ def _step(model: nn.Module, slots: _Slots, x_all: torch.Tensor, pred_all: torch.
     grads = torch.autograd.grad(loss, [mask_p, pattern_p])
     slots.mask_p, slots.pattern_p = mask_p.detach(), pattern_p.detach()
     with torch.no_grad():
-        hit = ((logits.argmax(1).view_as(where) == goal) & where).reshape(a, -1).sum(1).double()
-        success = (hit / where.reshape(a, -1).sum(1).clamp_min(1)).cpu().numpy()
+        hit = ((logits.argmax(1).view_as(where) == goal) & where).flatten(2).sum(2).double()  # [A,b]
+        area = where.flatten(2).sum(2).double()
+        counts = area > 0
+        ok = counts & (hit >= pixel_share * area - 1e-9)
+        attacked, counted = ok.sum(1).cpu().numpy(), counts.sum(1).cpu().numpy()
     slots.adam(grads, lr)
-    return success, norm.detach().double().cpu().numpy(), mask.detach()[:, 0]
+    return attacked, counted, norm.detach().double().cpu().numpy(), mask.detach()[:, 0]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How a candidate walks the clean subset: ``mini_batches`` steps of ``batch`` images per schedule
+    decision.  Neural Cleanse (``per_epoch=True``): one epoch = every clean image once, in a fresh random
+    order (ceil(n / batch) mini-batches, the last one shorter), and λ/early stop decide on the epoch's
+    averages.  The cheaper setting (``per_epoch=False``): one decision per mini-batch of ``batch`` images."""
+
+    n: int
+    batch: int
+    per_epoch: bool = True
+    pixel_share: float = 1.0
+
+    @property
+    def mini_batches(self) -> int:
+        return math.ceil(self.n / self.batch) if self.per_epoch else 1
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.n if self.per_epoch else min(self.batch, self.n)
+
+
+def _indices(slots: _Slots, plan: EpochPlan, phase: int, device: torch.device) -> torch.Tensor:
+    """Each row's images for mini-batch ``phase`` of its epoch (a fresh permutation at phase 0)."""
+    if phase == 0:
+        slots.perms = [torch.randperm(plan.n, generator=g) for g in slots.gens]
+    lo = phase * plan.batch
+    hi = min(plan.n, lo + plan.batch)
+    return torch.stack([p[lo:hi] for p in slots.perms]).to(device)
+
+
+def _end_epoch(slots: _Slots, mask: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's success (attacked ÷ counted images) and mean mask norm go to the schedule; returns
+    (converged, finished) rows."""
+    success = slots.epoch[:, 0] / np.maximum(slots.epoch[:, 1], 1)
+    norm = slots.epoch[:, 2] / steps
+    improved, converged, finished = slots.schedule.update(success, norm)
+    rows = torch.from_numpy(np.flatnonzero(improved)).to(mask.device)
+    slots.best_mask[rows] = mask[rows]
+    slots.best_success = np.where(improved, success, slots.best_success)
+    slots.last = np.stack([norm, success], 1)
+    for row in range(slots.size):
+        slots.curves[row].append(float(norm[row]))
+    slots.epoch[:] = 0
+    return converged, finished
 
 
 def search(model: nn.Module, x_all: torch.Tensor, pred_all: torch.Tensor, pairs: list[tuple[int, int]],
-           seeds: list[int], cfg: ScheduleConfig, batch: int, lr: float, candidate_batch: int, budget, meter,
+           seeds: list[int], cfg: ScheduleConfig, plan: EpochPlan, lr: float, candidate_batch: int, budget, meter,
            on_done=lambda result: None) -> tuple[list[CandidateResult], int]:
     """Optimise every candidate in ``pairs`` (in order, ``candidate_batch`` at a time, refilling freed slots).
 
-    Asks ``budget.spent(passes of the next step)`` before every step; when it says stop, the candidates in
+    Candidates finish only at the end of an epoch and new ones start at its beginning, so every candidate in
+    the slots is at the same mini-batch of its epoch (each with its own image order).  Asks
+    ``budget.spent(passes of the next step)`` before every step; when it says stop, the candidates in
     progress are abandoned (their masks have not converged: they do not count as covered).  Returns the
     finished candidates' results in candidate order and how many candidates were abandoned or never started.
     """
@@ -254,26 +315,27 @@ def search(model: nn.Module, x_all: torch.Tensor, pred_all: torch.Tensor, pairs:
     slots = _Slots(cfg, h, w, x_all.device)
     queue = deque(range(len(pairs)))
     done: list[CandidateResult] = []
+    phase = 0
     while queue or slots.size:
-        while queue and slots.size < candidate_batch:
+        while phase == 0 and queue and slots.size < candidate_batch:
             i = queue.popleft()
             slots.add(i, pairs[i], seeds[i])
-        if budget.spent(2 * slots.size * batch):
+        idx = _indices(slots, plan, phase, x_all.device)
+        if budget.spent(2 * idx.numel()):
             break
         t0 = time.perf_counter()
-        success, norm, mask = _step(model, slots, x_all, pred_all, batch, lr)
+        attacked, counted, norm, mask = _step(model, slots, x_all, pred_all, idx, lr, plan.pixel_share)
         slots.seconds += (time.perf_counter() - t0) / slots.size
-        meter.forward += slots.size * batch
-        meter.backward += slots.size * batch
-        improved, converged, finished = slots.schedule.update(success, norm)
-        rows = torch.from_numpy(np.flatnonzero(improved)).to(mask.device)
-        slots.best_mask[rows] = mask[rows]
-        slots.best_success = np.where(improved, success, slots.best_success)
-        slots.last = np.stack([norm, success], 1)
-        for row in range(slots.size):
-            slots.curves[row].append(float(norm[row]))
+        meter.forward += idx.numel()
+        meter.backward += idx.numel()
+        slots.passes += 2 * idx.shape[1]
+        slots.epoch += np.stack([attacked, counted, norm], 1)
+        phase = (phase + 1) % plan.mini_batches
+        if phase:
+            continue
+        converged, finished = _end_epoch(slots, mask, plan.mini_batches)
         for row in np.flatnonzero(finished):
-            done.append(slots.result(int(row), "converged" if converged[row] else "max_steps", batch))
+            done.append(slots.result(int(row), "converged" if converged[row] else "max_steps"))
             on_done(done[-1])
         slots.keep(~finished)
     done.sort(key=lambda r: r.index)

@@ -3,7 +3,9 @@
 Poisoned samples reach their (target) label through the trigger, not through the class's usual evidence,
 so within one class their classifier features form a separate, small cluster.  Here a "sample" is one
 (image, class) region: its classifier-input features averaged over the region.  Per class the vectors are
-reduced with PCA (10 components) and split by KMeans(2); a cluster holding less than ``size_threshold``
+reduced to 10 components — with PCA by default (a deviation, kept because FastICA lost the poisoned
+cluster on the unit tests' model: docs/defenses.md), or with FastICA as Chen et al. (``reduce="ica"``; IBM
+ART's ``ActivationDefence``: ``reduce="FastICA"``, ``nb_dims=10``) — and split by KMeans(2); a cluster holding less than ``size_threshold``
 (0.35) of the class is judged poisoned (Chen et al.'s relative-size analysis: clean data splits into two
 clusters of comparable size, poison into a small one); when neither is that small the class is judged clean
 and nothing in it is flagged.  Images are dropped by an area vote over their regions (``rule="area"``, see
@@ -14,25 +16,43 @@ clusters judged poisoned (``details["nominal_fraction"]``).
 from __future__ import annotations
 
 import numpy as np
+import warnings
+
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, check_rule, flag_per_class, training_set_features
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
+REDUCTIONS = ("ica", "pca")
+
+
+def reduce_dims(x: np.ndarray, n_components: int, reduce: str = "ica", seed: int = 0) -> np.ndarray:
+    """``x [n,C]`` → ``[n, min(n_components, n − 1, C)]`` by FastICA (Chen et al.) or PCA, seeded."""
+    from sklearn.decomposition import PCA, FastICA  # imported here: `import defenses` stays fast
+    from sklearn.exceptions import ConvergenceWarning
+
+    comps = max(1, min(n_components, len(x) - 1, x.shape[1]))
+    if reduce == "pca":
+        return PCA(n_components=comps, random_state=seed).fit_transform(x)
+    if reduce != "ica":
+        raise ValueError(f"reduce must be 'ica' or 'pca', got {reduce!r}")
+    with warnings.catch_warnings():  # FastICA's iteration cap: the components are still usable for KMeans
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return FastICA(n_components=comps, random_state=seed, whiten="unit-variance", max_iter=400).fit_transform(x)
+
+
 def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: float = 0.35,
-                  seed: int = 0) -> tuple[np.ndarray, list[int]]:
+                  seed: int = 0, reduce: str = "pca") -> tuple[np.ndarray, list[int]]:
     """Flags (bool ``[n]``) for the members of a KMeans(2) cluster smaller than ``size_threshold``, and the
     two cluster sizes.  With fewer than 4 vectors nothing is flagged (no meaningful split)."""
-    from sklearn.cluster import KMeans  # imported here: `import defenses` stays fast
-    from sklearn.decomposition import PCA
+    from sklearn.cluster import KMeans
 
     n = len(vectors)
     if n < 4:
         return np.zeros(n, dtype=bool), [n, 0]
     x = np.asarray(vectors, dtype=np.float64)
-    comps = max(1, min(n_components, n - 1, x.shape[1]))
-    z = PCA(n_components=comps, random_state=seed).fit_transform(x)
+    z = reduce_dims(x, n_components, reduce, seed)
     labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(z)
     sizes = np.bincount(labels, minlength=2)
     small = sizes / n < size_threshold
@@ -40,14 +60,16 @@ def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: f
 
 
 class ActivationClustering:
-    """Parameters (defaults): ``n_components`` (10), ``size_threshold`` (0.35), ``class_source`` ("labels":
+    """Parameters (defaults): ``reduce`` ("pca", or "ica": FastICA as Chen et al.), ``n_components`` (10),
+    ``size_threshold`` (0.35), ``class_source`` ("labels":
     the training labels as given, or "predictions"), ``rule`` ("area" | "any", see ``flag_images``),
     ``min_class_vectors`` (classes with fewer vectors are not analysed, 10), ``batch_size`` (32)."""
 
     name = "activation-clustering"
     uses_training_set = True
     params_doc = {
-        "n_components": "PCA components per class before KMeans(2)",
+        "reduce": '"pca": PCA (a deviation, see docs/defenses.md); "ica": FastICA (Chen et al.)',
+        "n_components": "components per class before KMeans(2) (Chen et al.: 10)",
         "size_threshold": "a cluster below this share of its class is judged poisoned (Chen et al.'s relative size)",
         "class_source": '"labels": the training labels as given; "predictions": the model\'s argmax',
         "rule": '"area": drop an image when flagged regions cover half its labelled pixels; "any": when one is flagged',
@@ -55,9 +77,13 @@ class ActivationClustering:
         "batch_size": "training images per forward pass",
     }
 
-    def __init__(self, n_components: int = 10, size_threshold: float = 0.35, class_source: str = "labels",
-                 rule: str = "area", min_class_vectors: int = 10, batch_size: int = 32) -> None:
+    def __init__(self, reduce: str = "pca", n_components: int = 10, size_threshold: float = 0.35,
+                 class_source: str = "labels", rule: str = "area", min_class_vectors: int = 10,
+                 batch_size: int = 32) -> None:
         check_rule(rule, class_source)
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be 'ica' or 'pca', got {reduce!r}")
+        self.reduce = reduce
         if not 0 < size_threshold <= 0.5:
             raise ValueError(f"size_threshold must be in (0, 0.5], got {size_threshold}")
         if int(n_components) < 1 or int(batch_size) < 1:
@@ -71,11 +97,11 @@ class ActivationClustering:
         feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
 
         def analyse(vectors):
-            flags, sizes = cluster_flags(vectors, self.n_components, self.size_threshold, ctx.seed)
+            flags, sizes = cluster_flags(vectors, self.n_components, self.size_threshold, ctx.seed, self.reduce)
             return flags, {"cluster_sizes": sizes, "relative_sizes": [s / len(vectors) for s in sizes],
                            "judged_poisoned": bool(flags.any()), "flagged": int(flags.sum())}
 
         drop, details = flag_per_class(feats, ctx, self.min_class_vectors, analyse, "clustered", self.rule,
                                        self.class_source)
-        details.update(budget.summary())
+        details.update(budget.summary(), reduce=self.reduce)
         return DefenseResult(flagged_train=drop, cost=meter.cost(), details=details)

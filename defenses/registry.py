@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.defenses.abl import ABL
 from testbed.defenses.activation_clustering import ActivationClustering
 from testbed.defenses.anp import ANP
 from testbed.defenses.clp import CLP
@@ -21,6 +22,7 @@ from testbed.defenses.fine_pruning import FinePruning
 from testbed.defenses.ft import FineTuning
 from testbed.defenses.ibau import IBAU
 from testbed.defenses.nad import NAD
+from testbed.defenses.scale_up import ScaleUp
 from testbed.defenses.spectral_signature import SpectralSignature
 from testbed.defenses.strip import Strip
 from testbed.defenses.trigger_synthesis import TriggerSynthesis
@@ -30,7 +32,7 @@ from testbed.core.plugins import resolve
 ENTRY_POINT_GROUP = "testbed.defenses"
 BUILTIN: dict[str, type] = {cls.name: cls for cls in (FinePruning, TriggerSynthesis, Strip, ActivationClustering,
                                                       SpectralSignature, FineTuning, NAD, ANP, CLP,
-                                                      IBAU)}
+                                                      IBAU, ABL, ScaleUp)}
 
 
 def builtin_defenses() -> dict[str, type]:

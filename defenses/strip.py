@@ -1,17 +1,20 @@
 """STRIP (Gao et al., 2019) adapted to segmentation: an input filter.
 
-A trigger dominates whatever it is blended with, so the prediction of a triggered input stays confident
-(low entropy) under strong perturbation, while a clean input's prediction falls apart.  Each input is
-overlaid with ``n_overlays`` clean images drawn at random from the trusted subset; the per-pixel softmax
-entropy is averaged over the overlays, and the image score is the mean entropy of the lowest-entropy
-``fraction`` of pixels (a trigger may control only part of the image), negated so that higher = more
-suspicious.  The threshold rejects ``frr`` of the clean subset.
+A trigger dominates whatever it is superimposed with, so the prediction of a triggered input stays
+confident (low entropy) under strong perturbation, while a clean input's prediction falls apart.  Each input
+is superimposed with ``n_overlays`` (100, as the paper and the WaNet release's STRIP) clean images drawn at
+random from the trusted subset — by default STRIP's additive superimposition (``cv2.addWeighted(bg, 1,
+overlay, 1, 0)``: the sum, saturated at 255) — the per-pixel softmax entropy is averaged over the overlays,
+and the image score is the mean entropy of the lowest-entropy ``fraction`` of pixels (a trigger may control
+only part of the image), negated so that higher = more suspicious.  The threshold is Gao et al.'s: a normal
+distribution fitted to the clean scores, cut at the preset false rejection rate (``frr`` = 1%).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -37,8 +40,9 @@ def image_score(entropy: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
 
 def blend_(x: torch.Tensor, overlays: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
     """Superimpose images ``x [B,3,H,W]`` (in [0,1]) on ``overlays [B,N,3,H,W]`` (raw 0..255, overwritten in
-    place — no extra copies of the B·N batch): ``mean`` = α·x + (1−α)·overlay; ``add`` = STRIP's saturating
-    sum min(1, x + overlay).  Returns ``[B·N,3,H,W]``."""
+    place — no extra copies of the B·N batch): ``blend`` = α·x + (1−α)·overlay; ``add`` = STRIP's saturating
+    sum min(1, x + overlay) (cv2.addWeighted(x, 1, overlay, 1, 0) on uint8 images, exactly: a sum of two
+    uint8 values needs no rounding).  Returns ``[B·N,3,H,W]``."""
     x = x.unsqueeze(1)
     if mode == "add":
         overlays.div_(255.0).add_(x).clamp_(max=1.0)
@@ -93,35 +97,59 @@ class StripScorer:
         return out
 
 
+MODES = ("add", "blend")
+THRESHOLD_RULES = ("normal", "quantile")
+
+
+def clean_threshold(scores: np.ndarray, frr: float, rule: str = "normal") -> float:
+    """The score above which an input is rejected, from the clean scores and the preset false rejection rate.
+
+    ``normal`` (Gao et al.): a normal distribution fitted to the clean scores (mean, sample standard
+    deviation), cut at its ``1 − frr`` quantile; ``quantile``: the empirical ``1 − frr`` quantile.  With
+    ``frr = 0`` every clean score is accepted (the largest one)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if frr == 0:
+        return float(s.max())
+    if rule == "quantile" or len(s) < 2:
+        return float(np.quantile(s, 1.0 - frr))
+    sd = float(s.std(ddof=1))
+    return float(NormalDist(float(s.mean()), sd).inv_cdf(1.0 - frr)) if sd > 0 else float(s.mean())
+
+
 class Strip:
     """Entropy-based input filter.
 
-    Parameters (defaults): ``n_overlays`` (32), ``fraction`` of lowest-entropy pixels (0.1), ``frr`` on the
-    clean subset (0.05), ``mode`` ("mean": 0.5/0.5 blend with ``alpha`` 0.5; "add": STRIP's saturating sum),
-    ``batch_size`` (256 overlaid images per forward pass).
+    Parameters (defaults): ``n_overlays`` (100, as Gao et al.), ``fraction`` of lowest-entropy pixels (0.1),
+    ``frr`` on the clean subset (0.01, Gao et al.'s 1%), ``threshold_rule`` ("normal": Gao et al.'s normal
+    fit; "quantile": the empirical quantile), ``mode`` ("add": STRIP's saturating sum; "blend": α·x +
+    (1−α)·overlay with ``alpha`` 0.5), ``batch_size`` (256 superimposed images per forward pass).
     """
 
     name = "strip"
     uses_training_set = False
     params_doc = {
-        "n_overlays": "clean images blended with each input",
+        "n_overlays": "clean images superimposed on each input (Gao et al.: 100)",
         "fraction": "share of lowest-entropy pixels averaged into the image score",
-        "frr": "false rejection rate on the clean subset that sets the threshold",
-        "mode": '"mean": alpha*x + (1-alpha)*overlay; "add": STRIP\'s saturating sum',
-        "alpha": 'weight of the input in mode "mean"',
-        "batch_size": "overlaid images per forward pass",
+        "frr": "false rejection rate on the clean subset that sets the threshold (Gao et al.: 0.01)",
+        "threshold_rule": '"normal": a normal fitted to the clean scores (Gao et al.); "quantile": their empirical quantile',
+        "mode": '"add": STRIP\'s saturating sum x + overlay (cv2.addWeighted 1, 1); "blend": alpha*x + (1-alpha)*overlay',
+        "alpha": 'weight of the input in mode "blend"',
+        "batch_size": "superimposed images per forward pass",
     }
 
-    def __init__(self, n_overlays: int = 32, fraction: float = 0.1, frr: float = 0.05, mode: str = "mean",
-                 alpha: float = 0.5, batch_size: int = 256) -> None:
+    def __init__(self, n_overlays: int = 100, fraction: float = 0.1, frr: float = 0.01, threshold_rule: str = "normal",
+                 mode: str = "add", alpha: float = 0.5, batch_size: int = 256) -> None:
         if n_overlays < 1:
             raise ValueError(f"n_overlays must be at least 1, got {n_overlays}")
         if not 0 < fraction <= 1 or not 0 <= frr < 1:
             raise ValueError("fraction must be in (0, 1] and frr in [0, 1)")
-        if mode not in ("mean", "add"):
-            raise ValueError(f"mode must be 'mean' or 'add', got {mode!r}")
+        mode = "blend" if mode == "mean" else mode  # "mean": this filter's earlier name for the blend
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'add' or 'blend', got {mode!r}")
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be 'normal' or 'quantile', got {threshold_rule!r}")
         self.n_overlays, self.fraction, self.frr, self.mode = int(n_overlays), float(fraction), float(frr), mode
-        self.alpha, self.batch_size = float(alpha), int(batch_size)
+        self.threshold_rule, self.alpha, self.batch_size = threshold_rule, float(alpha), int(batch_size)
 
     def scorer(self, model: nn.Module, ctx: DefenseContext) -> StripScorer:
         return StripScorer(model.to(ctx.device).eval(), ctx.clean_images, ctx.device, self.n_overlays, self.fraction,
@@ -147,16 +175,28 @@ class Strip:
             meter.forward = scorer.forward
             report(ctx.progress, done / n, f"STRIP clean scores {done}/{n}")
         scores = scores[:done]
-        threshold = float(np.quantile(scores, 1.0 - self.frr))
-        details = {
+        threshold = clean_threshold(scores, self.frr, self.threshold_rule)
+        return DefenseResult(input_scores=scorer, threshold=threshold, cost=meter.cost(),
+                             details={**self._details(scores, threshold, n, scorer), **budget.summary()})
+
+    def _details(self, scores: np.ndarray, threshold: float, n: int, scorer: StripScorer) -> dict:
+        pool = max(n - 1, 1)  # a clean image's overlays leave it out; a test input draws from all n
+        short = pool < self.n_overlays
+        return {
             "clean_scores": scores.tolist(),
             "frr": float(np.mean(scores > threshold)),
             "frr_target": self.frr,
             "threshold": threshold,
+            "threshold_rule": self.threshold_rule,
+            "threshold_scores": int(len(scores)),
+            "mode": self.mode,
             "n_overlays": self.n_overlays,
+            "overlay_pool": n,
+            "overlays_repeat": bool(short),
             "images_per_forward": scorer.per_forward,
-            "clean_images_scored": done,
-            **budget.summary(),
+            "clean_images_scored": int(len(scores)),
             "threshold_data": "all of the clean subset, leave-one-out overlays",
+            "note": (f"the clean subset holds {n} images, fewer than n_overlays={self.n_overlays}: overlays repeat "
+                     f"(drawn with replacement from {n} images, {pool} for a clean image), and the threshold rests on "
+                     f"{len(scores)} clean scores" if short else ""),
         }
-        return DefenseResult(input_scores=scorer, threshold=threshold, cost=meter.cost(), details=details)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, predict_batches, report, to_input
-from testbed.defenses._trigger_search import ScheduleConfig, search
+from testbed.defenses._trigger_search import EpochPlan, ScheduleConfig, search
 from testbed.defenses.protocol import DefenseContext, DefenseResult, Verdict
 from testbed.core.jsonutil import jsonable
 
@@ -102,12 +102,19 @@ def flag_small(norms, threshold: float = 2.0) -> np.ndarray:
     return (x < np.median(x)) & (anomaly_index(x) > threshold)
 
 
-def verdict_status(flagged: bool, done: int, total: int, min_candidates: int = 3) -> str:
-    """``backdoored`` when a candidate is flagged; ``clean`` only when every candidate was searched (and at
-    least ``min_candidates``, below which the MAD index has no power); else ``inconclusive``."""
+def verdict_status(flagged: bool, done: int, total: int, min_candidates: int = 3, converged: int | None = None) -> str:
+    """The verdict from the search's outcome.
+
+    ``converged`` (default ``done``) counts the finished candidates whose mask reached the success threshold:
+    only they enter the MAD.  With fewer than ``min_candidates`` of them the MAD index has no power and the
+    status is ``inconclusive`` whatever it flagged; else ``backdoored`` when a candidate is flagged, ``clean``
+    only when every candidate was searched, ``inconclusive`` otherwise."""
+    converged = done if converged is None else converged
+    if converged < min_candidates:
+        return "inconclusive"
     if flagged:
         return "backdoored"
-    return "clean" if total > 0 and done >= total and done >= min_candidates else "inconclusive"
+    return "clean" if total > 0 and done >= total else "inconclusive"
 
 
 def _positive(**values) -> None:
@@ -116,16 +123,20 @@ def _positive(**values) -> None:
             raise ValueError(f"{name} must be positive, got {v!r}")
 
 
+SCHEDULES = {"nc": 1000, "fast": 300}  # the unit of `steps` and its default: NC's epochs, or mini-batch steps
+
+
 class TriggerSynthesis:
     """Neural-Cleanse-style trigger reverse engineering over image-level or (source, target) candidates.
 
     Parameters (defaults): ``targets`` ("image" | "pairs"), ``max_candidates`` (None = all; fewer makes the
-    verdict inconclusive unless a candidate is flagged), ``steps`` (300: the most optimisation steps per
-    candidate), ``batch_size`` (16 clean images per step), ``lr`` (0.1, Adam β=(0.5,0.9) as NC), ``init_cost``
-    λ₀ (1e-3, on the raw L1 norm), ``cost_up``/``cost_down`` (1.5, 1.5^1.5), ``patience`` (5 steps),
-    ``success_threshold`` (0.99), ``early_stop`` (True), ``early_stop_threshold`` (0.99),
-    ``early_stop_patience`` (10 steps), ``candidate_batch`` (16 candidates per forward; 1 = sequential),
-    ``anomaly_threshold`` (2.0).
+    verdict inconclusive unless a candidate is flagged), ``schedule`` ("nc": NC's units, one λ/early-stop
+    decision per epoch over the clean subset; "fast": one per mini-batch, the cheaper setting), ``steps``
+    (None: 1000 epochs as NC, or 300 mini-batches with "fast"), ``batch_size`` (16 clean images per step),
+    ``lr`` (0.1, Adam β=(0.5,0.9) as NC), ``init_cost`` λ₀ (1e-3, on the raw L1 norm),
+    ``cost_up``/``cost_down`` (1.5, 1.5^1.5), ``patience`` (5), ``success_threshold`` (0.99 of the images),
+    ``pixel_share`` (1.0), ``early_stop`` (True), ``early_stop_threshold`` (0.99), ``early_stop_patience``
+    (10), ``candidate_batch`` (16 candidates per forward; 1 = sequential), ``anomaly_threshold`` (2.0).
     """
 
     name = "trigger-synthesis"
@@ -133,28 +144,37 @@ class TriggerSynthesis:
     params_doc = {
         "targets": '"image": K candidates, every pixel -> t (N-to-1); "pairs": K(K-1) candidates s -> t (1-to-1)',
         "max_candidates": "search only the first N candidates (None = all); a partial search is never 'clean'",
-        "steps": "the most optimisation steps per candidate (a candidate that never reaches success runs them all)",
-        "batch_size": "clean images per step and candidate",
+        "schedule": '"nc": lambda and early stop decide once per epoch over the clean subset (Neural Cleanse); '
+                    '"fast": once per mini-batch (cheaper, not NC)',
+        "steps": "the most schedule decisions per candidate: epochs (nc, default 1000 as NC) or mini-batches "
+                 "(fast, default 300)",
+        "batch_size": "clean images per optimisation step and candidate",
         "lr": "Adam learning rate (betas 0.5, 0.9 as Neural Cleanse)",
         "init_cost": "lambda_0 on the raw L1 norm of the mask, in pixels (Neural Cleanse: 1e-3)",
-        "cost_up": "lambda is multiplied by this after `patience` successful steps",
-        "cost_down": "lambda is divided by this after `patience` failing steps (NC: cost_up ** 1.5)",
-        "patience": "steps of success (or failure) before lambda is set, raised or lowered",
-        "success_threshold": "share of the candidate's pixels that must reach the target for success",
+        "cost_up": "lambda is multiplied by this after `patience` successful decisions",
+        "cost_down": "lambda is divided by this after `patience` failing decisions (NC: cost_up ** 1.5)",
+        "patience": "successful (or failing) decisions before lambda is set, raised or lowered",
+        "success_threshold": "share of the clean images that must be attacked for success (NC: 0.99)",
+        "pixel_share": "an image counts as attacked when this share of its attacked pixels reach the target "
+                       "(1.0 = all)",
         "early_stop": "stop a candidate on NC's rule (lambda raised and lowered, best norm stalled)",
         "early_stop_threshold": "the best norm must improve by more than 1 - this to reset the stall counter",
-        "early_stop_patience": "stalled steps before a candidate stops",
+        "early_stop_patience": "stalled decisions before a candidate stops",
         "candidate_batch": "candidates optimised together in one forward/backward; 1 = one at a time",
         "anomaly_threshold": "MAD anomaly index above which a small mask norm is flagged",
     }
 
-    def __init__(self, targets: str = "image", max_candidates: int | None = None, steps: int = 300, batch_size: int = 16,
-                 lr: float = 0.1, init_cost: float = 1e-3, cost_up: float = 1.5, cost_down: float = 1.5 ** 1.5,
-                 patience: int = 5, success_threshold: float = 0.99, early_stop: bool = True,
+    def __init__(self, targets: str = "image", max_candidates: int | None = None, schedule: str = "nc",
+                 steps: int | None = None, batch_size: int = 16, lr: float = 0.1, init_cost: float = 1e-3,
+                 cost_up: float = 1.5, cost_down: float = 1.5 ** 1.5, patience: int = 5,
+                 success_threshold: float = 0.99, pixel_share: float = 1.0, early_stop: bool = True,
                  early_stop_threshold: float = 0.99, early_stop_patience: int = 10, candidate_batch: int = 16,
                  anomaly_threshold: float = 2.0) -> None:
         if targets not in ("image", "pairs"):
             raise ValueError(f"targets must be 'image' or 'pairs', got {targets!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be 'nc' or 'fast', got {schedule!r}")
+        steps = SCHEDULES[schedule] if steps is None else steps
         for name, v in (("steps", steps), ("batch_size", batch_size), ("patience", patience),
                         ("early_stop_patience", early_stop_patience), ("candidate_batch", candidate_batch)):
             if isinstance(v, bool) or int(v) != v or v < 1:
@@ -165,9 +185,10 @@ class TriggerSynthesis:
         _positive(lr=lr, anomaly_threshold=anomaly_threshold)
         if not init_cost >= 0 or not cost_up > 1 or not cost_down > 1:
             raise ValueError("init_cost must be at least 0, cost_up and cost_down above 1")
-        if not 0 < success_threshold <= 1 or not 0 < early_stop_threshold <= 1:
-            raise ValueError("success_threshold and early_stop_threshold must be in (0, 1]")
+        if not 0 < success_threshold <= 1 or not 0 < early_stop_threshold <= 1 or not 0 < pixel_share <= 1:
+            raise ValueError("success_threshold, pixel_share and early_stop_threshold must be in (0, 1]")
         self.targets, self.max_candidates, self.steps, self.batch_size = targets, max_candidates, int(steps), int(batch_size)
+        self.schedule_unit, self.pixel_share = schedule, float(pixel_share)
         self.lr, self.init_cost, self.cost_up, self.cost_down = float(lr), float(init_cost), float(cost_up), float(cost_down)
         self.patience, self.success_threshold, self.anomaly_threshold = int(patience), float(success_threshold), float(anomaly_threshold)
         self.early_stop, self.early_stop_threshold = bool(early_stop), float(early_stop_threshold)
@@ -239,7 +260,8 @@ class TriggerSynthesis:
 
             results, unfinished = search(
                 model, to_input(images, device), torch.from_numpy(clean_pred).long().to(device), planned,
-                [ctx.seed * 1_000_003 + i for i in range(len(planned))], self.schedule(), b, self.lr,
+                [ctx.seed * 1_000_003 + i for i in range(len(planned))], self.schedule(),
+                EpochPlan(n, b, self.schedule_unit == "nc", self.pixel_share), self.lr,
                 self.candidate_batch, budget, meter, done)
             loop = {"passes": meter.passes - loop_start, "seconds": float(sum(r.seconds for r in results)),
                     "abandoned": unfinished}
@@ -249,35 +271,44 @@ class TriggerSynthesis:
         return self._result(ctx, planned, results, len(cands), skipped, loop, budget, meter, h, w)
 
     def _result(self, ctx, planned, results, total, skipped, loop, budget, meter, h, w) -> DefenseResult:
-        names = [("*" if s < 0 else ctx.classes[s], ctx.classes[t]) for s, t in (planned[r.index] for r in results)]
+        """The verdict from the converged candidates only: a candidate whose mask never reached the success
+        threshold has no reverse-engineered trigger (NC's ``reg_best`` stays infinite), so its norm — the last
+        mask's, large because λ kept falling — would only stretch the MAD; it is listed in ``unconverged``."""
+        labels_all = [f"{'*' if s < 0 else ctx.classes[s]}->{ctx.classes[t]}" for s, t in (planned[r.index] for r in results)]
+        conv = [r for r in results if r.reached]
+        names = [("*" if s < 0 else ctx.classes[s], ctx.classes[t]) for s, t in (planned[r.index] for r in conv)]
         labels = [f"{s}->{t}" for s, t in names]
-        norms = np.array([r.norm for r in results], dtype=np.float64)
-        index = anomaly_index(norms) if len(results) else np.zeros(0)
-        flagged = flag_small(norms, self.anomaly_threshold) if len(results) else np.zeros(0, dtype=bool)
+        norms = np.array([r.norm for r in conv], dtype=np.float64)
+        index = anomaly_index(norms) if len(conv) else np.zeros(0)
+        flagged = flag_small(norms, self.anomaly_threshold) if len(conv) else np.zeros(0, dtype=bool)
         small = norms < (np.median(norms) if len(norms) else 0)
         score = float(index[small].max()) if small.any() else 0.0
-        suspected = [pair for pair, f in zip(names, flagged) if f]
         coverage = len(results) / total if total else 0.0
-        status = verdict_status(bool(flagged.any()), len(results), total)
-        verdict = Verdict(backdoored=bool(flagged.any()), score=score, suspected=suspected, status=status,
-                          coverage=coverage)
+        status = verdict_status(bool(flagged.any()), len(results), total, converged=len(conv))
+        verdict = Verdict(backdoored=status == "backdoored", score=score, status=status, coverage=coverage,
+                          suspected=[pair for pair, f in zip(names, flagged) if f] if status == "backdoored" else [])
         j = int(np.argmax(np.where(small, index, -1))) if small.any() else (int(np.argmin(norms)) if len(norms) else None)
         details = {
             "cost": jsonable(self._cost(ctx, results, total, skipped, len(planned), loop, budget, h, w)),
             "status": status,
             "coverage": coverage,
+            "schedule": self.schedule_unit,
+            "converged": len(conv),
             "norms": {lab: float(v) for lab, v in zip(labels, norms)},
             "anomaly_index": {lab: float(v) for lab, v in zip(labels, index)},
-            "reached": {lab: r.reached for lab, r in zip(labels, results)},
-            "success": {lab: float(r.success) for lab, r in zip(labels, results)},
-            "steps": {lab: r.steps for lab, r in zip(labels, results)},
-            "stop_reason": {lab: r.stop for lab, r in zip(labels, results)},
-            "mask_norm_curves": {lab: [round(v, 2) for v in r.curve] for lab, r in zip(labels, results)},
+            "unconverged": {lab: {"last_norm": float(r.norm), "success": float(r.success)}
+                            for lab, r in zip(labels_all, results) if not r.reached},
+            "reached": {lab: r.reached for lab, r in zip(labels_all, results)},
+            "success": {lab: float(r.success) for lab, r in zip(labels_all, results)},
+            "steps": {lab: r.steps for lab, r in zip(labels_all, results)},
+            "stop_reason": {lab: r.stop for lab, r in zip(labels_all, results)},
+            "mask_norm_curves": {lab: [round(v, 2) for v in r.curve] for lab, r in zip(labels_all, results)},
             "flagged": [lab for lab, f in zip(labels, flagged) if f],
             "mask_candidate": labels[j] if j is not None else None,
-            "mask": _small_mask(results[j].mask) if j is not None else None,
+            "mask": _small_mask(conv[j].mask) if j is not None else None,
             **budget.summary(),
-            "note": "fewer than 3 candidates: the MAD anomaly index is not meaningful" if len(results) < 3 else "",
+            "note": (f"{len(conv)} converged candidate(s): the MAD anomaly index needs at least 3, so the verdict is "
+                     "inconclusive" if len(conv) < 3 else ""),
         }
         return DefenseResult(verdict=verdict, cost=meter.cost(), details=details)
 
@@ -294,6 +325,8 @@ class TriggerSynthesis:
             "passes_per_candidate": ppc,
             "steps_per_candidate": float(np.mean([r.steps for r in results])) if results else float("nan"),
             "max_steps": self.steps,
+            "schedule": self.schedule_unit,
+            "step_unit": "epoch over the clean subset" if self.schedule_unit == "nc" else "mini-batch",
             "seconds_per_pass": spp,
             "per_candidate_seconds": float(np.mean([r.seconds for r in results])) if results else float("nan"),
             "candidate_batch": self.candidate_batch,

@@ -23,12 +23,12 @@ from testbed.defense import Defense, DefenseContext, ReadOnlyArray, TrainingSet
 # -- registry ----------------------------------------------------------------------------------------
 def test_builtin_registry_names_and_protocol():
     assert set(defenses.BUILTIN) == {"fine-pruning", "trigger-synthesis", "strip", "activation-clustering", "spectral-signature",
-                                     "ft", "nad", "anp", "clp", "i-bau"}
+                                     "ft", "nad", "anp", "clp", "i-bau", "abl", "scale-up"}
     for name, cls in defenses.BUILTIN.items():
         obj = cls()
         assert obj.name == name
         assert isinstance(obj, Defense)
-        assert getattr(obj, "uses_training_set", False) == (name in ("activation-clustering", "spectral-signature"))
+        assert getattr(obj, "uses_training_set", False) == (name in ("activation-clustering", "spectral-signature", "abl"))
 
 
 # -- trigger synthesis: counts, projections, MAD ------------------------------------------------------
@@ -94,7 +94,7 @@ def test_strip_scorer_batched_matches_hand_computation():
     ctx = DefenseContext(pool, np.zeros((5, 4, 4), np.uint8), ("a", "b"), torch.device("cpu"), seed=3, image_size=(4, 4))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
-    strip = Strip(n_overlays=n, fraction=0.25, batch_size=8)  # 2 images per forward: several chunks
+    strip = Strip(n_overlays=n, fraction=0.25, batch_size=8, mode="blend")  # 2 images per forward: several chunks
     scorer = strip.scorer(_RedModel(s), ctx)
     got = scorer(images)
 
@@ -340,14 +340,16 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     k, (h, w) = len(poisoned["classes"]), poisoned["images"].shape[1:3]
     assert cost["candidates_run"] == 3 and cost["candidates_in_mode"] == k
     assert cost["counts"]["pairs"] == k * (k - 1) and cost["counts"]["log10_maps"] == pytest.approx(h * w * math.log10(k))
-    assert cost["passes_per_candidate"] == 2 * 4 * 2  # 2 steps × 4 images × (forward + backward): too few to stop early
-    assert cost["seconds_per_pass"] == pytest.approx(cost["loop_seconds"] / (3 * 16))
-    assert cost["projected"]["image_seconds"] == pytest.approx(16 * k * cost["seconds_per_pass"])
+    # NC's units: 2 epochs × 12 clean images × (forward + backward): too few to stop early
+    assert cost["passes_per_candidate"] == 2 * 12 * 2
+    assert cost["seconds_per_pass"] == pytest.approx(cost["loop_seconds"] / (3 * 48))
+    assert cost["projected"]["image_seconds"] == pytest.approx(48 * k * cost["seconds_per_pass"])
     ade = cost["projected_ade20k"]["pairs_seconds"]
-    assert ade == pytest.approx(16 * cost["seconds_per_pass"] * (512 * 512) / (h * w) * 150 * 149)
-    assert len(res.details["norms"]) == 3 and res.verdict is not None
+    assert ade == pytest.approx(48 * cost["seconds_per_pass"] * (512 * 512) / (h * w) * 150 * 149)
+    assert len(res.details["reached"]) == 3 and res.verdict is not None
+    assert len(res.details["norms"]) + len(res.details["unconverged"]) == 3
     assert res.verdict.coverage == pytest.approx(3 / k) and res.verdict.status in ("inconclusive", "backdoored")
-    idx = anomaly_index(list(res.details["norms"].values()))
+    idx = anomaly_index(list(res.details["norms"].values())) if res.details["norms"] else []  # converged ones only
     np.testing.assert_allclose(list(res.details["anomaly_index"].values()), idx)
     assert res.cost.backward_passes >= 3 * 2 * 4
     assert all(len(c) == 2 for c in res.details["mask_norm_curves"].values())
@@ -356,7 +358,7 @@ def test_trigger_synthesis_end_to_end_and_budget(model, poisoned):
     assert again.details["norms"] == res.details["norms"] and again.verdict == res.verdict
 
     pairs = defenses.BUILTIN["trigger-synthesis"](targets="pairs", steps=1, batch_size=2, max_candidates=2).run(model, ctx)
-    labels = list(pairs.details["norms"])
+    labels = list(pairs.details["reached"])
     assert len(labels) == 2 and all("->" in lab and not lab.startswith("*") for lab in labels)
     assert all(src != dst for src, dst in (lab.split("->") for lab in labels))
     assert pairs.details["cost"]["coverage_of_pairs"] == pytest.approx(2 / (k * (k - 1)))
@@ -376,7 +378,8 @@ def test_strip_end_to_end(model, poisoned):
     _strict_json(res)
     clean = np.array(res.details["clean_scores"])
     assert len(clean) == len(ctx.clean_images) and np.isfinite(clean).all()
-    assert res.threshold == pytest.approx(np.quantile(clean, 0.95))
+    # Gao et al.'s threshold: a normal fitted to the clean scores, cut at the 1% false rejection rate
+    assert res.threshold == pytest.approx(clean.mean() + 2.3263478740408408 * clean.std(ddof=1))
     assert res.details["frr"] == pytest.approx(np.mean(clean > res.threshold))
     test = poisoned["images"][:6]
     s1 = res.input_scores(test)

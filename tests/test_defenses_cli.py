@@ -56,7 +56,7 @@ def test_defenses_lists_every_builtin_parameter_with_its_default(capsys):
     assert records["activation-clustering"]["uses_training_set"] is True
     assert main(["defenses"]) == 0
     text = capsys.readouterr().out
-    assert "max_candidates = null" in text and "n_overlays = 32" in text
+    assert "max_candidates = null" in text and "n_overlays = 100" in text
 
 
 def test_defenses_lists_plugins_and_their_load_errors(tmp_path, monkeypatch, capsys):

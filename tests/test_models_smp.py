@@ -383,12 +383,14 @@ DEFENSE_PARAMS = {
     "strip": {"n_overlays": 4},
     "activation-clustering": {"min_class_vectors": 4},
     "spectral-signature": {"min_class_vectors": 4},
+    "abl": {"epochs": 1, "isolation_ratio": 0.1},
+    "scale-up": {},
 }
 
 
 @pytest.mark.parametrize("name", SMP_TINY + ["deeplabv3_tiny", "denseaspp_tiny", "danet_tiny"])
 def test_every_defense_runs_on_every_family(name, poisoned32):
-    """All five built-in defenses on one (untrained) tiny model per family: no per-model branches needed."""
+    """Every built-in defense on one (untrained) tiny model per family: no per-model branches needed."""
     from testbed.evaluation.runner import load_defense, make_context
 
     torch.manual_seed(0)
@@ -406,12 +408,17 @@ def test_every_defense_runs_on_every_family(name, poisoned32):
     assert all(0 <= c < model.classifier.in_channels for c in pruned)
     assert torch.all(fp.model.classifier.weight[:, pruned] == 0)
     ts, _ = results["trigger-synthesis"]
-    assert len(ts.details["norms"]) == 3 and all(np.isfinite(v) for v in ts.details["norms"].values())
+    assert len(ts.details["reached"]) == 3 and all(np.isfinite(v) for v in ts.details["norms"].values())
+    assert all(np.isfinite(v["last_norm"]) for v in ts.details["unconverged"].values())
     strip, ctx = results["strip"]
     assert len(strip.details["clean_scores"]) == len(ctx.clean_images) and np.isfinite(strip.details["clean_scores"]).all()
     for defense_name in ("activation-clustering", "spectral-signature"):
         res, _ = results[defense_name]
         assert res.details["images_analysed"] == 24
         assert res.flagged_train.dtype == np.int64 and np.all((res.flagged_train >= 0) & (res.flagged_train < 24))
+    abl, _ = results["abl"]
+    assert abl.flagged_train.tolist() == sorted(abl.flagged_train.tolist()) and len(abl.flagged_train) == 3  # 10% of 24
+    su, ctx = results["scale-up"]
+    assert len(su.details["clean_scores"]) == len(ctx.clean_images) and np.isfinite(su.threshold)
     for res, _ in results.values():
         json.dumps(res.details, allow_nan=False)

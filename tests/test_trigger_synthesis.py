@@ -178,7 +178,7 @@ def test_batched_equals_sequential(setup, one_thread):
     The two modes run the same arithmetic per candidate; only the batched kernels' float rounding differs.
     """
     model = setup[0]
-    kw = dict(steps=40, batch_size=2, patience=2, early_stop_patience=3, init_cost=1e-2, max_candidates=4)
+    kw = dict(steps=40, batch_size=6, patience=2, early_stop_patience=3, init_cost=1e-2, max_candidates=4)
     seq = TriggerSynthesis(candidate_batch=1, **kw).run(model, _ctx(setup))
     bat = TriggerSynthesis(candidate_batch=4, **kw).run(model, _ctx(setup))
     for key in ("backdoored", "status", "suspected", "coverage"):
@@ -186,8 +186,9 @@ def test_batched_equals_sequential(setup, one_thread):
     assert bat.verdict.score == pytest.approx(seq.verdict.score, rel=1e-3)
     assert seq.details["steps"] == bat.details["steps"] and seq.details["stop_reason"] == bat.details["stop_reason"]
     assert (seq.cost.forward_passes, seq.cost.backward_passes) == (bat.cost.forward_passes, bat.cost.backward_passes)
-    a, b = seq.details["norms"], bat.details["norms"]
-    assert list(a) == list(b) and len(a) == 4
+    assert seq.details["reached"] == bat.details["reached"] and len(seq.details["reached"]) == 4
+    a, b = seq.details["norms"], bat.details["norms"]  # the converged candidates' norms (the MAD's input)
+    assert list(a) == list(b) and len(a) == sum(seq.details["reached"].values())
     np.testing.assert_allclose([b[k] for k in b], [a[k] for k in a], rtol=1e-3)
     assert "converged" in seq.details["stop_reason"].values()  # NC's early stop was exercised
     curves = seq.details["mask_norm_curves"]
@@ -200,7 +201,8 @@ def _busy_loop():
 
 def test_pass_budget_is_independent_of_cpu_load(setup, one_thread):
     model = setup[0]
-    ts = TriggerSynthesis(steps=10, batch_size=2, early_stop=False, candidate_batch=4)
+    # the cheaper per-mini-batch schedule: the hand count below is in its steps
+    ts = TriggerSynthesis(schedule="fast", steps=10, batch_size=2, early_stop=False, candidate_batch=4)
     budget = 400
     quiet = ts.run(model, _ctx(setup, budget_passes=budget))
     busy = _busy_loop()
@@ -229,7 +231,10 @@ def test_partial_search_is_inconclusive_with_its_coverage(setup, one_thread):
     assert res.verdict.status == "inconclusive" and not res.verdict.backdoored
     assert res.verdict.coverage == pytest.approx(3 / k) and res.details["coverage"] == pytest.approx(3 / k)
     full = TriggerSynthesis(steps=2, batch_size=2, anomaly_threshold=1e9).run(model, _ctx(setup))
-    assert full.verdict.status == "clean" and full.verdict.coverage == 1.0
+    # a full search is "clean" when nothing is flagged, but only with at least 3 converged candidates (the MAD's
+    # input); two epochs may leave most candidates unconverged
+    converged = sum(full.details["reached"].values())
+    assert full.verdict.status == ("clean" if converged >= 3 else "inconclusive") and full.verdict.coverage == 1.0
 
 
 @pytest.mark.parametrize("bad", [dict(targets="maps"), dict(steps=0), dict(candidate_batch=0), dict(max_candidates=0),

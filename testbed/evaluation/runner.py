@@ -115,6 +115,9 @@ def _run_behind_boundary(defense: Any, row: DefenseRow, job: _Job, budget_s: flo
     figures = take_figures(raw)
     row.details = jsonable(raw)
     row.figure_bytes = figures
+    note = row.details.get("note")  # what the defense says a reader must know (e.g. too few clean images)
+    if isinstance(note, str) and note:
+        row.notes.append(f"{row.defense}: {note}")
     stopped = row.details.get("stopped_by")
     row.cost.stopped_by = stopped if stopped in ("passes", "seconds") else None
     score_variants(row.details, job.run_dir, job.data_path, job.device, job.batch_size)
