@@ -182,9 +182,9 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
             pid = pair_id(m.id, name)
             p = params.get(spec, {}) if isinstance(spec, str) else {}
             spec_name = spec if isinstance(spec, str) else None
-            setting = {**asdict(settings), "params": p}
-            key = jsonable({"model": model, "defense": spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}",
-                            "name": name, "settings": setting})
+            typed = spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}"
+            setting = {**asdict(settings), "params": p, "defense": typed}  # as typed: `compare` accepts it too
+            key = jsonable({"model": model, "defense": typed, "name": name, "settings": setting})
             jobs[pid] = PairJob(out=str(out), pid=pid, model=jsonable(model), defense=spec_name, name=name,
                                 params=jsonable(p), settings=jsonable(setting), key=key, notes=list(notes.get(m.id, [])))
             if spec_name is None:
