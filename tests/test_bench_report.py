@@ -206,9 +206,32 @@ def test_a_killed_bench_resumes_without_redoing_finished_pairs(zoo, tmp_path):
     assert (STATE["noop"], STATE["late"]) == (4, 2 + 3)  # 2 more no-op pairs; the interrupted late pair and 2 more
     assert any("resuming: 3 of 8" in m for m in said)
     assert len(doc["rows"]) == 8 and not (out / "work").exists()
-    # the same arguments once more: a finished bench is rerun, not resumed
-    run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None)
-    assert STATE["noop"] == 8
+    # the same arguments once more: nothing to do, said in one line, the report untouched
+    said, before = [], (out / "results.json").read_bytes()
+    again = run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append)
+    assert STATE["noop"] == 4 and STATE["late"] == 5 and again["nothing_to_do"] and len(again["rows"]) == 8
+    assert said == [f"8 of 8 pairs already finished in {out}; nothing to do (--rerun runs them again)"]
+    assert (out / "results.json").read_bytes() == before and not (out / "work").exists()
+    # --rerun runs every pair again
+    said.clear()
+    run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              rerun=True)
+    assert STATE["noop"] == 8 and not any("already finished" in m for m in said)
+
+
+def test_a_bench_with_other_parameters_names_what_it_replaces(zoo, tmp_path):
+    from testbed.bench.run import run_bench
+
+    out = tmp_path / "p"
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None,
+              entries="*s0")
+    said = []
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              entries="*s0", params={f"{ME}:Brightness": {"limit": 0.99}})
+    (line,) = [m for m in said if m.startswith("replacing")]
+    n = len(results(out)["rows"])
+    assert line.startswith(f"replacing {n} finished pair(s) run with other settings: brightness on ")
+    assert "params {} → {'limit': 0.99}" in line
 
 
 def test_workers_give_the_same_bytes_per_pair(zoo, tmp_path):

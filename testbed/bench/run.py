@@ -246,6 +246,7 @@ def run_bench(
     ray_address: str | None = None,
     threads: int | None = None,
     debug: bool = False,
+    rerun: bool = False,
 ) -> dict[str, Any]:
     """Run every defense on every model and write the report into ``out``; returns the results.json content
     plus ``"errors"`` (failed runs), ``"defense_errors"`` (runs the defense failed) and ``"testbed_errors"``
@@ -254,11 +255,13 @@ def run_bench(
     Models come from ``zoo`` (a zoo directory), ``run`` + ``data``, or ``models`` (a list of
     :class:`BenchModel`).  ``defenses``: comma-separated names or a list of names/defense objects.  An existing
     report in ``out`` is merged into (``overwrite`` discards it first); an interrupted bench with the same
-    arguments is resumed.  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
+    arguments is resumed, and pairs the report already holds with the same settings are not run again (``rerun``
+    runs them again; with all of them finished the bench does nothing).  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
     n/a.  ``workers``/``backend``/``threads``: see :mod:`testbed.bench.workers`.
     """
     from testbed.bench.store import ReportStore
     from testbed.bench.workers import default_threads
+    from testbed.stats.rows import read_report
     from testbed.core.device import resolve_device
 
     params = dict(params or {})
@@ -282,6 +285,11 @@ def run_bench(
     store.lock()
     try:
         plan, done = _begin(store, jobs, overwrite, out, say)
+        same = _already_in_report(store, plan, done, rerun, say)
+        if len(same) == len(plan) and (out / "results.json").is_file():  # nothing to run: the report stands as is
+            store.commit(plan)
+            return {**_add_error_counts(read_report(out), []), "nothing_to_do": True}
+        done |= same
         failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
                             settings, progress, debug, say)
         store.commit(plan)
@@ -289,6 +297,41 @@ def run_bench(
     finally:
         store.unlock()
     return _add_error_counts(doc, failed)
+
+
+def _already_in_report(store: Any, plan: dict[str, dict[str, Any]], done: set[str], rerun: bool,
+                       say: Callable[[str], None]) -> set[str]:
+    """The pairs the report already holds with the same key (not run again unless ``rerun``), saying so; and a
+    line naming each finished pair this bench replaces because it runs with other settings."""
+    from testbed.bench.store import read_pair
+
+    same, replaced = set(), []
+    for pid, key in plan.items():
+        old = None if pid in done else read_pair(store.pairs, pid)
+        if old is None:
+            continue
+        if old.key == key and not rerun:
+            same.add(pid)
+        elif old.key != key:
+            replaced.append(f"{key['name']} on {key['model']['id']} ({_key_change(old.key, key)})")
+    if replaced:
+        say(f"replacing {len(replaced)} finished pair(s) run with other settings: " + "; ".join(replaced))
+    if same and len(same) + len(done) == len(plan):
+        say(f"{len(same) + len(done)} of {len(plan)} pairs already finished in {store.out}; nothing to do "
+            "(--rerun runs them again)")
+    elif same:
+        say(f"{len(same)} of {len(plan)} pairs already finished in {store.out} with the same settings; "
+            f"running the other {len(plan) - len(same) - len(done)} (--rerun runs all)")
+    return same
+
+
+def _key_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two pair keys, as ``params {'sigma': 1} → {'sigma': 0.5}, seed 0 → 1``."""
+    a, b = dict(old.get("settings") or {}), dict(new.get("settings") or {})
+    diffs = [f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if old.get("model") != new.get("model"):
+        diffs.append("the model's files")
+    return ", ".join(diffs) or "another defense class"
 
 
 def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
