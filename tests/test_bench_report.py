@@ -511,3 +511,22 @@ def test_docs_results_tables_recompute_from_the_reports(zoo, tmp_path):
     line = next(ln for ln in section.splitlines() if ln.startswith("| fgba-n1-line |"))
     assert f"{x.mean():.1f} ± {half:.1f} [2]" in line
     assert "Fine-pruning: rank channels by mean or by max" in text and "| all | 4 |" in text
+
+
+def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path):
+    """Issue 24 (traps 9, 10): each pair's line is numbered with the bench's elapsed seconds, the defense's own
+    seconds are labelled, and report.md gives the command's wall time beside the per-row defense seconds."""
+    from testbed.bench.run import run_bench
+
+    said = []
+    doc = run_bench(tmp_path / "s", f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False,
+                    log=said.append, entries="*s0")
+    pairs = [m for m in said if m.startswith("[")]
+    n = len(doc["rows"])
+    assert len(pairs) == n and [m.split(",")[0] for m in pairs] == [f"[{i}/{n}" for i in range(1, n + 1)]
+    elapsed = [float(m.split(", ")[1].split(" s elapsed]")[0]) for m in pairs]
+    assert elapsed == sorted(elapsed) and all(" defense " in m and m.endswith(" s") for m in pairs)
+    wall = doc["meta"]["command_seconds"]
+    assert wall >= elapsed[-1] > 0  # the wall time covers every pair
+    assert f"wall time of this bench: `{wall} s`" in (tmp_path / "s" / "report.md").read_text()
+    assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note

@@ -197,6 +197,9 @@ def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
     for key in ("data", "zoo", "device", "threads", "seed", "budget_s", "budget_passes", "min_asr"):
         if meta.get(key) is not None:
             parts.append(f"- {key}: `{meta[key]}`")
+    if meta.get("command_seconds") is not None:
+        parts.append(f"- wall time of this bench: `{meta['command_seconds']} s` (the seconds per row are the defense's "
+                     "own; scoring before and after, a defense's curves and retraining make up the rest)")
     parts += settings_warning(rows, meta)
     parts += ["", INTRO, ""]
     parts += summary_grid(rows) + [""] + rows_table(rows)

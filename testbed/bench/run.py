@@ -15,6 +15,7 @@ import fnmatch
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -206,8 +207,12 @@ def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: l
         jobs[pid].write()
     executor = make_executor(out, workers, backend, ray_address, settings.device, settings.threads, jobs, objects, progress)
 
+    start, count = time.perf_counter(), [0]
+
     def report(pid: str, result: dict[str, Any]) -> None:
-        say_result(result, debug, say)
+        count[0] += 1  # one line per pair, numbered, with the bench's wall time so far (scoring included)
+        say_result(result, debug, lambda line: say(f"[{count[0]}/{len(todo)}, {time.perf_counter() - start:.1f} s "
+                                                   f"elapsed] {line}" if not line.startswith("  ") else line))
         if result.get("status") != "done":
             failed.append(result)
 
@@ -282,6 +287,7 @@ def run_bench(
             say(f"note: {note}")
     out = Path(out)
     jobs, objects = _plan(out, models, specs, names, params, settings, notes)
+    started = time.perf_counter()
     store.lock()
     try:
         plan, done = _begin(store, jobs, overwrite, out, say)
@@ -293,7 +299,8 @@ def run_bench(
         failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
                             settings, progress, debug, say)
         store.commit(plan)
-        doc = _write(store, list(jobs), settings, names, models, zoo, data, title, figures)
+        settings_meta = {"title": title, "figures": figures, "started": started}
+        doc = _write(store, list(jobs), settings, names, models, zoo, data, settings_meta)
     finally:
         store.unlock()
     return _add_error_counts(doc, failed)
@@ -360,7 +367,7 @@ def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict
 
 
 def _write(store: Any, order: list[str], settings: BenchSettings, names: list[str], models: list[BenchModel],
-           zoo: Any, data: Any, title: str, figures: bool) -> dict[str, Any]:
+           zoo: Any, data: Any, how: dict[str, Any]) -> dict[str, Any]:
     """The report regenerated from every finished pair of ``out``."""
     from testbed.bench import report
 
@@ -371,12 +378,14 @@ def _write(store: Any, order: list[str], settings: BenchSettings, names: list[st
     classes = {p.row.model: p.classes for p in pairs}
     this = set(order)
     kept = sum(1 for r in rows if pair_id(r.model, r.defense) not in this)
+    title, figures = how["title"], how["figures"]
     meta = {
         "title": title, "zoo": str(zoo) if zoo is not None else None, "data": str(data) if data is not None else None,
         "device": settings.device, "seed": settings.seed, "budget_s": settings.budget_s,
         "budget_passes": settings.budget_passes, "threads": settings.threads, "min_asr": settings.min_asr,
         "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
         "this_run": {"defenses": names, "models": [m.id for m in models]}, "rows_from_earlier_runs": kept,
+        "command_seconds": round(time.perf_counter() - how["started"], 1),  # pairs run + scoring, before figures
     }
     return report.write_report(store.out, rows, meta=meta, classes=classes, figures=figures)
 
@@ -410,5 +419,5 @@ def summary_line(row: DefenseRow) -> str:
         cov = f", coverage {v.coverage:.2f}" if v.coverage is not None else ""
         parts.append(f"verdict {v.status} (score {_f(v.score)}{cov})")
     stop = f" (stopped by the {row.cost.stopped_by} budget)" if row.cost.stopped_by else ""
-    parts.append(f"{_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
+    parts.append(f"defense {_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
     return " ".join(parts)
