@@ -16,6 +16,11 @@ EXAMPLES = """examples:
 
 output, one line per metric (A − B; DER as a fraction, ASR and mIoU-B in percentage points):
   A − B: DER +MEAN [LO, HI], n=N models, p=P      (n=1: "+MEAN, n=1 model, no interval")
+  beyond 20 models the p is sampled and written p≈P (Monte Carlo); with fewer than 6 models the test cannot
+  reach p < 0.05 and the line says so, as it does when the t-interval and the test disagree
+
+A defense run with parameters is named with them (blur[sigma=0.5]); --defense and --vs take that name, the bare
+name when the report holds one parameter set of it, or the name given to `testbed bench` (package.module:Class).
 """
 
 
