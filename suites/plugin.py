@@ -117,6 +117,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config._segbackdoor_zoo = _open_zoo(settings)  # so is a missing or tampered zoo (verified once, then cached)
         if not getattr(config.option, "junitprefix", None) and hasattr(config.option, "junitprefix"):
             config.option.junitprefix = f"segbackdoor.{settings.label}"  # JUnit classnames carry the defense
+        _show_suite_ids_as_they_are(config)
+
+
+def _show_suite_ids_as_they_are(config: pytest.Config) -> None:
+    """Under ``--pyargs`` the suite's node ids are relative to the installed package, not to the rootdir, so
+    pytest's "relative to where you ran it" rewriting turns them into a path that does not exist
+    (``../test_robustness.py``); such ids are shown unchanged (``test_robustness.py::test_asr[...]``)."""
+    relative = config.cwd_relative_nodeid
+
+    def shown(nodeid: Any) -> Any:
+        path = getattr(nodeid, "path", None)
+        path = str(nodeid).split("::")[0] if path is None else str(path)
+        return nodeid if path and not (config.rootpath / path).exists() else relative(nodeid)
+
+    config.cwd_relative_nodeid = shown  # type: ignore[method-assign]
 
 
 def _open_zoo(settings: SuiteSettings):

@@ -218,3 +218,5 @@ def test_junit_classnames_carry_the_defense_and_progress_stays_out_of_failures(p
     assert "test_verdict[always-backdoored[score=2.5]:deeplabv3_tiny--benign--s0]" in out
     # the failure's captured stderr (if any) holds no scoring progress lines ("score benign: 2/2 it ...")
     assert "it/s" not in out and "score benign:" not in out
+    # the summary's node ids name no path that does not exist (pytest's own progress line still does: unfinished)
+    assert "FAILED ../" not in out and "FAILED test_robustness.py::test_verdict[" in out
