@@ -290,17 +290,15 @@ def run_bench(
     started = time.perf_counter()
     store.lock()
     try:
-        plan, done = _begin(store, jobs, overwrite, out, say)
-        same = _already_in_report(store, plan, done, rerun, say)
+        plan, done, same = _begin(store, jobs, (overwrite, rerun), out, say)
         if len(same) == len(plan) and (out / "results.json").is_file():  # nothing to run: the report stands as is
             store.commit(plan)
             return {**_add_error_counts(read_report(out), []), "nothing_to_do": True}
-        done |= same
-        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
-                            settings, progress, debug, say)
+        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done | same], workers, backend,
+                            ray_address, settings, progress, debug, say)
         store.commit(plan)
-        settings_meta = {"title": title, "figures": figures, "started": started}
-        doc = _write(store, list(jobs), settings, names, models, zoo, data, settings_meta)
+        doc = _write(store, list(jobs), settings, names, models, zoo, data,
+                     {"title": title, "figures": figures, "started": started})
     finally:
         store.unlock()
     return _add_error_counts(doc, failed)
@@ -341,9 +339,11 @@ def _key_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(diffs) or "another defense class"
 
 
-def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
-           say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """Start (or resume) the locked report: the plan of pair keys and the pairs already finished."""
+def _begin(store: Any, jobs: dict[str, Any], flags: tuple[bool, bool], out: Path,
+           say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], set[str], set[str]]:
+    """Start (or resume) the locked report: the plan of pair keys, the pairs an interrupted run of it finished,
+    and the pairs the report already holds with the same settings (``flags``: overwrite, rerun)."""
+    overwrite, rerun = flags
     if overwrite:
         store.clear()
     plan = {pid: job.key for pid, job in jobs.items()}
@@ -352,7 +352,7 @@ def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
         say(f"note: {len(merged)} finished pair(s) of an interrupted bench with other settings were kept in {out}")
     if done:
         say(f"resuming: {len(done)} of {len(plan)} pair(s) already finished in {out}")
-    return plan, done
+    return plan, done, _already_in_report(store, plan, done, rerun, say)
 
 
 def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
