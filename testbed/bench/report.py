@@ -25,7 +25,6 @@ from testbed.core.atomic import safe_name  # noqa: F401 - figure and folder name
 from testbed.evaluation.rows import DefenseRow, public_row
 from testbed.core.jsonutil import jsonable
 from testbed.scoring.scorer import SCORE_KEYS
-from testbed.stats.rows import identify
 
 RESULT_COLUMNS = (
     ["model", "attack", "benign_model", "attack_implanted", "defense", "kinds", "error"]
@@ -185,7 +184,7 @@ def write_report(out_dir: str | Path, rows: Sequence[DefenseRow], *, meta: dict[
         doc["figure_errors"] = figure_errors
     public = doc["rows"]
     atomic.write_text(out_dir / "results.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    atomic.write_text(out_dir / "results.csv", csv_text(RESULT_COLUMNS, [csv_row(r) for r in identify(public)]))
+    atomic.write_text(out_dir / "results.csv", csv_text(RESULT_COLUMNS, [csv_row(r) for r in public]))
     atomic.write_text(out_dir / "results-aggregate.csv", aggregate_csv(doc["aggregate"]))
     atomic.write_text(out_dir / "scores.csv", csv_text(SCORE_COLUMNS, scores_rows(rows)))
     rel = [str(p.relative_to(out_dir)) for p in figs]
