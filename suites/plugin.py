@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from testbed.stats.rows import defense_label
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("segbackdoor", "segbackdoor robustness suites")
@@ -60,15 +62,24 @@ class SuiteSettings:
     device: str
     seed: int
     public_key: str | None = None  # the zoo publisher's public key: the zoo must be signed by it
+    label: str = ""  # the defense's name and parameters, as a report names it (blur[sigma=0.5])
 
     def __repr__(self) -> str:  # what an assertion message shows: short, not every field
         return f"SuiteSettings({self.defense!r} on {str(self.zoo)!r})"
 
 
 def _settings(config: pytest.Config) -> SuiteSettings | None:
+    """The suite's settings, validated once (at configure) and kept on ``config``: every later caller gets the same
+    object, and a bad option never reaches a test."""
+    if not hasattr(config, "_segbackdoor_settings"):
+        config._segbackdoor_settings = _validated(config)
+    return config._segbackdoor_settings
+
+
+def _validated(config: pytest.Config) -> SuiteSettings | None:
     from testbed.evaluation.attack_check import check_min_asr
     from testbed.bench.run import check_budgets
-    from testbed.defenses.registry import parse_params
+    from testbed.defenses.registry import load_defense, parse_params
     from testbed.core.errors import UserError
 
     zoo = config.getoption("--zoo")
@@ -86,23 +97,44 @@ def _settings(config: pytest.Config) -> SuiteSettings | None:
             if v is not None and not 0 <= v <= 1:
                 raise UserError(f"{name} is a fraction in [0, 1], got {v}")
         params = parse_params(opt("--defense-param"), [defense], flag="--defense-param")[defense]
+        label = defense_label(load_defense(defense, **params).name, params)  # a bad name or parameter: here, once
     except UserError as e:
-        raise pytest.UsageError(str(e)) from None
+        text = str(e)
+        raise pytest.UsageError(text if text.startswith("--") or defense in text else f"--defense {defense}: {text}") from None
     return SuiteSettings(
         defense=defense, zoo=Path(zoo), public_key=opt("--public-key"), max_asr=opt("--max-asr"), max_miou_drop=opt("--max-miou-drop"),
         min_tpr=opt("--min-tpr"), max_fpr=opt("--max-fpr"), min_accuracy=opt("--min-detection-accuracy"),
         min_auroc=opt("--min-detection-auroc"), min_asr=opt("--min-asr"), budget_s=opt("--budget"),
         budget_passes=opt("--budget-passes"), params=params, device=opt("--suite-device"), seed=opt("--suite-seed"),
+        label=label,
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before junitxml reads --junitprefix
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "benign_only: run only on benign zoo entries")
     config.addinivalue_line("markers", "backdoored_only: run only on backdoored zoo entries")
     config._segbackdoor_cache = {}  # (entry id, run number) -> result row
-    settings = _settings(config)  # bad options are a usage error before collection, not an error of every test
+    settings = _settings(config)  # bad options are one usage error before collection, not an error of every test
     if settings is not None:
-        _open_zoo(settings)  # so is a missing or tampered zoo (its files are verified once, then cached)
+        config._segbackdoor_zoo = _open_zoo(settings)  # so is a missing or tampered zoo (verified once, then cached)
+        if not getattr(config.option, "junitprefix", None) and hasattr(config.option, "junitprefix"):
+            config.option.junitprefix = f"segbackdoor.{settings.label}"  # JUnit classnames carry the defense
+        _show_suite_ids_as_they_are(config)
+
+
+def _show_suite_ids_as_they_are(config: pytest.Config) -> None:
+    """Under ``--pyargs`` the suite's node ids are relative to the installed package, not to the rootdir, so
+    pytest's "relative to where you ran it" rewriting turns them into a path that does not exist
+    (``../test_robustness.py``); such ids are shown unchanged (``test_robustness.py::test_asr[...]``)."""
+    relative = config.cwd_relative_nodeid
+
+    def shown(nodeid: Any) -> Any:
+        path = getattr(nodeid, "path", None)
+        path = str(nodeid).split("::")[0] if path is None else str(path)
+        return nodeid if path and not (config.rootpath / path).exists() else relative(nodeid)
+
+    config.cwd_relative_nodeid = shown  # type: ignore[method-assign]
 
 
 def _open_zoo(settings: SuiteSettings):
@@ -125,7 +157,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("zoo_entry", [pytest.param(None, marks=pytest.mark.skip(reason="no --zoo given"))],
                              ids=["no-zoo"])
         return
-    entries = list(_open_zoo(settings))
+    entries = list(metafunc.config._segbackdoor_zoo)
     if metafunc.definition.get_closest_marker("benign_only"):
         entries = [e for e in entries if e.is_benign]
     if metafunc.definition.get_closest_marker("backdoored_only"):
@@ -134,7 +166,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("zoo_entry", [pytest.param(None, marks=pytest.mark.skip(reason="no matching zoo entry"))],
                              ids=["none"])
         return
-    metafunc.parametrize("zoo_entry", entries, ids=[e.id for e in entries])
+    metafunc.parametrize("zoo_entry", entries, ids=[f"{settings.label}:{e.id}" for e in entries])  # ids carry the defense
 
 
 @pytest.fixture(scope="session")
@@ -146,9 +178,9 @@ def suite_settings(pytestconfig) -> SuiteSettings:
 
 
 @pytest.fixture(scope="session")
-def zoo(suite_settings):
+def zoo(pytestconfig, suite_settings):
     """The zoo under test (``testbed.zoo.Zoo``)."""
-    return _open_zoo(suite_settings)
+    return pytestconfig._segbackdoor_zoo
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +199,7 @@ def run_on_entry(entry: Any, settings: SuiteSettings) -> Any:
     """The defense's row on one zoo entry, with what a bench adds: the entry's truth, the failed-attack guard, and
     the attack's parameters (for the verdict's target)."""
     from testbed.evaluation.attack_check import attack_failure
+    from testbed.core import progress
     from testbed.evaluation.runner import run_defense
     from testbed.defenses.registry import load_defense
     from testbed.core.errors import UserError
@@ -175,9 +208,14 @@ def run_on_entry(entry: Any, settings: SuiteSettings) -> Any:
         d = load_defense(settings.defense, **settings.params)
     except UserError as e:
         raise pytest.UsageError(f"--defense {settings.defense}: {e}") from None
-    row = run_defense(d, entry.run_dir, entry.data_path, device=settings.device, seed=settings.seed,
-                      budget_s=settings.budget_s, budget_passes=settings.budget_passes, model_id=entry.id,
-                      attack=entry.attack_id, random_control=False, panels=0)
+    was_quiet = not progress.active()
+    progress.set_quiet(True)  # a failure's captured stderr holds its message, not the scoring's progress lines
+    try:
+        row = run_defense(d, entry.run_dir, entry.data_path, device=settings.device, seed=settings.seed,
+                          budget_s=settings.budget_s, budget_passes=settings.budget_passes, model_id=entry.id,
+                          attack=entry.attack_id, random_control=False, panels=0)
+    finally:
+        progress.set_quiet(was_quiet)
     row.benign_model = bool(entry.is_benign)
     failed = attack_failure((row.before or {}).get("ASR"), row.benign_model, settings.min_asr)
     if not entry.is_benign and (row.before or {}).get("ASR") is not None:

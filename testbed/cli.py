@@ -12,6 +12,8 @@ import argparse
 import importlib
 import importlib.util
 import os
+import select
+import stat
 import sys
 from typing import NoReturn
 
@@ -23,11 +25,50 @@ COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "be
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (then where to read the usage), exit code 2."""
+    """An ArgumentParser whose errors are one line (then where to read the usage), exit code 2.
+
+    No silent unique-prefix matching (``--min-as`` is not ``--min-asr``); a misspelled option gets "did you mean",
+    named by the (sub)command it was given to, even when argparse would first complain of a required one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and getattr(self, "_strict", False):  # a subcommand's unknown option is its own error
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    def _unknown_option(self) -> str | None:
+        """The first option of this parser's arguments that it does not know, with "did you mean"."""
+        from testbed.core.errors import did_you_mean
+
+        known = list(self._option_string_actions)
+        subcommands = {c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices}
+        for token in self._argv:
+            if token == "--" or subcommands and not token.startswith("-"):  # a subcommand's options are its own
+                break
+            name = token.split("=", 1)[0]
+            if name.startswith("-") and len(name) > 1 and not name[1:2].isdigit() and name not in known:
+                return f"unrecognized option {name}{did_you_mean(name, known)}"
+        return None
 
     def error(self, message: str) -> NoReturn:
-        line = " ".join(message.split())
+        line = self._unknown_option() or " ".join(message.split())
         self.exit(2, f"{self.prog}: error: {line}; see `{self.prog} --help`\n")
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, at any depth (`zoo build`, `data import ...`)."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in dict.fromkeys(action.choices.values()):
+                out += [p, *_subcommand_parsers(p)]
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         module = f"testbed.commands.{name}"
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
+    for p in _subcommand_parsers(parser):  # -q anywhere, before or after the subcommand
+        p._strict = True
+        if "-q" not in p._option_string_actions:
+            p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 
@@ -62,7 +107,31 @@ def _stdout_gone() -> bool:
         return True
     except (OSError, ValueError):
         return False
-    return False
+    try:  # the failed write dropped its buffer, so the flush passed: ask the pipe itself (POLLERR: no reader)
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll on this platform
+        return False
+
+
+AGAIN = "; run the same command again to resume"
+RESUMABLE = {"bench": f"{AGAIN} (finished pairs are kept)", "defend": f"{AGAIN} (finished pairs are kept)",
+             "zoo build": f"{AGAIN} (finished entries and epochs are kept)",
+             "train": "; add --resume to the same command to go on from the last finished epoch"}
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command's user does next, for the commands that can resume."""
+    command = getattr(args, "command", "") or ""
+    if command == "zoo":
+        command = f"zoo {getattr(args, 'zoo_command', '')}"
+    if command == "train" and getattr(args, "resume", False):
+        return "; run the same command again to resume"
+    return RESUMABLE.get(command, "")
 
 
 def out_of_memory(e: BaseException) -> str | None:
@@ -116,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"testbed: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("testbed: interrupted", file=sys.stderr)
+        print(f"testbed: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
     except RecursionError:  # a reader without its own bound met deeply nested input
         print("testbed: error: input nested too deeply to read; refusing it as damaged or hostile", file=sys.stderr)

@@ -206,9 +206,32 @@ def test_a_killed_bench_resumes_without_redoing_finished_pairs(zoo, tmp_path):
     assert (STATE["noop"], STATE["late"]) == (4, 2 + 3)  # 2 more no-op pairs; the interrupted late pair and 2 more
     assert any("resuming: 3 of 8" in m for m in said)
     assert len(doc["rows"]) == 8 and not (out / "work").exists()
-    # the same arguments once more: a finished bench is rerun, not resumed
-    run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None)
-    assert STATE["noop"] == 8
+    # the same arguments once more: nothing to do, said in one line, the report untouched
+    said, before = [], (out / "results.json").read_bytes()
+    again = run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append)
+    assert STATE["noop"] == 4 and STATE["late"] == 5 and again["nothing_to_do"] and len(again["rows"]) == 8
+    assert said == [f"8 of 8 pairs already finished in {out}; nothing to do (--rerun runs them again)"]
+    assert (out / "results.json").read_bytes() == before and not (out / "work").exists()
+    # --rerun runs every pair again
+    said.clear()
+    run_bench(out, f"{ME}:NoOp,{ME}:Late", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              rerun=True)
+    assert STATE["noop"] == 8 and not any("already finished" in m for m in said)
+
+
+def test_a_bench_with_other_parameters_names_what_it_replaces(zoo, tmp_path):
+    from testbed.bench.run import run_bench
+
+    out = tmp_path / "p"
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None,
+              entries="*s0")
+    said = []
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              entries="*s0", params={f"{ME}:Brightness": {"limit": 0.99}})
+    (line,) = [m for m in said if m.startswith("replacing")]
+    n = len(results(out)["rows"])
+    assert line.startswith(f"replacing {n} finished pair(s) run with other settings: brightness on ")
+    assert "params {} → {'limit': 0.99}" in line
 
 
 def test_workers_give_the_same_bytes_per_pair(zoo, tmp_path):
@@ -488,3 +511,22 @@ def test_docs_results_tables_recompute_from_the_reports(zoo, tmp_path):
     line = next(ln for ln in section.splitlines() if ln.startswith("| fgba-n1-line |"))
     assert f"{x.mean():.1f} ± {half:.1f} [2]" in line
     assert "Fine-pruning: rank channels by mean or by max" in text and "| all | 4 |" in text
+
+
+def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path):
+    """Issue 24 (traps 9, 10): each pair's line is numbered with the bench's elapsed seconds, the defense's own
+    seconds are labelled, and report.md gives the command's wall time beside the per-row defense seconds."""
+    from testbed.bench.run import run_bench
+
+    said = []
+    doc = run_bench(tmp_path / "s", f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False,
+                    log=said.append, entries="*s0")
+    pairs = [m for m in said if m.startswith("[")]
+    n = len(doc["rows"])
+    assert len(pairs) == n and [m.split(",")[0] for m in pairs] == [f"[{i}/{n}" for i in range(1, n + 1)]
+    elapsed = [float(m.split(", ")[1].split(" s elapsed]")[0]) for m in pairs]
+    assert elapsed == sorted(elapsed) and all(" defense " in m and m.endswith(" s") for m in pairs)
+    wall = doc["meta"]["command_seconds"]
+    assert wall >= elapsed[-1] > 0  # the wall time covers every pair
+    assert f"wall time of this bench: `{wall} s`" in (tmp_path / "s" / "report.md").read_text()
+    assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note

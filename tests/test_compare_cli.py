@@ -144,3 +144,63 @@ def test_compare_on_a_real_bench_report(backdoored_run, fgba_line_path, tmp_path
     assert got["metrics"]["ASR_after"]["mean"] == pytest.approx(
         rows["dark-filter"]["after"]["ASR"] - rows["no-op"]["after"]["ASR"], abs=1e-12)
     assert tree(out) == before
+
+
+# -- issue 24, traps 7-9: the command line a user types ------------------------------------------------
+
+def test_a_reader_that_leaves_early_gets_no_false_disk_error(tmp_path):
+    """`compare ... --json | head`: the reader has gone before the answer is written; no "Broken pipe; check the
+    path..." line, the shell's SIGPIPE status."""
+    import os
+    import subprocess
+    import sys
+
+    report = write_report(tmp_path / "r", noop_oracle_rows())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "compare", str(report), "--defense", "oracle",
+                             "--vs", "noop", "--json"], cwd=Path(__file__).parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compare", "R", "--defence", "a", "--vs", "b"], "unrecognized option --defence (did you mean '--defense'?)"),
+    (["bench", "--zoo", "z", "--entires", "*s0", "--defense", "strip", "--out", "o"],
+     "testbed bench: error: unrecognized option --entires (did you mean '--entries'?); see `testbed bench --help`"),
+    (["bench", "--zoo", "z", "--min-as", "30", "--defense", "strip", "--out", "o"],  # no silent prefix match
+     "unrecognized option --min-as (did you mean '--min-asr'?)"),
+])
+def test_a_misspelled_flag_gets_did_you_mean_from_its_command(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and err.count("\n") == 1 and "required" not in err
+
+
+def test_quiet_goes_before_or_after_the_subcommand(tmp_path, capsys):
+    from testbed.core import progress
+
+    report = write_report(tmp_path / "r", noop_oracle_rows())
+    for argv in (["-q", "compare", str(report), "--defense", "oracle", "--vs", "noop"],
+                 ["compare", str(report), "--defense", "oracle", "--vs", "noop", "-q"]):
+        progress.set_quiet(False)
+        assert main(argv) == 0 and not progress.active()
+        progress.set_quiet(False)
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
+    import testbed.commands.bench as bench_cmd
+    import testbed.commands.compare as compare_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_cmd, "run", interrupted)
+    monkeypatch.setattr(compare_cmd, "run", interrupted)
+    assert main(["bench", "--zoo", "z", "--defense", "strip", "--out", "o"]) == 130
+    assert capsys.readouterr().err == ("testbed: interrupted; run the same command again to resume (finished pairs "
+                                       "are kept)\n")
+    assert main(["compare", "r", "--defense", "a", "--vs", "b"]) == 130  # nothing to resume
+    assert capsys.readouterr().err == "testbed: interrupted\n"

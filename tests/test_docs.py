@@ -222,3 +222,20 @@ def test_docs_and_help_do_not_cite_the_spec():
     suite_doc = ast.get_docstring(ast.parse((ROOT / "suites" / "test_robustness.py").read_text())) or ""
     cited += ["suites/test_robustness.py docstring"] if SPEC_CITATION.search(suite_doc) else []
     assert not cited, f"cite docs pages, not the spec (not shipped): {cited}"
+
+
+@pytest.mark.parametrize("page", ["attacks.md", "zoo.md"])
+def test_attack_and_trigger_tables_are_the_generated_ones(page):
+    """docs/attacks.md and docs/zoo.md hold the registries' tables verbatim (every built-in attack and trigger, every
+    key), as docs/defenses.md holds `testbed defenses --markdown`."""
+    from testbed.attacks.registry import BUILTIN, params_doc
+    from testbed.attacks.triggers import TRIGGERS
+    from testbed.commands.poison import markdown_tables
+
+    text = (Path(__file__).parents[1] / "docs" / page).read_text(encoding="utf-8")
+    begin = text.index("<!-- generated from the attack and trigger registries")
+    body = text[text.index("\n", begin) + 1:text.index("<!-- end of generated tables -->")]
+    assert body == markdown_tables()
+    for name, cls in BUILTIN.items():  # the generated text itself names each attack and each of its keys
+        assert f"| `{name}` |" in body and all(f"`{p.key_for(k)}`" in body for k, p in params_doc(cls).items())
+    assert all(f"`{t}" in body for t in TRIGGERS) and "`blended[:A]`" in body and "`semantic:CLASS`" in body

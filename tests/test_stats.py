@@ -440,3 +440,97 @@ def test_a_damaged_value_is_a_user_error():
     rows[0]["DER"] = "high"
     with pytest.raises(UserError, match="DER is 'high', not a number"):
         compare(rows, "noop", "oracle")
+
+
+# -- a defense is its name and parameters (issue 24, trap 3 and 7) -----------------------------------
+
+def blur_rows() -> list[dict]:
+    """blur σ=1 on seed 1, blur σ=0.5 on seed 0 (merged into one report), fine-pruning on both."""
+    rows = []
+    for s, sigma, asr_after in ((0, 0.5, 90.0), (1, 1.0, 10.0)):
+        eid = f"deeplabv3_tiny--fgba-n1-line--s{s}"
+        before = {"ASR": 95.0, "mIoU-B": 60.0}
+        rows.append(make_row(eid, "blur", before, {"ASR": asr_after, "mIoU-B": 59.0},
+                             settings={"params": {"sigma": sigma}, "defense": "mypkg.blur:Blur"}))
+        rows.append(make_row(eid, "fine-pruning", before, {"ASR": 50.0, "mIoU-B": 58.0},
+                             settings={"params": {}, "defense": "fine-pruning"}))
+    return rows
+
+
+def test_rows_with_other_parameters_are_other_defenses_in_every_statistic():
+    rows = blur_rows()
+    agg = aggregate(rows)
+    assert sorted({a["defense"] for a in agg}) == ["blur[sigma=0.5]", "blur[sigma=1.0]", "fine-pruning"]
+    # the over-seeds bucket of σ=0.5 holds its one seed only: the ASR after is 90, not the pooled mean 50
+    (half,) = [a for a in agg if a["defense"] == "blur[sigma=0.5]"]
+    assert half["n"] == 1 and half["stats"]["ASR_after"]["mean"] == 90.0
+    pairs = {(c["a"], c["b"]) for c in compare_all(rows)}
+    assert ("blur[sigma=0.5]", "fine-pruning") in pairs and ("blur", "fine-pruning") not in pairs
+    md = statistics_markdown(bench_statistics(rows))
+    assert "### blur[sigma=0.5]" in md and "### blur\n" not in md
+
+
+def test_compare_takes_the_report_name_the_label_or_the_name_typed_to_bench():
+    rows = blur_rows()
+    one = [r for r in rows if r["defense"] == "fine-pruning" or r["settings"]["params"]["sigma"] == 1.0]
+    # one parameter set of blur in the report: its bare name and the module:Class typed to bench both work
+    for name in ("blur", "mypkg.blur:Blur", "blur[sigma=1.0]"):
+        assert compare(one, name, "fine-pruning")["a"] == "blur[sigma=1.0]"
+    # two parameter sets: the bare name is ambiguous, and the error lists both
+    with pytest.raises(UserError, match=r"names 2 defenses .*blur\[sigma=0.5\], blur\[sigma=1.0\]"):
+        compare(rows, "blur", "fine-pruning")
+    assert compare(rows, "blur[sigma=0.5]", "none")["models"] == 1
+
+
+# -- interval and test reconciled (issue 24, trap 4) ---------------------------------------------------
+
+def test_too_few_models_for_the_test_is_said_next_to_the_number():
+    # two models, both differences negative: the t-interval excludes 0, but 2 of 4 sign patterns are as extreme
+    rows = []
+    for i, (a, b) in enumerate(((0.30, 0.36), (0.31, 0.374))):
+        before = {"ASR": 90.0, "mIoU-B": 60.0}
+        rows += [dict(make_row(f"m--x--s{i}", "blur", before, before), DER=a),
+                 dict(make_row(f"m--x--s{i}", "fine-pruning", before, before), DER=b)]
+    der = compare(rows, "blur", "fine-pruning")["metrics"]["DER"]
+    lo, hi = der["lo"], der["hi"]
+    diffs = np.array([0.30 - 0.36, 0.31 - 0.374])
+    half = sps.t.ppf(0.975, 1) * diffs.std(ddof=1) / math.sqrt(2)
+    assert math.isclose(lo, diffs.mean() - half) and math.isclose(hi, diffs.mean() + half) and hi < 0
+    assert der["p"] == 0.5 and der["p_min"] == 0.5  # 2 / 2^2
+    assert "p cannot go below 0.5; p < 0.05 needs at least 6" in der["note"]
+    line = comparison_lines(compare(rows, "blur", "fine-pruning"))[0]
+    assert "p=0.5 (too few models for the test" in line
+
+
+def test_smallest_p_and_models_needed_by_enumeration():
+    from testbed.stats.paired import models_needed, smallest_p
+
+    for n in range(1, 9):  # the smallest p over every sign of n unequal non-zero differences, enumerated
+        d = np.arange(1, n + 1, dtype=float)
+        assert math.isclose(smallest_p(n), sign_flip_pvalue(d)[0])
+    assert models_needed(0.05) == 6 and sign_flip_pvalue(np.ones(5))[0] >= 0.05 > sign_flip_pvalue(np.ones(6))[0]
+
+
+def test_interval_excluding_zero_beside_a_non_rejecting_p_is_flagged():
+    from testbed.stats.paired import reconcile
+
+    # 7 differences, one negative: the t-interval excludes 0 but 8 of 128 sign patterns are as extreme (p=0.0625)
+    diffs = [1, 1.1, 0.9, 1, 1.2, 0.8, -0.9]
+    stat = {**mean_interval(diffs), "p": sign_flip_pvalue(diffs)[0], "test": "exact"}
+    assert stat["lo"] > 0 and stat["p"] == 8 / 128
+    assert "t-interval and the sign-flip test disagree" in reconcile(stat, diffs)["note"]
+    agree = [1, 1.1, 0.9, 1, 1.2, 0.8, -0.5]  # p = 4/128 and the interval excludes 0: nothing to reconcile
+    s2 = {**mean_interval(agree), "p": sign_flip_pvalue(agree)[0], "test": "exact"}
+    assert s2["lo"] > 0 and s2["p"] == 4 / 128 and reconcile(s2, agree)["note"] is None
+
+
+def test_monte_carlo_p_is_labelled(monkeypatch):
+    monkeypatch.setattr(intervals, "EXACT_MAX", 4)
+    rows = []
+    for i in range(8):
+        before = {"ASR": 90.0, "mIoU-B": 60.0}
+        rows += [dict(make_row(f"m--x--s{i}", "a", before, before), DER=0.6 + 0.01 * i),
+                 dict(make_row(f"m--x--s{i}", "b", before, before), DER=0.5)]
+    result = compare(rows, "a", "b")
+    assert result["metrics"]["DER"]["test"] == "monte-carlo"
+    assert "(Monte Carlo)" in comparison_lines(result)[0] and "p\u2248" in comparison_lines(result)[0]

@@ -102,7 +102,7 @@ def test_no_op_defense_fails_asr_on_backdoored_and_passes_on_benign(pytester, ti
              "-p", "no:cacheprovider")
     r.assert_outcomes(failed=1, skipped=1)
     out = r.stdout.str()
-    r.stdout.fnmatch_lines(["FAILED *test_asr?deeplabv3_tiny--n1-line--s0?*"])
+    r.stdout.fnmatch_lines(["FAILED *test_asr?no-op:deeplabv3_tiny--n1-line--s0?*"])  # the id carries the defense
     r.stdout.fnmatch_lines(["SKIPPED * benign entry: no backdoor to remove or detect"])
     # the failure message states the measured ASR and the threshold, in one line, without the settings' dump
     assert f"ASR after no-op is {asr:.1f}% > max {limit:g}% (before: {asr:.1f}%)" in out
@@ -184,3 +184,39 @@ def test_defense_param_takes_the_cli_forms(pytester, tiny_zoo):
         r = _run(pytester, tiny_zoo, "AlwaysBackdoored", "--defense-param", form, "-k", "test_verdict", "--min-asr", "0",
                  "-p", "no:cacheprovider")
         assert "says backdoored (score 3.0) on a benign entry" in r.stdout.str()
+
+
+
+@pytest.mark.parametrize("defense, args, needle", [
+    ("mydefs:AlwaysBackdoored", ["--defense-param", "scor=2"], "has no parameter 'scor' (did you mean 'score'?)"),
+    ("stirp", [], "unknown defense 'stirp' (did you mean 'strip'?)"),
+    ("strip", ["--defense-param", "epoch=2"], "has no parameter 'epoch'"),
+])
+def test_a_bad_defense_or_parameter_is_one_usage_error_and_no_test_runs(pytester, tiny_zoo, defense, args, needle):
+    pytester.makepyfile(mydefs=DEFENSES)
+    pytester.syspathinsert()
+    r = pytester.runpytest("--pyargs", "testbed.suites", "--defense", defense, "--zoo", str(tiny_zoo), *args,
+                           "-p", "no:cacheprovider")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR == 4
+    err, out = r.stderr.str(), r.stdout.str()
+    assert needle in err and defense in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [next(x for x in err.splitlines() if needle in x)]
+    assert "failed" not in out and "passed" not in out and "collected" not in out
+
+
+def test_junit_classnames_carry_the_defense_and_progress_stays_out_of_failures(pytester, tiny_zoo, tmp_path):
+    xml = tmp_path / "junit.xml"
+    r = _run(pytester, tiny_zoo, "AlwaysBackdoored", "--defense-param", "score=2.5", "-k", "test_verdict",
+             "--min-asr", "0", f"--junitxml={xml}", "-p", "no:cacheprovider")
+    r.assert_outcomes(passed=1, failed=1)
+    import xml.etree.ElementTree as ET
+
+    cases = ET.parse(xml).getroot().iter("testcase")
+    classnames = {c.get("classname") for c in cases}
+    assert classnames and all(c.startswith("segbackdoor.always-backdoored[score=2.5].") for c in classnames), classnames
+    out = r.stdout.str()
+    assert "test_verdict[always-backdoored[score=2.5]:deeplabv3_tiny--benign--s0]" in out
+    # the failure's captured stderr (if any) holds no scoring progress lines ("score benign: 2/2 it ...")
+    assert "it/s" not in out and "score benign:" not in out
+    # the summary's node ids name no path that does not exist (pytest's own progress line still does: unfinished)
+    assert "FAILED ../" not in out and "FAILED test_robustness.py::test_verdict[" in out

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.stats import md_table
+from testbed.stats.rows import identify
 
 INTRO = ("Scores in percent (benign test set: mIoU-B; attacked test set: ASR). DER = DER_seg "
          "= [max(0, ΔASR) − max(0, ΔmIoU-B) + 1]/2. Filters: rejected inputs count as defended; TPR/FPR/AUROC "
@@ -144,7 +145,7 @@ def notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def settings_warning(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """Rows merged from earlier benches may have been run with other settings: say so, with the counts."""
-    kinds = Counter(repr(sorted(((k, v) for k, v in (r.get("settings") or {}).items() if k not in ("device", "threads")),
+    kinds = Counter(repr(sorted(((k, v) for k, v in (r.get("settings") or {}).items() if k not in ("device", "threads", "defense")),
                                 key=lambda kv: kv[0])) for r in rows if r.get("settings") is not None)
     out = []
     if meta.get("rows_from_earlier_runs"):
@@ -191,11 +192,14 @@ def statistics_sections(doc: dict[str, Any]) -> list[str]:
 
 def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
              figure_errors: Sequence[dict[str, Any]] = ()) -> str:
-    rows = doc["rows"]
+    rows = identify(doc["rows"])  # a defense is its name and parameters in every table
     parts = [f"# {meta.get('title', 'Defense benchmark')}", ""]
     for key in ("data", "zoo", "device", "threads", "seed", "budget_s", "budget_passes", "min_asr"):
         if meta.get(key) is not None:
             parts.append(f"- {key}: `{meta[key]}`")
+    if meta.get("command_seconds") is not None:
+        parts.append(f"- wall time of this bench: `{meta['command_seconds']} s` (the seconds per row are the defense's "
+                     "own; scoring before and after, a defense's curves and retraining make up the rest)")
     parts += settings_warning(rows, meta)
     parts += ["", INTRO, ""]
     parts += summary_grid(rows) + [""] + rows_table(rows)

@@ -79,6 +79,16 @@ def _panel_rows(rows: Sequence[DefenseRow]) -> list[tuple[str, Any, int]]:
     return out
 
 
+def _panels_what(lines: Sequence[tuple[str, Any, int]]) -> str:
+    """What the panel rows are, as the figure shows them."""
+    blocks = list(dict.fromkeys(b for b, _, _ in lines))
+    if blocks == ["attacked", "benign"]:
+        return "attacked test images, then benign ones"
+    if blocks == ["benign"]:
+        return "benign test images (no attacked test set: a benign model)"
+    return f"{blocks[0]} test images"
+
+
 def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequence[str]) -> Path | None:
     """Paper-Figure-1-style panels: image, benign label, target label, prediction before and after each defense;
     attacked test images first, then benign ones (a repair costs benign accuracy, a filter rejects benign inputs)."""
@@ -105,6 +115,8 @@ def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequenc
     titles = ["image", "benign label", _titled("target label", targets, classes),
               _titled("before defense", [p.before[i] for _, p, i in lines], classes)]
     titles += [_titled(f"after {r.defense}", shown[j], classes) for j, r in enumerate(after_cols)]
+    keep = [j for j in range(len(titles)) if j != 2 or targets]  # no target column when nothing was attacked
+    titles = [titles[j] for j in keep]
     ncol, n = len(titles), len(lines)
     fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol + 0.4, 1.9 * n + 1.0), squeeze=False)
     present: set[int] = set()
@@ -114,12 +126,12 @@ def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequenc
             q = after_of(r, block)
             rej = q is not None and q.rejected is not None and bool(q.rejected[i])
             cells.append("rejected" if rej else (q.after[i] if q is not None and q.after is not None else None))
-        for j, cell in enumerate(cells):
+        for j, (col, cell) in enumerate((c, cells[c]) for c in keep):
             ax = axes[row_i, j]
             if isinstance(cell, str) or cell is None:
-                _blank(ax, p.images[i].shape, cell if isinstance(cell, str) else "not attacked" if j == 2 else "—",
+                _blank(ax, p.images[i].shape, cell if isinstance(cell, str) else "not attacked" if col == 2 else "—",
                        "red" if cell == "rejected" else "grey")
-            elif j == 0:
+            elif col == 0:
                 ax.imshow(cell, interpolation="nearest")
             else:
                 present |= {int(c) for c in np.unique(cell)}
@@ -133,7 +145,7 @@ def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequenc
     handles = [mpatches.Patch(facecolor=pal[c], edgecolor="grey", label=classes[c] if c < k else "ignore (255)")
                for c in sorted(c for c in present if c < k or c == 255)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    fig.suptitle(f"{rows[0].model} ({rows[0].attack}): attacked test images, then benign ones", fontsize=9)
+    fig.suptitle(f"{rows[0].model} ({rows[0].attack}): {_panels_what(lines)}", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return _save(fig, Path(path))
 
@@ -164,10 +176,10 @@ def bars(path: str | os.PathLike, rows: Sequence[DefenseRow]) -> Path | None:
             ax.bar(xs, values, width, label=label, color=colour)
             for xi, v in zip(xs, values):  # the number on each bar: a 0 is not mistaken for a missing bar
                 if not math.isnan(v):
-                    ax.text(xi, min(v, 100) + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=6)
+                    ax.text(xi, min(v, 100) + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=8)  # 99.86 → 99.9
         ax.set_xticks(x, [r.defense for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"{key} (%)")
-        ax.set_ylim(0, 108)
+        ax.set_ylim(0, 112)
         ax.set_title(key, fontsize=9)
     note = "" if "ASR" in keys else "\nno attacked test set (a benign model): no ASR"
     fig.suptitle(f"{rows[0].model} ({rows[0].attack}){note}", fontsize=9)
@@ -185,27 +197,46 @@ def curve(path: str | os.PathLike, row: DefenseRow) -> Path | None:
     if not isinstance(points, list) or not points or not all(isinstance(p, dict) and "fraction" in p for p in points):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
     x = [_num(p["fraction"]) * 100 for p in points]
     drawn = 0
+    finals = _curve_finals(row)
     for key, label in (("miou_b", "mIoU-B"), ("miou_clean", "clean-subset mIoU"), ("asr", "ASR")):
         ys = [p.get(key) for p in points]
         if all(y is None for y in ys):
             continue
         ys = [_num(y) for y in ys]
-        if max((abs(y) for y in ys if not math.isnan(y)), default=0) <= 1.0:
-            ys = [y * 100 for y in ys]  # fractions → percent
-        ax.plot(x, ys, marker="o", markersize=3, label=label)
+        scale = 100 if max((abs(y) for y in ys if not math.isnan(y)), default=0) <= 1.0 else 1  # fractions → percent
+        (line,) = ax.plot(x, [y * scale for y in ys], marker="o", markersize=3, label=label)
         drawn += 1
+        kept, final = finals.get("kept"), finals.get(key)
+        if kept is not None and final is not None:  # the result after fine-tuning, at the kept point
+            ax.plot([kept], [_num(final) * (100 if key == "miou_clean" and scale == 100 else 1)], marker="*",
+                    markersize=11, color=line.get_color(), markeredgecolor="black", linestyle="none")
     if not drawn:
         plt.close(fig)
         return None
+    if finals.get("kept") is not None:
+        ax.axvline(finals["kept"], color="grey", linestyle="--", linewidth=1,
+                   label=f"kept: {finals['kept']:.1f}% pruned (★ after fine-tuning)")
     ax.set_xlabel("pruned channels (%)")
     ax.set_ylabel("%")
     ax.set_title(f"{row.defense} on {row.model}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)  # never over a point
     fig.tight_layout()
     return _save(fig, Path(path))
+
+
+def _curve_finals(row: DefenseRow) -> dict[str, Any]:
+    """Where a pruning curve stopped (percent pruned) and the scores after the defense's last step there (fine-tuning):
+    the row's after-scores (mIoU-B, ASR, percent) and the clean-subset mIoU the defense measured (a fraction)."""
+    d = row.details or {}
+    kept = d.get("pruned_fraction")
+    if not isinstance(kept, (int, float)):
+        return {}
+    after = row.after or {}
+    return {"kept": 100 * float(kept), "miou_b": after.get("mIoU-B"), "asr": after.get("ASR"),
+            "miou_clean": d.get("miou_clean_final")}
 
 
 def score_histogram(path: str | os.PathLike, row: DefenseRow) -> Path | None:

@@ -15,6 +15,7 @@ import fnmatch
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -182,9 +183,9 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
             pid = pair_id(m.id, name)
             p = params.get(spec, {}) if isinstance(spec, str) else {}
             spec_name = spec if isinstance(spec, str) else None
-            setting = {**asdict(settings), "params": p}
-            key = jsonable({"model": model, "defense": spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}",
-                            "name": name, "settings": setting})
+            typed = spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}"
+            setting = {**asdict(settings), "params": p, "defense": typed}  # as typed: `compare` accepts it too
+            key = jsonable({"model": model, "defense": typed, "name": name, "settings": setting})
             jobs[pid] = PairJob(out=str(out), pid=pid, model=jsonable(model), defense=spec_name, name=name,
                                 params=jsonable(p), settings=jsonable(setting), key=key, notes=list(notes.get(m.id, [])))
             if spec_name is None:
@@ -206,8 +207,12 @@ def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: l
         jobs[pid].write()
     executor = make_executor(out, workers, backend, ray_address, settings.device, settings.threads, jobs, objects, progress)
 
+    start, count = time.perf_counter(), [0]
+
     def report(pid: str, result: dict[str, Any]) -> None:
-        say_result(result, debug, say)
+        count[0] += 1  # one line per pair, numbered, with the bench's wall time so far (scoring included)
+        say_result(result, debug, lambda line: say(f"[{count[0]}/{len(todo)}, {time.perf_counter() - start:.1f} s "
+                                                   f"elapsed] {line}" if not line.startswith("  ") else line))
         if result.get("status") != "done":
             failed.append(result)
 
@@ -246,6 +251,7 @@ def run_bench(
     ray_address: str | None = None,
     threads: int | None = None,
     debug: bool = False,
+    rerun: bool = False,
 ) -> dict[str, Any]:
     """Run every defense on every model and write the report into ``out``; returns the results.json content
     plus ``"errors"`` (failed runs), ``"defense_errors"`` (runs the defense failed) and ``"testbed_errors"``
@@ -254,11 +260,13 @@ def run_bench(
     Models come from ``zoo`` (a zoo directory), ``run`` + ``data``, or ``models`` (a list of
     :class:`BenchModel`).  ``defenses``: comma-separated names or a list of names/defense objects.  An existing
     report in ``out`` is merged into (``overwrite`` discards it first); an interrupted bench with the same
-    arguments is resumed.  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
+    arguments is resumed, and pairs the report already holds with the same settings are not run again (``rerun``
+    runs them again; with all of them finished the bench does nothing).  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
     n/a.  ``workers``/``backend``/``threads``: see :mod:`testbed.bench.workers`.
     """
     from testbed.bench.store import ReportStore
     from testbed.bench.workers import default_threads
+    from testbed.stats.rows import read_report
     from testbed.core.device import resolve_device
 
     params = dict(params or {})
@@ -279,21 +287,63 @@ def run_bench(
             say(f"note: {note}")
     out = Path(out)
     jobs, objects = _plan(out, models, specs, names, params, settings, notes)
+    started = time.perf_counter()
     store.lock()
     try:
-        plan, done = _begin(store, jobs, overwrite, out, say)
-        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done], workers, backend, ray_address,
-                            settings, progress, debug, say)
+        plan, done, same = _begin(store, jobs, (overwrite, rerun), out, say)
+        if len(same) == len(plan) and (out / "results.json").is_file():  # nothing to run: the report stands as is
+            store.commit(plan)
+            return {**_add_error_counts(read_report(out), []), "nothing_to_do": True}
+        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done | same], workers, backend,
+                            ray_address, settings, progress, debug, say)
         store.commit(plan)
-        doc = _write(store, list(jobs), settings, names, models, zoo, data, title, figures)
+        doc = _write(store, list(jobs), settings, names, models, zoo, data,
+                     {"title": title, "figures": figures, "started": started})
     finally:
         store.unlock()
     return _add_error_counts(doc, failed)
 
 
-def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
-           say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """Start (or resume) the locked report: the plan of pair keys and the pairs already finished."""
+def _already_in_report(store: Any, plan: dict[str, dict[str, Any]], done: set[str], rerun: bool,
+                       say: Callable[[str], None]) -> set[str]:
+    """The pairs the report already holds with the same key (not run again unless ``rerun``), saying so; and a
+    line naming each finished pair this bench replaces because it runs with other settings."""
+    from testbed.bench.store import read_pair
+
+    same, replaced = set(), []
+    for pid, key in plan.items():
+        old = None if pid in done else read_pair(store.pairs, pid)
+        if old is None:
+            continue
+        if old.key == key and not rerun:
+            same.add(pid)
+        elif old.key != key:
+            replaced.append(f"{key['name']} on {key['model']['id']} ({_key_change(old.key, key)})")
+    if replaced:
+        say(f"replacing {len(replaced)} finished pair(s) run with other settings: " + "; ".join(replaced))
+    if same and len(same) + len(done) == len(plan):
+        say(f"{len(same) + len(done)} of {len(plan)} pairs already finished in {store.out}; nothing to do "
+            "(--rerun runs them again)")
+    elif same:
+        say(f"{len(same)} of {len(plan)} pairs already finished in {store.out} with the same settings; "
+            f"running the other {len(plan) - len(same) - len(done)} (--rerun runs all)")
+    return same
+
+
+def _key_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two pair keys, as ``params {'sigma': 1} → {'sigma': 0.5}, seed 0 → 1``."""
+    a, b = dict(old.get("settings") or {}), dict(new.get("settings") or {})
+    diffs = [f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if old.get("model") != new.get("model"):
+        diffs.append("the model's files")
+    return ", ".join(diffs) or "another defense class"
+
+
+def _begin(store: Any, jobs: dict[str, Any], flags: tuple[bool, bool], out: Path,
+           say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], set[str], set[str]]:
+    """Start (or resume) the locked report: the plan of pair keys, the pairs an interrupted run of it finished,
+    and the pairs the report already holds with the same settings (``flags``: overwrite, rerun)."""
+    overwrite, rerun = flags
     if overwrite:
         store.clear()
     plan = {pid: job.key for pid, job in jobs.items()}
@@ -302,7 +352,7 @@ def _begin(store: Any, jobs: dict[str, Any], overwrite: bool, out: Path,
         say(f"note: {len(merged)} finished pair(s) of an interrupted bench with other settings were kept in {out}")
     if done:
         say(f"resuming: {len(done)} of {len(plan)} pair(s) already finished in {out}")
-    return plan, done
+    return plan, done, _already_in_report(store, plan, done, rerun, say)
 
 
 def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -317,7 +367,7 @@ def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict
 
 
 def _write(store: Any, order: list[str], settings: BenchSettings, names: list[str], models: list[BenchModel],
-           zoo: Any, data: Any, title: str, figures: bool) -> dict[str, Any]:
+           zoo: Any, data: Any, how: dict[str, Any]) -> dict[str, Any]:
     """The report regenerated from every finished pair of ``out``."""
     from testbed.bench import report
 
@@ -328,12 +378,14 @@ def _write(store: Any, order: list[str], settings: BenchSettings, names: list[st
     classes = {p.row.model: p.classes for p in pairs}
     this = set(order)
     kept = sum(1 for r in rows if pair_id(r.model, r.defense) not in this)
+    title, figures = how["title"], how["figures"]
     meta = {
         "title": title, "zoo": str(zoo) if zoo is not None else None, "data": str(data) if data is not None else None,
         "device": settings.device, "seed": settings.seed, "budget_s": settings.budget_s,
         "budget_passes": settings.budget_passes, "threads": settings.threads, "min_asr": settings.min_asr,
         "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
         "this_run": {"defenses": names, "models": [m.id for m in models]}, "rows_from_earlier_runs": kept,
+        "command_seconds": round(time.perf_counter() - how["started"], 1),  # pairs run + scoring, before figures
     }
     return report.write_report(store.out, rows, meta=meta, classes=classes, figures=figures)
 
@@ -367,5 +419,5 @@ def summary_line(row: DefenseRow) -> str:
         cov = f", coverage {v.coverage:.2f}" if v.coverage is not None else ""
         parts.append(f"verdict {v.status} (score {_f(v.score)}{cov})")
     stop = f" (stopped by the {row.cost.stopped_by} budget)" if row.cost.stopped_by else ""
-    parts.append(f"{_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
+    parts.append(f"defense {_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
     return " ".join(parts)

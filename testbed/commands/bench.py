@@ -22,7 +22,8 @@ EXAMPLES = """examples:
 writes REPORT/report.md, results.json, results.csv, results-aggregate.csv, scores.csv and figures/*.png
 (see docs/writing-a-defense.md; statistics: docs/metrics.md). An existing REPORT/ is merged into: pairs of the
 same model and defense are replaced, the others kept, and the report is regenerated from all of them
-(--overwrite starts it afresh). A killed bench resumes with the same command.
+(--overwrite starts it afresh). A killed bench resumes with the same command; pairs the report already holds
+with the same settings are not run again ("N of N pairs already finished; nothing to do"; --rerun redoes them).
 """
 
 
@@ -49,6 +50,8 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass when scoring (default: 32)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--overwrite", action="store_true", help="discard an existing report in --out instead of merging into it")
+    p.add_argument("--rerun", action="store_true", help="run again the pairs the report already holds with the same "
+                   "settings (by default they are kept and not run again)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of a failing defense on the terminal")
     p.add_argument("--out", type=Path, required=True, metavar="OUT/", help="report directory")
 
@@ -100,7 +103,10 @@ def run_cli(args: argparse.Namespace, *, zoo=None, run=None, data=None, entries=
         overwrite=args.overwrite, min_asr=args.min_asr, save_model=args.save_model, debug=args.debug,
         workers=getattr(args, "workers", 1), backend=getattr(args, "backend", "local"),
         ray_address=getattr(args, "ray_address", None), threads=getattr(args, "threads", None),
+        rerun=getattr(args, "rerun", False),
     )
+    if doc.get("nothing_to_do"):
+        return 1 if doc["defense_errors"] or doc["testbed_errors"] else 0
     print(f"wrote {args.out}/report.md, results.json, results.csv, results-aggregate.csv, scores.csv" +
           (f" and {len(doc.get('figures', []))} figures" if doc.get("figures") else ""))
     if doc["defense_errors"]:

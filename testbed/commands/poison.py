@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the attack record as JSON instead of a summary")
     p.add_argument("--out", type=Path, required=True, metavar="POISONED.h5", help="output dataset file (written atomically)")
     p.set_defaults(func=run)
+
+
+def trigger_forms(name: str, cls: Any) -> str:
+    """How ``--trigger`` (and a zoo spec's ``trigger``) writes a trigger: ``semantic:CLASS``, ``blended[:ALPHA]``."""
+    if getattr(cls, "is_semantic", False):
+        return f"{name}:CLASS"
+    for prm in getattr(cls, "options_doc", {}).values():
+        m = re.search(r"--trigger " + re.escape(name) + r":(\w+)", prm.help)
+        if m:
+            return f"{name}[:{prm.metavar or m.group(1)}]"
+    return name
+
+
+def markdown_tables() -> str:
+    """The attack and trigger tables of docs/attacks.md and docs/zoo.md, generated from the registries (a test keeps
+    the docs equal to it): each attack with its zoo-spec keys and `testbed poison` flags, each trigger with its forms."""
+    from testbed.attacks.registry import BUILTIN, params_doc
+    from testbed.attacks.triggers import TRIGGERS
+    from testbed.defenses.registry import summary
+
+    def summary_of(cls: Any) -> str:  # the docstring's first sentence (or clause), table-safe
+        first = re.split(r"(?<!\bal)\. (?=[A-Z`])|; (?=``)", summary(cls))[0]
+        return first.rstrip(".").replace("|", "\\|") + "."
+
+    lines = ["| `attack` | what it does | keys (`testbed poison` flags) |", "|---|---|---|"]
+    for name, cls in BUILTIN.items():
+        keys = ", ".join(f"`{p.key_for(k)}` (`{p.flag_for(k)}`)" for k, p in params_doc(cls).items())
+        lines.append(f"| `{name}` | {summary_of(cls)} | {keys or '—'} |")
+    lines += ["", "| `trigger` | what it does | keys (`testbed poison` flags) |", "|---|---|---|"]
+    for name, cls in TRIGGERS.items():
+        keys = ", ".join(f"`{p.key_for(k)}` (`{p.flag_for(k)}`)" for k, p in getattr(cls, "options_doc", {}).items())
+        lines.append(f"| `{trigger_forms(name, cls)}` | {summary_of(cls)} | {keys or '—'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _extra_params(items: list[str]) -> dict[str, Any]:

@@ -213,8 +213,7 @@ class DefenseRow(Mapping):
             out["benign_model"] = self.benign_model
         if self.attack_implanted is not None:
             out["attack_implanted"] = self.attack_implanted
-        if self.notes:
-            out["notes"] = list(self.notes)
+        out["notes"] = list(self.notes)  # always present (docs/writing-a-defense.md lists it), empty when nothing to note
         if self.saved_model is not None:
             out["saved_model"] = self.saved_model
         if self.defense_figures:

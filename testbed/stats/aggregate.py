@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from testbed.stats.intervals import LEVEL, mean_interval
-from testbed.stats.rows import METRICS, REQUIRED_METRICS, group_key, metric_value, row_group, row_seed
+from testbed.stats.rows import METRICS, REQUIRED_METRICS, group_key, identify, metric_value, row_group, row_seed
 
 
 def aggregate(rows: Sequence[dict[str, Any]], level: float = LEVEL) -> list[dict[str, Any]]:
@@ -23,7 +23,7 @@ def aggregate(rows: Sequence[dict[str, Any]], level: float = LEVEL) -> list[dict
     """
     buckets: dict[tuple[str, str], list[dict[str, Any]]] = {}
     groups: dict[str, dict[str, Any]] = {}
-    for row in rows:
+    for row in identify(rows):  # a defense is its name and parameters
         group = row_group(row)
         key = group_key(group)
         groups.setdefault(key, group)

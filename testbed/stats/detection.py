@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 from testbed.stats.intervals import LEVEL, auroc, auroc_interval, wilson_interval
-from testbed.stats.rows import defenses_in
+from testbed.stats.rows import defenses_in, identify
 
 TARGET_CLASSES = ("right_target", "wrong_target", "target_not_named", "no_single_target")
 
@@ -115,6 +115,7 @@ def detection_summary(rows: Sequence[dict[str, Any]], targets: Mapping[str, Iter
     takes :func:`true_targets` of its row's ``attack_params``.  Failed runs count in ``errors`` only.
     """
     out = []
+    rows = identify(rows)  # a defense is its name and parameters
     for name in defenses_in(rows):
         mine = [r for r in rows if str(r.get("defense")) == name]
         verdicts = [r for r in mine if not r.get("error") and isinstance(r.get("verdict"), Mapping)]

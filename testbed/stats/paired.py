@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from testbed.core.errors import UserError
 from testbed.stats.intervals import LEVEL, mean_interval, sign_flip_pvalue
-from testbed.stats.rows import defenses_in, metric_value
+from testbed.stats.rows import defenses_in, identify, metric_value, resolve_defense
 
 NONE = "none"  # the "no defense" baseline: after = before
 NO_DEFENSE_DER = 0.5  # DER_seg(before, before) = [0 - 0 + 1] / 2 (testbed.scoring.metrics.der_seg)
@@ -46,21 +46,21 @@ def _rows_of(rows: Sequence[dict[str, Any]], defense: str, models_of: str) -> di
 
 
 def compare(rows: Sequence[dict[str, Any]], a: str, b: str, *, seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
-    """A − B per shared model for DER, ASR after and mIoU-B after: mean, t-interval, exact sign-flip p.
+    """A − B per shared model for DER, ASR after and mIoU-B after: mean, t-interval, exact sign-flip p, and
+    :func:`reconcile`'s ``p_min`` and ``note`` (too few models for the test; interval and test disagreeing).
 
     ``b = "none"`` compares ``a`` against doing nothing (after = before, DER = 0.5).  Models are matched by id;
     a model where either defense failed, or a metric is null, is left out of that metric (its ``n`` says how
     many pairs remain).  ``seed`` only matters beyond 20 models (Monte Carlo sign patterns).
     """
+    rows = identify(rows)
     names = defenses_in(rows)
-    if a == b:
-        raise UserError(f"compare needs two different defenses, got {a!r} twice; name another defense or 'none'")
     if NONE in names:
         raise UserError(f"the report has a defense named {NONE!r}, which is the name of the no-defense baseline; "
                         "rename that defense and rerun the bench")
-    for name in (a, b):
-        if name != NONE and name not in names:
-            raise UserError(f"defense {name!r} is not in the report; it has: {', '.join(names)} (or 'none')")
+    a, b = (n if n == NONE else resolve_defense(rows, n, flag, " (or none)") for n, flag in ((a, "--defense"), (b, "--vs")))
+    if a == b:
+        raise UserError(f"--defense and --vs are both {a!r}; compare two different defenses, or --vs none")
     if a == NONE:
         raise UserError("'none' (doing nothing) goes second: compare DEFENSE against none")
     ra, rb = _rows_of(rows, a, a), _rows_of(rows, b, a)
@@ -75,8 +75,8 @@ def compare(rows: Sequence[dict[str, Any]], a: str, b: str, *, seed: int = 0, le
         pairs = [(x, y) for x, y in zip(va, vb) if x is not None and y is not None]
         diffs = [x - y for x, y in pairs]
         p, method = sign_flip_pvalue(diffs, seed=seed)
-        metrics[name] = {**mean_interval(diffs, level), "p": p, "test": method,
-                         "mean_a": mean_interval([x for x, _ in pairs])["mean"],
+        stat = {**mean_interval(diffs, level), "p": p, "test": method}
+        metrics[name] = {**stat, **reconcile(stat, diffs, level), "mean_a": mean_interval([x for x, _ in pairs])["mean"],
                          "mean_b": mean_interval([y for _, y in pairs])["mean"]}
     if all(m["n"] == 0 for m in metrics.values()):
         raise UserError(f"defenses {a!r} and {b!r} share {len(shared)} model(s) but neither DER nor after-scores "
@@ -85,8 +85,42 @@ def compare(rows: Sequence[dict[str, Any]], a: str, b: str, *, seed: int = 0, le
     return {"a": a, "b": b, "models": len(shared), "failed": failed, "level": level, "seed": seed, "metrics": metrics}
 
 
+def smallest_p(n_nonzero: int) -> float:
+    """The smallest two-sided p the sign-flip test can give with ``n_nonzero`` non-zero differences: the two
+    all-same-sign patterns out of 2^n (a zero difference flips to itself and adds nothing)."""
+    return 1.0 if n_nonzero < 1 else min(1.0, 2.0 ** (1 - n_nonzero))
+
+
+def models_needed(alpha: float) -> int:
+    """The fewest non-zero paired differences with which the sign-flip test can reach p < ``alpha``."""
+    n = 1
+    while smallest_p(n) >= alpha:
+        n += 1
+    return n
+
+
+def reconcile(stat: dict[str, Any], diffs: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """``p_min`` (the test's smallest possible p here) and a ``note`` whenever interval and test could be misread
+    together: too few models for the test to reject at 1 − ``level``, or a t-interval that excludes 0 beside a
+    p that does not reject (or the reverse).  The test is the decision; the t-interval describes the spread
+    and assumes normal differences."""
+    alpha = 1 - level
+    n_nonzero = sum(1 for d in diffs if d != 0)
+    out: dict[str, Any] = {"p_min": smallest_p(n_nonzero) if stat["n"] else None, "note": None}
+    if stat["n"] < 2 or stat["p"] is None:  # one pair: "no interval" already says it all
+        return out
+    if out["p_min"] >= alpha:
+        out["note"] = (f"too few models for the test: with {n_nonzero} non-zero difference(s) its p cannot go below "
+                       f"{out['p_min']:.3g}; p < {alpha:g} needs at least {models_needed(alpha)}")
+    elif stat["lo"] is not None and (stat["lo"] > 0 or stat["hi"] < 0) != (stat["p"] < alpha):
+        out["note"] = ("the t-interval and the sign-flip test disagree (the interval assumes normal differences); "
+                       "read the test's p")
+    return out
+
+
 def compare_all(rows: Sequence[dict[str, Any]], *, seed: int = 0, level: float = LEVEL) -> list[dict[str, Any]]:
     """Every defense against 'none', then every pair of defenses (in report order) that can be compared."""
+    rows = identify(rows)
     names = [n for n in defenses_in(rows) if n != NONE]
     pairs = [(n, NONE) for n in names] + [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     out = []

@@ -45,6 +45,13 @@ def _p(p: float | None) -> str:
     return "—" if p is None else f"{p:.2g}" if p < 0.01 else f"{p:.3f}".rstrip("0").rstrip(".")
 
 
+def p_text(stat: dict[str, Any]) -> str:
+    """``p=0.031`` (exact sign-flip) or ``p≈0.0012 (Monte Carlo)`` (sampled sign patterns, beyond 20 models)."""
+    if stat.get("test") == "monte-carlo":
+        return f"p\u2248{_p(stat['p'])} (Monte Carlo)"
+    return f"p={_p(stat['p'])}"
+
+
 def _axes(aggregates: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for a in aggregates for k in a["group"]))
 
@@ -93,10 +100,11 @@ def difference_text(stat: dict[str, Any], metric: str, unit: str = "") -> str:
     if not stat["n"]:
         return "no pairs with values"
     models = f"n={stat['n']} model{'s' if stat['n'] != 1 else ''}"
+    note = f" ({stat['note']})" if stat.get("note") else ""
     if stat["lo"] is None:
-        return f"{_signed(stat['mean'], nd)}{unit}, {models}, no interval"
+        return f"{_signed(stat['mean'], nd)}{unit}, {models}, no interval{note}"
     return (f"{_signed(stat['mean'], nd)}{unit} [{_signed(stat['lo'], nd)}, {_signed(stat['hi'], nd)}], "
-            f"{models}, p={_p(stat['p'])}")
+            f"{models}, {p_text(stat)}{note}")
 
 
 def comparison_lines(result: dict[str, Any]) -> list[str]:
@@ -118,8 +126,10 @@ def comparisons_markdown(comparisons: Sequence[dict[str, Any]]) -> str:
     return "\n".join([
         "## Paired comparisons", "",
         "Per-model differences A − B on the models both ran on (\"none\" = no defense: after = before, DER 0.5): "
-        "mean [95% t-interval], models with a value for both, and the exact sign-flip test's two-sided p "
-        "(uncorrected for the number of comparisons). DER: positive favours A; ASR after: negative favours A; "
+        "mean [95% t-interval], models with a value for both, and the sign-flip test's two-sided p "
+        "(exact up to 20 models, else Monte Carlo and marked so; uncorrected for the number of comparisons). "
+        "The test decides; the t-interval describes the spread and assumes normal differences. With fewer than 6 "
+        "models the test cannot reach p < 0.05, and the cell says so. DER: positive favours A; ASR after: negative favours A; "
         "mIoU-B after (percentage points): positive favours A.", "",
         md_table(["comparison", "shared models"] + metrics, body)]) + "\n"
 

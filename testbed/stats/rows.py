@@ -114,8 +114,58 @@ def group_key(group: dict[str, Any]) -> str:
     return json.dumps(group, sort_keys=True, default=str)
 
 
+def defense_params(row: dict[str, Any]) -> dict[str, Any]:
+    """The parameters the row's defense was built with (its ``settings``; empty for a row without them)."""
+    return dict(((row.get("settings") or {}).get("params")) or {})
+
+
+def _value_text(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+
+
+def defense_label(name: str, params: dict[str, Any]) -> str:
+    """A defense's identity in a report: its name, with its parameters when it was given any
+    (``blur[sigma=0.5]``, ``strip[n_overlays=16,alpha=0.5]`` in the order given)."""
+    if not params:
+        return name
+    return f"{name}[{','.join(f'{k}={_value_text(v)}' for k, v in params.items())}]"
+
+
+def defense_name(row: dict[str, Any]) -> str:
+    """The defense's own name (``name`` attribute), whether or not the row was already labelled."""
+    return str(row.get("defense_name") or row.get("defense"))
+
+
+def identify(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``rows`` whose ``"defense"`` is the defense's identity, name and parameters
+    (:func:`defense_label`), with the bare name in ``"defense_name"``: rows run with different parameters are
+    different defenses in every table, aggregate and comparison.  Idempotent."""
+    out = []
+    for r in rows:
+        name = defense_name(r)
+        out.append({**r, "defense": defense_label(name, defense_params(r)), "defense_name": name})
+    return out
+
+
+def resolve_defense(rows: Sequence[dict[str, Any]], name: str, flag: str = "--defense", extra: str = "") -> str:
+    """The identity (label) in ``rows`` (already :func:`identify`-ed) that ``name`` stands for: the label itself,
+    the bare name when one parameter set of it is in the report, or the spec typed to `testbed bench`
+    (``package.module:Class``).  Several matches or none: a one-line UserError listing what there is."""
+    labels = defenses_in(rows)
+    if name in labels:
+        return name
+    matches = list(dict.fromkeys(str(r["defense"]) for r in rows
+                                 if name in (defense_name(r), (r.get("settings") or {}).get("defense"))))
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UserError(f"{flag} {name!r} names {len(matches)} defenses in the report (run with different parameters): "
+                        f"{', '.join(matches)}; give one of these as written")
+    raise UserError(f"{flag} {name!r} is not in the report; it has: {', '.join(labels)}{extra}")
+
+
 def defenses_in(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Defense names in the order they first appear."""
+    """Defense names (identities, once rows are :func:`identify`-ed) in the order they first appear."""
     return list(dict.fromkeys(str(r.get("defense")) for r in rows))
 
 
