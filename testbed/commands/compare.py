@@ -9,7 +9,6 @@ import argparse
 import json
 from pathlib import Path
 
-from testbed.core.errors import UserError
 from testbed.core.seeds import seed_arg
 
 EXAMPLES = """examples:
