@@ -16,14 +16,27 @@ on the same machine and library versions, however many workers ran.
 
 from __future__ import annotations
 
+import difflib
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import testbed.zoo
+from testbed import models
+from testbed.bench.run import run_bench
 from testbed.core import atomic
+from testbed.core.device import resolve_device, torch_threads
 from testbed.core.errors import UserError
+from testbed.data.h5data import open_dataset
+from testbed.defenses.registry import load_defense
+from testbed.demo.figures import figures
+from testbed.scoring.scorer import SCORE_KEYS
+from testbed.zoo import manifest as mf
+from testbed.zoo.build import auto_workers, build
+from testbed.zoo.spec import parse_spec
 
 ALL_KEYS = ("mIoU-B-all", "PA-B-all")  # beside scoring.SCORE_KEYS: the whole clean test set (the paper's Benign rows)
 # A repair and an input filter fit the demo's 5 minutes on 2 cores (they run while the last model trains).
@@ -101,8 +114,6 @@ def _log(msg: str) -> None:
 
 def _identity(cfg: DemoConfig) -> dict:
     """What the cached work/ depends on: a rerun with other settings (or on another kind of device) must not reuse it."""
-    from testbed.core.device import resolve_device
-
     return {"layout": LAYOUT, "n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "model": cfg.model,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, "threads": cfg.threads,
             "device": resolve_device(cfg.device).type, "train": dict(cfg.train_overrides)}
@@ -136,12 +147,7 @@ def zoo_spec(cfg: DemoConfig) -> str:
 
 def _check_settings(cfg: DemoConfig) -> None:
     """Every setting checked (by the zoo's own spec validation) before anything is written."""
-    from testbed import models
-    from testbed.zoo.spec import parse_spec
-
     if cfg.model not in models.available():
-        import difflib
-
         close = difflib.get_close_matches(cfg.model, models.available(), n=1)
         raise UserError(f"--model {cfg.model!r} is not a model{f' (did you mean {close[0]!r}?)' if close else ''}; "
                         "docs/models.md lists them")
@@ -149,7 +155,6 @@ def _check_settings(cfg: DemoConfig) -> None:
         parse_spec(Path("demo"), text=zoo_spec(cfg))
     except UserError as e:
         raise UserError(f"these demo settings cannot run: {str(e).removeprefix('demo: ')}") from None
-    from testbed.defenses.registry import load_defense
 
     for name in cfg.defenses:  # a misspelt defense fails now, not after seven models have trained
         try:
@@ -190,8 +195,6 @@ def _entry_id(cfg: DemoConfig, name: str) -> str:
 
 def _models(zoo: Path) -> dict[str, Model]:
     """The finished zoo as name (``benign`` or a setting name) → Model (entries verified against the manifest)."""
-    import testbed.zoo
-
     models = {}
     for e in testbed.zoo.open(zoo):
         ref = json.loads((e.run_dir / "reference.json").read_text()) if e.is_benign else {}
@@ -201,9 +204,6 @@ def _models(zoo: Path) -> dict[str, Model]:
 
 def _defend(out: Path, cfg: DemoConfig, zoo: Path, device: Any) -> list[dict]:
     """The defenses on the defended model, in this process (one pair after the other, ``cfg.threads`` threads)."""
-    from testbed.bench.run import run_bench
-    from testbed.zoo import manifest as mf
-
     eid = _entry_id(cfg, cfg.defend_setting)
     data = mf.dataset_file(zoo, mf.load_plan(zoo)["entries"][eid]["data"])
     _log(f"defenses {', '.join(cfg.defenses)} on the {cfg.defend_setting} model")
@@ -214,8 +214,6 @@ def _defend(out: Path, cfg: DemoConfig, zoo: Path, device: Any) -> list[dict]:
 
 def _slot_for_defenses(zoo: Path, cfg: DemoConfig, workers: int) -> bool:
     """The defended model is finished and fewer models than workers are left to train: a core is idle."""
-    from testbed.zoo import manifest as mf
-
     ids = [_entry_id(cfg, n) for n in [BENIGN] + [s.name for s in SETTINGS]]
     left = [i for i in ids if not (mf.entry_dir(zoo, i) / mf.DONE).is_file()]
     return _entry_id(cfg, cfg.defend_setting) not in left and len(left) < workers
@@ -232,10 +230,6 @@ def _build_and_defend(out: Path, work: Path, cfg: DemoConfig, workers: int, devi
     demo).  Each model and defense has its fixed thread count, so when they run changes no number.  Every step
     is resumable: a rerun after a crash or Ctrl-C reuses finished models and defense results.
     """
-    import threading
-
-    from testbed.zoo.build import build
-
     spec, zoo = work / "zoo.toml", work / "zoo"
     atomic.write_text(spec, zoo_spec(cfg))
     _log(f"training {len(SETTINGS) + 1} x {cfg.model} ({cfg.epochs} epochs) with {workers} worker(s) x "
@@ -267,15 +261,11 @@ def _build_and_defend(out: Path, work: Path, cfg: DemoConfig, workers: int, devi
 
 
 def _scores(metrics: dict) -> dict:
-    from testbed.scoring.scorer import SCORE_KEYS  # here, not at the top: the CLI imports this module for --help
-
     return {k: metrics.get(k) for k in (*SCORE_KEYS, *ALL_KEYS)}
 
 
 def attack_rows(models: dict[str, Model], model_name: str) -> list[dict]:
     """results.json "attacks": the benign model on clean data, then on each attacked test set, then each attack."""
-    from testbed.data.h5data import open_dataset
-
     benign = models[BENIGN].metrics
     rows = [{"model": model_name, "attack": "benign", "trigger": None, "rate": 0.0, "reference": None,
              **_scores(benign), "per_class_iou_b": benign.get("per_class_iou_b")}]
@@ -293,10 +283,6 @@ def attack_rows(models: dict[str, Model], model_name: str) -> list[dict]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything; returns the results.json object."""
-    from testbed.demo.figures import figures
-    from testbed.core.device import resolve_device, torch_threads
-    from testbed.zoo.build import auto_workers
-
     t0 = time.time()
     if not (isinstance(cfg.threads, int) and cfg.threads >= 1):
         raise UserError(f"threads must be an integer >= 1, got {cfg.threads!r}")

@@ -30,18 +30,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from testbed.defense import DefenseResult
-from testbed.evaluation.rows import DefenseRow, RunCost, public_row
-from testbed.evaluation.scoring import (DefenseFault, benign_panel_before, blame_defense, panel_before, protocol_error, random_removal,
-                                     retrain_without, score_after, score_filter, score_repair, score_retrain,
-                                     score_verdict, scores_only, take_figures)
-from testbed.defenses.registry import ENTRY_POINT_GROUP, builtin_defenses, load_defense, parse_params
+from testbed import models
+from testbed.core import atomic
+from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
 from testbed.core.jsonutil import jsonable
-from testbed.training.provenance import model_attack_label
-from testbed.scoring.scorer import SCORE_KEYS
+from testbed.data.h5data import open_dataset
+from testbed.defense import DefenseResult
+from testbed.defenses.registry import ENTRY_POINT_GROUP, builtin_defenses, load_defense, parse_params
+from testbed.evaluation.rows import DefenseRow, RunCost, public_row
+from testbed.evaluation.scoring import (
+    DefenseFault, benign_panel_before, blame_defense, panel_before, protocol_error, random_removal,
+    retrain_without, score_after, score_filter, score_repair, score_retrain, score_verdict, scores_only,
+    take_figures,
+)
 from testbed.evaluation.threat_model import Progress, clean_subset, make_context
 from testbed.evaluation.variants import score_variants
+from testbed.scoring.scorer import SCORE_KEYS, score_model
+from testbed.training.provenance import model_attack_label
+from testbed.training.runs import load_config, load_run, save_model
 
 PANEL_IMAGES = 3  # attacked (and as many benign) test images kept for Figure-1-style panels
 
@@ -76,9 +83,6 @@ def _seed_everything(seed: int) -> None:
 
 def _open(run_dir: Path, data_path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The original model, its run config, and the data's classes, attack record and training-set size."""
-    from testbed.data.h5data import open_dataset
-    from testbed.training.runs import load_run
-
     with open_dataset(data_path, check_labels=False) as f:
         facts = {"classes": list(f.classes), "attack": f.attack, "n_train": f.length("train")}
     original, config = load_run(run_dir, device)
@@ -90,8 +94,6 @@ def _open(run_dir: Path, data_path: Path, device: torch.device) -> tuple[nn.Modu
 def _run_behind_boundary(defense: Any, row: DefenseRow, job: _Job, budget_s: float | None,
                          budget_passes: int | None, progress: Progress | None) -> DefenseResult:
     """The defense on a fresh copy of the model, seeing only its context; its cost and details go in ``row``."""
-    from testbed.training.runs import load_run
-
     model, _ = load_run(job.run_dir, job.device)
     ctx = make_context(defense, job.data_path, device=job.device, seed=job.seed, budget_s=budget_s,
                        budget_passes=budget_passes, progress=progress)
@@ -139,10 +141,6 @@ def _save(row: DefenseRow, model: nn.Module, config: dict[str, Any], job: _Job) 
 
     Only a model of the run's own architecture can be a run (a wrapper around it, like an input filter built
     into the forward, has other weights); for anything else a note says why nothing was saved."""
-    from testbed.core import atomic
-    from testbed import models
-    from testbed.training.runs import save_model
-
     fresh = models.create(config["model"], int(config["num_classes"]), aux_loss=bool(config.get("aux_loss", False)))
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -159,8 +157,6 @@ def _save(row: DefenseRow, model: nn.Module, config: dict[str, Any], job: _Job) 
 def _score_result(row: DefenseRow, result: DefenseResult, original: nn.Module, before: dict[str, Any], job: _Job,
                   tmp: Path) -> None:
     """Each result kind scored by its own function; the after-scores once, for whatever changed predictions."""
-    from testbed.training.runs import load_config
-
     after_model = score_repair(result, row.defense, job.device, len(job.classes))
     keep: tuple[nn.Module, dict[str, Any]] | None = (result.model, job.config) if after_model is not None else None
     retrained = False
@@ -218,9 +214,6 @@ def run_defense(
     was trained with.  A failure gives a row with ``error`` and ``error_source`` set (the caller decides the
     exit code).
     """
-    from testbed.core.device import resolve_device
-    from testbed.scoring.scorer import score_model
-
     device = resolve_device(device)
     run_dir, data_path = Path(run_dir), Path(data_path)
     original, config, facts = _open(run_dir, data_path, device)

@@ -15,6 +15,7 @@ result that breaks the protocol — raises :class:`DefenseFault`; any other exce
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -25,11 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from testbed.data import h5data
-from testbed.defense import DefenseResult, Verdict
-from testbed.evaluation.rows import Detection, Flagged, FilterScores, Panel, VerdictRecord
+from testbed.core.atomic import safe_name
+from testbed.core.errors import UserError
 from testbed.core.jsonutil import jsonable
-from testbed.scoring.scorer import SCORE_KEYS
+from testbed.data import h5data
+from testbed.data.h5data import open_dataset
+from testbed.defense import DefenseResult, Verdict
+from testbed.evaluation.rows import Detection, FilterScores, Flagged, Panel, VerdictRecord
+from testbed.scoring.metrics import der_seg
+from testbed.scoring.scorer import SCORE_KEYS, predict, score_model
+from testbed.stats.intervals import auroc as auroc_of
+from testbed.training.loop import TrainConfig, train
+from testbed.training.runs import load_run
 
 
 class DefenseFault(Exception):
@@ -61,8 +69,6 @@ def scores_only(scores: dict[str, Any]) -> dict[str, Any]:
 def auroc(labels: Any, scores: Any) -> float | None:
     """AUROC of ``scores`` for ``labels`` (1 = positive); None with one class.  NaN scores rank lowest and
     ±inf stays extreme, so a filter that gives up on an input is not rewarded for it."""
-    from testbed.stats.intervals import auroc as auroc_of
-
     s = np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf), -1e300, 1e300)
     return auroc_of(np.asarray(labels, dtype=int), s)
 
@@ -99,8 +105,6 @@ def score_repair(result: DefenseResult, name: str, device: torch.device, num_cla
 # -- retrain -----------------------------------------------------------------------------------------
 def score_retrain(result: DefenseResult, data_path: Path, n_train: int) -> tuple[Flagged, np.ndarray]:
     """The flagged training indices (checked, unique, sorted) and their precision/recall against the poison."""
-    from testbed.data.h5data import open_dataset
-
     flagged = np.asarray(result.flagged_train).reshape(-1)
     if flagged.size and (not np.issubdtype(flagged.dtype, np.integer) or flagged.min() < 0 or flagged.max() >= n_train):
         raise protocol_error(f"flagged_train must hold integer indices in [0, {n_train})")
@@ -132,10 +136,6 @@ def retrain_without(run_config: dict[str, Any], data_path: Path, flagged: np.nda
                     device: torch.device, work_dir: Path, progress: bool, name: str = "retrained") -> tuple[nn.Module, float]:
     """Retrain from scratch with the run's original training arguments on every ``/train`` row not flagged
     (into ``work_dir/name``); returns the model and the seconds it took."""
-    from testbed.core.errors import UserError
-    from testbed.training.runs import load_run
-    from testbed.training.loop import TrainConfig, train
-
     if "train" not in run_config:
         raise UserError("the run's config.json has no 'train' arguments; cannot retrain without the flagged samples")
     keep = np.setdiff1d(np.arange(n_train), flagged)
@@ -188,8 +188,6 @@ def _mixed_scores(filt: CachedFilter, data_path: Path, benign: np.ndarray, n_att
     Images are shown in one seeded random order with both kinds mixed in every batch, so a stateful filter
     cannot learn which inputs are attacked from when it sees them.
     """
-    from testbed.data.h5data import open_dataset
-
     nb, n = len(benign), len(benign) + n_attacked
     order = np.random.default_rng([seed, 0x5C0E]).permutation(n)
     out = np.empty(n, dtype=np.float64)
@@ -237,8 +235,6 @@ class FilterPart:
 
 def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: int, seed: int) -> FilterPart:
     """Score the defense's input filter on every benign and attacked test input."""
-    from testbed.data.h5data import open_dataset
-
     try:
         threshold = float(result.threshold) if result.threshold is not None else math.nan
     except (TypeError, ValueError):
@@ -284,8 +280,6 @@ FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
 
 def _figure_bytes(item: Any, what: str) -> tuple[bytes, str]:
     """(bytes, suffix) of one figure: a path to an image file, or an object with ``savefig`` (matplotlib)."""
-    import io
-
     if hasattr(item, "savefig"):
         buf = io.BytesIO()
         item.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -307,8 +301,6 @@ def take_figures(details: dict[str, Any]) -> dict[str, bytes]:
     """Pop ``details["figures"]`` (a list, or a dict name → figure, of paths or matplotlib figures) and return the
     images as file name → bytes; ``details["figures"]`` becomes the list of those file names.  The images are
     read at once: a temporary file the defense wrote may be gone when the report is written."""
-    from testbed.core.atomic import safe_name
-
     raw = details.pop("figures", None)
     if raw is None:
         return {}
@@ -338,9 +330,6 @@ class AfterPart:
 def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str, Any], data_path: Path,
                 device: torch.device, batch_size: int, panels: Sequence[Panel | None] = ()) -> AfterPart:
     """``model`` on both test sets with ``rejects``' rejected inputs counted as defended; DER; panel predictions."""
-    from testbed.scoring.metrics import der_seg
-    from testbed.scoring.scorer import predict, score_model
-
     after = score_model(model, data_path, device=device, batch_size=batch_size, input_filter=rejects)
     rejected = None
     if "rejected" in after:
@@ -357,9 +346,6 @@ def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str
 
 def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
     """The first ``n`` attacked test images with their labels and ``model``'s predictions (None: nothing attacked)."""
-    from testbed.data.h5data import open_dataset
-    from testbed.scoring.scorer import predict
-
     if n <= 0:
         return None
     with open_dataset(data_path, check_labels=False) as f:
@@ -375,9 +361,6 @@ def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device
 def benign_panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
     """The first ``n`` images of the benign test set with their labels and ``model``'s predictions: a repair costs
     benign accuracy, and a filter rejects benign inputs too (None when ``n`` is 0)."""
-    from testbed.data.h5data import open_dataset
-    from testbed.scoring.scorer import predict
-
     if n <= 0:
         return None
     with open_dataset(data_path, check_labels=False) as f:

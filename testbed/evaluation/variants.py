@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from testbed.scoring.scorer import score_model
+from testbed.training.runs import load_run
+
 MAX_VARIANTS = 25
 SCORED_NOTE = "miou_b and asr: percent on the test sets, scored by the runner"
 
@@ -80,9 +83,6 @@ def described_variants(details: dict[str, Any]) -> list[ModelVariant]:
 def score_variants(details: dict[str, Any], run_dir: Path, data_path: Path, device: torch.device,
                    batch_size: int) -> None:
     """Add test-set ``miou_b``/``asr`` to every variant ``details`` describes (in place), one model copy at a time."""
-    from testbed.training.runs import load_run
-    from testbed.scoring.scorer import score_model
-
     variants = described_variants(details)
     if not variants:
         return

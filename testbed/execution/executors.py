@@ -8,13 +8,19 @@ Why the executors are this small interface (``slots``, ``start``, ``wait``, ``cl
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
+import multiprocessing as mp
 import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from testbed.core import progress
+from testbed.core.device import resolve_device
 from testbed.zoo.entries import run_entry_safe
 
 POLL_S = 1.0
@@ -68,9 +74,6 @@ def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
         ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
     except OSError:
         pass
-    import torch
-
-    from testbed.core import progress
 
     progress.set_quiet(quiet)
     index = index_queue.get()
@@ -88,11 +91,6 @@ class ProcessExecutor(Executor):
     """``--workers N``: N spawned processes, each with ``torch.set_num_threads(threads)`` (default: cores // N)."""
 
     def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool, threads: int | None = None):
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        from testbed.core.device import resolve_device
-
         if device != "auto":
             device = str(resolve_device(device))
         ctx = mp.get_context("spawn")

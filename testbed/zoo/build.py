@@ -15,17 +15,27 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.core import atomic
+import torch
+
+from testbed import attacks
+from testbed.core import atomic, progress as progress_mod
+from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
-from testbed.zoo import manifest as mf
+from testbed.core.guards import check_outputs
+from testbed.data.h5data import content_hash
+from testbed.data.synth import make_synth_dataset
 from testbed.execution.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
-from testbed.zoo.entries import build_entry, finish_stray, now, refresh_references, run_entry_safe, stale_references
 from testbed.execution.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule, usable_cores
+from testbed.execution.ray_backend import RayExecutor
+from testbed.zoo import manifest as mf
+from testbed.zoo.attack_table import dry_run
+from testbed.zoo.entries import build_entry, finish_stray, now, refresh_references, run_entry_safe, stale_references
 from testbed.zoo.spec import ZooSpec, parse_spec
 
 __all__ = ["DEFAULT_STALE_AFTER", "DEFAULT_THREADS", "POLL_S", "BuildResult", "Executor", "InlineExecutor",
@@ -42,8 +52,6 @@ DEFAULT_THREADS = 1
 def auto_workers(threads: int = DEFAULT_THREADS, device: str = "auto") -> int:
     """``--workers auto``: one worker per GPU when entries train on CUDA, else usable cores ÷ threads per worker."""
     if device != "cpu":
-        import torch
-
         if torch.cuda.is_available() and (device == "auto" or device.startswith("cuda")):
             return torch.cuda.device_count() if device in ("auto", "cuda") else 1
     return max(1, usable_cores() // max(1, int(threads)))
@@ -83,7 +91,6 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
                     with atomic.atomic_file(final, suffix=".h5") as tmp:
                         tmp.unlink()  # the makers write a new file (and refuse to overwrite some inputs)
                         make(tmp)
-                    from testbed.data.h5data import content_hash
 
                     atomic.write_json(record_path, {
                         "name": name, "file": f"data/{name}.h5", "sha256": mf.file_sha256(final),
@@ -102,8 +109,6 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
 def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
         if "synth" in data:
-            from testbed.data.synth import make_synth_dataset
-
             make_synth_dataset(tmp, **data["synth"])
         else:
             shutil.copyfile(data["path"], tmp)
@@ -113,8 +118,6 @@ def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
 
 def _make_poisoned(clean: Path, kwargs: dict[str, Any]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
-        from testbed import attacks
-
         attacks.poison_file(clean, tmp, **kwargs)
 
     return make
@@ -188,8 +191,6 @@ def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], 
 
 def check_out(spec: ZooSpec, zoo: Path) -> None:
     """Refuse ``zoo`` as --out before anything is written there (see :func:`prepare`)."""
-    from testbed.core.guards import check_outputs
-
     if zoo.exists() and not zoo.is_dir():
         raise UserError(f"--out {zoo} is a file; choose a directory")
     outputs = [("--out", zoo / d) for d in ("data", "entries", mf.PLAN, mf.MANIFEST)]
@@ -211,10 +212,6 @@ def _dry_run_attacks(spec: ZooSpec, zoo: Path) -> None:
     the zoo is created.  The clean data is the zoo's own when it exists, the spec's file, or synthetic scenes
     made in a temporary directory outside the zoo (deterministic: the build makes the same bytes).
     """
-    import tempfile
-
-    from testbed.zoo.attack_table import dry_run
-
     recipes = [v for v in spec.variants if not v.is_benign]
     if not recipes:
         return
@@ -290,11 +287,7 @@ def _check_build_args(backend: str, threads: Any, workers: Any, device: str, sta
 
 def _make_executor(out: Path, backend: str, ray_address: str | None, workers: int, device: str, stale_after: float,
                    progress: bool, quiet: bool, threads: int) -> Executor:
-    from testbed.core import progress as progress_mod
-
     if backend == "ray":
-        from testbed.execution.ray_backend import RayExecutor
-
         return RayExecutor(out, ray_address, device, stale_after, cpus_per_task=threads)
     if workers == 1:
         return InlineExecutor(out, device, threads, progress and not quiet, stale_after)
@@ -325,15 +318,11 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
     ``workers``: local processes (``"auto"``: :func:`auto_workers`); ``threads``: torch threads of every entry
     (in every worker, inline or on Ray), fixed so the bytes of an entry do not depend on ``workers``.
     """
-    from testbed.core import progress as progress_mod
-
     t0 = time.time()
     out = Path(out)
     workers = _check_build_args(backend, threads, workers, device, stale_after, out)
     spec = parse_spec(spec_path)
     if device != "auto":
-        from testbed.core.device import resolve_device
-
         resolve_device(device)  # a bad --device fails before any work
 
     bar = None
