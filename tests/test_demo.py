@@ -176,7 +176,7 @@ def test_zoo_build_workers_auto_and_bad_workers(tmp_path, capsys):
 
 def test_reference_benchmark_spec_is_the_demo_over_three_seeds():
     """examples/zoo-bench.toml must not drift from the demo: same data, training and attack settings."""
-    from testbed.demo.run import DemoConfig, zoo_spec
+    from testbed.demo.settings import DemoConfig, zoo_spec
     from testbed.zoo.spec import parse_spec
 
     bench = parse_spec(Path(__file__).resolve().parents[1] / "examples" / "zoo-bench.toml")

@@ -30,11 +30,10 @@ from testbed.core.atomic import safe_name
 from testbed.core.errors import UserError
 from testbed.core.jsonutil import jsonable
 from testbed.data import h5data
-from testbed.data.h5data import open_dataset
 from testbed.defense import DefenseResult, Verdict
 from testbed.evaluation.rows import Detection, FilterScores, Flagged, Panel, VerdictRecord
 from testbed.scoring.metrics import der_seg
-from testbed.scoring.scorer import SCORE_KEYS, predict, score_model
+from testbed.scoring.scorer import SCORE_KEYS, DataRef, opened, predict, score_model
 from testbed.stats.intervals import auroc as auroc_of
 from testbed.training.loop import TrainConfig, train
 from testbed.training.runs import load_run
@@ -103,13 +102,13 @@ def score_repair(result: DefenseResult, name: str, device: torch.device, num_cla
 
 
 # -- retrain -----------------------------------------------------------------------------------------
-def score_retrain(result: DefenseResult, data_path: Path, n_train: int) -> tuple[Flagged, np.ndarray]:
+def score_retrain(result: DefenseResult, data_path: DataRef, n_train: int) -> tuple[Flagged, np.ndarray]:
     """The flagged training indices (checked, unique, sorted) and their precision/recall against the poison."""
     flagged = np.asarray(result.flagged_train).reshape(-1)
     if flagged.size and (not np.issubdtype(flagged.dtype, np.integer) or flagged.min() < 0 or flagged.max() >= n_train):
         raise protocol_error(f"flagged_train must hold integer indices in [0, {n_train})")
     flagged = np.unique(flagged.astype(np.int64))
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         poison = np.asarray(f[h5data.POISON_INDEX], dtype=np.int64) if h5data.POISON_INDEX in f else np.empty(0, np.int64)
     tp = int(np.intersect1d(flagged, poison).size)
     part = Flagged(count=int(flagged.size), true_poison=int(poison.size), true_positives=tp,
@@ -181,7 +180,7 @@ class CachedFilter:
         return np.array([self.cache[k] > self.threshold for k in keys], dtype=bool)
 
 
-def _mixed_scores(filt: CachedFilter, data_path: Path, benign: np.ndarray, n_attacked: int, batch_size: int,
+def _mixed_scores(filt: CachedFilter, data_path: DataRef, benign: np.ndarray, n_attacked: int, batch_size: int,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The filter's score of every benign and attacked test image, as (benign, attacked) arrays.
 
@@ -191,7 +190,7 @@ def _mixed_scores(filt: CachedFilter, data_path: Path, benign: np.ndarray, n_att
     nb, n = len(benign), len(benign) + n_attacked
     order = np.random.default_rng([seed, 0x5C0E]).permutation(n)
     out = np.empty(n, dtype=np.float64)
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         h, w = f.image_size
         for s in range(0, n, batch_size):
             batch = order[s : s + batch_size]
@@ -233,7 +232,7 @@ class FilterPart:
     rejects: CachedFilter
 
 
-def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: int, seed: int) -> FilterPart:
+def score_filter(result: DefenseResult, name: str, data_path: DataRef, batch_size: int, seed: int) -> FilterPart:
     """Score the defense's input filter on every benign and attacked test input."""
     try:
         threshold = float(result.threshold) if result.threshold is not None else math.nan
@@ -241,7 +240,7 @@ def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: 
         threshold = math.nan
     if not math.isfinite(threshold):
         raise protocol_error(f"{name} returned input_scores without a finite threshold")
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         benign = np.asarray(f[h5data.TEST_BENIGN_INDEX], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in f else np.arange(f.length("test"))
         n_att = int(f.file[h5data.TEST_ATTACKED_IMAGES].shape[0]) if h5data.TEST_ATTACKED_IMAGES in f else 0
         confounded = confounded_sets(f, benign)
@@ -327,7 +326,7 @@ class AfterPart:
     rejected: dict[str, Any] | None  # rejection counts, when a filter was applied
 
 
-def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str, Any], data_path: Path,
+def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str, Any], data_path: DataRef,
                 device: torch.device, batch_size: int, panels: Sequence[Panel | None] = ()) -> AfterPart:
     """``model`` on both test sets with ``rejects``' rejected inputs counted as defended; DER; panel predictions."""
     after = score_model(model, data_path, device=device, batch_size=batch_size, input_filter=rejects)
@@ -344,11 +343,11 @@ def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str
     return AfterPart(scores_only(after), der, rejected)
 
 
-def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
+def panel_before(model: nn.Module, data_path: DataRef, n: int, device: torch.device, batch_size: int) -> Panel | None:
     """The first ``n`` attacked test images with their labels and ``model``'s predictions (None: nothing attacked)."""
     if n <= 0:
         return None
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         if h5data.TEST_ATTACKED_IMAGES not in f:
             return None
         m = min(n, f.length("test_attacked"))
@@ -358,12 +357,12 @@ def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device
     return panel
 
 
-def benign_panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
+def benign_panel_before(model: nn.Module, data_path: DataRef, n: int, device: torch.device, batch_size: int) -> Panel | None:
     """The first ``n`` images of the benign test set with their labels and ``model``'s predictions: a repair costs
     benign accuracy, and a filter rejects benign inputs too (None when ``n`` is 0)."""
     if n <= 0:
         return None
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         index = np.asarray(f[h5data.TEST_BENIGN_INDEX], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in f else np.arange(f.length("test"))
         index = index[:n]
         if index.size == 0:

@@ -188,3 +188,15 @@ def run_entry_safe(zoo: str, entry_id: str, device: str, threads: int | None, pr
     except Exception as e:  # noqa: BLE001 - reported per entry, with the traceback on stderr
         traceback.print_exc(file=sys.stderr)
         return {"id": entry_id, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def ray_entry_task(zoo: str, entry_id: str, device: str, cpus: int, stale_after: float) -> dict[str, Any]:
+    """:func:`run_entry_safe` as a Ray task (:class:`testbed.execution.ray_backend.RayExecutor`): ``device="auto"``
+    is the task's GPU when Ray gave it one; the result names the node."""
+    import ray
+
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
+    result = run_entry_safe(zoo, entry_id, device, cpus, False, stale_after)
+    result["node"] = os.uname().nodename
+    return result
