@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from testbed.defense import DefenseResult, Verdict
-from testbed.evaluation.runner import load_defense, make_context, parse_params, run_defense
+from testbed.defenses.registry import load_defense, parse_params
+from testbed.evaluation.runner import run_defense
+from testbed.evaluation.threat_model import make_context
 from testbed.core.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "outside_defense"
@@ -300,8 +302,6 @@ def test_pruning_curve_is_scored_on_the_test_sets(backdoored_run, fgba_line_path
 
 def test_builtin_fine_pruning_curve_gets_test_scores(backdoored_run, fgba_line_path, before):
     """The built-in defense hands the runner its prune order, so every curve point carries test ASR/mIoU-B."""
-    from testbed.evaluation.runner import load_defense
-
     row = run_defense(load_defense("fine-pruning", step=0.25, epochs=0), backdoored_run, fgba_line_path,
                       device="cpu", panels=0, before=before)
     curve = row["details"]["curve"]

@@ -11,8 +11,7 @@ Failures: an exception from the defense's ``run`` (or its ``input_scores``, or i
 result that breaks the protocol, gives a row with ``error`` and ``error_source = "defense"``; a failure
 of the testbed's own loading, retraining or scoring gives ``error_source = "testbed"``.
 
-Defense loading lives in :mod:`testbed.defenses.registry`; the names below are re-exported for callers
-that import them from here.
+Defense loading lives in :mod:`testbed.defenses.registry`, the context in :mod:`testbed.evaluation.threat_model`.
 """
 
 from __future__ import annotations
@@ -34,25 +33,21 @@ from testbed import models
 from testbed.core import atomic
 from testbed.core.jsonutil import jsonable
 from testbed.defense import DefenseResult
-from testbed.defenses.registry import ENTRY_POINT_GROUP, builtin_defenses, load_defense, parse_params
-from testbed.evaluation.rows import DefenseRow, RunCost, public_row
+from testbed.evaluation.rows import DefenseRow, RunCost
 from testbed.evaluation.scoring import (
     DefenseFault, benign_panel_before, blame_defense, panel_before, protocol_error, random_removal,
     retrain_without, score_after, score_filter, score_repair, score_retrain, score_verdict, scores_only,
     take_figures,
 )
 from testbed.evaluation.loaded import DataFacts, LoadedRun, load_pair
-from testbed.evaluation.threat_model import Progress, clean_subset, make_context
+from testbed.evaluation.threat_model import Progress, make_context
 from testbed.evaluation.variants import score_variants
-from testbed.scoring.scorer import SCORE_KEYS
 from testbed.training.provenance import model_attack_label
 from testbed.training.runs import load_config, save_model
 
 PANEL_IMAGES = 3  # attacked (and as many benign) test images kept for Figure-1-style panels
 
-__all__ = ["ENTRY_POINT_GROUP", "PANEL_IMAGES", "SCORE_KEYS", "DataFacts", "DefenseRow", "DefenseSettings",
-           "LoadedRun", "builtin_defenses", "clean_subset", "jsonable", "load_defense", "load_pair", "make_context",
-           "parse_params", "public_row", "run_defense"]
+__all__ = ["PANEL_IMAGES", "DataFacts", "DefenseSettings", "LoadedRun", "load_pair", "run_defense"]
 
 
 @dataclass
