@@ -241,15 +241,15 @@ def test_filter_scores_and_rejections(backdoored_run, fgba_line_path, before):
 def test_flagged_training_samples_are_retrained_without(small_poisoned, monkeypatch):
     import json
 
-    import testbed.training.loop
+    import testbed.evaluation.scoring
 
-    real_train, calls = testbed.training.loop.train, []
+    real_train, calls = testbed.evaluation.scoring.train, []
 
     def spy_train(data_path, out_dir, cfg, **kw):
         calls.append((cfg, kw.get("train_indices")))
         return real_train(data_path, out_dir, cfg, **kw)
 
-    monkeypatch.setattr(testbed.training.loop, "train", spy_train)
+    monkeypatch.setattr(testbed.evaluation.scoring, "train", spy_train)  # the trainer the retrain calls
     tiny_run, fgba_line_path = small_poisoned
     row = run_defense(FlagDark(), tiny_run, fgba_line_path, device="cpu", panels=0)
     assert row["error"] is None and row["kinds"] == ["retrain"]
