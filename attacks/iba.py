@@ -21,6 +21,7 @@ in that bin (the nearest bin that has one, when it has none).  The distance and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -82,6 +83,7 @@ def relabel_pixels(rng: np.random.Generator, clean: np.ndarray, target: np.ndarr
     return out
 
 
+@dataclass(eq=False, repr=False)
 class IBA(VictimPatchAttack):
     """Influencer Backdoor Attack; ``fit`` adds ``variant_``, ``edge_margin_``, ``nni_`` (lower, upper) and
     ``bins_`` (upper distance-bin edges) to the fitted attributes of the patch attacks."""
@@ -104,20 +106,18 @@ class IBA(VictimPatchAttack):
                                "shorter side: 8,16,24 at 64 px)", metavar="A,B,..."),
     }
 
-    def __init__(self, variant: str = "baseline", source: str | None = None, target: str | None = None,
-                 patch_size: int | None = None, patch: str | None = None, edge_margin: int | None = None,
-                 nni_lower: int | None = None, nni_upper: int | None = None, prl_fraction: float | None = None,
-                 distance_bins: Any = None) -> None:
-        self.variant = variant
-        self.source = source
-        self.target = target
-        self.patch_size = patch_size
-        self.patch = patch
-        self.edge_margin = edge_margin
-        self.nni_lower = nni_lower
-        self.nni_upper = nni_upper
-        self.prl_fraction = prl_fraction
-        self.distance_bins = distance_bins
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``; checks are in
+    # check_params): scikit-learn's convention, with ten parameters spelled once
+    variant: str = "baseline"
+    source: str | None = None
+    target: str | None = None
+    patch_size: int | None = None
+    patch: str | None = None
+    edge_margin: int | None = None
+    nni_lower: int | None = None
+    nni_upper: int | None = None
+    prl_fraction: float | None = None
+    distance_bins: Any = None
 
     # -- validation ----------------------------------------------------------------------------------
     def check_params(self, classes: list[str]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from testbed.core.errors import ParamError
 
@@ -46,8 +47,6 @@ def load_image(path: Any, param: str) -> np.ndarray:
 
     A path that is missing or not an image is a :class:`ParamError` naming ``param`` (e.g. ``{patch}``).
     """
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
     if p is None or not str(path).strip():
         raise ParamError(f"{{{param}}} must be the path of an image file (PNG, JPEG, ...), got {path!r}")
@@ -66,8 +65,6 @@ def load_image(path: Any, param: str) -> np.ndarray:
 
 def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """uint8 ``[h, w, C]`` resized to ``size = (H, W)`` with PIL's bilinear filter (unchanged if already that size)."""
-    from PIL import Image
-
     h, w = int(size[0]), int(size[1])
     if image.shape[:2] == (h, w):
         return image.copy()

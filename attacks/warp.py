@@ -23,6 +23,8 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from testbed.attacks.base import Param, Trigger
 from testbed.attacks.imageops import as_images
@@ -54,9 +56,6 @@ def identity_grid(h: int, w: int) -> np.ndarray:
 
 def grid_sample(images: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """uint8 ``[N,H,W,3]`` sampled bilinearly at ``grid`` (``[H,W,2]`` or ``[N,H,W,2]``), rounded half up."""
-    import torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float64)
     g = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float64))
     g = g.expand(x.shape[0], *g.shape) if g.ndim == 3 else g
@@ -96,9 +95,6 @@ class WarpTrigger(Trigger):
         self.noise = _number(noise, "warp_noise", 0, open_lo=False)
 
     def fit(self, image_size: Sequence[int], seed: int = 0) -> "WarpTrigger":
-        import torch
-        import torch.nn.functional as F
-
         h, w = int(image_size[0]), int(image_size[1])
         self.check(image_size)
         self.seed_ = int(seed)

@@ -38,8 +38,9 @@ The ``tiny`` models (CPU demo/test models for 64×64 synthetic scenes, trained i
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -52,8 +53,8 @@ from testbed.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, InputSizeError
 from testbed.models.weights import BackboneWeightsError, load_backbone_weights
 
 __all__ = [
-    "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "InputSizeError", "Segmenter",
-    "SmpSegmenter", "UnknownModelError", "available", "check_input_size", "classifier_features", "create",
+    "BACKBONES", "HEADS", "IMAGENET_MEAN", "IMAGENET_STD", "BackboneWeightsError", "HeadSpec", "InputSizeError",
+    "Segmenter", "SmpSegmenter", "UnknownModelError", "available", "check_input_size", "classifier_features", "create",
 ]  # fmt: skip
 
 # name → constructor(weights: torchvision enum | None) -> backbone with .out_channels/.aux_channels
@@ -65,17 +66,22 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "densenet121": _bb.densenet121,
     "tiny": _bb.tiny,
 }
-# name → constructor(in_channels, **kwargs) -> head with .out_channels
-HEADS: dict[str, Callable[..., nn.Module]] = {
-    "deeplabv3": _heads.DeepLabV3Head,
-    "denseaspp": _heads.DenseASPPHead,
-    "danet": _heads.DANetHead,
-}
-# Head arguments for the tiny backbone (see the module docstring for why).
-TINY_HEAD_KWARGS: dict[str, dict] = {
-    "deeplabv3": {"channels": 48, "rates": (3, 6, 9), "dropout": 0.1},
-    "denseaspp": {"growth": 24, "bottleneck": 48, "rates": (1, 2, 3, 5, 6)},
-    "danet": {"channels": 24},
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head family: its constructor ``cls(in_channels, **kwargs)`` (a module with ``.out_channels``) and the
+    arguments it takes on the ``tiny`` backbone (see the module docstring for why they are smaller)."""
+
+    cls: Callable[..., nn.Module]
+    tiny_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# name → head family; every head pairs with every backbone (a new family is this one entry)
+HEADS: dict[str, HeadSpec] = {
+    "deeplabv3": HeadSpec(_heads.DeepLabV3Head, {"channels": 48, "rates": (3, 6, 9), "dropout": 0.1}),
+    "denseaspp": HeadSpec(_heads.DenseASPPHead, {"growth": 24, "bottleneck": 48, "rates": (1, 2, 3, 5, 6)}),
+    "danet": HeadSpec(_heads.DANetHead, {"channels": 24}),
 }
 
 
@@ -85,8 +91,8 @@ class UnknownModelError(ValueError):
 
 def _paper_model(head_name: str, backbone_name: str, num_classes: int, aux_loss: bool = False) -> Segmenter:
     backbone = BACKBONES[backbone_name]()
-    kwargs = TINY_HEAD_KWARGS[head_name] if backbone_name == "tiny" else {}
-    head = HEADS[head_name](backbone.out_channels, **kwargs)
+    spec = HEADS[head_name]
+    head = spec.cls(backbone.out_channels, **(spec.tiny_kwargs if backbone_name == "tiny" else {}))
     return Segmenter(backbone, head, head.out_channels, num_classes, aux_channels=backbone.aux_channels if aux_loss else None)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 IMAGENET_ENUMS = {
@@ -87,9 +89,6 @@ def load_imagenet_backbone(backbone: nn.Module, name: str) -> None:
 
 def load_safetensors_backbone(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a backbone state dict from a safetensors file (parsed, never unpickled) into ``backbone``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise BackboneWeightsError(

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from testbed.defense import DefenseResult, Verdict
-from testbed.evaluation.runner import load_defense, make_context, parse_params, run_defense
+from testbed.defenses.registry import load_defense, parse_params
+from testbed.evaluation.runner import run_defense
+from testbed.evaluation.threat_model import make_context
 from testbed.core.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "outside_defense"
@@ -239,15 +241,15 @@ def test_filter_scores_and_rejections(backdoored_run, fgba_line_path, before):
 def test_flagged_training_samples_are_retrained_without(small_poisoned, monkeypatch):
     import json
 
-    import testbed.training.loop
+    import testbed.evaluation.scoring
 
-    real_train, calls = testbed.training.loop.train, []
+    real_train, calls = testbed.evaluation.scoring.train, []
 
     def spy_train(data_path, out_dir, cfg, **kw):
         calls.append((cfg, kw.get("train_indices")))
         return real_train(data_path, out_dir, cfg, **kw)
 
-    monkeypatch.setattr(testbed.training.loop, "train", spy_train)
+    monkeypatch.setattr(testbed.evaluation.scoring, "train", spy_train)  # the trainer the retrain calls
     tiny_run, fgba_line_path = small_poisoned
     row = run_defense(FlagDark(), tiny_run, fgba_line_path, device="cpu", panels=0)
     assert row["error"] is None and row["kinds"] == ["retrain"]
@@ -300,8 +302,6 @@ def test_pruning_curve_is_scored_on_the_test_sets(backdoored_run, fgba_line_path
 
 def test_builtin_fine_pruning_curve_gets_test_scores(backdoored_run, fgba_line_path, before):
     """The built-in defense hands the runner its prune order, so every curve point carries test ASR/mIoU-B."""
-    from testbed.evaluation.runner import load_defense
-
     row = run_defense(load_defense("fine-pruning", step=0.25, epochs=0), backdoored_run, fgba_line_path,
                       device="cpu", panels=0, before=before)
     curve = row["details"]["curve"]
@@ -444,3 +444,74 @@ def test_parse_params():
     with pytest.raises(UserError, match="DEFENSE.KEY=VALUE"):
         parse_params(["strip"], ["strip"])
 
+
+
+# -- one pair loaded once --------------------------------------------------------------------------------
+class PruneAndFilter:
+    """A repair (one classifier input zeroed), an input filter and a pruning curve: every scoring path at once."""
+
+    name = "prune-and-filter"
+
+    def run(self, model, ctx):
+        with torch.no_grad():
+            model.classifier.weight[:, :1] = 0
+        threshold = float(np.quantile(dark_fraction(ctx.clean_images), 0.9))
+        return DefenseResult(model=model, input_scores=dark_fraction, threshold=threshold,
+                             details={"prune_order": [0, 1], "curve": [{"fraction": 0.0, "pruned": 0},
+                                                                       {"fraction": 0.1, "pruned": 2}]})
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts, per file name, the HDF5 opens (h5py.File), safetensors weight loads and config.json reads."""
+    import safetensors.torch
+
+    counts: dict[str, int] = {}
+
+    def note(kind: str, path) -> None:
+        key = f"{kind}:{Path(str(path)).name}"
+        counts[key] = counts.get(key, 0) + 1
+
+    class CountingFile(h5py.File):
+        def __init__(self, name, *args, **kwargs):
+            note("h5", name)
+            super().__init__(name, *args, **kwargs)
+
+    real_load, real_read = safetensors.torch.load_file, Path.read_text
+    monkeypatch.setattr(h5py, "File", CountingFile)
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda p, *a, **k: (note("weights", p), real_load(p, *a, **k))[1])
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (note("text", self), real_read(self, *a, **k))[1])
+    return counts
+
+
+def test_one_pair_reads_weights_once_and_opens_the_data_once(backdoored_run, fgba_line_path, reads):
+    from testbed.evaluation.runner import DefenseSettings, load_pair
+
+    settings = DefenseSettings(panels=2, batch_size=16, seed=3)
+    with load_pair(backdoored_run, fgba_line_path, "cpu") as run:
+        rows = [run_defense(PruneAndFilter(), run, settings), run_defense(Identity(), run, settings)]
+    assert [r["error"] for r in rows] == [None, None]
+    assert rows[0]["kinds"] == ["repair", "filter"] and "asr" in rows[0]["details"]["curve"][1]
+    data = fgba_line_path.name
+    # two defenses on one loaded pair: one weights read, one config read, one open of the data file
+    assert reads == {"weights:model.safetensors": 1, "text:config.json": 1, f"h5:{data}": 1}
+    reads.clear()
+    old = run_defense(PruneAndFilter(), backdoored_run, fgba_line_path, device="cpu", panels=2, batch_size=16, seed=3)
+    assert reads == {"weights:model.safetensors": 1, "text:config.json": 1, f"h5:{data}": 1}  # the old call too
+    # same numbers either way, and the same as the separate steps computed by hand
+    for key in ("before", "after", "DER", "detection", "details"):
+        assert old[key] == rows[0][key], key
+    assert rows[1]["before"] == rows[0]["before"] and rows[1]["after"] == rows[1]["before"]
+
+
+def test_the_defense_gets_its_own_model_copy(backdoored_run, fgba_line_path):
+    from testbed.evaluation.runner import DefenseSettings, load_pair
+
+    with load_pair(backdoored_run, fgba_line_path, "cpu") as run:
+        weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+        row = run_defense(PruneAndFilter(), run, DefenseSettings(panels=0))
+        assert row["error"] is None
+        assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in weights.items())  # the original untouched
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        with load_pair(backdoored_run, fgba_line_path, "cpu") as run:
+            run_defense(Identity(), run, DefenseSettings(), seed=1)

@@ -86,12 +86,12 @@ def test_models_trained_on_another_kind_of_device_are_not_reused(demos, monkeypa
     """A rerun on CUDA must not report CPU-trained models as its own: refused before anything runs or is written."""
     import torch
 
-    import testbed.core.device
+    import testbed.demo.run
 
     serial, _ = demos
     settings = (serial / "work" / "settings.json").read_bytes()
     assert json.loads(settings)["device"] == "cpu"
-    monkeypatch.setattr(testbed.core.device, "resolve_device", lambda spec="auto": torch.device("cuda"))
+    monkeypatch.setattr(testbed.demo.run, "resolve_device", lambda spec="auto": torch.device("cuda"))
     capsys.readouterr()
     assert cli.main(["-q", "demo", "--out", str(serial), *SMALL[:-2], "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -176,7 +176,7 @@ def test_zoo_build_workers_auto_and_bad_workers(tmp_path, capsys):
 
 def test_reference_benchmark_spec_is_the_demo_over_three_seeds():
     """examples/zoo-bench.toml must not drift from the demo: same data, training and attack settings."""
-    from testbed.demo.run import DemoConfig, zoo_spec
+    from testbed.demo.settings import DemoConfig, zoo_spec
     from testbed.zoo.spec import parse_spec
 
     bench = parse_spec(Path(__file__).resolve().parents[1] / "examples" / "zoo-bench.toml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -67,7 +68,8 @@ LAYERS = [
     ["training"],
     ["defenses", "defense"],
     ["evaluation"],
-    ["execution", "bench", "zoo", "demo"],
+    ["execution"],
+    ["bench", "zoo", "demo"],
     ["cli", "commands", "suites"],
 ]
 
@@ -130,3 +132,179 @@ def test_no_loose_module_at_the_top_of_testbed():
     """A module lives in its room: only cli.py, the public defense.py path and __init__.py sit at the top."""
     loose = sorted(p.name for p in (ROOT / "testbed").glob("*.py"))
     assert loose == ["__init__.py", "cli.py", "defense.py"]
+
+
+# -- one house: the limits every library module meets (issue 20) --------------------------------------------
+MAX_LINES, MAX_PARAMS, MAX_LAZY = 60, 8, 20
+# imports that may sit inside a function: optional heavy dependencies, imported only where they are used
+OPTIONAL_DEPS = ("ray", "segmentation_models_pytorch", "matplotlib")
+PACKAGES = {"testbed": "testbed", "attacks": "testbed.attacks", "defenses": "testbed.defenses",
+            "models": "testbed.models", "suites": "testbed.suites"}
+# The files held to the limits now (paths from the repository root, a folder meaning all under it).  The
+# whole repository, once every room is folded: CHECKED = tuple(PACKAGES)
+CHECKED = ("testbed/evaluation/runner.py", "testbed/evaluation/threat_model.py", "testbed/evaluation/scoring.py",
+           "testbed/evaluation/variants.py", "testbed/evaluation/attack_check.py", "testbed/execution",
+           "testbed/zoo/build.py", "testbed/zoo/entries.py", "testbed/zoo/spec.py", "testbed/zoo/attack_table.py",
+           "testbed/zoo/__init__.py", "testbed/demo/run.py", "testbed/scoring", "models",
+           *(f"attacks/{p.name}" for p in sorted((ROOT / "attacks").glob("*.py")) if p.name != "writer.py"))
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    """Dotted module name → file, for every module of the testbed (the four mapped folders under ``testbed.``)."""
+    found = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = [p for p in path.relative_to(root / folder).with_suffix("").parts if p != "__init__"]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _imported(module: str, path: Path, tree: ast.AST, known: set[str]) -> set[str]:
+    """The testbed modules that ``module`` imports anywhere in its file (inside functions too)."""
+    out = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{up}.{base}" if base else up
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name not in (module, "testbed"):
+                out.add(name)
+    return out
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(root: str) -> None:
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]; counter[0] += 1; stack.append(root); on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter[0]; counter[0] += 1; stack.append(w); on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while not comp or comp[-1] != v:
+                    comp.append(stack.pop()); on.discard(comp[-1])
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _function_findings(rel: str, tree: ast.AST) -> dict[str, list[str]]:
+    """Functions over MAX_LINES lines or MAX_PARAMS parameters (``self``/``cls`` aside; a dataclass's generated
+    ``__init__`` is not in the source), and imports inside function bodies (outside commands/ and OPTIONAL_DEPS)."""
+    out = {"long": [], "params": [], "lazy": []}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        lines = fn.end_lineno - fn.lineno + 1
+        if lines > MAX_LINES:
+            out["long"].append(f"{rel}:{fn.lineno} {fn.name} ({lines} lines)")
+        names = [a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs]
+        names = names[1:] if names[:1] in (["self"], ["cls"]) else names
+        if len(names) > MAX_PARAMS:
+            out["params"].append(f"{rel}:{fn.lineno} {fn.name} ({len(names)} parameters)")
+        if rel.startswith("testbed/commands/"):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or "."]
+                if not all(m.split(".")[0] in OPTIONAL_DEPS for m in mods):
+                    out["lazy"].append(f"{rel}:{node.lineno} {', '.join(mods)}")
+    return out
+
+
+def house_findings(root: Path = ROOT, checked: tuple[str, ...] | None = None) -> dict[str, list[str]]:
+    """Every breach of the house limits in the files under ``checked`` (all modules when None), and every import
+    circle that passes through one of them."""
+    modules = _modules(root)
+    rel = {m: p.relative_to(root).as_posix() for m, p in modules.items()}
+    mine = {m for m, r in rel.items() if checked is None or any(r == c or r.startswith(c.rstrip("/") + "/")
+                                                                   for c in checked)}
+    found = {"long": [], "params": [], "lazy": [], "circles": []}
+    graph = {}
+    for m, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        graph[m] = _imported(m, path, tree, set(modules))
+        if m in mine:
+            for key, items in _function_findings(rel[m], tree).items():
+                found[key] += items
+    found["circles"] = [" <-> ".join(c) for c in _circles(graph) if set(c) & mine]
+    return found
+
+
+def test_house_checker_finds_each_breach(tmp_path):
+    """The checker itself, on a made-up tree with exactly one breach of each kind (and an allowed lazy import)."""
+    (tmp_path / "testbed" / "x").mkdir(parents=True)
+    for d in ("attacks", "defenses", "models", "suites"):
+        (tmp_path / d).mkdir()
+    body = "\n".join(f"    v{i} = {i}" for i in range(59))
+    (tmp_path / "testbed" / "x" / "a.py").write_text(
+        "from testbed.x import b\n\n"
+        f"def long():\n{body}\n    return 0\n\n"  # 61 lines
+        "def short():\n" + "\n".join(f"    v{i} = {i}" for i in range(58)) + "\n    return 0\n\n"  # 60 lines
+        "def wide(self, a, b, c, d, e, f, g, h, *, i=0):\n    import ray\n    import json\n")
+    (tmp_path / "testbed" / "x" / "b.py").write_text("def f():\n    from testbed.x.a import long\n")
+    (tmp_path / "testbed" / "x" / "c.py").write_text("def g(a, b, c, d, e, f, g, h):\n    return a\n")
+    found = house_findings(tmp_path)
+    assert found["long"] == ["testbed/x/a.py:3 long (61 lines)"]
+    assert found["params"] == ["testbed/x/a.py:126 wide (9 parameters)"]
+    assert found["lazy"] == ["testbed/x/a.py:128 json", "testbed/x/b.py:2 testbed.x.a"]
+    assert found["circles"] == ["testbed.x.a <-> testbed.x.b"]
+    assert house_findings(tmp_path, checked=("testbed/x/c.py",)) == {"long": [], "params": [], "lazy": [],
+                                                                      "circles": []}
+
+
+# Breaches in CHECKED not folded yet ("path function"): public signatures whose change needs their callers in other
+# rooms changed too.  The list may only shrink: an entry that no longer breaches fails the test until removed.
+PENDING = {
+    "testbed/scoring/scorer.py score_predictions",  # 14 parameters: tests/test_scoring.py calls it positionally
+    "attacks/poison.py poison", "attacks/poison.py poison_file",  # 10 each: the documented `testbed poison` keywords
+    "attacks/selection.py select_train",  # 9: called by poison with its settings
+}
+
+
+def test_one_house_limits():
+    """No import circle, no function over 60 lines or 8 parameters, at most 20 lazy imports (in CHECKED)."""
+    found = house_findings(checked=CHECKED)
+    assert found["circles"] == []
+    assert found["long"] == []
+    breaches = {f"{i.split(':')[0]} {i.split(' ')[1]}" for i in found["params"]}
+    assert breaches - PENDING == set()
+    assert PENDING - breaches == set()  # folded: take it off the list
+    assert len(found["lazy"]) <= MAX_LAZY, found["lazy"]
+
+
+if __name__ == "__main__":  # the whole repository, counted per file: python tests/test_layout.py
+    import collections
+
+    for kind, items in house_findings().items():
+        print(f"{kind}: {len(items)}")
+        per_file = collections.Counter(i.split(":")[0] if kind != "circles" else i for i in items)
+        for name, n in sorted(per_file.items()):
+            print(f"  {n:3d}  {name}")

@@ -13,8 +13,9 @@ from torch import nn
 from testbed import models
 
 K = 5
-HEADS = ("deeplabv3", "denseaspp", "danet")
-BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "densenet121", "tiny")
+# the grid comes from the registry: a new head family (one models.HEADS entry) is tested by every test below
+HEADS = tuple(models.HEADS)
+BACKBONES = tuple(models.BACKBONES)
 
 
 def _x(n: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -23,12 +24,25 @@ def _x(n: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 def test_available_is_the_full_grid():
     """The paper's heads × backbones plus the smp models (tests/test_models_smp.py), sorted."""
+    assert {"deeplabv3", "denseaspp", "danet"} <= set(HEADS)  # the paper's three heads and six backbones
+    assert {"resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "densenet121", "tiny"} <= set(BACKBONES)
     paper = {f"{h}_{b}" for h in HEADS for b in BACKBONES}
     cnn = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large")
     smp = {f"segformer_mit_b{i}" for i in range(6)} | {f"{a}_{e}" for a in ("deeplabv3plus", "pspnet", "upernet", "unet") for e in cnn}
     smp |= {f"{a}_tiny" for a in ("segformer", "deeplabv3plus", "pspnet", "upernet", "unet")}
     assert models.available() == sorted(paper | smp)
-    assert len(models.available()) == 18 + 6 + 4 * 6 + 5
+    assert len(models.available()) == len(HEADS) * len(BACKBONES) + 6 + 4 * 6 + 5
+
+
+def test_a_head_family_is_one_record(monkeypatch):
+    """One HEADS entry (constructor + tiny arguments) is a working model family; nothing else to edit."""
+    spec = models.HEADS["deeplabv3"]
+    assert isinstance(spec, models.HeadSpec) and spec.tiny_kwargs["channels"] == 48
+    assert models.create("deeplabv3_tiny", K).classifier.in_channels == 48
+    wide = models.HeadSpec(models.HEADS["danet"].cls, {"channels": 8})
+    monkeypatch.setitem(models.HEADS, "danet", wide)
+    model = models._paper_model("danet", "tiny", K)  # the builder reads the record when called
+    assert model.classifier.in_channels == 8
 
 
 @pytest.mark.parametrize("name", sorted(f"{h}_{b}" for h in HEADS for b in BACKBONES))

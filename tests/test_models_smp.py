@@ -391,7 +391,8 @@ DEFENSE_PARAMS = {
 @pytest.mark.parametrize("name", SMP_TINY + ["deeplabv3_tiny", "denseaspp_tiny", "danet_tiny"])
 def test_every_defense_runs_on_every_family(name, poisoned32):
     """Every built-in defense on one (untrained) tiny model per family: no per-model branches needed."""
-    from testbed.evaluation.runner import load_defense, make_context
+    from testbed.defenses.registry import load_defense
+    from testbed.evaluation.threat_model import make_context
 
     torch.manual_seed(0)
     model = models.create(name, 11).eval()

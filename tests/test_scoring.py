@@ -348,9 +348,7 @@ def test_score_model_on_cuda_matches_cpu(case):
 
 def test_cli_with_a_real_saved_run(case, tmp_path, capsys):
     """`testbed score`/`predict` through the real run loader (safetensors) and a real tiny model."""
-    models = pytest.importorskip("models")
-    if "deeplabv3_tiny" not in getattr(models, "available", lambda: [])():
-        pytest.skip("models.create('deeplabv3_tiny') is not available yet")
+    from testbed import models
     from testbed.training.runs import save_model
 
     torch.manual_seed(0)

@@ -516,3 +516,26 @@ def test_a_rescore_never_seals_a_file_changed_while_it_scored(tmp_path, monkeypa
         zb.build(spec, zoo, device="cpu", progress=False, say=lambda m: None)
     assert "n1-half" not in json.loads((zoo / "entries" / benign / "done.json").read_text())["reference"]
     assert main(["zoo", "verify", str(zoo)]) == 1  # the edit is reported, not blessed
+
+
+def test_executors_run_the_task_they_are_given(tmp_path):
+    """execution/ knows no zoo: the caller's task runs, inline and in the process pool, with the job's id."""
+    from testbed.execution.executors import InlineExecutor, ProcessExecutor, schedule
+    from testbed.zoo.entries import run_entry_safe
+
+    seen = []
+
+    def task(target, job_id, device, threads, progress, stale_after):
+        seen.append((target, job_id, device, threads, progress, stale_after))
+        return {"status": "done", "value": job_id.upper()}
+
+    got = {}
+    schedule(["a", "b"], InlineExecutor(tmp_path, "cpu", 2, False, 9.0, task), got.__setitem__)
+    assert seen == [(str(tmp_path), "a", "cpu", 2, False, 9.0), (str(tmp_path), "b", "cpu", 2, False, 9.0)]
+    assert {k: v["value"] for k, v in got.items()} == {"a": "A", "b": "B"}
+    pool, got = ProcessExecutor(tmp_path, 1, "cpu", 9.0, True, 1, task=run_entry_safe), {}
+    try:  # a spawned worker runs the zoo's task: here on a folder that is no zoo, a failed result per id
+        schedule(["x"], pool, got.__setitem__)
+    finally:
+        pool.close()
+    assert got["x"]["status"] == "failed" and "not a model zoo" in got["x"]["error"]

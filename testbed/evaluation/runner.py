@@ -11,8 +11,7 @@ Failures: an exception from the defense's ``run`` (or its ``input_scores``, or i
 result that breaks the protocol, gives a row with ``error`` and ``error_source = "defense"``; a failure
 of the testbed's own loading, retraining or scoring gives ``error_source = "testbed"``.
 
-Defense loading lives in :mod:`testbed.defenses.registry`; the names below are re-exported for callers
-that import them from here.
+Defense loading lives in :mod:`testbed.defenses.registry`, the context in :mod:`testbed.evaluation.threat_model`.
 """
 
 from __future__ import annotations
@@ -30,42 +29,50 @@ import numpy as np
 import torch
 from torch import nn
 
-from testbed.defense import DefenseResult
-from testbed.evaluation.rows import DefenseRow, RunCost, public_row
-from testbed.evaluation.scoring import (DefenseFault, benign_panel_before, blame_defense, panel_before, protocol_error, random_removal,
-                                     retrain_without, score_after, score_filter, score_repair, score_retrain,
-                                     score_verdict, scores_only, take_figures)
-from testbed.defenses.registry import ENTRY_POINT_GROUP, builtin_defenses, load_defense, parse_params
-from testbed.core.errors import UserError
+from testbed import models
+from testbed.core import atomic
 from testbed.core.jsonutil import jsonable
-from testbed.training.provenance import model_attack_label
-from testbed.scoring.scorer import SCORE_KEYS
-from testbed.evaluation.threat_model import Progress, clean_subset, make_context
+from testbed.defense import DefenseResult
+from testbed.evaluation.rows import DefenseRow, RunCost
+from testbed.evaluation.scoring import (
+    DefenseFault, benign_panel_before, blame_defense, panel_before, protocol_error, random_removal,
+    retrain_without, score_after, score_filter, score_repair, score_retrain, score_verdict, scores_only,
+    take_figures,
+)
+from testbed.evaluation.loaded import DataFacts, LoadedRun, load_pair
+from testbed.evaluation.threat_model import Progress, make_context
 from testbed.evaluation.variants import score_variants
+from testbed.training.provenance import model_attack_label
+from testbed.training.runs import load_config, save_model
 
 PANEL_IMAGES = 3  # attacked (and as many benign) test images kept for Figure-1-style panels
 
-__all__ = ["ENTRY_POINT_GROUP", "PANEL_IMAGES", "SCORE_KEYS", "DefenseRow", "builtin_defenses", "clean_subset",
-           "jsonable", "load_defense", "make_context", "parse_params", "public_row", "run_defense"]
+__all__ = ["PANEL_IMAGES", "DataFacts", "DefenseSettings", "LoadedRun", "load_pair", "run_defense"]
 
 
 @dataclass
-class _Job:
-    """Everything one defense run needs, resolved once."""
+class DefenseSettings:
+    """How one defense run goes (the model and data come in a :class:`LoadedRun`).
 
-    run_dir: Path
-    data_path: Path
-    device: torch.device
-    seed: int
-    batch_size: int
-    config: dict[str, Any]  # the run's config.json
-    classes: list[str]
-    n_train: int
-    work_dir: Path | None = None
+    ``before``-scores come from the :class:`LoadedRun` (computed once per batch size).  ``random_control``: for a
+    training-set defense, also retrain without a random subset of the same size (``after_random``).
+    ``save_model``: a directory to keep the repaired or retrained model in, as a run (``params`` are recorded in
+    its config).  ``attack`` labels the row; by default the attack the model was trained with.
+    """
+
+    seed: int = 0
+    budget_s: float | None = None
+    budget_passes: int | None = None
+    progress: Progress | None = None
+    batch_size: int = 32
+    model_id: str | None = None
+    attack: str | None = None
+    work_dir: str | os.PathLike | None = None
+    panels: int = PANEL_IMAGES
     train_progress: bool = False
     random_control: bool = True
-    save_model: Path | None = None
-    provenance: dict[str, Any] | None = None  # what a saved model's config records about the defense
+    save_model: str | os.PathLike | None = None
+    params: dict[str, Any] | None = None
 
 
 def _seed_everything(seed: int) -> None:
@@ -74,35 +81,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _open(run_dir: Path, data_path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """The original model, its run config, and the data's classes, attack record and training-set size."""
-    from testbed.data.h5data import open_dataset
-    from testbed.training.runs import load_run
-
-    with open_dataset(data_path, check_labels=False) as f:
-        facts = {"classes": list(f.classes), "attack": f.attack, "n_train": f.length("train")}
-    original, config = load_run(run_dir, device)
-    if list(config.get("classes") or facts["classes"]) != facts["classes"]:
-        raise UserError(f"{run_dir} was trained on other classes than {data_path} has; defend it with the data it was trained on")
-    return original, config, facts
-
-
-def _run_behind_boundary(defense: Any, row: DefenseRow, job: _Job, budget_s: float | None,
-                         budget_passes: int | None, progress: Progress | None) -> DefenseResult:
-    """The defense on a fresh copy of the model, seeing only its context; its cost and details go in ``row``."""
-    from testbed.training.runs import load_run
-
-    model, _ = load_run(job.run_dir, job.device)
-    ctx = make_context(defense, job.data_path, device=job.device, seed=job.seed, budget_s=budget_s,
-                       budget_passes=budget_passes, progress=progress)
-    _seed_everything(job.seed)
+def _run_behind_boundary(defense: Any, row: DefenseRow, run: LoadedRun, settings: DefenseSettings) -> DefenseResult:
+    """The defense on its own copy of the model, seeing only its context; its cost and details go in ``row``."""
+    model = run.fresh_model()
+    ctx = make_context(defense, run.data, device=run.device, seed=settings.seed, budget_s=settings.budget_s,
+                       budget_passes=settings.budget_passes, progress=settings.progress)
+    _seed_everything(settings.seed)
     t0 = time.perf_counter()
     try:
         result = blame_defense(defense.run, model, ctx)
     finally:
         seconds = time.perf_counter() - t0
         row.cost.seconds = round(seconds, 4)
-        row.cost.over_budget = None if budget_s is None else bool(seconds > budget_s)
+        row.cost.over_budget = None if settings.budget_s is None else bool(seconds > settings.budget_s)
     if not isinstance(result, DefenseResult):
         raise protocol_error(f"{row.defense}.run returned {type(result).__name__}, expected testbed.defense.DefenseResult",
                              TypeError)
@@ -120,32 +111,29 @@ def _run_behind_boundary(defense: Any, row: DefenseRow, job: _Job, budget_s: flo
         row.notes.append(f"{row.defense}: {note}")
     stopped = row.details.get("stopped_by")
     row.cost.stopped_by = stopped if stopped in ("passes", "seconds") else None
-    score_variants(row.details, job.run_dir, job.data_path, job.device, job.batch_size)
+    score_variants(row.details, run.model, run.data, run.device, settings.batch_size)
     return result
 
 
-def _random_control(row: DefenseRow, before: dict[str, Any], job: _Job, tmp: Path) -> None:
+def _random_control(row: DefenseRow, before: dict[str, Any], run: LoadedRun, settings: DefenseSettings,
+                    tmp: Path) -> None:
     """Retrain without a random subset of the same size as the flagged one: ``after_random`` beside ``after``."""
     count = int(row.flagged.count)
     if count == 0:  # nothing removed: the control is the same training set, so the same model
         row.after_random, row.der_random = row.after, row.der
         return
-    removed = random_removal(job.n_train, count, job.seed)
-    model, _ = retrain_without(job.config, job.data_path, removed, job.n_train, job.device, tmp, job.train_progress,
-                               name="retrained-random")
-    part = score_after(model, None, before, job.data_path, job.device, job.batch_size)
+    removed = random_removal(run.facts.n_train, count, settings.seed)
+    model, _ = retrain_without(run.config, run.data_path, removed, run.facts.n_train, run.device, tmp,
+                               settings.train_progress, name="retrained-random")
+    part = score_after(model, None, before, run.data, run.device, settings.batch_size)
     row.after_random, row.der_random = part.after, part.der
 
 
-def _save(row: DefenseRow, model: nn.Module, config: dict[str, Any], job: _Job) -> None:
-    """Keep the model scored "after" as a run directory (safetensors + config.json) at ``job.save_model``.
+def _save(row: DefenseRow, model: nn.Module, config: dict[str, Any], run: LoadedRun, settings: DefenseSettings) -> None:
+    """Keep the model scored "after" as a run directory (safetensors + config.json) at ``settings.save_model``.
 
     Only a model of the run's own architecture can be a run (a wrapper around it, like an input filter built
     into the forward, has other weights); for anything else a note says why nothing was saved."""
-    from testbed.core import atomic
-    from testbed import models
-    from testbed.training.runs import save_model
-
     fresh = models.create(config["model"], int(config["num_classes"]), aux_loss=bool(config.get("aux_loss", False)))
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -153,98 +141,83 @@ def _save(row: DefenseRow, model: nn.Module, config: dict[str, Any], job: _Job) 
         row.notes.append(f"--save-model: not saved, the repaired model is not a plain {config['model']} (its weights "
                          "do not fit the architecture; e.g. it wraps the model)")
         return
-    assert job.save_model is not None
-    with atomic.atomic_dir(job.save_model) as tmp:
-        save_model(model, {**config, "defense": job.provenance}, tmp)
-    row.saved_model = str(job.save_model)
+    assert settings.save_model is not None
+    provenance = jsonable({"name": row.defense, "params": settings.params or {}, "seed": int(settings.seed),
+                           "from_run": str(run.run_dir), "data": str(run.data_path)})
+    with atomic.atomic_dir(Path(settings.save_model)) as tmp:
+        save_model(model, {**config, "defense": provenance}, tmp)
+    row.saved_model = str(Path(settings.save_model))
 
 
-def _score_result(row: DefenseRow, result: DefenseResult, original: nn.Module, before: dict[str, Any], job: _Job,
-                  tmp: Path) -> None:
+def _score_result(row: DefenseRow, result: DefenseResult, before: dict[str, Any], run: LoadedRun,
+                  settings: DefenseSettings, tmp: Path) -> None:
     """Each result kind scored by its own function; the after-scores once, for whatever changed predictions."""
-    from testbed.training.runs import load_config
-
-    after_model = score_repair(result, row.defense, job.device, len(job.classes))
-    keep: tuple[nn.Module, dict[str, Any]] | None = (result.model, job.config) if after_model is not None else None
+    after_model = score_repair(result, row.defense, run.device, len(run.facts.classes))
+    keep: tuple[nn.Module, dict[str, Any]] | None = (result.model, run.config) if after_model is not None else None
     retrained = False
     if result.flagged_train is not None:
-        row.flagged, row.flagged_index = score_retrain(result, job.data_path, job.n_train)
+        row.flagged, row.flagged_index = score_retrain(result, run.data, run.facts.n_train)
         if after_model is None:
-            after_model, row.cost.retrain_seconds = retrain_without(job.config, job.data_path, row.flagged_index,
-                                                                    job.n_train, job.device, tmp, job.train_progress)
+            after_model, row.cost.retrain_seconds = retrain_without(run.config, run.data_path, row.flagged_index,
+                                                                    run.facts.n_train, run.device, tmp,
+                                                                    settings.train_progress)
             keep, retrained = (after_model, load_config(tmp / "retrained")), True
     filt = None
     if result.input_scores is not None:
-        filt = score_filter(result, row.defense, job.data_path, job.batch_size, job.seed)
+        filt = score_filter(result, row.defense, run.data, settings.batch_size, settings.seed)
         row.detection, row.filter_scores = filt.detection, filt.scores
     if result.verdict is not None:
         row.verdict = score_verdict(result.verdict)
     if after_model is not None or filt is not None:
-        part = score_after(after_model if after_model is not None else original, filt.rejects if filt else None, before,
-                           job.data_path, job.device, job.batch_size, (row.panel, row.benign_panel))
+        part = score_after(after_model if after_model is not None else run.model, filt.rejects if filt else None,
+                           before, run.data, run.device, settings.batch_size, (row.panel, row.benign_panel))
         row.after, row.der = part.after, part.der
         if part.rejected is not None:
             row.details.setdefault("rejected", part.rejected)
-    if retrained and job.random_control:
-        _random_control(row, before, job, tmp)
-    if job.save_model is not None and keep is not None:  # a filter or a verdict leaves the model as it was
-        _save(row, keep[0], keep[1], job)
+    if retrained and settings.random_control:
+        _random_control(row, before, run, settings, tmp)
+    if settings.save_model is not None and keep is not None:  # a filter or a verdict leaves the model as it was
+        _save(row, keep[0], keep[1], run, settings)
 
 
-def run_defense(
-    defense: Any,
-    run_dir: str | os.PathLike,
-    data_path: str | os.PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    budget_s: float | None = None,
-    budget_passes: int | None = None,
-    progress: Progress | None = None,
-    batch_size: int = 32,
-    before: dict[str, Any] | None = None,
-    model_id: str | None = None,
-    attack: str | None = None,
-    work_dir: str | os.PathLike | None = None,
-    panels: int = PANEL_IMAGES,
-    train_progress: bool = False,
-    random_control: bool = True,
-    save_model: str | os.PathLike | None = None,
-    params: dict[str, Any] | None = None,
-) -> DefenseRow:
-    """Run ``defense`` on the model in ``run_dir`` with ``data_path``'s clean subset; score it; return its row.
+def _old_call(defense: Any, run_dir: Any, data_path: Any, old: dict[str, Any]) -> DefenseRow:
+    """``run_defense(defense, run_dir, data_path, device=..., before=..., seed=..., ...)``, the call before
+    :class:`LoadedRun`: the pair is loaded here, for this one defense."""
+    device, before = old.pop("device", "cpu"), old.pop("before", None)
+    if data_path is None:
+        raise TypeError("run_defense(defense, run_dir, data_path, ...) needs data_path")
+    settings = DefenseSettings(**old)
+    with load_pair(run_dir, data_path, device) as run:
+        if before is not None:
+            run.set_before(settings.batch_size, before)
+        return run_defense(defense, run, settings)
 
-    ``before``: scores of the original model on ``data_path`` when already known (bench reuses them across
-    defenses).  ``random_control``: for a training-set defense, also retrain without a random subset of the
-    same size (``after_random``).  ``save_model``: a directory to keep the repaired or retrained model in, as
-    a run (``params`` are recorded in its config).  ``attack`` labels the row; by default the attack the model
-    was trained with.  A failure gives a row with ``error`` and ``error_source`` set (the caller decides the
-    exit code).
+
+def run_defense(defense: Any, run: LoadedRun, settings: DefenseSettings | None = None, **old: Any) -> DefenseRow:
+    """Run ``defense`` on the model of ``run`` with its data's clean subset; score it; return its row.
+
+    ``run``: the model and data file loaded once (:func:`load_pair`); several defenses may share it, each gets
+    its own copy of the model, and the original model's scores ("before") are computed once.  The call of
+    earlier versions, ``run_defense(defense, run_dir, data_path, device=..., before=..., **settings)``, still
+    works.  A failure gives a row with ``error`` and ``error_source`` set (the caller decides the exit code).
     """
-    from testbed.core.device import resolve_device
-    from testbed.scoring.scorer import score_model
-
-    device = resolve_device(device)
-    run_dir, data_path = Path(run_dir), Path(data_path)
-    original, config, facts = _open(run_dir, data_path, device)
+    if not isinstance(run, LoadedRun):
+        return _old_call(defense, run, settings, old)
+    settings = settings or DefenseSettings()
+    if old:
+        raise TypeError(f"run_defense() got unexpected keyword arguments {sorted(old)}; pass a DefenseSettings")
     name = str(getattr(defense, "name", type(defense).__name__))
-    job = _Job(run_dir, data_path, device, int(seed), batch_size, config, facts["classes"], facts["n_train"],
-               Path(work_dir) if work_dir is not None else None, train_progress, random_control,
-               Path(save_model) if save_model is not None else None,
-               jsonable({"name": name, "params": params or {}, "seed": int(seed), "from_run": str(run_dir),
-                         "data": str(data_path)}))
-    label = attack if attack is not None else model_attack_label(config, facts["attack"])
-    row = DefenseRow(model=model_id or run_dir.name, attack=label, defense=name, run=str(run_dir), data=str(data_path),
-                     cost=RunCost(budget_s=budget_s, budget_passes=budget_passes))
-    if before is None:
-        before = score_model(original, data_path, device=device, batch_size=batch_size)
+    label = settings.attack if settings.attack is not None else model_attack_label(run.config, run.facts.attack)
+    row = DefenseRow(model=settings.model_id or run.run_dir.name, attack=label, defense=name, run=str(run.run_dir),
+                     data=str(run.data_path), cost=RunCost(budget_s=settings.budget_s, budget_passes=settings.budget_passes))
+    before = run.before(settings.batch_size)
     row.before = scores_only(before)
-    row.panel = panel_before(original, data_path, panels, device, batch_size)
-    row.benign_panel = benign_panel_before(original, data_path, panels, device, batch_size)
-    tmp = Path(tempfile.mkdtemp(prefix="defense-", dir=job.work_dir))
+    row.panel = panel_before(run.model, run.data, settings.panels, run.device, settings.batch_size)
+    row.benign_panel = benign_panel_before(run.model, run.data, settings.panels, run.device, settings.batch_size)
+    tmp = Path(tempfile.mkdtemp(prefix="defense-", dir=settings.work_dir))
     try:
-        result = _run_behind_boundary(defense, row, job, budget_s, budget_passes, progress)
-        _score_result(row, result, original, before, job, tmp)
+        result = _run_behind_boundary(defense, row, run, settings)
+        _score_result(row, result, before, run, settings, tmp)
     except (KeyboardInterrupt, SystemExit):
         raise
     except DefenseFault as e:  # a failing defense is a result, not a crash of the bench

@@ -15,6 +15,7 @@ result that breaks the protocol — raises :class:`DefenseFault`; any other exce
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -25,11 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from testbed.core.atomic import safe_name
+from testbed.core.errors import UserError
+from testbed.core.jsonutil import jsonable
 from testbed.data import h5data
 from testbed.defense import DefenseResult, Verdict
-from testbed.evaluation.rows import Detection, Flagged, FilterScores, Panel, VerdictRecord
-from testbed.core.jsonutil import jsonable
-from testbed.scoring.scorer import SCORE_KEYS
+from testbed.evaluation.rows import Detection, FilterScores, Flagged, Panel, VerdictRecord
+from testbed.scoring.metrics import der_seg
+from testbed.scoring.scorer import SCORE_KEYS, DataRef, opened, predict, score_model
+from testbed.stats.intervals import auroc as auroc_of
+from testbed.training.loop import TrainConfig, train
+from testbed.training.runs import load_run
 
 
 class DefenseFault(Exception):
@@ -61,8 +68,6 @@ def scores_only(scores: dict[str, Any]) -> dict[str, Any]:
 def auroc(labels: Any, scores: Any) -> float | None:
     """AUROC of ``scores`` for ``labels`` (1 = positive); None with one class.  NaN scores rank lowest and
     ±inf stays extreme, so a filter that gives up on an input is not rewarded for it."""
-    from testbed.stats.intervals import auroc as auroc_of
-
     s = np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf), -1e300, 1e300)
     return auroc_of(np.asarray(labels, dtype=int), s)
 
@@ -97,15 +102,13 @@ def score_repair(result: DefenseResult, name: str, device: torch.device, num_cla
 
 
 # -- retrain -----------------------------------------------------------------------------------------
-def score_retrain(result: DefenseResult, data_path: Path, n_train: int) -> tuple[Flagged, np.ndarray]:
+def score_retrain(result: DefenseResult, data_path: DataRef, n_train: int) -> tuple[Flagged, np.ndarray]:
     """The flagged training indices (checked, unique, sorted) and their precision/recall against the poison."""
-    from testbed.data.h5data import open_dataset
-
     flagged = np.asarray(result.flagged_train).reshape(-1)
     if flagged.size and (not np.issubdtype(flagged.dtype, np.integer) or flagged.min() < 0 or flagged.max() >= n_train):
         raise protocol_error(f"flagged_train must hold integer indices in [0, {n_train})")
     flagged = np.unique(flagged.astype(np.int64))
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         poison = np.asarray(f[h5data.POISON_INDEX], dtype=np.int64) if h5data.POISON_INDEX in f else np.empty(0, np.int64)
     tp = int(np.intersect1d(flagged, poison).size)
     part = Flagged(count=int(flagged.size), true_poison=int(poison.size), true_positives=tp,
@@ -132,10 +135,6 @@ def retrain_without(run_config: dict[str, Any], data_path: Path, flagged: np.nda
                     device: torch.device, work_dir: Path, progress: bool, name: str = "retrained") -> tuple[nn.Module, float]:
     """Retrain from scratch with the run's original training arguments on every ``/train`` row not flagged
     (into ``work_dir/name``); returns the model and the seconds it took."""
-    from testbed.core.errors import UserError
-    from testbed.training.runs import load_run
-    from testbed.training.loop import TrainConfig, train
-
     if "train" not in run_config:
         raise UserError("the run's config.json has no 'train' arguments; cannot retrain without the flagged samples")
     keep = np.setdiff1d(np.arange(n_train), flagged)
@@ -181,19 +180,17 @@ class CachedFilter:
         return np.array([self.cache[k] > self.threshold for k in keys], dtype=bool)
 
 
-def _mixed_scores(filt: CachedFilter, data_path: Path, benign: np.ndarray, n_attacked: int, batch_size: int,
+def _mixed_scores(filt: CachedFilter, data_path: DataRef, benign: np.ndarray, n_attacked: int, batch_size: int,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The filter's score of every benign and attacked test image, as (benign, attacked) arrays.
 
     Images are shown in one seeded random order with both kinds mixed in every batch, so a stateful filter
     cannot learn which inputs are attacked from when it sees them.
     """
-    from testbed.data.h5data import open_dataset
-
     nb, n = len(benign), len(benign) + n_attacked
     order = np.random.default_rng([seed, 0x5C0E]).permutation(n)
     out = np.empty(n, dtype=np.float64)
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         h, w = f.image_size
         for s in range(0, n, batch_size):
             batch = order[s : s + batch_size]
@@ -235,17 +232,15 @@ class FilterPart:
     rejects: CachedFilter
 
 
-def score_filter(result: DefenseResult, name: str, data_path: Path, batch_size: int, seed: int) -> FilterPart:
+def score_filter(result: DefenseResult, name: str, data_path: DataRef, batch_size: int, seed: int) -> FilterPart:
     """Score the defense's input filter on every benign and attacked test input."""
-    from testbed.data.h5data import open_dataset
-
     try:
         threshold = float(result.threshold) if result.threshold is not None else math.nan
     except (TypeError, ValueError):
         threshold = math.nan
     if not math.isfinite(threshold):
         raise protocol_error(f"{name} returned input_scores without a finite threshold")
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         benign = np.asarray(f[h5data.TEST_BENIGN_INDEX], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in f else np.arange(f.length("test"))
         n_att = int(f.file[h5data.TEST_ATTACKED_IMAGES].shape[0]) if h5data.TEST_ATTACKED_IMAGES in f else 0
         confounded = confounded_sets(f, benign)
@@ -284,8 +279,6 @@ FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
 
 def _figure_bytes(item: Any, what: str) -> tuple[bytes, str]:
     """(bytes, suffix) of one figure: a path to an image file, or an object with ``savefig`` (matplotlib)."""
-    import io
-
     if hasattr(item, "savefig"):
         buf = io.BytesIO()
         item.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -307,8 +300,6 @@ def take_figures(details: dict[str, Any]) -> dict[str, bytes]:
     """Pop ``details["figures"]`` (a list, or a dict name → figure, of paths or matplotlib figures) and return the
     images as file name → bytes; ``details["figures"]`` becomes the list of those file names.  The images are
     read at once: a temporary file the defense wrote may be gone when the report is written."""
-    from testbed.core.atomic import safe_name
-
     raw = details.pop("figures", None)
     if raw is None:
         return {}
@@ -335,12 +326,9 @@ class AfterPart:
     rejected: dict[str, Any] | None  # rejection counts, when a filter was applied
 
 
-def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str, Any], data_path: Path,
+def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str, Any], data_path: DataRef,
                 device: torch.device, batch_size: int, panels: Sequence[Panel | None] = ()) -> AfterPart:
     """``model`` on both test sets with ``rejects``' rejected inputs counted as defended; DER; panel predictions."""
-    from testbed.scoring.metrics import der_seg
-    from testbed.scoring.scorer import predict, score_model
-
     after = score_model(model, data_path, device=device, batch_size=batch_size, input_filter=rejects)
     rejected = None
     if "rejected" in after:
@@ -355,14 +343,11 @@ def score_after(model: nn.Module, rejects: CachedFilter | None, before: dict[str
     return AfterPart(scores_only(after), der, rejected)
 
 
-def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
+def panel_before(model: nn.Module, data_path: DataRef, n: int, device: torch.device, batch_size: int) -> Panel | None:
     """The first ``n`` attacked test images with their labels and ``model``'s predictions (None: nothing attacked)."""
-    from testbed.data.h5data import open_dataset
-    from testbed.scoring.scorer import predict
-
     if n <= 0:
         return None
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         if h5data.TEST_ATTACKED_IMAGES not in f:
             return None
         m = min(n, f.length("test_attacked"))
@@ -372,15 +357,12 @@ def panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device
     return panel
 
 
-def benign_panel_before(model: nn.Module, data_path: Path, n: int, device: torch.device, batch_size: int) -> Panel | None:
+def benign_panel_before(model: nn.Module, data_path: DataRef, n: int, device: torch.device, batch_size: int) -> Panel | None:
     """The first ``n`` images of the benign test set with their labels and ``model``'s predictions: a repair costs
     benign accuracy, and a filter rejects benign inputs too (None when ``n`` is 0)."""
-    from testbed.data.h5data import open_dataset
-    from testbed.scoring.scorer import predict
-
     if n <= 0:
         return None
-    with open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         index = np.asarray(f[h5data.TEST_BENIGN_INDEX], dtype=np.int64) if h5data.TEST_BENIGN_INDEX in f else np.arange(f.length("test"))
         index = index[:n]
         if index.size == 0:

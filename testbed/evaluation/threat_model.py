@@ -8,8 +8,6 @@ turns a dataset file into that view; everything it hands out is a private copy o
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from testbed.data import h5data
 from testbed.defense import DefenseContext, ReadOnlyArray, TrainingSet
 from testbed.core.errors import UserError
+from testbed.scoring.scorer import DataRef, opened
 
 DEFAULT_CLEAN_FRACTION = 0.05  # for files without /defense/clean_index (a clean dataset: every sample is clean)
 
@@ -29,13 +28,13 @@ def _own_copy(a: np.ndarray) -> np.ndarray:
     return np.array(a, copy=True, order="C")
 
 
-def clean_subset(data_path: str | os.PathLike, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def clean_subset(data_path: DataRef, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The defender's trusted clean subset: ``/train`` rows at ``/defense/clean_index``.
 
     A file without that index (a clean dataset, e.g. a benign zoo entry's) holds no poison, so a seeded
     5% of ``/train`` stands in for it.  An index that overlaps ``/train/poison_index`` is refused.
     """
-    with h5data.open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
         n = f.length("train")
         if h5data.CLEAN_INDEX in f:
             index = np.asarray(f[h5data.CLEAN_INDEX], dtype=np.int64)
@@ -53,7 +52,7 @@ def clean_subset(data_path: str | os.PathLike, seed: int = 0) -> tuple[np.ndarra
 
 def make_context(
     defense: Any,
-    data_path: str | os.PathLike,
+    data_path: DataRef,
     *,
     device: torch.device,
     seed: int = 0,
@@ -62,12 +61,12 @@ def make_context(
     progress: Progress | None = None,
 ) -> DefenseContext:
     """The :class:`DefenseContext` a defense may see: nothing about the attack, ever."""
-    data_path = Path(data_path)
-    images, labels = clean_subset(data_path, seed)
-    with h5data.open_dataset(data_path, check_labels=False) as f:
+    with opened(data_path) as f:
+        images, labels = clean_subset(f, seed)
         classes, image_size = tuple(f.classes), f.image_size
         ignore = f.ignore_index
         shapes = {k: (f.shape(k), f.dtype(k)) for k in (h5data.TRAIN_IMAGES, h5data.TRAIN_LABELS)}
+        data_path = f.path
     train = None
     if getattr(defense, "uses_training_set", False) is True:
         train = TrainingSet(

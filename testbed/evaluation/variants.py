@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from testbed.scoring.scorer import DataRef, score_model
 
 MAX_VARIANTS = 25
 SCORED_NOTE = "miou_b and asr: percent on the test sets, scored by the runner"
@@ -77,16 +78,13 @@ def described_variants(details: dict[str, Any]) -> list[ModelVariant]:
     return [ModelVariant(record=p, edit=cut_channels(order[: p["pruned"]])) for p in points]
 
 
-def score_variants(details: dict[str, Any], run_dir: Path, data_path: Path, device: torch.device,
+def score_variants(details: dict[str, Any], original: nn.Module, data_path: DataRef, device: torch.device,
                    batch_size: int) -> None:
-    """Add test-set ``miou_b``/``asr`` to every variant ``details`` describes (in place), one model copy at a time."""
-    from testbed.training.runs import load_run
-    from testbed.scoring.scorer import score_model
-
+    """Add test-set ``miou_b``/``asr`` to every variant ``details`` describes (in place), one copy of the
+    ``original`` model at a time (the original itself is not changed)."""
     variants = described_variants(details)
     if not variants:
         return
-    original, _ = load_run(run_dir, device)
     try:  # check every edit first: a bad description scores nothing rather than half a curve
         scratch = copy.deepcopy(original)
         for v in variants:

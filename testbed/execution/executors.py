@@ -1,5 +1,9 @@
-"""Where zoo entries run: this process, N spawned processes, or (in :mod:`testbed.execution.ray_backend`) Ray tasks,
+"""Where jobs run: this process, N spawned processes, or (in :mod:`testbed.execution.ray_backend`) Ray tasks,
 and the scheduler that keeps every slot busy.
+
+The executors know nothing of what a job is: the caller passes the task, a module-level function
+``task(target, job_id, device, threads, progress, stale_after) -> result dict`` (a zoo passes
+:func:`testbed.zoo.entries.run_entry_safe`, ``target`` being the zoo directory).
 
 Why the executors are this small interface (``slots``, ``start``, ``wait``, ``close``): the scheduler and
 `testbed bench` (:mod:`testbed.bench.workers`) drive every backend the same way, so ``--workers`` and
@@ -8,16 +12,22 @@ Why the executors are this small interface (``slots``, ``start``, ``wait``, ``cl
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
+import multiprocessing as mp
 import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.zoo.entries import run_entry_safe
+import torch
+
+from testbed.core import progress
+from testbed.core.device import resolve_device
 
 POLL_S = 1.0
+Task = Callable[[str, str, str, "int | None", bool, float], dict[str, Any]]
 
 
 def usable_cores() -> int:
@@ -44,15 +54,16 @@ class Executor:
 class InlineExecutor(Executor):
     """One worker, this process (the default; the simplest to kill and resume)."""
 
-    def __init__(self, zoo: Path, device: str, threads: int | None, progress: bool, stale_after: float):
-        self.args = (str(zoo), device, threads, progress, stale_after)
+    def __init__(self, target: Path, device: str, threads: int | None, progress: bool, stale_after: float,
+                 task: Task):
+        self.args = (str(target), device, threads, progress, stale_after)
+        self.task = task
         self.results: dict[int, dict[str, Any]] = {}
         self.n = 0
 
     def start(self, entry_id: str) -> int:
-        zoo, device, threads, progress, stale_after = self.args
         self.n += 1
-        self.results[self.n] = run_entry_safe(zoo, entry_id, device, threads, progress, stale_after)
+        self.results[self.n] = self.task(self.args[0], entry_id, *self.args[1:])
         return self.n
 
     def wait(self, handles, timeout):
@@ -68,9 +79,6 @@ def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
         ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
     except OSError:
         pass
-    import torch
-
-    from testbed.core import progress
 
     progress.set_quiet(quiet)
     index = index_queue.get()
@@ -80,19 +88,15 @@ def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
     _WORKER.update(device=device, threads=threads)
 
 
-def _pool_task(zoo: str, entry_id: str, stale_after: float) -> dict[str, Any]:
-    return run_entry_safe(zoo, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
+def _pool_task(task: Task, target: str, entry_id: str, stale_after: float) -> dict[str, Any]:
+    return task(target, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
 
 
 class ProcessExecutor(Executor):
     """``--workers N``: N spawned processes, each with ``torch.set_num_threads(threads)`` (default: cores // N)."""
 
-    def __init__(self, zoo: Path, workers: int, device: str, stale_after: float, quiet: bool, threads: int | None = None):
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        from testbed.core.device import resolve_device
-
+    def __init__(self, target: Path, workers: int, device: str, stale_after: float, quiet: bool,
+                 threads: int | None = None, task: Task | None = None):
         if device != "auto":
             device = str(resolve_device(device))
         ctx = mp.get_context("spawn")
@@ -101,13 +105,15 @@ class ProcessExecutor(Executor):
             q.put(i)
         threads = threads or max(1, usable_cores() // workers)
         self.slots = workers
-        self.zoo, self.stale_after = str(zoo), stale_after
+        self.zoo, self.stale_after, self.task = str(target), stale_after, task  # zoo: the target folder
         self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                            initargs=(q, device, int(threads), quiet))
         self._cf = cf
 
     def start(self, entry_id: str):
-        return self.pool.submit(_pool_task, self.zoo, entry_id, self.stale_after)
+        if self.task is None:
+            raise TypeError("ProcessExecutor needs a task (or a subclass that overrides start)")
+        return self.pool.submit(_pool_task, self.task, self.zoo, entry_id, self.stale_after)
 
     def wait(self, handles, timeout):
         done, _ = self._cf.wait(handles, timeout=timeout, return_when=self._cf.FIRST_COMPLETED)

@@ -1,6 +1,9 @@
-"""``--backend ray``: the same entries as Ray tasks, one GPU each when the cluster has GPUs.
+"""``--backend ray``: the same jobs as Ray tasks, one GPU each when the cluster has GPUs.
 
-Why Ray only schedules: every task runs :func:`testbed.zoo.entries.build_entry`, which takes the same claim,
+The caller passes the remote function, ``task(target, job_id, device, cpus, stale_after) -> result dict``
+(a zoo passes :func:`testbed.zoo.entries.ray_entry_task`, `testbed bench` its pair task).
+
+Why Ray only schedules: a zoo's task runs :func:`testbed.zoo.entries.build_entry`, which takes the same claim,
 resumes from the same checkpoint and writes the same ``done.json`` and manifest as a local worker, so local
 and Ray builders can even work on one zoo together.  The zoo directory must therefore be on a filesystem
 every Ray node sees at the same path (NFS, Lustre, a shared volume), and the nodes must have segbackdoor
@@ -9,23 +12,10 @@ installed (``pip install segbackdoor[ray]``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from testbed.core.errors import UserError
-
-
-def _ray_task(zoo: str, entry_id: str, device: str, cpus: int, stale_after: float) -> dict[str, Any]:
-    import ray
-
-    from testbed.zoo.entries import run_entry_safe
-
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
-    result = run_entry_safe(zoo, entry_id, device, cpus, False, stale_after)
-    result["node"] = os.uname().nodename
-    return result
 
 
 class RayExecutor:
@@ -33,6 +23,8 @@ class RayExecutor:
 
     def __init__(self, zoo: Path, address: str | None, device: str, stale_after: float, cpus_per_task: int = 1,
                  init_kwargs: dict[str, Any] | None = None, task: Any = None):
+        if task is None:
+            raise TypeError("RayExecutor needs task(target, job_id, device, cpus, stale_after)")
         try:
             import ray
         except ImportError:
@@ -51,8 +43,7 @@ class RayExecutor:
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 and device != "cpu"
         self.slots = max(1, int(gpus if use_gpu else ray.cluster_resources().get("CPU", 1) // cpus_per_task))
-        # ``task(zoo, id, device, cpus, stale_after)``: a zoo entry by default; `testbed bench` passes its pair task
-        self.task = ray.remote(task or _ray_task).options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_task, max_retries=0)
+        self.task = ray.remote(task).options(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_task, max_retries=0)
         self.args = (str(Path(zoo).resolve()), device, cpus_per_task, stale_after)
 
     def start(self, entry_id: str):

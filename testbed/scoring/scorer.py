@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -19,12 +20,24 @@ from torch import nn
 from testbed.data import h5data
 from testbed.core import progress
 from testbed.core.errors import UserError
-from testbed.data.h5data import IGNORE_INDEX, open_dataset, read_rows
+from testbed.data.h5data import IGNORE_INDEX, SegFile, open_dataset, read_rows
 from testbed.scoring.metrics import AttackMeter, ConfusionMatrix
 
 SCORE_KEYS = ("mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR", "PBA")
 
 InputFilter = Callable[[np.ndarray], Any]  # uint8 images [B,H,W,3] -> bool [B], True = rejected
+DataRef = SegFile | str | os.PathLike  # a dataset file: its path, or a file already open (left open)
+
+
+@contextmanager
+def opened(data: DataRef, check_labels: bool = False) -> Iterator[SegFile]:
+    """``data`` as an open :class:`SegFile`: one already open is used as it is (and left open), a path is opened
+    for the block.  Lets one model × defense pair read its file through a single open handle."""
+    if isinstance(data, SegFile):
+        yield data
+        return
+    with open_dataset(data, check_labels=check_labels) as f:
+        yield f
 
 
 def _pct(x: float) -> float | None:
@@ -362,20 +375,21 @@ def _extra(f, name: str):
 
 def score_model(
     model: nn.Module,
-    data_path: str | os.PathLike,
+    data_path: DataRef,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     input_filter: InputFilter | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on a dataset file: benign test set vs ground truth, attacked test set (if any).
 
+    ``data_path``: the file's path, or the file already open (:func:`opened`).
     The benign test set is ``/test`` at ``/test_benign/index`` when present, else all of ``/test``.
     ``input_filter(images uint8 [B,H,W,3]) -> bool [B]`` (True = rejected) is applied to both test sets;
     rejected inputs predict no class (see :mod:`testbed.scoring.metrics`), and rejection counts are added.
     """
     device = torch.device(device)
     model.to(device)
-    with open_dataset(data_path) as f:
+    with opened(data_path, check_labels=True) as f:
         h5 = f.file
         attacked = h5data.TEST_ATTACKED_IMAGES in h5
         if attacked:

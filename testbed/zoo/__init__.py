@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from testbed.core.errors import UserError
+from testbed.core.errors import UserError, did_you_mean
+from testbed.training.runs import load_run
 from testbed.zoo import integrity, signing
 from testbed.zoo import manifest as _mf
 
@@ -62,8 +63,6 @@ class ZooEntry:
 
     def load_model(self, device: str = "cpu"):
         """The trained model in eval mode (safetensors + JSON: never unpickles), after :meth:`verify`."""
-        from testbed.training.runs import load_run
-
         self.verify()
         return load_run(self.run_dir, device)[0]
 
@@ -134,7 +133,6 @@ class Zoo:
             return self._entries[entry_id]
         if entry_id in self.pending:
             raise UserError(f"zoo entry {entry_id!r} is not finished; finish it with `testbed zoo build`")
-        from testbed.core.errors import did_you_mean
 
         hint = did_you_mean(entry_id, self._entries)
         raise UserError(f"no entry {entry_id!r} in zoo {self.path}{hint}; list them with `testbed zoo ls {self.path}`")

@@ -11,9 +11,14 @@ range) is checked by :func:`dry_run` against the clean data before anything is w
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+from testbed.attacks.poison import poison_file
+from testbed.attacks.registry import attack_class, build, params_doc
+from testbed.attacks.selection import check_fraction
+from testbed.attacks.triggers import trigger_options
 from testbed.core.errors import ParamError, UserError, did_you_mean
 from testbed.data.h5data import find_class
 
@@ -28,9 +33,6 @@ def _fail(path: Path, msg: str) -> UserError:
 
 def _keys_for(cls: type) -> dict[str, str]:
     """TOML key → keyword of ``poison_file`` (attack parameters and trigger options)."""
-    from testbed.attacks.registry import params_doc
-    from testbed.attacks.triggers import trigger_options
-
     out = {p.key_for(n): n for n, p in params_doc(cls).items()}
     out.update({p.key_for(n): n for n, p in trigger_options().items()})
     out.update({k: k for k in RUN_KEYS if k not in ("id", "attack")})
@@ -51,8 +53,6 @@ def _normalise(name: str, value: Any, where: str, path: Path) -> Any:
 
 def parse_attack_table(table: Any, path: Path) -> tuple[str, dict[str, Any], int | None]:
     """(id, ``poison_file`` keyword arguments without ``seed``, the table's own seed or None)."""
-    from testbed.attacks.registry import attack_class
-
     if not isinstance(table, dict):
         raise _fail(path, "each [[attack]] must be a table")
     if "id" not in table:
@@ -89,9 +89,6 @@ def parse_attack_table(table: Any, path: Path) -> tuple[str, dict[str, Any], int
 
 
 def _spell_key(cls: type | None):
-    from testbed.attacks.registry import params_doc
-    from testbed.attacks.triggers import trigger_options
-
     keys = {**({n: p.key_for(n) for n, p in params_doc(cls).items()} if cls else {}),
             **{n: p.key_for(n) for n, p in trigger_options().items()}}
     return lambda name: keys.get(name, name)
@@ -100,9 +97,6 @@ def _spell_key(cls: type | None):
 def check_variant(params: dict[str, Any], classes: list[str], image_size: tuple[int, int], where: str,
                   path: Path) -> None:
     """Everything about one poisoning recipe that needs no data arrays, by `testbed poison`'s own code."""
-    from testbed.attacks.registry import attack_class, build
-    from testbed.attacks.selection import check_fraction
-
     cls = None
     opts = {k: v for k, v in params.items() if k not in ("attack", "trigger", *RUN_KEYS)}
     try:
@@ -129,11 +123,6 @@ def check_variant(params: dict[str, Any], classes: list[str], image_size: tuple[
 
 def dry_run(clean_path: str | Path, params: dict[str, Any], seed: int, where: str, path: Path) -> None:
     """Run the poisoner's every check and selection against the clean data, writing nothing."""
-    from testbed.attacks.poison import poison_file
-    from testbed.attacks.registry import attack_class
-
-    import warnings
-
     try:
         with warnings.catch_warnings():  # notes (a rate with a semantic trigger) are for real runs
             warnings.simplefilter("ignore")

@@ -15,20 +15,32 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.core import atomic
+import torch
+
+from testbed import attacks
+from testbed.core import atomic, progress as progress_mod
+from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
-from testbed.zoo import manifest as mf
+from testbed.core.guards import check_outputs
+from testbed.data.h5data import content_hash
+from testbed.data.synth import make_synth_dataset
 from testbed.execution.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
-from testbed.zoo.entries import build_entry, finish_stray, now, refresh_references, run_entry_safe, stale_references
 from testbed.execution.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule, usable_cores
+from testbed.execution.ray_backend import RayExecutor
+from testbed.zoo import manifest as mf
+from testbed.zoo.attack_table import dry_run
+from testbed.zoo.entries import (
+    build_entry, finish_stray, now, ray_entry_task, refresh_references, run_entry_safe, stale_references,
+)
 from testbed.zoo.spec import ZooSpec, parse_spec
 
-__all__ = ["DEFAULT_STALE_AFTER", "DEFAULT_THREADS", "POLL_S", "BuildResult", "Executor", "InlineExecutor",
+__all__ = ["DEFAULT_STALE_AFTER", "DEFAULT_THREADS", "POLL_S", "BuildOptions", "BuildResult", "Executor", "InlineExecutor",
            "ProcessExecutor", "auto_workers", "build", "build_entry", "check_out", "poisoned_name", "prepare",
            "refresh_references", "run_entry_safe", "schedule", "stale_references", "usable_cores"]
 
@@ -42,8 +54,6 @@ DEFAULT_THREADS = 1
 def auto_workers(threads: int = DEFAULT_THREADS, device: str = "auto") -> int:
     """``--workers auto``: one worker per GPU when entries train on CUDA, else usable cores ÷ threads per worker."""
     if device != "cpu":
-        import torch
-
         if torch.cuda.is_available() and (device == "auto" or device.startswith("cuda")):
             return torch.cuda.device_count() if device in ("auto", "cuda") else 1
     return max(1, usable_cores() // max(1, int(threads)))
@@ -83,7 +93,6 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
                     with atomic.atomic_file(final, suffix=".h5") as tmp:
                         tmp.unlink()  # the makers write a new file (and refuse to overwrite some inputs)
                         make(tmp)
-                    from testbed.data.h5data import content_hash
 
                     atomic.write_json(record_path, {
                         "name": name, "file": f"data/{name}.h5", "sha256": mf.file_sha256(final),
@@ -102,8 +111,6 @@ def _ensure_dataset(zoo: Path, name: str, definition: dict[str, Any], make: Call
 def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
         if "synth" in data:
-            from testbed.data.synth import make_synth_dataset
-
             make_synth_dataset(tmp, **data["synth"])
         else:
             shutil.copyfile(data["path"], tmp)
@@ -113,8 +120,6 @@ def _make_clean(data: dict[str, Any]) -> Callable[[Path], None]:
 
 def _make_poisoned(clean: Path, kwargs: dict[str, Any]) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
-        from testbed import attacks
-
         attacks.poison_file(clean, tmp, **kwargs)
 
     return make
@@ -188,8 +193,6 @@ def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], 
 
 def check_out(spec: ZooSpec, zoo: Path) -> None:
     """Refuse ``zoo`` as --out before anything is written there (see :func:`prepare`)."""
-    from testbed.core.guards import check_outputs
-
     if zoo.exists() and not zoo.is_dir():
         raise UserError(f"--out {zoo} is a file; choose a directory")
     outputs = [("--out", zoo / d) for d in ("data", "entries", mf.PLAN, mf.MANIFEST)]
@@ -211,10 +214,6 @@ def _dry_run_attacks(spec: ZooSpec, zoo: Path) -> None:
     the zoo is created.  The clean data is the zoo's own when it exists, the spec's file, or synthetic scenes
     made in a temporary directory outside the zoo (deterministic: the build makes the same bytes).
     """
-    import tempfile
-
-    from testbed.zoo.attack_table import dry_run
-
     recipes = [v for v in spec.variants if not v.is_benign]
     if not recipes:
         return
@@ -269,14 +268,33 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
-def _check_build_args(backend: str, threads: Any, workers: Any, device: str, stale_after: Any, out: Path) -> int:
+@dataclass
+class BuildOptions:
+    """How a zoo is built (``testbed zoo build``'s flags): where its entries run and how.
+
+    ``workers``: local processes (``"auto"``: :func:`auto_workers`); ``threads``: torch threads of every entry
+    (in every worker, inline or on Ray), fixed so the bytes of an entry do not depend on ``workers``.
+    """
+
+    workers: int | str = 1
+    backend: str = "local"
+    ray_address: str | None = None
+    device: str = "auto"
+    stale_after: float = DEFAULT_STALE_AFTER
+    progress: bool = True
+    quiet: bool = False
+    threads: int = DEFAULT_THREADS
+
+
+def _check_build_args(opts: BuildOptions, out: Path) -> int:
     """Every flag refused before any work; returns the number of local workers (``"auto"`` resolved)."""
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend {backend!r} is not known; use local or ray")
+    threads, workers, stale_after = opts.threads, opts.workers, opts.stale_after
+    if opts.backend not in ("local", "ray"):
+        raise UserError(f"--backend {opts.backend!r} is not known; use local or ray")
     if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
         raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
     if workers == "auto":
-        workers = auto_workers(threads, device)
+        workers = auto_workers(threads, opts.device)
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         raise UserError(f"--workers must be an integer >= 1 or auto, got {workers!r}")
     if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
@@ -288,17 +306,15 @@ def _check_build_args(backend: str, threads: Any, workers: Any, device: str, sta
     return workers
 
 
-def _make_executor(out: Path, backend: str, ray_address: str | None, workers: int, device: str, stale_after: float,
-                   progress: bool, quiet: bool, threads: int) -> Executor:
-    from testbed.core import progress as progress_mod
-
-    if backend == "ray":
-        from testbed.execution.ray_backend import RayExecutor
-
-        return RayExecutor(out, ray_address, device, stale_after, cpus_per_task=threads)
+def _make_executor(out: Path, opts: BuildOptions, workers: int) -> Executor:
+    if opts.backend == "ray":
+        return RayExecutor(out, opts.ray_address, opts.device, opts.stale_after, cpus_per_task=opts.threads,
+                           task=ray_entry_task)
     if workers == 1:
-        return InlineExecutor(out, device, threads, progress and not quiet, stale_after)
-    return ProcessExecutor(out, workers, device, stale_after, quiet or not progress_mod.enabled(), threads)
+        return InlineExecutor(out, opts.device, opts.threads, opts.progress and not opts.quiet, opts.stale_after,
+                              run_entry_safe)
+    return ProcessExecutor(out, workers, opts.device, opts.stale_after, opts.quiet or not progress_mod.enabled(),
+                           opts.threads, task=run_entry_safe)
 
 
 def _skip_finished(out: Path, ids: list[str], result: BuildResult, device: str, threads: int, stale_after: float,
@@ -316,33 +332,29 @@ def _skip_finished(out: Path, ids: list[str], result: BuildResult, device: str, 
     return todo
 
 
-def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int | str = 1, backend: str = "local",
-          ray_address: str | None = None, device: str = "auto", stale_after: float = DEFAULT_STALE_AFTER,
-          progress: bool = True, quiet: bool = False, say: Callable[[str], None] | None = None,
-          threads: int = DEFAULT_THREADS) -> BuildResult:
+def build(spec_path: str | os.PathLike, out: str | os.PathLike, options: BuildOptions | None = None, *,
+          say: Callable[[str], None] | None = None, **flags: Any) -> BuildResult:
     """Build (or finish) the zoo ``out`` from ``spec_path``; see docs/zoo.md.
 
-    ``workers``: local processes (``"auto"``: :func:`auto_workers`); ``threads``: torch threads of every entry
-    (in every worker, inline or on Ray), fixed so the bytes of an entry do not depend on ``workers``.
+    ``options``: a :class:`BuildOptions`, or its fields as keywords (``build(spec, out, workers=2, threads=1)``).
     """
-    from testbed.core import progress as progress_mod
-
+    if options is not None and flags:
+        raise TypeError(f"build() takes options or their fields as keywords, not both (got {sorted(flags)})")
+    opts = options or BuildOptions(**flags)
     t0 = time.time()
     out = Path(out)
-    workers = _check_build_args(backend, threads, workers, device, stale_after, out)
+    workers = _check_build_args(opts, out)
     spec = parse_spec(spec_path)
-    if device != "auto":
-        from testbed.core.device import resolve_device
-
-        resolve_device(device)  # a bad --device fails before any work
+    if opts.device != "auto":
+        resolve_device(opts.device)  # a bad --device fails before any work
 
     bar = None
     say = say or (lambda msg: (bar.write(msg) if bar is not None else print(msg, flush=True)))
-    prepare(spec, out, stale_after, say)
+    prepare(spec, out, opts.stale_after, say)
     ids = [e.id for e in spec.entries]
     result = BuildResult()
-    todo = _skip_finished(out, ids, result, device, threads, stale_after, say)
-    bar = progress_mod.bar(total=len(ids), desc="zoo", initial=len(result.skipped)) if progress else None
+    todo = _skip_finished(out, ids, result, opts.device, opts.threads, opts.stale_after, say)
+    bar = progress_mod.bar(total=len(ids), desc="zoo", initial=len(result.skipped)) if opts.progress else None
     if result.skipped:
         say(f"{len(result.skipped)}/{len(ids)} entries already built; {len(todo)} to go")
 
@@ -360,7 +372,7 @@ def build(spec_path: str | os.PathLike, out: str | os.PathLike, *, workers: int 
             bar.update(1)
 
     if todo:
-        executor = _make_executor(out, backend, ray_address, workers, device, stale_after, progress, quiet, threads)
+        executor = _make_executor(out, opts, workers)
         try:
             schedule(todo, executor, report)
         finally:

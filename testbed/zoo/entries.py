@@ -14,11 +14,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from testbed.core import atomic
+from testbed.core.device import resolve_device, torch_threads
 from testbed.core.errors import UserError
 from testbed.core.jsonutil import jsonable
-from testbed.zoo import manifest as mf
 from testbed.execution.claims import DEFAULT_STALE_AFTER, Claim, me, zoo_lock
+from testbed.scoring.scorer import score_model
+from testbed.training.loop import TrainConfig, train
+from testbed.training.runs import load_run
+from testbed.zoo import manifest as mf
 
 
 def now() -> str:
@@ -52,9 +58,6 @@ def _score_references(zoo: Path, edir: Path, wanted: dict[str, str], dev: Any, b
     ``wanted`` maps attack ids to dataset names; scores already in reference.json are kept, so a resumed build
     only scores the attacks added to the grid since.  Returns (the full scores for reference.json, their summaries).
     """
-    from testbed.training.runs import load_run
-    from testbed.scoring.scorer import score_model
-
     if not wanted:
         return {}, {}
     full = mf.read_json(edir / mf.REFERENCE) or {}
@@ -80,8 +83,6 @@ def refresh_references(zoo: Path, entry_id: str, device: str = "auto", threads: 
 
     Returns the attack ids scored now (empty when nothing was stale or another builder holds the entry).
     """
-    from testbed.core.device import resolve_device, torch_threads
-
     zoo = Path(zoo)
     edir = mf.entry_dir(zoo, entry_id)
     claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
@@ -123,10 +124,6 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
 
     Returns ``{"id", "status": "done"|"busy", ...}``; errors propagate (the scheduler records them).
     """
-    import torch
-
-    from testbed.core.device import resolve_device, torch_threads
-
     zoo = Path(zoo)
     plan = mf.load_plan(zoo)
     row = plan["entries"][entry_id]
@@ -152,9 +149,6 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
             resume = (edir / "checkpoint.pt").is_file()
             _append_log(edir / mf.ZOO_LOG, {"event": "start", "resume": resume, "from_epoch": _epochs_done(edir) if resume else 0,
                                             "threads": torch.get_num_threads(), "time": now(), **me()})
-            from testbed.training.runs import load_run
-            from testbed.scoring.scorer import score_model
-            from testbed.training.loop import TrainConfig, train
 
             cfg = TrainConfig(**{**d["train"], "device": str(dev)})
             data = mf.dataset_file(zoo, row["data"])
@@ -194,3 +188,15 @@ def run_entry_safe(zoo: str, entry_id: str, device: str, threads: int | None, pr
     except Exception as e:  # noqa: BLE001 - reported per entry, with the traceback on stderr
         traceback.print_exc(file=sys.stderr)
         return {"id": entry_id, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def ray_entry_task(zoo: str, entry_id: str, device: str, cpus: int, stale_after: float) -> dict[str, Any]:
+    """:func:`run_entry_safe` as a Ray task (:class:`testbed.execution.ray_backend.RayExecutor`): ``device="auto"``
+    is the task's GPU when Ray gave it one; the result names the node."""
+    import ray
+
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
+    result = run_entry_safe(zoo, entry_id, device, cpus, False, stale_after)
+    result["node"] = os.uname().nodename
+    return result

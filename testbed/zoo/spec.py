@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed import models
 from testbed.core import safeload
 from testbed.core.errors import UserError, did_you_mean
+from testbed.data.h5data import open_dataset
+from testbed.data.synth import SYNTH_CLASSES, check_synth_args
+from testbed.training.loop import TrainConfig
 from testbed.zoo.attack_table import BENIGN, check_variant, parse_attack_table
 
 TOP_KEYS = ("data", "train", "attack", "grid")
@@ -146,7 +150,6 @@ def _parse_data(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[s
         for k, v in params.items():
             lo = 0 if k == "seed" else (8 if k == "size" else 2)
             _need(_is_int(v) and v >= lo, path, f"[data] synth {k} must be an integer >= {lo}, got {v!r}")
-        from testbed.data.synth import SYNTH_CLASSES, check_synth_args
 
         try:  # the generator's own check (memory included), now rather than after the zoo directory exists
             check_synth_args(**params)
@@ -161,7 +164,6 @@ def _parse_data(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[s
     if not file.is_file() or not os.access(file, os.R_OK):
         raise UserError(f"{_where(path)}: [data] path {raw!r} is not a readable file ({file}); fix the path "
                         "(relative paths are relative to the spec file)")
-    from testbed.data.h5data import open_dataset
 
     with open_dataset(file) as f:
         if f.is_poisoned:
@@ -173,7 +175,6 @@ def _parse_data(doc: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[s
 def _parse_train(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     train = doc.get("train", {})
     _need(isinstance(train, dict), path, "[train] must be a table")
-    from testbed.training.loop import TrainConfig
 
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in train:
@@ -186,7 +187,6 @@ def _parse_train(doc: dict[str, Any], path: Path) -> dict[str, Any]:
 def _image_size(data: dict[str, Any]) -> tuple[int, int]:
     if "synth" in data:
         return (int(data["synth"]["size"]),) * 2
-    from testbed.data.h5data import open_dataset
 
     with open_dataset(data["path"], check_labels=False) as f:
         return f.image_size
@@ -233,8 +233,6 @@ def _parse_grid(doc: dict[str, Any], train: dict[str, Any], defined: dict[str, A
     """The [grid] lists, each checked: model, attack, seed, rate, trigger and the training axes."""
     _need("grid" in doc and isinstance(doc["grid"], dict), path, "missing [grid] table; add [grid] with model = [...] and attack = [...]")
     grid = doc["grid"]
-    from testbed import models
-    from testbed.training.loop import TrainConfig
 
     train_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_RESERVED]
     _check_keys(grid, list(GRID_KEYS) + train_fields, "[grid]", path)

@@ -1,0 +1,79 @@
+"""One trained model and its dataset file, loaded once per model × defense pair and passed on.
+
+A :class:`LoadedRun` holds what every step of a defense run reads: the model (its weights read once), the
+run's ``config.json`` (read once), the data file (opened once and kept open for the pair) with its facts,
+and the device.  The defense gets its own deep copy of the model (:meth:`LoadedRun.fresh_model`); the
+scores of the original model ("before") are computed once per batch size and reused by every defense
+run on the same :class:`LoadedRun`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from testbed.core.device import resolve_device
+from testbed.core.errors import UserError
+from testbed.data.h5data import SegFile, open_dataset
+from testbed.scoring.scorer import score_model
+from testbed.training.runs import load_run
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the runner needs to know about the data file besides its arrays."""
+
+    classes: list[str]
+    attack: dict[str, Any] | None
+    n_train: int
+    is_poisoned: bool
+
+
+@dataclass
+class LoadedRun:
+    """A model, its run config, its open data file and the device, for one pair (see the module docstring)."""
+
+    run_dir: Path
+    data_path: Path
+    model: nn.Module  # eval mode, on ``device``; never handed to a defense (see fresh_model)
+    config: dict[str, Any]  # the run's config.json
+    data: SegFile  # open, labels checked; closed by load_pair
+    facts: DataFacts
+    device: torch.device
+    _before: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def fresh_model(self) -> nn.Module:
+        """A private copy of the model (a defense may change it in place)."""
+        return copy.deepcopy(self.model)
+
+    def before(self, batch_size: int) -> dict[str, Any]:
+        """The original model's scores on the data file, computed once per batch size."""
+        if batch_size not in self._before:
+            self._before[batch_size] = score_model(self.model, self.data, device=self.device, batch_size=batch_size)
+        return self._before[batch_size]
+
+    def set_before(self, batch_size: int, scores: dict[str, Any]) -> None:
+        """Scores of the original model already known to the caller (the bench computes them once per model)."""
+        self._before[batch_size] = scores
+
+
+@contextmanager
+def load_pair(run_dir: str | os.PathLike, data_path: str | os.PathLike,
+              device: str | torch.device = "cpu") -> Iterator[LoadedRun]:
+    """The :class:`LoadedRun` of ``run_dir`` with ``data_path``, its data file open until the block ends."""
+    device = resolve_device(device)
+    run_dir, data_path = Path(run_dir), Path(data_path)
+    with open_dataset(data_path) as f:
+        facts = DataFacts(list(f.classes), f.attack, f.length("train"), bool(f.is_poisoned))
+        model, config = load_run(run_dir, device)
+        if list(config.get("classes") or facts.classes) != facts.classes:
+            raise UserError(f"{run_dir} was trained on other classes than {data_path} has; defend it with the data it "
+                            "was trained on")
+        yield LoadedRun(run_dir, data_path, model, config, f, facts, device)
