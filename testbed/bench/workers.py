@@ -73,14 +73,11 @@ def progress_callback(desc: str) -> tuple[Callable[[float, str], None], Callable
     return update, bar.close
 
 
-def _before(model: dict[str, Any], device: Any, batch_size: int) -> dict[str, Any]:
-    from testbed.training.runs import load_run
-    from testbed.scoring.scorer import score_model
-
-    key = (model["run_dir"], model["data_path"], str(device), str(batch_size), str(_threads()))
+def _before(model: dict[str, Any], run: Any, batch_size: int) -> dict[str, Any]:
+    """The original model's scores, once per model and scoring setup in this process (``run``: its LoadedRun)."""
+    key = (model["run_dir"], model["data_path"], str(run.device), str(batch_size), str(_threads()))
     if key not in _BEFORE:
-        original, _ = load_run(model["run_dir"], device)
-        _BEFORE[key] = score_model(original, model["data_path"], device=device, batch_size=batch_size)
+        _BEFORE[key] = run.before(batch_size)
     return _BEFORE[key]
 
 
@@ -118,37 +115,31 @@ def _finish_row(row: Any, job: PairJob, benign: bool, attack_params: dict[str, A
 def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[str, Any]:
     """Run one pair, write its files into ``REPORT/work/``, and return what the parent prints."""
     from testbed.bench.store import ReportStore, write_pair
-    from testbed.evaluation.runner import run_defense
     from testbed.defenses.registry import load_defense
-    from testbed.core.device import resolve_device, torch_threads
-    from testbed.data.h5data import open_dataset
+    from testbed.core.device import torch_threads
+    from testbed.evaluation.runner import DefenseSettings, load_pair, run_defense
     from testbed.training.provenance import model_is_benign, trained_on
-    from testbed.training.runs import load_config
 
     s, m = job.settings, job.model
-    with torch_threads(int(s["threads"])):
-        dev = resolve_device(s["device"])
-        with open_dataset(m["data_path"], check_labels=False) as f:
-            classes, poisoned, attack = list(f.classes), f.is_poisoned, f.attack
-        config = load_config(m["run_dir"])
-        benign = model_is_benign(config, poisoned)
-        ds = trained_on(config)
-        model_attack = ds.get("attack") if ds is not None and "attack" in ds else attack
-        before = _before(m, dev, s["batch_size"])
+    with torch_threads(int(s["threads"])), load_pair(m["run_dir"], m["data_path"], s["device"]) as run:
+        benign = model_is_benign(run.config, run.facts.is_poisoned)
+        ds = trained_on(run.config)
+        model_attack = ds.get("attack") if ds is not None and "attack" in ds else run.facts.attack
+        run.set_before(s["batch_size"], _before(m, run, s["batch_size"]))
         if defense is None:
             defense = load_defense(job.defense, **job.params)
         cb, close = progress_callback(f"{m['id']} × {job.name}") if progress else (None, lambda: None)
         store = ReportStore(job.out)
+        settings = DefenseSettings(seed=s["seed"], budget_s=s["budget_s"], budget_passes=s["budget_passes"], progress=cb,
+                                   batch_size=s["batch_size"], model_id=m["id"], attack=m.get("attack"),
+                                   train_progress=progress, random_control=s["random_control"], params=job.params,
+                                   save_model=store.saved_model_dir(job.pid) if s["save_model"] else None)
         try:
-            row = run_defense(defense, m["run_dir"], m["data_path"], device=dev, seed=s["seed"], budget_s=s["budget_s"],
-                              budget_passes=s["budget_passes"], progress=cb, before=before, model_id=m["id"],
-                              attack=m.get("attack"), train_progress=progress, batch_size=s["batch_size"],
-                              random_control=s["random_control"], params=job.params,
-                              save_model=store.saved_model_dir(job.pid) if s["save_model"] else None)
+            row = run_defense(defense, run, settings)
         finally:
             close()
         _finish_row(row, job, benign, model_attack.get("params") if model_attack else None)
-        write_pair(store.work, job.pid, row, classes, job.key)
+        write_pair(store.work, job.pid, row, run.facts.classes, job.key)
     return {"status": "done", "id": job.pid, "error": row.error, "error_source": row.error_source,
             "traceback": (row.details or {}).get("traceback") if row.error else None, "row": row.to_json()}
 
