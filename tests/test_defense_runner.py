@@ -17,6 +17,7 @@ from testbed.defense import DefenseResult, Verdict
 from testbed.defenses.registry import load_defense, parse_params
 from testbed.evaluation.runner import run_defense
 from testbed.evaluation.threat_model import make_context
+from testbed.core import safeload
 from testbed.core.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "outside_defense"
@@ -481,6 +482,8 @@ def reads(monkeypatch):
     monkeypatch.setattr(h5py, "File", CountingFile)
     monkeypatch.setattr(safetensors.torch, "load_file", lambda p, *a, **k: (note("weights", p), real_load(p, *a, **k))[1])
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (note("text", self), real_read(self, *a, **k))[1])
+    real_bounded = safeload._read_bounded  # JSON files the testbed reads go through its one bounded loader
+    monkeypatch.setattr(safeload, "_read_bounded", lambda p: (note("text", p), real_bounded(p))[1])
     return counts
 
 

@@ -26,7 +26,7 @@ from typing import Any, Collection
 from testbed.core import atomic, safeload
 from testbed.core.errors import UserError
 from testbed.execution.claims import DEFAULT_STALE_AFTER, is_stale, read_claim, zoo_lock
-from testbed.zoo import integrity
+import testbed.zoo.integrity as integrity
 from testbed.zoo.integrity import (FORMAT, MANIFEST, PLAN, VERSION, file_problem, file_sha256, path_problem, safe_name,
                                    schema_problems)
 
