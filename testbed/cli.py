@@ -148,18 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # Ctrl-C at any moment, also while the commands (and torch) are imported
         parser = build_parser()
         args = parser.parse_args(argv)
-    except KeyboardInterrupt:
-        print("testbed: interrupted", file=sys.stderr)
-        return 130
-    except RecursionError:  # a reader without its own bound met deeply nested input
-        print("testbed: error: input nested too deeply to read; refusing it as damaged or hostile", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as e:
-        line = out_of_memory(e)
-        if line is None:
-            raise
-        print(f"testbed: error: {line}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, MemoryError, RuntimeError) as e:
+        return _last_resort(e, None)
     if args.quiet:
         progress.set_quiet(True)
     return _run(args)
@@ -184,18 +174,23 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"testbed: error: {os_error_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"testbed: interrupted{resume_hint(args)}", file=sys.stderr)
+    except (KeyboardInterrupt, MemoryError, RuntimeError) as e:
+        return _last_resort(e, args)
+
+
+def _last_resort(e: BaseException, args: argparse.Namespace | None) -> int:
+    """Ctrl-C (130, with how to resume), input nested too deep or out of memory (one line, 2); else re-raised."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"testbed: interrupted{resume_hint(args) if args is not None else ''}", file=sys.stderr)
         return 130
-    except RecursionError:  # a reader without its own bound met deeply nested input
+    if isinstance(e, RecursionError):  # a reader without its own bound met deeply nested input
         print("testbed: error: input nested too deeply to read; refusing it as damaged or hostile", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as e:
-        line = out_of_memory(e)
-        if line is None:
-            raise
-        print(f"testbed: error: {line}", file=sys.stderr)
-        return 2
+    line = out_of_memory(e)
+    if line is None:
+        raise e
+    print(f"testbed: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
