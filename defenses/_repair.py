@@ -7,6 +7,7 @@ train the model on the clean subset need them.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,6 +18,38 @@ from torch import nn
 from testbed.defenses._features import Budget, CostMeter, clean_miou, report
 from testbed.defenses.fine_pruning import _freeze_bn as freeze_bn  # noqa: F401 - one rule for every repair defense
 from testbed.defenses.protocol import DefenseContext
+
+
+@dataclass
+class Start:
+    """What every repair defense begins with: its own copy of the model (eval mode), the pass meter, the
+    budget, and the clean mIoU before any change."""
+
+    model: nn.Module
+    meter: CostMeter
+    budget: Budget
+    miou: float
+
+
+def begin(defense: Any, model: nn.Module, ctx: DefenseContext) -> Start:
+    """Check the parameters and the clean subset, copy the model to the device, measure the starting mIoU."""
+    defense.check_params()
+    check_clean(ctx, defense.name)
+    meter = CostMeter()
+    budget = Budget.for_context(ctx, meter)
+    model = copy.deepcopy(model).to(ctx.device).eval()
+    return Start(model, meter, budget, miou(model, ctx, meter))
+
+
+def probe(model: nn.Module, hooks: list, image_size: tuple[int, int], device: torch.device) -> None:
+    """One forward pass of a zero image in eval mode without gradients (hooks record what they need), then the
+    hooks are removed (data-free: no clean image is used)."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *image_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def check(ok: bool, name: str, rule: str, value: Any) -> None:

@@ -23,15 +23,13 @@ so any model with ``nn.BatchNorm2d`` layers works.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, cross_entropy, report, to_input
-from testbed.defenses._repair import check, check_clean, is_int, is_num, miou
+from testbed.defenses._features import cross_entropy, report, to_input
+from testbed.defenses._repair import begin, check, is_int, is_num, miou
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 PRUNE_BY = ("threshold", "fraction")
@@ -100,12 +98,8 @@ class ANP:
         check(is_num(self.fraction) and 0 <= self.fraction <= 1, "fraction", "a number in [0, 1]", self.fraction)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        self.check_params()
-        check_clean(ctx, self.name)
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        model = copy.deepcopy(model).to(ctx.device).eval().requires_grad_(False)
-        start = miou(model, ctx, meter)
+        first = begin(self, model, ctx)
+        model, meter, budget, start = first.model.requires_grad_(False), first.meter, first.budget, first.miou
         names = [name for name, _ in batchnorms(model)]
         noisy = [NoisyBN(bn) for _, bn in batchnorms(model)]
         try:

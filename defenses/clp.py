@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, report
-from testbed.defenses._repair import check, is_num
+from testbed.defenses._repair import check, is_num, probe
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -50,12 +50,7 @@ def conv_bn_pairs(model: nn.Module, image_size: tuple[int, int], device: torch.d
             hooks.append(m.register_forward_hook(on_conv))
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(on_bn(name)))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *image_size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
+    probe(model, hooks, image_size, device)
     seen, unique = set(), []
     for name, conv, bn in pairs:  # a module called twice is analysed once
         if name not in seen:

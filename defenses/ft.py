@@ -8,12 +8,10 @@ cross-entropy (mean over labelled pixels, ``ctx.ignore_index`` ignored).  BatchN
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
-from testbed.defenses._repair import SGDPlan, check_clean, check_sgd, miou, train_clean
+from testbed.defenses._features import cross_entropy, report
+from testbed.defenses._repair import SGDPlan, begin, check_sgd, miou, train_clean
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -43,12 +41,8 @@ class FineTuning:
         check_sgd(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        self.check_params()
-        check_clean(ctx, self.name)
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        model = copy.deepcopy(model).to(ctx.device).eval()
-        start = miou(model, ctx, meter)
+        first = begin(self, model, ctx)
+        model, meter, budget, start = first.model, first.meter, first.budget, first.miou
         plan = SGDPlan(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "cosine")
 
         def loss_fn(m, x, y):

@@ -23,7 +23,6 @@ fine-tuning; here at least one image per batch carries δ.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
-from testbed.defenses._repair import check, check_clean, is_int, is_num, miou
+from testbed.defenses._repair import begin, check, is_int, is_num, miou
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 INNER_LR = 0.1  # the fixed-point map's gradient step (I-BAU: GradientDescent(loss_inner, 0.1))
@@ -112,12 +111,8 @@ class IBAU:
         check(is_num(self.portion) and 0 <= self.portion <= 1, "portion", "a number in [0, 1]", self.portion)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        self.check_params()
-        check_clean(ctx, self.name)
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        model = copy.deepcopy(model).to(ctx.device).eval()
-        start = miou(model, ctx, meter)
+        first = begin(self, model, ctx)
+        model, meter, budget, start = first.model, first.meter, first.budget, first.miou
         batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in ctx.clean_loader(self.batch_size, shuffle=True)]
         params = [p for p in model.parameters() if p.requires_grad]
         run = _Run(model, params, torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999)),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
-from testbed.defenses._repair import (SGDPlan, check, check_clean, check_sgd, is_int, is_num, miou,
+from testbed.defenses._repair import (SGDPlan, check, check_clean, check_sgd, is_int, is_num, miou, probe,
                                       train_clean)
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
@@ -62,12 +62,7 @@ def default_layers(model: nn.Module, image_size: tuple[int, int], device: torch.
 
     for name, child in children:
         hooks.append(child.register_forward_hook(record(name)))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *image_size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
+    probe(model, hooks, image_size, device)
     names = list(dict.fromkeys(order))  # execution order, each once
     return [f"{prefix}.{n}" for n in names[-3:]]
 
