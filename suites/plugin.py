@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from testbed.core.seeds import seed_arg
 from testbed.stats.rows import defense_label
 
 
@@ -42,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--budget-passes", type=int, default=None,
                 help="forward + backward passes the defense may make per model, handed to it (default: unlimited)")
     g.addoption("--suite-device", default="cpu", help="device for defenses and scoring (default cpu)")
-    g.addoption("--suite-seed", type=int, default=0, help="seed handed to the defense (default 0)")
+    g.addoption("--suite-seed", type=seed_arg, default=0, help="seed handed to the defense (default 0)")
 
 
 @dataclass(repr=False)

@@ -47,10 +47,12 @@ def _install_finders() -> None:
             self.target = target
 
         def create_module(self, spec):
-            return importlib.import_module(self.target)
+            module = importlib.import_module(self.target)
+            self.real_spec = module.__spec__
+            return module
 
         def exec_module(self, module) -> None:
-            pass
+            module.__spec__ = self.real_spec  # the import system gave it the alias's spec: the real one stays
 
     class _TestbedFinder(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):

@@ -120,6 +120,7 @@ def test_old_documented_paths_are_the_new_modules():
 
     for old, new in testbed.MOVED.items():
         assert importlib.import_module(f"testbed.{old}") is importlib.import_module(f"testbed.{new}"), old
+        assert importlib.import_module(f"testbed.{new}").__spec__.name == f"testbed.{new}"  # the real spec stays
     from testbed.core.errors import UserError
     from testbed.errors import UserError as OldUserError
 

@@ -32,8 +32,8 @@ def register(subparsers) -> None:
         help="train a model on a (poisoned or clean) dataset",
         description="Train a segmentation model on the /train split of DATA.h5 (poisoned or clean) and score it "
         "on the file's test splits. SGD or AdamW with a poly or one-cycle schedule stepped per iteration, "
-        "AMP + channels_last on CUDA, bf16 autocast on CPUs with native bf16, DDP under torchrun, a checkpoint "
-        "after every epoch.",
+        "AMP + channels_last on CUDA, optional bf16 autocast on CPUs with native bf16 (--precision bf16), DDP "
+        "under torchrun, a checkpoint after every epoch.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -62,9 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format; default: on for CUDA and with bf16 on CPU")
     p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
-                   help="CPU arithmetic: bf16 autocast or fp32; auto = bf16 only where the CPU has native bf16 "
-                   "(avx512_bf16 or amx_bf16 in its flags), else fp32; config.json records the choice and why "
-                   "(default %(default)s)")
+                   help="CPU arithmetic: bf16 autocast or fp32; auto = fp32 for now (bf16 becomes auto's choice on "
+                   "CPUs with native bf16 -- avx512_bf16 or amx_bf16 -- once its quality is shown equal to fp32's); "
+                   "config.json records the choice and why (default %(default)s)")
     p.add_argument("--aux-loss", action="store_true", help="add the auxiliary head's loss (models that have one)")
     p.add_argument("--aux-weight", type=float, default=d["aux_weight"].default, help="weight of the aux loss (default %(default)s)")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")

@@ -30,8 +30,8 @@ class TrainConfig:
     ``lr=None`` takes the optimizer's default (AdamW 2e-3, SGD 0.02), meant for the tiny models on 64×64
     synthetic scenes.  ``amp``/``channels_last`` ``"auto"`` means on for CUDA; ``amp`` may
     also name the dtype, ``"bf16"`` or ``"fp16"`` (the latter with a GradScaler).  ``precision`` (``auto``,
-    ``fp32``, ``bf16``) is the CPU's: ``auto`` takes bf16 autocast only on a CPU with native bf16 (AVX512-BF16 or
-    AMX-BF16); see :func:`testbed.training.loop.resolve_precision`.
+    ``fp32``, ``bf16``) is the CPU's: ``auto`` is fp32 until bf16's quality is shown equal to fp32's, then bf16
+    autocast on a CPU with native bf16 (AVX512-BF16 or AMX-BF16); see :func:`testbed.training.loop.resolve_precision`.
     ``batch_size`` is per process (as in torchvision's references) under ``torchrun``.
     """
 
@@ -48,7 +48,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | str = "auto"
     channels_last: bool | str = "auto"
-    precision: str = "auto"  # CPU arithmetic: auto = bf16 autocast where the CPU has native bf16, else fp32
+    precision: str = "auto"  # CPU arithmetic: auto = fp32 for now (loop.CPU_AUTO_BF16); bf16 = autocast
     aux_loss: bool = False
     aux_weight: float = 0.5
     num_workers: int = 0

@@ -214,7 +214,8 @@ class Precision:
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     """``cfg.precision``/``amp``/``channels_last`` for this device: CUDA's AMP as before; on CPU, bf16 autocast
-    when asked (``bf16``) or when ``auto`` finds native bf16 (AVX512-BF16 or AMX-BF16, :func:`cpu_bf16_support`)."""
+    when asked (``bf16``), or for ``auto`` on a CPU with native bf16 (:func:`cpu_bf16_support`) once
+    :data:`CPU_AUTO_BF16` is on; until then ``auto`` is fp32."""
     if device.type == "cuda":
         return _cuda_precision(cfg)
     if cfg.amp not in ("auto", False):

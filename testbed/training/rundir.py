@@ -126,7 +126,7 @@ def plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, A
         if not ckpt_path.is_file():
             raise UserError(f"--resume: {out} holds no {CHECKPOINT} to continue from; run without --resume to start")
         ckpt = load_checkpoint(ckpt_path)
-        saved = _upgrade_identity(ckpt.get("identity", {}))
+        saved = _upgrade_identity(ckpt.get("identity", {}), identity)
         if _resume_key(saved.get("train", {})) != _resume_key(identity["train"]) or {
             k: v for k, v in saved.items() if k != "train"
         } != {k: v for k, v in identity.items() if k != "train"}:
@@ -141,13 +141,16 @@ def plan_run_dir(out: Path, resume: bool, overwrite: bool, identity: dict[str, A
     return None
 
 
-def _upgrade_identity(saved: dict[str, Any]) -> dict[str, Any]:
+def _upgrade_identity(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint written by an earlier version, in today's terms: a setting it did not record yet ran with
-    that setting's default, and before ``precision`` existed every CPU run was fp32 in the contiguous format."""
+    that setting's default.  Before the resolved ``precision`` was recorded, a run's arithmetic followed from
+    its device and its ``amp``/``channels_last`` settings alone, which are compared as before (the device may
+    change on resume), so a missing record is not a difference."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     train = saved.get("train", {})
     out = {**saved, "train": {**{k: v for k, v in defaults.items() if k not in train}, **train}}
-    out.setdefault("precision", {"used": "fp32", "channels_last": False})
+    if "precision" not in out and "precision" in now:
+        out["precision"] = now["precision"]
     return out
 
 
