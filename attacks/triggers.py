@@ -10,6 +10,7 @@ instead restricts which samples are poisoned.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -215,6 +216,17 @@ def trigger_options() -> dict[str, Param]:
     return out
 
 
+def trigger_forms(name: str, cls: Any) -> str:
+    """How ``--trigger`` (and a zoo spec's ``trigger``) writes a trigger: ``semantic:CLASS``, ``blended[:ALPHA]``."""
+    if getattr(cls, "is_semantic", False):
+        return f"{name}:CLASS"
+    for prm in getattr(cls, "options_doc", {}).values():
+        m = re.search(r"--trigger " + re.escape(name) + r":(\w+)", prm.help)
+        if m:
+            return f"{name}[:{prm.metavar or m.group(1)}]"
+    return name
+
+
 def parse_trigger(spec: Any, **options: Any) -> Trigger:
     """``"line"``, ``"semantic:CLASS"`` … (the ``--trigger`` flag) and its options → a trigger object.
 
@@ -225,7 +237,7 @@ def parse_trigger(spec: Any, **options: Any) -> Trigger:
     """
     if isinstance(spec, Trigger):
         return spec
-    names = ", ".join(f"{n}:CLASS" if t.is_semantic else n for n, t in TRIGGERS.items())
+    names = ", ".join(trigger_forms(n, t) for n, t in TRIGGERS.items())
     if not isinstance(spec, str) or not spec.strip():
         raise ParamError(f"{{trigger}} must be one of {names}, got {spec!r}")
     name, _, arg = spec.strip().partition(":")

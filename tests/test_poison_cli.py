@@ -131,3 +131,15 @@ def test_help_has_examples(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--preset" in text and "semantic:wall" in text and "--target-image" in text
+
+
+def test_unknown_trigger_error_names_every_trigger_form():
+    """The error lists each registered trigger as it is written, the blended trigger's optional alpha included."""
+    from testbed.attacks.triggers import TRIGGERS, parse_trigger
+    from testbed.core.errors import ParamError
+
+    with pytest.raises(ParamError) as e:
+        parse_trigger("bogus")
+    text = str(e.value)
+    assert "blended[:" in text and "semantic:CLASS" in text
+    assert all(name in text for name in TRIGGERS)

@@ -81,22 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def trigger_forms(name: str, cls: Any) -> str:
-    """How ``--trigger`` (and a zoo spec's ``trigger``) writes a trigger: ``semantic:CLASS``, ``blended[:ALPHA]``."""
-    if getattr(cls, "is_semantic", False):
-        return f"{name}:CLASS"
-    for prm in getattr(cls, "options_doc", {}).values():
-        m = re.search(r"--trigger " + re.escape(name) + r":(\w+)", prm.help)
-        if m:
-            return f"{name}[:{prm.metavar or m.group(1)}]"
-    return name
-
-
 def markdown_tables() -> str:
     """The attack and trigger tables of docs/attacks.md and docs/zoo.md, generated from the registries (a test keeps
     the docs equal to it): each attack with its zoo-spec keys and `testbed poison` flags, each trigger with its forms."""
     from testbed.attacks.registry import BUILTIN, params_doc
-    from testbed.attacks.triggers import TRIGGERS
+    from testbed.attacks.triggers import TRIGGERS, trigger_forms
     from testbed.defenses.registry import summary
 
     def summary_of(cls: Any) -> str:  # the docstring's first sentence (or clause), table-safe
