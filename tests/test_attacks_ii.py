@@ -263,7 +263,7 @@ def test_trigger_bad_input():
     with pytest.raises(ParamError, match="warp_strength"):
         WarpTrigger(strength=60.0).fit((16, 16), 0)  # the drawn field moves pixels beyond the image
     with pytest.raises(ParamError, match="warp_grid"):
-        WarpTrigger(grid=1)
+        WarpTrigger(grid=1).check((16, 16))  # __init__ only stores (scikit-learn); check/fit validate
     assert parse_trigger("blended:0.2").alpha == 0.2 and parse_trigger("blended").alpha == 0.1
 
 

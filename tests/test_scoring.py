@@ -7,7 +7,6 @@ expected number is computed here, independently, from the prediction maps and th
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import h5py
@@ -20,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from testbed import cli
 from testbed.data.h5data import write_dataset
+from testbed.training import runs
 from testbed.scoring.scorer import (SCORE_KEYS, AttackedPredictions, BenignPredictions, predict, score_model,
                                     score_predictions)
 
@@ -246,7 +246,7 @@ def fake_runs(monkeypatch, tmp_path):
         loaded.append(run_dir)
         return RedChannelModel().to(device).eval(), {"model": "red", "classes": CLASSES}
 
-    monkeypatch.setitem(sys.modules, "testbed.training.runs", types.SimpleNamespace(load_run=load_run))
+    monkeypatch.setattr(runs, "load_run", load_run)  # the real module keeps the rest (the CLI imports train's too)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     return run_dir, loaded

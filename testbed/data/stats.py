@@ -64,13 +64,6 @@ class SplitStats:
         }
 
 
-def label_stats(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> SplitStats:
-    """Statistics of an in-memory label array uint8 [N,H,W]."""
-    acc = _Accumulator(num_classes, ignore_index)
-    acc.add(np.asarray(labels))
-    return acc.result()
-
-
 def split_stats(f: SegFile, name: str = h5data.TRAIN_LABELS, show_progress: bool = True) -> SplitStats:
     """Statistics of label array ``name`` of an open dataset, read in blocks (bounded memory)."""
     ds = f.file[name]

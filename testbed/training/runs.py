@@ -49,12 +49,7 @@ def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = run_dir / CONFIG
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG}; it is not a finished run (resume it with `testbed train ... --resume`)")
-    try:
-        config = safeload.load_json(path)
-    except UserError as e:
-        raise UserError(f"{e}; re-create the run") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-create the run")
+    config = safeload.load_object(path, "re-create the run")
     _check_config(config, path)
     return config
 
