@@ -275,6 +275,25 @@ def test_parse_trigger():
         parse_trigger("semantic:wall", alpha=0.5)
 
 
+def test_poison_settings_object_equals_the_keywords(clean, tmp_path):
+    """One PoisonSettings or its fields as keywords: the same file; a keyword overrides the object's field; an
+    unknown keyword is a TypeError naming it; poison_file routes run settings and attack options apart."""
+    atk = lambda: FGBA("n-to-1", target="wall")  # noqa: E731 - a fresh (unfitted) attack per run
+    a = attacks.poison(clean, tmp_path / "a.h5", atk(), "line", rate=0.3, seed=5, clean_fraction=0.1)
+    s = attacks.PoisonSettings(rate=0.3, seed=2, clean_fraction=0.1)
+    b = attacks.poison(clean, tmp_path / "b.h5", atk(), "line", s, seed=5)
+    assert content_hash(a.path) == content_hash(b.path) and a.attack == b.attack
+    assert np.array_equal(a.poison_index, b.poison_index) and a.attack["seed"] == 5
+    assert s.seed == 2  # the caller's object is not changed
+    with pytest.raises(TypeError, match="'rat'"):
+        attacks.poison(clean, tmp_path / "c.h5", atk(), "line", rat=0.3)
+    dry = attacks.poison(clean, tmp_path / "d.h5", atk(), "line", attacks.PoisonSettings(rate=0.3, seed=5, dry_run=True))
+    assert not dry.written and not (tmp_path / "d.h5").exists() and np.array_equal(dry.poison_index, a.poison_index)
+    path = attacks.poison_file(clean, tmp_path / "e.h5", attack="fgba", preset="n-to-1", target="wall", trigger="line",
+                               rate=0.3, seed=5, clean_fraction=0.1)
+    assert content_hash(path) == content_hash(a.path)
+
+
 # -- poisoning: line trigger, FGBA N-to-1 -------------------------------------------------------------------
 def test_fgba_line_poisoned_file(clean, tmp_path):
     out = attacks.poison_file(clean, tmp_path / "p.h5", attack="fgba", preset="n-to-1", target="wall",
