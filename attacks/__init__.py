@@ -16,13 +16,13 @@ from testbed.attacks.blended import BlendedTrigger
 from testbed.attacks.fgba import FGBA, apply_attack_matrix, check_attack_matrix
 from testbed.attacks.iba import IBA
 from testbed.attacks.object_bound import ObjectBound
-from testbed.attacks.poison import PoisonResult, poison, poison_file
+from testbed.attacks.poison import PoisonResult, PoisonSettings, poison, poison_file
 from testbed.attacks.registry import BUILTIN, ENTRY_POINT_GROUP, attack_class, build, build_attack
 from testbed.attacks.triggers import TRIGGERS, LineTrigger, SemanticTrigger, Trigger, parse_trigger
 from testbed.attacks.warp import WarpTrigger
 
 __all__ = [
     "Attack", "Param", "Trigger", "FGBA", "BadNets", "LineTrigger", "SemanticTrigger", "parse_trigger", "poison",
-    "poison_file", "PoisonResult", "build", "build_attack", "attack_class", "BUILTIN", "TRIGGERS", "ENTRY_POINT_GROUP",
+    "poison_file", "PoisonResult", "PoisonSettings", "build", "build_attack", "attack_class", "BUILTIN", "TRIGGERS", "ENTRY_POINT_GROUP",
     "apply_attack_matrix", "check_attack_matrix", "IBA", "ObjectBound", "BlendedTrigger", "WarpTrigger",
 ]

@@ -133,6 +133,10 @@ class Trigger:
     what the poisoned file records.  A semantic trigger (``is_semantic``) draws nothing and instead decides
     which samples are poisoned (``contains``).
 
+    The scikit-learn convention, as for attacks: ``__init__`` only stores its parameters (as given); they are
+    validated by ``_validate_params()`` at the entry points (``fit``, ``check``, ``apply``, ``describe``), so an
+    error names the parameter (``{alpha}``, which the CLI spells as its flag) when the trigger is used.
+
     Optional hooks (defaults do nothing): ``fit(image_size, seed)`` draws a seeded pattern (blended noise, a
     warp field) before anything is checked or written; ``noise_count(poisoned, available)`` asks the poisoner for
     that many extra training samples, which ``apply_noise(images, index)`` alters while their labels stay true
@@ -143,12 +147,17 @@ class Trigger:
     is_semantic: ClassVar[bool] = False
     options_doc: ClassVar[dict[str, Param]] = {}
 
+    def _validate_params(self) -> None:
+        """Raise a ParamError (naming the parameter) for a parameter out of range; default: nothing to check."""
+
     def fit(self, image_size: Sequence[int], seed: int = 0) -> "Trigger":
-        """Draw what the trigger draws with ``seed`` for images of ``image_size``; default: nothing."""
+        """Draw what the trigger draws with ``seed`` for images of ``image_size``; default: only validate."""
+        self._validate_params()
         return self
 
     def check(self, image_size: Sequence[int]) -> None:
         """Raise a UserError when the trigger cannot be applied to images of ``image_size``."""
+        self._validate_params()
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError

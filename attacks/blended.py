@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from testbed.attacks.base import Param, Trigger
-from testbed.attacks.imageops import as_images, blend, check_alpha, load_image, resize, split_alpha
+from testbed.attacks.imageops import as_images, blend, check_alpha, check_image_path, load_image, resize, split_alpha
 from testbed.core.errors import ParamError
 from testbed.core.hashing import file_sha256
 
@@ -46,23 +46,29 @@ class BlendedTrigger(Trigger):
         return cls(alpha=DEFAULT_ALPHA if alpha is None else alpha, pattern=pattern)
 
     def __init__(self, alpha: float = DEFAULT_ALPHA, pattern: str | None = None) -> None:
-        self.alpha = check_alpha(alpha, "{alpha}")
+        self.alpha = alpha
         self.pattern = pattern
-        self._file = None if pattern is None else load_image(pattern, "pattern")
+
+    def _validate_params(self) -> None:
+        check_alpha(self.alpha, "{alpha}")
+        if self.pattern is not None:
+            check_image_path(self.pattern, "pattern")  # read (and checked as an image) once, by fit
 
     def fit(self, image_size: Sequence[int], seed: int = 0) -> "BlendedTrigger":
+        self._validate_params()
         h, w = int(image_size[0]), int(image_size[1])
         self.seed_ = int(seed)
-        if self._file is None:
+        if self.pattern is None:
             self.t_ = np.random.default_rng([self.seed_, PATTERN_STREAM]).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
             self.weight_ = None
         else:
-            self.t_, self.weight_ = split_alpha(resize(self._file, (h, w)))
+            self.t_, self.weight_ = split_alpha(resize(load_image(self.pattern, "pattern"), (h, w)))
         return self
 
     def _fitted(self, image_size: Sequence[int]) -> None:
+        self._validate_params()
         if not hasattr(self, "t_"):
-            if self._file is None:
+            if self.pattern is None:
                 raise RuntimeError("BlendedTrigger.fit(image_size, seed) draws the noise pattern; call it before apply")
             self.fit(image_size, 0)  # a file pattern needs no seed
         if self.t_.shape[:2] != tuple(image_size):
@@ -72,15 +78,16 @@ class BlendedTrigger(Trigger):
         """G(x) for uint8 images [N,H,W,3] (or one [H,W,3]): ``floor((1−α)x + αt + 0.5)``."""
         images = as_images(images)
         self._fitted(images.shape[-3:-1])
-        a = self.alpha if self.weight_ is None else self.alpha * self.weight_
+        alpha = check_alpha(self.alpha, "{alpha}")
+        a = alpha if self.weight_ is None else alpha * self.weight_
         return blend(images, self.t_, a)
 
     @property
     def spec(self) -> str:
-        return f"blended:{self.alpha:g}"
+        return f"blended:{check_alpha(self.alpha, '{alpha}'):g}"
 
     def describe(self, image_size: Sequence[int] | None = None) -> dict[str, Any]:
-        d: dict[str, Any] = {"spec": self.spec, "type": "blended", "alpha": self.alpha}
+        d: dict[str, Any] = {"spec": self.spec, "type": "blended", "alpha": check_alpha(self.alpha, "{alpha}")}
         if self.pattern is None:
             d.update(pattern="noise", pattern_seed=getattr(self, "seed_", None))
         else:

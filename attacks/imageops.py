@@ -42,16 +42,22 @@ def check_alpha(value: Any, where: str) -> float:
     return float(value)
 
 
-def load_image(path: Any, param: str) -> np.ndarray:
-    """An image file as uint8 ``[h, w, 3]`` (RGB) or ``[h, w, 4]`` (RGBA: its alpha is a blend mask).
-
-    A path that is missing or not an image is a :class:`ParamError` naming ``param`` (e.g. ``{patch}``).
-    """
+def check_image_path(path: Any, param: str) -> Path:
+    """``path`` as a Path to an existing file (not read); else a :class:`ParamError` naming ``param``."""
     p = Path(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
     if p is None or not str(path).strip():
         raise ParamError(f"{{{param}}} must be the path of an image file (PNG, JPEG, ...), got {path!r}")
     if not p.is_file():
         raise ParamError(f"{{{param}}} {p}: no such file; give the path of an image file (PNG, JPEG, ...)")
+    return p
+
+
+def load_image(path: Any, param: str) -> np.ndarray:
+    """An image file as uint8 ``[h, w, 3]`` (RGB) or ``[h, w, 4]`` (RGBA: its alpha is a blend mask).
+
+    A path that is missing or not an image is a :class:`ParamError` naming ``param`` (e.g. ``{patch}``).
+    """
+    p = check_image_path(path, param)
     try:
         with Image.open(p) as im:
             im.load()

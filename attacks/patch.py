@@ -98,7 +98,11 @@ class PatchTrigger(Trigger):
 
     def __init__(self, pattern: np.ndarray, weight: np.ndarray | None, source: dict[str, Any]) -> None:
         self.pattern, self.weight, self.source = pattern, weight, source
-        self.size = int(pattern.shape[0])
+
+    @property
+    def size(self) -> int:
+        """The patch's side in pixels."""
+        return int(self.pattern.shape[0])
 
     def check(self, image_size: Sequence[int]) -> None:
         if self.size > min(int(image_size[0]), int(image_size[1])):

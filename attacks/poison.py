@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from testbed.attacks.registry import build
-from testbed.attacks.selection import check_fraction, select
+from testbed.attacks.selection import PoisonSettings, check_fraction, select
 from testbed.attacks.writer import write_poisoned
 from testbed.core.errors import ParamError, UserError
 from testbed.data.h5data import SegFile, open_dataset
+
+SETTINGS_FIELDS = frozenset(f.name for f in fields(PoisonSettings))
 
 
 @dataclass
@@ -56,7 +58,9 @@ class PoisonResult:
 
 
 
-def _check_run(clean: SegFile, out: Path, seed: Any, force: bool, dry_run: bool) -> int:
+def _check_run(clean: SegFile, out: Path, settings: PoisonSettings) -> int:
+    """The output path and the seed checked (the seed returned as an int)."""
+    seed, force, dry_run = settings.seed, settings.force, settings.dry_run
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'poisoned.h5'}")
     if out.resolve() == clean.path.resolve() or (out.exists() and os.path.samefile(out, clean.path)):
@@ -73,56 +77,57 @@ def _check_run(clean: SegFile, out: Path, seed: Any, force: bool, dry_run: bool)
     return int(seed)
 
 
-def poison(
-    clean: SegFile | str | os.PathLike,
-    out: str | os.PathLike,
-    attack: Any,
-    trigger: Any = None,
-    rate: float | None = None,
-    seed: int = 0,
-    clean_fraction: float = 0.05,
-    force: bool = False,
-    *,
-    require: str | None = None,
-    dry_run: bool = False,
-) -> PoisonResult:
+def poison(clean: SegFile | str | os.PathLike, out: str | os.PathLike, attack: Any, trigger: Any = None,
+           settings: PoisonSettings | None = None, **fields: Any) -> PoisonResult:
     """Poison ``clean`` with ``attack`` (label generator T) and ``trigger`` (image generator G) into ``out``.
 
     ``attack``/``trigger`` are objects or their names (``"fgba"`` needs parameters: build it with
-    :func:`testbed.attacks.build` or pass an ``FGBA(...)``).  ``rate`` defaults to the attack's
-    ``default_rate()``; a semantic trigger poisons every sample holding its class, so a rate given with it is
-    ignored with a note in ``PoisonResult.notes``.  ``require``: a poisoned sample must also contain this
-    class.  An existing ``out`` needs ``force`` (which also allows poisoning an already poisoned input).
-    Nothing is written at ``out`` unless everything succeeds, and nothing at all with ``dry_run``.
+    :func:`testbed.attacks.build` or pass an ``FGBA(...)``).  How it runs is a :class:`PoisonSettings`, given
+    as ``settings`` or as its fields by keyword (``rate=0.1, seed=3``; a keyword overrides ``settings``):
+    ``rate`` defaults to the attack's ``default_rate()``; a semantic trigger poisons every sample holding its
+    class, so a rate given with it is ignored with a note in ``PoisonResult.notes``.  ``require``: a poisoned
+    sample must also contain this class.  An existing ``out`` needs ``force`` (which also allows poisoning an
+    already poisoned input).  Nothing is written at ``out`` unless everything succeeds, and nothing at all with
+    ``dry_run``.
     """
+    settings = _settings(settings, fields)
     if not isinstance(clean, SegFile):
         with open_dataset(clean, check_labels=False) as f:  # labels are checked by the scans
-            return poison(f, out, attack, trigger, rate, seed, clean_fraction, force, require=require, dry_run=dry_run)
+            return poison(f, out, attack, trigger, settings)
     out = Path(out)
-    seed = _check_run(clean, out, seed, force, dry_run)
-    if rate is not None:
-        rate = check_fraction(rate, "rate", lo_open=True)
-    clean_fraction = check_fraction(clean_fraction, "clean_fraction", lo_open=False)
+    seed = _check_run(clean, out, settings)
+    rate = None if settings.rate is None else check_fraction(settings.rate, "rate", lo_open=True)
+    clean_fraction = check_fraction(settings.clean_fraction, "clean_fraction", lo_open=False)
+    settings = replace(settings, seed=seed, rate=rate, clean_fraction=clean_fraction)
     attack, trigger = build(attack, trigger)
-    if require is not None:
-        clean.class_id(require)  # an unknown class fails now, with a suggestion
+    if settings.require is not None:
+        clean.class_id(settings.require)  # an unknown class fails now, with a suggestion
     attack.fit(clean, seed)
     if trigger is None:  # the attack places its own trigger (set by fit)
         trigger = attack.trigger_
     elif callable(getattr(trigger, "fit", None)):
         trigger.fit(clean.image_size, seed)  # a seeded trigger (blended noise, warp field) draws its pattern
     trigger.check(clean.image_size)  # a trigger that does not fit fails now, before any work
-    sel, train_y, test_y, block = select(clean, attack, trigger, rate, seed, clean_fraction, require)
-    meta = _record(clean, attack, trigger, seed, clean_fraction, require, sel)
-    if not dry_run:
+    sel, train_y, test_y, block = select(clean, attack, trigger, settings)
+    meta = _record(clean, attack, trigger, settings, sel)
+    if not settings.dry_run:
         write_poisoned(clean, out, attack, trigger, meta, sel, (train_y, test_y), block)
     return PoisonResult(out, meta, sel.poison_index, sel.clean_index, sel.attacked_index, sel.benign_index, sel.notes,
-                        written=not dry_run)
+                        written=not settings.dry_run)
 
 
-def _record(clean: SegFile, attack: Any, trigger: Any, seed: int, clean_fraction: float, require: str | None,
-            sel: Any) -> dict[str, Any]:
+def _settings(settings: PoisonSettings | None, fields: dict[str, Any]) -> PoisonSettings:
+    """``settings`` with ``fields`` (keywords of :func:`poison`) put in; an unknown keyword is a TypeError."""
+    unknown = sorted(set(fields) - SETTINGS_FIELDS)
+    if unknown:
+        raise TypeError(f"poison() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(its settings are {', '.join(sorted(SETTINGS_FIELDS))})")
+    return replace(settings or PoisonSettings(), **fields)
+
+
+def _record(clean: SegFile, attack: Any, trigger: Any, settings: PoisonSettings, sel: Any) -> dict[str, Any]:
     """The poisoned file's ``attack`` attribute."""
+    seed, clean_fraction, require = settings.seed, settings.clean_fraction, settings.require
     n, p = clean.length("train"), int(sel.poison_index.size)
     needs = "".join(f" and {x}" for x in (getattr(attack, "requires_text", None),
                                           f"a {require!r} pixel" if require else None) if x)
@@ -159,32 +164,21 @@ def _record(clean: SegFile, attack: Any, trigger: Any, seed: int, clean_fraction
     return meta
 
 
-def poison_file(
-    clean_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    attack: Any,
-    trigger: Any = None,
-    rate: float | None = None,
-    seed: int = 0,
-    clean_fraction: float = 0.05,
-    require: str | None = None,
-    force: bool = False,
-    dry_run: bool = False,
-    **options: Any,
-) -> Path:
+def poison_file(clean_path: str | os.PathLike, out_path: str | os.PathLike, *, attack: Any, trigger: Any = None,
+                **options: Any) -> Path:
     """`testbed poison` as a function: keyword arguments mirror the CLI flags.
 
-    ``options`` are the attack's parameters (e.g. ``preset``, ``source``, ``target``, ``sources``,
-    ``mapping`` for ``--map``, ``target_image``) and the trigger's (``alpha``, ``line_width``,
-    ``line_position``, ``line_orientation``); ``None`` means "not given".
+    ``options`` are the run's settings (the fields of :class:`PoisonSettings`: ``rate``, ``seed``,
+    ``clean_fraction``, ``require``, ``force``, ``dry_run``), the attack's parameters (e.g. ``preset``,
+    ``source``, ``target``, ``sources``, ``mapping`` for ``--map``, ``target_image``) and the trigger's
+    (``alpha``, ``line_width``, ``line_position``, ``line_orientation``); ``None`` means "not given".
 
     >>> poison_file("synth.h5", "fgba.h5", attack="fgba", preset="n-to-1", target="wall", trigger="line", rate=0.1)
     Notes (a rate given with a semantic trigger) are issued as ``UserWarning``.
     """
+    fields = {k: options.pop(k) for k in SETTINGS_FIELDS & set(options)}
     atk, trig = build(attack, trigger, **options)
-    result = poison(clean_path, out_path, atk, trig, rate=rate, seed=seed, clean_fraction=clean_fraction, force=force,
-                    require=require, dry_run=dry_run)
+    result = poison(clean_path, out_path, atk, trig, PoisonSettings(**fields))
     for note in result.notes:
         warnings.warn(ParamError(note).spelled(lambda k: k), UserWarning, stacklevel=2)
     return result.path

@@ -112,14 +112,33 @@ class Selection:
     noise_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
+@dataclass(frozen=True)
+class PoisonSettings:
+    """How one poisoning run chooses and writes (the `testbed poison` options besides attack and trigger).
+
+    ``rate``: share of training samples to poison (None: the attack's ``default_rate()``; ignored, with a note,
+    for a semantic trigger); ``seed``: every random choice; ``clean_fraction``: the defender's clean subset;
+    ``require``: a poisoned sample must also contain this class; ``force``: replace an existing output (and
+    poison an already poisoned input); ``dry_run``: check and select, write nothing.
+    """
+
+    rate: float | None = None
+    seed: int = 0
+    clean_fraction: float = 0.05
+    require: str | None = None
+    force: bool = False
+    dry_run: bool = False
+
+
 def _require_text(clean: SegFile, attack: Any, require: str | None) -> str:
     parts = [getattr(attack, "requires_text", None)] + ([f"a {require!r} pixel"] if require else [])
     return "".join(f" and {p}" for p in parts if p)
 
 
-def select_train(clean: SegFile, train_y: Rows, block: int, attack: Any, trigger: Any, rate: float | None, seed: int,
-                 require: str | None, notes: list[str]) -> tuple[np.ndarray, float | None, int]:
+def select_train(clean: SegFile, train_y: Rows, block: int, attack: Any, trigger: Any, settings: PoisonSettings,
+                 notes: list[str]) -> tuple[np.ndarray, float | None, int]:
     """The poisoned training samples, the requested rate (None for a semantic trigger) and the candidate count."""
+    rate, seed, require = settings.rate, settings.seed, settings.require
     k, n, where = clean.num_classes, clean.length("train"), f"{clean.path}: /train/labels"
     extra = [contains(clean.class_id(require))] if require else []
     if trigger.is_semantic:
@@ -207,16 +226,15 @@ def select_test(clean: SegFile, test_y: Rows, block: int, attack: Any, trigger: 
     return np.flatnonzero(attacked).astype(np.int64), np.flatnonzero(benign).astype(np.int64)
 
 
-def select(clean: SegFile, attack: Any, trigger: Any, rate: float | None, seed: int, clean_fraction: float,
-           require: str | None) -> tuple[Selection, Rows, Rows, int]:
+def select(clean: SegFile, attack: Any, trigger: Any, settings: PoisonSettings) -> tuple[Selection, Rows, Rows, int]:
     """All selections for one poisoning run (no writing); also returns the label readers for the writer."""
     h, w = clean.image_size
     block = block_rows(h, w)
     train_y, test_y = Rows(clean.file[h5data.TRAIN_LABELS]), Rows(clean.file[h5data.TEST_LABELS])
     notes: list[str] = []
-    poison_index, requested, candidates = select_train(clean, train_y, block, attack, trigger, rate, seed, require, notes)
-    noise_index = select_noise(clean, poison_index, trigger, seed)
-    clean_index = select_clean(clean, np.union1d(poison_index, noise_index), clean_fraction, seed)
+    poison_index, requested, candidates = select_train(clean, train_y, block, attack, trigger, settings, notes)
+    noise_index = select_noise(clean, poison_index, trigger, settings.seed)
+    clean_index = select_clean(clean, np.union1d(poison_index, noise_index), settings.clean_fraction, settings.seed)
     attacked, benign = select_test(clean, test_y, block, attack, trigger)
     sel = Selection(poison_index, clean_index, attacked, benign, requested, candidates, notes, noise_index)
     return sel, train_y, test_y, block

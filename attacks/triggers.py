@@ -75,12 +75,11 @@ class LineTrigger(Trigger):
         self.width = width
         self.position = position
         self.orientation = orientation
-        self.colour = tuple(colour)
+        self.colour = colour
         self.alpha = alpha
         self.offset = offset
-        self._check()
 
-    def _check(self) -> None:
+    def _validate_params(self) -> None:
         if self.orientation not in POSITIONS:
             raise ParamError(f"unknown {{line_orientation}} {self.orientation!r}; use horizontal or vertical")
         if self.position not in POSITIONS[self.orientation]:
@@ -92,13 +91,16 @@ class LineTrigger(Trigger):
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
             raise ParamError(f"{{line_width}} must be a positive number of pixels, got {w!r}")
         check_alpha(self.alpha, "{alpha}")
-        if len(self.colour) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in self.colour):
-            raise UserError(f"line colour must be three integers in 0..255 (R,G,B), got {self.colour!r}")
+        c = self.colour
+        if (not isinstance(c, (tuple, list, np.ndarray)) or len(c) != 3
+                or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in c)):
+            raise UserError(f"line colour must be three integers in 0..255 (R,G,B), got {tuple(c) if isinstance(c, list) else c!r}")
         if not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
             raise UserError(f"line offset must be a non-negative number of pixels, got {self.offset!r}")
 
     # -- geometry ---------------------------------------------------------------------------------
     def resolved_width(self, image_size: Sequence[int]) -> int:
+        self._validate_params()
         h, w = image_size
         across = h if self.orientation == "horizontal" else w
         return int(self.width) if self.width is not None else default_width(across)
@@ -133,7 +135,7 @@ class LineTrigger(Trigger):
         return m
 
     def check(self, image_size: Sequence[int]) -> None:
-        self.span(image_size)
+        self.span(image_size)  # validates the parameters, then the fit to the image
 
     # -- G ----------------------------------------------------------------------------------------
     def apply(self, images: np.ndarray) -> np.ndarray:
@@ -164,7 +166,7 @@ class LineTrigger(Trigger):
 
     def __repr__(self) -> str:
         return (f"LineTrigger(width={self.width}, position={self.position!r}, orientation={self.orientation!r}, "
-                f"colour={self.colour}, alpha={self.alpha}, offset={self.offset})")
+                f"colour={tuple(self.colour)}, alpha={self.alpha}, offset={self.offset})")
 
 
 class SemanticTrigger(Trigger):
@@ -179,14 +181,17 @@ class SemanticTrigger(Trigger):
 
     @classmethod
     def from_options(cls, arg: str | None) -> "SemanticTrigger":
-        return cls(arg or "")
+        return cls((arg or "").strip())
 
     def __init__(self, class_name: str) -> None:
-        if not isinstance(class_name, str) or not class_name.strip():
+        self.class_name = class_name
+
+    def _validate_params(self) -> None:
+        if not isinstance(self.class_name, str) or not self.class_name.strip():
             raise ParamError("a semantic trigger needs a class name: {trigger} semantic:CLASS (e.g. semantic:wall)")
-        self.class_name = class_name.strip()
 
     def apply(self, images: np.ndarray) -> np.ndarray:
+        self._validate_params()
         return np.asarray(images)
 
     def contains(self, labels: np.ndarray, class_id: int) -> np.ndarray:
@@ -199,6 +204,7 @@ class SemanticTrigger(Trigger):
         return f"semantic:{self.class_name}"
 
     def describe(self, image_size: Sequence[int] | None = None) -> dict[str, Any]:
+        self._validate_params()
         return {"spec": self.spec, "type": "semantic", "class": self.class_name}
 
     def __repr__(self) -> str:
@@ -253,4 +259,6 @@ def parse_trigger(spec: Any, **options: Any) -> Trigger:
         owners = {k: [n for n, t in TRIGGERS.items() if k in t.options_doc] for k in foreign}
         which = ", ".join(f"{{{k}}} only applies to {{trigger}} {'/'.join(owners[k])}" for k in foreign)
         raise ParamError(f"{which}; not to {name}" + (" (a semantic trigger draws nothing: G(x) = x)" if cls.is_semantic else ""))
-    return cls.from_options(arg or None, **{k: v for k, v in options.items() if k in cls.options_doc})
+    trigger = cls.from_options(arg or None, **{k: v for k, v in options.items() if k in cls.options_doc})
+    trigger._validate_params()  # a spec is checked as it is parsed: the CLI's error comes before any work
+    return trigger

@@ -88,43 +88,53 @@ class WarpTrigger(Trigger):
                    noise=0.0 if warp_noise is None else warp_noise)
 
     def __init__(self, grid: int = DEFAULT_GRID, strength: float = DEFAULT_STRENGTH, noise: float = 0.0) -> None:
+        self.grid = grid
+        self.strength = strength
+        self.noise = noise
+
+    def _validate_params(self) -> tuple[int, float, float]:
+        """``(grid, strength, noise)`` checked, as int and floats."""
+        grid = self.grid
         if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2:
             raise ParamError(f"{{warp_grid}} must be an integer >= 2 (WaNet uses 4), got {grid!r}")
-        self.grid = int(grid)
-        self.strength = _number(strength, "warp_strength", 0, open_lo=True)
-        self.noise = _number(noise, "warp_noise", 0, open_lo=False)
+        return (int(grid), _number(self.strength, "warp_strength", 0, open_lo=True),
+                _number(self.noise, "warp_noise", 0, open_lo=False))
 
     def fit(self, image_size: Sequence[int], seed: int = 0) -> "WarpTrigger":
         h, w = int(image_size[0]), int(image_size[1])
         self.check(image_size)
+        grid, strength, _ = self._validate_params()
         self.seed_ = int(seed)
-        ins = torch.from_numpy(control_field(self.grid, seed))[None]
+        ins = torch.from_numpy(control_field(grid, seed))[None]
         field = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True)[0].permute(1, 2, 0).numpy()
         self.field_ = field  # [H, W, 2]: x and y offsets before scaling
-        self.grid_ = np.clip(identity_grid(h, w) + self.strength * field / np.array([w, h]), -1, 1)
+        self.grid_ = np.clip(identity_grid(h, w) + strength * field / np.array([w, h]), -1, 1)
         moved = self.displacement_px()
         if moved.max() > min(h, w):
-            raise ParamError(f"{{warp_strength}} {self.strength:g} moves pixels by up to {moved.max():.0f} px, more than "
+            raise ParamError(f"{{warp_strength}} {strength:g} moves pixels by up to {moved.max():.0f} px, more than "
                              f"the {h}x{w} image; use a smaller strength (WaNet: {DEFAULT_STRENGTH})")
         return self
 
     def displacement_px(self) -> np.ndarray:
         """float ``[H, W]``: how far each output pixel samples from its own position, in pixels (unclamped)."""
         h, w = self.field_.shape[:2]
-        dx = self.strength * self.field_[..., 0] / w * (w - 1) / 2
-        dy = self.strength * self.field_[..., 1] / h * (h - 1) / 2
+        strength = self._validate_params()[1]
+        dx = strength * self.field_[..., 0] / w * (w - 1) / 2
+        dy = strength * self.field_[..., 1] / h * (h - 1) / 2
         return np.hypot(dx, dy)
 
     def check(self, image_size: Sequence[int]) -> None:
+        grid, strength, _ = self._validate_params()
         h, w = int(image_size[0]), int(image_size[1])
-        if self.grid > min(h, w):
-            raise ParamError(f"{{warp_grid}} {self.grid} is larger than the {h}x{w} image; use a smaller control grid")
+        if grid > min(h, w):
+            raise ParamError(f"{{warp_grid}} {grid} is larger than the {h}x{w} image; use a smaller control grid")
         # before fit: the control values have mean |·| = 1, so a pixel moves s/2 px on average
-        if self.strength * (min(h, w) - 1) / (2 * min(h, w)) > min(h, w):
-            raise ParamError(f"{{warp_strength}} {self.strength:g} moves pixels by more than the {h}x{w} image on "
+        if strength * (min(h, w) - 1) / (2 * min(h, w)) > min(h, w):
+            raise ParamError(f"{{warp_strength}} {strength:g} moves pixels by more than the {h}x{w} image on "
                              f"average; use a smaller strength (WaNet: {DEFAULT_STRENGTH})")
 
     def _fitted(self, image_size: Sequence[int]) -> None:
+        self._validate_params()
         if not hasattr(self, "grid_"):
             raise RuntimeError("WarpTrigger.fit(image_size, seed) draws the warping field; call it before apply")
         if self.grid_.shape[:2] != tuple(image_size):
@@ -138,9 +148,10 @@ class WarpTrigger(Trigger):
         return out.reshape(images.shape)
 
     def noise_count(self, poisoned: int, available: int) -> int:
-        count = round_half_up(self.noise * poisoned)
+        noise = self._validate_params()[2]
+        count = round_half_up(noise * poisoned)
         if count > available:
-            raise ParamError(f"{{warp_noise}} {self.noise:g} asks for {count} noise samples but only {available} training "
+            raise ParamError(f"{{warp_noise}} {noise:g} asks for {count} noise samples but only {available} training "
                              "samples are not poisoned; lower {warp_noise} or {rate}")
         return count
 
@@ -160,8 +171,9 @@ class WarpTrigger(Trigger):
         return "warp"
 
     def describe(self, image_size: Sequence[int] | None = None) -> dict[str, Any]:
-        d: dict[str, Any] = {"spec": "warp", "type": "warp", "grid": self.grid, "strength": self.strength,
-                             "noise": self.noise, "field_seed": getattr(self, "seed_", None)}
+        grid, strength, noise = self._validate_params()
+        d: dict[str, Any] = {"spec": "warp", "type": "warp", "grid": grid, "strength": strength,
+                             "noise": noise, "field_seed": getattr(self, "seed_", None)}
         if hasattr(self, "field_"):
             moved = self.displacement_px()
             d.update(mean_displacement_px=float(moved.mean()), max_displacement_px=float(moved.max()))

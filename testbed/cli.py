@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from testbed import __version__
 from testbed.core import progress
-from testbed.core.errors import UserError
+from testbed.core.errors import UserError, did_you_mean
 
 COMMANDS = ("data", "poison", "train", "predict", "score", "demo", "defend", "bench", "defenses", "zoo", "compare")
 
@@ -44,8 +44,6 @@ class Parser(argparse.ArgumentParser):
 
     def _unknown_option(self) -> str | None:
         """The first option of this parser's arguments that it does not know, with "did you mean"."""
-        from testbed.core.errors import did_you_mean
-
         known = list(self._option_string_actions)
         subcommands = {c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices}
         for token in self._argv:

@@ -7,6 +7,7 @@ selections, the clean file's own arrays for everything that must be copied uncha
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import h5py
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from testbed import attacks
-from testbed.attacks import FGBA, BadNets, LineTrigger, SemanticTrigger, parse_trigger
+from testbed.attacks import FGBA, BadNets, BlendedTrigger, LineTrigger, SemanticTrigger, WarpTrigger, parse_trigger
 from testbed.core.errors import UserError
 from testbed.data.h5data import content_hash, open_dataset, write_dataset
 
@@ -219,11 +220,39 @@ def test_line_positions_and_orientation():
         assert (g[0][expect] == [1, 2, 3]).all() and (g[0][~expect] == 200).all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=0), dict(alpha=1.5), dict(width=0), dict(position="left"),
-                                    dict(colour=(0, 0, 256)), dict(orientation="diagonal"), dict(offset=-1)])
-def test_line_bad_options(kwargs):
-    with pytest.raises(UserError):
-        LineTrigger(**kwargs)
+@pytest.mark.parametrize("kwargs, names", [(dict(alpha=0), "{alpha}"), (dict(alpha=1.5), "{alpha}"),
+                                           (dict(width=0), "{line_width}"), (dict(position="left"), "{line_position}"),
+                                           (dict(colour=(0, 0, 256)), "line colour"),
+                                           (dict(orientation="diagonal"), "{line_orientation}"),
+                                           (dict(offset=-1), "line offset")])
+def test_line_bad_options(kwargs, names):
+    """scikit-learn's convention: __init__ stores the values as given; every entry point refuses them, naming the
+    parameter (the CLI spells ``{alpha}`` as its flag)."""
+    t = LineTrigger(**kwargs)
+    assert all(getattr(t, k) == v for k, v in kwargs.items())
+    img = np.zeros((1, 16, 16, 3), np.uint8)
+    for use in (lambda: t.check((16, 16)), lambda: t.fit((16, 16), 0), lambda: t.apply(img),
+                lambda: t.describe((16, 16)), lambda: t.mask((16, 16))):
+        with pytest.raises(UserError, match=re.escape(names.strip("{}"))):
+            use()
+
+
+def test_triggers_store_their_parameters_and_validate_on_use(tmp_path):
+    """Bad values pass __init__ untouched (nothing read, nothing raised) and fail at fit/check/apply by name; a
+    parsed ``--trigger`` spec is validated when parsed (the CLI's one-line error comes before any work)."""
+    img = np.zeros((1, 16, 16, 3), np.uint8)
+    cases = [(BlendedTrigger(alpha=2.0), "{alpha}"), (BlendedTrigger(pattern=str(tmp_path / "none.png")), "{pattern}"),
+             (WarpTrigger(grid=1), "{warp_grid}"), (WarpTrigger(strength=-1), "{warp_strength}"),
+             (WarpTrigger(noise=float("nan")), "{warp_noise}"), (SemanticTrigger(""), "{trigger} semantic:CLASS")]
+    for trigger, name in cases:
+        for use in (lambda: trigger.check((16, 16)), lambda: trigger.fit((16, 16), 0), lambda: trigger.apply(img)):
+            with pytest.raises(UserError, match=re.escape(name.replace("{", "").replace("}", ""))):
+                use()
+    assert BlendedTrigger(alpha=2.0).alpha == 2.0 and WarpTrigger(grid="x").grid == "x"
+    with pytest.raises(UserError, match="alpha must be"):
+        parse_trigger("blended", alpha=2.0)
+    with pytest.raises(UserError, match="warp_grid must be"):
+        parse_trigger("warp", warp_grid=1)
 
 
 def test_line_that_does_not_fit_is_an_error():
@@ -244,6 +273,25 @@ def test_parse_trigger():
             parse_trigger(bad)
     with pytest.raises(UserError, match="alpha"):
         parse_trigger("semantic:wall", alpha=0.5)
+
+
+def test_poison_settings_object_equals_the_keywords(clean, tmp_path):
+    """One PoisonSettings or its fields as keywords: the same file; a keyword overrides the object's field; an
+    unknown keyword is a TypeError naming it; poison_file routes run settings and attack options apart."""
+    atk = lambda: FGBA("n-to-1", target="wall")  # noqa: E731 - a fresh (unfitted) attack per run
+    a = attacks.poison(clean, tmp_path / "a.h5", atk(), "line", rate=0.3, seed=5, clean_fraction=0.1)
+    s = attacks.PoisonSettings(rate=0.3, seed=2, clean_fraction=0.1)
+    b = attacks.poison(clean, tmp_path / "b.h5", atk(), "line", s, seed=5)
+    assert content_hash(a.path) == content_hash(b.path) and a.attack == b.attack
+    assert np.array_equal(a.poison_index, b.poison_index) and a.attack["seed"] == 5
+    assert s.seed == 2  # the caller's object is not changed
+    with pytest.raises(TypeError, match="'rat'"):
+        attacks.poison(clean, tmp_path / "c.h5", atk(), "line", rat=0.3)
+    dry = attacks.poison(clean, tmp_path / "d.h5", atk(), "line", attacks.PoisonSettings(rate=0.3, seed=5, dry_run=True))
+    assert not dry.written and not (tmp_path / "d.h5").exists() and np.array_equal(dry.poison_index, a.poison_index)
+    path = attacks.poison_file(clean, tmp_path / "e.h5", attack="fgba", preset="n-to-1", target="wall", trigger="line",
+                               rate=0.3, seed=5, clean_fraction=0.1)
+    assert content_hash(path) == content_hash(a.path)
 
 
 # -- poisoning: line trigger, FGBA N-to-1 -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from testbed.attacks.iba import relabel_pixels
 from testbed.cli import main
 from testbed.core.errors import ParamError, UserError
 from testbed.data.h5data import content_hash, open_dataset
-from testbed.scoring.scorer import score_model, score_predictions
+from testbed.scoring.scorer import AttackedPredictions, BenignPredictions, score_model, score_predictions
 
 IGN = 255
 PATCH_RGB = (250, 128, 7)
@@ -263,7 +263,7 @@ def test_trigger_bad_input():
     with pytest.raises(ParamError, match="warp_strength"):
         WarpTrigger(strength=60.0).fit((16, 16), 0)  # the drawn field moves pixels beyond the image
     with pytest.raises(ParamError, match="warp_grid"):
-        WarpTrigger(grid=1)
+        WarpTrigger(grid=1).check((16, 16))  # __init__ only stores (scikit-learn); check/fit validate
     assert parse_trigger("blended:0.2").alpha == 0.2 and parse_trigger("blended").alpha == 0.1
 
 
@@ -353,8 +353,8 @@ def test_asr_by_distance_and_false_flips_by_hand():
     dist = np.array([1, 8, 9, 16, 17, 40])
     rejected = np.array([False, False, True, False, False, False])
     untrig = np.where(rng.random((n, 5, 5)) < 0.3, 2, IGN).astype(np.uint8)
-    r = score_predictions(["o", "v", "t"], pred, gt, pred, target, gt, attacked_rejected=rejected,
-                          attacked_distance=dist, attacked_untriggered=untrig, distance_bins=[8, 16])
+    attacked = AttackedPredictions(pred, target, gt, rejected=rejected, distance=dist, untriggered=untrig)
+    r = score_predictions(["o", "v", "t"], BenignPredictions(pred, gt), attacked, distance_bins=[8, 16])
     rows = {row["bin"]: row for row in r["ASR-by-distance"]}
     assert list(rows) == ["d<=8", "8<d<=16", "d>16"]
     for name, members in (("d<=8", [0, 1]), ("8<d<=16", [2, 3]), ("d>16", [4, 5])):
@@ -370,7 +370,8 @@ def test_asr_by_distance_and_false_flips_by_hand():
                 if untrig[i][v] != IGN)
     assert r["false-flip"]["pixels"] == int((untrig != IGN).sum()) and r["false-flip"]["flipped"] == flips
     assert r["false-flip"]["rate"] == pytest.approx(100 * flips / (untrig != IGN).sum())
-    assert "ASR-by-distance" not in score_predictions(["o", "v", "t"], pred, gt, pred, target, gt)
+    assert "ASR-by-distance" not in score_predictions(["o", "v", "t"], BenignPredictions(pred, gt),
+                                                       AttackedPredictions(pred, target, gt))
 
 
 class _Constant(torch.nn.Module):

@@ -81,6 +81,28 @@ def test_safe_json_bounds_size_before_reading(tmp_path, monkeypatch):
     assert safeload.load_json(path) == list(range(1000))
 
 
+def test_load_object_one_line_with_the_callers_fix(tmp_path, monkeypatch):
+    """The JSON-object loader behind config.json, `score --before` (and bench reports): each problem one line,
+    the caller's prefix and fix around it; a real object comes back as parsed."""
+    fix = "re-create the run"
+    cases = {"list.json": ("[1, 2]", "does not hold a JSON object"), "bad.json": ('{"a": NaN}', "NaN"),
+             "deep.json": ("[" * 70 + "]" * 70, "nested deeper")}
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError) as info:
+            safeload.load_object(tmp_path / name, fix, prefix="--before ")
+        msg = str(info.value)
+        assert msg.startswith("--before ") and needle in msg and str(tmp_path / name) in msg, msg
+        assert msg.endswith("; " + fix) and "\n" not in msg
+    with pytest.raises(UserError, match="no such file; re-create"):
+        safeload.load_object(tmp_path / "missing.json", fix)
+    (tmp_path / "ok.json").write_text('{"model": "x", "n": [1, 2]}')
+    assert safeload.load_object(tmp_path / "ok.json", fix) == {"model": "x", "n": [1, 2]}
+    monkeypatch.setenv("TESTBED_MAX_JSON_BYTES", "10")  # bounded like every other read
+    with pytest.raises(UserError, match="TESTBED_MAX_JSON_BYTES"):
+        safeload.load_object(tmp_path / "ok.json", fix)
+
+
 def test_safe_json_depth_limit_is_exact_and_overridable(monkeypatch):
     assert safeload.loads("[" * 64 + "]" * 64, "x") is not None  # 64 levels: allowed
     with pytest.raises(UserError):

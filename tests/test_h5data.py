@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from testbed.data import h5data
+from testbed.data.h5dataset import SegDataset
 from testbed.cli import main
 from testbed.core.errors import UserError
 
@@ -197,11 +198,25 @@ def test_validation_failures_exit_2_via_cli(tmp_path, capsys):
 
 
 # -- SegDataset ---------------------------------------------------------------------------------
+def test_format_module_stays_torch_free_and_old_segdataset_name_works():
+    """h5data never imports h5dataset (one direction; no torch for `data info`); the old documented names
+    ``testbed.data.h5data.SegDataset`` and ``testbed.h5data.SegDataset`` are still the class itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, testbed.data.h5data as h; print('torch' in sys.modules, 'testbed.data.h5dataset' in sys.modules); "
+            "from testbed.h5data import SegDataset as A; from testbed.data.h5dataset import SegDataset as B; print(A is B is h.SegDataset)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        h5data.NoSuchName
+
+
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_segdataset_dataloader_two_workers_in_order(tmp_path, in_memory):
     arrays = _arrays(seed=3, n=37)
     path = h5data.write_dataset(tmp_path / "d.h5", arrays, CLASSES, source={"generator": "test"})
-    ds = h5data.SegDataset(path, "train", in_memory=in_memory)
+    ds = SegDataset(path, "train", in_memory=in_memory)
     assert len(ds) == 37
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, shuffle=False)
     xs, ys = zip(*loader)
@@ -214,7 +229,7 @@ def test_segdataset_getitems_unsorted_repeated_and_subset(tmp_path):
     arrays = _arrays(seed=4, n=20, m=6)
     path = h5data.write_dataset(tmp_path / "d.h5", arrays, CLASSES, source={"generator": "test"})
     for in_memory in (True, False):
-        ds = h5data.SegDataset(path, "test", in_memory=in_memory)
+        ds = SegDataset(path, "test", in_memory=in_memory)
         items = [5, 0, 3, 3, 5, 1]
         got = ds.__getitems__(items)
         assert len(got) == len(items)
@@ -222,12 +237,12 @@ def test_segdataset_getitems_unsorted_repeated_and_subset(tmp_path):
             assert np.array_equal(x.numpy(), arrays["test/images"][i]) and np.array_equal(y.numpy(), arrays["test/labels"][i])
         x, y = ds[4]
         assert np.array_equal(x.numpy(), arrays["test/images"][4])
-        sub = h5data.SegDataset(path, "train", indices=[19, 2, 7], in_memory=in_memory)
+        sub = SegDataset(path, "train", indices=[19, 2, 7], in_memory=in_memory)
         assert len(sub) == 3
         got = sub.__getitems__([2, 0, 0])
         for (x, y), i in zip(got, [7, 19, 19]):
             assert np.array_equal(x.numpy(), arrays["train/images"][i]) and np.array_equal(y.numpy(), arrays["train/labels"][i])
     with pytest.raises(UserError):
-        h5data.SegDataset(path, "train", indices=[20])
+        SegDataset(path, "train", indices=[20])
     with pytest.raises(UserError):
-        h5data.SegDataset(path, "validation")
+        SegDataset(path, "validation")

@@ -7,7 +7,6 @@ expected number is computed here, independently, from the prediction maps and th
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import h5py
@@ -20,7 +19,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from testbed import cli
 from testbed.data.h5data import write_dataset
-from testbed.scoring.scorer import SCORE_KEYS, predict, score_model, score_predictions
+from testbed.training import runs
+from testbed.scoring.scorer import (SCORE_KEYS, AttackedPredictions, BenignPredictions, predict, score_model,
+                                    score_predictions)
 
 IGN = 255
 CLASSES = ["wall", "person", "palm", "sky"]
@@ -206,12 +207,12 @@ def test_input_filter_counts_rejected_inputs_as_defended(case):
 
 def test_score_predictions_is_the_same_code_path(case):
     in_set = np.isin(np.arange(len(case.test_pred)), case.benign_index)  # the whole /test, benign ones marked
-    kw = dict(benign_rejected=case.test_flag, attacked_rejected=case.att_flag, benign_set=in_set)
-    a = score_predictions(CLASSES, case.test_pred, case.test_labels, case.att_pred, case.target, case.gt,
-                          batch_size=2, **kw)
+    benign = BenignPredictions(case.test_pred, case.test_labels, rejected=case.test_flag, in_set=in_set)
+    attacked = AttackedPredictions(case.att_pred, case.target, case.gt, rejected=case.att_flag)
+    a = score_predictions(CLASSES, benign, attacked, batch_size=2)
     b = score_model(RedChannelModel(), case.poisoned, batch_size=3, input_filter=_reject_green)
     assert a == b
-    c = score_predictions(CLASSES, case.test_pred, case.test_labels)
+    c = score_predictions(CLASSES, BenignPredictions(case.test_pred, case.test_labels))
     assert c["ASR"] is None and c["mIoU-B"] == pytest.approx(100 * _ref_miou(case.test_pred, case.test_labels))
 
 
@@ -245,7 +246,7 @@ def fake_runs(monkeypatch, tmp_path):
         loaded.append(run_dir)
         return RedChannelModel().to(device).eval(), {"model": "red", "classes": CLASSES}
 
-    monkeypatch.setitem(sys.modules, "testbed.training.runs", types.SimpleNamespace(load_run=load_run))
+    monkeypatch.setattr(runs, "load_run", load_run)  # the real module keeps the rest (the CLI imports train's too)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     return run_dir, loaded

@@ -23,7 +23,7 @@ numbers on the same machine and library versions, whatever --workers is.
 
 def register(subparsers) -> None:
     from testbed.commands.zoo import workers_arg
-    from testbed.demo.run import DEFAULT_DEFENSES, DemoConfig
+    from testbed.demo.settings import DEFAULT_DEFENSES, DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -59,7 +59,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from testbed.demo.run import DemoConfig, run_demo
+    from testbed.demo.run import run_demo
+    from testbed.demo.settings import DemoConfig
 
     for name in ("n_train", "n_test", "epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:

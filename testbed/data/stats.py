@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import correlate1d
 
 from testbed.data import h5data
 from testbed.core import progress
-from testbed.data.h5data import SegFile
+from testbed.data.h5data import SegFile, read_rows
 
 _BLOCK_PIXELS = 1 << 24  # labels read per block (16 MB)
 
@@ -61,13 +62,6 @@ class SplitStats:
             },
             "top_pairs": [{"classes": [a, b], "share": s} for a, b, s in self.top_pairs(classes)],
         }
-
-
-def label_stats(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> SplitStats:
-    """Statistics of an in-memory label array uint8 [N,H,W]."""
-    acc = _Accumulator(num_classes, ignore_index)
-    acc.add(np.asarray(labels))
-    return acc.result()
 
 
 def split_stats(f: SegFile, name: str = h5data.TRAIN_LABELS, show_progress: bool = True) -> SplitStats:
@@ -127,8 +121,6 @@ def ssim(clean: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
     """Per-image SSIM of uint8 images ``[N,H,W,C]`` (Wang et al. 2004): an 11×11 Gaussian window (σ 1.5),
     K1 0.01, K2 0.03, data range 255, averaged over channels and pixels, the border mirrored (as torchmetrics
     computes it, so numbers compare with other tools that use it)."""
-    from scipy.ndimage import correlate1d
-
     x = np.moveaxis(np.asarray(clean, dtype=np.float64), -1, 1)  # [N,C,H,W]
     y = np.moveaxis(np.asarray(poisoned, dtype=np.float64), -1, 1)
     t = np.arange(SSIM_WINDOW) - (SSIM_WINDOW - 1) / 2
@@ -156,8 +148,6 @@ def trigger_fidelity(f: SegFile, limit: int = FIDELITY_LIMIT) -> dict | None:
     index = np.asarray(f.file[h5data.POISON_INDEX][:limit], dtype=np.int64)
     if index.size == 0:
         return None
-    from testbed.data.h5data import read_rows
-
     clean = np.asarray(f.file[h5data.ORIGINAL_IMAGES][: index.size])
     poisoned = read_rows(f.file[h5data.TRAIN_IMAGES], index)
     db = psnr(clean, poisoned)

@@ -18,11 +18,13 @@ poles) are labelled 255 (ignore), as ADE20K labels "other".
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from testbed.core.errors import UserError
 from testbed.data import h5data
 from testbed.data.synth_draw import (  # noqa: F401 - SYNTH_CLASSES and the ids are part of this module's API
     BUILDING, CAR, CEILING, FLOOR, GRASS, IGNORE, PALM, PERSON, ROAD, SKY, SYNTH_CLASSES, TREE, WALL, _BUILDING,
@@ -43,8 +45,21 @@ def _chunk_size(size: int) -> int:
     return max(1, _PIXELS_PER_CHUNK // (size * size))
 
 
-def _indoor(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
-    """A room in one-point perspective: back wall, side walls, floor, maybe ceiling; people inside."""
+@dataclass
+class _Room:
+    """An indoor scene's geometry: the back wall's box and each pixel's depth to the ceiling and the floor."""
+
+    x0: np.ndarray
+    x1: np.ndarray
+    y0: np.ndarray
+    y1: np.ndarray
+    t_top: np.ndarray
+    t_bot: np.ndarray
+    face: np.ndarray
+    inside: np.ndarray
+
+
+def _room(cv: _Canvas, rng: np.random.Generator) -> _Room:
     m, u, v = cv.m, cv.u, cv.v
     x0, x1 = rng.uniform(0.12, 0.42, m), rng.uniform(0.58, 0.88, m)
     y0, y1 = rng.uniform(0.08, 0.32, m), rng.uniform(0.5, 0.68, m)
@@ -55,30 +70,35 @@ def _indoor(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
     t_left = (_c(x0) - u) / _c(x0)
     t_right = (u - _c(x1)) / _c(1 - x1)
     faces = np.stack(np.broadcast_arrays(t_top, t_bot, t_left, t_right))
-    face = faces.argmax(0)
-    inside = faces.max(0) <= 0
-    ceiling = (face == 0) & ~inside
-    floor = (face == 1) & ~inside
-    wall = inside | (face >= 2)
+    return _Room(x0, x1, y0, y1, t_top, t_bot, faces.argmax(0), faces.max(0) <= 0)
 
+
+def _walls_and_ceiling(cv: _Canvas, rng: np.random.Generator, r: _Room) -> None:
+    m, u, v = cv.m, cv.u, cv.v
+    ceiling = (r.face == 0) & ~r.inside
+    wall = r.inside | (r.face >= 2)
     wall_c = _pick(rng, _WALL, m, 12)
     cv.paint(wall, WALL, wall_c)
     stripes = _c(rng.random(m) < 0.4) > 0
     period = _c(rng.uniform(0.03, 0.08, m))
     cv.shade(wall & stripes & (np.modf(u / period)[0] < 0.5), np.float32(0.9))
-    cv.shade(wall & ~inside & (face >= 2), np.float32(0.8))  # side walls catch less light
-    skirting = inside & (v > _c(y1 - 0.025))
+    cv.shade(wall & ~r.inside & (r.face >= 2), np.float32(0.8))  # side walls catch less light
+    skirting = r.inside & (v > _c(r.y1 - 0.025))
     cv.paint(skirting, WALL, wall_c * 0.7)
 
     cv.paint(ceiling, CEILING, _near(rng, (228, 226, 220), m, 10))
-    depth = np.maximum(t_top, np.float32(1e-3))
-    lamp = (np.abs((u - _c((x0 + x1) / 2)) / depth) < 0.12) & (np.modf(1.0 / depth * 0.8)[0] < 0.35)
+    depth = np.maximum(r.t_top, np.float32(1e-3))
+    lamp = (np.abs((u - _c((r.x0 + r.x1) / 2)) / depth) < 0.12) & (np.modf(1.0 / depth * 0.8)[0] < 0.35)
     cv.paint(ceiling & lamp, None, _near(rng, (255, 252, 235), m, 3))
-    cv.shade(ceiling, 0.85 + 0.15 * np.clip(t_top, 0, 1))
+    cv.shade(ceiling, 0.85 + 0.15 * np.clip(r.t_top, 0, 1))
 
+
+def _floor(cv: _Canvas, rng: np.random.Generator, r: _Room, noise: np.ndarray) -> None:
+    m, u = cv.m, cv.u
+    floor = (r.face == 1) & ~r.inside
     cv.paint(floor, FLOOR, _pick(rng, _FLOOR, m, 12))
-    d = np.maximum(t_bot, np.float32(1.0 / cv.size))
-    fx = (u - _c((x0 + x1) / 2)) / d
+    d = np.maximum(r.t_bot, np.float32(1.0 / cv.size))
+    fx = (u - _c((r.x0 + r.x1) / 2)) / d
     fz = 1.0 / d
     kind = _c(rng.integers(0, 3, m))
     freq = _c(rng.uniform(3, 7, m))
@@ -87,7 +107,10 @@ def _indoor(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
     pattern = np.where(kind == 0, 0.9 + 0.15 * tiles, np.where(kind == 1, 0.82 + 0.3 * planks, 1.0 + 0.1 * (noise - 0.5)))
     cv.shade(floor, pattern)
 
-    # unlabelled things ("other", ignore 255): a picture on the back wall, a cabinet on the floor
+
+def _furniture(cv: _Canvas, rng: np.random.Generator, r: _Room, noise: np.ndarray) -> None:
+    """Unlabelled things ("other", ignore 255): a picture on the back wall, a cabinet on the floor."""
+    m, x0, x1, y0, y1 = cv.m, r.x0, r.x1, r.y0, r.y1
     has_pic = rng.random(m) < 0.35
     px, py = rng.uniform(0.25, 0.6, m) * (x1 - x0) + x0, rng.uniform(0.3, 0.5, m) * (y1 - y0) + y0
     pw, ph = rng.uniform(0.06, 0.14, m), rng.uniform(0.05, 0.12, m)
@@ -104,21 +127,25 @@ def _indoor(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
     cv.paint(cab, IGNORE, _near(rng, (115, 80, 50), m, 15))
     cv.shade(cab & (np.abs(cv.u - _c(cxc)) < 0.004 + 0.004 * 64 / cv.size), np.float32(0.6))
 
+
+def _indoor(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
+    """A room in one-point perspective: back wall, side walls, floor, maybe ceiling; people inside."""
+    m = cv.m
+    room = _room(cv, rng)
+    _walls_and_ceiling(cv, rng, room)
+    _floor(cv, rng, room, noise)
+    _furniture(cv, rng, room, noise)
     n_people = _counts(rng, m, [0.15, 0.4, 0.3, 0.15])
-    eye = (y0 + y1) / 2 * rng.uniform(0.9, 1.1, m)
-    feet, present = _sorted_slots(rng, m, n_people, 3, y1 + 0.03, np.full(m, 1.05))
+    eye = (room.y0 + room.y1) / 2 * rng.uniform(0.9, 1.1, m)
+    feet, present = _sorted_slots(rng, m, n_people, 3, room.y1 + 0.03, np.full(m, 1.05))
     for j in range(3):
         hgt = np.maximum((feet[:, j] - eye) / 0.9 * rng.uniform(0.85, 1.1, m), 0.12)
         _person(cv, rng, present[:, j], rng.uniform(0.08, 0.92, m), feet[:, j], hgt)
 
 
-def _street(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
-    """Sky, a row of buildings, a road in perspective; trees, palms, cars, pedestrians."""
+def _buildings(cv: _Canvas, rng: np.random.Generator, h: np.ndarray) -> None:
+    """A row of up to four buildings standing on the horizon ``h``, with windows (some lit)."""
     m, u, v = cv.m, cv.u, cv.v
-    h = rng.uniform(0.35, 0.55, m)
-    vx = rng.uniform(0.35, 0.65, m)
-    _sky(cv, rng, v < _c(h), h, noise)
-
     edges = np.sort(rng.uniform(-0.1, 1.1, (m, 5)), axis=1)
     edges[:, 0], edges[:, -1] = -0.1, 1.1
     for j in range(4):
@@ -134,6 +161,11 @@ def _street(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
         lit = _hash(np.floor(col), np.floor(row) + j * 7.0) < 0.2
         glass = np.where(lit, np.float32([215, 200, 130])[:, None, None, None], np.float32([62, 72, 92])[:, None, None, None])
         cv.paint(b & win, None, glass)
+
+
+def _road(cv: _Canvas, rng: np.random.Generator, h: np.ndarray, vx: np.ndarray) -> np.ndarray:
+    """Pavement below the horizon, a road narrowing to the vanishing point ``vx``; returns its spread."""
+    m, u, v = cv.m, cv.u, cv.v
     ground = v >= _c(h)
     cv.paint(ground, ROAD, _near(rng, (150, 148, 142), m, 12))  # pavement (labelled road)
     spread = _c(rng.uniform(0.7, 1.4, m))
@@ -148,34 +180,49 @@ def _street(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
     depth = np.maximum(v - _c(h), np.float32(1e-3))
     dash = road & (np.abs(u - _c(vx)) < depth * 0.03) & (np.modf(0.35 / depth)[0] < 0.5)
     cv.paint(dash, None, _near(rng, (235, 235, 225), m, 8))
+    return spread[:, 0, 0]
 
+
+def _roadside(cv: _Canvas, rng: np.random.Generator, h: np.ndarray, vx: np.ndarray, spread: np.ndarray) -> None:
+    """Trees and palms beside the road, and maybe a pole (unlabelled)."""
+    m = cv.m
     far_lo, far_hi = h + 0.02, h + 0.3
     n_plants = _counts(rng, m, [0.2, 0.35, 0.3, 0.15])
     base, present = _sorted_slots(rng, m, n_plants, 3, far_lo, far_hi)
     for j in range(3):
         side = np.where(rng.random(m) < 0.5, -1, 1)
-        bx = vx + side * (base[:, j] - h) * rng.uniform(1.6, 3.0, m) * spread[:, 0, 0]
+        bx = vx + side * (base[:, j] - h) * rng.uniform(1.6, 3.0, m) * spread
         hgt = (base[:, j] - h) * rng.uniform(2.5, 4.0, m) + 0.15
         is_palm = rng.random(m) < 0.5
         _palm(cv, rng, present[:, j] & is_palm, bx, base[:, j], hgt)
         _tree(cv, rng, present[:, j] & ~is_palm, bx, base[:, j], hgt)
     has_pole = rng.random(m) < 0.3
     pb = rng.uniform(h + 0.1, 0.9, m)
-    px = vx + np.where(rng.random(m) < 0.5, -1, 1) * (pb - h) * 1.3 * spread[:, 0, 0]
+    px = vx + np.where(rng.random(m) < 0.5, -1, 1) * (pb - h) * 1.3 * spread
     pole = cv.rect(px - 0.012 * (pb - h) * 4, px + 0.012 * (pb - h) * 4, pb - (pb - h) * 2.5, pb) & (_c(has_pole) > 0)
     cv.paint(pole, IGNORE, _near(rng, (70, 72, 75), m, 8))
 
+
+def _street(cv: _Canvas, rng: np.random.Generator, noise: np.ndarray) -> None:
+    """Sky, a row of buildings, a road in perspective; trees, palms, cars, pedestrians."""
+    m, v = cv.m, cv.v
+    h = rng.uniform(0.35, 0.55, m)
+    vx = rng.uniform(0.35, 0.65, m)
+    _sky(cv, rng, v < _c(h), h, noise)
+    _buildings(cv, rng, h)
+    spread = _road(cv, rng, h, vx)
+    _roadside(cv, rng, h, vx, spread)
     n_cars = _counts(rng, m, [0.25, 0.35, 0.25, 0.15])
     cb, present = _sorted_slots(rng, m, n_cars, 3, h + 0.06, np.full(m, 0.99))
     for j in range(3):
         d = cb[:, j] - h
-        _car(cv, rng, present[:, j], vx + d * spread[:, 0, 0] * rng.uniform(-0.7, 0.7, m), cb[:, j], d * rng.uniform(1.0, 1.3, m) + 0.04)
+        _car(cv, rng, present[:, j], vx + d * spread * rng.uniform(-0.7, 0.7, m), cb[:, j], d * rng.uniform(1.0, 1.3, m) + 0.04)
     n_people = _counts(rng, m, [0.2, 0.4, 0.25, 0.15])
     feet, present = _sorted_slots(rng, m, n_people, 3, h + 0.04, np.full(m, 1.05))
     for j in range(3):
         d = feet[:, j] - h
         side = np.where(rng.random(m) < 0.5, -1, 1)
-        fx = np.clip(vx + side * d * spread[:, 0, 0] * rng.uniform(1.05, 2.0, m), 0.04, 0.96)  # stay in view
+        fx = np.clip(vx + side * d * spread * rng.uniform(1.05, 2.0, m), 0.04, 0.96)  # stay in view
         _person(cv, rng, present[:, j], fx, feet[:, j], np.maximum(d / 0.9 * rng.uniform(0.85, 1.1, m), 0.1))
 
 
@@ -312,8 +359,6 @@ def memory_estimate(n_train: int, n_test: int, size: int) -> int:
 
 def check_synth_args(n_train: Any, n_test: Any, size: Any, seed: Any) -> None:
     """Refuse, before any work, what would fail later: bad numbers, a negative seed, arrays beyond the memory."""
-    from testbed.core.errors import UserError
-
     def is_int(x: Any) -> bool:
         return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 

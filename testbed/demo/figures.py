@@ -13,6 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from testbed.bench.plots import _only_class, _plt, _save
+from testbed.core.palette import colorize, palette
+from testbed.data import h5data
+from testbed.data.h5data import open_dataset
+from testbed.scoring.scorer import predict
+from testbed.training.runs import load_run
+
 # figure name → (settings it shows (name, label), test images per setting)
 FIGURES = {
     "fgba": ((("fgba-n-to-1-line", "N-to-1\n(all → wall)"), ("fgba-1-to-1-line", "1-to-1\n(person → palm)")), 2),
@@ -24,9 +31,6 @@ COLUMNS = ("clean image", "ground truth", "backdoored model\non clean", "poisone
 
 def _common_attacked(paths: list[Path], n: int) -> np.ndarray:
     """The first ``n`` test images attacked in every one of ``paths`` (so the settings show the same images)."""
-    from testbed.data import h5data
-    from testbed.data.h5data import open_dataset
-
     common: set[int] | None = None
     for path in paths:
         with open_dataset(path, check_labels=False) as f:
@@ -37,11 +41,6 @@ def _common_attacked(paths: list[Path], n: int) -> np.ndarray:
 
 def _cells(run: Path, data: Path, benign: Any, idx: np.ndarray, device: Any) -> tuple[list[np.ndarray], list[str]]:
     """The seven cells of each row for ``idx`` (arrays [n, ...] per column) and the class names."""
-    from testbed.data import h5data
-    from testbed.data.h5data import open_dataset
-    from testbed.training.runs import load_run
-    from testbed.scoring.scorer import predict
-
     with open_dataset(data) as f:
         pos = {int(i): j for j, i in enumerate(f[h5data.TEST_ATTACKED_INDEX][()])}
         sel = [pos[int(i)] for i in idx]
@@ -55,9 +54,6 @@ def _cells(run: Path, data: Path, benign: Any, idx: np.ndarray, device: Any) -> 
 
 def _draw(plt: Any, rows: list[tuple[str, list[np.ndarray]]], classes: list[str], title: str) -> Any:
     import matplotlib.patches as mpatches
-
-    from testbed.core.palette import colorize, palette
-    from testbed.bench.plots import _only_class
 
     ncol = len(COLUMNS)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.55 * ncol + 1.2, 1.7 * len(rows) + 1.3), squeeze=False)
@@ -91,9 +87,6 @@ def _draw(plt: Any, rows: list[tuple[str, list[np.ndarray]]], classes: list[str]
 
 def figures(out: Path, runs: dict[str, tuple[Path, Path]], device: Any) -> list[str]:
     """Write ``OUT/figure-NAME.png`` for each of :data:`FIGURES`; ``runs``: name → (run dir, its dataset)."""
-    from testbed.bench.plots import _plt, _save
-    from testbed.training.runs import load_run
-
     plt = _plt()
     benign, _ = load_run(runs["benign"][0], device)
     made = []

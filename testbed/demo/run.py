@@ -33,15 +33,13 @@ from testbed.core.device import resolve_device, torch_threads
 from testbed.core.errors import UserError
 from testbed.data.h5data import open_dataset
 from testbed.demo.report import check_targets, render_report
-from testbed.demo.settings import (  # DemoConfig and DEFAULT_DEFENSES: also the CLI's import path
-    ALL_KEYS, BENIGN, DEFAULT_DEFENSES, LAYOUT, SETTINGS, DemoConfig, check_settings, zoo_spec,
-)
+from testbed.demo.settings import ALL_KEYS, BENIGN, LAYOUT, SETTINGS, DemoConfig, check_settings, zoo_spec
 from testbed.demo.figures import figures
 from testbed.scoring.scorer import SCORE_KEYS
 from testbed.zoo import manifest as mf
 from testbed.zoo.build import auto_workers, build
 
-__all__ = ["DEFAULT_DEFENSES", "DemoConfig", "Model", "attack_rows", "run_demo"]
+__all__ = ["Model", "attack_rows", "run_demo"]
 
 
 def _log(msg: str) -> None:

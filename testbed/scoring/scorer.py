@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -306,58 +307,69 @@ class Scorer:
         return out
 
 
-def score_predictions(
-    classes: Sequence[str],
-    benign_pred,
-    benign_labels,
-    attacked_pred=None,
-    attacked_target=None,
-    attacked_gt=None,
-    *,
-    benign_rejected=None,
-    attacked_rejected=None,
-    benign_set=None,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    attacked_distance=None,
-    attacked_untriggered=None,
-    distance_bins: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Score precomputed predictions (uint8 ``[N,H,W]`` arrays) exactly as :func:`score_model` does.
+@dataclass
+class BenignPredictions:
+    """Predictions on the clean test set (uint8 ``[N,H,W]``) and its ground truth.
 
-    ``*_rejected``: optional bool ``[N]`` per input (True = rejected by a filter defense).  Without
-    ``attacked_pred`` the attacked keys are ``None`` (a clean file).  ``benign_set``: optional bool ``[N]``
-    when ``benign_*`` hold the whole clean test set: only those images count for mIoU-B/PA-B, all of them
-    for mIoU-B-all/PA-B-all (else both are scored on the images given).  ``attacked_distance`` (int ``[M]``,
-    with ``distance_bins``) and ``attacked_untriggered`` (uint8 ``[M,H,W]``) add ``"ASR-by-distance"`` and
-    ``"false-flip"`` (see :class:`Scorer`).
+    ``rejected``: optional bool ``[N]`` (True = rejected by a filter defense).  ``in_set``: optional bool ``[N]``
+    when ``pred``/``labels`` hold the whole clean test set: only those images count for mIoU-B/PA-B, all of them
+    for mIoU-B-all/PA-B-all (else both are scored on the images given).
     """
-    attacked = attacked_pred is not None
-    if attacked and (attacked_target is None or attacked_gt is None):
-        raise ValueError("attacked_pred needs attacked_target and attacked_gt")
-    filtered = benign_rejected is not None or attacked_rejected is not None
-    scorer = Scorer(classes, device, attacked=attacked, filtered=filtered, distance_bins=distance_bins)
 
-    def rej(mask, s, e):
-        return None if mask is None else np.asarray(mask, dtype=bool)[s:e]
+    pred: Any
+    labels: Any
+    rejected: Any = None
+    in_set: Any = None
 
-    n = len(benign_pred)
-    if len(benign_labels) != n:
-        raise ValueError(f"{n} benign predictions but {len(benign_labels)} labels")
+
+@dataclass
+class AttackedPredictions:
+    """Predictions on the attacked test set (uint8 ``[M,H,W]``), the attacker's target and the ground truth.
+
+    ``rejected``: optional bool ``[M]``.  ``distance`` (int ``[M]``, scored with ``distance_bins``) and
+    ``untriggered`` (uint8 ``[M,H,W]``) add ``"ASR-by-distance"`` and ``"false-flip"`` (see :class:`Scorer`).
+    """
+
+    pred: Any
+    target: Any
+    gt: Any
+    rejected: Any = None
+    distance: Any = None
+    untriggered: Any = None
+
+
+def _slice(a: Any, s: int, e: int, dtype: Any = None) -> np.ndarray | None:
+    """Rows ``s:e`` of an optional array (a mask is converted whole: it may be a list)."""
+    if a is None:
+        return None
+    return np.asarray(a, dtype=dtype)[s:e] if dtype is not None else np.asarray(a[s:e])
+
+
+def score_predictions(classes: Sequence[str], benign: BenignPredictions, attacked: AttackedPredictions | None = None,
+                      *, device: torch.device | str = "cpu", batch_size: int = 256,
+                      distance_bins: Sequence[int] | None = None) -> dict[str, Any]:
+    """Score precomputed predictions exactly as :func:`score_model` does.
+
+    Without ``attacked`` the attacked keys are ``None`` (a clean file).
+    """
+    filtered = benign.rejected is not None or (attacked is not None and attacked.rejected is not None)
+    scorer = Scorer(classes, device, attacked=attacked is not None, filtered=filtered, distance_bins=distance_bins)
+    n = len(benign.pred)
+    if len(benign.labels) != n:
+        raise ValueError(f"{n} benign predictions but {len(benign.labels)} labels")
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
-        scorer.update_benign(np.asarray(benign_pred[s:e]), np.asarray(benign_labels[s:e]), rej(benign_rejected, s, e),
-                             rej(benign_set, s, e))
-    if attacked:
-        m = len(attacked_pred)
-        if not len(attacked_target) == len(attacked_gt) == m:
+        scorer.update_benign(_slice(benign.pred, s, e), _slice(benign.labels, s, e), _slice(benign.rejected, s, e, bool),
+                             _slice(benign.in_set, s, e, bool))
+    if attacked is not None:
+        m = len(attacked.pred)
+        if not len(attacked.target) == len(attacked.gt) == m:
             raise ValueError("attacked predictions, targets and ground truth differ in length")
         for s in range(0, m, batch_size):
             e = min(m, s + batch_size)
-            scorer.update_attacked(np.asarray(attacked_pred[s:e]), np.asarray(attacked_target[s:e]),
-                                   np.asarray(attacked_gt[s:e]), rej(attacked_rejected, s, e),
-                                   None if attacked_distance is None else np.asarray(attacked_distance[s:e]),
-                                   None if attacked_untriggered is None else np.asarray(attacked_untriggered[s:e]))
+            scorer.update_attacked(_slice(attacked.pred, s, e), _slice(attacked.target, s, e), _slice(attacked.gt, s, e),
+                                   _slice(attacked.rejected, s, e, bool), _slice(attacked.distance, s, e),
+                                   _slice(attacked.untriggered, s, e))
     return scorer.result()
 
 

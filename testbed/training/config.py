@@ -7,7 +7,6 @@ and ``config.json["train"]`` is this dataclass as a dict, so a run can be repeat
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from testbed import models
-from testbed.core.errors import UserError
+from testbed.core.errors import UserError, did_you_mean
 
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -105,9 +104,8 @@ class TrainConfig:
                     raise UserError(f"{name} must be one of {', '.join(words)}, got {getattr(self, name)!r}")
                 setattr(self, name, value)
         if self.model not in models.available():
-            close = difflib.get_close_matches(self.model, models.available(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"unknown model {self.model!r}{hint}; available: {', '.join(models.available())}")
+            raise UserError(f"unknown model {self.model!r}{did_you_mean(self.model, models.available())}; "
+                            f"available: {', '.join(models.available())}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

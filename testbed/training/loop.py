@@ -34,6 +34,7 @@ from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
 from testbed.core.jsonutil import jsonable
 from testbed.data import h5data
+from testbed.data.h5dataset import SegDataset
 from testbed.scoring.scorer import score_model
 from testbed.training.config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
 from testbed.training.curve import curve_point, write_curve
@@ -335,7 +336,7 @@ def _train_data(data_path: Path, train_indices, cfg: TrainConfig, dist: _Dist):
         indices = np.asarray(train_indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= n_total):
             raise UserError(f"train_indices out of range for the {n_total} training samples of {data_path}")
-    dataset = h5data.SegDataset(data_path, "train", indices=indices)
+    dataset = SegDataset(data_path, "train", indices=indices)
     n = len(dataset)
     per_rank = math.ceil(n / dist.world_size)
     if per_rank < 2:

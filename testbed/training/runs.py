@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from testbed import models
 from testbed.core import atomic, safeload
+from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -22,12 +26,9 @@ CONFIG = "config.json"
 
 def save_model(model: nn.Module, config: dict[str, Any], run_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``run_dir`` (each atomically)."""
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    from safetensors import SafetensorError
 
     with atomic.atomic_file(run_dir / WEIGHTS) as tmp:
         try:
@@ -48,12 +49,7 @@ def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = run_dir / CONFIG
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG}; it is not a finished run (resume it with `testbed train ... --resume`)")
-    try:
-        config = safeload.load_json(path)
-    except UserError as e:
-        raise UserError(f"{e}; re-create the run") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-create the run")
+    config = safeload.load_object(path, "re-create the run")
     _check_config(config, path)
     return config
 
@@ -85,8 +81,6 @@ def _not_safetensors(path: Path, e: Exception) -> UserError:
 
 def check_weights(path: str | os.PathLike) -> None:
     """Refuse a weights file that is not safetensors by reading only its header (cheap; nothing is executed)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path.parent} has no {path.name}; it is not a finished run")
@@ -99,9 +93,6 @@ def check_weights(path: str | os.PathLike) -> None:
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (a pickle, a truncated file) is refused, never executed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path.parent} has no {path.name}; it is not a finished run")
@@ -132,8 +123,6 @@ def _check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """``(model in eval mode on device, config)`` of a finished run."""
-    from testbed import models
-
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     state = load_weights(run_dir / WEIGHTS)
@@ -158,6 +147,4 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
                         f"{'; '.join(parts)}; the weights and config.json belong to different models")
     _check_values(state, expected, config, run_dir / WEIGHTS)
     model.load_state_dict(state, strict=True)
-    from testbed.core.device import resolve_device
-
     return model.to(resolve_device(device)).eval(), config
