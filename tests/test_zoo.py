@@ -174,6 +174,40 @@ def test_bad_spec_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
     assert not out.exists()
 
 
+IBA_SPEC = ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "a"\nattack = "%s"\nsource = "person"\n'
+            'target = "wall"\n%s\n[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["a"]\n')
+
+
+def _spec_error(tmp_path: Path, capsys, text: str) -> str:
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    assert main(["zoo", "build", str(spec), "--out", str(tmp_path / "zoo")]) == 2
+    assert not (tmp_path / "zoo").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_the_iba_spec_error_lists_only_the_keys_iba_takes(tmp_path, capsys):
+    """IBA places its own trigger: neither ``trigger`` nor any trigger option is a key it takes."""
+    from testbed.attacks.registry import attack_class, params_doc
+    from testbed.attacks.triggers import trigger_options
+
+    own = {p.key_for(n) for n, p in params_doc(attack_class("iba")).items()}
+    trigger_keys = {"trigger"} | {p.key_for(n) for n, p in trigger_options().items()}
+    run_keys = {"id", "attack", "rate", "seed", "clean_fraction", "require"}
+    err = _spec_error(tmp_path, capsys, IBA_SPEC % ("iba", "patch_sz = 4"))
+    assert "did you mean 'patch_size'" in err
+    assert set(err.split("valid keys for attack iba: ")[1].split(", ")) == own | run_keys
+    err = _spec_error(tmp_path, capsys, IBA_SPEC % ("iba", 'trigger = "line"'))
+    assert "'trigger' cannot be used in [[attack]] 'a': attack iba places its own trigger" in err
+    err = _spec_error(tmp_path, capsys, IBA_SPEC % ("iba", "line_width = 2"))
+    assert "'line_width' cannot be used" in err and "line_width, " not in err.split("valid keys")[1]
+    # an attack that takes a trigger still lists the trigger's keys
+    err = _spec_error(tmp_path, capsys, IBA_SPEC.replace('source = "person"\n', '') % ("badnets", "patch_sz = 4"))
+    assert trigger_keys <= set(err.split("valid keys for attack badnets: ")[1].split(", "))
+
+
 def test_rerun_with_changed_settings_is_refused(tmp_path, capsys):
     from testbed.zoo.build import prepare
     from testbed.zoo.spec import parse_spec

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,18 +362,13 @@ def _train(req: _Request, cfg: TrainConfig, dist: _Dist, device: torch.device) -
         if dist.is_main:
             clear_run_dir(req.out, resuming=ckpt is not None)
         dist.barrier()
-        try:
-            state = _start(job, info, dataset, batch, ckpt)
-            _fit(job, state)
-            if dist.is_main:
-                facts = {"n_used": len(dataset), "batch": batch}
-                _finish(job, state, info, facts, req.score)
-        except BaseException as e:
-            if dist.is_main and isinstance(e, KeyboardInterrupt) and job.ckpt_path.is_file():
-                done = int(torch.load(job.ckpt_path, map_location="cpu", weights_only=True)["epoch"])
-                print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
-                      f"{job.ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
-            raise
+        # Ctrl-C propagates: the command that called says how to go on (`train`: add --resume; `zoo build`: the
+        # same command again), in one line; the epoch checkpoints written so far are kept
+        state = _start(job, info, dataset, batch, ckpt)
+        _fit(job, state)
+        if dist.is_main:
+            facts = {"n_used": len(dataset), "batch": batch}
+            _finish(job, state, info, facts, req.score)
     dist.barrier()
     return req.out
 
