@@ -402,7 +402,28 @@ def test_ls_lists_entries(resumed_zoo, capsys):
     lines = [line for line in out.splitlines() if line.startswith("deeplabv3_tiny--")]
     assert len(lines) == 2 and lines[0].split()[:5] == [first, "deeplabv3_tiny", "benign", "0", "done"]
     asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]
-    assert lines[1].split()[-1] == f"{asr:.1f}"
+    ref = json.loads((zoo / "entries" / first / "done.json").read_text())["reference"]["n1"]["ASR"]
+    assert lines[1].split()[-2:] == [f"{asr:.1f}", f"{ref:.1f}"]  # ASR, then the benign model's on the same data
+
+
+def test_ls_says_when_the_benign_model_scores_the_same_asr(resumed_zoo, tmp_path, capsys):
+    """An ASR the benign model of the same seed reaches too measures no backdoor (a weak model labelling the
+    victim as the target anyway): `zoo ls` says so instead of "implanted"."""
+    zoo, _, first, second, _, _ = resumed_zoo
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo, copy)
+    asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]
+    done = json.loads((copy / "entries" / first / "done.json").read_text())
+    done["reference"]["n1"]["ASR"] = max(asr, 1.0)  # the benign model as high as the attacked one (a hand edit)
+    (copy / "entries" / first / "done.json").write_text(json.dumps(done))
+    assert main(["zoo", "ls", str(copy), "--json", "--min-asr", "0"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[second]["benign_ASR"] == max(asr, 1.0) and rows[first]["benign_ASR"] is None
+    assert rows[second]["implanted"] == f"NO GAIN (benign {max(asr, 1.0):.1f}%)"
+    done["reference"]["n1"]["ASR"] = asr - 0.5  # below: the ASR is the attack's
+    (copy / "entries" / first / "done.json").write_text(json.dumps(done))
+    assert main(["zoo", "ls", str(copy), "--json", "--min-asr", "0"]) == 0
+    assert {r["id"]: r for r in json.loads(capsys.readouterr().out)}[second]["implanted"] == "implanted"
 
 
 def test_verify_accepts_a_good_zoo_and_names_each_problem(resumed_zoo, tmp_path, capsys):
