@@ -362,13 +362,17 @@ def _train(req: _Request, cfg: TrainConfig, dist: _Dist, device: torch.device) -
         if dist.is_main:
             clear_run_dir(req.out, resuming=ckpt is not None)
         dist.barrier()
-        # Ctrl-C propagates: the command that called says how to go on (`train`: add --resume; `zoo build`: the
-        # same command again), in one line; the epoch checkpoints written so far are kept
-        state = _start(job, info, dataset, batch, ckpt)
-        _fit(job, state)
-        if dist.is_main:
-            facts = {"n_used": len(dataset), "batch": batch}
-            _finish(job, state, info, facts, req.score)
+        try:
+            state = _start(job, info, dataset, batch, ckpt)
+            _fit(job, state)
+            if dist.is_main:
+                facts = {"n_used": len(dataset), "batch": batch}
+                _finish(job, state, info, facts, req.score)
+        except KeyboardInterrupt as e:  # the command that called says how to go on, in its one line (testbed.cli)
+            if dist.is_main and job.ckpt_path.is_file():
+                done = int(torch.load(job.ckpt_path, map_location="cpu", weights_only=True)["epoch"])
+                e.add_note(f"the checkpoint after epoch {done} of {cfg.epochs} is kept in {job.ckpt_path}")
+            raise
     dist.barrier()
     return req.out
 
