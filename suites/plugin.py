@@ -8,14 +8,11 @@ options are one-line usage errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from testbed.core.seeds import seed_arg
-from testbed.stats.rows import defense_label
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -46,69 +43,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--suite-seed", type=seed_arg, default=0, help="seed handed to the defense (default 0)")
 
 
-@dataclass(repr=False)
-class SuiteSettings:
-    defense: str
-    zoo: Path
-    max_asr: float
-    max_miou_drop: float
-    min_tpr: float
-    max_fpr: float
-    min_accuracy: float | None
-    min_auroc: float | None
-    min_asr: float
-    budget_s: float | None
-    budget_passes: int | None
-    params: dict
-    device: str
-    seed: int
-    public_key: str | None = None  # the zoo publisher's public key: the zoo must be signed by it
-    label: str = ""  # the defense's name and parameters, as a report names it (blur[sigma=0.5])
+def session():
+    """:mod:`testbed.suites.session`, what a suite run needs (torch, the defenses, the zoo): the plugin's one lazy
+    import, so that `pytest --help` and unrelated test runs in an environment with segbackdoor installed (where
+    pytest loads this plugin) never pay for it."""
+    from testbed.suites import session as module
 
-    def __repr__(self) -> str:  # what an assertion message shows: short, not every field
-        return f"SuiteSettings({self.defense!r} on {str(self.zoo)!r})"
+    return module
 
 
-def _settings(config: pytest.Config) -> SuiteSettings | None:
-    """The suite's settings, validated once (at configure) and kept on ``config``: every later caller gets the same
-    object, and a bad option never reaches a test."""
+def _settings(config: pytest.Config) -> Any:
+    """The suite's settings (:class:`testbed.suites.session.SuiteSettings`), or None without ``--zoo``; validated
+    once (at configure) and kept on ``config``: every later caller gets the same object, and a bad option never
+    reaches a test."""
     if not hasattr(config, "_segbackdoor_settings"):
-        config._segbackdoor_settings = _validated(config)
+        zoo = config.getoption("--zoo")
+        config._segbackdoor_settings = None if zoo is None else session().validated(config, zoo)
     return config._segbackdoor_settings
-
-
-def _validated(config: pytest.Config) -> SuiteSettings | None:
-    from testbed.evaluation.attack_check import check_min_asr
-    from testbed.bench.run import check_budgets
-    from testbed.defenses.registry import load_defense, parse_params
-    from testbed.core.errors import UserError
-
-    zoo = config.getoption("--zoo")
-    if zoo is None:
-        return None
-    defense = config.getoption("--defense")
-    if not defense:
-        raise pytest.UsageError("--zoo needs --defense NAME (a built-in like fine-pruning, or package.module:Class)")
-    opt = config.getoption
-    try:
-        check_budgets(opt("--budget"), opt("--budget-passes"))
-        check_min_asr(opt("--min-asr"), "--min-asr")
-        for name in ("--min-tpr", "--max-fpr", "--min-detection-accuracy", "--min-detection-auroc"):
-            v = opt(name)
-            if v is not None and not 0 <= v <= 1:
-                raise UserError(f"{name} is a fraction in [0, 1], got {v}")
-        params = parse_params(opt("--defense-param"), [defense], flag="--defense-param")[defense]
-        label = defense_label(load_defense(defense, **params).name, params)  # a bad name or parameter: here, once
-    except UserError as e:
-        text = str(e)
-        raise pytest.UsageError(text if text.startswith("--") or defense in text else f"--defense {defense}: {text}") from None
-    return SuiteSettings(
-        defense=defense, zoo=Path(zoo), public_key=opt("--public-key"), max_asr=opt("--max-asr"), max_miou_drop=opt("--max-miou-drop"),
-        min_tpr=opt("--min-tpr"), max_fpr=opt("--max-fpr"), min_accuracy=opt("--min-detection-accuracy"),
-        min_auroc=opt("--min-detection-auroc"), min_asr=opt("--min-asr"), budget_s=opt("--budget"),
-        budget_passes=opt("--budget-passes"), params=params, device=opt("--suite-device"), seed=opt("--suite-seed"),
-        label=label,
-    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before junitxml reads --junitprefix
@@ -118,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config._segbackdoor_cache = {}  # (entry id, run number) -> result row
     settings = _settings(config)  # bad options are one usage error before collection, not an error of every test
     if settings is not None:
-        config._segbackdoor_zoo = _open_zoo(settings)  # so is a missing or tampered zoo (verified once, then cached)
+        config._segbackdoor_zoo = session().open_suite_zoo(settings)  # so is a missing or tampered zoo (verified once, then cached)
         if not getattr(config.option, "junitprefix", None) and hasattr(config.option, "junitprefix"):
             config.option.junitprefix = f"segbackdoor.{settings.label}"  # JUnit classnames carry the defense
         _show_suite_ids_as_they_are(config)
@@ -138,16 +89,26 @@ def _show_suite_ids_as_they_are(config: pytest.Config) -> None:
     config.cwd_relative_nodeid = shown  # type: ignore[method-assign]
 
 
-def _open_zoo(settings: SuiteSettings):
-    from testbed.core.errors import UserError
-    from testbed.zoo import open as open_zoo
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The progress line's file name too (``test_robustness.py .F``, not ``../test_robustness.py .F``): pytest
+    writes it relative to where it was started, from the same rootdir-relative path; for a node id whose path
+    does not exist under the rootdir, the terminal writes it relative to the rootdir instead (as the id is)."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if _settings(config) is None or reporter is None or not hasattr(reporter, "startpath"):
+        return
+    write = reporter.write_fspath_result
 
-    try:
-        zoo = open_zoo(settings.zoo, public_key=settings.public_key)
-        list(zoo)  # handing out the entries verifies their files (cached): tampering is a usage error here
-        return zoo
-    except UserError as e:
-        raise pytest.UsageError(f"--zoo {settings.zoo}: {e}") from None
+    def write_as_it_is(nodeid: str, res: str, **markup: bool) -> None:
+        if (config.rootpath / nodeid.split("::")[0]).exists():
+            return write(nodeid, res, **markup)
+        start, reporter.startpath = reporter.startpath, config.rootpath
+        try:
+            return write(nodeid, res, **markup)
+        finally:
+            reporter.startpath = start
+
+    reporter.write_fspath_result = write_as_it_is
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -171,7 +132,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def suite_settings(pytestconfig) -> SuiteSettings:
+def suite_settings(pytestconfig) -> Any:
     s = _settings(pytestconfig)
     if s is None:
         pytest.skip("no --zoo given")
@@ -187,49 +148,7 @@ def zoo(pytestconfig, suite_settings):
 @pytest.fixture(scope="session")
 def defense(suite_settings):
     """A fresh instance of the defense under test, built with the --defense-param values."""
-    from testbed.defenses.registry import load_defense
-    from testbed.core.errors import UserError
-
-    try:
-        return load_defense(suite_settings.defense, **suite_settings.params)
-    except UserError as e:
-        raise pytest.UsageError(f"--defense {suite_settings.defense}: {e}") from None
-
-
-def run_on_entry(entry: Any, settings: SuiteSettings) -> Any:
-    """The defense's row on one zoo entry, with what a bench adds: the entry's truth, the failed-attack guard, and
-    the attack's parameters (for the verdict's target)."""
-    from testbed.evaluation.attack_check import attack_failure
-    from testbed.core import progress
-    from testbed.evaluation.runner import run_defense
-    from testbed.defenses.registry import load_defense
-    from testbed.core.errors import UserError
-
-    try:
-        d = load_defense(settings.defense, **settings.params)
-    except UserError as e:
-        raise pytest.UsageError(f"--defense {settings.defense}: {e}") from None
-    was_quiet = not progress.active()
-    progress.set_quiet(True)  # a failure's captured stderr holds its message, not the scoring's progress lines
-    try:
-        row = run_defense(d, entry.run_dir, entry.data_path, device=settings.device, seed=settings.seed,
-                          budget_s=settings.budget_s, budget_passes=settings.budget_passes, model_id=entry.id,
-                          attack=entry.attack_id, random_control=False, panels=0)
-    finally:
-        progress.set_quiet(was_quiet)
-    row.benign_model = bool(entry.is_benign)
-    failed = attack_failure((row.before or {}).get("ASR"), row.benign_model, settings.min_asr)
-    if not entry.is_benign and (row.before or {}).get("ASR") is not None:
-        row.attack_implanted = failed is None
-    if failed:
-        row.notes.append(f"DER n/a: {failed}")
-        row.der = None
-    if not entry.is_benign:
-        from testbed.data.h5data import open_dataset
-
-        with open_dataset(entry.data_path, check_labels=False) as f:
-            row.attack_params = (f.attack or {}).get("params")
-    return row
+    return session().new_defense(suite_settings)
 
 
 @pytest.fixture(scope="session")
@@ -245,7 +164,7 @@ def score(pytestconfig, suite_settings):
     def _score(entry, run: int = 0) -> dict:
         key = (entry.id, run)
         if key not in cache:
-            cache[key] = run_on_entry(entry, suite_settings)
+            cache[key] = session().run_on_entry(entry, suite_settings)
         return cache[key]
 
     return _score

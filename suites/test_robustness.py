@@ -16,6 +16,8 @@ import math
 
 import pytest
 
+from testbed.stats import detection_summary
+
 
 def _fail(message: str) -> None:
     pytest.fail(message, pytrace=False)
@@ -120,8 +122,6 @@ def test_verdict(zoo_entry, score, suite_settings):
 
 
 def _detection(zoo, score, suite_settings) -> dict:
-    from testbed.stats import detection_summary
-
     rows = [score(e) for e in zoo]
     if not any("verdict" in (r.get("kinds") or []) for r in rows if not r.get("error")):
         pytest.skip(f"{suite_settings.defense} returned no verdict on any entry")

@@ -178,8 +178,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _last_resort(e: BaseException, args: argparse.Namespace | None) -> int:
     """Ctrl-C (130, with how to resume), input nested too deep or out of memory (one line, 2); else re-raised."""
-    if isinstance(e, KeyboardInterrupt):
-        print(f"testbed: interrupted{resume_hint(args) if args is not None else ''}", file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt):  # notes: what the interrupted work kept (the training loop's checkpoint)
+        kept = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+        print(f"testbed: interrupted{kept}{resume_hint(args) if args is not None else ''}", file=sys.stderr)
         return 130
     if isinstance(e, RecursionError):  # a reader without its own bound met deeply nested input
         print("testbed: error: input nested too deeply to read; refusing it as damaged or hostile", file=sys.stderr)

@@ -218,5 +218,24 @@ def test_junit_classnames_carry_the_defense_and_progress_stays_out_of_failures(p
     assert "test_verdict[always-backdoored[score=2.5]:deeplabv3_tiny--benign--s0]" in out
     # the failure's captured stderr (if any) holds no scoring progress lines ("score benign: 2/2 it ...")
     assert "it/s" not in out and "score benign:" not in out
-    # the summary's node ids name no path that does not exist (pytest's own progress line still does: unfinished)
+    # neither the summary's node ids nor the progress line name a path that does not exist (../test_robustness.py)
     assert "FAILED ../" not in out and "FAILED test_robustness.py::test_verdict[" in out
+    assert not [line for line in out.splitlines() if line.startswith("../")], out
+    assert any(line.startswith("test_robustness.py .F") or line.startswith("test_robustness.py F.")
+               for line in out.splitlines()), out
+
+
+def test_pytest_without_zoo_never_imports_what_only_a_suite_run_needs(tmp_path):
+    """The plugin is loaded by every pytest run where segbackdoor is installed: `pytest --help` (or any run without
+    --zoo) must not import torch, the defenses or the zoo (seconds on a busy machine)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys, pytest; pytest.main(['--help']); "
+            "print(sorted(m for m in ('torch', 'testbed.zoo', 'testbed.suites.session') if m in sys.modules), file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "--defense-param" in r.stdout  # the plugin was loaded (its options are listed)
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr

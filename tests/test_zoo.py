@@ -174,6 +174,40 @@ def test_bad_spec_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
     assert not out.exists()
 
 
+IBA_SPEC = ('[data]\nsynth = { n_train = 48 }\n[[attack]]\nid = "a"\nattack = "%s"\nsource = "person"\n'
+            'target = "wall"\n%s\n[grid]\nmodel = ["deeplabv3_tiny"]\nattack = ["a"]\n')
+
+
+def _spec_error(tmp_path: Path, capsys, text: str) -> str:
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    assert main(["zoo", "build", str(spec), "--out", str(tmp_path / "zoo")]) == 2
+    assert not (tmp_path / "zoo").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_the_iba_spec_error_lists_only_the_keys_iba_takes(tmp_path, capsys):
+    """IBA places its own trigger: neither ``trigger`` nor any trigger option is a key it takes."""
+    from testbed.attacks.registry import attack_class, params_doc
+    from testbed.attacks.triggers import trigger_options
+
+    own = {p.key_for(n) for n, p in params_doc(attack_class("iba")).items()}
+    trigger_keys = {"trigger"} | {p.key_for(n) for n, p in trigger_options().items()}
+    run_keys = {"id", "attack", "rate", "seed", "clean_fraction", "require"}
+    err = _spec_error(tmp_path, capsys, IBA_SPEC % ("iba", "patch_sz = 4"))
+    assert "did you mean 'patch_size'" in err
+    assert set(err.split("valid keys for attack iba: ")[1].split(", ")) == own | run_keys
+    err = _spec_error(tmp_path, capsys, IBA_SPEC % ("iba", 'trigger = "line"'))
+    assert "'trigger' cannot be used in [[attack]] 'a': attack iba places its own trigger" in err
+    err = _spec_error(tmp_path, capsys, IBA_SPEC % ("iba", "line_width = 2"))
+    assert "'line_width' cannot be used" in err and "line_width, " not in err.split("valid keys")[1]
+    # an attack that takes a trigger still lists the trigger's keys
+    err = _spec_error(tmp_path, capsys, IBA_SPEC.replace('source = "person"\n', '') % ("badnets", "patch_sz = 4"))
+    assert trigger_keys <= set(err.split("valid keys for attack badnets: ")[1].split(", "))
+
+
 def test_rerun_with_changed_settings_is_refused(tmp_path, capsys):
     from testbed.zoo.build import prepare
     from testbed.zoo.spec import parse_spec
@@ -368,7 +402,28 @@ def test_ls_lists_entries(resumed_zoo, capsys):
     lines = [line for line in out.splitlines() if line.startswith("deeplabv3_tiny--")]
     assert len(lines) == 2 and lines[0].split()[:5] == [first, "deeplabv3_tiny", "benign", "0", "done"]
     asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]
-    assert lines[1].split()[-1] == f"{asr:.1f}"
+    ref = json.loads((zoo / "entries" / first / "done.json").read_text())["reference"]["n1"]["ASR"]
+    assert lines[1].split()[-2:] == [f"{asr:.1f}", f"{ref:.1f}"]  # ASR, then the benign model's on the same data
+
+
+def test_ls_says_when_the_benign_model_scores_the_same_asr(resumed_zoo, tmp_path, capsys):
+    """An ASR the benign model of the same seed reaches too measures no backdoor (a weak model labelling the
+    victim as the target anyway): `zoo ls` says so instead of "implanted"."""
+    zoo, _, first, second, _, _ = resumed_zoo
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo, copy)
+    asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]
+    done = json.loads((copy / "entries" / first / "done.json").read_text())
+    done["reference"]["n1"]["ASR"] = max(asr, 1.0)  # the benign model as high as the attacked one (a hand edit)
+    (copy / "entries" / first / "done.json").write_text(json.dumps(done))
+    assert main(["zoo", "ls", str(copy), "--json", "--min-asr", "0"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[second]["benign_ASR"] == max(asr, 1.0) and rows[first]["benign_ASR"] is None
+    assert rows[second]["implanted"] == f"NO GAIN (benign {max(asr, 1.0):.1f}%)"
+    done["reference"]["n1"]["ASR"] = asr - 0.5  # below: the ASR is the attack's
+    (copy / "entries" / first / "done.json").write_text(json.dumps(done))
+    assert main(["zoo", "ls", str(copy), "--json", "--min-asr", "0"]) == 0
+    assert {r["id"]: r for r in json.loads(capsys.readouterr().out)}[second]["implanted"] == "implanted"
 
 
 def test_verify_accepts_a_good_zoo_and_names_each_problem(resumed_zoo, tmp_path, capsys):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,11 +369,10 @@ def _train(req: _Request, cfg: TrainConfig, dist: _Dist, device: torch.device) -
             if dist.is_main:
                 facts = {"n_used": len(dataset), "batch": batch}
                 _finish(job, state, info, facts, req.score)
-        except BaseException as e:
-            if dist.is_main and isinstance(e, KeyboardInterrupt) and job.ckpt_path.is_file():
+        except KeyboardInterrupt as e:  # the command that called says how to go on, in its one line (testbed.cli)
+            if dist.is_main and job.ckpt_path.is_file():
                 done = int(torch.load(job.ckpt_path, map_location="cpu", weights_only=True)["epoch"])
-                print(f"testbed: training interrupted; the checkpoint after epoch {done} of {cfg.epochs} is kept in "
-                      f"{job.ckpt_path}; continue with the same command plus --resume", file=sys.stderr)
+                e.add_note(f"the checkpoint after epoch {done} of {cfg.epochs} is kept in {job.ckpt_path}")
             raise
     dist.barrier()
     return req.out

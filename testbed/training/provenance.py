@@ -3,14 +3,26 @@
 Scoring on another file is often intended (a benign model against every attacked set, cross-attack
 studies), so it is never refused when the classes agree; but a row must say which attack the *model*
 carries, not which attack the scored file holds, and the user must see that the files differ.  The run's
-``config.json`` records the training file's path, its content hash and its attack record (``dataset``).
+``config.json`` records the training file's path, its content hash and its attack record (``dataset``);
+the weights file records the same ``dataset`` record in its safetensors metadata when the run is saved, so a
+``config.json`` edited afterwards to claim other training data no longer matches its weights and is refused
+wherever the run is used with ``--data`` (score, defend, bench).  Anyone who rewrites the weights too can
+still forge both; a signed zoo (docs/zoo.md) is what protects models handed to strangers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from testbed.core.errors import UserError
+from testbed.data.h5data import content_hash, open_dataset
+
+RECORD_KEY = "dataset"  # the safetensors metadata key holding the run's dataset record (JSON text)
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content hash, per process
 
@@ -38,8 +50,6 @@ def model_attack_label(config: dict[str, Any], data_attack: dict[str, Any] | Non
 
 def content_hash_cached(path: str | os.PathLike) -> str:
     """:func:`testbed.data.h5data.content_hash`, computed once per file version in this process."""
-    from testbed.data.h5data import content_hash
-
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
@@ -51,9 +61,9 @@ def content_hash_cached(path: str | os.PathLike) -> str:
 def other_data_note(run_dir: str | os.PathLike, config: dict[str, Any], data_path: str | os.PathLike) -> str | None:
     """One line when ``data_path`` is not the file the run was trained on (by content hash), else None.
 
-    None too when the run does not record its training data (nothing to compare with)."""
-    from testbed.data.h5data import open_dataset
-
+    None too when the run does not record its training data (nothing to compare with).  First the run's
+    record is checked against its weights' (:func:`check_record`): an edited config.json is refused."""
+    check_record(run_dir, config)
     ds = trained_on(config)
     if ds is None or not ds.get("content_hash"):
         return None
@@ -63,7 +73,50 @@ def other_data_note(run_dir: str | os.PathLike, config: dict[str, Any], data_pat
         scored = attack_label(f.attack)
     model = attack_label(ds.get("attack"))
     return (f"note: {run_dir} was trained on {ds.get('path')} (attack {model}), not on {data_path} (attack {scored}); "
-            f"its rows are labelled with the model's attack, {model}")
+            f"its results are reported under the attack the model was trained with, {model}")
+
+
+def weights_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata a run's weights are saved with: the format, and the run's dataset record."""
+    ds = trained_on(config)
+    meta = {"format": "pt"}
+    if ds is not None:
+        meta[RECORD_KEY] = json.dumps(ds, sort_keys=True, allow_nan=False)
+    return meta
+
+
+def weights_record(weights: str | os.PathLike) -> dict[str, Any] | None:
+    """The dataset record saved in a weights file's metadata, or None (an older run, or weights saved elsewhere)."""
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            text = (f.metadata() or {}).get(RECORD_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None  # not safetensors: loading the weights refuses it with its own message
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{weights}: its record of the training data is damaged; re-create the run")
+    return record
+
+
+def check_record(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Refuse a run whose config.json names other training data than its weights recorded when they were saved.
+
+    A run without the record (saved before it existed) is not checked."""
+    saved = weights_record(Path(run_dir) / "model.safetensors")
+    if saved is None:
+        return
+    ds = trained_on(config) or {}
+    changed = sorted(k for k in set(saved) | set(ds) if saved.get(k) != ds.get(k))
+    if changed:
+        raise UserError(f"{Path(run_dir) / 'config.json'} does not match its weights: its dataset "
+                        f"{', '.join(changed)} differ from what model.safetensors recorded at training "
+                        f"(trained on sha256 {str(saved.get('content_hash'))[:12]}…); config.json was edited: re-create "
+                        "the run or restore its config.json")
 
 
 def model_is_benign(config: dict[str, Any], data_poisoned: bool) -> bool:

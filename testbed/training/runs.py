@@ -19,20 +19,22 @@ from testbed import models
 from testbed.core import atomic, safeload
 from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
+from testbed.training.provenance import weights_metadata
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
 def save_model(model: nn.Module, config: dict[str, Any], run_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``run_dir`` (each atomically)."""
+    """Write ``model.safetensors`` and ``config.json`` into ``run_dir`` (each atomically); the weights' metadata
+    records the run's training data (:func:`testbed.training.provenance.weights_metadata`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
     with atomic.atomic_file(run_dir / WEIGHTS) as tmp:
         try:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            save_file(tensors, str(tmp), metadata=weights_metadata(config))
         except SafetensorError as e:  # its I/O errors (a full disk) arrive as this, not as OSError
             raise UserError(f"cannot write {run_dir / WEIGHTS} ({e}); free disk space and run again") from None
     atomic.write_json(run_dir / CONFIG, config)

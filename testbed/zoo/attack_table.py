@@ -31,11 +31,18 @@ def _fail(path: Path, msg: str) -> UserError:
     return UserError(f"{path.name}: {msg}")
 
 
+def _trigger_keys() -> dict[str, str]:
+    """TOML key → keyword of the trigger options and ``trigger`` itself."""
+    return {"trigger": "trigger", **{p.key_for(n): n for n, p in trigger_options().items()}}
+
+
 def _keys_for(cls: type) -> dict[str, str]:
-    """TOML key → keyword of ``poison_file`` (attack parameters and trigger options)."""
+    """TOML key → keyword of ``poison_file``: the attack's parameters, the trigger's options unless the attack
+    places its own trigger (IBA), and the run keys."""
     out = {p.key_for(n): n for n, p in params_doc(cls).items()}
-    out.update({p.key_for(n): n for n, p in trigger_options().items()})
-    out.update({k: k for k in RUN_KEYS if k not in ("id", "attack")})
+    if not getattr(cls, "own_trigger", False):
+        out.update(_trigger_keys())
+    out.update({k: k for k in RUN_KEYS if k not in ("id", "attack", "trigger")})
     return out
 
 
@@ -77,8 +84,9 @@ def parse_attack_table(table: Any, path: Path) -> tuple[str, dict[str, Any], int
     for key in table:
         if key not in keys and key not in ("id", "attack"):
             valid = ["id", "attack", *keys]
-            raise _fail(path, f"unknown key {key!r} in {where}{did_you_mean(key, valid, 0.5)}; valid keys for attack "
-                        f"{table['attack']}: {', '.join(valid)}")
+            what = (f"{key!r} cannot be used in {where}: attack {table['attack']} places its own trigger"
+                    if key in _trigger_keys() else f"unknown key {key!r} in {where}{did_you_mean(key, valid, 0.5)}")
+            raise _fail(path, f"{what}; valid keys for attack {table['attack']}: {', '.join(valid)}")
     seed = table.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise _fail(path, f"{where} seed must be a non-negative integer, got {seed!r}")

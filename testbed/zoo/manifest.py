@@ -26,6 +26,7 @@ from typing import Any, Collection
 from testbed.core import atomic, safeload
 from testbed.core.errors import UserError
 from testbed.execution.claims import DEFAULT_STALE_AFTER, is_stale, read_claim, zoo_lock
+from testbed.scoring.scorer import SCORE_KEYS
 import testbed.zoo.integrity as integrity
 from testbed.zoo.integrity import (FORMAT, MANIFEST, PLAN, VERSION, file_problem, file_sha256, path_problem, safe_name,
                                    schema_problems)
@@ -77,8 +78,6 @@ def summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The paper's numbers (and per-class IoU) of a scorer result; confusion matrices stay in the run dir."""
     if metrics is None:
         return None
-    from testbed.scoring.scorer import SCORE_KEYS
-
     out = {k: metrics.get(k) for k in SCORE_KEYS}
     if "per_class_iou_b" in metrics:
         out["per_class_iou_b"] = metrics["per_class_iou_b"]
@@ -386,7 +385,7 @@ def verify(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
     for e in manifest["entries"]:
         if e["status"] != "done":
             unfinished.add(f"entries/{e['id']}")
-            problems.append(f"entry {e['id']}: not finished ({e['status']}); rerun `testbed zoo build`")
+            problems.append(_unfinished(zoo, e["id"]))
         elif e.get("is_benign"):
             stale = sorted(set(e.get("reference_data") or {}) - set(e.get("reference") or {}))
             if stale:
@@ -396,6 +395,17 @@ def verify(zoo: Path) -> tuple[list[str], dict[str, Any] | None]:
     problems += list(bad.values())
     problems += _record_problems(zoo, manifest, bad)
     return problems + _unexpected(zoo, expected, unfinished), manifest
+
+
+def _unfinished(zoo: Path, entry_id: str) -> str:
+    """An entry the manifest lists as unfinished, in `zoo ls`'s words for its state now (running, partial,
+    pending), not the state the manifest recorded when it was written."""
+    if not safe_name(entry_id):
+        return f"entry {entry_id!r}: not finished; its id is not a plain name"
+    state = entry_status(zoo, entry_id)
+    if state == "done":
+        return f"entry {entry_id}: finished after the manifest was written; rerun `testbed zoo build` to record it"
+    return f"entry {entry_id}: not finished ({state}); rerun `testbed zoo build`"
 
 
 def _record_problems(zoo: Path, manifest: dict[str, Any], bad: dict[str, str]) -> list[str]:

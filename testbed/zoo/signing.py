@@ -25,9 +25,8 @@ INSTALL = "zoo signing needs the model-signing package: pip install 'segbackdoor
 
 
 def _model_signing():
-    try:
-        import model_signing.signing
-        import model_signing.verifying
+    try:  # an optional dependency, heavy (sigstore, ~1.5 s): imported only to sign or verify; the package
+        import model_signing  # imports its signing and verifying modules itself
     except ImportError as e:
         raise UserError(f"{INSTALL} ({e})") from None
     return model_signing

@@ -23,6 +23,7 @@ from testbed.core.errors import UserError, did_you_mean
 from testbed.data.h5data import open_dataset
 from testbed.data.synth import SYNTH_CLASSES, check_synth_args
 from testbed.training.loop import TrainConfig
+from testbed.training.runs import check_weights
 from testbed.zoo.attack_table import BENIGN, check_variant, parse_attack_table
 
 TOP_KEYS = ("data", "train", "attack", "grid")
@@ -270,8 +271,6 @@ def _check_backbone_weights(weights: str | None, path: Path) -> None:
     build writes anything: found at training time, the data and entry records were already written."""
     if weights is None or weights.lower() == "imagenet":
         return
-    from testbed.training.runs import check_weights
-
     file = Path(weights)
     if not file.is_file():
         raise UserError(f"{_where(path)}: backbone_weights file {weights} does not exist (paths are relative to the "
