@@ -101,3 +101,18 @@ def test_quiet_and_tty(monkeypatch):
     monkeypatch.setattr(progress, "_quiet", False)
     monkeypatch.setattr(progress.sys, "stderr", Tty())
     assert progress.enabled() and not isinstance(progress.bar(total=3), progress.LineBar)
+
+
+def test_the_closing_line_is_never_a_repeat_and_slow_rates_read_in_seconds_per_item(log, monkeypatch):
+    """A zoo of 4 entries, each 9 s: the update at 4/4 prints (interval passed), close() must not print it again;
+    a rate below one item a second reads as seconds per item (36 s / 4 = 9 s/it), as tqdm writes it."""
+    clock, err = log
+    monkeypatch.setenv("TESTBED_PROGRESS_SECONDS", "5")
+    bar = progress.bar(total=4, desc="zoo")
+    for _ in range(4):
+        clock.t += 9
+        bar.update(1)
+    bar.close()
+    lines = err.getvalue().splitlines()
+    assert lines[-1] == "zoo: 4/4 it (100%), 36.0 s, 9 s/it"
+    assert len(lines) == len(set(lines)) == 4

@@ -217,7 +217,7 @@ def test_junit_classnames_carry_the_defense_and_progress_stays_out_of_failures(p
     out = r.stdout.str()
     assert "test_verdict[always-backdoored[score=2.5]:deeplabv3_tiny--benign--s0]" in out
     # the failure's captured stderr (if any) holds no scoring progress lines ("score benign: 2/2 it ...")
-    assert "it/s" not in out and "score benign:" not in out
+    assert "it/s" not in out and "s/it" not in out and "score benign:" not in out
     # neither the summary's node ids nor the progress line name a path that does not exist (../test_robustness.py)
     assert "FAILED ../" not in out and "FAILED test_robustness.py::test_verdict[" in out
     assert not [line for line in out.splitlines() if line.startswith("../")], out

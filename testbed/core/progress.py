@@ -61,6 +61,7 @@ class LineBar:
         self.total, self.n, self.postfix = total, int(initial), ""
         self._start = self._last = time.monotonic()
         self._printed, self._closed, self._every = False, False, _interval()
+        self._printed_at: tuple[int, str] | None = None  # (n, postfix) of the last line printed
         self._closing_line = closing_line  # False: the caller prints its own line when the bar ends (an epoch's)
         self.family = re.sub(r"\d+", "#", self.desc)  # "epoch 3/8" and "epoch 4/8" are one family
         _family_last.setdefault(self.family, self._start)
@@ -89,13 +90,16 @@ class LineBar:
             where = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
             if self.total:
                 where += f" ({100 * self.n / self.total:.0f}%)"
-        rate = f", {self.n / elapsed:.3g} {self.unit}/s" if elapsed > 0 and self.n and self.unit != "%" else ""
+        rate = ""
+        if elapsed > 0 and self.n and self.unit != "%":  # as tqdm: seconds per unit when slower than one a second
+            per_s = self.n / elapsed
+            rate = f", {per_s:.3g} {self.unit}/s" if per_s >= 1 else f", {1 / per_s:.3g} s/{self.unit}"
         tail = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc}: {where}, {elapsed:.1f} s{rate}{tail}" if self.desc else f"{where}, {elapsed:.1f} s{rate}{tail}"
 
     def _emit(self) -> None:
         print(self.line(), file=sys.stderr, flush=True)
-        self._printed, self._last = True, time.monotonic()
+        self._printed, self._last, self._printed_at = True, time.monotonic(), (self.n, self.postfix)
         _family_last[self.family] = self._last
 
     def update(self, n: int = 1) -> None:
@@ -128,7 +132,7 @@ class LineBar:
             return
         self._closed = True
         now = time.monotonic()
-        moved = self.n > 0 or bool(self.postfix)
+        moved = (self.n > 0 or bool(self.postfix)) and self._printed_at != (self.n, self.postfix)  # never twice
         if moved and self._closing_line and (self._printed or now - self._start >= MIN_SECONDS or now - _family_last[self.family] >= MIN_SECONDS):
             self._emit()
 
