@@ -16,6 +16,7 @@ import torch
 
 from test_bench_cli import ZOO_SPEC as BASE_SPEC
 from test_bench_cli import Brightness, DarkFilter  # noqa: F401 - run by name from this module
+from test_defense_runner import reads  # noqa: F401 - the fixture counting file reads
 from testbed.cli import main
 from testbed.defense import DefenseResult, Verdict
 
@@ -464,7 +465,7 @@ def test_filters_on_a_semantic_trigger_are_marked_confounded(entries, fgba_11_se
         total = len(f["test_attacked/index"])
     assert outside.size == total > 0  # a semantic trigger: no attacked image is in the benign set
     assert row.detection.confounded.startswith(f"{total} of {total} attacked test images are not in the benign test set")
-    assert "(confounded)" in __import__("testbed.bench.run", fromlist=["summary_line"]).summary_line(row)
+    assert "(confounded)" in __import__("testbed.bench.workers", fromlist=["summary_line"]).summary_line(row)
     line = run_defense(DarkFilter(), run, fgba_line_path, device="cpu", panels=0)
     assert line.detection.confounded is None
 
@@ -530,3 +531,103 @@ def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path
     assert wall >= elapsed[-1] > 0  # the wall time covers every pair
     assert f"wall time of this bench: `{wall} s`" in (tmp_path / "s" / "report.md").read_text()
     assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note
+
+
+# -- issue 20: settings as objects; before-scores cached by what they depend on, not by path -------------------
+def _verdict_bench(out: Path, run: Path, data: Path) -> dict:
+    """Two verdict defenses (nothing scored after) on one run, through the object call."""
+    from testbed.bench import BenchSettings, Execution, ModelSource, ReportOptions, run_bench
+
+    return run_bench(out, [Searcher(), Brightness()], ModelSource(run=run, data=data), BenchSettings(device="cpu", threads=1),
+                     execution=Execution(progress=False, log=lambda m: None), report=ReportOptions(figures=False))
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """``dst`` replaced by a copy of ``src`` the way tools replace files (a new file renamed over it)."""
+    import os
+    import shutil
+
+    shutil.copyfile(src, dst.with_name(dst.name + ".new"))
+    os.replace(dst.with_name(dst.name + ".new"), dst)
+
+
+def test_before_scores_are_cached_by_content_not_by_path(entries, tmp_path, monkeypatch):
+    import shutil
+
+    import testbed.evaluation.loaded as loaded
+    from testbed.bench import workers
+    from testbed.scoring.scorer import score_model
+    from testbed.training.runs import load_run
+
+    passes = []
+    monkeypatch.setattr(loaded, "score_model", lambda *a, **k: (passes.append(1), score_model(*a, **k))[1])
+    monkeypatch.setattr(workers, "_BEFORE", {})
+    first, second = (e for e in entries.values() if e.is_benign)  # same classes and architecture, other seeds
+    clean = Path(first.data_path)
+    poisoned = next(Path(e.data_path) for e in entries.values() if not e.is_benign)
+    run, data = tmp_path / "run", tmp_path / "data.h5"
+    shutil.copytree(first.run_dir, run)
+    shutil.copyfile(clean, data)
+
+    def expected(weights_of: Path, data_file: Path) -> dict:
+        model, _ = load_run(weights_of, "cpu")
+        full = score_model(model, data_file, "cpu", batch_size=32)
+        return {k: full[k] for k in SCORE_KEYS}
+
+    def before(doc: dict) -> dict:
+        got = [r["before"] for r in doc["rows"]]
+        assert got[0] == got[1]  # both defenses of the model see the same scores
+        return {k: got[0][k] for k in SCORE_KEYS}
+
+    assert before(_verdict_bench(tmp_path / "a", run, data)) == expected(first.run_dir, clean)
+    assert len(passes) == 1  # one model, two defenses: scored once
+    shutil.copytree(run, tmp_path / "copy")  # the same weights and data at another path: the same scores, reused
+    assert before(_verdict_bench(tmp_path / "b", tmp_path / "copy", data)) == expected(first.run_dir, clean)
+    assert len(passes) == 1
+    _replace(Path(second.run_dir) / "model.safetensors", run / "model.safetensors")  # other weights, same path
+    want = expected(second.run_dir, clean)
+    assert want != expected(first.run_dir, clean)  # the check below can fail
+    assert before(_verdict_bench(tmp_path / "c", run, data)) == want
+    assert len(passes) == 2
+    _replace(poisoned, data)  # other data, same path
+    want = expected(second.run_dir, poisoned)
+    assert want != expected(second.run_dir, clean)
+    assert before(_verdict_bench(tmp_path / "d", run, data)) == want
+    assert len(passes) == 3
+
+
+def test_the_keyword_call_is_the_object_call(zoo, tmp_path):
+    """``run_bench(out, defenses, zoo=..., device=..., ...)`` (the earlier call) fills the same objects."""
+    from testbed.bench import BenchSettings, Execution, ModelSource, ReportOptions, run_bench
+
+    a = run_bench(tmp_path / "a", f"{ME}:Searcher", zoo=zoo, entries="*s0", device="cpu", seed=3, budget_passes=7,
+                  threads=1, figures=False, progress=False, log=lambda m: None, title="same")
+    b = run_bench(tmp_path / "b", f"{ME}:Searcher", ModelSource(zoo=zoo, entries="*s0"),
+                  BenchSettings(device="cpu", seed=3, budget_passes=7, threads=1),
+                  execution=Execution(progress=False, log=lambda m: None), report=ReportOptions(figures=False, title="same"))
+    assert [r["settings"] for r in a["rows"]] == [r["settings"] for r in b["rows"]]
+    assert a["rows"][0]["settings"]["seed"] == 3 and a["rows"][0]["settings"]["budget_passes"] == 7
+    assert [r["model"] for r in a["rows"]] == [r["model"] for r in b["rows"]] and len(a["rows"]) == 2
+    for x, y in zip(a["rows"], b["rows"]):
+        assert x["before"] == y["before"] and x["verdict"] == y["verdict"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zooo'"):
+        run_bench(tmp_path / "c", f"{ME}:Searcher", zooo=zoo)
+    with pytest.raises(TypeError, match="not both"):
+        run_bench(tmp_path / "c", f"{ME}:Searcher", ModelSource(zoo=zoo), BenchSettings(), device="cpu")
+
+
+def test_one_bench_pair_on_a_zoo_entry_reads_the_weights_once(zoo, entries, tmp_path, reads, monkeypatch):
+    """The acceptance count of issue 20: for one pair of a zoo bench, the weights file is loaded once and the data
+    file opened at most twice (the classes check before any work, then the pair's one open)."""
+    from testbed.bench import BenchSettings, Execution, ModelSource, ReportOptions, run_bench
+    from testbed.bench import workers
+
+    monkeypatch.setattr(workers, "_BEFORE", {})
+    eid = next(i for i, e in entries.items() if not e.is_benign and i.endswith("s0"))
+    reads.clear()
+    doc = run_bench(tmp_path / "one", [Shrink()], ModelSource(zoo=zoo, entries=eid), BenchSettings(device="cpu", threads=1),
+                    execution=Execution(progress=False, log=lambda m: None), report=ReportOptions(figures=False))
+    assert [r["error"] for r in doc["rows"]] == [None]
+    data = Path(entries[eid].data_path).name
+    assert reads["weights:model.safetensors"] == 1
+    assert reads[f"h5:{data}"] <= 2, reads

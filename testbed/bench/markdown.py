@@ -11,7 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from testbed.stats import md_table
+from testbed.evaluation.rows import last_frames
+from testbed.stats import aggregate_markdown, comparisons_markdown, detection_markdown, md_table
 from testbed.stats.rows import identify
 
 INTRO = ("Scores in percent (benign test set: mIoU-B; attacked test set: ASR). DER = DER_seg "
@@ -159,8 +160,6 @@ def settings_warning(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> li
 
 def errors_section(rows: Sequence[dict[str, Any]], figure_errors: Sequence[dict[str, Any]]) -> list[str]:
     """The defense's failures, with the innermost frames of the traceback; then the testbed's own failures."""
-    from testbed.evaluation.rows import last_frames
-
     lines = []
     for r in rows:
         if not r.get("error"):
@@ -177,8 +176,6 @@ def errors_section(rows: Sequence[dict[str, Any]], figure_errors: Sequence[dict[
 def statistics_sections(doc: dict[str, Any]) -> list[str]:
     """The statistics of :mod:`testbed.stats`; the tables over seeds only where some group has two seeds or more
     (with one seed everywhere, they would repeat the rows with "n=1, no interval" in every cell)."""
-    from testbed.stats import aggregate_markdown, comparisons_markdown, detection_markdown
-
     aggregate = doc.get("aggregate") or []
     if any(a["n"] >= 2 for a in aggregate):
         first = aggregate_markdown(aggregate)

@@ -20,11 +20,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import testbed.bench.plots as plots
+from testbed.bench.markdown import markdown
 from testbed.core import atomic
-from testbed.core.atomic import safe_name  # noqa: F401 - figure and folder names
-from testbed.evaluation.rows import DefenseRow, public_row
+from testbed.core.atomic import safe_name
 from testbed.core.jsonutil import jsonable
+from testbed.evaluation.rows import DefenseRow, public_row
 from testbed.scoring.scorer import SCORE_KEYS
+from testbed.stats import aggregate_csv, bench_statistics
 
 RESULT_COLUMNS = (
     ["model", "attack", "benign_model", "attack_implanted", "defense", "kinds", "error"]
@@ -100,8 +103,6 @@ def draw_figures(fig_dir: Path, rows: Sequence[DefenseRow],
     """Panels + bars per model, then every per-row figure (:data:`testbed.bench.plots.ROW_FIGURES`) of each row.
 
     Returns the figures drawn and the testbed's failures to draw one (model, defense, figure, error)."""
-    from testbed.bench import plots
-
     fig_dir.mkdir(parents=True, exist_ok=True)
     out: list[Path | None] = []
     failed: list[dict[str, Any]] = []
@@ -149,8 +150,6 @@ def verdicts_view(detection: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def results_document(rows: Sequence[DefenseRow | dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """results.json: ``rows`` plus the statistics computed from them (seeded by the bench's seed)."""
-    from testbed.stats import bench_statistics
-
     public = [public_row(r) for r in rows]
     stats = bench_statistics(public, seed=int(meta.get("seed") or 0))
     return {
@@ -167,9 +166,6 @@ def write_report(out_dir: str | Path, rows: Sequence[DefenseRow], *, meta: dict[
                  classes: dict[str, Sequence[str]], figures: bool = True) -> dict[str, Any]:
     """Write every report file into ``out_dir`` (created if needed). Returns results.json (plus ``"figures"``, the
     figure paths relative to ``out_dir``)."""
-    from testbed.bench.markdown import markdown
-    from testbed.stats import aggregate_csv
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs: list[Path] = []

@@ -7,54 +7,43 @@ resumes where it stopped, and a bench into an existing report merges its rows (s
 the others kept) before the report is regenerated from all of them.  Pairs run in this process or in
 parallel (:mod:`testbed.bench.workers`).  Rows of a zoo bench also carry the entry's ``seed``, its ``group``
 (grid point without the seed) and the poisoned file's ``attack_params``, which statistics over seeds group by.
+
+What a bench is told comes as objects (:mod:`testbed.bench.settings`)::
+
+    run_bench(out, defenses, ModelSource(zoo="zoo/"), BenchSettings(seed=1), params={...},
+              execution=Execution(workers=2), report=ReportOptions(title="..."))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from testbed.evaluation.rows import DefenseRow
+import testbed.zoo
+from testbed.bench.settings import BenchModel, BenchSettings, Execution, ModelSource, ReportOptions
+from testbed.bench.report import write_report
+from testbed.bench.store import ReportStore, pair_id, read_pair
+from testbed.bench.workers import PairJob, default_threads, make_executor, say_result
+from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
+from testbed.core.guards import check_outputs
+from testbed.core.jsonutil import jsonable
+from testbed.data.h5data import open_dataset
+from testbed.defenses.registry import load_defense
+from testbed.evaluation.attack_check import check_min_asr
+from testbed.execution.executors import schedule
+from testbed.stats.rows import read_report
+from testbed.training.provenance import other_data_note
+from testbed.training.runs import check_weights, load_config
 
-
-@dataclass
-class BenchModel:
-    """One model to defend: its run, the data it was poisoned with, what attack (for the report).
-
-    ``seed`` and ``group`` are set for zoo entries (the statistics group rows by them); ``trained_on_data``
-    says that ``data_path`` is known to be the file the model was trained on (a zoo entry's), so it is not
-    hashed to check."""
-
-    id: str
-    run_dir: Path
-    data_path: Path
-    attack: str | None = None
-    is_benign: bool | None = None
-    seed: int | None = None
-    group: dict[str, Any] | None = None
-    trained_on_data: bool = False
-
-
-@dataclass
-class BenchSettings:
-    """How every pair of one bench is run (recorded in each row's ``settings``)."""
-
-    seed: int = 0
-    budget_s: float | None = None
-    budget_passes: int | None = None
-    batch_size: int = 32
-    device: str = "cpu"
-    threads: int = 1
-    min_asr: float = 50.0
-    save_model: bool = False
-    random_control: bool = True
+__all__ = ["BenchModel", "BenchSettings", "Execution", "ModelSource", "ReportOptions", "check_budgets", "run_bench",
+           "split_names", "zoo_models"]
 
 
 def split_names(spec: str | Sequence[Any]) -> list[Any]:
@@ -72,8 +61,6 @@ def split_names(spec: str | Sequence[Any]) -> list[Any]:
 
 def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[BenchModel]:
     """The finished entries of a zoo (those whose id matches the glob ``entries``) as models to defend."""
-    import testbed.zoo
-
     zoo = testbed.zoo.open(zoo_path)
     out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group, True)
            for e in zoo if entries is None or fnmatch.fnmatchcase(e.id, entries)]
@@ -93,20 +80,21 @@ def check_budgets(budget_s: Any, budget_passes: Any) -> None:
         raise UserError(f"--budget-passes must be a positive whole number of forward + backward passes, got {budget_passes!r}")
 
 
-def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]], settings: BenchSettings,
-                workers: int, backend: str) -> tuple[list[Any], list[str]]:
-    """The defense specs and their names, every one loaded once so a bad name or parameter fails up front."""
-    from testbed.evaluation.attack_check import check_min_asr
-    from testbed.defenses.registry import load_defense
-
-    check_budgets(settings.budget_s, settings.budget_passes)
-    check_min_asr(settings.min_asr, "--min-asr")
-    if settings.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {settings.batch_size}")
+def _check_execution(execution: Execution) -> None:
+    workers, backend = execution.workers, execution.backend
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be a whole number of at least 1, got {workers!r}")
     if backend not in ("local", "ray"):
         raise UserError(f"--backend {backend!r} is not known; use local or ray")
+
+
+def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]],
+                settings: BenchSettings) -> tuple[list[Any], list[str]]:
+    """The defense specs and their names, every one loaded once so a bad name or parameter fails up front."""
+    check_budgets(settings.budget_s, settings.budget_passes)
+    check_min_asr(settings.min_asr, "--min-asr")
+    if settings.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {settings.batch_size}")
     if settings.threads < 1:
         raise UserError(f"--threads must be at least 1, got {settings.threads}")
     specs = split_names(defenses)
@@ -121,22 +109,20 @@ def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]]
     return specs, names
 
 
-def _models(models: Sequence[BenchModel] | None, zoo: Any, run: Any, data: Any, entries: str | None) -> list[BenchModel]:
-    if models is not None:
-        return list(models)
-    if zoo is not None:
-        return zoo_models(zoo, entries)
-    if run is not None:
-        if data is None:
+def _models(source: ModelSource) -> list[BenchModel]:
+    if source.models is not None:
+        return list(source.models)
+    if source.zoo is not None:
+        return zoo_models(source.zoo, source.entries)
+    if source.run is not None:
+        if source.data is None:
             raise UserError("--run needs --data POISONED.h5 (the dataset the model was trained on)")
-        return [BenchModel(Path(run).name or "model", Path(run), Path(data))]
+        return [BenchModel(Path(source.run).name or "model", Path(source.run), Path(source.data))]
     raise UserError("name the models to defend: --zoo ZOO/ or --run RUN/ --data D.h5")
 
 
 def _check_inputs(out: Path, models: list[BenchModel], zoo: Any) -> None:
     """--out may not be, or hold, what the bench reads (a run, a data file, the zoo)."""
-    from testbed.core.guards import check_outputs
-
     inputs: list[tuple[str, Any]] = [("--zoo", zoo)]
     for m in models:
         inputs += [("the run", m.run_dir), ("the data", m.data_path)] if zoo is not None else \
@@ -147,10 +133,6 @@ def _check_inputs(out: Path, models: list[BenchModel], zoo: Any) -> None:
 def _preflight(models: list[BenchModel]) -> dict[str, list[str]]:
     """Refuse a model whose weights are not safetensors or whose classes differ from its data's (before any work);
     the note for one scored on a file it was not trained on (the run's config records the training file's content hash), per model id."""
-    from testbed.data.h5data import open_dataset
-    from testbed.training.provenance import other_data_note
-    from testbed.training.runs import check_weights, load_config
-
     notes: dict[str, list[str]] = {}
     for m in models:
         config = load_config(m.run_dir)
@@ -167,14 +149,8 @@ def _preflight(models: list[BenchModel]) -> dict[str, list[str]]:
 
 
 def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str], params: dict[str, dict[str, Any]],
-          settings: BenchSettings, notes: dict[str, list[str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+          settings: BenchSettings, notes: dict[str, list[str]]) -> tuple[dict[str, PairJob], dict[str, Any]]:
     """One job per model × defense (pair id → job) and the defense objects handed over in this process."""
-    from dataclasses import asdict
-
-    from testbed.bench.store import pair_id
-    from testbed.bench.workers import PairJob
-    from testbed.core.jsonutil import jsonable
-
     jobs, objects = {}, {}
     for m in models:
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
@@ -184,7 +160,7 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
             p = params.get(spec, {}) if isinstance(spec, str) else {}
             spec_name = spec if isinstance(spec, str) else None
             typed = spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}"
-            setting = {**asdict(settings), "params": p, "defense": typed}  # as typed: `compare` accepts it too
+            setting = {**dataclasses.asdict(settings), "params": p, "defense": typed}  # as typed: `compare` accepts it too
             key = jsonable({"model": model, "defense": typed, "name": name, "settings": setting})
             jobs[pid] = PairJob(out=str(out), pid=pid, model=jsonable(model), defense=spec_name, name=name,
                                 params=jsonable(p), settings=jsonable(setting), key=key, notes=list(notes.get(m.id, [])))
@@ -193,26 +169,34 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
     return jobs, objects
 
 
-def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: list[str], workers: int, backend: str,
-               ray_address: str | None, settings: BenchSettings, progress: bool, debug: bool,
-               say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run the ``todo`` pairs; returns the failures that left no row (a pair that could not run at all)."""
-    from testbed.bench.workers import make_executor, say_result
-    from testbed.execution.executors import schedule
+@dataclasses.dataclass
+class _Bench:
+    """One bench under way: its report, the resolved settings, its jobs and how they run."""
 
+    store: ReportStore
+    settings: BenchSettings
+    execution: Execution
+    report: ReportOptions
+    jobs: dict[str, PairJob]
+    objects: dict[str, Any]
+    say: Callable[[str], None]
+
+
+def _run_pairs(bench: _Bench, todo: list[str]) -> list[dict[str, Any]]:
+    """Run the ``todo`` pairs; returns the failures that left no row (a pair that could not run at all)."""
     failed: list[dict[str, Any]] = []
     if not todo:
         return failed
     for pid in todo:
-        jobs[pid].write()
-    executor = make_executor(out, workers, backend, ray_address, settings.device, settings.threads, jobs, objects, progress)
-
+        bench.jobs[pid].write()
+    executor = make_executor(bench.store.out, bench.execution, bench.settings, bench.jobs, bench.objects)
     start, count = time.perf_counter(), [0]
 
     def report(pid: str, result: dict[str, Any]) -> None:
         count[0] += 1  # one line per pair, numbered, with the bench's wall time so far (scoring included)
-        say_result(result, debug, lambda line: say(f"[{count[0]}/{len(todo)}, {time.perf_counter() - start:.1f} s "
-                                                   f"elapsed] {line}" if not line.startswith("  ") else line))
+        say_result(result, bench.execution.debug,
+                   lambda line: bench.say(f"[{count[0]}/{len(todo)}, {time.perf_counter() - start:.1f} s "
+                                          f"elapsed] {line}" if not line.startswith("  ") else line))
         if result.get("status") != "done":
             failed.append(result)
 
@@ -223,82 +207,85 @@ def _run_pairs(out: Path, jobs: dict[str, Any], objects: dict[str, Any], todo: l
     return failed
 
 
-def run_bench(
-    out: str | os.PathLike,
-    defenses: str | Sequence[Any],
-    *,
-    zoo: str | os.PathLike | None = None,
-    run: str | os.PathLike | None = None,
-    data: str | os.PathLike | None = None,
-    models: Sequence[BenchModel] | None = None,
-    entries: str | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    budget_s: float | None = None,
-    budget_passes: int | None = None,
-    params: dict[str, dict[str, Any]] | None = None,
-    batch_size: int = 32,
-    figures: bool = True,
-    title: str = "Defense benchmark",
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-    overwrite: bool = False,
-    min_asr: float = 50.0,
-    save_model: bool = False,
-    random_control: bool = True,
-    workers: int = 1,
-    backend: str = "local",
-    ray_address: str | None = None,
-    threads: int | None = None,
-    debug: bool = False,
-    rerun: bool = False,
-) -> dict[str, Any]:
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _from_keywords(models: Any, keywords: dict[str, Any]) -> tuple[ModelSource, BenchSettings, Execution,
+                                                                    ReportOptions]:
+    """The objects behind the earlier keyword call ``run_bench(out, defenses, zoo=..., device=..., seed=...,
+    workers=..., title=..., params=...)``: each keyword goes to the object that holds a field of its name."""
+    kinds = (ModelSource, BenchSettings, Execution, ReportOptions)
+    given = [{} for _ in kinds]
+    for key, value in keywords.items():
+        slot = next((i for i, k in enumerate(kinds) if key in {f.name for f in dataclasses.fields(k)}), None)
+        if slot is None:
+            raise TypeError(f"run_bench() got an unexpected keyword argument {key!r}")
+        given[slot][key] = value
+    if models is not None:
+        given[0]["models"] = models
+    return kinds[0](**given[0]), kinds[1](**given[1]), kinds[2](**given[2]), kinds[3](**given[3])
+
+
+def run_bench(out: str | os.PathLike, defenses: str | Sequence[Any],
+              models: ModelSource | Sequence[BenchModel] | None = None, settings: BenchSettings | None = None, *,
+              params: dict[str, dict[str, Any]] | None = None, execution: Execution | None = None,
+              report: ReportOptions | None = None, **keywords: Any) -> dict[str, Any]:
     """Run every defense on every model and write the report into ``out``; returns the results.json content
     plus ``"errors"`` (failed runs), ``"defense_errors"`` (runs the defense failed) and ``"testbed_errors"``
     (runs and figures the testbed itself failed).
 
-    Models come from ``zoo`` (a zoo directory), ``run`` + ``data``, or ``models`` (a list of
-    :class:`BenchModel`).  ``defenses``: comma-separated names or a list of names/defense objects.  An existing
-    report in ``out`` is merged into (``overwrite`` discards it first); an interrupted bench with the same
-    arguments is resumed, and pairs the report already holds with the same settings are not run again (``rerun``
-    runs them again; with all of them finished the bench does nothing).  ``min_asr``: a backdoored model whose ASR before any defense is below it gets DER
-    n/a.  ``workers``/``backend``/``threads``: see :mod:`testbed.bench.workers`.
+    ``models``: a :class:`ModelSource` (a zoo, or a run with its data) or a list of :class:`BenchModel`.
+    ``defenses``: comma-separated names or a list of names/defense objects; ``params``: defense name →
+    parameters.  ``settings`` (:class:`BenchSettings`) is recorded in every row; ``min_asr``: a backdoored
+    model whose ASR before any defense is below it gets DER n/a.  ``execution``: workers, backend, threads (see
+    :mod:`testbed.bench.workers`).  ``report``: an existing report in ``out`` is merged into (``overwrite``
+    discards it first); an interrupted bench with the same arguments is resumed, and pairs the report already
+    holds with the same settings are not run again (``rerun`` runs them again; with all of them finished the
+    bench does nothing).  The earlier keyword call (``zoo=``, ``run=``, ``data=``, ``device=``, ``seed=``,
+    ``workers=``, ``title=``, ...) still works: each keyword fills the field of the same name.
     """
-    from testbed.bench.store import ReportStore
-    from testbed.bench.workers import default_threads
-    from testbed.stats.rows import read_report
-    from testbed.core.device import resolve_device
-
+    if keywords:
+        if settings is not None or execution is not None or report is not None:
+            raise TypeError("run_bench(): pass settings, execution and report as objects or all as keywords, not both")
+        models, settings, execution, report = _from_keywords(models, keywords)
+    source = models if isinstance(models, ModelSource) else ModelSource(models=models)
+    execution, report = execution or Execution(), report or ReportOptions()
     params = dict(params or {})
-    settings = BenchSettings(seed=int(seed), budget_s=budget_s, budget_passes=budget_passes, batch_size=batch_size,
-                             device=device, min_asr=min_asr, save_model=bool(save_model), random_control=random_control,
-                             threads=threads if threads is not None else default_threads(workers, backend))
-    specs, names = _check_args(defenses, params, settings, workers, backend)
-    models = _models(models, zoo, run, data, entries)
-    _check_inputs(Path(out), models, zoo)
+    _check_execution(execution)
+    settings = dataclasses.replace(settings or BenchSettings())
+    settings.seed, settings.save_model = int(settings.seed), bool(settings.save_model)
+    if settings.threads is None:
+        settings.threads = default_threads(execution.workers, execution.backend)
+    specs, names = _check_args(defenses, params, settings)
+    listed = _models(source)
+    _check_inputs(Path(out), listed, source.zoo)
     store = ReportStore(out)
-    store.check(overwrite)
-    if backend != "ray":  # one device for every pair; a Ray task picks its own GPU when "auto"
-        settings.device = str(resolve_device(device))
-    say = log or (lambda msg: print(msg, file=sys.stderr))
-    notes = _preflight(models)
-    for m in models:
+    store.check(report.overwrite)
+    if execution.backend != "ray":  # one device for every pair; a Ray task picks its own GPU when "auto"
+        settings.device = str(resolve_device(settings.device))
+    say = execution.log or _stderr
+    notes = _preflight(listed)
+    for m in listed:
         for note in notes[m.id]:
             say(f"note: {note}")
-    out = Path(out)
-    jobs, objects = _plan(out, models, specs, names, params, settings, notes)
-    started = time.perf_counter()
+    jobs, objects = _plan(store.out, listed, specs, names, params, settings, notes)
+    bench = _Bench(store, settings, execution, report, jobs, objects, say)
+    return _run_locked(bench, {"names": names, "models": listed, "source": source, "started": time.perf_counter()})
+
+
+def _run_locked(bench: _Bench, what: dict[str, Any]) -> dict[str, Any]:
+    """Lock the report, run the pairs it lacks, commit them and regenerate the report from every pair."""
+    store, out = bench.store, bench.store.out
     store.lock()
     try:
-        plan, done, same = _begin(store, jobs, (overwrite, rerun), out, say)
+        plan, done, same = _begin(store, bench.jobs, (bench.report.overwrite, bench.report.rerun), out, bench.say)
         if len(same) == len(plan) and (out / "results.json").is_file():  # nothing to run: the report stands as is
             store.commit(plan)
             return {**_add_error_counts(read_report(out), []), "nothing_to_do": True}
-        failed = _run_pairs(out, jobs, objects, [p for p in jobs if p not in done | same], workers, backend,
-                            ray_address, settings, progress, debug, say)
+        failed = _run_pairs(bench, [p for p in bench.jobs if p not in done | same])
         store.commit(plan)
-        doc = _write(store, list(jobs), settings, names, models, zoo, data,
-                     {"title": title, "figures": figures, "started": started})
+        doc = _write(bench, list(bench.jobs), what)
     finally:
         store.unlock()
     return _add_error_counts(doc, failed)
@@ -308,8 +295,6 @@ def _already_in_report(store: Any, plan: dict[str, dict[str, Any]], done: set[st
                        say: Callable[[str], None]) -> set[str]:
     """The pairs the report already holds with the same key (not run again unless ``rerun``), saying so; and a
     line naming each finished pair this bench replaces because it runs with other settings."""
-    from testbed.bench.store import read_pair
-
     same, replaced = set(), []
     for pid, key in plan.items():
         old = None if pid in done else read_pair(store.pairs, pid)
@@ -366,58 +351,22 @@ def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict
     return doc
 
 
-def _write(store: Any, order: list[str], settings: BenchSettings, names: list[str], models: list[BenchModel],
-           zoo: Any, data: Any, how: dict[str, Any]) -> dict[str, Any]:
-    """The report regenerated from every finished pair of ``out``."""
-    from testbed.bench import report
-
-    from testbed.bench.store import pair_id
-
+def _write(bench: _Bench, order: list[str], what: dict[str, Any]) -> dict[str, Any]:
+    """The report regenerated from every finished pair of ``out`` (``what``: this bench's defense names, models,
+    model source and start time)."""
+    store, settings, source = bench.store, bench.settings, what["source"]
     pairs = store.all_pairs(order)
     rows = [p.row for p in pairs]
     classes = {p.row.model: p.classes for p in pairs}
     this = set(order)
     kept = sum(1 for r in rows if pair_id(r.model, r.defense) not in this)
-    title, figures = how["title"], how["figures"]
     meta = {
-        "title": title, "zoo": str(zoo) if zoo is not None else None, "data": str(data) if data is not None else None,
+        "title": bench.report.title, "zoo": str(source.zoo) if source.zoo is not None else None,
+        "data": str(source.data) if source.data is not None else None,
         "device": settings.device, "seed": settings.seed, "budget_s": settings.budget_s,
         "budget_passes": settings.budget_passes, "threads": settings.threads, "min_asr": settings.min_asr,
         "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
-        "this_run": {"defenses": names, "models": [m.id for m in models]}, "rows_from_earlier_runs": kept,
-        "command_seconds": round(time.perf_counter() - how["started"], 1),  # pairs run + scoring, before figures
+        "this_run": {"defenses": what["names"], "models": [m.id for m in what["models"]]}, "rows_from_earlier_runs": kept,
+        "command_seconds": round(time.perf_counter() - what["started"], 1),  # pairs run + scoring, before figures
     }
-    return report.write_report(store.out, rows, meta=meta, classes=classes, figures=figures)
-
-
-def _f(v: Any, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
-def summary_line(row: DefenseRow) -> str:
-    """One line per finished run, for the log."""
-    if row.error:
-        what = "TESTBED ERROR" if row.error_source == "testbed" else "FAILED"
-        return f"{row.model} × {row.defense}: {what} ({row.error})"
-    b, a = row.before or {}, row.after or {}
-    parts = [f"{row.model} × {row.defense}:"]
-    if row.after:
-        der = _f(row.der, 3) if row.attack_implanted is not False else "n/a (attack did not implant)"
-        parts.append(f"ASR {_f(b.get('ASR'))} → {_f(a.get('ASR'))}, mIoU-B {_f(b.get('mIoU-B'))} → {_f(a.get('mIoU-B'))}, "
-                     f"DER {der}")
-    if row.after_random:
-        parts.append(f"(random-removal control: ASR {_f(row.after_random.get('ASR'))}, mIoU-B "
-                     f"{_f(row.after_random.get('mIoU-B'))})")
-    if row.detection:
-        d = row.detection
-        parts.append(f"TPR {_f(d.tpr, 3)} FPR {_f(d.fpr, 3)} AUROC {_f(d.auroc, 3)}" + (" (confounded)" if d.confounded else ""))
-    if row.flagged:
-        fl = row.flagged
-        parts.append(f"flagged {fl.count} (precision {_f(fl.precision, 3)}, recall {_f(fl.recall, 3)})")
-    if row.verdict:
-        v = row.verdict
-        cov = f", coverage {v.coverage:.2f}" if v.coverage is not None else ""
-        parts.append(f"verdict {v.status} (score {_f(v.score)}{cov})")
-    stop = f" (stopped by the {row.cost.stopped_by} budget)" if row.cost.stopped_by else ""
-    parts.append(f"defense {_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
-    return " ".join(parts)
+    return write_report(store.out, rows, meta=meta, classes=classes, figures=bench.report.figures)

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from safetensors.numpy import load, save_file
+
 from testbed.core import atomic
+from testbed.core.atomic import safe_name
 from testbed.evaluation.rows import DefenseRow, row_arrays, set_arrays
 from testbed.core.errors import UserError
 from testbed.core.guards import RunLock
@@ -42,8 +45,6 @@ REPORT_FILES = ("report.md", "results.json", "results.csv", "results-aggregate.c
 
 def pair_id(model: str, defense: str) -> str:
     """A file name for one model × defense: readable, and unique even when two names sanitise alike."""
-    from testbed.bench.report import safe_name
-
     digest = hashlib.sha1(f"{model}\0{defense}".encode()).hexdigest()[:8]
     return f"{safe_name(model)}--{safe_name(defense)}--{digest}"
 
@@ -59,8 +60,6 @@ class Pair:
 
 def write_pair(directory: Path, pid: str, row: DefenseRow, classes: list[str], key: dict[str, Any]) -> None:
     """``ID.safetensors`` then ``ID.json`` (which names the arrays' sha256), each atomically."""
-    from safetensors.numpy import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     arrays = row_arrays(row)
     with atomic.atomic_file(directory / f"{pid}.safetensors") as tmp:
@@ -77,8 +76,6 @@ def write_pair(directory: Path, pid: str, row: DefenseRow, classes: list[str], k
 
 def read_pair(directory: Path, pid: str) -> Pair | None:
     """A finished pair, or None when it is missing or damaged (then it is simply run again)."""
-    from safetensors.numpy import load
-
     try:
         doc = json.loads((directory / f"{pid}.json").read_text(encoding="utf-8"))
         if doc.get("format") != PAIR_FORMAT:

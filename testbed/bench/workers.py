@@ -18,10 +18,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.core.errors import UserError
-from testbed.execution.executors import Executor, ProcessExecutor
+import torch
 
-_BEFORE: dict[tuple[str, ...], dict[str, Any]] = {}  # this process's before-scores, per model and scoring setup
+from testbed.bench.report import defense_figure_path
+from testbed.bench.settings import BenchSettings, Execution
+from testbed.bench.store import WORK, ReportStore, write_pair
+from testbed.core import atomic, progress
+from testbed.core.device import torch_threads
+from testbed.core.errors import UserError
+from testbed.defenses.registry import load_defense
+from testbed.evaluation.attack_check import attack_failure
+from testbed.evaluation.loaded import LoadedRun
+from testbed.evaluation.rows import DefenseRow, ZooKeys, last_frames
+from testbed.evaluation.runner import DefenseSettings, load_pair, run_defense
+from testbed.execution.claims import DEFAULT_STALE_AFTER
+from testbed.execution.executors import Executor, ProcessExecutor
+from testbed.execution.ray_backend import RayExecutor
+from testbed.training.provenance import model_is_benign, trained_on
+
+# this process's before-scores, keyed by what they depend on: the weights' and the data's content, the device,
+# the batch size and the thread count (a file replaced at the same path is scored afresh)
+_BEFORE: dict[tuple[str, ...], dict[str, Any]] = {}
 
 
 @dataclass
@@ -39,8 +56,6 @@ class PairJob:
     notes: list[str] = field(default_factory=list)
 
     def write(self) -> None:
-        from testbed.core import atomic
-
         atomic.write_text(job_path(self.out, self.pid), json.dumps(asdict(self), sort_keys=True) + "\n")
 
     @classmethod
@@ -49,15 +64,11 @@ class PairJob:
 
 
 def job_path(out: str | os.PathLike, pid: str) -> Path:
-    from testbed.bench.store import WORK
-
     return Path(out) / WORK / f"{pid}.job"
 
 
 def progress_callback(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
     """A defense's ``ctx.progress(fraction, message)`` as a percent bar whose postfix is the defense's message."""
-    from testbed.core import progress
-
     bar = progress.bar(total=100, desc=desc, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
 
     def update(fraction: float, message: str) -> None:
@@ -73,26 +84,16 @@ def progress_callback(desc: str) -> tuple[Callable[[float, str], None], Callable
     return update, bar.close
 
 
-def _before(model: dict[str, Any], run: Any, batch_size: int) -> dict[str, Any]:
-    """The original model's scores, once per model and scoring setup in this process (``run``: its LoadedRun)."""
-    key = (model["run_dir"], model["data_path"], str(run.device), str(batch_size), str(_threads()))
+def _before(run: LoadedRun, batch_size: int) -> dict[str, Any]:
+    """The original model's scores, once per weights, data, device, batch size and thread count in this process."""
+    key = (run.weights_digest(), run.data_digest(), str(run.device), str(batch_size), str(torch.get_num_threads()))
     if key not in _BEFORE:
         _BEFORE[key] = run.before(batch_size)
     return _BEFORE[key]
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _finish_row(row: Any, job: PairJob, benign: bool, attack_params: dict[str, Any] | None) -> None:
     """What the bench adds to the runner's row: truth, the failed-attack guard, notes, settings, zoo keys."""
-    from testbed.evaluation.attack_check import attack_failure
-    from testbed.evaluation.rows import ZooKeys
-    from testbed.bench.report import defense_figure_path
-
     m = job.model
     row.benign_model = bool(m["is_benign"]) if m.get("is_benign") is not None else benign
     failed = attack_failure((row.before or {}).get("ASR"), row.benign_model, job.settings["min_asr"])
@@ -114,18 +115,12 @@ def _finish_row(row: Any, job: PairJob, benign: bool, attack_params: dict[str, A
 
 def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[str, Any]:
     """Run one pair, write its files into ``REPORT/work/``, and return what the parent prints."""
-    from testbed.bench.store import ReportStore, write_pair
-    from testbed.defenses.registry import load_defense
-    from testbed.core.device import torch_threads
-    from testbed.evaluation.runner import DefenseSettings, load_pair, run_defense
-    from testbed.training.provenance import model_is_benign, trained_on
-
     s, m = job.settings, job.model
     with torch_threads(int(s["threads"])), load_pair(m["run_dir"], m["data_path"], s["device"]) as run:
         benign = model_is_benign(run.config, run.facts.is_poisoned)
         ds = trained_on(run.config)
         model_attack = ds.get("attack") if ds is not None and "attack" in ds else run.facts.attack
-        run.set_before(s["batch_size"], _before(m, run, s["batch_size"]))
+        run.set_before(s["batch_size"], _before(run, s["batch_size"]))
         if defense is None:
             defense = load_defense(job.defense, **job.params)
         cb, close = progress_callback(f"{m['id']} × {job.name}") if progress else (None, lambda: None)
@@ -157,14 +152,15 @@ def run_pair_file(out: str, pid: str, device: str | None = None) -> dict[str, An
         return {"status": "failed", "id": pid, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
-def _pool_task(out: str, pid: str, _stale_after: float) -> dict[str, Any]:
+def _process_task(out: str, pid: str, _device: str, _threads: int | None, _progress: bool,
+                  _stale_after: float) -> dict[str, Any]:
+    """A pair in a worker process of :class:`~testbed.execution.executors.ProcessExecutor` (device and threads
+    come from the job)."""
     return run_pair_file(out, pid)
 
 
 def _ray_task(out: str, pid: str, device: str, _cpus: int, _stale_after: float) -> dict[str, Any]:
     import ray
-
-    from testbed.core import progress
 
     progress.set_quiet(True)  # a Ray worker's stderr goes to the driver: its lines would interleave
     if device == "auto":
@@ -187,28 +183,20 @@ class InlinePairs(Executor):
         return [(h, self.results.pop(h)) for h in handles]
 
 
-class ProcessPairs(ProcessExecutor):
-    """``--workers N``: the zoo's process pool, running pairs instead of zoo entries."""
-
-    def start(self, pid: str) -> Any:
-        return self.pool.submit(_pool_task, self.zoo, pid, self.stale_after)
-
-
-def make_executor(out: Path, workers: int, backend: str, ray_address: str | None, device: str, threads: int,
-                  jobs: dict[str, PairJob], objects: dict[str, Any], progress: bool) -> Executor:
-    """The executor for ``workers``/``backend``; several workers or Ray need defenses given by name."""
-    from testbed.execution.claims import DEFAULT_STALE_AFTER
-
+def make_executor(out: Path, execution: Execution, settings: BenchSettings, jobs: dict[str, PairJob],
+                  objects: dict[str, Any]) -> Executor:
+    """The executor for ``execution`` (``settings``: the resolved device and threads); several workers or Ray
+    need defenses given by name."""
+    workers, backend = execution.workers, execution.backend
     if (workers > 1 or backend == "ray") and objects:
         raise UserError("--workers/--backend ray run each pair in another process, which can only load a defense by "
                         "name; pass defenses as names or package.module:Class, not as objects")
     if backend == "ray":
-        from testbed.execution.ray_backend import RayExecutor
-
-        return RayExecutor(out, ray_address, device, DEFAULT_STALE_AFTER, cpus_per_task=threads, task=_ray_task)
+        return RayExecutor(out, execution.ray_address, settings.device, DEFAULT_STALE_AFTER,
+                           cpus_per_task=int(settings.threads or 1), task=_ray_task)
     if workers == 1:
-        return InlinePairs(jobs, objects, progress)
-    return ProcessPairs(out, workers, device, DEFAULT_STALE_AFTER, quiet=True)
+        return InlinePairs(jobs, objects, execution.progress)
+    return ProcessExecutor(out, workers, settings.device, DEFAULT_STALE_AFTER, quiet=True, task=_process_task)
 
 
 def default_threads(workers: int, backend: str) -> int:
@@ -221,15 +209,11 @@ def default_threads(workers: int, backend: str) -> int:
 
 def say_result(result: dict[str, Any], debug: bool, say: Callable[[str], None]) -> None:
     """The parent's line for a finished pair (and, for a failure, where it happened; the traceback with --debug)."""
-    from testbed.evaluation.rows import DefenseRow, last_frames
-
     if result.get("status") != "done":
         say(f"{result.get('id')}: TESTBED ERROR, the pair could not run ({result.get('error')})")
         if debug and result.get("traceback"):
             print(result["traceback"], file=sys.stderr, end="")
         return
-    from testbed.bench.run import summary_line
-
     row = DefenseRow.from_json(result["row"])
     say(summary_line(row))
     tb = result.get("traceback")
@@ -240,3 +224,36 @@ def say_result(result: dict[str, Any], debug: bool, say: Callable[[str], None]) 
             frames = last_frames(tb, 1)
             if frames:
                 say(f"  at {frames[0]}  (full traceback: --debug, or details.traceback in results.json)")
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def summary_line(row: DefenseRow) -> str:
+    """One line per finished run, for the log."""
+    if row.error:
+        what = "TESTBED ERROR" if row.error_source == "testbed" else "FAILED"
+        return f"{row.model} × {row.defense}: {what} ({row.error})"
+    b, a = row.before or {}, row.after or {}
+    parts = [f"{row.model} × {row.defense}:"]
+    if row.after:
+        der = _f(row.der, 3) if row.attack_implanted is not False else "n/a (attack did not implant)"
+        parts.append(f"ASR {_f(b.get('ASR'))} → {_f(a.get('ASR'))}, mIoU-B {_f(b.get('mIoU-B'))} → {_f(a.get('mIoU-B'))}, "
+                     f"DER {der}")
+    if row.after_random:
+        parts.append(f"(random-removal control: ASR {_f(row.after_random.get('ASR'))}, mIoU-B "
+                     f"{_f(row.after_random.get('mIoU-B'))})")
+    if row.detection:
+        d = row.detection
+        parts.append(f"TPR {_f(d.tpr, 3)} FPR {_f(d.fpr, 3)} AUROC {_f(d.auroc, 3)}" + (" (confounded)" if d.confounded else ""))
+    if row.flagged:
+        fl = row.flagged
+        parts.append(f"flagged {fl.count} (precision {_f(fl.precision, 3)}, recall {_f(fl.recall, 3)})")
+    if row.verdict:
+        v = row.verdict
+        cov = f", coverage {v.coverage:.2f}" if v.coverage is not None else ""
+        parts.append(f"verdict {v.status} (score {_f(v.score)}{cov})")
+    stop = f" (stopped by the {row.cost.stopped_by} budget)" if row.cost.stopped_by else ""
+    parts.append(f"defense {_f(row.cost.seconds, 1)} s" + (" (over budget)" if row.cost.over_budget else "") + stop)
+    return " ".join(parts)

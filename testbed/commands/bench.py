@@ -90,21 +90,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace, *, zoo=None, run=None, data=None, entries=None, title: str) -> int:
     """Run the bench for `testbed bench` / `testbed defend`; exit 1 when a defense or the testbed failed."""
-    from testbed.core import progress
     from testbed.bench.run import run_bench, split_names
+    from testbed.bench.settings import BenchSettings, Execution, ModelSource, ReportOptions
+    from testbed.core import progress
     from testbed.defenses.registry import parse_params
 
     specs = split_names(args.defense)
     params = parse_params(args.param, [s for s in specs if isinstance(s, str)])
-    doc = run_bench(
-        args.out, specs, zoo=zoo, run=run, data=data, entries=entries, device=args.device, seed=args.seed,
-        budget_s=args.budget, budget_passes=args.budget_passes, params={k: v for k, v in params.items() if v},
-        batch_size=args.batch_size, figures=not args.no_figures, title=title, progress=progress.active(),
-        overwrite=args.overwrite, min_asr=args.min_asr, save_model=args.save_model, debug=args.debug,
-        workers=getattr(args, "workers", 1), backend=getattr(args, "backend", "local"),
-        ray_address=getattr(args, "ray_address", None), threads=getattr(args, "threads", None),
-        rerun=getattr(args, "rerun", False),
-    )
+    settings = BenchSettings(seed=args.seed, budget_s=args.budget, budget_passes=args.budget_passes,
+                             batch_size=args.batch_size, device=args.device, threads=getattr(args, "threads", None),
+                             min_asr=args.min_asr, save_model=args.save_model)
+    execution = Execution(workers=getattr(args, "workers", 1), backend=getattr(args, "backend", "local"),
+                          ray_address=getattr(args, "ray_address", None), progress=progress.active(), debug=args.debug)
+    report = ReportOptions(title=title, figures=not args.no_figures, overwrite=args.overwrite,
+                           rerun=getattr(args, "rerun", False))
+    doc = run_bench(args.out, specs, ModelSource(zoo=zoo, run=run, data=data, entries=entries), settings,
+                    params={k: v for k, v in params.items() if v}, execution=execution, report=report)
     if doc.get("nothing_to_do"):
         return 1 if doc["defense_errors"] or doc["testbed_errors"] else 0
     print(f"wrote {args.out}/report.md, results.json, results.csv, results-aggregate.csv, scores.csv" +

@@ -23,7 +23,7 @@ numbers on the same machine and library versions, whatever --workers is.
 
 def register(subparsers) -> None:
     from testbed.commands.zoo import workers_arg
-    from testbed.demo.settings import DEFAULT_DEFENSES, DemoConfig
+    from testbed.demo.settings import DEFAULT_DEFENSES, DemoConfig  # not demo.run: it pulls the bench in
 
     d = DemoConfig()
     p = subparsers.add_parser(

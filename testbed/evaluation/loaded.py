@@ -10,6 +10,7 @@ run on the same :class:`LoadedRun`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,9 +22,13 @@ from torch import nn
 
 from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
-from testbed.data.h5data import SegFile, open_dataset
+from testbed.data.h5data import SegFile, content_hash, open_dataset
 from testbed.scoring.scorer import score_model
 from testbed.training.runs import load_run
+
+# content hashes of data files, per file version (resolved path, device, inode, size, mtime) in this process: a
+# file replaced at the same path is a new version, hashed afresh
+_DATA_HASHES: dict[tuple[Any, ...], str] = {}
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class LoadedRun:
     facts: DataFacts
     device: torch.device
     _before: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _weights_digest: str | None = field(default=None, repr=False)
 
     def fresh_model(self) -> nn.Module:
         """A private copy of the model (a defense may change it in place)."""
@@ -62,6 +68,27 @@ class LoadedRun:
     def set_before(self, batch_size: int, scores: dict[str, Any]) -> None:
         """Scores of the original model already known to the caller (the bench computes them once per model)."""
         self._before[batch_size] = scores
+
+    def weights_digest(self) -> str:
+        """sha256 over the loaded model's state (every tensor's name, dtype, shape and values), from memory: what
+        the scores depend on, whatever file it came from (the weights file is not read again)."""
+        if self._weights_digest is None:
+            h = hashlib.sha256()
+            for name, t in self.model.state_dict().items():
+                h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+                flat = t.detach().cpu().contiguous().reshape(-1)
+                h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            self._weights_digest = h.hexdigest()
+        return self._weights_digest
+
+    def data_digest(self) -> str:
+        """The data file's content hash (:func:`testbed.data.h5data.content_hash`), read from the open file once
+        per file version in this process."""
+        st = os.stat(self.data_path)
+        key = (str(self.data_path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _DATA_HASHES:
+            _DATA_HASHES[key] = content_hash(self.data.file)
+        return _DATA_HASHES[key]
 
 
 @contextmanager

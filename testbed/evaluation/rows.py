@@ -9,6 +9,7 @@ against the report's rows works on a fresh row too.
 from __future__ import annotations
 
 import dataclasses
+import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -294,8 +295,6 @@ _LEGACY = {"_scores": _legacy_scores, "_panel": _legacy_panel, "_flagged_index":
 
 def last_frames(tb: str, n: int = 3) -> list[str]:
     """The innermost ``n`` frames of a formatted traceback as one line each: ``file:line in function: code``."""
-    import re
-
     frames = []
     lines = tb.splitlines()
     for i, line in enumerate(lines):

@@ -105,7 +105,7 @@ class ProcessExecutor(Executor):
             q.put(i)
         threads = threads or max(1, usable_cores() // workers)
         self.slots = workers
-        self.zoo, self.stale_after, self.task = str(target), stale_after, task  # zoo: the target folder
+        self.target, self.stale_after, self.task = str(target), stale_after, task  # a zoo or a bench report
         self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                            initargs=(q, device, int(threads), quiet))
         self._cf = cf
@@ -113,7 +113,7 @@ class ProcessExecutor(Executor):
     def start(self, entry_id: str):
         if self.task is None:
             raise TypeError("ProcessExecutor needs a task (or a subclass that overrides start)")
-        return self.pool.submit(_pool_task, self.task, self.zoo, entry_id, self.stale_after)
+        return self.pool.submit(_pool_task, self.task, self.target, entry_id, self.stale_after)
 
     def wait(self, handles, timeout):
         done, _ = self._cf.wait(handles, timeout=timeout, return_when=self._cf.FIRST_COMPLETED)

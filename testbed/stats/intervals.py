@@ -24,6 +24,8 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
+from scipy.stats import rankdata
 
 LEVEL = 0.95
 EXACT_MAX = 20  # sign-flip: enumerate all 2^n patterns up to here (2^20 ≈ 1e6, well under a second)
@@ -39,14 +41,10 @@ def _finite(values: Sequence[Any]) -> np.ndarray:
 
 
 def t_quantile(level: float, df: int) -> float:
-    from scipy import stats
-
     return float(stats.t.ppf(0.5 + level / 2, df))
 
 
 def z_quantile(level: float) -> float:
-    from scipy import stats
-
     return float(stats.norm.ppf(0.5 + level / 2))
 
 
@@ -120,8 +118,6 @@ def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
 
 def _auc_batch(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """AUROC of each row pair (pos[b], neg[b]) from midranks (Mann-Whitney U / (n_pos n_neg))."""
-    from scipy.stats import rankdata
-
     n_pos, n_neg = pos.shape[1], neg.shape[1]
     ranks = rankdata(np.concatenate([pos, neg], axis=1), axis=1)
     u = ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2
