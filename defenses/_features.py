@@ -7,8 +7,9 @@ numbers do not depend on the batch size.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -215,8 +216,30 @@ def flag_images(image: np.ndarray, area: np.ndarray, flagged: np.ndarray, rule: 
     raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 
+def check(ok: bool, name: str, rule: str, value: Any) -> None:
+    """Raise ``ValueError("NAME must be RULE, got VALUE")`` unless ``ok``: errors name the parameter."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_clean(ctx, name: str) -> int:
+    """The size of the defender's clean subset; an empty one is refused (``NAME needs ...``)."""
+    n = len(ctx.clean_images)
+    if n == 0:
+        raise ValueError(f"{name} needs a non-empty clean subset")
+    return n
+
+
 def check_rule(rule: str, class_source: str) -> None:
-    """Constructor-time validation of the two choices both training-set defenses share."""
+    """Validation (in ``check_params``) of the two choices both training-set defenses share."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     if class_source not in ("labels", "predictions"):
