@@ -246,6 +246,24 @@ def check_rule(rule: str, class_source: str) -> None:
         raise ValueError(f"class_source must be 'labels' or 'predictions', got {class_source!r}")
 
 
+def check_set_params(obj) -> None:
+    """The parameters both training-set filters share: ``rule``, ``class_source``, ``min_class_vectors``,
+    ``batch_size``."""
+    check_rule(obj.rule, obj.class_source)
+    check(is_int(obj.min_class_vectors), "min_class_vectors", "an integer >= 0", obj.min_class_vectors)
+    check(is_int(obj.batch_size, 1), "batch_size", "an integer >= 1", obj.batch_size)
+
+
+def begin_set_filter(defense, model: nn.Module, ctx) -> tuple[dict, Budget, CostMeter]:
+    """What a training-set filter starts with: its parameters checked, the budget and pass meter, and the
+    training set's per-(image, class) features (:func:`training_set_features`)."""
+    defense.check_params()
+    meter = CostMeter()
+    budget = Budget.for_context(ctx, meter)
+    feats = training_set_features(model.to(ctx.device), ctx, defense.class_source, defense.batch_size, budget, meter)
+    return feats, budget, meter
+
+
 def flag_per_class(feats: dict, ctx, min_class_vectors: int, analyse: Callable[[np.ndarray], tuple[np.ndarray, dict]],
                    verb: str, rule: str, class_source: str, nominal: float | None = None) -> tuple[np.ndarray, dict]:
     """Run ``analyse(vectors) -> (flags, info)`` on each class's (image, class) vectors; flag images.

@@ -20,8 +20,7 @@ import warnings
 import numpy as np
 from torch import nn
 
-from testbed.defenses._features import (Budget, CostMeter, check, check_rule, flag_per_class, is_int, is_num,
-                                        training_set_features)
+from testbed.defenses._features import begin_set_filter, check, check_set_params, flag_per_class, is_int, is_num
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -95,15 +94,10 @@ class ActivationClustering:
         check(is_num(self.size_threshold) and 0 < self.size_threshold <= 0.5, "size_threshold", "a number in (0, 0.5]",
               self.size_threshold)
         check(is_int(self.n_components, 1), "n_components", "an integer >= 1", self.n_components)
-        check(is_int(self.batch_size, 1), "batch_size", "an integer >= 1", self.batch_size)
-        check(is_int(self.min_class_vectors), "min_class_vectors", "an integer >= 0", self.min_class_vectors)
-        check_rule(self.rule, self.class_source)
+        check_set_params(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        self.check_params()
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+        feats, budget, meter = begin_set_filter(self, model, ctx)
 
         def analyse(vectors):
             flags, sizes = cluster_flags(vectors, self.n_components, self.size_threshold, ctx.seed, self.reduce)

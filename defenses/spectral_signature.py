@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from testbed.defenses._features import (Budget, CostMeter, check, check_rule, flag_per_class, is_int, is_num,
-                                        training_set_features)
+from testbed.defenses._features import begin_set_filter, check, check_set_params, flag_per_class, is_num
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -64,15 +63,10 @@ class SpectralSignature:
             check(is_num(getattr(self, key)) and getattr(self, key) >= 0, key, "a number >= 0", getattr(self, key))
         check(self.epsilon * self.multiplier <= 1, "epsilon", "at most 1 / multiplier (epsilon·multiplier in [0, 1])",
               self.epsilon)
-        check_rule(self.rule, self.class_source)
-        check(is_int(self.min_class_vectors), "min_class_vectors", "an integer >= 0", self.min_class_vectors)
-        check(is_int(self.batch_size, 1), "batch_size", "an integer >= 1", self.batch_size)
+        check_set_params(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        self.check_params()
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+        feats, budget, meter = begin_set_filter(self, model, ctx)
 
         def analyse(vectors):
             scores = spectral_scores(vectors)
