@@ -7,8 +7,9 @@ numbers do not depend on the batch size.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -215,12 +216,52 @@ def flag_images(image: np.ndarray, area: np.ndarray, flagged: np.ndarray, rule: 
     raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 
+def check(ok: bool, name: str, rule: str, value: Any) -> None:
+    """Raise ``ValueError("NAME must be RULE, got VALUE")`` unless ``ok``: errors name the parameter."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_clean(ctx, name: str) -> int:
+    """The size of the defender's clean subset; an empty one is refused (``NAME needs ...``)."""
+    n = len(ctx.clean_images)
+    if n == 0:
+        raise ValueError(f"{name} needs a non-empty clean subset")
+    return n
+
+
 def check_rule(rule: str, class_source: str) -> None:
-    """Constructor-time validation of the two choices both training-set defenses share."""
+    """Validation (in ``check_params``) of the two choices both training-set defenses share."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     if class_source not in ("labels", "predictions"):
         raise ValueError(f"class_source must be 'labels' or 'predictions', got {class_source!r}")
+
+
+def check_set_params(obj) -> None:
+    """The parameters both training-set filters share: ``rule``, ``class_source``, ``min_class_vectors``,
+    ``batch_size``."""
+    check_rule(obj.rule, obj.class_source)
+    check(is_int(obj.min_class_vectors), "min_class_vectors", "an integer >= 0", obj.min_class_vectors)
+    check(is_int(obj.batch_size, 1), "batch_size", "an integer >= 1", obj.batch_size)
+
+
+def begin_set_filter(defense, model: nn.Module, ctx) -> tuple[dict, Budget, CostMeter]:
+    """What a training-set filter starts with: its parameters checked, the budget and pass meter, and the
+    training set's per-(image, class) features (:func:`training_set_features`)."""
+    defense.check_params()
+    meter = CostMeter()
+    budget = Budget.for_context(ctx, meter)
+    feats = training_set_features(model.to(ctx.device), ctx, defense.class_source, defense.batch_size, budget, meter)
+    return feats, budget, meter
 
 
 def flag_per_class(feats: dict, ctx, min_class_vectors: int, analyse: Callable[[np.ndarray], tuple[np.ndarray, dict]],

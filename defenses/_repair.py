@@ -15,8 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, clean_miou, report
-from testbed.defenses.fine_pruning import _freeze_bn as freeze_bn  # noqa: F401 - one rule for every repair defense
+from testbed.defenses._features import Budget, CostMeter, check, check_clean, clean_miou, is_int, is_num, report
 from testbed.defenses.protocol import DefenseContext
 
 
@@ -52,18 +51,11 @@ def probe(model: nn.Module, hooks: list, image_size: tuple[int, int], device: to
             h.remove()
 
 
-def check(ok: bool, name: str, rule: str, value: Any) -> None:
-    """Raise ``ValueError("NAME must be RULE, got VALUE")`` unless ``ok``: errors name the parameter."""
-    if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
-def is_int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def freeze_bn(model: nn.Module) -> None:
+    """Keep BatchNorm statistics fixed: the clean subset is too small to re-estimate them."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def check_sgd(obj: Any, epochs: str = "epochs") -> None:
@@ -74,13 +66,6 @@ def check_sgd(obj: Any, epochs: str = "epochs") -> None:
     check(is_int(obj.batch_size, 1), "batch_size", "an integer >= 1", obj.batch_size)
     check(is_num(obj.momentum) and 0 <= obj.momentum < 1, "momentum", "a number in [0, 1)", obj.momentum)
     check(is_num(obj.weight_decay) and obj.weight_decay >= 0, "weight_decay", "a number >= 0", obj.weight_decay)
-
-
-def check_clean(ctx: DefenseContext, name: str) -> int:
-    n = len(ctx.clean_images)
-    if n == 0:
-        raise ValueError(f"{name} needs a non-empty clean subset")
-    return n
 
 
 @dataclass(frozen=True)
@@ -102,11 +87,13 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 
 
 def train_clean(model: nn.Module, ctx: DefenseContext, plan: SGDPlan, loss_fn: BatchLoss, budget: Budget,
-                meter: CostMeter, passes_per_image: int = 2) -> tuple[int, bool]:
+                meter: CostMeter, passes_per_image: int = 2,
+                after_step: Callable[[], None] | None = None) -> tuple[int, bool]:
     """SGD over the clean subset for ``plan.epochs`` (BatchNorm statistics frozen), seeded by ``ctx.seed``.
 
     Before every batch ``budget`` is asked for the batch's ``passes_per_image`` × images plus one clean
-    forward per image in reserve (the final clean mIoU).  Returns (epochs completed, stopped by the budget).
+    forward per image in reserve (the final clean mIoU); ``after_step`` runs after every optimiser step
+    (fine-pruning re-zeroes its pruned channels there).  Returns (epochs completed, stopped by the budget).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
@@ -129,6 +116,8 @@ def train_clean(model: nn.Module, ctx: DefenseContext, plan: SGDPlan, loss_fn: B
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if after_step is not None:
+                        after_step()
                     meter.forward += fwd
                     meter.backward += bwd
                 done = epoch + 1

@@ -265,6 +265,8 @@ class EpochPlan:
     batch: int
     per_epoch: bool = True
     pixel_share: float = 1.0
+    lr: float = 0.1  # Adam's learning rate
+    candidate_batch: int = 16  # candidates optimised together (1 = one at a time)
 
     @property
     def mini_batches(self) -> int:
@@ -300,10 +302,21 @@ def _end_epoch(slots: _Slots, mask: torch.Tensor, steps: int) -> tuple[np.ndarra
     return converged, finished
 
 
-def search(model: nn.Module, x_all: torch.Tensor, pred_all: torch.Tensor, pairs: list[tuple[int, int]],
-           seeds: list[int], cfg: ScheduleConfig, plan: EpochPlan, lr: float, candidate_batch: int, budget, meter,
+@dataclass(frozen=True)
+class SearchJob:
+    """What the search runs on: the clean images ``x_all [N,3,H,W]`` and the model's clean predictions
+    ``pred_all [N,H,W]`` (the labels every unattacked pixel keeps), the candidates ``pairs`` (source −1 = any,
+    target) and one seed per candidate."""
+
+    x_all: torch.Tensor
+    pred_all: torch.Tensor
+    pairs: list[tuple[int, int]]
+    seeds: list[int]
+
+
+def search(model: nn.Module, job: SearchJob, cfg: ScheduleConfig, plan: EpochPlan, budget, meter,
            on_done=lambda result: None) -> tuple[list[CandidateResult], int]:
-    """Optimise every candidate in ``pairs`` (in order, ``candidate_batch`` at a time, refilling freed slots).
+    """Optimise every candidate of ``job`` (in order, ``plan.candidate_batch`` at a time, refilling freed slots).
 
     Candidates finish only at the end of an epoch and new ones start at its beginning, so every candidate in
     the slots is at the same mini-batch of its epoch (each with its own image order).  Asks
@@ -311,20 +324,21 @@ def search(model: nn.Module, x_all: torch.Tensor, pred_all: torch.Tensor, pairs:
     progress are abandoned (their masks have not converged: they do not count as covered).  Returns the
     finished candidates' results in candidate order and how many candidates were abandoned or never started.
     """
+    x_all, pred_all, pairs, seeds = job.x_all, job.pred_all, job.pairs, job.seeds
     h, w = x_all.shape[-2:]
     slots = _Slots(cfg, h, w, x_all.device)
     queue = deque(range(len(pairs)))
     done: list[CandidateResult] = []
     phase = 0
     while queue or slots.size:
-        while phase == 0 and queue and slots.size < candidate_batch:
+        while phase == 0 and queue and slots.size < plan.candidate_batch:
             i = queue.popleft()
             slots.add(i, pairs[i], seeds[i])
         idx = _indices(slots, plan, phase, x_all.device)
         if budget.spent(2 * idx.numel()):
             break
         t0 = time.perf_counter()
-        attacked, counted, norm, mask = _step(model, slots, x_all, pred_all, idx, lr, plan.pixel_share)
+        attacked, counted, norm, mask = _step(model, slots, x_all, pred_all, idx, plan.lr, plan.pixel_share)
         slots.seconds += (time.perf_counter() - t0) / slots.size
         meter.forward += idx.numel()
         meter.backward += idx.numel()

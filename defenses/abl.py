@@ -14,6 +14,7 @@ after ABL's unlearning stage — gradient ascent on the isolated images for ``un
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import copy
 import math
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, report, to_input
+from testbed.defenses._features import Budget, CostMeter, check, is_int, is_num, report, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 INITS = ("scratch", "model")
@@ -52,6 +53,7 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
+@dataclass(eq=False)
 class ABL:
     """Parameters (defaults): ``epochs`` (5 on CPU; the paper's T_te is 20), ``gamma`` (0.5, the LGA threshold),
     ``isolation_ratio`` (0.01), ``init`` ("scratch": a freshly initialised copy of the architecture, as ABL
@@ -73,19 +75,27 @@ class ABL:
         "unlearn_lr": "SGD learning rate of the unlearning (paper: 5e-4)",
     }
 
-    def __init__(self, epochs: int = 5, gamma: float = 0.5, isolation_ratio: float = 0.01, init: str = "scratch",
-                 lr: float = 2e-3, batch_size: int = 16, unlearn: bool = False, unlearn_epochs: int = 5,
-                 unlearn_lr: float = 5e-4) -> None:
-        for name, v in (("epochs", epochs), ("batch_size", batch_size), ("unlearn_epochs", unlearn_epochs)):
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be an integer of at least 1, got {v!r}")
-        if not gamma >= 0 or not 0 < isolation_ratio < 1 or not lr > 0 or not unlearn_lr > 0:
-            raise ValueError("gamma must be at least 0, isolation_ratio in (0, 1), lr and unlearn_lr positive")
-        if init not in INITS:
-            raise ValueError(f"init must be 'scratch' or 'model', got {init!r}")
-        self.epochs, self.gamma, self.isolation_ratio, self.init = int(epochs), float(gamma), float(isolation_ratio), init
-        self.lr, self.batch_size, self.unlearn = float(lr), int(batch_size), bool(unlearn)
-        self.unlearn_epochs, self.unlearn_lr = int(unlearn_epochs), float(unlearn_lr)
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
+    epochs: int = 5
+    gamma: float = 0.5
+    isolation_ratio: float = 0.01
+    init: str = "scratch"
+    lr: float = 2e-3
+    batch_size: int = 16
+    unlearn: bool = False
+    unlearn_epochs: int = 5
+    unlearn_lr: float = 5e-4
+
+    def check_params(self) -> None:
+        for key in ("epochs", "batch_size", "unlearn_epochs"):
+            check(is_int(getattr(self, key), 1), key, "an integer >= 1", getattr(self, key))
+        check(is_num(self.gamma) and self.gamma >= 0, "gamma", "a number >= 0", self.gamma)
+        check(is_num(self.isolation_ratio) and 0 < self.isolation_ratio < 1, "isolation_ratio", "a number in (0, 1)",
+              self.isolation_ratio)
+        check(is_num(self.lr) and self.lr > 0, "lr", "a number > 0", self.lr)
+        check(is_num(self.unlearn_lr) and self.unlearn_lr > 0, "unlearn_lr", "a number > 0", self.unlearn_lr)
+        check(self.init in INITS, "init", " or ".join(map(repr, INITS)), self.init)
+        check(isinstance(self.unlearn, bool), "unlearn", "true or false", self.unlearn)
 
     def _batch(self, ctx: DefenseContext, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.sort(idx)
@@ -147,6 +157,7 @@ class ABL:
         return net.eval(), self.unlearn_epochs
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        self.check_params()
         if ctx.train is None:
             raise ValueError("abl needs the training set (uses_training_set = True); the runner did not pass it")
         meter = CostMeter()

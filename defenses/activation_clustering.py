@@ -15,45 +15,51 @@ clusters judged poisoned (``details["nominal_fraction"]``).
 
 from __future__ import annotations
 
-import numpy as np
 import warnings
 
+import numpy as np
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, check_rule, flag_per_class, training_set_features
+from testbed.defenses._features import begin_set_filter, check, check_set_params, flag_per_class, is_int, is_num
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
 REDUCTIONS = ("ica", "pca")
 
 
+def _sklearn():
+    """scikit-learn's modules, imported on first use: the one lazy import of the defenses.  `testbed --help`
+    loads every defense (the demo's settings list them), and scikit-learn, which only this defense uses, would
+    add about a second to it (6 s measured on a loaded 2-core machine)."""
+    from sklearn import cluster, decomposition, exceptions
+
+    return cluster, decomposition, exceptions
+
+
 def reduce_dims(x: np.ndarray, n_components: int, reduce: str = "ica", seed: int = 0) -> np.ndarray:
     """``x [n,C]`` → ``[n, min(n_components, n − 1, C)]`` by FastICA (Chen et al.) or PCA, seeded."""
-    from sklearn.decomposition import PCA, FastICA  # imported here: `import defenses` stays fast
-    from sklearn.exceptions import ConvergenceWarning
-
+    _, decomposition, exceptions = _sklearn()
     comps = max(1, min(n_components, len(x) - 1, x.shape[1]))
     if reduce == "pca":
-        return PCA(n_components=comps, random_state=seed).fit_transform(x)
+        return decomposition.PCA(n_components=comps, random_state=seed).fit_transform(x)
     if reduce != "ica":
         raise ValueError(f"reduce must be 'ica' or 'pca', got {reduce!r}")
     with warnings.catch_warnings():  # FastICA's iteration cap: the components are still usable for KMeans
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return FastICA(n_components=comps, random_state=seed, whiten="unit-variance", max_iter=400).fit_transform(x)
+        warnings.simplefilter("ignore", exceptions.ConvergenceWarning)
+        return decomposition.FastICA(n_components=comps, random_state=seed, whiten="unit-variance", max_iter=400).fit_transform(x)
 
 
 def cluster_flags(vectors: np.ndarray, n_components: int = 10, size_threshold: float = 0.35,
                   seed: int = 0, reduce: str = "pca") -> tuple[np.ndarray, list[int]]:
     """Flags (bool ``[n]``) for the members of a KMeans(2) cluster smaller than ``size_threshold``, and the
     two cluster sizes.  With fewer than 4 vectors nothing is flagged (no meaningful split)."""
-    from sklearn.cluster import KMeans
 
     n = len(vectors)
     if n < 4:
         return np.zeros(n, dtype=bool), [n, 0]
     x = np.asarray(vectors, dtype=np.float64)
     z = reduce_dims(x, n_components, reduce, seed)
-    labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(z)
+    labels = _sklearn()[0].KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(z)
     sizes = np.bincount(labels, minlength=2)
     small = sizes / n < size_threshold
     return small[labels], [int(s) for s in sizes]
@@ -80,21 +86,18 @@ class ActivationClustering:
     def __init__(self, reduce: str = "pca", n_components: int = 10, size_threshold: float = 0.35,
                  class_source: str = "labels", rule: str = "area", min_class_vectors: int = 10,
                  batch_size: int = 32) -> None:
-        check_rule(rule, class_source)
-        if reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be 'ica' or 'pca', got {reduce!r}")
-        self.reduce = reduce
-        if not 0 < size_threshold <= 0.5:
-            raise ValueError(f"size_threshold must be in (0, 0.5], got {size_threshold}")
-        if int(n_components) < 1 or int(batch_size) < 1:
-            raise ValueError("n_components and batch_size must be at least 1")
-        self.n_components, self.size_threshold, self.class_source = int(n_components), float(size_threshold), class_source
-        self.rule, self.min_class_vectors, self.batch_size = rule, int(min_class_vectors), int(batch_size)
+        self.reduce, self.n_components, self.size_threshold = reduce, n_components, size_threshold
+        self.class_source, self.rule, self.min_class_vectors, self.batch_size = class_source, rule, min_class_vectors, batch_size
+
+    def check_params(self) -> None:
+        check(self.reduce in REDUCTIONS, "reduce", "'ica' or 'pca'", self.reduce)
+        check(is_num(self.size_threshold) and 0 < self.size_threshold <= 0.5, "size_threshold", "a number in (0, 0.5]",
+              self.size_threshold)
+        check(is_int(self.n_components, 1), "n_components", "an integer >= 1", self.n_components)
+        check_set_params(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+        feats, budget, meter = begin_set_filter(self, model, ctx)
 
         def analyse(vectors):
             flags, sizes = cluster_flags(vectors, self.n_components, self.size_threshold, ctx.seed, self.reduce)

@@ -23,6 +23,7 @@ so any model with ``nn.BatchNorm2d`` layers works.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ def batchnorms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
             and m.running_var is not None]
 
 
+@dataclass(eq=False)
 class ANP:
     """Adversarial Neuron Pruning: learn BatchNorm-channel masks under adversarial neuron perturbation, prune.
 
@@ -80,11 +82,16 @@ class ANP:
         "fraction": "share of channels pruned when prune_by is fraction",
     }
 
-    def __init__(self, eps: float = 0.4, alpha: float = 0.2, anp_steps: int = 1, nb_iter: int = 2000,
-                 lr: float = 0.2, batch_size: int = 16, prune_by: str = "threshold", threshold: float = 0.2,
-                 fraction: float = 0.05) -> None:
-        self.eps, self.alpha, self.anp_steps, self.nb_iter, self.lr = eps, alpha, anp_steps, nb_iter, lr
-        self.batch_size, self.prune_by, self.threshold, self.fraction = batch_size, prune_by, threshold, fraction
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
+    eps: float = 0.4
+    alpha: float = 0.2
+    anp_steps: int = 1
+    nb_iter: int = 2000
+    lr: float = 0.2
+    batch_size: int = 16
+    prune_by: str = "threshold"
+    threshold: float = 0.2
+    fraction: float = 0.05
 
     def check_params(self) -> None:
         check(is_num(self.eps) and self.eps >= 0, "eps", "a number >= 0", self.eps)

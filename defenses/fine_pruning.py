@@ -9,14 +9,16 @@ pruned model is then fine-tuned on the clean subset, keeping the pruned columns 
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, classifier_features, clean_miou, cross_entropy, report, to_input
+from testbed.defenses._features import (check, classifier_features, clean_miou, cross_entropy, is_num, report,
+                                        to_input)
+from testbed.defenses._repair import SGDPlan, begin, check_sgd, train_clean
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -54,13 +56,7 @@ def prune_channels(model: nn.Module, channels) -> None:
         model.classifier.weight[:, idx] = 0
 
 
-def _freeze_bn(model: nn.Module) -> None:
-    """Keep BatchNorm statistics fixed: the clean subset is too small to re-estimate them."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
+@dataclass(eq=False)
 class FinePruning:
     """Prune dormant classifier-input channels, then fine-tune on the clean subset.
 
@@ -84,35 +80,72 @@ class FinePruning:
         "ranking": '"mean": channel activation over all positions (Liu et al.); "max": per-image max over positions',
     }
 
-    def __init__(self, step: float = 0.01, max_drop: float = 0.10, max_fraction: float = 0.95, epochs: int = 5,
-                 lr: float = 0.01, batch_size: int = 8, momentum: float = 0.9, weight_decay: float = 0.0,
-                 ranking: str = "mean") -> None:
-        if not 0 < step <= 1:
-            raise ValueError(f"step must be in (0, 1], got {step}")
-        if not 0 <= max_drop < 1:
-            raise ValueError(f"max_drop must be in [0, 1), got {max_drop}")
-        self.step, self.max_drop, self.max_fraction = float(step), float(max_drop), float(max_fraction)
-        self.epochs, self.lr, self.batch_size = int(epochs), float(lr), int(batch_size)
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
-        if ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-        self.ranking = ranking
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
+    step: float = 0.01
+    max_drop: float = 0.10
+    max_fraction: float = 0.95
+    epochs: int = 5
+    lr: float = 0.01
+    batch_size: int = 8
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    ranking: str = "mean"
+
+    def check_params(self) -> None:
+        check(is_num(self.step) and 0 < self.step <= 1, "step", "a number in (0, 1]", self.step)
+        check(is_num(self.max_drop) and 0 <= self.max_drop < 1, "max_drop", "a number in [0, 1)", self.max_drop)
+        check(is_num(self.max_fraction) and 0 <= self.max_fraction <= 1, "max_fraction", "a number in [0, 1]",
+              self.max_fraction)
+        check_sgd(self)
+        check(self.ranking in RANKINGS, "ranking", f"one of {', '.join(RANKINGS)}", self.ranking)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        meter, device = CostMeter(), ctx.device
-        budget = Budget.for_context(ctx, meter)
-        model = copy.deepcopy(model).to(device).eval()
-        images, labels, k, n = ctx.clean_images, ctx.clean_labels, ctx.num_classes, len(ctx.clean_images)
-        if n == 0:
-            raise ValueError("fine-pruning needs a non-empty clean subset")
-
-        activation = channel_activation(model, images, device, ranking=self.ranking)
+        first = begin(self, model, ctx)
+        model, meter, budget, start = first.model, first.meter, first.budget, first.miou
+        n = len(ctx.clean_images)
+        activation = channel_activation(model, ctx.clean_images, ctx.device, ranking=self.ranking)
         meter.forward += n
         order = np.argsort(activation, kind="stable")  # least active first; ties by channel index
-        channels = len(order)
-        start = clean_miou(model, images, labels, k, device, ignore_index=ctx.ignore_index)
-        meter.forward += n
-        floor = (1.0 - self.max_drop) * start
+        curve, kept, stopped_by_budget = self._prune_curve(model, ctx, order, start, first)
+        pruned = sorted(int(c) for c in order[:kept])
+        prune_channels(model, pruned)
+        pruned_miou = curve[[p["pruned"] for p in curve].index(kept)]["miou_clean"]
+
+        epochs_done = 0
+        if self.epochs > 0 and not stopped_by_budget:
+            plan = SGDPlan(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "constant",
+                           "fine-tuning", (0.5, 1.0))
+            ce = lambda m, x, y: (cross_entropy(m(x)["out"], y, ctx.ignore_index), len(x), len(x))  # noqa: E731
+            epochs_done, stopped_by_budget = train_clean(model, ctx, plan, ce, budget, meter,
+                                                         after_step=lambda: prune_channels(model, pruned))
+        final = self._miou(model, ctx, meter)
+        report(ctx.progress, 1.0, f"fine-pruning done: {kept} channels pruned, clean mIoU {final:.3f}")
+        details = {
+            "curve": curve,
+            "pruned_channels": pruned,
+            "prune_order": [int(c) for c in order],  # the runner scores each curve point on the test sets
+            "pruned_fraction": kept / len(order),
+            "channels": len(order),
+            "miou_clean_start": start,
+            "miou_clean_pruned": pruned_miou,
+            "miou_clean_final": final,
+            "miou_floor": (1.0 - self.max_drop) * start,
+            "fine_tune_epochs": epochs_done,
+            "ranking": self.ranking,
+            **budget.summary(),
+        }
+        return DefenseResult(model=model, cost=meter.cost(), details=details)
+
+    @staticmethod
+    def _miou(model: nn.Module, ctx: DefenseContext, meter) -> float:
+        meter.forward += len(ctx.clean_images)
+        return clean_miou(model, ctx.clean_images, ctx.clean_labels, ctx.num_classes, ctx.device,
+                          ignore_index=ctx.ignore_index)
+
+    def _prune_curve(self, model, ctx, order, start, first) -> tuple[list[dict], int, bool]:
+        """Prune the least active channels ``step`` by ``step`` while the clean mIoU stays above the floor; the
+        model is left with its original classifier.  Returns (curve, channels kept pruned, stopped by budget)."""
+        channels, n, floor = len(order), len(ctx.clean_images), (1.0 - self.max_drop) * start
         curve = [{"fraction": 0.0, "pruned": 0, "miou_clean": start, "accepted": True}]
         kept, stopped_by_budget = 0, False
         steps = int(math.floor(self.max_fraction / self.step + 1e-9))
@@ -121,12 +154,11 @@ class FinePruning:
             count = min(channels - 1, int(round(i * self.step * channels)))
             if count <= curve[-1]["pruned"]:
                 continue  # fewer channels than steps: this fraction rounds to the previous count
-            if budget.spent(2 * n):  # this step's clean mIoU, and the final one's reserve
+            if first.budget.spent(2 * n):  # this step's clean mIoU, and the final one's reserve
                 stopped_by_budget = True
                 break
             prune_channels(model, order[:count])
-            miou = clean_miou(model, images, labels, k, device, ignore_index=ctx.ignore_index)
-            meter.forward += n
+            miou = self._miou(model, ctx, first.meter)
             ok = bool(miou >= floor)
             curve.append({"fraction": count / channels, "pruned": count, "miou_clean": miou, "accepted": ok})
             report(ctx.progress, 0.5 * i / steps, f"pruned {count}/{channels} channels, clean mIoU {miou:.3f}")
@@ -135,55 +167,4 @@ class FinePruning:
             kept = count
         with torch.no_grad():  # settle on the last accepted count
             model.classifier.weight.copy_(original)
-        pruned = sorted(int(c) for c in order[:kept])
-        prune_channels(model, pruned)
-        pruned_miou = curve[[p["pruned"] for p in curve].index(kept)]["miou_clean"]
-
-        epochs_done = 0
-        if self.epochs > 0 and not stopped_by_budget:
-            epochs_done, stopped_by_budget = self._fine_tune(model, ctx, pruned, budget, meter)
-        final = clean_miou(model, images, labels, k, device, ignore_index=ctx.ignore_index)
-        meter.forward += n
-        model.eval()
-        report(ctx.progress, 1.0, f"fine-pruning done: {kept} channels pruned, clean mIoU {final:.3f}")
-        details = {
-            "curve": curve,
-            "pruned_channels": pruned,
-            "prune_order": [int(c) for c in order],  # the runner scores each curve point on the test sets
-            "pruned_fraction": kept / channels,
-            "channels": channels,
-            "miou_clean_start": start,
-            "miou_clean_pruned": pruned_miou,
-            "miou_clean_final": final,
-            "miou_floor": floor,
-            "fine_tune_epochs": epochs_done,
-            "ranking": self.ranking,
-            **budget.summary(),
-        }
-        return DefenseResult(model=model, cost=meter.cost(), details=details)
-
-    def _fine_tune(self, model, ctx, pruned, budget, meter) -> tuple[int, bool]:
-        """SGD on the clean subset (BatchNorm frozen), re-zeroing the pruned columns after every step."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        loader = ctx.clean_loader(batch_size=self.batch_size, shuffle=True)
-        done = 0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed)  # dropout etc. in the model, if any
-            for epoch in range(self.epochs):
-                model.train()
-                _freeze_bn(model)
-                for x, y in loader:
-                    if budget.spent(2 * len(x) + len(ctx.clean_images)):  # this batch, and the final mIoU's reserve
-                        return done, True
-                    x, y = x.to(ctx.device), y.to(ctx.device)
-                    loss = cross_entropy(model(x)["out"], y, ctx.ignore_index)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    prune_channels(model, pruned)
-                    meter.forward += len(x)
-                    meter.backward += len(x)
-                done = epoch + 1
-                report(ctx.progress, 0.5 + 0.5 * done / self.epochs, f"fine-tuning epoch {done}/{self.epochs}")
-        return done, False
+        return curve, kept, stopped_by_budget

@@ -20,6 +20,7 @@ forward hooks, so any model works.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import copy
 
 import torch
@@ -92,6 +93,7 @@ class Taps:
             h.remove()
 
 
+@dataclass(eq=False)
 class NAD:
     """Neural Attention Distillation: fine-tune a teacher on the clean subset, then distil its attention maps.
 
@@ -114,11 +116,16 @@ class NAD:
         "weight_decay": "SGD weight decay (NAD: 1e-4)",
     }
 
-    def __init__(self, teacher_epochs: int = 10, epochs: int = 10, betas: tuple = (500.0, 1000.0, 1000.0),
-                 p: float = 2.0, layers: list | None = None, lr: float = 0.01, batch_size: int = 8,
-                 momentum: float = 0.9, weight_decay: float = 1e-4) -> None:
-        self.teacher_epochs, self.epochs, self.betas, self.p, self.layers = teacher_epochs, epochs, betas, p, layers
-        self.lr, self.batch_size, self.momentum, self.weight_decay = lr, batch_size, momentum, weight_decay
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
+    teacher_epochs: int = 10
+    epochs: int = 10
+    betas: tuple = (500.0, 1000.0, 1000.0)
+    p: float = 2.0
+    layers: list | None = None
+    lr: float = 0.01
+    batch_size: int = 8
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
 
     def check_params(self) -> None:
         check_sgd(self)

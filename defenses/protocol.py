@@ -7,7 +7,7 @@ trigger, the attack parameters, the poison indices or the attacked test set.
 
 The protocol lives in the defenses package, beside the defenses that implement it;
 ``from testbed.defense import Defense, DefenseContext, DefenseResult`` is its stable public path.
-This module imports only numpy and torch, so importing it never loads a defense.
+This module imports numpy, torch and the scorer's input conversion; importing it alone never loads a defense.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
+
+from testbed.scoring.scorer import to_input
 
 
 class ReadOnlyArray:
@@ -75,8 +77,6 @@ class DefenseContext:
 
     def clean_loader(self, batch_size: int = 16, shuffle: bool = False) -> torch.utils.data.DataLoader:
         """Batches of (float images [B,3,H,W] in [0,1], int64 labels [B,H,W]) from the clean subset."""
-        from testbed.scoring.scorer import to_input
-
         x = to_input(self.clean_images, "cpu")
         y = torch.from_numpy(np.ascontiguousarray(self.clean_labels)).long()
         g = torch.Generator().manual_seed(self.seed)

@@ -10,7 +10,9 @@ with attacks.  The runner (``testbed.evaluation.runner``) never needs to know wh
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +28,8 @@ from testbed.defenses.scale_up import ScaleUp
 from testbed.defenses.spectral_signature import SpectralSignature
 from testbed.defenses.strip import Strip
 from testbed.defenses.trigger_synthesis import TriggerSynthesis
-from testbed.core.errors import UserError
-from testbed.core.plugins import resolve
+from testbed.core.errors import UserError, did_you_mean
+from testbed.core.plugins import entry_points, resolve
 
 ENTRY_POINT_GROUP = "testbed.defenses"
 BUILTIN: dict[str, type] = {cls.name: cls for cls in (FinePruning, TriggerSynthesis, Strip, ActivationClustering,
@@ -54,8 +56,6 @@ def load_defense(spec: Any, **params: Any) -> Any:
         known = [p.name for p in defense_params(obj)]
         unknown = [] if _takes_any_keyword(obj) else [k for k in params if k not in known]
         if unknown:
-            from testbed.core.errors import did_you_mean
-
             raise UserError(f"{source} has no parameter {unknown[0]!r}{did_you_mean(unknown[0], known)}; its parameters: "
                             f"{', '.join(known)} (see `testbed defenses`)")
         try:
@@ -76,8 +76,6 @@ def load_defense(spec: Any, **params: Any) -> Any:
 
 
 def _takes_any_keyword(cls: type) -> bool:
-    import inspect
-
     try:
         return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
     except (TypeError, ValueError):
@@ -135,8 +133,6 @@ REQUIRED = object()
 
 def _doc_help(doc: str, name: str) -> str:
     """What the class docstring says right after ````name````, up to the next parameter or sentence end."""
-    import re
-
     doc = " ".join(doc.split())
     m = re.search(r"``" + re.escape(name) + r"``((?:\s*/\s*``\w+``)*)", doc)
     if m is None:
@@ -162,8 +158,6 @@ def _doc_help(doc: str, name: str) -> str:
 def defense_params(cls: type) -> list[ParamInfo]:
     """The keyword parameters of ``cls.__init__`` with defaults, and help from ``cls.params_doc`` (a dict
     name → text) or else the class docstring's mention of ````name````."""
-    import inspect
-
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):
@@ -182,8 +176,6 @@ def defense_params(cls: type) -> list[ParamInfo]:
 
 def summary(cls: type) -> str:
     """The class docstring's first line (its one-line help)."""
-    import inspect
-
     doc = inspect.getdoc(cls) or ""
     if not doc or doc.startswith("Parameters"):  # a class that documents only its parameters: its module's summary
         doc = inspect.getdoc(inspect.getmodule(cls)) or doc
@@ -193,8 +185,6 @@ def summary(cls: type) -> str:
 
 def available_defenses() -> list[tuple[str, str, Any]]:
     """``(name, where from, class or the error that stopped it loading)``: built-ins, then installed plugins."""
-    from testbed.core.plugins import entry_points
-
     out: list[tuple[str, str, Any]] = [(name, "built-in", cls) for name, cls in BUILTIN.items()]
     for name, ep in sorted(entry_points(ENTRY_POINT_GROUP).items()):
         if name in BUILTIN:

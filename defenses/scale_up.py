@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, report, to_input
+from testbed.defenses._features import Budget, CostMeter, check, check_clean, is_num, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
-from testbed.defenses.strip import THRESHOLD_RULES, clean_threshold
+from testbed.defenses.strip import check_filter, clean_threshold, score_clean
 
 SCALES = (3, 5, 7, 9, 11)
 
@@ -69,39 +69,26 @@ class ScaleUp:
 
     def __init__(self, scales: tuple[int, ...] | list[int] = SCALES, frr: float = 0.05, threshold_rule: str = "quantile",
                  batch_size: int = 64) -> None:
-        scales = tuple(scales)
-        if not scales or any(isinstance(n, bool) or not float(n) > 1 for n in scales):
-            raise ValueError(f"scales must be a non-empty list of factors above 1, got {list(scales)!r}")
-        if not 0 <= frr < 1:
-            raise ValueError(f"frr must be in [0, 1), got {frr!r}")
-        if threshold_rule not in THRESHOLD_RULES:
-            raise ValueError(f"threshold_rule must be 'normal' or 'quantile', got {threshold_rule!r}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
-        self.scales, self.frr, self.threshold_rule, self.batch_size = scales, float(frr), threshold_rule, int(batch_size)
+        self.scales, self.frr, self.threshold_rule, self.batch_size = scales, frr, threshold_rule, batch_size
+
+    def check_params(self) -> None:
+        scales = self.scales
+        check(isinstance(scales, (list, tuple)) and len(scales) > 0 and all(is_num(n) and n > 1 for n in scales),
+              "scales", "a non-empty list of factors above 1", scales)
+        check_filter(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        self.check_params()
+        check_clean(ctx, self.name)
         meter = CostMeter()
         budget = Budget.for_context(ctx, meter)
-        n = len(ctx.clean_images)
-        if n == 0:
-            raise ValueError("scale-up needs a non-empty clean subset")
-        scorer = ScaleUpScorer(model.to(ctx.device).eval(), ctx.device, self.scales, self.batch_size)
-        per = len(self.scales) + 1
-        scores, done, step = np.empty(n), 0, scorer.per_forward
-        for s in range(0, n, step):
-            if done >= 2 and budget.spent((min(n, s + step) - s) * per):  # a threshold needs two scores
-                break
-            scores[s : s + step] = scorer(ctx.clean_images[s : s + step])
-            done = min(n, s + step)
-            meter.forward = scorer.forward
-            report(ctx.progress, done / n, f"SCALE-UP clean scores {done}/{n}")
-        scores = scores[:done]
+        scorer = ScaleUpScorer(model.to(ctx.device).eval(), ctx.device, tuple(self.scales), self.batch_size)
+        scores = score_clean(scorer, ctx, budget, meter, per_image=len(self.scales) + 1, label="SCALE-UP")
         threshold = clean_threshold(scores, self.frr, self.threshold_rule)
         details = {
             "clean_scores": scores.tolist(), "threshold": threshold, "frr_target": self.frr,
             "frr": float(np.mean(scores > threshold)), "threshold_rule": self.threshold_rule,
-            "threshold_scores": int(done), "clean_images_scored": int(done), "scales": list(self.scales),
+            "threshold_scores": len(scores), "clean_images_scored": len(scores), "scales": list(self.scales),
             "score": "per-pixel consistency of the scaled argmax with the unscaled argmax, mean over pixels and scales",
             **budget.summary(),
         }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, check_rule, flag_per_class, training_set_features
+from testbed.defenses._features import begin_set_filter, check, check_set_params, flag_per_class, is_num
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -55,18 +55,18 @@ class SpectralSignature:
 
     def __init__(self, epsilon: float = 0.1, multiplier: float = 1.5, class_source: str = "labels", rule: str = "area",
                  min_class_vectors: int = 10, batch_size: int = 32) -> None:
-        if not 0 <= epsilon * multiplier <= 1:
-            raise ValueError(f"epsilon·multiplier must be in [0, 1], got {epsilon * multiplier}")
-        check_rule(rule, class_source)
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.epsilon, self.multiplier, self.class_source = float(epsilon), float(multiplier), class_source
-        self.rule, self.min_class_vectors, self.batch_size = rule, int(min_class_vectors), int(batch_size)
+        self.epsilon, self.multiplier, self.class_source = epsilon, multiplier, class_source
+        self.rule, self.min_class_vectors, self.batch_size = rule, min_class_vectors, batch_size
+
+    def check_params(self) -> None:
+        for key in ("epsilon", "multiplier"):
+            check(is_num(getattr(self, key)) and getattr(self, key) >= 0, key, "a number >= 0", getattr(self, key))
+        check(self.epsilon * self.multiplier <= 1, "epsilon", "at most 1 / multiplier (epsilon·multiplier in [0, 1])",
+              self.epsilon)
+        check_set_params(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
-        meter = CostMeter()
-        budget = Budget.for_context(ctx, meter)
-        feats = training_set_features(model.to(ctx.device), ctx, self.class_source, self.batch_size, budget, meter)
+        feats, budget, meter = begin_set_filter(self, model, ctx)
 
         def analyse(vectors):
             scores = spectral_scores(vectors)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, report, to_input
+from testbed.defenses._features import Budget, CostMeter, check, check_clean, is_int, is_num, report, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -62,14 +63,18 @@ def overlay_indices(image: np.ndarray, pool_size: int, n: int, seed: int, exclud
 
 
 class StripScorer:
-    """``scorer(images uint8 [N,H,W,3]) -> float [N]``: all overlays of several images in one forward."""
+    """``scorer(images uint8 [N,H,W,3]) -> float [N]``: all overlays of several images in one forward.
 
-    def __init__(self, model: nn.Module, pool: np.ndarray, device: torch.device, n_overlays: int, fraction: float,
-                 mode: str, alpha: float, seed: int, batch_size: int) -> None:
+    ``settings`` is the :class:`Strip` defense (its ``n_overlays``, ``fraction``, ``mode``, ``alpha`` and
+    ``batch_size``); the overlays come from ``pool`` and are drawn with ``seed``."""
+
+    def __init__(self, model: nn.Module, pool: np.ndarray, device: torch.device, settings: "Strip", seed: int) -> None:
         self.model, self.device = model, device
         self.pool = torch.from_numpy(np.array(pool)).to(device).permute(0, 3, 1, 2)  # uint8 [P,3,H,W]
-        self.n, self.fraction, self.mode, self.alpha, self.seed = n_overlays, fraction, mode, alpha, seed
-        self.per_forward = max(1, batch_size // n_overlays)  # images per forward pass
+        self.n, self.fraction = int(settings.n_overlays), float(settings.fraction)
+        self.mode = "blend" if settings.mode == "mean" else settings.mode
+        self.alpha, self.seed = float(settings.alpha), seed
+        self.per_forward = max(1, int(settings.batch_size) // self.n)  # images per forward pass
         self.forward = 0
 
     @torch.no_grad()
@@ -116,6 +121,34 @@ def clean_threshold(scores: np.ndarray, frr: float, rule: str = "normal") -> flo
     return float(NormalDist(float(s.mean()), sd).inv_cdf(1.0 - frr)) if sd > 0 else float(s.mean())
 
 
+def check_filter(obj) -> None:
+    """The parameters both input filters share (``frr``, ``threshold_rule``, ``batch_size``)."""
+    check(is_num(obj.frr) and 0 <= obj.frr < 1, "frr", "a number in [0, 1)", obj.frr)
+    check(obj.threshold_rule in THRESHOLD_RULES, "threshold_rule", " or ".join(map(repr, THRESHOLD_RULES)),
+          obj.threshold_rule)
+    check(is_int(obj.batch_size, 1), "batch_size", "an integer >= 1", obj.batch_size)
+
+
+def score_clean(scorer, ctx: DefenseContext, budget: Budget, meter: CostMeter, per_image: int, label: str,
+                leave_one_out: bool = False) -> np.ndarray:
+    """An input filter's scores of the clean subset, ``scorer.per_forward`` images at a time, within the budget
+    (``per_image`` passes each; the first two are always scored: a threshold needs scores).  ``leave_one_out``:
+    each clean image is scored against overlays from the *other* clean images (STRIP)."""
+    n = len(ctx.clean_images)
+    scores, done, step = np.empty(n), 0, scorer.per_forward
+    for s in range(0, n, step):
+        stop = min(n, s + step)
+        if done >= 2 and budget.spent((stop - s) * per_image):
+            break
+        chunk = ctx.clean_images[s:stop]
+        scores[s:stop] = scorer(chunk, exclude=np.arange(s, stop)) if leave_one_out else scorer(chunk)
+        done = stop
+        meter.forward = scorer.forward
+        report(ctx.progress, done / n, f"{label} clean scores {done}/{n}")
+    return scores[:done]
+
+
+@dataclass(eq=False)
 class Strip:
     """Entropy-based input filter.
 
@@ -137,44 +170,34 @@ class Strip:
         "batch_size": "superimposed images per forward pass",
     }
 
-    def __init__(self, n_overlays: int = 100, fraction: float = 0.1, frr: float = 0.01, threshold_rule: str = "normal",
-                 mode: str = "add", alpha: float = 0.5, batch_size: int = 256) -> None:
-        if n_overlays < 1:
-            raise ValueError(f"n_overlays must be at least 1, got {n_overlays}")
-        if not 0 < fraction <= 1 or not 0 <= frr < 1:
-            raise ValueError("fraction must be in (0, 1] and frr in [0, 1)")
-        mode = "blend" if mode == "mean" else mode  # "mean": this filter's earlier name for the blend
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'add' or 'blend', got {mode!r}")
-        if threshold_rule not in THRESHOLD_RULES:
-            raise ValueError(f"threshold_rule must be 'normal' or 'quantile', got {threshold_rule!r}")
-        self.n_overlays, self.fraction, self.frr, self.mode = int(n_overlays), float(fraction), float(frr), mode
-        self.threshold_rule, self.alpha, self.batch_size = threshold_rule, float(alpha), int(batch_size)
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
+    n_overlays: int = 100
+    fraction: float = 0.1
+    frr: float = 0.01
+    threshold_rule: str = "normal"
+    mode: str = "add"  # "mean": this filter's earlier name for "blend", still accepted
+    alpha: float = 0.5
+    batch_size: int = 256
+
+    def check_params(self) -> None:
+        check(is_int(self.n_overlays, 1), "n_overlays", "an integer >= 1", self.n_overlays)
+        check(is_num(self.fraction) and 0 < self.fraction <= 1, "fraction", "a number in (0, 1]", self.fraction)
+        check(self.mode in (*MODES, "mean"), "mode", "'add' or 'blend'", self.mode)
+        check(is_num(self.alpha) and 0 <= self.alpha <= 1, "alpha", "a number in [0, 1]", self.alpha)
+        check_filter(self)
 
     def scorer(self, model: nn.Module, ctx: DefenseContext) -> StripScorer:
-        return StripScorer(model.to(ctx.device).eval(), ctx.clean_images, ctx.device, self.n_overlays, self.fraction,
-                           self.mode, self.alpha, ctx.seed, self.batch_size)
+        return StripScorer(model.to(ctx.device).eval(), ctx.clean_images, ctx.device, self, ctx.seed)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        self.check_params()
+        n = check_clean(ctx, self.name)
         meter = CostMeter()
         budget = Budget.for_context(ctx, meter)
-        n = len(ctx.clean_images)
-        if n == 0:
-            raise ValueError("strip needs a non-empty clean subset")
         scorer = self.scorer(model, ctx)
         # every clean image is scored against overlays drawn from the *other* clean images (leave-one-out),
         # so the threshold sees the same kind of overlays a test input gets
-        scores = np.empty(n)
-        done, step = 0, scorer.per_forward
-        for s in range(0, n, step):
-            # a threshold needs scores: the first two images are always scored, even past a budget
-            if done >= 2 and budget.spent((min(n, s + step) - s) * self.n_overlays):
-                break
-            scores[s : s + step] = scorer(ctx.clean_images[s : s + step], exclude=np.arange(s, min(n, s + step)))
-            done = min(n, s + step)
-            meter.forward = scorer.forward
-            report(ctx.progress, done / n, f"STRIP clean scores {done}/{n}")
-        scores = scores[:done]
+        scores = score_clean(scorer, ctx, budget, meter, self.n_overlays, "STRIP", leave_one_out=True)
         threshold = clean_threshold(scores, self.frr, self.threshold_rule)
         return DefenseResult(input_scores=scorer, threshold=threshold, cost=meter.cost(),
                              details={**self._details(scores, threshold, n, scorer), **budget.summary()})
@@ -189,7 +212,7 @@ class Strip:
             "threshold": threshold,
             "threshold_rule": self.threshold_rule,
             "threshold_scores": int(len(scores)),
-            "mode": self.mode,
+            "mode": scorer.mode,
             "n_overlays": self.n_overlays,
             "overlay_pool": n,
             "overlays_repeat": bool(short),

@@ -23,14 +23,15 @@ data at hand and for ADE20K (K=150, 512×512) — an estimate, not a bound — n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testbed.defenses._features import Budget, CostMeter, predict_batches, report, to_input
-from testbed.defenses._trigger_search import EpochPlan, ScheduleConfig, search
+from testbed.defenses._features import Budget, CostMeter, check, is_int, is_num, predict_batches, report, to_input
+from testbed.defenses._trigger_search import EpochPlan, ScheduleConfig, SearchJob, search
 from testbed.defenses.protocol import DefenseContext, DefenseResult, Verdict
 from testbed.core.jsonutil import jsonable
 
@@ -117,15 +118,24 @@ def verdict_status(flagged: bool, done: int, total: int, min_candidates: int = 3
     return "clean" if total > 0 and done >= total else "inconclusive"
 
 
-def _positive(**values) -> None:
-    for name, v in values.items():
-        if not v > 0:
-            raise ValueError(f"{name} must be positive, got {v!r}")
+@dataclass
+class _Outcome:
+    """What one search produced, for the verdict and the cost report."""
+
+    planned: list[tuple[int, int]]  # the candidates the search was given, in order
+    results: list  # CandidateResult of each finished candidate
+    total: int  # candidates in the chosen target space
+    skipped: int  # pairs left out because their source class is never predicted
+    loop: dict  # passes and seconds of the search loop, candidates abandoned
+    budget: Budget
+    meter: CostMeter
+    size: tuple[int, int]  # image height, width
 
 
 SCHEDULES = {"nc": 1000, "fast": 300}  # the unit of `steps` and its default: NC's epochs, or mini-batch steps
 
 
+@dataclass(eq=False)
 class TriggerSynthesis:
     """Neural-Cleanse-style trigger reverse engineering over image-level or (source, target) candidates.
 
@@ -164,39 +174,50 @@ class TriggerSynthesis:
         "anomaly_threshold": "MAD anomaly index above which a small mask norm is flagged",
     }
 
-    def __init__(self, targets: str = "image", max_candidates: int | None = None, schedule: str = "nc",
-                 steps: int | None = None, batch_size: int = 16, lr: float = 0.1, init_cost: float = 1e-3,
-                 cost_up: float = 1.5, cost_down: float = 1.5 ** 1.5, patience: int = 5,
-                 success_threshold: float = 0.99, pixel_share: float = 1.0, early_stop: bool = True,
-                 early_stop_threshold: float = 0.99, early_stop_patience: int = 10, candidate_batch: int = 16,
-                 anomaly_threshold: float = 2.0) -> None:
-        if targets not in ("image", "pairs"):
-            raise ValueError(f"targets must be 'image' or 'pairs', got {targets!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be 'nc' or 'fast', got {schedule!r}")
-        steps = SCHEDULES[schedule] if steps is None else steps
-        for name, v in (("steps", steps), ("batch_size", batch_size), ("patience", patience),
-                        ("early_stop_patience", early_stop_patience), ("candidate_batch", candidate_batch)):
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be an integer of at least 1, got {v!r}")
-        if max_candidates is not None and (isinstance(max_candidates, bool) or int(max_candidates) != max_candidates
-                                           or max_candidates < 1):
-            raise ValueError(f"max_candidates must be None (all) or an integer of at least 1, got {max_candidates!r}")
-        _positive(lr=lr, anomaly_threshold=anomaly_threshold)
-        if not init_cost >= 0 or not cost_up > 1 or not cost_down > 1:
-            raise ValueError("init_cost must be at least 0, cost_up and cost_down above 1")
-        if not 0 < success_threshold <= 1 or not 0 < early_stop_threshold <= 1 or not 0 < pixel_share <= 1:
-            raise ValueError("success_threshold, pixel_share and early_stop_threshold must be in (0, 1]")
-        self.targets, self.max_candidates, self.steps, self.batch_size = targets, max_candidates, int(steps), int(batch_size)
-        self.schedule_unit, self.pixel_share = schedule, float(pixel_share)
-        self.lr, self.init_cost, self.cost_up, self.cost_down = float(lr), float(init_cost), float(cost_up), float(cost_down)
-        self.patience, self.success_threshold, self.anomaly_threshold = int(patience), float(success_threshold), float(anomaly_threshold)
-        self.early_stop, self.early_stop_threshold = bool(early_stop), float(early_stop_threshold)
-        self.early_stop_patience, self.candidate_batch = int(early_stop_patience), int(candidate_batch)
+    # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
+    targets: str = "image"
+    max_candidates: int | None = None
+    schedule: str = "nc"
+    steps: int | None = None
+    batch_size: int = 16
+    lr: float = 0.1
+    init_cost: float = 1e-3
+    cost_up: float = 1.5
+    cost_down: float = 1.5 ** 1.5
+    patience: int = 5
+    success_threshold: float = 0.99
+    pixel_share: float = 1.0
+    early_stop: bool = True
+    early_stop_threshold: float = 0.99
+    early_stop_patience: int = 10
+    candidate_batch: int = 16
+    anomaly_threshold: float = 2.0
 
-    def schedule(self) -> ScheduleConfig:
+    def check_params(self) -> None:
+        check(self.targets in ("image", "pairs"), "targets", "'image' or 'pairs'", self.targets)
+        check(self.schedule in SCHEDULES, "schedule", "'nc' or 'fast'", self.schedule)
+        for key in ("batch_size", "patience", "early_stop_patience", "candidate_batch"):
+            check(is_int(getattr(self, key), 1), key, "an integer >= 1", getattr(self, key))
+        for key in ("steps", "max_candidates"):
+            check(getattr(self, key) is None or is_int(getattr(self, key), 1), key, "None or an integer >= 1",
+                  getattr(self, key))
+        for key in ("lr", "anomaly_threshold"):
+            check(is_num(getattr(self, key)) and getattr(self, key) > 0, key, "a number > 0", getattr(self, key))
+        check(is_num(self.init_cost) and self.init_cost >= 0, "init_cost", "a number >= 0", self.init_cost)
+        for key in ("cost_up", "cost_down"):
+            check(is_num(getattr(self, key)) and getattr(self, key) > 1, key, "a number > 1", getattr(self, key))
+        for key in ("success_threshold", "pixel_share", "early_stop_threshold"):
+            v = getattr(self, key)
+            check(is_num(v) and 0 < v <= 1, key, "a number in (0, 1]", v)
+        check(isinstance(self.early_stop, bool), "early_stop", "true or false", self.early_stop)
+
+    def max_steps(self) -> int:
+        """``steps``, or the schedule's default (1000 epochs for nc, 300 mini-batches for fast)."""
+        return SCHEDULES[self.schedule] if self.steps is None else int(self.steps)
+
+    def schedule_config(self) -> ScheduleConfig:
         return ScheduleConfig(self.init_cost, self.patience, self.cost_up, self.cost_down, self.success_threshold,
-                              self.early_stop, self.early_stop_threshold, self.early_stop_patience, self.steps)
+                              self.early_stop, self.early_stop_threshold, self.early_stop_patience, self.max_steps())
 
     # -- candidates ----------------------------------------------------------------------------------
     def candidates(self, model: nn.Module, ctx: DefenseContext) -> tuple[list[tuple[int, int]], int]:
@@ -224,6 +245,7 @@ class TriggerSynthesis:
 
     # -- the defense ---------------------------------------------------------------------------------
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        self.check_params()
         meter, device = CostMeter(), ctx.device
         budget = Budget.for_context(ctx, meter)
         model = model.to(device).eval()
@@ -249,31 +271,23 @@ class TriggerSynthesis:
             meter.forward += b
             meter.backward += b
             loop_start = meter.passes
-
-            finished = []
-
-            def done(r):  # candidates finish out of order when batched: report how many are done
-                finished.append(r.index)
-                s, t = planned[r.index]
-                report(ctx.progress, len(finished) / max(len(planned), 1),
-                       f"candidate {'*' if s < 0 else ctx.classes[s]}→{ctx.classes[t]}: mask L1 {r.norm:.1f} ({r.steps} steps)")
-
-            results, unfinished = search(
-                model, to_input(images, device), torch.from_numpy(clean_pred).long().to(device), planned,
-                [ctx.seed * 1_000_003 + i for i in range(len(planned))], self.schedule(),
-                EpochPlan(n, b, self.schedule_unit == "nc", self.pixel_share), self.lr,
-                self.candidate_batch, budget, meter, done)
+            job = SearchJob(to_input(images, device), torch.from_numpy(clean_pred).long().to(device), planned,
+                            [ctx.seed * 1_000_003 + i for i in range(len(planned))])
+            plan = EpochPlan(n, b, self.schedule == "nc", self.pixel_share, self.lr, self.candidate_batch)
+            results, unfinished = search(model, job, self.schedule_config(), plan, budget, meter,
+                                         _progress(ctx, planned))
             loop = {"passes": meter.passes - loop_start, "seconds": float(sum(r.seconds for r in results)),
                     "abandoned": unfinished}
         finally:
             for p, req in zip(model.parameters(), params):
                 p.requires_grad_(req)
-        return self._result(ctx, planned, results, len(cands), skipped, loop, budget, meter, h, w)
+        return self._result(ctx, _Outcome(planned, results, len(cands), skipped, loop, budget, meter, (h, w)))
 
-    def _result(self, ctx, planned, results, total, skipped, loop, budget, meter, h, w) -> DefenseResult:
+    def _result(self, ctx: DefenseContext, out: _Outcome) -> DefenseResult:
         """The verdict from the converged candidates only: a candidate whose mask never reached the success
         threshold has no reverse-engineered trigger (NC's ``reg_best`` stays infinite), so its norm — the last
         mask's, large because λ kept falling — would only stretch the MAD; it is listed in ``unconverged``."""
+        planned, results, total = out.planned, out.results, out.total
         labels_all = [f"{'*' if s < 0 else ctx.classes[s]}->{ctx.classes[t]}" for s, t in (planned[r.index] for r in results)]
         conv = [r for r in results if r.reached]
         names = [("*" if s < 0 else ctx.classes[s], ctx.classes[t]) for s, t in (planned[r.index] for r in conv)]
@@ -289,10 +303,10 @@ class TriggerSynthesis:
                           suspected=[pair for pair, f in zip(names, flagged) if f] if status == "backdoored" else [])
         j = int(np.argmax(np.where(small, index, -1))) if small.any() else (int(np.argmin(norms)) if len(norms) else None)
         details = {
-            "cost": jsonable(self._cost(ctx, results, total, skipped, len(planned), loop, budget, h, w)),
+            "cost": jsonable(self._cost(ctx, out)),
             "status": status,
             "coverage": coverage,
-            "schedule": self.schedule_unit,
+            "schedule": self.schedule,
             "converged": len(conv),
             "norms": {lab: float(v) for lab, v in zip(labels, norms)},
             "anomaly_index": {lab: float(v) for lab, v in zip(labels, index)},
@@ -306,15 +320,16 @@ class TriggerSynthesis:
             "flagged": [lab for lab, f in zip(labels, flagged) if f],
             "mask_candidate": labels[j] if j is not None else None,
             "mask": _small_mask(conv[j].mask) if j is not None else None,
-            **budget.summary(),
+            **out.budget.summary(),
             "note": (f"{len(conv)} converged candidate(s): the MAD anomaly index needs at least 3, so the verdict is "
                      "inconclusive" if len(conv) < 3 else ""),
         }
-        return DefenseResult(verdict=verdict, cost=meter.cost(), details=details)
+        return DefenseResult(verdict=verdict, cost=out.meter.cost(), details=details)
 
-    def _cost(self, ctx, results, total, skipped, planned, loop, budget, h, w) -> dict:
+    def _cost(self, ctx: DefenseContext, out: _Outcome) -> dict:
         """``details["cost"]``: what one candidate cost (passes, seconds), the search-space sizes, and the
         projections for the data at hand and for ADE20K with their basis."""
+        results, total, loop, budget, (h, w) = out.results, out.total, out.loop, out.budget, out.size
         k = ctx.num_classes
         ade_scale = (ADE20K_SIZE[0] * ADE20K_SIZE[1]) / (h * w)
         ppc = float(np.mean([r.forward + r.backward for r in results])) if results else float("nan")
@@ -324,9 +339,9 @@ class TriggerSynthesis:
             "basis": PROJECTION_BASIS,
             "passes_per_candidate": ppc,
             "steps_per_candidate": float(np.mean([r.steps for r in results])) if results else float("nan"),
-            "max_steps": self.steps,
-            "schedule": self.schedule_unit,
-            "step_unit": "epoch over the clean subset" if self.schedule_unit == "nc" else "mini-batch",
+            "max_steps": self.max_steps(),
+            "schedule": self.schedule,
+            "step_unit": "epoch over the clean subset" if self.schedule == "nc" else "mini-batch",
             "seconds_per_pass": spp,
             "per_candidate_seconds": float(np.mean([r.seconds for r in results])) if results else float("nan"),
             "candidate_batch": self.candidate_batch,
@@ -338,8 +353,8 @@ class TriggerSynthesis:
             "projected_ade20k": projected_cost(ppc, spp, ADE20K_CLASSES, *ADE20K_SIZE, pixel_scale=ade_scale) if results else None,
             "ade20k_pixel_scale": ade_scale,
             "candidates_in_mode": total,
-            "candidates_skipped_no_source": skipped,
-            "candidates_planned": planned,
+            "candidates_skipped_no_source": out.skipped,
+            "candidates_planned": len(out.planned),
             "candidates_run": len(results),
             "candidates_abandoned": loop["abandoned"],
             "loop_passes": loop["passes"],
@@ -349,6 +364,19 @@ class TriggerSynthesis:
             **budget.summary(),
             "elapsed_seconds": budget.elapsed(),
         }
+
+
+def _progress(ctx: DefenseContext, planned: list[tuple[int, int]]):
+    """The search's ``on_done``: candidates finish out of order when batched, so report how many are done."""
+    finished = []
+
+    def done(r) -> None:
+        finished.append(r.index)
+        s, t = planned[r.index]
+        report(ctx.progress, len(finished) / max(len(planned), 1),
+               f"candidate {'*' if s < 0 else ctx.classes[s]}→{ctx.classes[t]}: mask L1 {r.norm:.1f} ({r.steps} steps)")
+
+    return done
 
 
 def _small_mask(mask: np.ndarray) -> list:

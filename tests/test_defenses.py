@@ -246,7 +246,7 @@ def test_fine_pruning_rankings_differ_on_a_channel_firing_in_few_rows():
     assert np.argsort(mean, kind="stable").tolist() == [2, 0, 1]  # mean: the few-rows channel is pruned second
     assert np.argsort(top, kind="stable").tolist() == [2, 1, 0]  # max: it is pruned last
     with pytest.raises(ValueError, match="ranking"):
-        defenses.BUILTIN["fine-pruning"](ranking="median")
+        defenses.BUILTIN["fine-pruning"](ranking="median").check_params()
 
 
 # -- end to end on a real backdoored model --------------------------------------------------------------

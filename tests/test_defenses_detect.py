@@ -92,7 +92,7 @@ def test_nc_counts_epochs_over_the_clean_subset():
     assert all(s == 3 for s in res.details["steps"].values()) and res.details["cost"]["step_unit"].startswith("epoch")
     fast = TriggerSynthesis(schedule="fast", steps=3, batch_size=4, early_stop=False, max_candidates=2).run(_TwoReachable(), ctx)
     assert fast.details["cost"]["passes_per_candidate"] == 3 * 4 * 2
-    assert TriggerSynthesis().steps == 1000 and TriggerSynthesis(schedule="fast").steps == 300
+    assert TriggerSynthesis().max_steps() == 1000 and TriggerSynthesis(schedule="fast").max_steps() == 300
 
 
 # -- STRIP: STRIP's additive superimposition, N = 100, the paper's threshold ------------------------------------
@@ -151,7 +151,7 @@ def test_activation_clustering_flags_a_planted_cluster_with_either_reduction(red
     assert flags[120:].all() and flags.sum() == min(sizes) and flags[120:].sum() / flags.sum() >= 0.9  # recall 1, precision ≥ 0.9
     assert ActivationClustering().reduce == "pca" and ActivationClustering(reduce="ica").reduce == "ica"
     with pytest.raises(ValueError, match="reduce"):
-        ActivationClustering(reduce="tsne")
+        ActivationClustering(reduce="tsne").check_params()
 
 
 # -- ABL and SCALE-UP: their arithmetic by hand ---------------------------------------------------------------

@@ -185,8 +185,18 @@ def test_repair_defense_runs_on_a_benign_untrained_model(fixture_data, name):
     ("ft", {"epochs": -1}, "epochs"), ("ft", {"lr": 0}, "lr"), ("nad", {"betas": [1, 2], "layers": ["x"]}, "layers"),
     ("nad", {"p": 0}, "p"), ("anp", {"prune_by": "number"}, "prune_by"), ("anp", {"eps": -0.1}, "eps"),
     ("clp", {"u": "three"}, "u"), ("i-bau", {"k": 0}, "k"), ("i-bau", {"portion": 2}, "portion"),
+    ("fine-pruning", {"step": 0}, "step"), ("fine-pruning", {"ranking": "median"}, "ranking"),
+    ("fine-pruning", {"epochs": 1.5}, "epochs"), ("trigger-synthesis", {"schedule": "slow"}, "schedule"),
+    ("trigger-synthesis", {"steps": 0}, "steps"), ("strip", {"n_overlays": 0}, "n_overlays"),
+    ("strip", {"mode": "multiply"}, "mode"), ("strip", {"frr": 1}, "frr"), ("scale-up", {"scales": [1]}, "scales"),
+    ("scale-up", {"threshold_rule": "max"}, "threshold_rule"), ("activation-clustering", {"reduce": "tsne"}, "reduce"),
+    ("activation-clustering", {"rule": "all"}, "rule"), ("spectral-signature", {"epsilon": 0.9}, "epsilon"),
+    ("spectral-signature", {"batch_size": 0}, "batch_size"), ("abl", {"init": "zeros"}, "init"),
+    ("abl", {"isolation_ratio": 1}, "isolation_ratio"),
 ])
 def test_bad_parameters_are_refused_naming_the_parameter(name, params, word):
+    """Every built-in follows scikit-learn's convention: ``__init__`` stores, ``check_params`` (called by
+    ``load_defense``, so the CLI refuses before any work) and ``run`` validate, and errors name the parameter."""
     with pytest.raises(UserError, match=rf"\b{word} must be"):
         load_defense(name, **params)
     obj = defenses.BUILTIN[name](**params)  # sklearn convention: the constructor only stores

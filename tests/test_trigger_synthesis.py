@@ -240,5 +240,6 @@ def test_partial_search_is_inconclusive_with_its_coverage(setup, one_thread):
 @pytest.mark.parametrize("bad", [dict(targets="maps"), dict(steps=0), dict(candidate_batch=0), dict(max_candidates=0),
                                  dict(lr=0), dict(cost_up=1.0), dict(success_threshold=1.5), dict(batch_size=2.5)])
 def test_bad_parameters_raise_value_error(bad):
-    with pytest.raises(ValueError):
-        TriggerSynthesis(**bad)
+    ts = TriggerSynthesis(**bad)  # scikit-learn's convention: the constructor only stores
+    with pytest.raises(ValueError, match=rf"\b{next(iter(bad))} must be"):
+        ts.check_params()
