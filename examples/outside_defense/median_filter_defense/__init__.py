@@ -47,11 +47,15 @@ class MedianFilter:
     uses_training_set = False  # the clean subset is all it needs (it uses none of it, in fact)
 
     def __init__(self, size: int = 3) -> None:
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
-        self.size = size
+        self.size = size  # scikit-learn's convention: store only; check_params() validates
+
+    def check_params(self) -> None:
+        """Called by the testbed right after construction: a bad --param is one line before any work."""
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive integer, got {self.size!r}")
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
+        self.check_params()
         t0 = time.perf_counter()
         ctx.progress(1.0, f"median filter {self.size}x{self.size}")
         return DefenseResult(
