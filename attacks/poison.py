@@ -122,6 +122,9 @@ def _settings(settings: PoisonSettings | None, fields: dict[str, Any]) -> Poison
     if unknown:
         raise TypeError(f"poison() got an unexpected keyword argument {unknown[0]!r} "
                         f"(its settings are {', '.join(sorted(SETTINGS_FIELDS))})")
+    if settings is not None and not isinstance(settings, PoisonSettings):
+        raise TypeError(f"poison()'s fifth argument is a PoisonSettings, got {settings!r}: pass rate, seed, ... by "
+                        "keyword (rate=0.1) or as PoisonSettings(rate=0.1)")
     return replace(settings or PoisonSettings(), **fields)
 
 

@@ -7,7 +7,8 @@ trigger, the attack parameters, the poison indices or the attacked test set.
 
 The protocol lives in the defenses package, beside the defenses that implement it;
 ``from testbed.defense import Defense, DefenseContext, DefenseResult`` is its stable public path.
-This module imports numpy, torch and the scorer's input conversion; importing it alone never loads a defense.
+This module imports numpy, torch and the scorer's input conversion.  Python imports a package before its
+modules, so importing it also loads the built-in defenses (the package's ``__init__``); none of them is run.
 """
 
 from __future__ import annotations

@@ -60,12 +60,16 @@ def load_defense(spec: Any, **params: Any) -> Any:
                             f"{', '.join(known)} (see `testbed defenses`)")
         try:
             obj = obj(**params)
-            if callable(getattr(obj, "check_params", None)):  # sklearn-style classes validate apart from __init__
-                obj.check_params()
+            _check(obj)
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: bad parameters {sorted(params)} ({e}); see `testbed defenses`") from None
     elif params:
         raise UserError(f"{source} is an object, not a class; parameters {sorted(params)} cannot be passed to it")
+    else:
+        try:
+            _check(obj)  # an object built by the caller is checked too, before any model is loaded
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: bad parameters ({e}); see `testbed defenses`") from None
     name_attr = getattr(obj, "name", None)
     if not isinstance(name_attr, str) or not name_attr or not callable(getattr(obj, "run", None)):
         raise UserError(
@@ -73,6 +77,12 @@ def load_defense(spec: Any, **params: Any) -> Any:
             "(see docs/writing-a-defense.md)"
         )
     return obj
+
+
+def _check(obj: Any) -> None:
+    """scikit-learn's convention: ``__init__`` stores, ``check_params()`` (when the class has one) validates."""
+    if not isinstance(obj, type) and callable(getattr(obj, "check_params", None)):
+        obj.check_params()
 
 
 def _takes_any_keyword(cls: type) -> bool:

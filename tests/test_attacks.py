@@ -287,6 +287,9 @@ def test_poison_settings_object_equals_the_keywords(clean, tmp_path):
     assert s.seed == 2  # the caller's object is not changed
     with pytest.raises(TypeError, match="'rat'"):
         attacks.poison(clean, tmp_path / "c.h5", atk(), "line", rat=0.3)
+    with pytest.raises(TypeError, match="by keyword"):  # the old positional rate names the way out
+        attacks.poison(clean, tmp_path / "c.h5", atk(), "line", 0.3)
+    assert not (tmp_path / "c.h5").exists()
     dry = attacks.poison(clean, tmp_path / "d.h5", atk(), "line", attacks.PoisonSettings(rate=0.3, seed=5, dry_run=True))
     assert not dry.written and not (tmp_path / "d.h5").exists() and np.array_equal(dry.poison_index, a.poison_index)
     path = attacks.poison_file(clean, tmp_path / "e.h5", attack="fgba", preset="n-to-1", target="wall", trigger="line",

@@ -15,6 +15,7 @@ import torch
 
 from testbed.defense import DefenseResult, Verdict
 from testbed.defenses.registry import load_defense, parse_params
+from testbed.training import runs
 from testbed.evaluation.runner import run_defense
 from testbed.evaluation.threat_model import make_context
 from testbed.core import safeload
@@ -480,7 +481,9 @@ def reads(monkeypatch):
 
     real_load, real_read = safetensors.torch.load_file, Path.read_text
     monkeypatch.setattr(h5py, "File", CountingFile)
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda p, *a, **k: (note("weights", p), real_load(p, *a, **k))[1])
+    counting_load = lambda p, *a, **k: (note("weights", p), real_load(p, *a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(safetensors.torch, "load_file", counting_load)
+    monkeypatch.setattr(runs, "load_file", counting_load)  # the name runs imported at its top
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (note("text", self), real_read(self, *a, **k))[1])
     real_bounded = safeload._read_bounded  # JSON files the testbed reads go through its one bounded loader
     monkeypatch.setattr(safeload, "_read_bounded", lambda p: (note("text", p), real_bounded(p))[1])

@@ -443,3 +443,16 @@ def test_every_defense_honours_a_pass_budget(model, poisoned, name, kw, budget, 
     assert res.details["budget_passes"] == budget
     for key, value in expected.items():
         assert res.details[key] == value, key
+
+
+def test_a_defense_object_built_by_the_caller_is_checked_before_any_work():
+    """scikit-learn's convention: construction stores; load_defense (which bench/defend call before loading any
+    model) validates an object passed in as well as a class it builds."""
+    from testbed.core.errors import UserError
+    from testbed.defenses.registry import load_defense
+    from testbed.defenses.strip import Strip
+
+    bad = Strip(frr=2)  # stores without complaint
+    with pytest.raises(UserError, match="frr"):
+        load_defense(bad)
+    assert load_defense(Strip(frr=0.05)).frr == 0.05

@@ -22,13 +22,13 @@ from torch import nn
 
 from testbed.core.device import resolve_device
 from testbed.core.errors import UserError
-from testbed.data.h5data import SegFile, content_hash, open_dataset
+from testbed.data.h5data import SegFile, open_dataset
 from testbed.scoring.scorer import score_model
+from testbed.training.provenance import content_hash_cached
 from testbed.training.runs import load_run
 
 # content hashes of data files, per file version (resolved path, device, inode, size, mtime) in this process: a
 # file replaced at the same path is a new version, hashed afresh
-_DATA_HASHES: dict[tuple[Any, ...], str] = {}
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,8 @@ class LoadedRun:
 
     def data_digest(self) -> str:
         """The data file's content hash (:func:`testbed.data.h5data.content_hash`), read from the open file once
-        per file version in this process."""
-        st = os.stat(self.data_path)
-        key = (str(self.data_path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in _DATA_HASHES:
-            _DATA_HASHES[key] = content_hash(self.data.file)
-        return _DATA_HASHES[key]
+        per file version in this process (the one cache the provenance check uses too)."""
+        return content_hash_cached(self.data_path, self.data.file)
 
 
 @contextmanager

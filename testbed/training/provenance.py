@@ -48,13 +48,15 @@ def model_attack_label(config: dict[str, Any], data_attack: dict[str, Any] | Non
     return attack_label(ds.get("attack") if ds is not None else data_attack)
 
 
-def content_hash_cached(path: str | os.PathLike) -> str:
-    """:func:`testbed.data.h5data.content_hash`, computed once per file version in this process."""
+def content_hash_cached(path: str | os.PathLike, opened: Any = None) -> str:
+    """:func:`testbed.data.h5data.content_hash`, computed once per file version (path, device, inode, size,
+    modification time) in this process; ``opened``: the file already open (an h5py.File), read instead of
+    opening it again."""
     p = Path(path).resolve()
     st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
+    key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        _HASHES[key] = content_hash(p)
+        _HASHES[key] = content_hash(p if opened is None else opened)
     return _HASHES[key]
 
 
@@ -76,12 +78,19 @@ def other_data_note(run_dir: str | os.PathLike, config: dict[str, Any], data_pat
             f"its results are reported under the attack the model was trained with, {model}")
 
 
+def _recorded(ds: dict[str, Any]) -> dict[str, Any]:
+    """The part of a dataset record the weights keep: everything but the file's path (where the file lay is not
+    what it held, and a path in the weights would make the same training give other bytes elsewhere)."""
+    return {k: v for k, v in ds.items() if k != "path"}
+
+
 def weights_metadata(config: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata a run's weights are saved with: the format, and the run's dataset record."""
+    """The safetensors metadata a run's weights are saved with: the format, and the run's dataset record (by
+    content: :func:`_recorded`)."""
     ds = trained_on(config)
     meta = {"format": "pt"}
     if ds is not None:
-        meta[RECORD_KEY] = json.dumps(ds, sort_keys=True, allow_nan=False)
+        meta[RECORD_KEY] = json.dumps(_recorded(ds), sort_keys=True, allow_nan=False)
     return meta
 
 
@@ -110,7 +119,7 @@ def check_record(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
     saved = weights_record(Path(run_dir) / "model.safetensors")
     if saved is None:
         return
-    ds = trained_on(config) or {}
+    saved, ds = _recorded(saved), _recorded(trained_on(config) or {})
     changed = sorted(k for k in set(saved) | set(ds) if saved.get(k) != ds.get(k))
     if changed:
         raise UserError(f"{Path(run_dir) / 'config.json'} does not match its weights: its dataset "
