@@ -149,3 +149,14 @@ def test_reads_two_built_zoos_and_bad_input_is_one_line(tmp_path, capsys):
     lines = err.err.strip().splitlines()
     assert err.out == "" and len(lines) == 2 and all(ln.startswith("precision_quality: error: ") for ln in lines)
     assert "both zoos trained in fp32" in lines[0] and "Traceback" not in err.err
+
+
+def test_bf16_spec_is_the_reference_benchmark_in_bf16():
+    """examples/zoo-bench-bf16.toml pairs entry for entry with examples/zoo-bench.toml; only the precision differs."""
+    from testbed.zoo.spec import parse_spec
+
+    bench, bf16 = parse_spec(REPO / "examples" / "zoo-bench.toml"), parse_spec(REPO / "examples" / "zoo-bench-bf16.toml")
+    assert bf16.train == {**bench.train, "precision": "bf16"} and "precision" not in bench.train
+    assert bf16.data == bench.data
+    assert {v.label: v.params for v in bf16.variants} == {v.label: v.params for v in bench.variants}
+    assert [(e.id, e.seed) for e in bf16.entries] == [(e.id, e.seed) for e in bench.entries] and len(bf16.entries) == 21
