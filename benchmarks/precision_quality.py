@@ -68,7 +68,7 @@ def _settings(row: dict[str, Any]) -> dict[str, Any]:
 
 def check_pairable(a: Zoo, b: Zoo) -> list[tuple[str, str, int]]:
     """The keys finished in both zoos; refuses zoos whose paired entries differ in anything but precision."""
-    shared = sorted(set(a.entries) & set(b.entries))
+    shared = [k for k in a.entries if k in b.entries]  # the first zoo's plan order: settings as the spec lists them
     if not shared:
         raise UserError(f"zoos {a.path} and {b.path} share no finished entry (model, attack, seed); build both from "
                         "the same spec, differing only in [train] precision")
