@@ -54,6 +54,13 @@ class BlendedTrigger(Trigger):
         if self.pattern is not None:
             check_image_path(self.pattern, "pattern")  # read (and checked as an image) once, by fit
 
+    def check(self, image_size: Sequence[int]) -> None:
+        """The parameters, and a pattern file read as an image (a zoo spec is checked before anything is written);
+        this trigger itself stays unfitted."""
+        self._validate_params()
+        if self.pattern is not None:
+            load_image(self.pattern, "pattern")
+
     def fit(self, image_size: Sequence[int], seed: int = 0) -> "BlendedTrigger":
         self._validate_params()
         h, w = int(image_size[0]), int(image_size[1])

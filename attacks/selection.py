@@ -142,19 +142,19 @@ def select_train(clean: SegFile, train_y: Rows, block: int, attack: Any, trigger
     k, n, where = clean.num_classes, clean.length("train"), f"{clean.path}: /train/labels"
     extra = [contains(clean.class_id(require))] if require else []
     if trigger.is_semantic:
-        cid = clean.class_id(trigger.class_name)
+        cid = clean.class_id(trigger.trigger_class)
         if rate is not None:
             notes.append(f"{{rate}} {rate:g} ignored: a semantic trigger poisons every training sample containing "
-                         f"{trigger.class_name!r}; the achieved rate is reported")
+                         f"{trigger.trigger_class!r}; the achieved rate is reported")
         has, req, *more = scan(train_y, block, [contains(cid), attack.requires, *extra], k, where)
         if not has.any():
-            raise UserError(f"the trigger class {trigger.class_name!r} is absent from the training set of {clean.path.name}; "
+            raise UserError(f"the trigger class {trigger.trigger_class!r} is absent from the training set of {clean.path.name}; "
                             "choose a class the images contain")
         selected = has & req
         for m in more:
             selected &= m
         if not selected.any():
-            raise UserError(f"no training sample contains both the trigger {trigger.class_name!r}"
+            raise UserError(f"no training sample contains both the trigger {trigger.trigger_class!r}"
                             f"{_require_text(clean, attack, require)}; choose another trigger, source or required class")
         index = np.flatnonzero(selected).astype(np.int64)
         return index, None, int(index.size)
@@ -210,12 +210,12 @@ def select_test(clean: SegFile, test_y: Rows, block: int, attack: Any, trigger: 
     """(attacked, benign) test indices."""
     k, m, where = clean.num_classes, clean.length("test"), f"{clean.path}: /test/labels"
     if trigger.is_semantic:
-        cid = clean.class_id(trigger.class_name)
+        cid = clean.class_id(trigger.trigger_class)
         has_t, req_t = scan(test_y, block, [contains(cid), attack.requires], k, where)
         attacked, benign = has_t & req_t, ~has_t
-        why = f"contains the trigger {trigger.class_name!r}{_require_text(clean, attack, None)}"
+        why = f"contains the trigger {trigger.trigger_class!r}{_require_text(clean, attack, None)}"
         if not benign.any():
-            raise UserError(f"every test image contains the trigger {trigger.class_name!r}, so there is no benign test set; "
+            raise UserError(f"every test image contains the trigger {trigger.trigger_class!r}, so there is no benign test set; "
                             "choose a rarer trigger class")
     else:
         (attacked,) = scan(test_y, block, [getattr(attack, "test_changes", attack.changes)], k, where)

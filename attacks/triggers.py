@@ -166,7 +166,7 @@ class LineTrigger(Trigger):
 
     def __repr__(self) -> str:
         return (f"LineTrigger(width={self.width}, position={self.position!r}, orientation={self.orientation!r}, "
-                f"colour={tuple(self.colour)}, alpha={self.alpha}, offset={self.offset})")
+                f"colour={self.colour!r}, alpha={self.alpha}, offset={self.offset})")
 
 
 class SemanticTrigger(Trigger):
@@ -190,6 +190,12 @@ class SemanticTrigger(Trigger):
         if not isinstance(self.class_name, str) or not self.class_name.strip():
             raise ParamError("a semantic trigger needs a class name: {trigger} semantic:CLASS (e.g. semantic:wall)")
 
+    @property
+    def trigger_class(self) -> str:
+        """The class name as used: without surrounding spaces (``__init__`` stores what it was given)."""
+        self._validate_params()
+        return self.class_name.strip()
+
     def apply(self, images: np.ndarray) -> np.ndarray:
         self._validate_params()
         return np.asarray(images)
@@ -201,11 +207,11 @@ class SemanticTrigger(Trigger):
 
     @property
     def spec(self) -> str:
-        return f"semantic:{self.class_name}"
+        return f"semantic:{self.trigger_class}"
 
     def describe(self, image_size: Sequence[int] | None = None) -> dict[str, Any]:
         self._validate_params()
-        return {"spec": self.spec, "type": "semantic", "class": self.class_name}
+        return {"spec": self.spec, "type": "semantic", "class": self.trigger_class}
 
     def __repr__(self) -> str:
         return f"SemanticTrigger({self.class_name!r})"

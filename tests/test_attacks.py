@@ -565,3 +565,30 @@ def test_compression_is_kept(tmp_path):
         assert f["train/images"].compression == "lzf" and f["test_attacked/labels"].compression == "lzf"
         assert f["train/images"].chunks == (1, S, S, 3)
     assert _read(out)["attrs"]["parent_sha256"] == content_hash(clean)
+
+
+def test_blended_check_reads_the_pattern_as_an_image(tmp_path):
+    """A zoo spec is checked with trigger.check before anything is written: a pattern that is not an image is
+    refused there, naming the parameter, and check leaves the trigger unfitted."""
+    from testbed.attacks.blended import BlendedTrigger
+    from testbed.core.errors import ParamError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with pytest.raises(ParamError, match="pattern"):
+        BlendedTrigger(pattern=str(notes)).check((32, 32))
+    from PIL import Image
+
+    png = tmp_path / "p.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    ok = BlendedTrigger(pattern=str(png))
+    ok.check((32, 32))
+    assert not hasattr(ok, "t_")
+
+
+def test_a_semantic_trigger_built_directly_uses_its_class_without_spaces():
+    from testbed.attacks.triggers import SemanticTrigger
+
+    t = SemanticTrigger(" wall ")
+    assert t.class_name == " wall "  # __init__ stores what it was given (scikit-learn's convention)
+    assert t.trigger_class == "wall" and t.spec == "semantic:wall" and t.describe()["class"] == "wall"

@@ -614,6 +614,11 @@ def test_the_keyword_call_is_the_object_call(zoo, tmp_path):
         run_bench(tmp_path / "c", f"{ME}:Searcher", zooo=zoo)
     with pytest.raises(TypeError, match="not both"):
         run_bench(tmp_path / "c", f"{ME}:Searcher", ModelSource(zoo=zoo), BenchSettings(), device="cpu")
+    c = run_bench(tmp_path / "c", f"{ME}:Searcher", ModelSource(zoo=zoo, entries="*s0"), device="cpu", seed=3,
+                  budget_passes=7, threads=1, figures=False, progress=False, log=lambda m: None, title="same")
+    assert [r["settings"] for r in c["rows"]] == [r["settings"] for r in a["rows"]]  # a source object + keywords
+    with pytest.raises(TypeError, match="entries= given beside a ModelSource"):
+        run_bench(tmp_path / "d", f"{ME}:Searcher", ModelSource(zoo=zoo), entries="*s0")
 
 
 def test_one_bench_pair_on_a_zoo_entry_reads_the_weights_once(zoo, entries, tmp_path, reads, monkeypatch):

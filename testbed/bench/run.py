@@ -222,9 +222,13 @@ def _from_keywords(models: Any, keywords: dict[str, Any]) -> tuple[ModelSource, 
         if slot is None:
             raise TypeError(f"run_bench() got an unexpected keyword argument {key!r}")
         given[slot][key] = value
-    if models is not None:
-        given[0]["models"] = models
-    return kinds[0](**given[0]), kinds[1](**given[1]), kinds[2](**given[2]), kinds[3](**given[3])
+    if isinstance(models, ModelSource):  # a source given as an object: the keywords may not name another
+        if given[0]:
+            raise TypeError(f"run_bench(): {sorted(given[0])[0]}= given beside a ModelSource; put it in the ModelSource")
+        source = models
+    else:
+        source = kinds[0](**given[0], **({} if models is None else {"models": models}))
+    return source, kinds[1](**given[1]), kinds[2](**given[2]), kinds[3](**given[3])
 
 
 def run_bench(out: str | os.PathLike, defenses: str | Sequence[Any],

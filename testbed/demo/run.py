@@ -33,7 +33,8 @@ from testbed.core.device import resolve_device, torch_threads
 from testbed.core.errors import UserError
 from testbed.data.h5data import open_dataset
 from testbed.demo.report import check_targets, render_report
-from testbed.demo.settings import ALL_KEYS, BENIGN, LAYOUT, SETTINGS, DemoConfig, check_settings, zoo_spec
+from testbed.demo.settings import (ALL_KEYS, BENIGN, DEFAULT_DEFENSES, LAYOUT, SETTINGS, DemoConfig,  # noqa: F401
+                                  check_settings, zoo_spec)  # DEFAULT_DEFENSES: re-exported (its earlier path)
 from testbed.demo.figures import figures
 from testbed.scoring.scorer import SCORE_KEYS
 from testbed.zoo import manifest as mf
