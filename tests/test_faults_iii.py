@@ -226,3 +226,19 @@ def test_verify_names_an_unfinished_entry_as_ls_does(interrupted_zoo):
     for eid, status in rows.items():
         if status != "done":
             assert f"entry {eid}: not finished ({status})" in s["verify"].stdout, (status, s["verify"].stdout)
+
+
+def test_the_weights_metadata_is_written_the_same_way_every_time(tmp_path):
+    """safetensors writes a metadata map with several keys in a random order: the record is one key, so the same
+    weights and record give the same bytes (same seed ⇒ same bytes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from testbed.training.provenance import weights_metadata
+
+    config = {"dataset": {"path": "/x/d.h5", "content_hash": "ab" * 32, "attack": None, "num_train": 3}}
+    files = set()
+    for i in range(12):
+        save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"), metadata=weights_metadata(config))
+        files.add((tmp_path / "m.safetensors").read_bytes())
+    assert len(files) == 1
