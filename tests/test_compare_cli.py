@@ -131,6 +131,7 @@ def test_compare_on_a_real_bench_report(backdoored_run, fgba_line_path, tmp_path
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     rows = {r["defense"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert all("benign_floor" not in r for r in rows.values())  # --run: no zoo, no benign floor (issue 24)
     before = tree(out)
 
     assert main(["compare", str(out), "--defense", "no-op", "--vs", "none"]) == 0
