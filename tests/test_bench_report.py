@@ -726,6 +726,8 @@ def test_a_zoo_bench_records_the_benign_floor_and_gives_no_der_at_or_below_it(zo
                                  "scores on the same attacked test set, so it measures no backdoor")
     report = (out / "report.md").read_text()
     assert report.count("| n/a³ |") == 2 and "³ DER n/a: no gain over the benign model." in report
+    for r in attacked:  # the floor, which no table shows, in the row's note
+        assert f"- {r['model']} × shrink: {r['notes'][0]}" in report
     assert "¹ DER n/a" not in report  # --min-asr 0: no row fell below it
 
 

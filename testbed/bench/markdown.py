@@ -149,11 +149,11 @@ def notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
                      "not a trigger. Content-matched sets do not exist (the attacked images are unmodified test images).")
     if any(no_gain_row(r) for r in rows):
         lines.append("³ DER n/a: no gain over the benign model. The zoo's benign model of the same architecture and seed "
-                     "scores an ASR as high on the same attacked test set (`benign_floor` in results.json): the model's "
+                     "scores at least as high an ASR on the same attacked test set (`benign_floor` in results.json; the row's note below): the model's "
                      "ASR measures what a model without a backdoor already does, not a backdoor. The row's other "
                      "numbers stand.")
     per_row = [f"- {r['model']} × {r['defense']}: {n}" for r in rows for n in r.get("notes") or []
-               if not n.startswith("DER n/a")]
+               if not n.startswith("DER n/a") or no_gain_row(r)]  # ³'s floor is in no table: its note says it
     if per_row:
         lines += [""] + per_row
     return ["", "## Notes", ""] + lines if lines else []
