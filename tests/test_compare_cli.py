@@ -253,3 +253,16 @@ def test_no_der_pairs_counts_each_reason_when_they_mix(tmp_path, capsys):
     rows = failed + [{**make, "model": make["model"] + "x"} for make in _not_implanted_rows()]  # 3 more that ran
     assert compare(rows, "blur", "ft")["metrics"]["DER"]["why"] == (
         "of the 6 models both defenses ran on: 3 one of the two defenses failed, 3 the attack did not implant (DER n/a)")
+
+
+def test_no_der_pairs_names_the_benign_floor_when_that_is_why():
+    """A zoo bench's no-gain rows (ASR before above --min-asr, not above the benign model's): their own words."""
+    rows = [{**r, "before": {**r["before"], "ASR": 80.5}, "settings": {"min_asr": 50.0},
+             "benign_floor": {"entry": "m--benign--s0", "ASR": 83.7}} for r in _not_implanted_rows()]
+    assert compare(rows, "blur", "ft")["metrics"]["DER"]["why"] == (
+        "no model both defenses ran on scores an ASR above the zoo's benign model on the same attacked test set "
+        "(DER n/a: no backdoor is measured)")
+    rows[0:2] = [{**r, "before": {**r["before"], "ASR": 20.0}} for r in rows[0:2]]  # model s0: below --min-asr
+    assert compare(rows, "blur", "ft")["metrics"]["DER"]["why"] == (
+        "of the 3 models both defenses ran on: 1 the attack did not implant (DER n/a), 2 no gain over the zoo's "
+        "benign model (DER n/a)")

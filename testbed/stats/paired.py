@@ -94,6 +94,9 @@ _MISSING = (
     ("failed", "one of the two defenses failed", "one of the two defenses failed on every model both ran on"),
     ("not implanted", "the attack did not implant (DER n/a)",
      "the attack did not implant on any model both defenses ran on (DER n/a: no backdoor to remove)"),
+    ("no gain", "no gain over the zoo's benign model (DER n/a)",
+     "no model both defenses ran on scores an ASR above the zoo's benign model on the same attacked test set "
+     "(DER n/a: no backdoor is measured)"),
     ("benign", "no attacked test set (a benign model)",
      "every model both defenses ran on is benign (no attacked test set, so no ASR and no DER)"),
     ("no after", "no after-scores (a verdict-only defense)",
@@ -102,12 +105,20 @@ _MISSING = (
 )
 
 
+def _no_gain(row: dict[str, Any]) -> bool:
+    """The model's ASR before reached ``--min-asr`` but not above its zoo's benign floor (a bench's ``benign_floor``)."""
+    floor, asr = row.get("benign_floor"), (row.get("before") or {}).get("ASR")
+    if not floor or asr is None:
+        return False
+    return float((row.get("settings") or {}).get("min_asr", 0)) <= float(asr) <= float(floor["ASR"])
+
+
 def _missing(name: str, a: dict[str, Any], b: dict[str, Any]) -> str:
     """The key of :data:`_MISSING` that says why the pair (``a``, ``b``) of one model has no ``name`` values."""
     if a.get("error") or b.get("error"):
         return "failed"
     if name == "DER" and (a.get("attack_implanted") is False or b.get("attack_implanted") is False):
-        return "not implanted"
+        return "no gain" if _no_gain(a) else "not implanted"
     if name != "mIoU-B_after" and (a.get("benign_model") is True or (a.get("before") or {}).get("ASR") is None):
         return "benign"
     if not a.get("after") or not b.get("after"):
