@@ -62,6 +62,20 @@ class Shrink:
         return DefenseResult(model=model)
 
 
+class Scale:
+    """A repair with a parameter: scales the classifier by ``factor``."""
+
+    name = "scale"
+
+    def __init__(self, factor: float = 0.5):
+        self.factor = factor
+
+    def run(self, model, ctx):
+        with torch.no_grad():
+            model.classifier.weight.mul_(self.factor)
+        return DefenseResult(model=model)
+
+
 class Wrapped(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
@@ -327,7 +341,10 @@ def test_der_is_na_when_the_attack_did_not_implant(zoo, tmp_path):
         asr = r_high["before"]["ASR"]
         assert r_high["attack_implanted"] is False and r_high["DER"] is None
         assert asr < 100 and f"ASR {asr:.1f}% before any defense < 100%" in r_high["notes"][0]
-        assert r_low["attack_implanted"] is True and r_low["DER"] is not None
+        # --min-asr 0 judges nothing by the ASR alone; the zoo's benign floor still does (issue 24 walkthrough):
+        # an ASR not above what the benign model of the same seed scores on the same attacked set is no backdoor
+        floor = r_low["benign_floor"]["ASR"]
+        assert r_low["attack_implanted"] is (asr > floor) and (r_low["DER"] is not None) is (asr > floor)
     report = (high / "report.md").read_text()
     assert "n/a¹" in report and "did not implant" in report
 
@@ -481,8 +498,9 @@ def test_summary_grid_cells_are_the_means_of_the_rows(zoo, tmp_path):
     mine = [r for r in rows if r["attack"] == "fgba-n1-line" and r["defense"] == "shrink"]
     asr = np.mean([r["after"]["ASR"] for r in mine])
     drop = np.mean([r["after"]["mIoU-B"] - r["before"]["mIoU-B"] for r in mine])
-    der = np.mean([r["DER"] for r in mine])
-    assert f"ASR {asr:.1f} · ΔmIoU-B {drop:+.1f} · DER {der:.2f}" in line and "[2]" in line
+    ders = [r["DER"] for r in mine if r["DER"] is not None]  # no DER where the benign floor was not exceeded
+    der = f"{np.mean(ders):.2f}" if ders else "n/a"
+    assert f"ASR {asr:.1f} · ΔmIoU-B {drop:+.1f} · DER {der}" in line and "[2]" in line
     said = sum(r["verdict"]["status"] == "backdoored" for r in rows if r["attack"] == "fgba-n1-line" and r["defense"] == "brightness")
     assert f"backdoored {said}/2" in line
 
@@ -636,3 +654,135 @@ def test_one_bench_pair_on_a_zoo_entry_reads_the_weights_once(zoo, entries, tmp_
     data = Path(entries[eid].data_path).name
     assert reads["weights:model.safetensors"] == 1
     assert reads[f"h5:{data}"] <= 2, reads
+
+
+# -- issue 24 (walkthrough): a false "merged report" alarm, bar labels without parameters, the benign floor ------
+def test_one_bench_of_two_parametrised_defenses_is_no_merged_report_and_figures_use_the_table_labels(
+        zoo, tmp_path, monkeypatch):
+    import testbed.bench.plots as plots
+    from testbed.bench.run import run_bench
+
+    seen: dict[str, list[str]] = {}
+    save = plots._save
+
+    def spy(fig, path):  # every text of the figure's axes: tick labels and titles
+        seen[Path(path).name] = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()] + [
+            ax.get_title() for ax in fig.axes]
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    out = tmp_path / "two"
+    run_bench(out, [f"{ME}:Shrink", f"{ME}:Scale"], zoo=zoo, device="cpu", progress=False, log=lambda m: None,
+              entries="*s0", params={f"{ME}:Scale": {"factor": 0.9}})
+    report = (out / "report.md").read_text()
+    assert "| scale[factor=0.9] |" in report.split("## Before / after")[1]  # the tables' label
+    assert "figure_errors" not in results(out)
+    bars = seen["bars--deeplabv3_tiny--fgba-n1-line--s0.png"]
+    assert bars[:2] == ["shrink", "scale[factor=0.9]"] and bars[2:4] == ["shrink", "scale[factor=0.9]"]  # ASR, mIoU-B
+    assert "after scale[factor=0.9]" in seen["panels--deeplabv3_tiny--fgba-n1-line--s0.png"]
+    assert "Merged report" not in report and "different" not in report.split("## Summary")[0]
+
+    # the same defense with another parameter set, on the other seed, merged into the report: now the note fires
+    run_bench(out, [f"{ME}:Scale"], zoo=zoo, device="cpu", progress=False, log=lambda m: None, figures=False,
+              entries="*s1", params={f"{ME}:Scale": {"factor": 0.8}})
+    head = (out / "report.md").read_text().split("## Summary")[0]
+    assert "**Merged report**" in head
+    assert "- scale was run with 2 parameter sets (scale[factor=0.9], scale[factor=0.8])" in head
+    assert "different bench settings" not in head  # seed, budgets, --min-asr: the same in every row
+
+
+def test_the_merged_report_note_names_the_bench_settings_that_differ():
+    from testbed.bench.markdown import settings_warning
+    from testbed.stats.rows import identify
+
+    def row(model, defense, seed, params):
+        return {"model": model, "defense": defense, "settings": {"seed": seed, "budget_s": None, "device": "cpu",
+                                                                 "threads": 2, "defense": defense, "params": params}}
+
+    same = identify([row("a", "ft", 0, {"epochs": 2}), row("a", "median-filter", 0, {}),
+                     row("b", "ft", 0, {"epochs": 2}), {**row("b", "median-filter", 0, {}), "settings": {
+                         **row("b", "median-filter", 0, {})["settings"], "device": "cuda", "threads": 1}}])
+    assert settings_warning(same, {}) == []  # parameters of two defenses, or where a row ran: no alarm
+    seeds = identify([row("a", "ft", 0, {"epochs": 2}), row("b", "ft", 1, {"epochs": 2})])
+    assert settings_warning(seeds, {"rows_from_earlier_runs": 1}) == [
+        "", "**Merged report**", "",
+        "- 1 of 2 rows come from earlier benches into this report (kept when this one ran other models or defenses).",
+        "- the rows were run with 2 different bench settings (seed 0, 1); each row's `settings` in results.json says "
+        "which."]
+
+
+def test_a_zoo_bench_records_the_benign_floor_and_gives_no_der_at_or_below_it(zoo, entries, tmp_path):
+    """The zoo's benign model of the same architecture and seed scores ASR F on an attacked entry's test set: an
+    entry whose ASR before does not exceed F measures no backdoor (here the one-epoch models: 0.0 ≤ 0.0)."""
+    out = tmp_path / "floor"
+    assert bench(zoo, out, f"{ME}:Shrink", "--min-asr", "0") == 0
+    rows = results(out)["rows"]
+    attacked = [r for r in rows if not r["benign_model"]]
+    assert len(attacked) == 2 and all("benign_floor" not in r for r in rows if r["benign_model"])
+    for r in attacked:
+        benign = entries[f"deeplabv3_tiny--benign--s{r['seed']}"]
+        floor = benign.metrics["reference"]["fgba-n1-line"]["ASR"]
+        assert r["benign_floor"] == {"entry": benign.id, "ASR": floor}
+        no_gain = r["before"]["ASR"] <= floor
+        assert no_gain  # this zoo's one-epoch models: the attacked ASR is no higher than the benign one
+        assert r["attack_implanted"] is False and r["DER"] is None and r.get("DER_random") is None
+        assert r["notes"][0] == (f"DER n/a: no gain over the benign model: ASR {r['before']['ASR']:.1f}% before any "
+                                 f"defense is not above the {floor:.1f}% that the zoo's benign model {benign.id} "
+                                 "scores on the same attacked test set, so it measures no backdoor")
+    report = (out / "report.md").read_text()
+    assert report.count("| n/a³ |") == 2 and "³ DER n/a: no gain over the benign model." in report
+    for r in attacked:  # the floor, which no table shows, in the row's note
+        assert f"- {r['model']} × shrink: {r['notes'][0]}" in report
+    assert "¹ DER n/a" not in report  # --min-asr 0: no row fell below it
+
+
+def _judged(asr: float, floor: dict | None, min_asr: float = 50.0):
+    from testbed.bench.workers import PairJob, _finish_row
+    from testbed.evaluation.rows import DefenseRow
+
+    row = DefenseRow(model="m--iba--s0", attack="iba", defense="ft", run="r", data="d.h5",
+                     before={"ASR": asr, "mIoU-B": 22.9}, after={"ASR": 10.0, "mIoU-B": 22.0}, der=0.9, der_random=0.6)
+    model = {"id": "m--iba--s0", "is_benign": False, **({"benign_floor": floor} if floor else {})}
+    job = PairJob(out="o", pid="p", model=model, defense="ft", name="ft", params={}, settings={"min_asr": min_asr}, key={})
+    _finish_row(row, job, False, None)
+    return row
+
+
+def test_the_benign_floor_judges_only_what_the_absolute_guard_let_through():
+    from testbed.bench.markdown import der_cell
+    from testbed.bench.workers import summary_line
+
+    floor = {"entry": "m--benign--s0", "ASR": 83.7}
+    walk = _judged(80.5, floor)  # the walkthrough's IBA entry: 80.5% ≥ --min-asr 50, but the benign model scores 83.7%
+    assert (walk.attack_implanted, walk.der, walk.der_random, walk.benign_floor) == (False, None, None, floor)
+    assert walk.notes[0].startswith("DER n/a: no gain over the benign model: ASR 80.5% before any defense is not above "
+                                    "the 83.7% that the zoo's benign model m--benign--s0 scores")
+    assert der_cell(walk.to_json()) == "n/a³" and walk.to_json()["benign_floor"] == floor
+    assert "DER n/a (no gain over the benign model's ASR 83.7)" in summary_line(walk)
+    gain = _judged(83.8, floor)  # above the floor: implanted, DER kept, the floor still recorded
+    assert (gain.attack_implanted, gain.der, gain.notes, gain.to_json()["benign_floor"]) == (True, 0.9, [], floor)
+    low = _judged(40.0, floor)  # below --min-asr: that reason, as before
+    assert low.attack_implanted is False and low.notes[0].startswith("DER n/a: the attack did not implant")
+    assert der_cell(low.to_json()) == "n/a¹" and "n/a (attack did not implant)" in summary_line(low)
+    plain = _judged(80.5, None)  # no floor (a --run bench, a zoo without its benign model): unchanged
+    assert plain.attack_implanted is True and plain.der == 0.9 and "benign_floor" not in plain.to_json()
+
+
+def test_benign_floors_match_architecture_seed_and_training_axes():
+    from types import SimpleNamespace
+
+    from testbed.bench.run import benign_floors
+
+    def entry(eid, attack, seed, epochs, reference=None):
+        metrics = {"reference": reference} if reference is not None else {}
+        return SimpleNamespace(id=eid, attack_id=attack, seed=seed, is_benign=attack == "benign", metrics=metrics,
+                               group={"model": eid.split("--")[0], "attack": attack, "epochs": epochs})
+
+    zoo = [entry("a--benign--s0--epochs-2", "benign", 0, 2, {"iba": {"ASR": 83.7}, "fgba": {"ASR": 1.5}}),
+           entry("a--benign--s0--epochs-4", "benign", 0, 4, {"iba": {"ASR": 12.0}}),
+           entry("a--benign--s1--epochs-2", "benign", 1, 2, {}),
+           entry("a--iba--s0--epochs-2", "iba", 0, 2), entry("a--iba--s0--epochs-4", "iba", 0, 4),
+           entry("a--fgba--s0--epochs-4", "fgba", 0, 4),  # its benign model has no reference score for fgba
+           entry("a--iba--s1--epochs-2", "iba", 1, 2), entry("b--iba--s0--epochs-2", "iba", 0, 2)]
+    assert benign_floors(zoo) == {"a--iba--s0--epochs-2": {"entry": "a--benign--s0--epochs-2", "ASR": 83.7},
+                                  "a--iba--s0--epochs-4": {"entry": "a--benign--s0--epochs-4", "ASR": 12.0}}

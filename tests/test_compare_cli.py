@@ -131,6 +131,7 @@ def test_compare_on_a_real_bench_report(backdoored_run, fgba_line_path, tmp_path
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     rows = {r["defense"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert all("benign_floor" not in r for r in rows.values())  # --run: no zoo, no benign floor (issue 24)
     before = tree(out)
 
     assert main(["compare", str(out), "--defense", "no-op", "--vs", "none"]) == 0
@@ -204,3 +205,64 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
                                        "are kept)\n")
     assert main(["compare", "r", "--defense", "a", "--vs", "b"]) == 130  # nothing to resume
     assert capsys.readouterr().err == "testbed: interrupted\n"
+
+
+# -- issue 24 (walkthrough): "DER no pairs with values" said nothing about why --------------------------
+
+def _not_implanted_rows(benign: int = 0) -> list[dict]:
+    """Two defenses on 3 backdoored models whose attack did not implant (DER n/a), plus ``benign`` benign models."""
+    from test_stats import make_row
+
+    rows = []
+    for i in range(3):
+        before = {"ASR": 20.0 + i, "mIoU-B": 50.0 + i}
+        for d, after in (("blur", {"ASR": 10.0 + i, "mIoU-B": 48.0}), ("ft", {"ASR": 15.0, "mIoU-B": 47.0 - i})):
+            rows.append({**make_row(f"m--fgba--s{i}", d, before, after), "DER": None, "attack_implanted": False})
+    for i in range(benign):
+        before = {"ASR": None, "mIoU-B": 60.0 + i}
+        for d in ("blur", "ft"):
+            rows.append({**make_row(f"m--benign--s{i}", d, before, {"ASR": None, "mIoU-B": 58.0 + i}),
+                         "benign_model": True})
+    return rows
+
+
+def test_no_der_pairs_says_why_on_the_command_line_and_in_the_report(tmp_path, capsys):
+    from testbed.bench.markdown import statistics_sections
+    from testbed.stats import bench_statistics
+
+    rows = _not_implanted_rows()
+    report = write_report(tmp_path / "r", rows)
+    assert main(["compare", str(report), "--defense", "blur", "--vs", "ft"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    why = "the attack did not implant on any model both defenses ran on (DER n/a: no backdoor to remove)"
+    assert lines[0] == f"blur − ft: DER: no pairs with values — {why}"
+    d = np.array([10.0, 11.0, 12.0]) - 15.0  # the ASR after still has its three pairs
+    assert lines[1].startswith(f"blur − ft: ASR_after {d.mean():+.2f}".replace("-", "−")) and "n=3 models" in lines[1]
+    md = "\n".join(statistics_sections(bench_statistics(rows)))
+    assert f"| blur − ft | 3 | no pairs with values — {why} |" in md  # the report's comparisons cell, same words
+    assert f"| blur − none | 3 | no pairs with values — {why} |" in md
+
+
+def test_no_der_pairs_counts_each_reason_when_they_mix(tmp_path, capsys):
+    rows = _not_implanted_rows(benign=2)
+    got = compare(rows, "blur", "ft")["metrics"]
+    assert got["DER"]["n"] == 0 and got["DER"]["why"] == ("of the 5 models both defenses ran on: 3 the attack did not "
+                                                          "implant (DER n/a), 2 no attacked test set (a benign model)")
+    assert got["mIoU-B_after"]["n"] == 5 and "why" not in got["mIoU-B_after"]
+    failed = [{**r, "error": "RuntimeError: boom"} if r["defense"] == "ft" else r for r in _not_implanted_rows()]
+    rows = failed + [{**make, "model": make["model"] + "x"} for make in _not_implanted_rows()]  # 3 more that ran
+    assert compare(rows, "blur", "ft")["metrics"]["DER"]["why"] == (
+        "of the 6 models both defenses ran on: 3 one of the two defenses failed, 3 the attack did not implant (DER n/a)")
+
+
+def test_no_der_pairs_names_the_benign_floor_when_that_is_why():
+    """A zoo bench's no-gain rows (ASR before above --min-asr, not above the benign model's): their own words."""
+    rows = [{**r, "before": {**r["before"], "ASR": 80.5}, "settings": {"min_asr": 50.0},
+             "benign_floor": {"entry": "m--benign--s0", "ASR": 83.7}} for r in _not_implanted_rows()]
+    assert compare(rows, "blur", "ft")["metrics"]["DER"]["why"] == (
+        "no model both defenses ran on scores an ASR above the zoo's benign model on the same attacked test set "
+        "(DER n/a: no backdoor is measured)")
+    rows[0:2] = [{**r, "before": {**r["before"], "ASR": 20.0}} for r in rows[0:2]]  # model s0: below --min-asr
+    assert compare(rows, "blur", "ft")["metrics"]["DER"]["why"] == (
+        "of the 3 models both defenses ran on: 1 the attack did not implant (DER n/a), 2 no gain over the zoo's "
+        "benign model (DER n/a)")

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from testbed.evaluation.attack_check import MIN_ASR
 from testbed.evaluation.rows import last_frames
 from testbed.stats import aggregate_markdown, comparisons_markdown, detection_markdown, md_table
 from testbed.stats.rows import identify
@@ -37,11 +38,20 @@ def _mean(values: Sequence[Any]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def no_gain_row(r: Any) -> bool:
+    """A row whose DER is n/a because its model's ASR before the defense reached ``--min-asr`` but not above the
+    zoo's benign floor (``benign_floor``), rather than because it stayed below ``--min-asr``."""
+    floor, asr = r.get("benign_floor"), (r.get("before") or {}).get("ASR")
+    if r.get("attack_implanted") is not False or not floor or asr is None:
+        return False
+    return float(floor["ASR"]) >= float(asr) >= float((r.get("settings") or {}).get("min_asr", MIN_ASR))
+
+
 def der_cell(r: dict[str, Any]) -> str:
     if r.get("error"):
         return "—"
     if r.get("attack_implanted") is False:
-        return "n/a¹"
+        return "n/a³" if no_gain_row(r) else "n/a¹"
     return fmt(r.get("DER"), 3)
 
 
@@ -130,31 +140,65 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
-    if any(r.get("attack_implanted") is False for r in rows):
+    if any(r.get("attack_implanted") is False and not no_gain_row(r) for r in rows):
         lines.append("¹ DER n/a: the model's attack did not implant (ASR before any defense below the threshold, "
                      "`--min-asr`); removing a backdoor that is not there is no success. The row's other numbers stand.")
     if any((r.get("detection") or {}).get("confounded") for r in rows):
         lines.append("² Confounded: the attack picks its test images by content (a semantic trigger), so the attacked "
                      "and benign test sets hold different images; a filter's TPR/FPR/AUROC then measure that content, "
                      "not a trigger. Content-matched sets do not exist (the attacked images are unmodified test images).")
+    if any(no_gain_row(r) for r in rows):
+        lines.append("³ DER n/a: no gain over the benign model. The zoo's benign model of the same architecture and seed "
+                     "scores at least as high an ASR on the same attacked test set (`benign_floor` in results.json; the row's note below): the model's "
+                     "ASR measures what a model without a backdoor already does, not a backdoor. The row's other "
+                     "numbers stand.")
     per_row = [f"- {r['model']} × {r['defense']}: {n}" for r in rows for n in r.get("notes") or []
-               if not n.startswith("DER n/a")]
+               if not n.startswith("DER n/a") or no_gain_row(r)]  # ³'s floor is in no table: its note says it
     if per_row:
         lines += [""] + per_row
     return ["", "## Notes", ""] + lines if lines else []
 
 
+# what a row's settings hold besides the bench's own: where it ran (no effect on what the numbers mean) and the
+# defense's name and parameters (a defense's identity, kept apart in every table: blur[sigma=0.5])
+_NOT_BENCH_SETTINGS = ("device", "threads", "defense", "params")
+
+
+def _bench_settings_differing(rows: Sequence[dict[str, Any]]) -> tuple[int, list[str]]:
+    """How many different bench settings the rows were run with, and each differing setting with its values
+    (``seed 0, 1``)."""
+    kept = [{k: v for k, v in (r.get("settings") or {}).items() if k not in _NOT_BENCH_SETTINGS}
+            for r in rows if r.get("settings") is not None]
+    kinds = {repr(sorted(d.items())) for d in kept}
+    keys = sorted({k for d in kept for k in d})
+    values = {k: list(dict.fromkeys(repr(d.get(k)) for d in kept)) for k in keys}
+    return len(kinds), [f"{k} {', '.join(v)}" for k, v in values.items() if len(v) > 1]
+
+
 def settings_warning(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    """Rows merged from earlier benches may have been run with other settings: say so, with the counts."""
-    kinds = Counter(repr(sorted(((k, v) for k, v in (r.get("settings") or {}).items() if k not in ("device", "threads", "defense")),
-                                key=lambda kv: kv[0])) for r in rows if r.get("settings") is not None)
+    """Rows merged from earlier benches may have been run with other settings: say so, with the counts.
+
+    Only what makes rows incomparable counts: the bench's own settings (seed, budgets, batch size, ``--min-asr``,
+    ...) differing between rows, or one defense (``rows`` are :func:`~testbed.stats.rows.identify`-ed) run with
+    several parameter sets.  Two defenses with parameters of their own (``ft[epochs=2]`` beside ``median-filter``)
+    are simply two defenses."""
+    n_bench, differing = _bench_settings_differing(rows)
+    labels: dict[str, list[str]] = {}
+    for r in rows:
+        seen = labels.setdefault(str(r.get("defense_name") or r["defense"]), [])
+        if r["defense"] not in seen:
+            seen.append(r["defense"])
     out = []
     if meta.get("rows_from_earlier_runs"):
         out.append(f"- {meta['rows_from_earlier_runs']} of {len(rows)} rows come from earlier benches into this report "
                    "(kept when this one ran other models or defenses).")
-    if len(kinds) > 1:
-        out.append(f"- the rows were run with {len(kinds)} different settings (seed, budgets or parameters); each row's "
-                   "`settings` in results.json says which.")
+    if n_bench > 1:
+        out.append(f"- the rows were run with {n_bench} different bench settings ({'; '.join(differing)}); "
+                   "each row's `settings` in results.json says which.")
+    for name, seen in labels.items():
+        if len(seen) > 1:
+            out.append(f"- {name} was run with {len(seen)} parameter sets ({', '.join(seen)}): each is a defense of "
+                       "its own in every table below.")
     return ["", "**Merged report**", ""] + out if out else []
 
 

@@ -18,8 +18,14 @@ import numpy as np
 from testbed.core import atomic
 from testbed.evaluation.rows import DefenseRow
 from testbed.core.palette import colorize, palette
+from testbed.stats.rows import defense_label
 
 BEFORE_COLOUR, AFTER_COLOUR, CONTROL_COLOUR = "#8c8c8c", "#1f77b4", "#ff7f0e"
+
+
+def shown_name(row: DefenseRow) -> str:
+    """The defense as the report's tables name it: its name and parameters (``ft[epochs=2]``)."""
+    return defense_label(row.defense, dict((row.settings or {}).get("params") or {}))
 
 
 def _plt():
@@ -114,7 +120,7 @@ def panels(path: str | os.PathLike, rows: Sequence[DefenseRow], classes: Sequenc
                 shown[j].append(q.after[i])
     titles = ["image", "benign label", _titled("target label", targets, classes),
               _titled("before defense", [p.before[i] for _, p, i in lines], classes)]
-    titles += [_titled(f"after {r.defense}", shown[j], classes) for j, r in enumerate(after_cols)]
+    titles += [_titled(f"after {shown_name(r)}", shown[j], classes) for j, r in enumerate(after_cols)]
     keep = [j for j in range(len(titles)) if j != 2 or targets]  # no target column when nothing was attacked
     titles = [titles[j] for j in keep]
     ncol, n = len(titles), len(lines)
@@ -177,7 +183,7 @@ def bars(path: str | os.PathLike, rows: Sequence[DefenseRow]) -> Path | None:
             for xi, v in zip(xs, values):  # the number on each bar: a 0 is not mistaken for a missing bar
                 if not math.isnan(v):
                     ax.text(xi, min(v, 100) + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=8)  # 99.86 → 99.9
-        ax.set_xticks(x, [r.defense for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(x, [shown_name(r) for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"{key} (%)")
         ax.set_ylim(0, 112)
         ax.set_title(key, fontsize=9)
@@ -221,7 +227,7 @@ def curve(path: str | os.PathLike, row: DefenseRow) -> Path | None:
                    label=f"kept: {finals['kept']:.1f}% pruned (★ after fine-tuning)")
     ax.set_xlabel("pruned channels (%)")
     ax.set_ylabel("%")
-    ax.set_title(f"{row.defense} on {row.model}", fontsize=9)
+    ax.set_title(f"{shown_name(row)} on {row.model}", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)  # never over a point
     fig.tight_layout()
     return _save(fig, Path(path))
@@ -261,7 +267,7 @@ def score_histogram(path: str | os.PathLike, row: DefenseRow) -> Path | None:
             ax.hist(s, bins=bins, alpha=0.5, label=f"{label} (n={s.size})", density=True)
     ax.axvline(scores.threshold, color="red", linestyle="--", label="threshold")
     ax.set_xlabel("score (higher = more suspicious)")
-    ax.set_title(f"{row.defense} on {row.model}", fontsize=9)
+    ax.set_title(f"{shown_name(row)} on {row.model}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, Path(path))
@@ -323,7 +329,7 @@ def candidate_masks(path: str | os.PathLike, row: DefenseRow) -> Path | None:
             ax.set_yticks([])
             ax.set_title("recovered mask" + (f" ({d.get('mask_candidate')})" if d.get("mask_candidate") else ""), fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"{row.defense} on {row.model}", fontsize=9)
+    fig.suptitle(f"{shown_name(row)} on {row.model}", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -383,7 +389,7 @@ def cost_projection(path: str | os.PathLike, row: DefenseRow) -> Path | None:
         ax.text(ref, len(values) - 0.4, f" {name}", fontsize=7, color="grey")
     for yi, v, sh in zip(y, values, shown):
         ax.text(sh, yi, f" {v:.1f}" if v <= cap else f" 10^{v:.0f} s", va="center", fontsize=6)
-    ax.set_title(f"{row.defense}: projected cost (log10 s; estimates from measured passes, not bounds)", fontsize=9)
+    ax.set_title(f"{shown_name(row)}: projected cost (log10 s; estimates from measured passes, not bounds)", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path))
 

@@ -59,11 +59,33 @@ def split_names(spec: str | Sequence[Any]) -> list[Any]:
     return items
 
 
+def _without_attack(entry: Any) -> str:
+    return repr(sorted((k, str(v)) for k, v in entry.group.items() if k != "attack"))
+
+
+def benign_floors(entries: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Attacked entry id → ``{"entry": BENIGN_ID, "ASR": A}``: the ASR the zoo's finished benign entry of the same
+    architecture, seed and training axes (``entries``: a zoo's) scores on that entry's attacked test set.
+    An attacked model must exceed it for its ASR to measure a backdoor (a weak model may label the target class
+    there anyway).  Entries without such a benign entry, or without its reference score, are left out."""
+    benign = {(_without_attack(e), e.seed): e for e in entries if e.is_benign}
+    out = {}
+    for e in entries:
+        ref = benign.get((_without_attack(e), e.seed)) if not e.is_benign else None
+        score = ((ref.metrics.get("reference") or {}).get(e.attack_id) or {}).get("ASR") if ref is not None else None
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            out[e.id] = {"entry": ref.id, "ASR": float(score)}
+    return out
+
+
 def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[BenchModel]:
-    """The finished entries of a zoo (those whose id matches the glob ``entries``) as models to defend."""
-    zoo = testbed.zoo.open(zoo_path)
-    out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group, True)
-           for e in zoo if entries is None or fnmatch.fnmatchcase(e.id, entries)]
+    """The finished entries of a zoo (those whose id matches the glob ``entries``) as models to defend, each
+    attacked one with its benign floor (:func:`benign_floors`, from every entry of the zoo)."""
+    every = list(testbed.zoo.open(zoo_path))
+    floors = benign_floors(every)
+    out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group,
+                      True, floors.get(e.id))
+           for e in every if entries is None or fnmatch.fnmatchcase(e.id, entries)]
     if not out:
         what = f" matching {entries!r}" if entries else ""
         raise UserError(f"zoo {zoo_path} has no finished entries{what}; build it with `testbed zoo build` or change --entries")
@@ -155,6 +177,8 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
     for m in models:
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
                  "is_benign": m.is_benign, "seed": m.seed, "group": m.group}
+        if m.benign_floor is not None:  # only a zoo's attacked entries have one (a --run bench's key is unchanged)
+            model["benign_floor"] = m.benign_floor
         for spec, name in zip(specs, names):
             pid = pair_id(m.id, name)
             p = params.get(spec, {}) if isinstance(spec, str) else {}
@@ -323,7 +347,10 @@ def _key_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two pair keys, as ``params {'sigma': 1} → {'sigma': 0.5}, seed 0 → 1``."""
     a, b = dict(old.get("settings") or {}), dict(new.get("settings") or {})
     diffs = [f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if old.get("model") != new.get("model"):
+    floors = [(k.get("model") or {}).get("benign_floor") for k in (old, new)]
+    if floors[0] != floors[1]:
+        diffs.append(f"the benign floor {floors[0]!r} → {floors[1]!r}")
+    if {**(old.get("model") or {}), "benign_floor": None} != {**(new.get("model") or {}), "benign_floor": None}:
         diffs.append("the model's files")
     return ", ".join(diffs) or "another defense class"
 

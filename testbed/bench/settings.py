@@ -18,7 +18,9 @@ class BenchModel:
 
     ``seed`` and ``group`` are set for zoo entries (the statistics group rows by them); ``trained_on_data``
     says that ``data_path`` is known to be the file the model was trained on (a zoo entry's), so it is not
-    hashed to check."""
+    hashed to check.  ``benign_floor`` (a zoo's attacked entry): ``{"entry": ID, "ASR": A}``, the ASR the zoo's
+    benign model of the same architecture, seed and training axes scores on this entry's attacked test set; an
+    ASR before the defense that does not exceed it measures no backdoor (DER n/a)."""
 
     id: str
     run_dir: Path
@@ -28,6 +30,7 @@ class BenchModel:
     seed: int | None = None
     group: dict[str, Any] | None = None
     trained_on_data: bool = False
+    benign_floor: dict[str, Any] | None = None
 
 
 @dataclass

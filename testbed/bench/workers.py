@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from testbed.bench.markdown import no_gain_row
 from testbed.bench.report import defense_figure_path
 from testbed.bench.settings import BenchSettings, Execution
 from testbed.bench.store import WORK, ReportStore, write_pair
@@ -92,12 +93,26 @@ def _before(run: LoadedRun, batch_size: int) -> dict[str, Any]:
     return _BEFORE[key]
 
 
+def no_gain(asr: float | None, floor: dict[str, Any] | None) -> str | None:
+    """Why an attacked model's ASR measures no backdoor: it does not exceed the benign floor (the ASR the zoo's
+    benign model of the same architecture and seed scores on the same attacked test set); None otherwise."""
+    if asr is None or floor is None or float(asr) > float(floor["ASR"]):
+        return None
+    return (f"no gain over the benign model: ASR {float(asr):.1f}% before any defense is not above the "
+            f"{float(floor['ASR']):.1f}% that the zoo's benign model {floor['entry']} scores on the same attacked test "
+            "set, so it measures no backdoor")
+
+
 def _finish_row(row: Any, job: PairJob, benign: bool, attack_params: dict[str, Any] | None) -> None:
-    """What the bench adds to the runner's row: truth, the failed-attack guard, notes, settings, zoo keys."""
+    """What the bench adds to the runner's row: truth, the failed-attack guards (``--min-asr``, then a zoo's
+    benign floor), notes, settings, zoo keys."""
     m = job.model
     row.benign_model = bool(m["is_benign"]) if m.get("is_benign") is not None else benign
-    failed = attack_failure((row.before or {}).get("ASR"), row.benign_model, job.settings["min_asr"])
-    if row.benign_model is False and (row.before or {}).get("ASR") is not None:
+    asr = (row.before or {}).get("ASR")
+    failed = attack_failure(asr, row.benign_model, job.settings["min_asr"])
+    if row.benign_model is False and asr is not None:
+        row.benign_floor = m.get("benign_floor")
+        failed = failed or no_gain(asr, row.benign_floor)
         row.attack_implanted = failed is None
     if failed is not None:
         row.notes.insert(0, f"DER n/a: {failed}")
@@ -239,6 +254,8 @@ def summary_line(row: DefenseRow) -> str:
     parts = [f"{row.model} × {row.defense}:"]
     if row.after:
         der = _f(row.der, 3) if row.attack_implanted is not False else "n/a (attack did not implant)"
+        if no_gain_row(row):
+            der = f"n/a (no gain over the benign model's ASR {row.benign_floor['ASR']:.1f})"
         parts.append(f"ASR {_f(b.get('ASR'))} → {_f(a.get('ASR'))}, mIoU-B {_f(b.get('mIoU-B'))} → {_f(a.get('mIoU-B'))}, "
                      f"DER {der}")
     if row.after_random:

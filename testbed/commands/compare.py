@@ -20,6 +20,9 @@ output, one line per metric (A − B; DER as a fraction, ASR and mIoU-B in perce
   A − B: DER +MEAN [LO, HI], n=N models, p=P      (n=1: "+MEAN, n=1 model, no interval")
   beyond 20 models the p is sampled and written p≈P (Monte Carlo); with fewer than 6 models the test cannot
   reach p < 0.05 and the line says so, as it does when the t-interval and the test disagree
+  A − B: DER: no pairs with values — WHY       (no shared model has values for both: the attack did not
+  implant or gained nothing over the zoo's benign model, benign models, failed runs or a verdict-only defense;
+  counted per reason when they mix)
 
 A defense run with parameters is named with them (blur[sigma=0.5]); --defense and --vs take that name, the bare
 name when the report holds one parameter set of it, or the name given to `testbed bench` (package.module:Class).

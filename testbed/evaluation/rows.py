@@ -173,6 +173,9 @@ class DefenseRow(Mapping):
     error_source: ErrorSource | None = None
     benign_model: bool | None = None  # set by a bench: is the model known to be clean?
     attack_implanted: bool | None = None  # set by a bench: False = ASR before below the threshold (DER is n/a)
+    # set by a zoo bench: {"entry": ID, "ASR": A}, what the zoo's benign model of the same architecture and seed
+    # scores on this model's attacked test set; an ASR before that does not exceed it is no backdoor (DER is n/a)
+    benign_floor: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)  # what a reader must know to read the numbers right
     saved_model: str | None = None  # run directory of the repaired/retrained model (--save-model)
     defense_figures: list[str] = field(default_factory=list)  # report-relative paths of the defense's own figures
@@ -214,6 +217,8 @@ class DefenseRow(Mapping):
             out["benign_model"] = self.benign_model
         if self.attack_implanted is not None:
             out["attack_implanted"] = self.attack_implanted
+        if self.benign_floor is not None:
+            out["benign_floor"] = dict(self.benign_floor)
         out["notes"] = list(self.notes)  # always present (docs/writing-a-defense.md lists it), empty when nothing to note
         if self.saved_model is not None:
             out["saved_model"] = self.saved_model
@@ -253,7 +258,7 @@ class DefenseRow(Mapping):
             detection=typed(Detection, d.get("detection")), flagged=typed(Flagged, d.get("flagged")),
             verdict=typed(VerdictRecord, verdict), cost=run_cost, details=dict(d.get("details") or {}),
             error=d.get("error"), error_source=d.get("error_source"), benign_model=d.get("benign_model"),
-            attack_implanted=d.get("attack_implanted"), notes=list(d.get("notes") or []),
+            attack_implanted=d.get("attack_implanted"), benign_floor=d.get("benign_floor"), notes=list(d.get("notes") or []),
             saved_model=d.get("saved_model"), defense_figures=list(d.get("defense_figures") or []),
             settings=d.get("settings"), attack_params=None if zoo is not None else d.get("attack_params"), zoo=zoo,
         )

@@ -7,6 +7,7 @@ of the same attack setting (different seeds) are treated as independent, which d
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 from testbed.core.errors import UserError
@@ -51,7 +52,8 @@ def compare(rows: Sequence[dict[str, Any]], a: str, b: str, *, seed: int = 0, le
 
     ``b = "none"`` compares ``a`` against doing nothing (after = before, DER = 0.5).  Models are matched by id;
     a model where either defense failed, or a metric is null, is left out of that metric (its ``n`` says how
-    many pairs remain).  ``seed`` only matters beyond 20 models (Monte Carlo sign patterns).
+    many pairs remain; with none, ``why`` says why in words).  ``seed`` only matters beyond 20 models (Monte Carlo
+    sign patterns).
     """
     rows = identify(rows)
     names = defenses_in(rows)
@@ -78,11 +80,61 @@ def compare(rows: Sequence[dict[str, Any]], a: str, b: str, *, seed: int = 0, le
         stat = {**mean_interval(diffs, level), "p": p, "test": method}
         metrics[name] = {**stat, **reconcile(stat, diffs, level), "mean_a": mean_interval([x for x, _ in pairs])["mean"],
                          "mean_b": mean_interval([y for _, y in pairs])["mean"]}
+        if not pairs:
+            metrics[name]["why"] = why_no_pairs(name, [(ra[m], rb[m]) for m in shared])
     if all(m["n"] == 0 for m in metrics.values()):
         raise UserError(f"defenses {a!r} and {b!r} share {len(shared)} model(s) but neither DER nor after-scores "
                         "for both (a verdict-only defense does not change the model; failed runs have no scores)")
     failed = sum(1 for m in shared if ra[m].get("error") or rb[m].get("error"))
     return {"a": a, "b": b, "models": len(shared), "failed": failed, "level": level, "seed": seed, "metrics": metrics}
+
+
+# why a shared model has no pair of values for a metric, most telling first: (key, words for one model, sentence for all)
+_MISSING = (
+    ("failed", "one of the two defenses failed", "one of the two defenses failed on every model both ran on"),
+    ("not implanted", "the attack did not implant (DER n/a)",
+     "the attack did not implant on any model both defenses ran on (DER n/a: no backdoor to remove)"),
+    ("no gain", "no gain over the zoo's benign model (DER n/a)",
+     "no model both defenses ran on scores an ASR above the zoo's benign model on the same attacked test set "
+     "(DER n/a: no backdoor is measured)"),
+    ("benign", "no attacked test set (a benign model)",
+     "every model both defenses ran on is benign (no attacked test set, so no ASR and no DER)"),
+    ("no after", "no after-scores (a verdict-only defense)",
+     "one of the two defenses left no after-scores on any model both ran on (a verdict does not change the model)"),
+    ("null", "a null value", "the value is null on every model both defenses ran on"),
+)
+
+
+def _no_gain(row: dict[str, Any]) -> bool:
+    """The model's ASR before reached ``--min-asr`` but not above its zoo's benign floor (a bench's ``benign_floor``)."""
+    floor, asr = row.get("benign_floor"), (row.get("before") or {}).get("ASR")
+    if not floor or asr is None:
+        return False
+    return float((row.get("settings") or {}).get("min_asr", 0)) <= float(asr) <= float(floor["ASR"])
+
+
+def _missing(name: str, a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The key of :data:`_MISSING` that says why the pair (``a``, ``b``) of one model has no ``name`` values."""
+    if a.get("error") or b.get("error"):
+        return "failed"
+    if name == "DER" and (a.get("attack_implanted") is False or b.get("attack_implanted") is False):
+        return "no gain" if _no_gain(a) else "not implanted"
+    if name != "mIoU-B_after" and (a.get("benign_model") is True or (a.get("before") or {}).get("ASR") is None):
+        return "benign"
+    if not a.get("after") or not b.get("after"):
+        return "no after"
+    return "null"
+
+
+def why_no_pairs(name: str, pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """Why no shared model has values of ``name`` for both defenses, as one clause: a sentence when one reason
+    holds for every model, else the count per reason (``of the 4 models both defenses ran on: 2 ..., 2 ...``)."""
+    counts = Counter(_missing(name, a, b) for a, b in pairs)
+    words = {key: (one, every) for key, one, every in _MISSING}
+    if len(counts) == 1:
+        return words[next(iter(counts))][1]
+    parts = [f"{counts[key]} {words[key][0]}" for key, _, _ in _MISSING if counts[key]]
+    return f"of the {len(pairs)} models both defenses ran on: {', '.join(parts)}"
 
 
 def smallest_p(n_nonzero: int) -> float:

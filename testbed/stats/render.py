@@ -98,7 +98,7 @@ def difference_text(stat: dict[str, Any], metric: str, unit: str = "") -> str:
     """``+0.210 [0.120, 0.300], n=18 models, p=0.002`` (or ``n=1 model, no interval``)."""
     nd = digits(metric)
     if not stat["n"]:
-        return "no pairs with values"
+        return f"no pairs with values \u2014 {stat['why']}" if stat.get("why") else "no pairs with values"
     models = f"n={stat['n']} model{'s' if stat['n'] != 1 else ''}"
     note = f" ({stat['note']})" if stat.get("note") else ""
     if stat["lo"] is None:
@@ -113,7 +113,8 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
     out = []
     for metric, stat in result["metrics"].items():
         unit = " pp" if metric in PERCENT_METRICS else ""
-        out.append(f"{head}: {metric} {difference_text(stat, metric, unit)}")
+        sep = ":" if not stat["n"] else ""  # "DER: no pairs with values — why" reads as a sentence
+        out.append(f"{head}: {metric}{sep} {difference_text(stat, metric, unit)}")
     return out
 
 
