@@ -43,7 +43,8 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed handed to each defense (default: 0)")
     p.add_argument("--min-asr", type=float, default=50.0, metavar="PCT",
                    help="a backdoored model whose ASR before any defense is below PCT%% did not really learn its backdoor: "
-                   "its DER is reported as n/a with the reason (default: 50)")
+                   "its DER is reported as n/a with the reason (default: 50). In a zoo bench, a model whose ASR does not "
+                   "exceed the zoo's benign model's ASR on the same attacked set (same architecture and seed) gets n/a too")
     p.add_argument("--save-model", action="store_true", help="keep each repaired or retrained model as a run directory "
                    "(REPORT/models/MODEL--DEFENSE--ID/: model.safetensors + config.json) that score, predict and bench accept")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
