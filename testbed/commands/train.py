@@ -62,9 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format; default: on for CUDA and with bf16 on CPU")
     p.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
-                   help="CPU arithmetic: bf16 autocast or fp32; auto = fp32 for now (bf16 becomes auto's choice on "
-                   "CPUs with native bf16 -- avx512_bf16 or amx_bf16 -- once its quality is shown equal to fp32's); "
-                   "config.json records the choice and why (default %(default)s)")
+                   help="CPU arithmetic: bf16 autocast or fp32; auto = bf16 on a CPU with native bf16 (avx512_bf16 or "
+                   "amx_bf16 flags; its quality matched fp32's over 3 seeds, BENCHMARKS.md), else fp32; config.json "
+                   "records the choice and why (default %(default)s)")
     p.add_argument("--aux-loss", action="store_true", help="add the auxiliary head's loss (models that have one)")
     p.add_argument("--aux-weight", type=float, default=d["aux_weight"].default, help="weight of the aux loss (default %(default)s)")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")

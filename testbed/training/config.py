@@ -47,7 +47,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | str = "auto"
     channels_last: bool | str = "auto"
-    precision: str = "auto"  # CPU arithmetic: auto = fp32 for now (loop.CPU_AUTO_BF16); bf16 = autocast
+    precision: str = "auto"  # CPU arithmetic: auto = bf16 where the CPU has native bf16, else fp32
     aux_loss: bool = False
     aux_weight: float = 0.5
     num_workers: int = 0

@@ -44,10 +44,10 @@ from testbed.training.runs import save_model
 # channels_last "auto" on CPU, per precision: measured (BENCHMARKS.md, P9): oneDNN's bf16 kernels gain from it,
 # fp32 ones do not (the tiny models' 1x1 convs then still take torch's non-oneDNN path)
 CPU_CHANNELS_LAST = {"fp32": False, "bf16": True}
-# Whether ``--precision auto`` takes bf16 on a CPU with native bf16.  Off until the quality-equivalence table
-# (benign mIoU-B and each attack's ASR over 3 seeds, fp32 vs bf16, with intervals; BENCHMARKS.md) shows the
-# intervals overlap: until then bf16 is a measured speed option, not the default arithmetic.
-CPU_AUTO_BF16 = False
+# Whether ``--precision auto`` takes bf16 on a CPU with native bf16.  On since the quality-equivalence table
+# (benign mIoU-B and each attack's ASR over 3 seeds of the demo's settings, fp32 vs bf16, with intervals;
+# BENCHMARKS.md) showed every pair of intervals overlapping; a CPU without native bf16 stays on fp32.
+CPU_AUTO_BF16 = True
 
 __all__ = ["CHECKPOINT", "DEFAULT_LR", "OPTIMIZERS", "RUN_FILES", "SCHEDULES", "TrainConfig", "indices_digest",
            "lr_factor", "make_optimizer", "make_scheduler", "resolve_precision", "seg_loss", "train", "TrainState"]
@@ -215,7 +215,7 @@ class Precision:
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     """``cfg.precision``/``amp``/``channels_last`` for this device: CUDA's AMP as before; on CPU, bf16 autocast
     when asked (``bf16``), or for ``auto`` on a CPU with native bf16 (:func:`cpu_bf16_support`) once
-    :data:`CPU_AUTO_BF16` is on; until then ``auto`` is fp32."""
+    :data:`CPU_AUTO_BF16` is on (it is: BENCHMARKS.md's quality table); elsewhere ``auto`` is fp32."""
     if device.type == "cuda":
         return _cuda_precision(cfg)
     if cfg.amp not in ("auto", False):
