@@ -20,6 +20,7 @@ from testbed.defenses.scale_up import ScaleUp, spc
 from testbed.defenses.strip import Strip, clean_threshold
 from testbed.defenses.trigger_synthesis import TriggerSynthesis, flag_small
 from testbed.stats.intervals import auroc, auroc_interval
+from test_defenses import _RedModel  # logits (s·red, 0): entropy known in closed form
 
 
 def _strict_json(res):
@@ -96,17 +97,6 @@ def test_nc_counts_epochs_over_the_clean_subset():
 
 
 # -- STRIP: STRIP's additive superimposition, N = 100, the paper's threshold ------------------------------------
-class _RedModel(nn.Module):
-    def __init__(self, s: float = 8.0):
-        super().__init__()
-        self.s = s
-        self.classifier = nn.Conv2d(1, 2, 1)
-
-    def forward(self, x):
-        red = x[:, :1]
-        return {"out": torch.cat([self.s * red, torch.zeros_like(red)], 1)}
-
-
 def test_strip_defaults_are_the_papers_and_add_is_a_saturating_sum():
     strip = Strip()
     assert (strip.n_overlays, strip.mode, strip.frr, strip.threshold_rule) == (100, "add", 0.01, "normal")

@@ -60,8 +60,8 @@ class LineBar:
             total = len(iterable)  # type: ignore[arg-type]
         self.total, self.n, self.postfix = total, int(initial), ""
         self._start = self._last = time.monotonic()
-        self._printed, self._closed, self._every = False, False, _interval()
-        self._printed_at: tuple[int, str] | None = None  # (n, postfix) of the last line printed
+        self._closed, self._every = False, _interval()
+        self._printed_at: tuple[int, str] | None = None  # (n, postfix) of the last line printed; None: none yet
         self._closing_line = closing_line  # False: the caller prints its own line when the bar ends (an epoch's)
         self.family = re.sub(r"\d+", "#", self.desc)  # "epoch 3/8" and "epoch 4/8" are one family
         _family_last.setdefault(self.family, self._start)
@@ -99,7 +99,7 @@ class LineBar:
 
     def _emit(self) -> None:
         print(self.line(), file=sys.stderr, flush=True)
-        self._printed, self._last, self._printed_at = True, time.monotonic(), (self.n, self.postfix)
+        self._last, self._printed_at = time.monotonic(), (self.n, self.postfix)
         _family_last[self.family] = self._last
 
     def update(self, n: int = 1) -> None:
@@ -133,7 +133,7 @@ class LineBar:
         self._closed = True
         now = time.monotonic()
         moved = (self.n > 0 or bool(self.postfix)) and self._printed_at != (self.n, self.postfix)  # never twice
-        if moved and self._closing_line and (self._printed or now - self._start >= MIN_SECONDS or now - _family_last[self.family] >= MIN_SECONDS):
+        if moved and self._closing_line and (self._printed_at is not None or now - self._start >= MIN_SECONDS or now - _family_last[self.family] >= MIN_SECONDS):
             self._emit()
 
 
