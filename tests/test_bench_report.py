@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -547,7 +548,14 @@ def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path
     assert elapsed == sorted(elapsed) and all(" defense " in m and m.endswith(" s") for m in pairs)
     wall = doc["meta"]["command_seconds"]
     assert wall >= elapsed[-1] > 0  # the wall time covers every pair
-    assert f"wall time of this bench: `{wall} s`" in (tmp_path / "s" / "report.md").read_text()
+    report_md = (tmp_path / "s" / "report.md").read_text()
+    assert f"wall time of this bench: `{wall} s`" in report_md
+    # the machine is named in the report: the CPU as the kernel reports it, and the cores this process may use
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    m = doc["meta"]["machine"]
+    assert m["cores"] == len(os.sched_getaffinity(0)) and (cpu is None or m["cpu"] == cpu)
+    assert f"machine of this bench: `{m['cores']} cores of {m['cpu']}`" in report_md
     assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note
 
 

@@ -241,6 +241,11 @@ def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
     if meta.get("command_seconds") is not None:
         parts.append(f"- wall time of this bench: `{meta['command_seconds']} s` (the seconds per row are the defense's "
                      "own; scoring before and after, a defense's curves and retraining make up the rest)")
+    if meta.get("machine"):
+        m = meta["machine"]
+        parts.append(f"- machine of this bench: `{m['cores']} cores of {m['cpu']}` (bf16 flags: "
+                     f"{', '.join(m['bf16_flags']) or 'none'}), {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}, "
+                     f"Python {m['python']}, torch {m['torch']}")
     parts += settings_warning(rows, meta)
     parts += ["", INTRO, ""]
     parts += summary_grid(rows) + [""] + rows_table(rows)

@@ -30,7 +30,7 @@ from testbed.bench.settings import BenchModel, BenchSettings, Execution, ModelSo
 from testbed.bench.report import write_report
 from testbed.bench.store import ReportStore, pair_id, read_pair
 from testbed.bench.workers import PairJob, default_threads, make_executor, say_result
-from testbed.core.device import resolve_device
+from testbed.core.device import machine, resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
 from testbed.core.jsonutil import jsonable
@@ -399,5 +399,6 @@ def _write(bench: _Bench, order: list[str], what: dict[str, Any]) -> dict[str, A
         "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
         "this_run": {"defenses": what["names"], "models": [m.id for m in what["models"]]}, "rows_from_earlier_runs": kept,
         "command_seconds": round(time.perf_counter() - what["started"], 1),  # pairs run + scoring, before figures
+        "machine": machine(),  # where this run's rows ran (rows kept from earlier runs say nothing of theirs)
     }
     return write_report(store.out, rows, meta=meta, classes=classes, figures=bench.report.figures)

@@ -25,7 +25,7 @@ from testbed.bench.report import defense_figure_path
 from testbed.bench.settings import BenchSettings, Execution
 from testbed.bench.store import WORK, ReportStore, write_pair
 from testbed.core import atomic, progress
-from testbed.core.device import torch_threads
+from testbed.core.device import torch_threads, usable_cores
 from testbed.core.errors import UserError
 from testbed.defenses.registry import load_defense
 from testbed.evaluation.attack_check import attack_failure
@@ -218,8 +218,7 @@ def default_threads(workers: int, backend: str) -> int:
     """Cores of this machine ÷ workers (local), 1 per Ray task."""
     if backend == "ray":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
+    return max(1, usable_cores() // workers)
 
 
 def say_result(result: dict[str, Any], debug: bool, say: Callable[[str], None]) -> None:

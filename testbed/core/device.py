@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,3 +81,17 @@ def _cpu_bf16_support(cpuinfo: Path) -> tuple[tuple[str, Any], ...]:
     return (("model", fields.get("model name") or platform.processor() or "unknown"), ("bf16_flags", tuple(found)),
             ("amx_tile", "amx_tile" in flags), ("capability", torch.backends.cpu.get_cpu_capability()),
             ("native_bf16", bool(found)))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine() -> dict[str, Any]:
+    """The machine a report's numbers came from, for the report itself: ``{"cpu", "cores", "bf16_flags",
+    "capability", "python", "torch", "cuda"}`` (``cuda``: the GPU's name, or None)."""
+    cpu = cpu_bf16_support()
+    return {"cpu": cpu["model"], "cores": usable_cores(), "bf16_flags": cpu["bf16_flags"], "capability": cpu["capability"],
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import multiprocessing as mp
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -24,15 +23,10 @@ from typing import Any, Callable
 import torch
 
 from testbed.core import progress
-from testbed.core.device import resolve_device
+from testbed.core.device import resolve_device, usable_cores
 
 POLL_S = 1.0
 Task = Callable[[str, str, str, "int | None", bool, float], dict[str, Any]]
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 
