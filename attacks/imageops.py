@@ -6,7 +6,6 @@ computed in float64 and rounded half up, ``floor((1−α)·x + α·t + 0.5)``, w
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from testbed.core.errors import ParamError
+from testbed.core.paramtypes import is_num
 
 
 def as_images(images: Any) -> np.ndarray:
@@ -35,7 +35,7 @@ def blend(x: np.ndarray, t: Any, alpha: Any) -> np.ndarray:
 
 def check_alpha(value: Any, where: str) -> float:
     """A blend weight α in (0, 1]; ``where`` names it in the error (``{alpha}`` or ``{trigger} blended:A``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value <= 1
+    ok = is_num(value) and 0 < value <= 1
     if not ok:
         raise ParamError(f"{where} must be a blend weight in (0, 1] (1 replaces the pixels, smaller is fainter), "
                          f"got {value!r}")

@@ -25,6 +25,7 @@ from testbed.attacks.base import Attack, Param, Trigger
 from testbed.attacks.imageops import blend, load_image, resize, split_alpha
 from testbed.core.errors import ParamError, did_you_mean
 from testbed.core.hashing import file_sha256
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import find_class
 
 PATTERN_STREAM = 7  # seed stream of the procedural patch (see docs/attacks.md for every stream)
@@ -149,7 +150,7 @@ class VictimPatchAttack(Attack):
         if find_class(classes, self.source) == find_class(classes, self.target):
             raise ParamError(f"{{source}} and {{target}} are both {self.source!r}; choose a target that differs from the victim")
         s = self.patch_size
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1):
+        if s is not None and not is_int(s, 1):
             raise ParamError(f"{{patch_size}} must be a positive number of pixels, got {s!r}")
         if self.patch is not None:
             load_image(self.patch, "patch")
