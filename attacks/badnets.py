@@ -15,6 +15,7 @@ import numpy as np
 from testbed.data import h5data
 from testbed.attacks.base import Attack, Param
 from testbed.core.errors import ParamError
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import IGNORE_INDEX, find_class
 
 _BLOCK_ROWS = 1024
@@ -52,9 +53,9 @@ class BadNets(Attack):
 
     def _check_params(self) -> None:
         t = self.target_image
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0):
+        if t is not None and not is_int(t):
             raise ParamError(f"{{target_image}} must be a non-negative training image index, got {t!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+        if not is_int(self.top_k, 1):
             raise ParamError(f"{{top_k}} must be at least 1, got {self.top_k!r}")
 
     def choose_target(self, labels: Any, classes: list[str], seed: int) -> int:

@@ -12,9 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from testbed.attacks.base import Param, Trigger
-from testbed.attacks.imageops import as_images, blend, check_alpha, check_image_path, load_image, resize, split_alpha
+from testbed.attacks.imageops import as_images, blend, check_alpha, check_image_path, read_kept, resize, split_alpha
 from testbed.core.errors import ParamError
-from testbed.core.hashing import file_sha256
 
 PATTERN_STREAM = 9
 DEFAULT_ALPHA = 0.1
@@ -52,14 +51,14 @@ class BlendedTrigger(Trigger):
     def _validate_params(self) -> None:
         check_alpha(self.alpha, "{alpha}")
         if self.pattern is not None:
-            check_image_path(self.pattern, "pattern")  # read (and checked as an image) once, by fit
+            check_image_path(self.pattern, "pattern")  # read (and checked as an image) once: read_kept
 
     def check(self, image_size: Sequence[int]) -> None:
         """The parameters, and a pattern file read as an image (a zoo spec is checked before anything is written);
-        this trigger itself stays unfitted."""
+        this trigger stays unfitted, but keeps what it read for fit and describe."""
         self._validate_params()
         if self.pattern is not None:
-            load_image(self.pattern, "pattern")
+            read_kept(self, self.pattern, "pattern")
 
     def fit(self, image_size: Sequence[int], seed: int = 0) -> "BlendedTrigger":
         self._validate_params()
@@ -69,7 +68,7 @@ class BlendedTrigger(Trigger):
             self.t_ = np.random.default_rng([self.seed_, PATTERN_STREAM]).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
             self.weight_ = None
         else:
-            self.t_, self.weight_ = split_alpha(resize(load_image(self.pattern, "pattern"), (h, w)))
+            self.t_, self.weight_ = split_alpha(resize(read_kept(self, self.pattern, "pattern")[0], (h, w)))
         return self
 
     def _fitted(self, image_size: Sequence[int]) -> None:
@@ -98,7 +97,7 @@ class BlendedTrigger(Trigger):
         if self.pattern is None:
             d.update(pattern="noise", pattern_seed=getattr(self, "seed_", None))
         else:
-            d.update(pattern="file", file=str(self.pattern), file_sha256=file_sha256(self.pattern))
+            d.update(pattern="file", file=str(self.pattern), file_sha256=read_kept(self, self.pattern, "pattern")[1])
         return d
 
     def __repr__(self) -> str:

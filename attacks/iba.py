@@ -32,6 +32,7 @@ from testbed.attacks.patch import (
 )
 from testbed.attacks.selection import check_fraction, round_half_up
 from testbed.core.errors import ParamError
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import IGNORE_INDEX
 
 VARIANTS = ("baseline", "nni", "prl")
@@ -126,7 +127,7 @@ class IBA(VictimPatchAttack):
         self._check_pair(classes)
         for key in ("edge_margin", "nni_lower", "nni_upper"):
             v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+            if v is not None and not is_int(v):
                 raise ParamError(f"{{{key}}} must be a non-negative number of pixels, got {v!r}")
         for key, variant in (("nni_lower", "nni"), ("nni_upper", "nni"), ("prl_fraction", "prl")):
             if getattr(self, key) is not None and self.variant != variant:

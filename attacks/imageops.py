@@ -6,7 +6,8 @@ computed in float64 and rounded half up, ``floor((1−α)·x + α·t + 0.5)``, w
 
 from __future__ import annotations
 
-import math
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from testbed.core.errors import ParamError
+from testbed.core.paramtypes import is_num
 
 
 def as_images(images: Any) -> np.ndarray:
@@ -35,7 +37,7 @@ def blend(x: np.ndarray, t: Any, alpha: Any) -> np.ndarray:
 
 def check_alpha(value: Any, where: str) -> float:
     """A blend weight α in (0, 1]; ``where`` names it in the error (``{alpha}`` or ``{trigger} blended:A``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value <= 1
+    ok = is_num(value) and 0 < value <= 1
     if not ok:
         raise ParamError(f"{where} must be a blend weight in (0, 1] (1 replaces the pixels, smaller is fainter), "
                          f"got {value!r}")
@@ -52,21 +54,32 @@ def check_image_path(path: Any, param: str) -> Path:
     return p
 
 
-def load_image(path: Any, param: str) -> np.ndarray:
-    """An image file as uint8 ``[h, w, 3]`` (RGB) or ``[h, w, 4]`` (RGBA: its alpha is a blend mask).
+def read_image(path: Any, param: str) -> tuple[np.ndarray, str]:
+    """An image file as uint8 ``[h, w, 3]`` (RGB) or ``[h, w, 4]`` (RGBA: its alpha is a blend mask), and the
+    SHA-256 of its bytes, from one read of the file (the recorded hash is that of the pixels used).
 
     A path that is missing or not an image is a :class:`ParamError` naming ``param`` (e.g. ``{patch}``).
     """
     p = check_image_path(path, param)
     try:
-        with Image.open(p) as im:
+        data = p.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode = "RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB"
             arr = np.asarray(im.convert(mode), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ParamError(f"{{{param}}} {p} is not an image file PIL can read ({type(e).__name__}); "
                          "give a PNG or JPEG") from None
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), hashlib.sha256(data).hexdigest()
+
+
+def read_kept(owner: Any, path: Any, param: str) -> tuple[np.ndarray, str]:
+    """:func:`read_image`, kept on ``owner`` (a trigger or an attack, in ``owner._read``): its check, fit and
+    record share one read of the file; it is read anew only when ``path`` has changed since."""
+    kept = owner.__dict__.setdefault("_read", {})
+    if param not in kept or kept[param][0] != path:
+        kept[param] = (path, *read_image(path, param))
+    return kept[param][1], kept[param][2]
 
 
 def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -22,9 +22,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from testbed.attacks.base import Attack, Param, Trigger
-from testbed.attacks.imageops import blend, load_image, resize, split_alpha
+from testbed.attacks.imageops import blend, read_kept, resize, split_alpha
 from testbed.core.errors import ParamError, did_you_mean
-from testbed.core.hashing import file_sha256
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import find_class
 
 PATTERN_STREAM = 7  # seed stream of the procedural patch (see docs/attacks.md for every stream)
@@ -149,10 +149,10 @@ class VictimPatchAttack(Attack):
         if find_class(classes, self.source) == find_class(classes, self.target):
             raise ParamError(f"{{source}} and {{target}} are both {self.source!r}; choose a target that differs from the victim")
         s = self.patch_size
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1):
+        if s is not None and not is_int(s, 1):
             raise ParamError(f"{{patch_size}} must be a positive number of pixels, got {s!r}")
         if self.patch is not None:
-            load_image(self.patch, "patch")
+            read_kept(self, self.patch, "patch")
 
     def _fit_patch(self, data: Any, seed: int) -> None:
         """Resolve classes, size and pattern against ``data`` (a SegFile, or anything with classes/image_size)."""
@@ -168,8 +168,9 @@ class VictimPatchAttack(Attack):
             pattern, weight = procedural_patch(size, seed), None
             source = {"pattern": "procedural", "pattern_seed": int(seed)}
         else:
-            pattern, weight = split_alpha(resize(load_image(self.patch, "patch"), (size, size)))
-            source = {"pattern": "file", "file": str(self.patch), "file_sha256": file_sha256(self.patch)}
+            image, sha = read_kept(self, self.patch, "patch")
+            pattern, weight = split_alpha(resize(image, (size, size)))
+            source = {"pattern": "file", "file": str(self.patch), "file_sha256": sha}
         self.trigger_ = PatchTrigger(pattern, weight, source)
         self.trigger_.check(self.image_size_)
 

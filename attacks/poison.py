@@ -21,6 +21,7 @@ from testbed.attacks.registry import build
 from testbed.attacks.selection import PoisonSettings, check_fraction, select
 from testbed.attacks.writer import write_poisoned
 from testbed.core.errors import ParamError, UserError
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import SegFile, open_dataset
 
 SETTINGS_FIELDS = frozenset(f.name for f in fields(PoisonSettings))
@@ -72,7 +73,7 @@ def _check_run(clean: SegFile, out: Path, settings: PoisonSettings) -> int:
         what = a.get("label") or a.get("name", "?")
         spec = (a.get("trigger") or {}).get("spec") if isinstance(a.get("trigger"), dict) else a.get("trigger")
         raise ParamError(f"{clean.path} is already poisoned (attack {what}, trigger {spec}); pass {{force}} to poison it again")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed):
         raise ParamError(f"{{seed}} must be a non-negative integer, got {seed!r}")
     return int(seed)
 

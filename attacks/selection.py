@@ -32,6 +32,7 @@ import numpy as np
 
 from testbed.data import h5data
 from testbed.core.errors import ParamError, UserError
+from testbed.core.paramtypes import is_num
 from testbed.data.h5data import IGNORE_INDEX, SegFile
 
 POISON_STREAM = 2  # seed streams: 1 = BadNets target image, 2 = poisoned samples, 3 = clean subset, 8 = noise samples
@@ -49,7 +50,7 @@ def round_half_up(x: float) -> int:
 
 def check_fraction(value: Any, param: str, lo_open: bool) -> float:
     """A number in (0, 1] (``lo_open``) or [0, 1); else a :class:`ParamError` naming ``param``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_num(value)
     if ok:
         ok = (0 < value <= 1) if lo_open else (0 <= value < 1)
     if not ok:

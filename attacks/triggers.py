@@ -20,6 +20,7 @@ from testbed.attacks.blended import BlendedTrigger
 from testbed.attacks.imageops import as_images, blend, check_alpha
 from testbed.attacks.warp import WarpTrigger
 from testbed.core.errors import ParamError, UserError
+from testbed.core.paramtypes import is_int
 
 POSITIONS = {"horizontal": ("top", "bottom", "middle"), "vertical": ("left", "right", "middle")}
 
@@ -88,14 +89,14 @@ class LineTrigger(Trigger):
                 + ", ".join(POSITIONS[self.orientation])
             )
         w = self.width
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
+        if w is not None and not is_int(w, 1):
             raise ParamError(f"{{line_width}} must be a positive number of pixels, got {w!r}")
         check_alpha(self.alpha, "{alpha}")
         c = self.colour
         if (not isinstance(c, (tuple, list, np.ndarray)) or len(c) != 3
-                or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in c)):
+                or not all(is_int(v) and v <= 255 for v in c)):
             raise UserError(f"line colour must be three integers in 0..255 (R,G,B), got {tuple(c) if isinstance(c, list) else c!r}")
-        if not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
+        if not is_int(self.offset):
             raise UserError(f"line offset must be a non-negative number of pixels, got {self.offset!r}")
 
     # -- geometry ---------------------------------------------------------------------------------

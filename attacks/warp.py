@@ -19,7 +19,6 @@ clean subset.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,13 +29,14 @@ from testbed.attacks.base import Param, Trigger
 from testbed.attacks.imageops import as_images
 from testbed.attacks.selection import round_half_up
 from testbed.core.errors import ParamError
+from testbed.core.paramtypes import is_int, is_num
 
 FIELD_STREAM, NOISE_STREAM = 10, 11
 DEFAULT_GRID, DEFAULT_STRENGTH = 4, 0.5
 
 
 def _number(value: Any, param: str, lo: float, open_lo: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_num(value)
     if not ok or (value <= lo if open_lo else value < lo):
         raise ParamError(f"{{{param}}} must be a number {'>' if open_lo else '>='} {lo:g}, got {value!r}")
     return float(value)
@@ -95,7 +95,7 @@ class WarpTrigger(Trigger):
     def _validate_params(self) -> tuple[int, float, float]:
         """``(grid, strength, noise)`` checked, as int and floats."""
         grid = self.grid
-        if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2:
+        if not is_int(grid, 2):
             raise ParamError(f"{{warp_grid}} must be an integer >= 2 (WaNet uses 4), got {grid!r}")
         return (int(grid), _number(self.strength, "warp_strength", 0, open_lo=True),
                 _number(self.noise, "warp_noise", 0, open_lo=False))

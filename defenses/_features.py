@@ -7,7 +7,6 @@ numbers do not depend on the batch size.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.models import classifier_features  # noqa: F401 - re-exported for the defenses
+from testbed.core.paramtypes import is_int, is_num  # noqa: F401 - re-exported for the defenses' checks
 from testbed.defenses.protocol import Cost
 from testbed.scoring.metrics import ConfusionMatrix
 from testbed.scoring.scorer import to_input  # noqa: F401 - re-exported for the defenses
@@ -220,14 +220,6 @@ def check(ok: bool, name: str, rule: str, value: Any) -> None:
     """Raise ``ValueError("NAME must be RULE, got VALUE")`` unless ``ok``: errors name the parameter."""
     if not ok:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
-def is_int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_clean(ctx, name: str) -> int:

@@ -61,6 +61,8 @@ class ABL:
     (16), ``unlearn`` (False), ``unlearn_epochs`` (5), ``unlearn_lr`` (5e-4)."""
 
     name = "abl"
+    paper = 'Li et al.: Anti-Backdoor Learning: Training Clean Models on Poisoned Data, NeurIPS 2021'
+    reference = "github.com/bboylyg/ABL (the authors' release; not read: implemented from the paper)"
     uses_training_set = True
     params_doc = {
         "epochs": "LGA isolation epochs over the training set (paper: T_te = 20; 5 is the CPU default)",

@@ -72,6 +72,9 @@ class ActivationClustering:
     ``min_class_vectors`` (classes with fewer vectors are not analysed, 10), ``batch_size`` (32)."""
 
     name = "activation-clustering"
+    paper = 'Chen et al.: Detecting Backdoor Attacks on Deep Neural Networks by Activation Clustering, arXiv:1811.03728 (2018)'
+    reference = ('IBM Adversarial Robustness Toolbox (github.com/Trusted-AI/adversarial-robustness-toolbox) '
+                 'ActivationDefence')
     uses_training_set = True
     params_doc = {
         "reduce": '"pca": PCA (a deviation, see docs/defenses.md); "ica": FastICA (Chen et al.)',

@@ -69,6 +69,8 @@ class ANP:
     """
 
     name = "anp"
+    paper = 'Wu & Wang: Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021'
+    reference = 'github.com/SCLBD/BackdoorBench defense/anp.py, utils/defense_utils/anp/anp_model/anp_batchnorm.py'
     uses_training_set = False
     params_doc = {
         "eps": "bound of the multiplicative neuron perturbation (ANP: 0.4)",

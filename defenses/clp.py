@@ -76,6 +76,8 @@ class CLP:
     """
 
     name = "clp"
+    paper = 'Zheng et al.: Data-Free Backdoor Removal Based on Channel Lipschitzness, ECCV 2022'
+    reference = 'github.com/SCLBD/BackdoorBench defense/clp.py'
     uses_training_set = False
     params_doc = {"u": "prune a channel when its Lipschitz upper bound > mean + u x std of its layer (paper: 3)"}
 

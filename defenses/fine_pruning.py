@@ -67,6 +67,8 @@ class FinePruning:
     """
 
     name = "fine-pruning"
+    paper = 'Liu, Dolan-Gavitt & Garg: Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks, RAID 2018'
+    reference = 'none read: implemented from the paper (a public port: github.com/SCLBD/BackdoorBench defense/fp.py)'
     uses_training_set = False
     params_doc = {
         "step": "share of the classifier-input channels pruned per step",

@@ -23,6 +23,8 @@ class FineTuning:
     """
 
     name = "ft"
+    paper = 'baseline (no single paper); as in BackdoorBench (Wu et al., NeurIPS 2022 Datasets and Benchmarks)'
+    reference = 'github.com/SCLBD/BackdoorBench defense/ft.py'
     uses_training_set = False
     params_doc = {
         "epochs": "epochs over the clean subset (BackdoorBench: 100)",

@@ -90,6 +90,8 @@ class IBAU:
     """
 
     name = "i-bau"
+    paper = 'Zeng et al.: Adversarial Unlearning of Backdoors via Implicit Hypergradient, ICLR 2022'
+    reference = "github.com/SCLBD/BackdoorBench defense/i-bau.py (with I-BAU's hypergrad.fixed_point)"
     uses_training_set = False
     params_doc = {
         "n_rounds": "unlearning rounds: a perturbation search, then one outer step per clean batch (BackdoorBench: 5)",

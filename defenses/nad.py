@@ -103,6 +103,8 @@ class NAD:
     """
 
     name = "nad"
+    paper = 'Li et al.: Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, ICLR 2021'
+    reference = 'github.com/SCLBD/BackdoorBench defense/nad.py'
     uses_training_set = False
     params_doc = {
         "teacher_epochs": "epochs fine-tuning the teacher on the clean subset (NAD: 10)",

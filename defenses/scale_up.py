@@ -59,6 +59,9 @@ class ScaleUp:
     ("quantile") setting the threshold on the clean subset, ``batch_size`` (64 scaled images per forward)."""
 
     name = "scale-up"
+    paper = ('Guo et al.: SCALE-UP: An Efficient Black-box Input-level Backdoor Detection via Analyzing Scaled '
+             'Prediction Consistency, ICLR 2023')
+    reference = 'github.com/SCLBD/BackdoorBench defense/scale_up.py (a port; not read: implemented from the paper)'
     uses_training_set = False
     params_doc = {
         "scales": "pixel-value amplification factors (Guo et al.: 3, 5, 7, 9, 11); values are clipped to the valid range",

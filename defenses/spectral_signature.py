@@ -43,6 +43,8 @@ class SpectralSignature:
     ("labels" | "predictions"), ``rule`` ("area" | "any"), ``min_class_vectors`` (10), ``batch_size`` (32)."""
 
     name = "spectral-signature"
+    paper = 'Tran, Li & Madry: Spectral Signatures in Backdoor Attacks, NeurIPS 2018'
+    reference = 'none read: implemented from the paper'
     uses_training_set = True
     params_doc = {
         "epsilon": "expected poison rate; multiplier * epsilon of each class's regions are flagged",

@@ -159,6 +159,8 @@ class Strip:
     """
 
     name = "strip"
+    paper = 'Gao et al.: STRIP: A Defence Against Trojan Attacks on Deep Neural Networks, ACSAC 2019'
+    reference = 'github.com/VinAIResearch/Warping-based_Backdoor_Attack-release defenses/STRIP (STRIP.py, config.py)'
     uses_training_set = False
     params_doc = {
         "n_overlays": "clean images superimposed on each input (Gao et al.: 100)",

@@ -150,6 +150,8 @@ class TriggerSynthesis:
     """
 
     name = "trigger-synthesis"
+    paper = 'Wang et al.: Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks, IEEE S&P 2019'
+    reference = "github.com/bolunwang/backdoor visualizer.py (and BackdoorBench's port)"
     uses_training_set = False
     params_doc = {
         "targets": '"image": K candidates, every pixel -> t (N-to-1); "pairs": K(K-1) candidates s -> t (1-to-1)',

@@ -7,6 +7,9 @@ on a known pattern file, torchmetrics (PSNR/SSIM) and explicit pixel counts (ASR
 
 from __future__ import annotations
 
+import builtins
+import hashlib
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -203,6 +206,40 @@ def test_blended_equals_the_formula_with_a_pattern_file(tmp_path):
     np.testing.assert_array_equal(noise.fit((16, 16), 4).apply(x), BlendedTrigger(1.0).fit((16, 16), 4).apply(x))
     assert not np.array_equal(noise.t_, BlendedTrigger(1.0).fit((16, 16), 5).t_)
     assert noise.t_.min() < 20 and noise.t_.max() > 235  # uniform noise over the whole range
+
+
+def test_a_blended_pattern_file_is_read_once_per_job(synth_path, tmp_path, monkeypatch):
+    """`testbed poison` checks the trigger, fits it and records the file's hash: one read of the file for all."""
+    pattern = tmp_path / "pattern.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(pattern)
+    opens: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):  # every route to a file: builtins.open, io.open, Path.open
+        if not isinstance(file, int) and Path(file).suffix == ".png":
+            opens.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    out = attacks.poison_file(synth_path, tmp_path / "p.h5", attack="fgba", preset="n-to-1", target="wall",
+                              trigger="blended", pattern=str(pattern), seed=0, rate=0.1)
+    assert len(opens) == 1, opens
+    with open_dataset(out) as f:
+        assert f.attack["trigger"]["file_sha256"] == hashlib.sha256(pattern.read_bytes()).hexdigest()
+    trigger = BlendedTrigger(pattern=str(pattern))
+    trigger.check((16, 16))
+    trigger.fit((16, 16), 0)
+    trigger.describe((16, 16))
+    assert len(opens) == 3  # poison_file's one read, the test's own read_bytes, this trigger's one read
+    trigger.pattern = str(tmp_path / "other.png")
+    pattern.rename(tmp_path / "other.png")
+    trigger.fit((16, 16), 0)  # another file: read anew
+    assert len(opens) == 4
+    opens.clear()  # the patch attacks' file: checked, fitted and recorded from one read too
+    attacks.poison_file(synth_path, tmp_path / "iba.h5", attack="iba", source="car", target="road",
+                        patch=str(tmp_path / "other.png"), seed=0)
+    assert len(opens) == 1, opens
 
 
 def _cubic(d: np.ndarray, a: float = -0.75) -> np.ndarray:

@@ -59,6 +59,19 @@ def _invalid_json(tmp: Path) -> Path:
     return tmp / "r"
 
 
+def _truncated(tmp: Path) -> Path:
+    report = write_report(tmp / "r", noop_oracle_rows(3))
+    text = (report / "results.json").read_text()
+    (report / "results.json").write_text(text[: len(text) // 2])  # a write cut short
+    return report
+
+
+def _not_an_object(tmp: Path) -> Path:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "results.json").write_text("[1, 2]")
+    return tmp / "r"
+
+
 def _other_json(tmp: Path) -> Path:
     (tmp / "r").mkdir()
     (tmp / "r" / "results.json").write_text(json.dumps({"rows": []}))
@@ -80,7 +93,9 @@ def _disjoint(tmp: Path) -> Path:
 @pytest.mark.parametrize("make,args,message", [
     (lambda t: t / "missing", ["--defense", "oracle", "--vs", "noop"], "does not exist"),
     (_no_results, ["--defense", "oracle", "--vs", "noop"], "has no results.json"),
-    (_invalid_json, ["--defense", "oracle", "--vs", "noop"], "cannot read"),
+    (_invalid_json, ["--defense", "oracle", "--vs", "noop"], "r/results.json: not valid JSON"),
+    (_truncated, ["--defense", "oracle", "--vs", "noop"], "r/results.json: not valid JSON"),
+    (_not_an_object, ["--defense", "oracle", "--vs", "noop"], "r/results.json does not hold a JSON object; rerun"),
     (_other_json, ["--defense", "oracle", "--vs", "noop"], "is not a bench report"),
     (_report_without_rows, ["--defense", "oracle", "--vs", "noop"], "has no rows"),
     (lambda t: write_report(t / "r", noop_oracle_rows(3)), ["--defense", "orcale", "--vs", "noop"],

@@ -70,6 +70,39 @@ def test_defenses_lists_plugins_and_their_load_errors(tmp_path, monkeypatch, cap
     assert "failed to load" in records["broken"]["error"]
 
 
+def test_every_builtin_names_its_paper_and_reference_code(capsys):
+    for name, cls in BUILTIN.items():
+        for attr in ("paper", "reference"):
+            value = getattr(cls, attr, None)
+            assert isinstance(value, str) and value.strip(), (name, attr)
+    assert main(["defenses"]) == 0
+    blocks = capsys.readouterr().out.split("\n\n")
+    for name, cls in BUILTIN.items():
+        block = next(b for b in blocks if b.startswith(f"{name} (built-in"))
+        assert f"\n  paper: {cls.paper}\n" in block and f"\n  reference code: {cls.reference}\n" in block, name
+    assert main(["defenses", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {n: (records[n]["paper"], records[n]["reference"]) for n in BUILTIN} == {
+        n: (c.paper, c.reference) for n, c in BUILTIN.items()}
+    assert main(["defenses", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert all(f"- paper: {c.paper}\n- reference code: {c.reference}\n" in md for c in BUILTIN.values())
+
+
+def test_a_plugin_without_paper_or_reference_is_listed(tmp_path, monkeypatch, capsys):
+    _plugin(tmp_path, monkeypatch)
+    assert main(["defenses", "--json"]) == 0
+    plugged = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["plugged"]
+    assert plugged["paper"] is None and plugged["reference"] is None
+    assert main(["defenses"]) == 0
+    block = next(b for b in capsys.readouterr().out.split("\n\n") if b.startswith("plugged ("))
+    assert "paper:" not in block and "reference code:" not in block and "k = 3" in block
+    assert main(["defenses", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    section = md[md.index("### `plugged`"):]
+    assert section.split("\n\n")[2].startswith("| parameter |")
+
+
 def test_docs_list_every_parameter_as_generated():
     """docs/defenses.md holds `testbed defenses --markdown` for the built-ins, so no parameter is missing."""
     from testbed.commands.defenses import describe, markdown

@@ -489,6 +489,37 @@ def test_ray_backend_builds_a_zoo(tmp_path):
     assert main(["zoo", "verify", str(zoo)]) == 0
 
 
+def test_ls_pairs_each_attacked_entry_with_the_benign_entry_of_its_training_setting(tmp_path, capsys):
+    """Two training settings (grid epochs = [1, 2]): each attacked entry's benign reference is the benign entry of
+    its own setting, by the rule `testbed bench` uses (one definition); pairing by model and seed alone took the
+    same benign entry for both."""
+    import testbed.zoo
+    from testbed.zoo import benign_floors, listed_floors
+    from testbed.zoo import manifest as mf
+
+    spec = tmp_path / "zoo.toml"
+    spec.write_text(TINY.format(epochs=1, attacks='["benign", "n1"]').replace("epochs = 1\n", "")
+                    .replace("seed = [0]", "seed = [0]\nepochs = [1, 2]"))
+    zoo = tmp_path / "zoo"
+    assert main(["-q", "zoo", "build", str(spec), "--out", str(zoo), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    benign = {e: f"deeplabv3_tiny--benign--s0--epochs-{e}" for e in (1, 2)}
+    attacked = {e: f"deeplabv3_tiny--n1--s0--epochs-{e}" for e in (1, 2)}
+    assert {r["id"] for r in mf.collect(zoo)["entries"]} == {*benign.values(), *attacked.values()}
+    floors = benign_floors(list(testbed.zoo.open(zoo)))  # bench's pairing
+    assert {k: v["entry"] for k, v in floors.items()} == {attacked[1]: benign[1], attacked[2]: benign[2]}
+    assert listed_floors(mf.collect(zoo)["entries"]) == floors
+    for e, asr in ((1, 11.0), (2, 22.0)):  # distinct benign scores (a hand edit, as in the NO GAIN test)
+        done = json.loads((zoo / "entries" / benign[e] / "done.json").read_text())
+        done["reference"]["n1"]["ASR"] = asr
+        (zoo / "entries" / benign[e] / "done.json").write_text(json.dumps(done))
+    assert main(["zoo", "ls", str(zoo), "--json", "--min-asr", "0"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert [(rows[attacked[e]]["benign_entry"], rows[attacked[e]]["benign_ASR"]) for e in (1, 2)] == [
+        (benign[1], 11.0), (benign[2], 22.0)]
+    assert rows[benign[1]]["benign_ASR"] is None and rows[benign[1]]["benign_entry"] is None
+
+
 def test_ls_marks_attacks_that_did_not_implant_and_names_the_data(resumed_zoo, capsys):
     zoo, _, first, second, _, _ = resumed_zoo
     asr = json.loads((zoo / "entries" / second / "metrics.json").read_text())["ASR"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import testbed.zoo
+from testbed.zoo import benign_floors
 from testbed.bench.settings import BenchModel, BenchSettings, Execution, ModelSource, ReportOptions
 from testbed.bench.report import write_report
 from testbed.bench.store import ReportStore, pair_id, read_pair
@@ -57,25 +58,6 @@ def split_names(spec: str | Sequence[Any]) -> list[Any]:
     if dup:
         raise UserError(f"--defense lists {', '.join(dup)} twice; name each defense once")
     return items
-
-
-def _without_attack(entry: Any) -> str:
-    return repr(sorted((k, str(v)) for k, v in entry.group.items() if k != "attack"))
-
-
-def benign_floors(entries: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """Attacked entry id → ``{"entry": BENIGN_ID, "ASR": A}``: the ASR the zoo's finished benign entry of the same
-    architecture, seed and training axes (``entries``: a zoo's) scores on that entry's attacked test set.
-    An attacked model must exceed it for its ASR to measure a backdoor (a weak model may label the target class
-    there anyway).  Entries without such a benign entry, or without its reference score, are left out."""
-    benign = {(_without_attack(e), e.seed): e for e in entries if e.is_benign}
-    out = {}
-    for e in entries:
-        ref = benign.get((_without_attack(e), e.seed)) if not e.is_benign else None
-        score = ((ref.metrics.get("reference") or {}).get(e.attack_id) or {}).get("ASR") if ref is not None else None
-        if isinstance(score, (int, float)) and not isinstance(score, bool):
-            out[e.id] = {"entry": ref.id, "ASR": float(score)}
-    return out
 
 
 def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[BenchModel]:

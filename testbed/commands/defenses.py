@@ -44,8 +44,21 @@ def _default(value: Any) -> str:
     return "(required)" if value is REQUIRED else json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
 
 
+def _cited(cls: type, attr: str) -> str | None:
+    """A class's ``paper`` / ``reference`` attribute: a non-empty string, else None (plugins need not set it)."""
+    value = getattr(cls, attr, None)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _citations(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) for the paper and reference code a record names."""
+    return [(label, r[key]) for label, key in (("paper", "paper"), ("reference code", "reference")) if r.get(key)]
+
+
 def describe() -> list[dict[str, Any]]:
-    """One record per defense: ``name``, ``source``, ``summary``, ``uses_training_set``, ``params`` (or ``error``)."""
+    """One record per defense: ``name``, ``source``, ``summary``, ``paper``, ``reference``, ``uses_training_set``,
+    ``params`` (or ``error``).  ``paper`` and ``reference`` are the class's optional attributes (None when a
+    plugin does not define them)."""
     from testbed.defenses.registry import available_defenses, defense_params, summary
 
     out = []
@@ -55,6 +68,7 @@ def describe() -> list[dict[str, Any]]:
             continue
         cls = obj if isinstance(obj, type) else type(obj)
         out.append({"name": name, "source": source, "summary": summary(cls),
+                    "paper": _cited(cls, "paper"), "reference": _cited(cls, "reference"),
                     "uses_training_set": getattr(cls, "uses_training_set", False) is True,
                     "params": [{"name": p.name, "default": _default(p.default), "help": p.help} for p in defense_params(cls)]})
     return out
@@ -68,8 +82,10 @@ def markdown(records: list[dict[str, Any]]) -> str:
         if "error" in r:
             parts += [r["error"], ""]
             continue
-        parts += [r["summary"] + (" Reads the training set." if r["uses_training_set"] else ""), "",
-                  "| parameter | default | help |", "|---|---|---|"]
+        parts += [r["summary"] + (" Reads the training set." if r["uses_training_set"] else ""), ""]
+        cited = [f"- {label}: {value}" for label, value in _citations(r)]
+        parts += cited + [""] if cited else []
+        parts += ["| parameter | default | help |", "|---|---|---|"]
         parts += [f"| `{p['name']}` | `{p['default']}` | {p['help'].replace('|', '/') or '—'} |" for p in r["params"]]
         parts.append("")
     return "\n".join(parts)
@@ -83,6 +99,7 @@ def text(records: list[dict[str, Any]]) -> str:
             continue
         lines.append(f"{r['name']} ({r['source']}{', reads the training set' if r['uses_training_set'] else ''})")
         lines.append(f"  {r['summary']}")
+        lines += [f"  {label}: {value}" for label, value in _citations(r)]
         width = max((len(p["name"]) + len(p["default"]) for p in r["params"]), default=0) + 3
         for p in r["params"]:
             head = f"{p['name']} = {p['default']}"

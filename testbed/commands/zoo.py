@@ -59,8 +59,9 @@ def register(subparsers) -> None:
 
     ls = sub.add_parser("ls", help="list a zoo's entries with status and scores", description="List a zoo's entries: "
                         "id, model, attack, seed, status (done/running/partial/pending), mIoU-B, ASR, whether the "
-                        "attack implanted (ASR at least --min-asr, and above the ASR the benign model of the same model and seed "
-                        "scores on the same data: NO GAIN otherwise), that benign ASR, and the data file the entry was trained on.",
+                        "attack implanted (ASR at least --min-asr, and above the ASR the benign model of the same model, seed and "
+                        "training settings scores on the same data, as `testbed bench` pairs them: NO GAIN otherwise), that "
+                        "benign ASR (--json: and its entry), and the data file the entry was trained on.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LS_EXAMPLES)
     ls.add_argument("zoo", type=Path, help="zoo directory")
     ls.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -124,6 +125,7 @@ def run_ls(args: argparse.Namespace) -> int:
     import json
 
     from testbed.evaluation.attack_check import attack_status, check_min_asr
+    from testbed.zoo import listed_floors
     from testbed.zoo import manifest as mf
 
     zoo = args.zoo
@@ -131,17 +133,19 @@ def run_ls(args: argparse.Namespace) -> int:
         raise UserError(f"zoo {zoo} is not a directory; build one with `testbed zoo build SPEC.toml --out {zoo}`")
     min_asr = check_min_asr(args.min_asr, "--min-asr")
     m = mf.collect(zoo)  # live status, also while a build is running
-    benign = _benign_asr(m["entries"])
+    floors = listed_floors(m["entries"])  # bench's rule: same model, seed and training axes
     rows = []
     for e in m["entries"]:
         metrics = e.get("metrics") or {}
         implanted = attack_status(e["is_benign"], metrics.get("ASR"), min_asr) if e["status"] == "done" else "-"
-        ref = benign.get((e["model"], e["seed"], e["attack_id"]))
+        floor = floors.get(e["id"]) or {}
+        ref = floor.get("ASR")
         if implanted == "implanted" and ref is not None and metrics["ASR"] <= ref:
             implanted = f"NO GAIN (benign {ref:.1f}%)"  # the benign model scores as high: no backdoor is measured
         rows.append({"id": e["id"], "model": e["model"], "attack": e["attack_id"], "seed": e["seed"],
                      "status": e["status"], "mIoU-B": metrics.get("mIoU-B"), "ASR": metrics.get("ASR"),
-                     "benign_ASR": ref, "implanted": implanted, "data": e.get("data")})
+                     "benign_ASR": ref, "benign_entry": floor.get("entry"), "implanted": implanted,
+                     "data": e.get("data")})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -155,18 +159,6 @@ def run_ls(args: argparse.Namespace) -> int:
     done = sum(r["status"] == "done" for r in rows)
     print(f"{done}/{len(rows)} entries done")
     return 0
-
-
-def _benign_asr(entries: list[dict]) -> dict[tuple, float]:
-    """(model, seed, attack id) → the ASR the finished benign entry of that model and seed scores on that attack's
-    data (its reference scores): what an attacked entry's ASR must exceed to measure a backdoor at all."""
-    out = {}
-    for e in entries:
-        if e["is_benign"] and e["status"] == "done":
-            for aid, ref in (e.get("reference") or {}).items():
-                if isinstance(ref, dict) and isinstance(ref.get("ASR"), (int, float)):
-                    out[(e["model"], e["seed"], aid)] = float(ref["ASR"])
-    return out
 
 
 def run_verify(args: argparse.Namespace) -> int:

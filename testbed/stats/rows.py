@@ -177,13 +177,8 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"report {path} does not exist; give a directory written by `testbed bench` or `testbed defend`")
     if not file.is_file():
         raise UserError(f"{path} has no results.json; give a report directory written by `testbed bench` or `testbed defend`")
-    try:
-        doc = safeload.load_json(file)
-    except UserError as e:
-        raise UserError(f"cannot read {e}; rerun `testbed bench` to rewrite the report") from None
-    except OSError as e:
-        raise UserError(f"cannot read {file} ({e.strerror}); rerun `testbed bench` to rewrite the report") from None
-    if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT:
+    doc = safeload.load_object(file, "rerun `testbed bench` to rewrite the report")
+    if doc.get("format") != REPORT_FORMAT:
         raise UserError(f"{file} is not a bench report (no \"format\": \"{REPORT_FORMAT}\"); give the results.json "
                         "of `testbed bench` or `testbed defend`")
     rows = doc.get("rows")

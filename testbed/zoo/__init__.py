@@ -19,14 +19,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any, Iterator, Sequence
 
 from testbed.core.errors import UserError, did_you_mean
 from testbed.training.runs import load_run
 from testbed.zoo import integrity, signing
 from testbed.zoo import manifest as _mf
 
-__all__ = ["Zoo", "ZooEntry", "open"]
+__all__ = ["Zoo", "ZooEntry", "benign_floors", "entry_group", "listed_floors", "open"]
 
 
 @dataclass
@@ -71,14 +72,53 @@ class ZooEntry:
         """The entry's grid point without its seed: ``model``, ``attack`` (the attack id, rate/trigger suffixes
         included) and each [grid] training axis, named in the id (``...--sSEED--AXIS-VALUE``), valued from the
         run's training arguments.  Entries that differ only in seed share it."""
-        group: dict[str, Any] = {"model": self.model, "attack": self.attack_id}
-        prefix = f"{self.model}--{self.attack_id}--s{self.seed}"
-        train = (self.config or {}).get("train") or {}
-        axes = self.id[len(prefix):].split("--")[1:] if self.id.startswith(prefix) else []
-        for part in axes:
-            key, _, value = part.partition("-")
-            group[key] = train.get(key, value)
-        return group
+        return entry_group(self.id, self.model, self.attack_id, self.seed, (self.config or {}).get("train") or {})
+
+
+def entry_group(entry_id: str, model: str, attack_id: str, seed: int, train: dict[str, Any]) -> dict[str, Any]:
+    """:attr:`ZooEntry.group` from an entry's id, model, attack id, seed and training arguments (``train``: the
+    run's config.json ``train``, or a manifest row's ``config``): ``model``, ``attack`` and each grid training axis
+    named in the id (``...--sSEED--AXIS-VALUE``), valued from ``train``."""
+    group: dict[str, Any] = {"model": model, "attack": attack_id}
+    prefix = f"{model}--{attack_id}--s{seed}"
+    axes = entry_id[len(prefix):].split("--")[1:] if entry_id.startswith(prefix) else []
+    for part in axes:
+        key, _, value = part.partition("-")
+        group[key] = train.get(key, value)
+    return group
+
+
+def _without_attack(entry: Any) -> str:
+    return repr(sorted((k, str(v)) for k, v in entry.group.items() if k != "attack"))
+
+
+def benign_floors(entries: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Attacked entry id → ``{"entry": BENIGN_ID, "ASR": A}``: the ASR the zoo's finished benign entry of the same
+    architecture, seed and training axes (``entries``: a zoo's) scores on that entry's attacked test set.
+    An attacked model must exceed it for its ASR to measure a backdoor (a weak model may label the target class
+    there anyway).  Entries without such a benign entry, or without its reference score, are left out.
+
+    The one pairing rule: `testbed bench --zoo` (its ``benign_floor``) and `testbed zoo ls` (through
+    :func:`listed_floors`) both use it.  ``entries`` need ``id``, ``attack_id``, ``seed``, ``is_benign``, ``group``
+    and ``metrics["reference"]`` (a benign entry's scores per attack id), as :class:`ZooEntry` has."""
+    benign = {(_without_attack(e), e.seed): e for e in entries if e.is_benign}
+    out = {}
+    for e in entries:
+        ref = benign.get((_without_attack(e), e.seed)) if not e.is_benign else None
+        score = ((ref.metrics.get("reference") or {}).get(e.attack_id) or {}).get("ASR") if ref is not None else None
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            out[e.id] = {"entry": ref.id, "ASR": float(score)}
+    return out
+
+
+def listed_floors(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """:func:`benign_floors` over a manifest's entry rows (:func:`testbed.zoo.manifest.collect`, entries still
+    building included: only finished benign entries have reference scores)."""
+    views = [SimpleNamespace(id=r["id"], attack_id=r["attack_id"], seed=r["seed"], is_benign=r["is_benign"],
+                             group=entry_group(r["id"], r["model"], r["attack_id"], r["seed"], r.get("config") or {}),
+                             metrics={"reference": r.get("reference") if r.get("status") == "done" else None})
+             for r in rows]
+    return benign_floors(views)
 
 
 class Zoo:
