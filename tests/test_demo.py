@@ -210,3 +210,48 @@ def test_architecture_spec_matches_the_reference_benchmark():
         assert bench_variants[v.label] == v.params, v.label
     assert {e.model for e in arch.entries} == {"segformer_tiny"} and sorted({e.seed for e in arch.entries}) == [0, 1, 2]
     assert len(arch.entries) == 12
+
+
+# -- the three kinds of defense: trigger synthesis as a cost analysis by default -------------------------------
+def test_demo_defaults_run_trigger_synthesis_on_its_first_candidate():
+    from testbed.demo.settings import DEFAULT_DEFENSES, defense_params
+
+    assert {"fine-pruning", "trigger-synthesis", "strip"} <= set(DEFAULT_DEFENSES)  # repair, cost analysis, filter
+    assert defense_params(DEFAULT_DEFENSES, []) == {"trigger-synthesis": {"max_candidates": 1}}
+    full = defense_params(DEFAULT_DEFENSES, ["trigger-synthesis.max_candidates=null", "strip.n_overlays=16"])
+    assert full == {"trigger-synthesis": {"max_candidates": None}, "strip": {"n_overlays": 16}}
+    assert defense_params(("strip",), []) == {}  # the default is only for a defense that runs
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--defenses", "strip", "--param", "trigger-synthesis.steps=3"], "'trigger-synthesis' is not one of"),
+    (["--param", "trigger-synthesis.max_candidates=0"], "max_candidates"),
+    (["--defenses", "", "--param", "strip.n_overlays=4"], "no defense runs"),
+])
+def test_bad_demo_params_exit_2_with_one_line_before_anything_is_written(flags, words, tmp_path, capsys):
+    argv = ["-q", "demo", "--out", str(tmp_path / "d"), *[f for f in SMALL if f not in ("--defenses", "fine-pruning")], *flags]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "d").exists()
+
+
+def test_cost_table_projects_the_measured_candidate_to_every_search_space():
+    """passes = passes per candidate × candidates, seconds = passes × seconds per pass, as computed here."""
+    from testbed.demo.report import _defense_table
+
+    per, spp, k = 8100.0, 0.004, 11
+    cost = {"candidates_run": 1, "candidates_in_mode": k, "coverage_of_mode": 1 / k, "steps_per_candidate": 81.0,
+            "max_steps": 1000, "step_unit": "epoch over the clean subset",
+            "counts": {"image": k, "pairs": k * (k - 1), "log10_matrices": 11.46},
+            "ade20k_counts": {"image": 150, "pairs": 22350, "log10_matrices": 326.4},
+            "projected": {"passes_per_candidate": per, "seconds_per_pass": spp, "image_passes": per * k,
+                          "image_seconds": per * k * spp, "pairs_passes": per * k * (k - 1),
+                          "pairs_seconds": per * k * (k - 1) * spp, "log10_matrices_seconds": 13.0},
+            "projected_ade20k": {"image_seconds": 3e5, "pairs_seconds": 4.5e7, "log10_matrices_seconds": 329.7}}
+    row = {"defense": "trigger-synthesis", "verdict": {"status": "inconclusive", "score": 0.0, "coverage": 1 / k},
+           "details": {"cost": cost}, "cost": {"seconds": 32.0}}
+    text = "\n".join(_defense_table([row]))
+    assert f"| one class → another (1-to-1) | 110 | {per * 110:,.0f} | {per * 110 * spp / 60:,.1f} minutes | 22,350 |" in text
+    assert f"| every pixel → one class (N-to-1) | 11 | {per * 11:,.0f} | {per * 11 * spp / 60:,.1f} minutes |" in text
+    assert "cost analysis" in text and "max_candidates=null" in text  # a partial search says why it is inconclusive

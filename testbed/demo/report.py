@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.demo.settings import (
-    ASR_TARGETS, BENIGN_MAX_ASR, MAX_MIOU_DROP, OPT_IN_NOTE, SETTINGS,
+    ASR_TARGETS, BENIGN_MAX_ASR, COST_ONLY_NOTE, MAX_MIOU_DROP, OPT_IN_NOTE, SETTINGS,
 )
 
 
@@ -127,7 +127,45 @@ def _defense_table(defenses: list[dict]) -> list[str]:
                    f"{_fmt(before.get('mIoU-B'))} | {_fmt(after.get('mIoU-B'))} | {'–' if der is None else f'{der:.3f}'} | "
                    f"{dtxt} | {_verdict_text(d.get('verdict'))} | {_fmt((d.get('cost') or {}).get('seconds'))} |")
     out += ["", "Full defense report, per-input scores and figures: [defenses/report.md](defenses/report.md)."]
-    return out + (["", OPT_IN_NOTE] if "trigger-synthesis" not in {d.get("defense") for d in defenses} else [])
+    synthesis = next((d for d in defenses if d.get("defense") == "trigger-synthesis"), None)
+    if synthesis is None:
+        return out + ["", OPT_IN_NOTE]
+    partial = ((synthesis.get("details") or {}).get("cost") or {}).get("coverage_of_mode", 1) < 1
+    return out + ([""] + cost_table(synthesis) if synthesis.get("details") else []) + (["", COST_ONLY_NOTE] if partial else [])
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:,.0f} s"
+
+
+def cost_table(row: dict) -> list[str]:
+    """Trigger synthesis's cost analysis (the seed paper's argument): passes per candidate measured on this
+    model, projected to every candidate of each search space here and at ADE20K's size (150 classes, 512²)."""
+    cost = row["details"]["cost"]
+    here, ade = cost.get("projected") or {}, cost.get("projected_ade20k") or {}
+    counts, big = cost.get("counts") or {}, cost.get("ade20k_counts") or {}
+    if not here:
+        return []
+    lines = ["### Trigger synthesis: what a full search costs", "",
+             f"Measured here: {cost.get('candidates_run')} of {cost.get('candidates_in_mode')} image-level candidates, "
+             f"{here['passes_per_candidate']:,.0f} forward + backward image passes per candidate "
+             f"({cost.get('steps_per_candidate', 0):.0f} of at most {cost.get('max_steps')} steps, a step being one "
+             f"{cost.get('step_unit', 'decision')}: "
+             "a candidate that never converges runs them all), "
+             f"{1000 * here['seconds_per_pass']:.2f} ms per pass on this machine. Projected (passes per candidate × "
+             "candidates; an estimate, not a bound):", "",
+             "| search space | candidates here | passes | time here | candidates at ADE20K size | time at ADE20K size |",
+             "|---|---|---|---|---|---|"]
+    for key, name in (("image", "every pixel → one class (N-to-1)"), ("pairs", "one class → another (1-to-1)")):
+        lines.append(f"| {name} | {counts.get(key):,} | {here[key + '_passes']:,.0f} | {_duration(here[key + '_seconds'])} | "
+                     f"{big.get(key):,} | {_duration(ade[key + '_seconds'])} |")
+    lines.append(f"| any class → any class (general FGBA) | 10^{counts.get('log10_matrices', 0):.1f} | — | "
+                 f"10^{here.get('log10_matrices_seconds', 0):.1f} s | 10^{big.get('log10_matrices', 0):.1f} | "
+                 f"10^{ade.get('log10_matrices_seconds', 0):.1f} s |")
+    return lines
 
 
 def _plural(n: int, word: str) -> str:

@@ -100,6 +100,7 @@ def _defend(out: Path, cfg: DemoConfig, zoo: Path, device: Any) -> list[dict]:
     _log(f"defenses {', '.join(cfg.defenses)} on the {cfg.defend_setting} model")
     return run_bench(out / "defenses", list(cfg.defenses), run=mf.entry_dir(zoo, eid), data=data, device=str(device),
                      seed=cfg.seed, budget_s=cfg.budget_s, budget_passes=cfg.budget_passes, title="Defenses in the demo",
+                     params=cfg.params,
                      threads=cfg.threads, log=lambda m: _log(f"  {m}"))["rows"]
 
 
