@@ -3,9 +3,11 @@
 Why: PyTorch's CPU tensors come from ``malloc``.  Every training step frees its activations and gradients
 and allocates the same sizes again the next step; with glibc's defaults the free memory at the top of the
 heap is handed back to the kernel after each step (trimming) and every page of it faults in again, zeroed,
-on the next.  Measured on deeplabv3_tiny, 64×64, batch 16, one thread (BENCHMARKS.md, "The trainer's page
-faults"): ≈3,100 minor page faults per step, ≈10% of the trainer's CPU time spent in the kernel, the
-whole of the gap to a bare PyTorch loop (which, by luck of its heap layout, faulted ≈30× less).
+on the next.  Measured with one thread (BENCHMARKS.md, "The trainer's page faults"): deeplabv3_tiny, 64×64,
+batch 16: ≈3,100 minor page faults per step and ≈10% of the trainer's CPU time in the kernel, most of the gap
+to a bare PyTorch loop (which, by the luck of its heap layout, faulted ≈20× less); deeplabv3plus_tiny, 96×96,
+batch 8 (the CamVid zoo's model and scale): ≈4,800 faults per step, ≈10% in the kernel.  With the settings
+below the latter faults ≈270 pages per step (the heap grows once per run) and spends ≈1% in the kernel.
 
 Two ``mallopt`` settings stop it: keep up to :data:`TRIM_THRESHOLD` bytes of free memory at the heap's top
 instead of trimming it, and take blocks up to :data:`MMAP_THRESHOLD` (glibc's largest) from the heap instead
