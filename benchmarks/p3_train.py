@@ -37,17 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 TARGET = 0.95
 
 
-def bare_loop(model_name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
-              batch_size: int, lr: float, seed: int) -> tuple[float, float, float]:
-    """(images/s, images per CPU-second, minor page faults per step) of the plainest correct loop: same model +
-    optimizer + batch size, data in memory."""
+def bare_loop(cfg, images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
+              seed: int = 0) -> tuple[float, float, float]:
+    """(images/s, images per CPU-second, minor page faults per step) of the plainest correct loop: ``cfg``'s
+    model, optimizer, batch size and precision (a :class:`TrainConfig`), data in memory."""
     from testbed import models
-    from testbed.training.loop import TrainConfig, make_optimizer, resolve_precision
+    from testbed.training.loop import make_optimizer, resolve_precision
 
     torch.manual_seed(seed)
-    model = models.create(model_name, num_classes)
+    model = models.create(cfg.model, num_classes)
     model.train()
-    cfg = TrainConfig(model=model_name, lr=lr, weight_decay=1e-4, device="cpu")
+    batch_size = cfg.batch_size
     prec = resolve_precision(cfg, torch.device("cpu"))  # the trainer's own path: bf16 autocast where it picks it
     memory_format = torch.channels_last if prec.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
@@ -118,15 +118,18 @@ def main(argv: list[str] | None = None) -> int:
             images, labels = torch.from_numpy(f["train/images"]), torch.from_numpy(f["train/labels"])
             k = f.num_classes
         lr = 2e-3
+        from testbed.training.loop import TrainConfig
+
+        bare_cfg = TrainConfig(model=args.model, batch_size=args.batch_size, lr=lr, weight_decay=1e-4, device="cpu")
 
         def run_trainer() -> tuple[float, float, float, float]:
             return trainer(data, tmp / "run", args.model, args.epochs, args.batch_size, lr, 0)
 
         def run_bare() -> tuple[float, float, float]:
-            return bare_loop(args.model, images, labels, k, args.epochs, args.batch_size, lr, 0)
+            return bare_loop(bare_cfg, images, labels, k, args.epochs)
 
         # warm-up: kernels' first calls and the trainer's imports are not what either side is timed for
-        bare_loop(args.model, images[: 4 * args.batch_size], labels[: 4 * args.batch_size], k, 1, args.batch_size, lr, 0)
+        bare_loop(bare_cfg, images[: 4 * args.batch_size], labels[: 4 * args.batch_size], k, 1)
         import safetensors.torch  # noqa: F401
         import testbed.training.runs  # noqa: F401
         trained, bare = [], []
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"P3 trainer_vs_bare_loop ratio={ratio:.2f} target>={TARGET}")
         print(f"  model={args.model} images={args.images} size={args.size} epochs={args.epochs} "
               f"batch={args.batch_size} threads={args.threads} rounds={args.rounds}")
-        from testbed.training.loop import TrainConfig, resolve_precision
+        from testbed.training.loop import resolve_precision
 
         prec = resolve_precision(TrainConfig(model=args.model, device="cpu"), torch.device("cpu"))
         print(f"  path (both sides): {prec.name}, {'channels_last' if prec.channels_last else 'contiguous'} ({prec.reason})")

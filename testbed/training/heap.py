@@ -11,10 +11,12 @@ below the latter faults ≈270 pages per step (the heap grows once per run) and 
 
 Two ``mallopt`` settings stop it: keep up to :data:`TRIM_THRESHOLD` bytes of free memory at the heap's top
 instead of trimming it, and take blocks up to :data:`MMAP_THRESHOLD` (glibc's largest) from the heap instead
-of a fresh ``mmap`` each time.  Bounded: at most that much freed memory stays mapped beyond what the run
-itself holds, and :func:`kept_heap` gives the free memory back (``malloc_trim``) when the run ends.  The
-settings are the process's from then on (glibc cannot read them back to restore them), like
-``torch.set_num_threads``.  Allocation addresses never enter the arithmetic: weights stay byte-identical.
+of a fresh ``mmap`` each time.  Bounded: what stays mapped is memory the run itself held at its peak (at most
+:data:`TRIM_THRESHOLD` of it free at the heap's top), and :func:`kept_heap` gives the free memory back
+(``malloc_trim``) when the run ends; blocks over :data:`MMAP_THRESHOLD` are still mapped and unmapped each
+time.  The settings are the process's from then on (glibc cannot read them back to restore them), like
+``torch.set_num_threads``.  Where a block lies never changes what is computed (PyTorch aligns every tensor to
+64 bytes either way): the weights stay byte-identical (tests/test_train_heap.py).
 Elsewhere than glibc (macOS, musl) this does nothing.
 """
 
