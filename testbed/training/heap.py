@@ -49,7 +49,8 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) & bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    took = [libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD), libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)]  # both, always
+    return all(took)
 
 
 def give_back() -> None:
