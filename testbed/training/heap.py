@@ -49,7 +49,7 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    took = [libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD), libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)]  # both, always
+    took = [libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD), libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)]
     return all(took)
 
 
