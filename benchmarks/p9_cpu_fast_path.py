@@ -6,7 +6,10 @@ and file checks).  ``auto`` takes bf16 autocast (+ channels_last) only on a CPU 
 (AVX512-BF16 or AMX-BF16); on a CPU without them ``auto`` is fp32 and the ratio is ~1 by construction, which the
 line then says.  The other layouts (fp32/bf16, contiguous/channels_last) are timed too, for the record.
 Rounds alternate the order; the ratio is the median over rounds of auto ÷ fp32 within a round, also per CPU-second
-(robust to other load on a shared machine with one thread).
+(robust to other load on a shared machine with one thread).  A last line gives the ceiling: P3's bare loop (no
+trainer at all: data in memory, no flips, checkpoints or bookkeeping) on the ``auto`` path ÷ the same loop in fp32,
+per CPU-second — what the arithmetic alone allows, so the most the trainer's ratio can reach (``--no-ceiling``
+skips it).
 
     .venv/bin/python benchmarks/p9_cpu_fast_path.py [--images 256] [--epochs 2] [--rounds 3] [--threads 1]
 """
@@ -70,6 +73,29 @@ def _report(rates: dict[str, list], cpu_rates: dict[str, list], used: dict, args
               f"({', '.join(f'{x:.1f}' for x in rates[name])}); img per CPU-s median {statistics.median(cpu_rates[name]):.1f}")
 
 
+def ceiling(data: Path, args: argparse.Namespace) -> None:
+    """Print P3's bare loop auto ÷ fp32 per CPU-second, ``args.rounds`` alternating rounds (after one warm-up each)."""
+    from p3_train import bare_loop  # the sibling benchmark's loop (this folder is on sys.path when run)
+
+    from testbed.data import h5data
+    from testbed.training.loop import TrainConfig
+
+    with h5data.open_dataset(data) as f:
+        images, labels = torch.from_numpy(f["train/images"]), torch.from_numpy(f["train/labels"])
+        k = f.num_classes
+    cfgs = {p: TrainConfig(model=args.model, batch_size=args.batch_size, device="cpu", precision=p) for p in ("fp32", "auto")}
+    for cfg in cfgs.values():
+        bare_loop(cfg, images[: 4 * args.batch_size], labels[: 4 * args.batch_size], k, 1)
+    rates: dict[str, list[float]] = {p: [] for p in cfgs}
+    for r in range(args.rounds):
+        for p in (("fp32", "auto") if r % 2 == 0 else ("auto", "fp32")):
+            rates[p].append(bare_loop(cfgs[p], images, labels, k, args.epochs)[1])
+    ratios = [a / b for a, b in zip(rates["auto"], rates["fp32"])]
+    print(f"  ceiling (P3's bare loop, no trainer): auto / fp32 per CPU-second median {statistics.median(ratios):.3f} "
+          f"({', '.join(f'{x:.3f}' for x in ratios)}); img per CPU-s fp32 {statistics.median(rates['fp32']):.1f}, "
+          f"auto {statistics.median(rates['auto']):.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deeplabv3_tiny")
@@ -80,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-warmup", action="store_true", help="time from the first call (kernels' first calls included)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the bare-loop ceiling line")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs; its ratio means nothing")
     args = p.parse_args(argv)
     if args.smoke:
@@ -105,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     rates[name].append(wall)
                     cpu_rates[name].append(cpu)
             _report(rates, cpu_rates, used, args)
+            if not args.no_ceiling:
+                ceiling(data, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -37,6 +37,7 @@ from testbed.data.h5dataset import SegDataset
 from testbed.scoring.scorer import score_model
 from testbed.training.config import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
 from testbed.training.curve import curve_point, write_curve
+from testbed.training.heap import kept_heap
 from testbed.training.rundir import (CHECKPOINT, RUN_FILES, clear_run_dir, locked_run_dir, plan_run_dir, save_checkpoint,
                                      versions, write_log)
 from testbed.training.runs import save_model
@@ -270,7 +271,8 @@ def train(
     dist = _dist_from_env()
     device = _init_dist(dist, cfg.device)
     try:
-        return _train(request, cfg, dist, device)
+        with kept_heap(device.type == "cpu"):  # no page faults per step: see testbed.training.heap
+            return _train(request, cfg, dist, device)
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
