@@ -14,8 +14,11 @@ instead of trimming it, and take blocks up to :data:`MMAP_THRESHOLD` (glibc's la
 of a fresh ``mmap`` each time.  Bounded: what stays mapped is memory the run itself held at its peak (at most
 :data:`TRIM_THRESHOLD` of it free at the heap's top), and :func:`kept_heap` gives the free memory back
 (``malloc_trim``) when the run ends; blocks over :data:`MMAP_THRESHOLD` are still mapped and unmapped each
-time.  The settings are the process's from then on (glibc cannot read them back to restore them), like
-``torch.set_num_threads``.  Where a block lies never changes what is computed (PyTorch aligns every tensor to
+time.  glibc cannot read its adaptive settings back to restore them, so after the run the trim threshold is
+set to :data:`AFTER_TRIM_THRESHOLD` (64 MiB, the most glibc's own adaptation ever reaches): a process that
+trains and then goes on (a bench worker after a retrain, `testbed defend`, a test session) trims its heap's top
+again once more than that is free there, not only past the run's 1 GiB (memory below a block still in use stays
+mapped, as with glibc's defaults).  Where a block lies never changes what is computed (PyTorch aligns every tensor to
 64 bytes either way): the weights stay byte-identical (tests/test_train_heap.py).
 Elsewhere than glibc (macOS, musl) this does nothing.
 """
@@ -31,6 +34,7 @@ M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 1 << 30  # free bytes at the heap's top kept mapped (glibc's default: 128 KiB, adaptive)
 MMAP_THRESHOLD = 32 << 20  # blocks up to this size come from the heap (glibc's largest allowed value)
+AFTER_TRIM_THRESHOLD = 64 << 20  # after a run: glibc's adaptive maximum (2 x its largest mmap threshold)
 
 
 def _glibc():
@@ -44,19 +48,22 @@ def _glibc():
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Set the two thresholds for this process; True when glibc took both."""
+def keep_freed_memory(trim: int = TRIM_THRESHOLD) -> bool:
+    """Set the two thresholds for this process (``trim``: free bytes kept at the heap's top); True when glibc
+    took both."""
     libc = _glibc()
     if libc is None:
         return False
-    took = [libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD), libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)]
+    took = [libc.mallopt(M_TRIM_THRESHOLD, trim), libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)]
     return all(took)
 
 
 def give_back() -> None:
-    """Return the heap's free memory to the kernel now (``malloc_trim(0)``)."""
+    """Lower the trim threshold to :data:`AFTER_TRIM_THRESHOLD` and return the heap's free memory to the
+    kernel now (``malloc_trim(0)``)."""
     libc = _glibc()
     if libc is not None:
+        keep_freed_memory(AFTER_TRIM_THRESHOLD)
         libc.malloc_trim(0)
 
 
