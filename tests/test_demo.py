@@ -250,8 +250,11 @@ def test_cost_table_projects_the_measured_candidate_to_every_search_space():
                           "pairs_seconds": per * k * (k - 1) * spp, "log10_matrices_seconds": 13.0},
             "projected_ade20k": {"image_seconds": 3e5, "pairs_seconds": 4.5e7, "log10_matrices_seconds": 329.7}}
     row = {"defense": "trigger-synthesis", "verdict": {"status": "inconclusive", "score": 0.0, "coverage": 1 / k},
-           "details": {"cost": cost}, "cost": {"seconds": 32.0}}
+           "details": {"cost": cost, "steps": {"*->wall": 81}}, "cost": {"seconds": 32.0}}
     text = "\n".join(_defense_table([row]))
-    assert f"| one class → another (1-to-1) | 110 | {per * 110:,.0f} | {per * 110 * spp / 60:,.1f} minutes | 22,350 |" in text
+    most = per / 81 * 1000  # every candidate runs all 1000 epochs: the upper bound
+    assert (f"| one class → another (1-to-1) | 110 | {per * 110:,.0f} | {per * 110 * spp / 60:,.1f} minutes | "
+            f"{most * 110:,.0f} | {most * 110 * spp / 3600:,.1f} hours | 22,350 |") in text
     assert f"| every pixel → one class (N-to-1) | 11 | {per * 11:,.0f} | {per * 11 * spp / 60:,.1f} minutes |" in text
+    assert "*->wall (81 steps)" in text  # the report names the candidate it measured
     assert "cost analysis" in text and "max_candidates=null" in text  # a partial search says why it is inconclusive

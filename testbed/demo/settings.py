@@ -14,7 +14,7 @@ from testbed.defenses.registry import load_defense, parse_params
 from testbed.zoo.spec import parse_spec
 
 ALL_KEYS = ("mIoU-B-all", "PA-B-all")  # beside scoring.SCORE_KEYS: the whole clean test set (the paper's Benign rows)
-# The mission's three kinds of defense on one attacked model: a repair, a trigger-synthesis cost analysis and an
+# The three kinds of defense on one attacked model: a repair, a trigger-synthesis cost analysis and an
 # input filter.  Trigger synthesis at Neural Cleanse's budget costs about 830 CPU-seconds on this model (all 11
 # candidates; docs/defenses.md), past the demo's 5 minutes on 2 cores, so the demo runs its first candidate only:
 # the measured cost of one candidate and its projection to every image-level target, every (source, target) pair
@@ -27,11 +27,13 @@ COST_ONLY_NOTE = ("Trigger synthesis ran as a **cost analysis**: its first candi
                   "`--param trigger-synthesis.max_candidates=1`), so its verdict is *inconclusive* by design; the "
                   "table below projects the measured cost to the whole search. `--param "
                   "trigger-synthesis.max_candidates=null` runs all candidates (about 14 CPU-minutes on this model). "
-                  "The training-set defenses (a retrain each) are opt-in: `--defenses fine-pruning,activation-clustering`; "
-                  "every defense over three seeds: docs/results.md.")
-OPT_IN_NOTE = ("Trigger synthesis (a verdict and its cost analysis) and the training-set defenses (a retrain each) "
-               "were not run: add them with `--defenses fine-pruning,trigger-synthesis,strip`; every defense over "
-               "three seeds: docs/results.md.")
+                  "The training-set defenses (a retrain each) are opt-in: e.g. `--defenses "
+                  "fine-pruning,trigger-synthesis,strip,activation-clustering`; every defense over three seeds: "
+                  "docs/results.md, as its benchmark runs finish.")
+OPT_IN_NOTE = ("Trigger synthesis (its cost analysis) was not run: add it with `--defenses "
+               "fine-pruning,trigger-synthesis,strip`; the training-set defenses (a retrain each) with e.g. "
+               "`--defenses activation-clustering,abl`; every defense over three seeds: docs/results.md, as its "
+               "benchmark runs finish.")
 LAYOUT = 2  # work/ layout: 2 = a zoo under work/zoo (1 was work/data + work/runs)
 
 
@@ -126,7 +128,11 @@ def defense_params(defenses: Sequence[str], items: Sequence[str]) -> dict[str, d
     defaults = [d for d in DEFAULT_PARAMS if d.split(".", 1)[0] in defenses]
     if not defenses and items:
         raise UserError(f"--param {items[0]!r}: no defense runs (--defenses '')")
-    base, user = parse_params(defaults, list(defenses)), parse_params(list(items), list(defenses))
+    base = parse_params(defaults, list(defenses))
+    try:
+        user = parse_params(list(items), list(defenses))
+    except UserError as e:
+        raise UserError(str(e).replace("--defense names", "--defenses names")) from None
     return {name: {**base[name], **user[name]} for name in defenses if base[name] or user[name]}
 
 
@@ -144,4 +150,4 @@ def check_settings(cfg: DemoConfig) -> None:
         try:
             load_defense(name, **cfg.params.get(name, {}))
         except UserError as e:
-            raise UserError(f"--defenses: {e}") from None
+            raise UserError(f"{'--param' if cfg.params.get(name) else '--defenses'}: {e}") from None
