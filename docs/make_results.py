@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.core import atomic
+from testbed.core.errors import UserError
 from testbed.defenses.registry import builtin_defenses
 from testbed.stats import mean_interval, read_report
 from testbed.stats.intervals import sign_flip_pvalue
@@ -86,8 +87,9 @@ def load_bench(folder: Path) -> dict[str, Any] | None:
 
 
 def _copy(src: Path, dest: Path) -> None:
+    text = src.read_text()  # first: a missing source leaves no empty folder behind
     dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(dest, src.read_text())
+    atomic.write_text(dest, text)
 
 
 def collect(kind: str, name: str, src: Path) -> Path:
@@ -338,9 +340,12 @@ def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
            f"{len(defenses)} defenses ({', '.join(defenses)}); {bench_machine(report)}. Failed runs: {len(errors)}"
            + ("" if not errors else " — " + "; ".join(f"{r['model']} × {r['defense']}: {r['error']}" for r in errors))
            + ". Per seed: `results.csv` beside it.", ""]
-    pending = [d for d in builtin_defenses() if d not in defenses]
+    models = {r["model"] for r in rows}
+    ran = {d: len({r["model"] for r in rows if r["defense"] == d}) for d in builtin_defenses()}
+    pending = [f"{d} ({n} of {len(models)})" for d, n in ran.items() if n < len(models)]
     if pending:
-        out += [f"Not run yet on these models: {', '.join(pending)} (the bench resumes and adds their rows).", ""]
+        out += [f"Not yet run on every model (models done): {', '.join(pending)}; the bench resumes and adds their "
+                "rows.", ""]
     for d in defenses:
         out += [f"#### {d}", "", defense_table(rows, d), ""]
     if any((r.get("detection") or {}).get("confounded") for r in rows):
@@ -476,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy a bench report into docs/results/NAME/bench/ first (repeatable; "
                     "NAME/strip-blend, NAME/fp-max or NAME/arch for the ablations and the architecture zoo)")
     args = ap.parse_args(argv)
+    try:
+        return _main(args)
+    except (OSError, ValueError, KeyError, UserError) as e:  # a missing or damaged report file: one line, exit 2
+        print(f"make_results: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.check and (args.collect_zoo or args.collect_bench):
+        raise UserError("--check writes nothing: collect first (without --check), then check")
     for name, src in args.collect_zoo:
         print(f"copied into {collect('zoo', name, Path(src))}")
     for target, src in args.collect_bench:

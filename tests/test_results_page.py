@@ -11,10 +11,12 @@ import numpy as np
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "docs"))
+DOCS = str(ROOT / "docs")
+sys.path.insert(0, DOCS)
 import make_results  # noqa: E402  (a script beside the page, not a package)
 
-sys.path.pop(0)
+while DOCS in sys.path:  # make_results puts docs/ on the path too
+    sys.path.remove(DOCS)
 
 
 def test_the_page_and_its_csvs_equal_their_regeneration(capsys):
@@ -71,3 +73,12 @@ def test_a_missing_report_is_a_section_that_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
     body, csvs = make_results.render()
     assert body.count("Not run yet") == 4 and csvs == {}  # two datasets × (zoo, bench)
+
+
+def test_a_missing_source_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
+    assert make_results.main(["--collect-zoo", "camvid", str(tmp_path / "no-such-zoo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-zoo" in err[0]
+    assert not (tmp_path / "results").exists()  # nothing written
+    assert make_results.main(["--check", "--collect-zoo", "camvid", str(tmp_path)]) == 2

@@ -381,6 +381,6 @@ def _write(bench: _Bench, order: list[str], what: dict[str, Any]) -> dict[str, A
         "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
         "this_run": {"defenses": what["names"], "models": [m.id for m in what["models"]]}, "rows_from_earlier_runs": kept,
         "command_seconds": round(time.perf_counter() - what["started"], 1),  # pairs run + scoring, before figures
-        "machine": machine(),  # where this run's rows ran (rows kept from earlier runs say nothing of theirs)
+        "machine": machine(settings.device),  # where this run's rows ran (rows kept from earlier runs say nothing of theirs)
     }
     return write_report(store.out, rows, meta=meta, classes=classes, figures=bench.report.figures)

@@ -88,10 +88,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
     """The machine a report's numbers came from, for the report itself: ``{"cpu", "cores", "bf16_flags",
-    "capability", "python", "torch", "cuda"}`` (``cuda``: the GPU's name, or None)."""
-    cpu = cpu_bf16_support()
+    "capability", "python", "torch", "cuda"}`` (``cuda``: the GPU's name when ``device`` is a CUDA device, else
+    None: a GPU the run did not use is not named)."""
+    cpu, dev = cpu_bf16_support(), resolve_device(device) if isinstance(device, str) else device
     return {"cpu": cpu["model"], "cores": usable_cores(), "bf16_flags": cpu["bf16_flags"], "capability": cpu["capability"],
             "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}

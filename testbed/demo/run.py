@@ -194,6 +194,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "config": {"n_train": cfg.n_train, "n_test": cfg.n_test, "size": cfg.size, "model": cfg.model,
                        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, "device": str(device),
                        "threads": cfg.threads, "workers": workers, "defend_setting": cfg.defend_setting,
+                       "defenses": list(cfg.defenses), "defense_params": cfg.params,
                        **({"train": cfg.train_overrides} if cfg.train_overrides else {})},
             "attacks": rows,
             "defenses": defense_rows,

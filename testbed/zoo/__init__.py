@@ -105,7 +105,8 @@ def benign_floors(entries: Sequence[Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for e in entries:
         ref = benign.get((_without_attack(e), e.seed)) if not e.is_benign else None
-        score = ((ref.metrics.get("reference") or {}).get(e.attack_id) or {}).get("ASR") if ref is not None else None
+        scores = (ref.metrics.get("reference") or {}).get(e.attack_id) if ref is not None else None
+        score = scores.get("ASR") if isinstance(scores, dict) else None  # a hand-edited manifest: no floor, no crash
         if isinstance(score, (int, float)) and not isinstance(score, bool):
             out[e.id] = {"entry": ref.id, "ASR": float(score)}
     return out

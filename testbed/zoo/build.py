@@ -25,13 +25,13 @@ import torch
 
 from testbed import attacks
 from testbed.core import atomic, progress as progress_mod
-from testbed.core.device import resolve_device
+from testbed.core.device import resolve_device, usable_cores
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
 from testbed.data.h5data import content_hash
 from testbed.data.synth import make_synth_dataset
 from testbed.execution.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
-from testbed.execution.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule, usable_cores
+from testbed.execution.executors import POLL_S, Executor, InlineExecutor, ProcessExecutor, schedule
 from testbed.execution.ray_backend import RayExecutor
 from testbed.zoo import manifest as mf
 from testbed.zoo.attack_table import dry_run
