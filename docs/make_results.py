@@ -292,14 +292,17 @@ def defense_table(rows: list[dict[str, Any]], defense: str) -> str:
 
 def paired_table(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]], defense: str,
                  metrics: list[tuple[str, Callable[[dict[str, Any]], Any], int]], labels: tuple[str, str]) -> str:
-    """The same defense with two settings on the same models, paired by model: per setting and over all, each
-    metric under both, then the paired difference (a − b) of the last metric with its interval and sign-flip p."""
+    """The same defense with two settings on the same models, paired by model: per setting, over the line-trigger
+    settings (no confound) and over all, each metric under both, then the paired difference (a − b) of the last
+    metric with its interval and sign-flip p."""
     a = {r["model"]: r for r in a_rows if r["defense"] == defense and not r.get("error")}
     b = {r["model"]: r for r in b_rows if r["defense"] == defense and not r.get("error")}
     shared = [m for m in a if m in b]
     body = []
-    for setting in [*dict.fromkeys(_setting(a[m]) for m in shared), "all"]:
-        ms = [m for m in shared if setting == "all" or _setting(a[m]) == setting]
+    groups = [(s, lambda m, s=s: _setting(a[m]) == s) for s in dict.fromkeys(_setting(a[m]) for m in shared)]
+    groups += [("line triggers", lambda m: _setting(a[m]).endswith("-line")), ("all", lambda m: True)]
+    for setting, member in groups:
+        ms = [m for m in shared if member(m)]
         line: list[Any] = [setting, len(ms)]
         for _, get, nd in metrics:
             line += [_get([a[m] for m in ms], get, nd), _get([b[m] for m in ms], get, nd)]
@@ -336,8 +339,8 @@ def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
     rows = report["rows"]
     errors = [r for r in rows if r.get("error")]
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    out = [head, "", f"Bench `docs/results/{name}/bench/`: {len({r['model'] for r in rows})} models × "
-           f"{len(defenses)} defenses ({', '.join(defenses)}); {bench_machine(report)}. Failed runs: {len(errors)}"
+    out = [head, "", f"Bench `docs/results/{name}/bench/`: {len({r['model'] for r in rows})} models; defenses with "
+           f"rows: {', '.join(defenses)}; {bench_machine(report)}. Failed runs: {len(errors)}"
            + ("" if not errors else " — " + "; ".join(f"{r['model']} × {r['defense']}: {r['error']}" for r in errors))
            + ". Per seed: `results.csv` beside it.", ""]
     models = {r["model"] for r in rows}

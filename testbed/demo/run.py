@@ -93,14 +93,15 @@ def _models(zoo: Path) -> dict[str, Model]:
     return models
 
 
-def _defend(out: Path, cfg: DemoConfig, zoo: Path, device: Any) -> list[dict]:
-    """The defenses on the defended model, in this process (one pair after the other, ``cfg.threads`` threads)."""
+def _defend(out: Path, cfg: DemoConfig, zoo: Path, device: Any, workers: int = 1) -> list[dict]:
+    """The defenses on the defended model: with ``workers`` > 1 in that many processes (each pair with
+    ``cfg.threads`` threads, so the numbers are the same as one after the other in this process)."""
     eid = _entry_id(cfg, cfg.defend_setting)
     data = mf.dataset_file(zoo, mf.load_plan(zoo)["entries"][eid]["data"])
     _log(f"defenses {', '.join(cfg.defenses)} on the {cfg.defend_setting} model")
     return run_bench(out / "defenses", list(cfg.defenses), run=mf.entry_dir(zoo, eid), data=data, device=str(device),
                      seed=cfg.seed, budget_s=cfg.budget_s, budget_passes=cfg.budget_passes, title="Defenses in the demo",
-                     params=cfg.params,
+                     params=cfg.params, workers=max(1, min(workers, len(cfg.defenses))),
                      threads=cfg.threads, log=lambda m: _log(f"  {m}"))["rows"]
 
 
@@ -140,7 +141,7 @@ def _build_and_defend(out: Path, work: Path, cfg: DemoConfig, workers: int, devi
     rows = None
     while builder.is_alive():
         if rows is None and cfg.defenses and workers > 1 and _slot_for_defenses(zoo, cfg, workers):
-            rows = _defend(out, cfg, zoo, device)
+            rows = _defend(out, cfg, zoo, device, workers)
         builder.join(timeout=0.5)
     if "error" in outcome:
         raise outcome["error"]
@@ -148,7 +149,7 @@ def _build_and_defend(out: Path, work: Path, cfg: DemoConfig, workers: int, devi
         eid, err = next(iter(outcome["result"].failed.items()))
         raise UserError(f"training failed for {eid}: {err}; fix the cause and run the same command again")
     if rows is None:
-        rows = _defend(out, cfg, zoo, device) if cfg.defenses else []
+        rows = _defend(out, cfg, zoo, device, workers) if cfg.defenses else []
     return _models(zoo), rows
 
 
