@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from testbed.core.errors import ParamError
 from testbed.core.paramtypes import is_num
 
+MAX_IMAGE_BYTES = 64 << 20  # a trigger or patch image is small; a larger file is refused before it is read
+
 
 def as_images(images: Any) -> np.ndarray:
     """``images`` as a uint8 array ``[N,H,W,3]`` or ``[H,W,3]`` (what G takes); anything else is a ValueError."""
@@ -62,12 +64,19 @@ def read_image(path: Any, param: str) -> tuple[np.ndarray, str]:
     """
     p = check_image_path(path, param)
     try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise ParamError(f"{{{param}}} {p} cannot be read ({e.strerror})") from None
+    if size > MAX_IMAGE_BYTES:
+        raise ParamError(f"{{{param}}} {p} is {size:,} bytes, more than a trigger image needs "
+                         f"({MAX_IMAGE_BYTES:,}); give a small PNG or JPEG")
+    try:
         data = p.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode = "RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB"
             arr = np.asarray(im.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ParamError(f"{{{param}}} {p} is not an image file PIL can read ({type(e).__name__}); "
                          "give a PNG or JPEG") from None
     return np.ascontiguousarray(arr), hashlib.sha256(data).hexdigest()
