@@ -49,3 +49,16 @@ def test_an_attack_refuses_bools_and_floats_for_an_integer_naming_it(value):
         BadNets(top_k=value).check_params(CLASSES)
     with pytest.raises(UserError, match="line_width must be a positive number of pixels"):
         LineTrigger(width=value).check((16, 16))
+
+
+def test_a_seed_may_be_a_numpy_integer_and_comes_back_a_python_int():
+    import numpy as np
+
+    from testbed.core.errors import UserError
+    from testbed.core.seeds import check_seed
+
+    got = check_seed(np.int64(5))
+    assert got == 5 and type(got) is int
+    for bad in (True, -1, 2**63, 5.0, "5"):
+        with pytest.raises(UserError, match="seed must be a whole number"):
+            check_seed(bad)

@@ -11,15 +11,16 @@ import argparse
 from typing import Any
 
 from testbed.core.errors import UserError
+from testbed.core.paramtypes import is_int
 
 MAX_SEED = 2**63 - 1
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
     """``value`` as a seed, or a :class:`UserError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    if not is_int(value) or value > MAX_SEED:  # numpy integers too (a seed drawn in a sweep)
         raise UserError(f"{name} must be a whole number from 0 to 2**63 - 1, got {str(value)[:40]}")
-    return value
+    return int(value)
 
 
 def seed_arg(text: str) -> int:
