@@ -48,6 +48,7 @@ from testbed.defenses.registry import builtin_defenses
 from testbed.stats import mean_interval, read_report
 from testbed.stats.intervals import sign_flip_pvalue
 from testbed.stats.render import comparisons_markdown, detection_markdown, md_table, mean_pm
+from testbed.zoo import listed_floors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_camvid_curves import curve_points  # noqa: E402  (this folder's sibling script)
@@ -61,11 +62,12 @@ DATASETS = {"camvid": "Real data: CamVid", "synthetic": "Synthetic scenes (the d
 
 
 # -- reading what is committed ------------------------------------------------------------------------------
-def load_zoo(folder: Path) -> list[dict[str, Any]] | None:
-    """The finished entries of a committed zoo: id, setting, seed, attack, config, metrics, reference, curve."""
+def load_zoo(folder: Path) -> tuple[list[dict[str, Any]] | None, int | None]:
+    """The finished entries of a committed zoo (id, setting, seed, attack, config, metrics, reference, curve) and
+    how many entries it plans, from one read of its manifest; (None, None) when it is not committed."""
     manifest = folder / "manifest.json"
     if not manifest.is_file():
-        return None
+        return None, None
     doc = json.loads(manifest.read_text())
     data = doc.get("datasets", {}).get("clean") or {}
     out = []
@@ -79,7 +81,7 @@ def load_zoo(folder: Path) -> list[dict[str, Any]] | None:
                     "metrics": json.loads((d / "metrics.json").read_text()),
                     "reference": json.loads(ref.read_text()) if ref.is_file() else {},
                     "curve": curve_points(d) if (d / "curve.csv").is_file() else []})
-    return out
+    return out, doc["counts"]["entries"]
 
 
 def load_bench(folder: Path) -> dict[str, Any] | None:
@@ -116,25 +118,28 @@ def _bar(attack: dict[str, Any] | None) -> float:
     return 90.0 if attack.get("attack") == "badnets" or attack.get("preset") == "n-to-1" else 75.0
 
 
-def _floor(entries: list[dict[str, Any]], e: dict[str, Any]) -> float | None:
-    """The ASR of the benign model of the same seed on this setting's attacked test set."""
-    benign = next((b for b in entries if b["setting"] == "benign" and b["seed"] == e["seed"]), None)
-    return ((benign or {}).get("reference", {}).get(e["setting"]) or {}).get("ASR")
+def _floors(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Attacked entry id → its benign entry and that model's ASR on the entry's attacked test set, by the zoo's
+    own pairing rule (same model, seed and training axes: :func:`testbed.zoo.listed_floors`, as bench and zoo ls)."""
+    return listed_floors([{"id": e["id"], "attack_id": e["setting"], "seed": e["seed"], "is_benign": e["attack"] is None,
+                           "model": e["config"]["model"], "config": e["config"]["train"], "status": "done",
+                           "reference": e["reference"]} for e in entries])
 
 
 def per_seed_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per entry: the numbers every zoo table on the page averages."""
+    floors, by_id = _floors(entries), {e["id"]: e for e in entries}
     rows = []
     for e in entries:
-        benign = next((b for b in entries if b["setting"] == "benign" and b["seed"] == e["seed"]), None)
+        pair = floors.get(e["id"]) or {}
+        benign, floor = by_id.get(pair.get("entry")), pair.get("ASR")
         m = e["metrics"]
-        floor = _floor(entries, e)
         poison = e["config"]["dataset"].get("attack") or {}
         rows.append({"setting": e["setting"], "seed": e["seed"], "ASR": m.get("ASR"), "benign_floor_ASR": floor,
                      "poisoned": poison.get("poisoned"), "poisoned_fraction": poison.get("achieved_rate"),
                      "test_attacked": poison.get("test_attacked"),
                      "mIoU-B": m["mIoU-B"], "PA-B": m["PA-B"], "PA-A": m.get("PA-A"),
-                     "mIoU-B_minus_benign": None if benign is None or e is benign else m["mIoU-B"] - benign["metrics"]["mIoU-B"],
+                     "mIoU-B_minus_benign": None if benign is None else m["mIoU-B"] - benign["metrics"]["mIoU-B"],
                      "implanted": None if m.get("ASR") is None else bool(m["ASR"] >= _bar(e["attack"])
                                                                           and (floor is None or m["ASR"] > floor)),
                      "bar": None if e["setting"] == "benign" else _bar(e["attack"]),
@@ -212,11 +217,11 @@ def data_text(dataset: dict[str, Any]) -> str:
     return f"data content hash {str(want)[:12]}…"
 
 
-def zoo_section(name: str, entries: list[dict[str, Any]] | None, planned: int | None) -> list[str]:
+def zoo_section(name: str, entries: list[dict[str, Any]] | None, rows: list[dict[str, Any]],
+                planned: int | None) -> list[str]:
     head = "### The models before any defense"
     if not entries:
         return [head, "", f"Not run yet: the zoo's report files are not in `docs/results/{name}/zoo/`.", ""]
-    rows = per_seed_rows(entries)
     csv_path = RESULTS / name / "zoo-per-seed.csv"
     return [head, "", f"Zoo `docs/results/{name}/zoo/`: {len(entries)} of {planned or len(entries)} planned models "
             f"finished. {zoo_machine(entries)}. Per seed: `{csv_path.relative_to(DOCS.parent)}`.", "",
@@ -243,14 +248,7 @@ def _by(rows: list[dict[str, Any]], defense: str) -> dict[str, list[dict[str, An
 
 
 def _get(rows: list[dict[str, Any]], get: Callable[[dict[str, Any]], Any], nd: int = 1) -> str:
-    vals = []
-    for r in rows:
-        try:
-            v = get(r)
-        except (KeyError, TypeError):
-            v = None
-        vals.append(None if v is None else float(v))
-    return mean_pm(mean_interval(vals), nd)
+    return mean_pm(mean_interval([_safe(get, r) for r in rows]), nd)
 
 
 def _kind_columns(kinds: set[str]) -> list[tuple[str, Callable[[dict[str, Any]], Any], int]]:
@@ -449,25 +447,21 @@ INTRO = ("Cells: mean ± half-width of the 95% t-interval over the seeds [number
          "docstring, and `tests/test_results_page.py` checks this page equals its regeneration.")
 
 
-def planned(name: str) -> int | None:
-    manifest = RESULTS / name / "zoo" / "manifest.json"
-    return json.loads(manifest.read_text())["counts"]["entries"] if manifest.is_file() else None
-
-
 def render() -> tuple[str, dict[Path, str]]:
     """The page (without its notes) and the per-seed CSVs, from docs/results/."""
     lines = ["# Results: backdoor attacks and the built-in defenses, on real data (CamVid) and synthetic scenes", "",
              INTRO, ""]
     csvs: dict[Path, str] = {}
     for name, title in DATASETS.items():
-        entries = load_zoo(RESULTS / name / "zoo")
+        entries, planned = load_zoo(RESULTS / name / "zoo")
+        rows = per_seed_rows(entries) if entries else []
         report = load_bench(RESULTS / name / "bench")
         lines += [f"## {title}", ""]
-        lines += zoo_section(name, entries, planned(name))
+        lines += zoo_section(name, entries, rows, planned)
         lines += bench_section(name, report)
         lines += ablation_sections(name, report) + arch_section(name, report)
-        if entries:
-            csvs[RESULTS / name / "zoo-per-seed.csv"] = per_seed_csv(per_seed_rows(entries))
+        if rows:
+            csvs[RESULTS / name / "zoo-per-seed.csv"] = per_seed_csv(rows)
     return "\n".join(lines) + "\n", csvs
 
 

@@ -58,7 +58,9 @@ def test_zoo_table_cells_are_computed_from_the_entries(tmp_path, monkeypatch):
         half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
         return f"{x.mean():.1f} ± {half:.1f} [{len(x)}]"
 
-    rows = make_results.per_seed_rows(make_results.load_zoo(zoo))
+    entries, planned = make_results.load_zoo(zoo)
+    assert planned == 4
+    rows = make_results.per_seed_rows(entries)
     line = next(ln for ln in make_results.zoo_table(rows).splitlines() if ln.startswith("| bd |"))
     drop = [m - b for m, b in zip(miou, base)]
     assert f"| {cell(asr)} | {cell(floor)} | {cell(miou)} | {cell(drop)} |" in line
