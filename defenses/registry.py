@@ -100,9 +100,11 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_params(items: list[str] | None, names: list[str], flag: str = "--param") -> dict[str, dict[str, Any]]:
+def parse_params(items: list[str] | None, names: list[str], flag: str = "--param",
+                 names_flag: str = "--defense") -> dict[str, dict[str, Any]]:
     """Parameter options → ``{defense: {key: value}}``, one syntax for every front end (``flag`` names the option
-    in errors: ``--param`` for `testbed defend`/`bench`, ``--defense-param`` for the suites).
+    in errors: ``--param`` for `testbed defend`/`bench`, ``--defense-param`` for the suites; ``names_flag`` the
+    option that named the defenses: ``--defenses`` for `testbed demo`).
 
     ``DEFENSE.KEY=VALUE`` where DEFENSE is one of ``names`` as given (``strip``, ``pkg.mod:Class``); a bare
     ``KEY=VALUE`` when exactly one defense is given.  Values are JSON when they parse, else strings.
@@ -121,7 +123,7 @@ def parse_params(items: list[str] | None, names: list[str], flag: str = "--param
             raise UserError(f"{flag} {item!r}: write it as DEFENSE.KEY=VALUE (or KEY=VALUE with one defense), e.g. "
                             "strip.n_overlays=16")
         if defense not in out:
-            raise UserError(f"{flag} {item!r}: {defense!r} is not one of the --defense names ({', '.join(names)})")
+            raise UserError(f"{flag} {item!r}: {defense!r} is not one of the {names_flag} names ({', '.join(names)})")
         if param in out[defense]:
             raise UserError(f"{flag} {item!r}: {defense}.{param} is given twice; give each parameter once")
         out[defense][param] = parse_value(value)

@@ -224,7 +224,7 @@ def test_demo_defaults_run_trigger_synthesis_on_its_first_candidate():
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--defenses", "strip", "--param", "trigger-synthesis.steps=3"], "'trigger-synthesis' is not one of"),
+    (["--defenses", "strip", "--param", "trigger-synthesis.steps=3"], "'trigger-synthesis' is not one of the --defenses names"),
     (["--param", "trigger-synthesis.max_candidates=0"], "max_candidates"),
     (["--defenses", "", "--param", "strip.n_overlays=4"], "no defense runs"),
 ])

@@ -129,10 +129,7 @@ def defense_params(defenses: Sequence[str], items: Sequence[str]) -> dict[str, d
     if not defenses and items:
         raise UserError(f"--param {items[0]!r}: no defense runs (--defenses '')")
     base = parse_params(defaults, list(defenses))
-    try:
-        user = parse_params(list(items), list(defenses))
-    except UserError as e:
-        raise UserError(str(e).replace("--defense names", "--defenses names")) from None
+    user = parse_params(list(items), list(defenses), names_flag="--defenses")
     return {name: {**base[name], **user[name]} for name in defenses if base[name] or user[name]}
 
 
