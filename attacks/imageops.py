@@ -64,14 +64,14 @@ def read_image(path: Any, param: str) -> tuple[np.ndarray, str]:
     """
     p = check_image_path(path, param)
     try:
-        size = p.stat().st_size
+        with open(p, "rb") as f:  # the bound applies to what is read, not to a size looked up before reading
+            data = f.read(MAX_IMAGE_BYTES + 1)
     except OSError as e:
         raise ParamError(f"{{{param}}} {p} cannot be read ({e.strerror})") from None
-    if size > MAX_IMAGE_BYTES:
-        raise ParamError(f"{{{param}}} {p} is {size:,} bytes, more than a trigger image needs "
-                         f"({MAX_IMAGE_BYTES:,}); give a small PNG or JPEG")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ParamError(f"{{{param}}} {p} is more than {MAX_IMAGE_BYTES:,} bytes, more than a trigger image "
+                         "needs; give a small PNG or JPEG")
     try:
-        data = p.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode = "RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB"

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.core import atomic
+from testbed.core.device import machine_text
 from testbed.core.errors import UserError
 from testbed.defenses.registry import builtin_defenses
 from testbed.stats import mean_interval, read_report
@@ -324,7 +325,7 @@ def _safe(get: Callable[[dict[str, Any]], Any], row: dict[str, Any]) -> float | 
 def bench_machine(report: dict[str, Any]) -> str:
     meta = report.get("meta") or {}
     m = meta.get("machine")
-    where = "not recorded" if not m else f"{m['cores']} cores of {m['cpu']}, Python {m['python']}, torch {m['torch']}"
+    where = machine_text(m) if m else "not recorded"
     return (f"every defense with its default parameters, no time budget, {meta.get('threads')} torch thread(s) per "
             f"model × defense pair, device {meta.get('device')}, seed {meta.get('seed')}; machine: {where}")
 

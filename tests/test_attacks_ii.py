@@ -496,14 +496,15 @@ def test_zoo_spec_accepts_every_attack(tmp_path):
 
 
 def test_an_oversized_or_bomb_pattern_file_is_one_parameter_error(tmp_path, monkeypatch):
-    """A pattern file is checked by size before it is read, and a decompression bomb is refused, both as one
-    ParamError naming the parameter (not a traceback, not a 2 GB read)."""
+    """A pattern file is read at most one byte past the size bound (the bound is on the read, not on a size looked
+    up before it), and a decompression bomb is refused, both as one ParamError naming the parameter (not a
+    traceback, not a 2 GB read)."""
     from testbed.attacks import imageops
 
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(big)
     monkeypatch.setattr(imageops, "MAX_IMAGE_BYTES", big.stat().st_size - 1)
-    with pytest.raises(ParamError, match=r"pattern .*big.png is \d+ bytes, more than a trigger image needs"):
+    with pytest.raises(ParamError, match=r"pattern .*big.png is more than [\d,]+ bytes, more than a trigger image needs"):
         imageops.read_image(big, "pattern")
     monkeypatch.setattr(imageops, "MAX_IMAGE_BYTES", 64 << 20)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images over 2x this as decompression bombs

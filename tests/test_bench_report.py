@@ -315,6 +315,19 @@ def test_budget_passes_must_be_positive(zoo, tmp_path, capsys, value):
     assert not out.exists()
 
 
+def test_check_budgets_takes_numpy_numbers_and_refuses_bools():
+    """The library entry takes the numbers a script computes (numpy scalars) as the CLI's do; a bool is not a number."""
+    from testbed.bench.run import check_budgets
+    from testbed.core.errors import UserError
+
+    check_budgets(np.float32(2.5), np.int64(1000))
+    check_budgets(3, None)
+    for s, p, flag in [(True, None, "--budget "), (None, True, "--budget-passes"), (None, np.float64(10.0), "--budget-passes"),
+                       (np.float64("nan"), None, "--budget "), (None, np.int32(0), "--budget-passes")]:
+        with pytest.raises(UserError, match=flag):
+            check_budgets(s, p)
+
+
 def test_budget_passes_reach_the_defense_and_inconclusive_is_counted_apart(zoo, tmp_path):
     out = tmp_path / "p"
     assert bench(zoo, out, f"{ME}:Searcher", "--budget-passes", "1234") == 0
@@ -557,7 +570,7 @@ def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path
                 if ln.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
     m = doc["meta"]["machine"]
     assert m["cores"] == len(os.sched_getaffinity(0)) and (cpu is None or m["cpu"] == cpu)
-    assert f"machine of this bench: `{m['cores']} cores of {m['cpu']}`" in report_md
+    assert f"machine of this bench: {m['cores']} cores of {m['cpu']} (bf16 flags: " in report_md
     assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note
 
 

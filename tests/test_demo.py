@@ -1,6 +1,6 @@
 """`testbed demo`: built through the zoo, the same numbers however many workers ran, resumable, an honest report.
 
-A small demo (60 training images, 1 epoch, one defense) runs twice: once in this process (``--workers 1``) and
+A small demo (48 training images, 1 epoch, two defenses: fine-pruning and STRIP) runs twice: once in this process (``--workers 1``) and
 once with two worker processes.  Every model trains with one thread in both, so both give the same bytes — the
 serial-vs-parallel check of the zoo build the demo is made of — and the same results.json numbers.
 """
@@ -17,7 +17,8 @@ import pytest
 from testbed import cli
 from testbed.data import h5data
 
-SMALL = ["--n-train", "48", "--n-test", "16", "--size", "32", "--epochs", "1", "--defenses", "fine-pruning", "--device", "cpu"]
+BASE = ["--n-train", "48", "--n-test", "16", "--size", "32", "--epochs", "1", "--device", "cpu"]
+SMALL = [*BASE, "--defenses", "fine-pruning,strip"]
 NUMBERS = ("before", "after", "DER", "detection", "flagged", "verdict")  # a defense row's numbers (not its timing)
 
 
@@ -54,6 +55,8 @@ def test_same_numbers_and_bytes_with_one_or_two_workers(demos):
     assert a["config"]["threads"] == b["config"]["threads"] == 1
     assert len(a["attacks"]) == 13 and a["attacks"] == b["attacks"]
     assert a["targets"] == b["targets"]
+    # two defenses, one per worker process in the parallel run: the same rows, in the same order, as one process
+    assert [d["defense"] for d in a["defenses"]] == [d["defense"] for d in b["defenses"]] == ["fine-pruning", "strip"]
     assert [{k: d.get(k) for k in NUMBERS} for d in a["defenses"]] == [{k: d.get(k) for k in NUMBERS} for d in b["defenses"]]
     ea, eb = _entries(serial), _entries(parallel)
     assert sorted(ea) == sorted(eb) and len(ea) == 7
@@ -93,7 +96,7 @@ def test_models_trained_on_another_kind_of_device_are_not_reused(demos, monkeypa
     assert json.loads(settings)["device"] == "cpu"
     monkeypatch.setattr(testbed.demo.run, "resolve_device", lambda spec="auto": torch.device("cuda"))
     capsys.readouterr()
-    assert cli.main(["-q", "demo", "--out", str(serial), *SMALL[:-2], "--device", "cuda"]) == 2
+    assert cli.main(["-q", "demo", "--out", str(serial), *[f for f in SMALL if f not in ("--device", "cpu")], "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "device 'cpu' → 'cuda'" in err[0]
     assert (serial / "work" / "settings.json").read_bytes() == settings
@@ -229,7 +232,7 @@ def test_demo_defaults_run_trigger_synthesis_on_its_first_candidate():
     (["--defenses", "", "--param", "strip.n_overlays=4"], "no defense runs"),
 ])
 def test_bad_demo_params_exit_2_with_one_line_before_anything_is_written(flags, words, tmp_path, capsys):
-    argv = ["-q", "demo", "--out", str(tmp_path / "d"), *[f for f in SMALL if f not in ("--defenses", "fine-pruning")], *flags]
+    argv = ["-q", "demo", "--out", str(tmp_path / "d"), *BASE, *flags]
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from testbed.core.device import machine_text
 from testbed.evaluation.attack_check import MIN_ASR
 from testbed.evaluation.rows import last_frames
 from testbed.stats import aggregate_markdown, comparisons_markdown, detection_markdown, md_table
@@ -242,10 +243,7 @@ def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
         parts.append(f"- wall time of this bench: `{meta['command_seconds']} s` (the seconds per row are the defense's "
                      "own; scoring before and after, a defense's curves and retraining make up the rest)")
     if meta.get("machine"):
-        m = meta["machine"]
-        parts.append(f"- machine of this bench: `{m['cores']} cores of {m['cpu']}` (bf16 flags: "
-                     f"{', '.join(m['bf16_flags']) or 'none'}), {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}, "
-                     f"Python {m['python']}, torch {m['torch']}")
+        parts.append(f"- machine of this bench: {machine_text(meta['machine'])}")
     parts += settings_warning(rows, meta)
     parts += ["", INTRO, ""]
     parts += summary_grid(rows) + [""] + rows_table(rows)

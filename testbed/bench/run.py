@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from testbed.bench.workers import PairJob, default_threads, make_executor, say_r
 from testbed.core.device import machine, resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
+from testbed.core.paramtypes import is_int, is_num
 from testbed.core.jsonutil import jsonable
 from testbed.data.h5data import open_dataset
 from testbed.defenses.registry import load_defense
@@ -75,18 +75,17 @@ def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[
 
 
 def check_budgets(budget_s: Any, budget_passes: Any) -> None:
-    """``budget_s`` positive seconds, ``budget_passes`` a positive integer (or None); one line naming the flag."""
-    if budget_s is not None and not (isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool)
-                                     and math.isfinite(budget_s) and budget_s > 0):
+    """``budget_s`` positive seconds, ``budget_passes`` a positive integer (or None; numpy numbers count, bools do
+    not); one line naming the flag."""
+    if budget_s is not None and not (is_num(budget_s) and budget_s > 0):
         raise UserError(f"--budget must be a positive number of seconds, got {budget_s!r}")
-    if budget_passes is not None and (isinstance(budget_passes, bool) or not isinstance(budget_passes, int)
-                                      or budget_passes < 1):
+    if budget_passes is not None and not is_int(budget_passes, 1):
         raise UserError(f"--budget-passes must be a positive whole number of forward + backward passes, got {budget_passes!r}")
 
 
 def _check_execution(execution: Execution) -> None:
     workers, backend = execution.workers, execution.backend
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not is_int(workers, 1):
         raise UserError(f"--workers must be a whole number of at least 1, got {workers!r}")
     if backend not in ("local", "ray"):
         raise UserError(f"--backend {backend!r} is not known; use local or ray")

@@ -96,3 +96,10 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
     return {"cpu": cpu["model"], "cores": usable_cores(), "bf16_flags": cpu["bf16_flags"], "capability": cpu["capability"],
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+
+
+def machine_text(m: dict[str, Any]) -> str:
+    """:func:`machine`'s record as the one line every report prints (the bench's report.md, docs/results.md)."""
+    flags = ", ".join(m.get("bf16_flags") or []) or "none"
+    gpu = f"GPU {m['cuda']}" if m.get("cuda") else "no GPU"
+    return f"{m['cores']} cores of {m['cpu']} (bf16 flags: {flags}), {gpu}, Python {m['python']}, torch {m['torch']}"
