@@ -572,6 +572,13 @@ def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path
     assert m["cores"] == len(os.sched_getaffinity(0)) and (cpu is None or m["cpu"] == cpu)
     assert f"machine of this bench: {m['cores']} cores of {m['cpu']} (bf16 flags: " in report_md
     assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note
+    # each pair's own wall and CPU seconds cover its defense's; report.md sums the CPU seconds; results.csv has both
+    costs = [r["cost"] for r in doc["rows"]]
+    assert all(c["pair_seconds"] >= c["seconds"] > 0 and c["pair_cpu_seconds"] > 0 for c in costs)
+    total = sum(c["pair_cpu_seconds"] for c in costs)
+    assert f"CPU time of the pairs: `{total:,.0f} CPU-s` over {n} pair(s)" in report_md
+    with open(tmp_path / "s" / "results.csv", newline="") as f:
+        assert [float(r["pair_cpu_seconds"]) for r in csv.DictReader(f)] == [c["pair_cpu_seconds"] for c in costs]
 
 
 # -- issue 20: settings as objects; before-scores cached by what they depend on, not by path -------------------

@@ -95,6 +95,9 @@ def test_run_dir_contents(tiny_data, tmp_path):
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(r["images"] == 24 and r["steps"] == 3 and r["images_per_s"] > 0 for r in log)
     assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log)
+    # each epoch's CPU seconds (this process's, all threads) and their sum in config.json: what a run cost
+    assert all(r["cpu_seconds"] > 0 for r in log)
+    assert config["training_cpu_seconds"] == pytest.approx(sum(r["cpu_seconds"] for r in log), abs=1e-3)
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"mIoU-B", "PA-B", "mIoU-A", "PA-A", "ASR", "PBA", "per_class_iou_b"} <= set(metrics)
     # the scores belong to the saved weights: re-score independently by plain argmax vs ground truth
@@ -136,6 +139,17 @@ def test_sigkill_then_resume_is_bit_exact(tiny_data, tmp_path):
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "stale temp files were not cleaned up"
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+    # the run's CPU seconds add up the killed process's first epoch and the resumed one's second
+    config = json.loads((run / "config.json").read_text())
+    assert config["training_cpu_seconds"] == pytest.approx(log[0]["cpu_seconds"] + log[1]["cpu_seconds"], abs=1e-3)
+
+
+def test_a_run_resumed_from_epochs_without_cpu_seconds_does_not_claim_a_total():
+    from testbed.training.loop import _cpu_seconds
+
+    assert _cpu_seconds([{"cpu_seconds": 1.25}, {"cpu_seconds": 2.5}]) == 3.75
+    assert _cpu_seconds([{"seconds": 3.0}, {"cpu_seconds": 2.5}]) is None  # an epoch trained before it was recorded
+    assert _cpu_seconds([]) is None
 
 
 def test_resume_and_overwrite_rules(tiny_data, finished_run, tmp_path, capsys):

@@ -340,6 +340,14 @@ def test_killed_build_resumes_without_retraining(resumed_zoo):
     assert [s["resume"] for s in starts] == [False, True]
     assert starts[1]["from_epoch"] == len(state["second_log"])
     assert not (zoo / "entries" / second / "checkpoint.pt").exists()  # not part of a finished entry
+    # what the entry cost: done.json and the finish event give the finishing builder's wall and CPU seconds; the
+    # run's config.json its training CPU seconds over both processes (the epochs before the kill included)
+    done = json.loads((zoo / "entries" / second / "done.json").read_text())
+    (finish,) = [r for r in zoo_log(zoo, second) if r["event"] == "finish"]
+    assert done["cpu_seconds"] == finish["cpu_seconds"] > 0 and done["seconds"] == finish["seconds"] > 0
+    epochs = [json.loads(line) for line in lines]
+    config = json.loads((zoo / "entries" / second / "config.json").read_text())
+    assert config["training_cpu_seconds"] == pytest.approx(sum(r["cpu_seconds"] for r in epochs), abs=1e-3)
     assert "1/2 entries already built" in out
     assert not list((zoo / "entries").glob("*.claim"))
 

@@ -232,6 +232,27 @@ def statistics_sections(doc: dict[str, Any]) -> list[str]:
     return [line for t in texts if t for line in ["", t.rstrip("\n")]]
 
 
+def cpu_line(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Where the CPU time went: the pairs' CPU seconds (each pair's worker process, all its threads) per defense.
+
+    Summed from the rows, so it covers every pair however many sessions a resumed bench took; pairs written
+    before the rows recorded it are counted apart."""
+    per: dict[str, float] = {}
+    missing = 0
+    for r in rows:
+        cpu = (r.get("cost") or {}).get("pair_cpu_seconds")
+        if cpu is None:
+            missing += 1
+        else:
+            per[r["defense"]] = per.get(r["defense"], 0.0) + float(cpu)
+    if not per:
+        return []
+    by = ", ".join(f"{d} {s:,.0f}" for d, s in sorted(per.items(), key=lambda kv: -kv[1]))
+    unrecorded = f"; {missing} pair(s) written before pairs recorded it" if missing else ""
+    return [f"- CPU time of the pairs: `{sum(per.values()):,.0f} CPU-s` over {len(rows) - missing} pair(s) "
+            f"(scoring, defense, retraining; by defense: {by}){unrecorded}"]
+
+
 def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
              figure_errors: Sequence[dict[str, Any]] = ()) -> str:
     rows = identify(doc["rows"])  # a defense is its name and parameters in every table
@@ -244,6 +265,7 @@ def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],
                      "own; scoring before and after, a defense's curves and retraining make up the rest)")
     if meta.get("machine"):
         parts.append(f"- machine of this bench: {machine_text(meta['machine'])}")
+    parts += cpu_line(rows)
     parts += settings_warning(rows, meta)
     parts += ["", INTRO, ""]
     parts += summary_grid(rows) + [""] + rows_table(rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ def _finish_row(row: Any, job: PairJob, benign: bool, attack_params: dict[str, A
 def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[str, Any]:
     """Run one pair, write its files into ``REPORT/work/``, and return what the parent prints."""
     s, m = job.settings, job.model
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with torch_threads(int(s["threads"])), load_pair(m["run_dir"], m["data_path"], s["device"]) as run:
         benign = model_is_benign(run.config, run.facts.is_poisoned)
         ds = trained_on(run.config)
@@ -149,6 +151,8 @@ def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[
         finally:
             close()
         _finish_row(row, job, benign, model_attack.get("params") if model_attack else None)
+        row.cost.pair_seconds = round(time.perf_counter() - t0, 3)
+        row.cost.pair_cpu_seconds = round(time.process_time() - cpu0, 3)
         write_pair(store.work, job.pid, row, run.facts.classes, job.key)
     return {"status": "done", "id": job.pid, "error": row.error, "error_source": row.error_source,
             "traceback": (row.details or {}).get("traceback") if row.error else None, "row": row.to_json()}

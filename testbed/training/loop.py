@@ -461,6 +461,13 @@ def _save_epoch(job: _Job, state: TrainState, epoch: int) -> None:
     write_log(job.out, state.log)
 
 
+def _cpu_seconds(log: list[dict[str, Any]]) -> float | None:
+    """The CPU seconds of the run's epochs (rank 0's process), summed over a resume; None when an epoch has none
+    (trained before epochs recorded it)."""
+    got = [r.get("cpu_seconds") for r in log]
+    return None if not got or None in got else round(sum(got), 3)
+
+
 def _curve_text(record: dict[str, Any]) -> str:
     if "val_split" not in record:
         return ""
@@ -492,6 +499,7 @@ def _finish(job: _Job, state: TrainState, info: dict[str, Any], facts: dict[str,
                       "why": prec.reason, "cpu": cpu_bf16_support() if job.device.type == "cpu" else None},
         "batch_size_used": facts["batch"],
         "training_seconds": round(state.elapsed, 3),
+        "training_cpu_seconds": _cpu_seconds(state.log),
         "final_loss": state.log[-1]["loss"] if state.log else None,
     }
     save_model(model, config, job.out)
@@ -511,11 +519,12 @@ class _EpochMeter:
     loss_sum: torch.Tensor = field(init=False)
     bad_step: torch.Tensor = field(init=False)  # the first step whose loss was not finite, -1 while none
     t0: float = field(init=False)
+    cpu0: float = field(init=False)  # this process's CPU time (all its threads) at the epoch's start
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     def add(self, loss: torch.Tensor, step: int, images: int) -> None:
         ld = loss.detach()
@@ -579,11 +588,11 @@ def _run_epoch(job: _Job, state: TrainState, epoch: int) -> dict[str, Any]:
 
 
 def _epoch_record(job: _Job, state: TrainState, meter: _EpochMeter, epoch: int) -> dict[str, Any]:
-    """The epoch's line of train_log.jsonl: mean loss (over all processes), lr, images/s, seconds."""
+    """The epoch's line of train_log.jsonl: mean loss (over all processes), lr, images/s, wall and CPU seconds."""
     dist, device = job.dist, job.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - meter.t0
+    seconds, cpu_seconds = time.perf_counter() - meter.t0, time.process_time() - meter.cpu0
     mean_loss = meter.loss_sum.item() / max(1, meter.steps)
     if dist.enabled:  # the logged loss is the mean over all processes
         t = torch.tensor([mean_loss], device=device)
@@ -595,6 +604,7 @@ def _epoch_record(job: _Job, state: TrainState, meter: _EpochMeter, epoch: int) 
         "lr": state.opt.param_groups[0]["lr"],
         "images_per_s": meter.seen * dist.world_size / max(1e-9, seconds),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # this process's: with DDP, each rank spends about as much again
         "steps": meter.steps,
         "images": meter.seen * dist.world_size,
     }

@@ -134,7 +134,7 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
     claim = Claim(mf.entry_claim(zoo, entry_id), zoo, stale_after)
     if not claim.acquire():
         return {"id": entry_id, "status": "busy", "holder": {k: v for k, v in (claim.holder or {}).items() if not k.startswith("_")}}
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     with torch_threads(threads):  # the bytes depend on it: see DEFAULT_THREADS
         try:
             if (edir / mf.DONE).is_file():
@@ -167,9 +167,10 @@ def build_entry(zoo: str | os.PathLike, entry_id: str, device: str = "auto", thr
             full, reference = _score_references(zoo, edir, row.get("reference") or {}, dev, cfg.batch_size)
             if full:
                 atomic.write_json(edir / mf.REFERENCE, jsonable(full))
-            _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": now(), "seconds": round(time.time() - t0, 3), **me()})
+            spent = {"seconds": round(time.time() - t0, 3), "cpu_seconds": round(time.process_time() - cpu0, 3)}
+            _append_log(edir / mf.ZOO_LOG, {"event": "finish", "time": now(), **spent, **me()})
             done = {"id": entry_id, "metrics": mf.summary(metrics), "reference": reference or None,
-                    "files": _entry_files(edir), "finished": now(), "seconds": round(time.time() - t0, 3), "builder": me()}
+                    "files": _entry_files(edir), "finished": now(), **spent, "builder": me()}
             atomic.write_json(edir / mf.DONE, jsonable(done))
             finish_stray(zoo, entry_id)
         finally:
