@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.core import atomic
+from testbed.bench.markdown import cpu_line
 from testbed.core.device import machine_text
 from testbed.core.errors import UserError
 from testbed.defenses.registry import builtin_defenses
@@ -200,6 +201,22 @@ def zoo_machine(entries: list[dict[str, Any]]) -> str:
             f"trained on {', '.join(cpus)}")
 
 
+def zoo_cost(entries: list[dict[str, Any]]) -> str:
+    """What training the finished models cost, from their run configs: the epochs' wall seconds and, where the
+    run recorded them, CPU seconds (summed over resumes; models trained before runs recorded them are counted
+    apart)."""
+    wall = sum(float(e["config"].get("training_seconds") or 0) for e in entries)
+    cpu = [e["config"]["training_cpu_seconds"] for e in entries if e["config"].get("training_cpu_seconds") is not None]
+    text = (f"Training: {wall / 3600:.2f} h of epochs' wall time over the {len(entries)} models (as they ran: on a "
+            "shared machine it includes waiting for a core)")
+    if cpu:
+        text += (f"; CPU time {sum(cpu) / 3600:.2f} CPU-h over the {len(cpu)} models that recorded it "
+                 f"({sum(cpu) / len(cpu) / 60:.1f} CPU-min per model)")
+    if len(cpu) < len(entries):
+        text += f"; {len(entries) - len(cpu)} model(s) trained before runs recorded CPU time"
+    return text + " (scoring not included)"
+
+
 def data_text(dataset: dict[str, Any]) -> str:
     """The clean data of a zoo (its manifest's record): synthetic settings, or the committed `data info` record
     with the same content hash."""
@@ -225,7 +242,7 @@ def zoo_section(name: str, entries: list[dict[str, Any]] | None, rows: list[dict
         return [head, "", f"Not run yet: the zoo's report files are not in `docs/results/{name}/zoo/`.", ""]
     csv_path = RESULTS / name / "zoo-per-seed.csv"
     return [head, "", f"Zoo `docs/results/{name}/zoo/`: {len(entries)} of {planned or len(entries)} planned models "
-            f"finished. {zoo_machine(entries)}. Per seed: `{csv_path.relative_to(DOCS.parent)}`.", "",
+            f"finished. {zoo_machine(entries)}. {zoo_cost(entries)}. Per seed: `{csv_path.relative_to(DOCS.parent)}`.", "",
             zoo_table(rows), "",
             "*Implanted*: ASR at or above the bar fixed before the runs (90% for BadNets and N-to-1, 75% for 1-to-1 "
             "and IBA) and above the benign floor (the benign model of the same seed on the same attacked test set). "
@@ -342,6 +359,7 @@ def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
            f"rows: {', '.join(defenses)}; {bench_machine(report)}. Failed runs: {len(errors)}"
            + ("" if not errors else " — " + "; ".join(f"{r['model']} × {r['defense']}: {r['error']}" for r in errors))
            + ". Per seed: `results.csv` beside it.", ""]
+    out += [line.removeprefix("- ") + ".\n" for line in cpu_line(rows)]
     models = {r["model"] for r in rows}
     ran = {d: len({r["model"] for r in rows if r["defense"] == d}) for d in builtin_defenses()}
     pending = [f"{d} ({n} of {len(models)})" for d, n in ran.items() if n < len(models)]

@@ -71,6 +71,17 @@ def test_zoo_table_cells_are_computed_from_the_entries(tmp_path, monkeypatch):
     assert float(written[1]["mIoU-B_minus_benign"]) == drop[0]
 
 
+def test_zoo_cost_sums_the_runs_and_names_those_without_cpu_seconds():
+    """Wall seconds of every model, CPU seconds of those whose runs recorded them (a resumed zoo may mix both)."""
+    def entry(wall, cpu):
+        return {"config": {"training_seconds": wall, **({} if cpu is None else {"training_cpu_seconds": cpu})}}
+
+    text = make_results.zoo_cost([entry(1800.0, 1500.0), entry(3600.0, None), entry(1800.0, 2100.0)])
+    assert text.startswith("Training: 2.00 h of epochs' wall time over the 3 models")
+    assert "CPU time 1.00 CPU-h over the 2 models that recorded it (30.0 CPU-min per model)" in text
+    assert "1 model(s) trained before runs recorded CPU time" in text
+
+
 def test_a_missing_report_is_a_section_that_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
     body, csvs = make_results.render()
