@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from testbed.core.errors import ParamError
 from testbed.core.paramtypes import is_num
 
-MAX_IMAGE_BYTES = 64 << 20  # a trigger or patch image is small; a larger file is refused before it is read
+MAX_IMAGE_BYTES = 64 << 20  # a trigger or patch image is small; a larger file is refused after this many bytes + 1
 
 
 def as_images(images: Any) -> np.ndarray:

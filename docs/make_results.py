@@ -42,8 +42,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.core import atomic
 from testbed.bench.markdown import cpu_line
+from testbed.core import atomic
 from testbed.core.device import machine_text
 from testbed.core.errors import UserError
 from testbed.defenses.registry import builtin_defenses
@@ -207,14 +207,14 @@ def zoo_cost(entries: list[dict[str, Any]]) -> str:
     apart)."""
     wall = sum(float(e["config"].get("training_seconds") or 0) for e in entries)
     cpu = [e["config"]["training_cpu_seconds"] for e in entries if e["config"].get("training_cpu_seconds") is not None]
-    text = (f"Training: {wall / 3600:.2f} h of epochs' wall time over the {len(entries)} models (as they ran: on a "
-            "shared machine it includes waiting for a core)")
+    text = (f"Training (scoring not included): {wall / 3600:.2f} h of epochs' wall time over the {len(entries)} "
+            "models (as they ran: on a shared machine it includes waiting for a core)")
     if cpu:
         text += (f"; CPU time {sum(cpu) / 3600:.2f} CPU-h over the {len(cpu)} models that recorded it "
                  f"({sum(cpu) / len(cpu) / 60:.1f} CPU-min per model)")
     if len(cpu) < len(entries):
         text += f"; {len(entries) - len(cpu)} model(s) trained before runs recorded CPU time"
-    return text + " (scoring not included)"
+    return text
 
 
 def data_text(dataset: dict[str, Any]) -> str:
@@ -359,7 +359,8 @@ def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
            f"rows: {', '.join(defenses)}; {bench_machine(report)}. Failed runs: {len(errors)}"
            + ("" if not errors else " — " + "; ".join(f"{r['model']} × {r['defense']}: {r['error']}" for r in errors))
            + ". Per seed: `results.csv` beside it.", ""]
-    out += [line.removeprefix("- ") + ".\n" for line in cpu_line(rows)]
+    for line in cpu_line(rows):
+        out += [line.removeprefix("- ") + ".", ""]
     models = {r["model"] for r in rows}
     ran = {d: len({r["model"] for r in rows if r["defense"] == d}) for d in builtin_defenses()}
     pending = [f"{d} ({n} of {len(models)})" for d, n in ran.items() if n < len(models)]

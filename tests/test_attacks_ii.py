@@ -506,6 +506,11 @@ def test_an_oversized_or_bomb_pattern_file_is_one_parameter_error(tmp_path, monk
     monkeypatch.setattr(imageops, "MAX_IMAGE_BYTES", big.stat().st_size - 1)
     with pytest.raises(ParamError, match=r"pattern .*big.png is more than [\d,]+ bytes, more than a trigger image needs"):
         imageops.read_image(big, "pattern")
+    maps = Path("/proc/self/maps")  # a regular file whose size reads 0 but which holds more than 100 bytes
+    if maps.is_file() and maps.stat().st_size == 0:
+        monkeypatch.setattr(imageops, "MAX_IMAGE_BYTES", 100)
+        with pytest.raises(ParamError, match=r"pattern .*maps is more than 100 bytes"):
+            imageops.read_image(maps, "pattern")
     monkeypatch.setattr(imageops, "MAX_IMAGE_BYTES", 64 << 20)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images over 2x this as decompression bombs
     with pytest.raises(ParamError, match=r"pattern .*not an image file PIL can read \(DecompressionBombError\)"):

@@ -573,12 +573,29 @@ def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path
     assert f"machine of this bench: {m['cores']} cores of {m['cpu']} (bf16 flags: " in report_md
     assert all("notes" in r for r in doc["rows"])  # always present, empty when there is nothing to note
     # each pair's own wall and CPU seconds cover its defense's; report.md sums the CPU seconds; results.csv has both
-    costs = [r["cost"] for r in doc["rows"]]
+    costs, threads = [r["cost"] for r in doc["rows"]], doc["meta"]["threads"]
     assert all(c["pair_seconds"] >= c["seconds"] > 0 and c["pair_cpu_seconds"] > 0 for c in costs)
+    # a pair's CPU seconds are its own (no earlier pair's leak in): at most its threads' share of its wall time
+    assert all(c["pair_cpu_seconds"] <= c["pair_seconds"] * threads + 0.5 for c in costs)
+    assert all(0 <= c["before_cpu_seconds"] <= c["pair_cpu_seconds"] for c in costs)
     total = sum(c["pair_cpu_seconds"] for c in costs)
     assert f"CPU time of the pairs: `{total:,.0f} CPU-s` over {n} pair(s)" in report_md
     with open(tmp_path / "s" / "results.csv", newline="") as f:
         assert [float(r["pair_cpu_seconds"]) for r in csv.DictReader(f)] == [c["pair_cpu_seconds"] for c in costs]
+
+
+def test_cpu_line_puts_before_scoring_apart_and_counts_unrecorded_pairs():
+    """By defense: each pair's CPU seconds less the before-scores it happened to pay for (a worker scores a model
+    once, in whichever pair runs first); pairs from before the rows recorded CPU time are counted, not summed."""
+    from testbed.bench.markdown import cpu_line
+
+    def row(defense, cpu, before):
+        return {"defense": defense, "cost": {} if cpu is None else {"pair_cpu_seconds": cpu, "before_cpu_seconds": before}}
+
+    (line,) = cpu_line([row("a", 1500.0, 1000.0), row("b", 700.0, 0.0), row("a", 300.0, 0.0), row("b", None, None)])
+    assert "`2,500 CPU-s` over 3 pair(s)" in line and "before any defense 1,000;" in line
+    assert "controls: a 800, b 700; 1 pair(s) written before pairs recorded it" in line
+    assert cpu_line([row("a", None, None)]) == []
 
 
 # -- issue 20: settings as objects; before-scores cached by what they depend on, not by path -------------------

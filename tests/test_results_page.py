@@ -77,7 +77,7 @@ def test_zoo_cost_sums_the_runs_and_names_those_without_cpu_seconds():
         return {"config": {"training_seconds": wall, **({} if cpu is None else {"training_cpu_seconds": cpu})}}
 
     text = make_results.zoo_cost([entry(1800.0, 1500.0), entry(3600.0, None), entry(1800.0, 2100.0)])
-    assert text.startswith("Training: 2.00 h of epochs' wall time over the 3 models")
+    assert text.startswith("Training (scoring not included): 2.00 h of epochs' wall time over the 3 models")
     assert "CPU time 1.00 CPU-h over the 2 models that recorded it (30.0 CPU-min per model)" in text
     assert "1 model(s) trained before runs recorded CPU time" in text
 

@@ -233,24 +233,29 @@ def statistics_sections(doc: dict[str, Any]) -> list[str]:
 
 
 def cpu_line(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Where the CPU time went: the pairs' CPU seconds (each pair's worker process, all its threads) per defense.
+    """Where the CPU time went: the pairs' CPU seconds (each pair's worker process, all its threads) per defense,
+    with the models' scores before any defense apart (a worker scores a model once, in whichever pair it runs
+    first, so they are not any one defense's).
 
     Summed from the rows, so it covers every pair however many sessions a resumed bench took; pairs written
     before the rows recorded it are counted apart."""
     per: dict[str, float] = {}
-    missing = 0
+    before, missing = 0.0, 0
     for r in rows:
-        cpu = (r.get("cost") or {}).get("pair_cpu_seconds")
-        if cpu is None:
+        cost = r.get("cost") or {}
+        if cost.get("pair_cpu_seconds") is None:
             missing += 1
-        else:
-            per[r["defense"]] = per.get(r["defense"], 0.0) + float(cpu)
+            continue
+        b = float(cost.get("before_cpu_seconds") or 0.0)
+        before += b
+        per[r["defense"]] = per.get(r["defense"], 0.0) + float(cost["pair_cpu_seconds"]) - b
     if not per:
         return []
     by = ", ".join(f"{d} {s:,.0f}" for d, s in sorted(per.items(), key=lambda kv: -kv[1]))
     unrecorded = f"; {missing} pair(s) written before pairs recorded it" if missing else ""
-    return [f"- CPU time of the pairs: `{sum(per.values()):,.0f} CPU-s` over {len(rows) - missing} pair(s) "
-            f"(scoring, defense, retraining; by defense: {by}){unrecorded}"]
+    return [f"- CPU time of the pairs: `{sum(per.values()) + before:,.0f} CPU-s` over {len(rows) - missing} pair(s): "
+            f"scoring the models before any defense {before:,.0f}; each defense with its scoring after, retraining "
+            f"and controls: {by}{unrecorded}"]
 
 
 def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],

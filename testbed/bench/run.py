@@ -33,8 +33,8 @@ from testbed.bench.workers import PairJob, default_threads, make_executor, say_r
 from testbed.core.device import machine, resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
-from testbed.core.paramtypes import is_int, is_num
 from testbed.core.jsonutil import jsonable
+from testbed.core.paramtypes import is_int, is_num
 from testbed.data.h5data import open_dataset
 from testbed.defenses.registry import load_defense
 from testbed.evaluation.attack_check import check_min_asr

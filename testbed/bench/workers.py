@@ -86,12 +86,14 @@ def progress_callback(desc: str) -> tuple[Callable[[float, str], None], Callable
     return update, bar.close
 
 
-def _before(run: LoadedRun, batch_size: int) -> dict[str, Any]:
-    """The original model's scores, once per weights, data, device, batch size and thread count in this process."""
+def _before(run: LoadedRun, batch_size: int) -> tuple[dict[str, Any], float]:
+    """The original model's scores, once per weights, data, device, batch size and thread count in this process,
+    and the CPU seconds this call spent on them (0 when they were cached: the model's first pair here paid)."""
     key = (run.weights_digest(), run.data_digest(), str(run.device), str(batch_size), str(torch.get_num_threads()))
+    cpu0 = time.process_time()
     if key not in _BEFORE:
         _BEFORE[key] = run.before(batch_size)
-    return _BEFORE[key]
+    return _BEFORE[key], time.process_time() - cpu0
 
 
 def no_gain(asr: float | None, floor: dict[str, Any] | None) -> str | None:
@@ -137,7 +139,8 @@ def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[
         benign = model_is_benign(run.config, run.facts.is_poisoned)
         ds = trained_on(run.config)
         model_attack = ds.get("attack") if ds is not None and "attack" in ds else run.facts.attack
-        run.set_before(s["batch_size"], _before(run, s["batch_size"]))
+        before, before_cpu = _before(run, s["batch_size"])
+        run.set_before(s["batch_size"], before)
         if defense is None:
             defense = load_defense(job.defense, **job.params)
         cb, close = progress_callback(f"{m['id']} × {job.name}") if progress else (None, lambda: None)
@@ -153,6 +156,7 @@ def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[
         _finish_row(row, job, benign, model_attack.get("params") if model_attack else None)
         row.cost.pair_seconds = round(time.perf_counter() - t0, 3)
         row.cost.pair_cpu_seconds = round(time.process_time() - cpu0, 3)
+        row.cost.before_cpu_seconds = round(before_cpu, 3)
         write_pair(store.work, job.pid, row, run.facts.classes, job.key)
     return {"status": "done", "id": job.pid, "error": row.error, "error_source": row.error_source,
             "traceback": (row.details or {}).get("traceback") if row.error else None, "row": row.to_json()}

@@ -31,6 +31,7 @@ from testbed.bench.run import run_bench
 from testbed.core import atomic
 from testbed.core.device import resolve_device, torch_threads
 from testbed.core.errors import UserError
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import open_dataset
 from testbed.demo.report import check_targets, render_report
 from testbed.demo.settings import (ALL_KEYS, BENIGN, DEFAULT_DEFENSES, LAYOUT, SETTINGS, DemoConfig,  # noqa: F401
@@ -177,11 +178,12 @@ def attack_rows(models: dict[str, Model], model_name: str) -> list[dict]:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run everything; returns the results.json object."""
     t0 = time.time()
-    if not (isinstance(cfg.threads, int) and cfg.threads >= 1):
+    if not is_int(cfg.threads, 1):
         raise UserError(f"threads must be an integer >= 1, got {cfg.threads!r}")
     workers = auto_workers(cfg.threads, cfg.device) if cfg.workers == "auto" else cfg.workers
-    if not (isinstance(workers, int) and workers >= 1):
+    if not is_int(workers, 1):
         raise UserError(f"workers must be an integer >= 1 or auto, got {cfg.workers!r}")
+    workers = int(workers)
     if cfg.defend_setting not in {s.name for s in SETTINGS}:
         raise UserError(f"defend_setting {cfg.defend_setting!r} is not one of: {', '.join(s.name for s in SETTINGS)}")
     device = resolve_device(cfg.device)

@@ -88,6 +88,7 @@ class RunCost:
     stopped_by: str | None = None  # the budget that stopped the run: "passes" | "seconds" | None (details["stopped_by"])
     pair_seconds: float | None = None  # the whole model × defense pair in its worker: load, score, defend, retrain, score
     pair_cpu_seconds: float | None = None  # that worker process's CPU time over the pair (all its threads)
+    before_cpu_seconds: float | None = None  # of which the model's scores before any defense (0: cached in the process)
 
     def report(self, cost: Any) -> None:
         """Take the defense's :class:`~testbed.defense.Cost` (any object with those attributes)."""
@@ -106,7 +107,8 @@ class RunCost:
         if self.retrain_seconds is not None:
             out["retrain_seconds"] = self.retrain_seconds
         if self.pair_seconds is not None:
-            out.update(pair_seconds=self.pair_seconds, pair_cpu_seconds=self.pair_cpu_seconds)
+            out.update(pair_seconds=self.pair_seconds, pair_cpu_seconds=self.pair_cpu_seconds,
+                       before_cpu_seconds=self.before_cpu_seconds)
         return out
 
 
@@ -251,7 +253,7 @@ class DefenseRow(Mapping):
                            reported="reported_seconds" in cost, reported_seconds=cost.get("reported_seconds"),
                            retrain_seconds=cost.get("retrain_seconds"), budget_passes=cost.get("budget_passes"),
                            stopped_by=cost.get("stopped_by"), pair_seconds=cost.get("pair_seconds"),
-                           pair_cpu_seconds=cost.get("pair_cpu_seconds"))
+                           pair_cpu_seconds=cost.get("pair_cpu_seconds"), before_cpu_seconds=cost.get("before_cpu_seconds"))
         zoo = ZooKeys(int(d["seed"]), dict(d.get("group") or {}), d.get("attack_params")) if "group" in d else None
         verdict = d.get("verdict")
         if verdict is not None and "status" not in verdict:  # a report written before verdicts had a status

@@ -28,6 +28,7 @@ from testbed.core import atomic, progress as progress_mod
 from testbed.core.device import resolve_device, usable_cores
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
+from testbed.core.paramtypes import is_int
 from testbed.data.h5data import content_hash
 from testbed.data.synth import make_synth_dataset
 from testbed.execution.claims import DEFAULT_STALE_AFTER, Claim, break_stale, zoo_lock
@@ -291,12 +292,13 @@ def _check_build_args(opts: BuildOptions, out: Path) -> int:
     threads, workers, stale_after = opts.threads, opts.workers, opts.stale_after
     if opts.backend not in ("local", "ray"):
         raise UserError(f"--backend {opts.backend!r} is not known; use local or ray")
-    if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+    if not is_int(threads, 1):
         raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
     if workers == "auto":
         workers = auto_workers(threads, opts.device)
-    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+    if not is_int(workers, 1):
         raise UserError(f"--workers must be an integer >= 1 or auto, got {workers!r}")
+    threads, workers = int(threads), int(workers)  # a numpy integer from a script is recorded as a plain one
     if not (isinstance(stale_after, (int, float)) and math.isfinite(stale_after) and stale_after > 0):
         raise UserError(f"--stale-after must be a positive number of seconds, got {stale_after!r}")
     if out.exists() and not out.is_dir():
