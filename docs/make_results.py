@@ -344,7 +344,7 @@ def bench_machine(report: dict[str, Any]) -> str:
     m = meta.get("machine")
     where = machine_text(m) if m else "not recorded"
     return (f"every defense with its default parameters, no time budget, {meta.get('threads')} torch thread(s) per "
-            f"model × defense pair, device {meta.get('device')}, seed {meta.get('seed')}; machine: {where}")
+            f"model × defense pair, device {meta.get('device')}, seed {meta.get('seed')}; machine of its last run: {where}")
 
 
 def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:

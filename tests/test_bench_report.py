@@ -578,6 +578,7 @@ def test_one_numbered_line_per_pair_and_both_seconds_in_the_report(zoo, tmp_path
     # a pair's CPU seconds are its own (no earlier pair's leak in): at most its threads' share of its wall time
     assert all(c["pair_cpu_seconds"] <= c["pair_seconds"] * threads + 0.5 for c in costs)
     assert all(0 <= c["before_cpu_seconds"] <= c["pair_cpu_seconds"] for c in costs)
+    assert {c["measured_on"] for c in costs} == {m["cpu"]}
     total = sum(c["pair_cpu_seconds"] for c in costs)
     assert f"CPU time of the pairs: `{total:,.0f} CPU-s` over {n} pair(s)" in report_md
     with open(tmp_path / "s" / "results.csv", newline="") as f:
@@ -589,11 +590,13 @@ def test_cpu_line_puts_before_scoring_apart_and_counts_unrecorded_pairs():
     once, in whichever pair runs first); pairs from before the rows recorded CPU time are counted, not summed."""
     from testbed.bench.markdown import cpu_line
 
-    def row(defense, cpu, before):
-        return {"defense": defense, "cost": {} if cpu is None else {"pair_cpu_seconds": cpu, "before_cpu_seconds": before}}
+    def row(defense, cpu, before, on="Xeon"):
+        return {"defense": defense, "cost": {} if cpu is None else {"pair_cpu_seconds": cpu, "before_cpu_seconds": before,
+                                                                   "measured_on": on}}
 
-    (line,) = cpu_line([row("a", 1500.0, 1000.0), row("b", 700.0, 0.0), row("a", 300.0, 0.0), row("b", None, None)])
-    assert "`2,500 CPU-s` over 3 pair(s)" in line and "before any defense 1,000;" in line
+    (line,) = cpu_line([row("a", 1500.0, 1000.0), row("b", 700.0, 0.0, "EPYC"), row("a", 300.0, 0.0), row("b", None, None)])
+    assert "`2,500 CPU-s` over 3 pair(s) on EPYC (1 pair), Xeon (2 pairs):" in line  # a resumed bench may span CPUs
+    assert "before any defense 1,000;" in line
     assert "controls: a 800, b 700; 1 pair(s) written before pairs recorded it" in line
     assert cpu_line([row("a", None, None)]) == []
 

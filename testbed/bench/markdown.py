@@ -240,12 +240,13 @@ def cpu_line(rows: Sequence[dict[str, Any]]) -> list[str]:
     Summed from the rows, so it covers every pair however many sessions a resumed bench took; pairs written
     before the rows recorded it are counted apart."""
     per: dict[str, float] = {}
-    before, missing = 0.0, 0
+    before, missing, where = 0.0, 0, Counter()
     for r in rows:
         cost = r.get("cost") or {}
         if cost.get("pair_cpu_seconds") is None:
             missing += 1
             continue
+        where[cost.get("measured_on") or "CPU not recorded"] += 1
         b = float(cost.get("before_cpu_seconds") or 0.0)
         before += b
         per[r["defense"]] = per.get(r["defense"], 0.0) + float(cost["pair_cpu_seconds"]) - b
@@ -253,9 +254,10 @@ def cpu_line(rows: Sequence[dict[str, Any]]) -> list[str]:
         return []
     by = ", ".join(f"{d} {s:,.0f}" for d, s in sorted(per.items(), key=lambda kv: -kv[1]))
     unrecorded = f"; {missing} pair(s) written before pairs recorded it" if missing else ""
-    return [f"- CPU time of the pairs: `{sum(per.values()) + before:,.0f} CPU-s` over {len(rows) - missing} pair(s): "
-            f"scoring the models before any defense {before:,.0f}; each defense with its scoring after, retraining "
-            f"and controls: {by}{unrecorded}"]
+    on = ", ".join(f"{cpu} ({n} pair{'s' if n > 1 else ''})" for cpu, n in sorted(where.items()))
+    return [f"- CPU time of the pairs: `{sum(per.values()) + before:,.0f} CPU-s` over {len(rows) - missing} pair(s) "
+            f"on {on}: scoring the models before any defense {before:,.0f}; each defense with its scoring after, "
+            f"retraining and controls: {by}{unrecorded}"]
 
 
 def markdown(doc: dict[str, Any], meta: dict[str, Any], figures: Sequence[str],

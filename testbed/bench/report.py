@@ -38,7 +38,7 @@ RESULT_COLUMNS = (
     + ["DER_random", "tpr", "fpr", "auroc", "threshold", "detection_confounded", "flagged_count", "flagged_fraction",
        "flagged_precision", "flagged_recall", "verdict_status", "verdict_backdoored", "verdict_score", "verdict_coverage",
        "seconds", "forward_passes", "backward_passes", "retrain_seconds", "budget_s", "budget_passes", "over_budget",
-       "stopped_by", "pair_seconds", "pair_cpu_seconds", "before_cpu_seconds", "saved_model", "notes"]
+       "stopped_by", "pair_seconds", "pair_cpu_seconds", "before_cpu_seconds", "measured_on", "saved_model", "notes"]
 )
 SCORE_COLUMNS = ("split", "index", "score", "flagged", "model", "defense")
 
@@ -71,7 +71,7 @@ def csv_row(row: dict[str, Any]) -> dict[str, Any]:
         "budget_passes": cost.get("budget_passes"), "over_budget": cost.get("over_budget"),
         "stopped_by": cost.get("stopped_by"), "pair_seconds": cost.get("pair_seconds"),
         "pair_cpu_seconds": cost.get("pair_cpu_seconds"), "before_cpu_seconds": cost.get("before_cpu_seconds"),
-        "saved_model": row.get("saved_model"),
+        "measured_on": cost.get("measured_on"),        "saved_model": row.get("saved_model"),
         "notes": " | ".join(row.get("notes") or []),
     })
     return {k: ("" if v is None else v) for k, v in out.items()}

@@ -40,7 +40,7 @@ from testbed.core.guards import RunLock
 PAIR_FORMAT = "segbackdoor-bench-pair"
 PAIRS, WORK, MODELS, PLAN = "pairs", "work", "models", "plan.json"
 WALL_CLOCK = ("seconds", "over_budget", "reported_seconds", "retrain_seconds", "pair_seconds",
-              "pair_cpu_seconds", "before_cpu_seconds")  # cost fields kept in ID.time.json
+              "pair_cpu_seconds", "before_cpu_seconds", "measured_on")  # cost fields kept in ID.time.json
 REPORT_FILES = ("report.md", "results.json", "results.csv", "results-aggregate.csv", "scores.csv")
 
 

@@ -26,7 +26,7 @@ from testbed.bench.report import defense_figure_path
 from testbed.bench.settings import BenchSettings, Execution
 from testbed.bench.store import WORK, ReportStore, write_pair
 from testbed.core import atomic, progress
-from testbed.core.device import torch_threads, usable_cores
+from testbed.core.device import cpu_bf16_support, torch_threads, usable_cores
 from testbed.core.errors import UserError
 from testbed.defenses.registry import load_defense
 from testbed.evaluation.attack_check import attack_failure
@@ -157,6 +157,7 @@ def run_pair(job: PairJob, defense: Any = None, progress: bool = False) -> dict[
         row.cost.pair_seconds = round(time.perf_counter() - t0, 3)
         row.cost.pair_cpu_seconds = round(time.process_time() - cpu0, 3)
         row.cost.before_cpu_seconds = round(before_cpu, 3)
+        row.cost.measured_on = cpu_bf16_support()["model"]  # a resumed bench may span machines
         write_pair(store.work, job.pid, row, run.facts.classes, job.key)
     return {"status": "done", "id": job.pid, "error": row.error, "error_source": row.error_source,
             "traceback": (row.details or {}).get("traceback") if row.error else None, "row": row.to_json()}

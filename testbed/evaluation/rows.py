@@ -89,6 +89,7 @@ class RunCost:
     pair_seconds: float | None = None  # the whole model × defense pair in its worker: load, score, defend, retrain, score
     pair_cpu_seconds: float | None = None  # that worker process's CPU time over the pair (all its threads)
     before_cpu_seconds: float | None = None  # of which the model's scores before any defense (0: cached in the process)
+    measured_on: str | None = None  # the CPU (as the kernel names it) these seconds were measured on
 
     def report(self, cost: Any) -> None:
         """Take the defense's :class:`~testbed.defense.Cost` (any object with those attributes)."""
@@ -108,7 +109,7 @@ class RunCost:
             out["retrain_seconds"] = self.retrain_seconds
         if self.pair_seconds is not None:
             out.update(pair_seconds=self.pair_seconds, pair_cpu_seconds=self.pair_cpu_seconds,
-                       before_cpu_seconds=self.before_cpu_seconds)
+                       before_cpu_seconds=self.before_cpu_seconds, measured_on=self.measured_on)
         return out
 
 
@@ -253,7 +254,8 @@ class DefenseRow(Mapping):
                            reported="reported_seconds" in cost, reported_seconds=cost.get("reported_seconds"),
                            retrain_seconds=cost.get("retrain_seconds"), budget_passes=cost.get("budget_passes"),
                            stopped_by=cost.get("stopped_by"), pair_seconds=cost.get("pair_seconds"),
-                           pair_cpu_seconds=cost.get("pair_cpu_seconds"), before_cpu_seconds=cost.get("before_cpu_seconds"))
+                           pair_cpu_seconds=cost.get("pair_cpu_seconds"), before_cpu_seconds=cost.get("before_cpu_seconds"),
+                           measured_on=cost.get("measured_on"))
         zoo = ZooKeys(int(d["seed"]), dict(d.get("group") or {}), d.get("attack_params")) if "group" in d else None
         verdict = d.get("verdict")
         if verdict is not None and "status" not in verdict:  # a report written before verdicts had a status
