@@ -3,6 +3,7 @@
 Usage:
     python docs/make_results.py                 # regenerate docs/results.md and the per-seed CSVs from docs/results/
     python docs/make_results.py --check         # exit 1 when the page or a CSV differs from its regeneration
+                                                # (or a curve figure is missing: its bytes follow matplotlib's version)
     python docs/make_results.py --collect-zoo camvid zoo-camvid/        # copy a zoo's report files into docs/results/camvid/zoo/
     python docs/make_results.py --collect-bench camvid bench-camvid/    # copy a bench report into docs/results/camvid/bench/
 
@@ -26,7 +27,9 @@ retrain (activation-clustering, spectral-signature, abl: on CamVid only the pape
 benign models, about 12 CPU-hours; all 30 models would take about 30) and NON_TRAINING_SET the other nine.  What a folder of docs/results/ holds:
 ``NAME/zoo/`` the zoo's manifest.json and, per entry, config.json, metrics.json, curve.csv (and the benign
 entries' reference.json: the benign model scored on every attacked test set); ``NAME/bench/`` (and
-``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv.  A missing folder
+``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv;
+``NAME/curves/SETTING.png`` (drawn here from the entries' curve.csv) the learning curves of each setting that did not
+implant on every seed.  A missing folder
 is a section that says what has not run yet.  Every table is computed here with testbed.stats (the code of
 the bench report): mean ± half-width of the 95% t-interval over seeds [n], paired differences by seed with an
 exact sign-flip test.  Text after the line ``<!-- notes -->`` in docs/results.md (the written reading) is kept.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import sys
@@ -82,7 +86,8 @@ def load_zoo(folder: Path) -> tuple[list[dict[str, Any]] | None, int | None]:
                     "config": json.loads((d / "config.json").read_text()),
                     "metrics": json.loads((d / "metrics.json").read_text()),
                     "reference": json.loads(ref.read_text()) if ref.is_file() else {},
-                    "curve": curve_points(d) if (d / "curve.csv").is_file() else []})
+                    "curve": curve_points(d) if (d / "curve.csv").is_file() else [],
+                    "curve_file": d / "curve.csv" if (d / "curve.csv").is_file() else None})
     return out, doc["counts"]["entries"]
 
 
@@ -249,7 +254,63 @@ def zoo_section(name: str, entries: list[dict[str, Any]] | None, rows: list[dict
             "A setting below it is *not implanted at this budget*, not a finding about the attack. *Plateau rule*: "
             "the best val mIoU over the last 20% of the epochs is within 1 point of the best of the whole curve (*no curve*: "
             "the zoo was built without `val_every`). *Poisoned*: the share of the training images the attack "
-            "changed (as achieved, per seed).", ""]
+            "changed (as achieved, per seed).", "", *not_implanted_text(name, rows)]
+
+
+def not_implanted(rows: list[dict[str, Any]]) -> list[str]:
+    """The attacked settings that did not implant on every finished seed (they get their curves on the page)."""
+    return [s for s in dict.fromkeys(r["setting"] for r in rows)
+            if any(r["implanted"] is False for r in rows if r["setting"] == s)]
+
+
+def curve_path(name: str, setting: str) -> Path:
+    return RESULTS / name / "curves" / f"{setting}.png"
+
+
+def not_implanted_text(name: str, rows: list[dict[str, Any]]) -> list[str]:
+    settings = not_implanted(rows)
+    if not settings:
+        return []
+    out = ["**Not implanted on every seed at this budget**, each with its learning curves where the zoo recorded them "
+           "(val mIoU and the ASR on the attacked test set at every val point, one line per seed; dotted: the bar; "
+           "the entries' `curve.csv` beside the zoo's files hold the numbers):", ""]
+    for s in settings:
+        rs = sorted((r for r in rows if r["setting"] == s), key=lambda r: r["seed"])
+        asr = ", ".join(f"seed {r['seed']} {r['ASR']:.1f}" for r in rs)
+        out += [f"- `{s}`: implanted on {sum(1 for r in rs if r['implanted'])} of {len(rs)} seeds (ASR {asr}; bar "
+                f"{rs[0]['bar']:.0f}%)" + ("" if any(r["plateau_gap"] is not None for r in rs) else
+                                          "; no curve: the zoo was built without `val_every`") + ".", ""]
+        if any(r["plateau_gap"] is not None for r in rs):
+            out += [f"  ![{s}: val mIoU and ASR per epoch, every seed]({curve_path(name, s).relative_to(DOCS).as_posix()})", ""]
+    return out
+
+
+def curve_figure(setting: str, entries: list[dict[str, Any]], bar: float) -> bytes:
+    """PNG of each seed's val mIoU and ASR against the epoch, read from the committed curve.csv files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for i, e in enumerate(sorted(entries, key=lambda e: e["seed"])):
+        with open(e["curve_file"], newline="") as f:
+            pts = [r for r in csv.DictReader(f) if r.get("val_mIoU")]
+        ep = [int(r["epoch"]) for r in pts]
+        color = f"C{i}"
+        ax.plot(ep, [float(r["val_mIoU"]) for r in pts], "o-", ms=3, color=color, label=f"val mIoU, seed {e['seed']}")
+        if any(r.get("ASR") for r in pts):
+            ax.plot(ep, [float(r["ASR"]) if r.get("ASR") else float("nan") for r in pts], "s--", ms=3, color=color,
+                    label=f"ASR, seed {e['seed']}")
+    ax.axhline(bar, color="grey", ls=":", lw=1)
+    ax.set(xlabel="epoch", ylabel="%", ylim=(0, 100), title=f"{setting}: learning curves (bar {bar:.0f}% ASR)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
 
 
 # -- a bench: each defense over the zoo ---------------------------------------------------------------------
@@ -467,11 +528,13 @@ INTRO = ("Cells: mean ± half-width of the 95% t-interval over the seeds [number
          "docstring, and `tests/test_results_page.py` checks this page equals its regeneration.")
 
 
-def render() -> tuple[str, dict[Path, str]]:
-    """The page (without its notes) and the per-seed CSVs, from docs/results/."""
+def render() -> tuple[str, dict[Path, str], dict[Path, Callable[[], bytes]]]:
+    """The page (without its notes), the per-seed CSVs and the curve figures it shows (drawn when called), from
+    docs/results/."""
     lines = ["# Results: backdoor attacks and the built-in defenses, on real data (CamVid) and synthetic scenes", "",
              INTRO, ""]
     csvs: dict[Path, str] = {}
+    figures: dict[Path, Callable[[], bytes]] = {}
     for name, title in DATASETS.items():
         entries, planned = load_zoo(RESULTS / name / "zoo")
         rows = per_seed_rows(entries) if entries else []
@@ -482,7 +545,11 @@ def render() -> tuple[str, dict[Path, str]]:
         lines += ablation_sections(name, report) + arch_section(name, report)
         if rows:
             csvs[RESULTS / name / "zoo-per-seed.csv"] = per_seed_csv(rows)
-    return "\n".join(lines) + "\n", csvs
+            for s in not_implanted(rows):
+                these = [e for e in entries if e["setting"] == s and e["curve_file"] is not None]
+                if these:
+                    figures[curve_path(name, s)] = functools.partial(curve_figure, s, these, _bar(these[0]["attack"]))
+    return "\n".join(lines) + "\n", csvs, figures
 
 
 def page_with_notes(body: str, old: str) -> str:
@@ -514,14 +581,21 @@ def _main(args: argparse.Namespace) -> int:
         name, _, kind = target.partition("/")
         print(f"copied into {collect(kind or 'bench', name, Path(src))}")
     page = DOCS / "results.md"
-    body, csvs = render()
+    body, csvs, figures = render()
     old = page.read_text() if page.exists() else ""
     wanted = {page: page_with_notes(body, old), **csvs}
     stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
+    stale += [p for p in figures if not p.is_file()]  # a figure's bytes follow matplotlib's version: checked present
     if args.check:
         print("\n".join(f"stale: {p.relative_to(DOCS.parent)}" for p in stale) or "docs/results.md is up to date")
         return 1 if stale else 0
-    for p in stale:
+    for p, draw in figures.items():
+        png = draw()
+        if not p.is_file() or p.read_bytes() != png:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(p, png)
+            print(f"wrote {p.relative_to(DOCS.parent)}")
+    for p in (p for p in stale if p in wanted):
         atomic.write_text(p, wanted[p])
         print(f"wrote {p.relative_to(DOCS.parent)}")
     return 0

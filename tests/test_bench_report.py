@@ -537,7 +537,7 @@ def test_docs_results_tables_recompute_from_the_reports(zoo, tmp_path, monkeypat
     mod.collect("bench", "synthetic", ref)
     mod.collect("fp-max", "synthetic", fpmax)
     assert (tmp_path / "results" / "synthetic" / "bench" / "results.csv").is_file()  # the per-seed rows beside it
-    text, _ = mod.render()
+    text, _, _ = mod.render()
     assert mod.page_with_notes(text, "old\n<!-- notes -->\nhand-written reading\n").endswith("<!-- notes -->\nhand-written reading\n")
     rows = [r for r in results(ref)["rows"] if "fgba-n1-line" in r["model"]]
     x = np.array([r["after"]["ASR"] for r in rows])

@@ -71,6 +71,32 @@ def test_zoo_table_cells_are_computed_from_the_entries(tmp_path, monkeypatch):
     assert float(written[1]["mIoU-B_minus_benign"]) == drop[0]
 
 
+def test_a_setting_not_implanted_on_every_seed_is_named_with_its_curves(tmp_path, monkeypatch, capsys):
+    """The acceptance's "the page says so with its curve": the setting, its implanted count and per-seed ASR, and a
+    figure drawn from the committed curve.csv files; --check reports a missing figure (its bytes follow
+    matplotlib's version, so only its presence is checked)."""
+    results = tmp_path / "results"
+    zoo = results / "camvid" / "zoo"
+    entries = [_entry(zoo, f"m--benign--s{s}", s, {"mIoU-B": 40.0, "PA-B": 80.0}, None, {"bd": {"ASR": 10.0}})
+               for s in (0, 1)]
+    entries += [_entry(zoo, f"m--bd--s{s}", s, {"mIoU-B": 39.0, "PA-B": 79.0, "ASR": a}, {"attack": "badnets"})
+                for s, a in ((0, 95.0), (1, 85.0))]
+    (zoo / "manifest.json").write_text(json.dumps({"entries": entries, "counts": {"entries": 4}, "datasets": {}}))
+    monkeypatch.setattr(make_results, "RESULTS", results)
+    monkeypatch.setattr(make_results, "DOCS", tmp_path)
+    (tmp_path / "results.md").write_text("")
+    body, _, figures = make_results.render()
+    assert "- `bd`: implanted on 1 of 2 seeds (ASR seed 0 95.0, seed 1 85.0; bar 90%)." in body
+    assert "](results/camvid/curves/bd.png)" in body and list(figures) == [results / "camvid" / "curves" / "bd.png"]
+    assert make_results.main([]) == 0
+    png = (results / "camvid" / "curves" / "bd.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    assert make_results.main(["--check"]) == 0
+    (results / "camvid" / "curves" / "bd.png").unlink()
+    capsys.readouterr()
+    assert make_results.main(["--check"]) == 1 and "results/camvid/curves/bd.png" in capsys.readouterr().out
+
+
 def test_zoo_cost_sums_the_runs_and_names_those_without_cpu_seconds():
     """Wall seconds of every model, CPU seconds of those whose runs recorded them (a resumed zoo may mix both)."""
     def entry(wall, cpu):
@@ -84,8 +110,8 @@ def test_zoo_cost_sums_the_runs_and_names_those_without_cpu_seconds():
 
 def test_a_missing_report_is_a_section_that_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
-    body, csvs = make_results.render()
-    assert body.count("Not run yet") == 4 and csvs == {}  # two datasets × (zoo, bench)
+    body, csvs, figures = make_results.render()
+    assert body.count("Not run yet") == 4 and csvs == {} and figures == {}  # two datasets × (zoo, bench)
 
 
 def test_a_missing_source_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
