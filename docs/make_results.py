@@ -586,9 +586,15 @@ def _main(args: argparse.Namespace) -> int:
     wanted = {page: page_with_notes(body, old), **csvs}
     stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
     stale += [p for p in figures if not p.is_file()]  # a figure's bytes follow matplotlib's version: checked present
+    unused = [p for p in sorted(RESULTS.glob("*/curves/*.png")) if p not in figures]  # its setting now implants
     if args.check:
-        print("\n".join(f"stale: {p.relative_to(DOCS.parent)}" for p in stale) or "docs/results.md is up to date")
-        return 1 if stale else 0
+        print("\n".join([*(f"stale: {p.relative_to(DOCS.parent)}" for p in stale),
+                         *(f"not shown any more: {p.relative_to(DOCS.parent)}" for p in unused)])
+              or "docs/results.md is up to date")
+        return 1 if stale or unused else 0
+    for p in unused:
+        p.unlink()
+        print(f"removed {p.relative_to(DOCS.parent)}")
     for p, draw in figures.items():
         png = draw()
         if not p.is_file() or p.read_bytes() != png:

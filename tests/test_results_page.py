@@ -95,6 +95,13 @@ def test_a_setting_not_implanted_on_every_seed_is_named_with_its_curves(tmp_path
     (results / "camvid" / "curves" / "bd.png").unlink()
     capsys.readouterr()
     assert make_results.main(["--check"]) == 1 and "results/camvid/curves/bd.png" in capsys.readouterr().out
+    # a figure whose setting is no longer shown (it now implants on every seed) is reported, then removed
+    (results / "camvid" / "curves" / "old.png").write_bytes(b"x")
+    assert make_results.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "not shown any more: " in out and out.strip().endswith("results/camvid/curves/old.png")
+    assert make_results.main([]) == 0 and not (results / "camvid" / "curves" / "old.png").exists()
+    assert (results / "camvid" / "curves" / "bd.png").is_file() and make_results.main(["--check"]) == 0
 
 
 def test_zoo_cost_sums_the_runs_and_names_those_without_cpu_seconds():
