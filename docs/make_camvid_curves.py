@@ -24,10 +24,15 @@ HEADER = ("| entry | epochs | val mIoU: best (epoch) | best over the last 20% | 
           "test PA-B | ASR (benign floor) | training |")
 
 
+def curve_rows(entry: Path) -> list[dict[str, str]]:
+    """The rows of ``entry/curve.csv`` for each epoch the curve evaluated (epoch, val_mIoU, ASR, ...)."""
+    with open(entry / "curve.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("val_mIoU")]
+
+
 def curve_points(entry: Path) -> list[tuple[int, float]]:
     """(epoch, val mIoU) for each epoch the curve evaluated."""
-    with open(entry / "curve.csv", newline="") as f:
-        return [(int(r["epoch"]), float(r["val_mIoU"])) for r in csv.DictReader(f) if r.get("val_mIoU")]
+    return [(int(r["epoch"]), float(r["val_mIoU"])) for r in curve_rows(entry)]
 
 
 def entry_row(entry: Path, benign: Path | None) -> str:

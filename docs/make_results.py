@@ -57,7 +57,7 @@ from testbed.stats.render import comparisons_markdown, detection_markdown, md_ta
 from testbed.zoo import listed_floors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_camvid_curves import curve_points  # noqa: E402  (this folder's sibling script)
+from make_camvid_curves import curve_rows  # noqa: E402  (this folder's sibling script)
 
 DOCS = Path(__file__).resolve().parent
 RESULTS = DOCS / "results"
@@ -82,12 +82,12 @@ def load_zoo(folder: Path) -> tuple[list[dict[str, Any]] | None, int | None]:
         if not (d / "metrics.json").is_file():
             continue
         ref = d / "reference.json"
+        curve = curve_rows(d) if (d / "curve.csv").is_file() else []  # read once: the plateau rule and the figures
         out.append({"id": e["id"], "setting": e["attack_id"], "data": data, "seed": e["config"]["seed"], "attack": e.get("attack"),
                     "config": json.loads((d / "config.json").read_text()),
                     "metrics": json.loads((d / "metrics.json").read_text()),
                     "reference": json.loads(ref.read_text()) if ref.is_file() else {},
-                    "curve": curve_points(d) if (d / "curve.csv").is_file() else [],
-                    "curve_file": d / "curve.csv" if (d / "curve.csv").is_file() else None})
+                    "curve": [(int(r["epoch"]), float(r["val_mIoU"])) for r in curve], "curve_rows": curve})
     return out, doc["counts"]["entries"]
 
 
@@ -241,7 +241,7 @@ def data_text(dataset: dict[str, Any]) -> str:
 
 
 def zoo_section(name: str, entries: list[dict[str, Any]] | None, rows: list[dict[str, Any]],
-                planned: int | None) -> list[str]:
+                planned: int | None, figures: dict[Path, Any]) -> list[str]:
     head = "### The models before any defense"
     if not entries:
         return [head, "", f"Not run yet: the zoo's report files are not in `docs/results/{name}/zoo/`.", ""]
@@ -254,7 +254,7 @@ def zoo_section(name: str, entries: list[dict[str, Any]] | None, rows: list[dict
             "A setting below it is *not implanted at this budget*, not a finding about the attack. *Plateau rule*: "
             "the best val mIoU over the last 20% of the epochs is within 1 point of the best of the whole curve (*no curve*: "
             "the zoo was built without `val_every`). *Poisoned*: the share of the training images the attack "
-            "changed (as achieved, per seed).", "", *not_implanted_text(name, rows)]
+            "changed (as achieved, per seed).", "", *not_implanted_text(name, rows, figures)]
 
 
 def not_implanted(rows: list[dict[str, Any]]) -> list[str]:
@@ -267,7 +267,7 @@ def curve_path(name: str, setting: str) -> Path:
     return RESULTS / name / "curves" / f"{setting}.png"
 
 
-def not_implanted_text(name: str, rows: list[dict[str, Any]]) -> list[str]:
+def not_implanted_text(name: str, rows: list[dict[str, Any]], figures: dict[Path, Any]) -> list[str]:
     settings = not_implanted(rows)
     if not settings:
         return []
@@ -277,16 +277,28 @@ def not_implanted_text(name: str, rows: list[dict[str, Any]]) -> list[str]:
     for s in settings:
         rs = sorted((r for r in rows if r["setting"] == s), key=lambda r: r["seed"])
         asr = ", ".join(f"seed {r['seed']} {r['ASR']:.1f}" for r in rs)
+        figure = curve_path(name, s)
         out += [f"- `{s}`: implanted on {sum(1 for r in rs if r['implanted'])} of {len(rs)} seeds (ASR {asr}; bar "
-                f"{rs[0]['bar']:.0f}%)" + ("" if any(r["plateau_gap"] is not None for r in rs) else
+                f"{rs[0]['bar']:.0f}%)" + ("" if figure in figures else
                                           "; no curve: the zoo was built without `val_every`") + ".", ""]
-        if any(r["plateau_gap"] is not None for r in rs):
-            out += [f"  ![{s}: val mIoU and ASR per epoch, every seed]({curve_path(name, s).relative_to(DOCS).as_posix()})", ""]
+        if figure in figures:
+            out += [f"  ![{s}: val mIoU and ASR per epoch, every seed]({figure.relative_to(DOCS).as_posix()})", ""]
+    return out
+
+
+def curve_figures(name: str, entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[Path, Callable[[], bytes]]:
+    """The figure of each setting not implanted on every seed whose entries have curves (drawn when called)."""
+    out = {}
+    for s in not_implanted(rows):
+        these = [e for e in entries if e["setting"] == s and e["curve_rows"]]
+        if these:
+            out[curve_path(name, s)] = functools.partial(curve_figure, s, these, _bar(these[0]["attack"]))
     return out
 
 
 def curve_figure(setting: str, entries: list[dict[str, Any]], bar: float) -> bytes:
-    """PNG of each seed's val mIoU and ASR against the epoch, read from the committed curve.csv files."""
+    """PNG of each seed's val mIoU and ASR against the epoch, from the committed curve.csv files (as load_zoo read
+    them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,8 +306,7 @@ def curve_figure(setting: str, entries: list[dict[str, Any]], bar: float) -> byt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     for i, e in enumerate(sorted(entries, key=lambda e: e["seed"])):
-        with open(e["curve_file"], newline="") as f:
-            pts = [r for r in csv.DictReader(f) if r.get("val_mIoU")]
+        pts = e["curve_rows"]
         ep = [int(r["epoch"]) for r in pts]
         color = f"C{i}"
         ax.plot(ep, [float(r["val_mIoU"]) for r in pts], "o-", ms=3, color=color, label=f"val mIoU, seed {e['seed']}")
@@ -538,17 +549,15 @@ def render() -> tuple[str, dict[Path, str], dict[Path, Callable[[], bytes]]]:
     for name, title in DATASETS.items():
         entries, planned = load_zoo(RESULTS / name / "zoo")
         rows = per_seed_rows(entries) if entries else []
+        drawn = curve_figures(name, entries or [], rows)
         report = load_bench(RESULTS / name / "bench")
         lines += [f"## {title}", ""]
-        lines += zoo_section(name, entries, rows, planned)
+        lines += zoo_section(name, entries, rows, planned, drawn)
         lines += bench_section(name, report)
         lines += ablation_sections(name, report) + arch_section(name, report)
+        figures.update(drawn)
         if rows:
             csvs[RESULTS / name / "zoo-per-seed.csv"] = per_seed_csv(rows)
-            for s in not_implanted(rows):
-                these = [e for e in entries if e["setting"] == s and e["curve_file"] is not None]
-                if these:
-                    figures[curve_path(name, s)] = functools.partial(curve_figure, s, these, _bar(these[0]["attack"]))
     return "\n".join(lines) + "\n", csvs, figures
 
 

@@ -71,7 +71,7 @@ def csv_row(row: dict[str, Any]) -> dict[str, Any]:
         "budget_passes": cost.get("budget_passes"), "over_budget": cost.get("over_budget"),
         "stopped_by": cost.get("stopped_by"), "pair_seconds": cost.get("pair_seconds"),
         "pair_cpu_seconds": cost.get("pair_cpu_seconds"), "before_cpu_seconds": cost.get("before_cpu_seconds"),
-        "measured_on": cost.get("measured_on"),        "saved_model": row.get("saved_model"),
+        "measured_on": cost.get("measured_on"), "saved_model": row.get("saved_model"),
         "notes": " | ".join(row.get("notes") or []),
     })
     return {k: ("" if v is None else v) for k, v in out.items()}
