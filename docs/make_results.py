@@ -27,7 +27,11 @@ retrain (activation-clustering, spectral-signature, abl: on CamVid only the pape
 benign models, about 12 CPU-hours; all 30 models would take about 30) and NON_TRAINING_SET the other nine.  What a folder of docs/results/ holds:
 ``NAME/zoo/`` the zoo's manifest.json and, per entry, config.json, metrics.json, curve.csv (and the benign
 entries' reference.json: the benign model scored on every attacked test set); ``NAME/bench/`` (and
-``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv;
+``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv, and
+``pairs/``: every model × defense pair without its image panels, so that a bench on another machine continues the
+report (``mkdir REPORT && cp -r docs/results/NAME/bench/. REPORT/``, then `testbed bench ... --out REPORT` from the
+same directory layout: a pair whose key matches — settings, model and data paths, the weights' sha256 — is not
+run again);
 ``NAME/curves/SETTING.png`` (drawn here from the entries' curve.csv) the learning curves of each setting that did not
 implant on every seed.  A missing folder
 is a section that says what has not run yet.  Every table is computed here with testbed.stats (the code of
@@ -44,9 +48,10 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from testbed.bench.markdown import cpu_line
+from testbed.bench.store import export_pairs
 from testbed.core import atomic
 from testbed.core.device import machine_text
 from testbed.core.errors import UserError
@@ -111,9 +116,12 @@ def collect(kind: str, name: str, src: Path) -> Path:
                 if (entry / f).is_file():
                     _copy(entry / f, dest / "entries" / entry.name / f)
     else:
+        if not (src / "results.json").is_file():
+            raise UserError(f"{src}: no results.json (not a finished bench report)")
         for f in BENCH_FILES:
             if (src / f).is_file():
                 _copy(src / f, dest / f)
+        export_pairs(src, dest / "pairs")  # a later bench merges them: cp -r NAME/bench/. REPORT/
     return dest
 
 
@@ -419,7 +427,22 @@ def bench_machine(report: dict[str, Any]) -> str:
             f"model × defense pair, device {meta.get('device')}, seed {meta.get('seed')}; machine of its last run: {where}")
 
 
-def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
+def coverage_text(benched: set[str], zoo_ids: list[str]) -> str:
+    """Which of the zoo's models the bench holds rows for, by setting (a bench may run on part of a zoo)."""
+    def settings(ids: Iterable[str]) -> str:
+        by: dict[str, int] = {}
+        for i in ids:
+            by[i.split("--")[1]] = by.get(i.split("--")[1], 0) + 1
+        return ", ".join(f"{s} ({n})" for s, n in by.items())
+
+    missing = [i for i in zoo_ids if i not in benched]
+    if not zoo_ids or not missing:
+        return ""
+    return (f"Models benchmarked: {len(benched & set(zoo_ids))} of the zoo's {len(zoo_ids)}, by setting (models): "
+            f"{settings(i for i in zoo_ids if i in benched)}. Not benchmarked yet: {settings(missing)}.")
+
+
+def bench_section(name: str, report: dict[str, Any] | None, zoo_ids: list[str] = ()) -> list[str]:
     head = "### The defenses"
     if report is None:
         return [head, "", f"Not run yet: no bench report in `docs/results/{name}/bench/` (the commands are at the "
@@ -431,6 +454,8 @@ def bench_section(name: str, report: dict[str, Any] | None) -> list[str]:
            f"rows: {', '.join(defenses)}; {bench_machine(report)}. Failed runs: {len(errors)}"
            + ("" if not errors else " — " + "; ".join(f"{r['model']} × {r['defense']}: {r['error']}" for r in errors))
            + ". Per seed: `results.csv` beside it.", ""]
+    coverage = coverage_text({r["model"] for r in rows}, list(zoo_ids))
+    out += [coverage, ""] if coverage else []
     for line in cpu_line(rows):
         out += [line.removeprefix("- ") + ".", ""]
     models = {r["model"] for r in rows}
@@ -553,7 +578,7 @@ def render() -> tuple[str, dict[Path, str], dict[Path, Callable[[], bytes]]]:
         report = load_bench(RESULTS / name / "bench")
         lines += [f"## {title}", ""]
         lines += zoo_section(name, entries, rows, planned, drawn)
-        lines += bench_section(name, report)
+        lines += bench_section(name, report, [e["id"] for e in entries or []])
         lines += ablation_sections(name, report) + arch_section(name, report)
         figures.update(drawn)
         if rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -125,6 +126,10 @@ def test_bench_writes_every_file(backdoored_run, fgba_line_path, tmp_path, monke
     assert rows["brightness"]["verdict"]["backdoored"] is True and rows["brightness"]["after"] is None
     assert rows["median-filter"]["details"] == {"size": 3}
     assert rows["dark-filter"]["detection"] is not None and rows["median-filter"]["detection"] is None
+    # each pair names the bytes of the model it ran on (pairs merged from other machines stay checkable)
+    weights = hashlib.sha256((backdoored_run / "model.safetensors").read_bytes()).hexdigest()
+    keys = [json.loads(p.read_text())["key"] for p in (out / "pairs").glob("*.json") if not p.name.endswith(".time.json")]
+    assert len(keys) == 4 and all(k["model"]["weights_sha256"] == weights for k in keys)
 
     # the filter's detection numbers, recomputed from scores.csv
     from sklearn.metrics import roc_auc_score
@@ -331,3 +336,31 @@ def test_bench_zoo(tmp_path, capsys):
             record = json.loads(f.attrs["attack"]) if "attack" in f.attrs else None
         assert r["attack_params"] == (None if r["benign_model"] else record["params"])
     assert attacked_row["attack_params"]["target"] == "wall" and attacked_row["attack_params"]["preset"] == "n-to-1"
+
+
+def test_exported_pairs_merge_into_a_later_bench(backdoored_run, fgba_line_path, tmp_path, monkeypatch, capsys):
+    """A bench on one machine, its pairs exported (no panels), a bench with another defense elsewhere: the later
+    report holds every row, the earlier ones equal to what the first report wrote."""
+    from safetensors.numpy import load_file
+
+    from testbed.bench.store import export_pairs
+
+    first, later = tmp_path / "first", tmp_path / "later"
+    base = ["-q", "bench", "--run", str(backdoored_run), "--data", str(fgba_line_path), "--device", "cpu",
+            "--no-figures", "--defense"]
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    assert main([*base, f"{ME}:DarkFilter,median_filter_defense:MedianFilter", "--out", str(first)]) == 0
+    assert export_pairs(first, later / "pairs") == 2
+    def panels(report: Path) -> list[str]:  # an empty arrays file is a pair with no arrays
+        return [k for f in (report / "pairs").glob("*.safetensors") if f.stat().st_size
+                for k in load_file(str(f)) if "panel" in k]
+
+    assert panels(first) and not panels(later)  # the images stay behind
+    capsys.readouterr()
+    assert main([*base, f"{ME}:Brightness", "--out", str(later)]) == 0
+    rows = json.loads((later / "results.json").read_text())["rows"]
+    earlier = {r["defense"]: r for r in json.loads((first / "results.json").read_text())["rows"]}
+    assert sorted(r["defense"] for r in rows) == ["brightness", "dark-filter", "median-filter"]
+    for r in rows:
+        if r["defense"] in earlier:
+            assert r == earlier[r["defense"]]

@@ -128,3 +128,12 @@ def test_a_missing_source_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and "no-such-zoo" in err[0]
     assert not (tmp_path / "results").exists()  # nothing written
     assert make_results.main(["--check", "--collect-zoo", "camvid", str(tmp_path)]) == 2
+
+
+def test_a_bench_on_part_of_a_zoo_says_which_models_it_holds():
+    zoo = [f"m--{a}--s{s}" for a in ("benign", "bd", "warp") for s in (0, 1, 2)]
+    benched = {f"m--{a}--s{s}" for a in ("benign", "bd") for s in (0, 1, 2)} | {"m--warp--s0"}
+    text = make_results.coverage_text(benched, zoo)
+    assert text == ("Models benchmarked: 7 of the zoo's 9, by setting (models): benign (3), bd (3), warp (1). "
+                    "Not benchmarked yet: warp (2).")
+    assert make_results.coverage_text(set(zoo), zoo) == "" and make_results.coverage_text(benched, []) == ""

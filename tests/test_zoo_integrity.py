@@ -563,3 +563,107 @@ def test_suites_refuse_an_unsigned_zoo_given_a_public_key(zoo: Path, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # this checkout
     out = proc.stdout + proc.stderr
     assert proc.returncode == 4 and "the zoo is not signed" in out and "Traceback" not in out, out[-2000:]
+
+
+# -- does a rebuild reproduce a published zoo? (`zoo verify --against`) --------------------------------------
+@pytest.fixture(scope="module")
+def rebuilt(built) -> Path:
+    """The same spec built a second time into another directory: a third party reproducing the zoo."""
+    from testbed.zoo.build import build
+
+    result = build(built / "zoo.toml", built / "rebuild", device="cpu", progress=False, say=lambda m: None)
+    assert result.ok
+    return built / "rebuild"
+
+
+def published_copy(built: Path, tmp_path: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """The first zoo's manifest.json alone (no weights), as a publisher ships it; ``edit`` then reseals it."""
+    m = json.loads((built / "zoo" / "manifest.json").read_text())
+    if edit is not None:
+        edit(m)
+        m["checksum"] = canonical_checksum(m)
+    out = tmp_path / "published" / "manifest.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps(m, indent=1))
+    return out
+
+
+def verdicts(out: str) -> dict[str, str]:
+    return {line.split()[1].rstrip(":"): line.split()[0] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("SAME", "DIFFERS", "OTHER")}
+
+
+def test_rebuild_reproduces_the_published_zoo_byte_for_byte(built, rebuilt, tmp_path, capsys):
+    """Same spec, same machine and thread count: every entry SAME, exactly when the weights' bytes are equal."""
+    for eid in (BENIGN, N1):  # the expectation, from the files themselves
+        assert sha(rebuilt / "entries" / eid / "model.safetensors") == sha(built / "zoo" / "entries" / eid / "model.safetensors")
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert verdicts(out) == {BENIGN: "SAME", N1: "SAME"}
+    assert "2 entries compared: 2 byte-identical, 0 with other weights, 0 a different experiment" in out
+
+
+def _other_weights(m: dict) -> None:
+    e = entry(m, N1)
+    e["files"][f"{e['run_dir']}/model.safetensors"] = "0" * 64
+    e["metrics"]["ASR"] -= 2.5
+    e["metrics"]["mIoU-B"] += 1.25
+
+
+def test_other_weights_differ_with_score_differences(built, rebuilt, tmp_path, capsys):
+    """Published weights of another machine: DIFFERS, with this zoo's scores minus the published ones; exit 1."""
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path, _other_weights))]) == 1
+    out = capsys.readouterr().out
+    assert verdicts(out) == {BENIGN: "SAME", N1: "DIFFERS"}
+    line = next(x for x in out.splitlines() if x.startswith("DIFFERS"))
+    assert "ASR +2.50" in line and "mIoU-B -1.25" in line
+
+
+def _other_epochs(m: dict) -> None:
+    entry(m, BENIGN)["config"]["epochs"] += 10
+
+
+def _other_data(m: dict) -> None:
+    name = entry(m, N1)["dataset"]
+    m["datasets"][name]["content_hash"] = "f" * 64
+
+
+@pytest.mark.parametrize("edit, eid, needle", [(_other_epochs, BENIGN, "config.epochs"), (_other_data, N1, "data: ")])
+def test_another_experiment_is_named_not_compared(built, rebuilt, tmp_path, capsys, edit, eid, needle):
+    """Other training settings or other data: OTHER, naming the first difference, never SAME by weights."""
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path, edit))]) == 1
+    out = capsys.readouterr().out
+    assert verdicts(out)[eid] == "OTHER"
+    assert needle in next(x for x in out.splitlines() if x.startswith(f"OTHER   {eid}"))
+
+
+def test_entries_only_one_side_holds_are_counted(built, rebuilt, tmp_path, capsys):
+    """A partial rebuild is compared on what it holds; the rest is counted as only published."""
+    def drop_benign(m: dict) -> None:
+        m["entries"] = [e for e in m["entries"] if e["id"] != BENIGN]
+
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path, drop_benign))]) == 0
+    out = capsys.readouterr().out
+    assert verdicts(out) == {N1: "SAME"} and "1 only here, 0 only published" in out
+
+
+@pytest.mark.parametrize("bad, needle", [("tampered", "checksum does not match"), ("missing", "no such file"),
+                                          ("not-json", "not valid JSON"), ("not-a-manifest", "not a zoo manifest")])
+def test_a_bad_published_manifest_is_one_line_and_exit_2(built, rebuilt, tmp_path, capsys, bad, needle):
+    path = published_copy(built, tmp_path)
+    if bad == "tampered":
+        path.write_text(path.read_text().replace('"seed": 0', '"seed": 7', 1))
+    elif bad == "missing":
+        path.unlink()
+    elif bad == "not-json":
+        path.write_text("{")
+    else:
+        path.write_text(json.dumps({"format": "something else"}))
+    outcome = run_main(["zoo", "verify", str(rebuilt), "--against", str(path)], capsys)
+    assert outcome.crashed is None and outcome.rc == 2
+    lines = outcome.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], outcome.err

@@ -33,6 +33,7 @@ from testbed.bench.workers import PairJob, default_threads, make_executor, say_r
 from testbed.core.device import machine, resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
+from testbed.core.hashing import file_sha256
 from testbed.core.jsonutil import jsonable
 from testbed.core.paramtypes import is_int, is_num
 from testbed.data.h5data import open_dataset
@@ -157,7 +158,8 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
     jobs, objects = {}, {}
     for m in models:
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
-                 "is_benign": m.is_benign, "seed": m.seed, "group": m.group}
+                 "is_benign": m.is_benign, "seed": m.seed, "group": m.group,
+                 "weights_sha256": file_sha256(Path(m.run_dir) / "model.safetensors")}  # which model, across machines
         if m.benign_floor is not None:  # only a zoo's attacked entries have one (a --run bench's key is unchanged)
             model["benign_floor"] = m.benign_floor
         for spec, name in zip(specs, names):

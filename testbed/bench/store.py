@@ -91,6 +91,24 @@ def read_pair(directory: Path, pid: str) -> Pair | None:
     return Pair(row, list(doc.get("classes") or []), dict(doc.get("key") or {}))
 
 
+def export_pairs(report: str | os.PathLike, dest: str | os.PathLike) -> int:
+    """Copy the finished pairs of a report into ``dest`` (a ``pairs/`` folder) so that a bench on another machine
+    or day, given ``dest`` as its report's ``pairs/``, merges them into its report: each pair's row, timing,
+    settings key (which names the sha256 of the model's weights) and the arrays the statistics need (filter
+    scores, flagged indices) and the defense's own figures.  The image panels are left out (the largest arrays;
+    a report regenerated from exported pairs has no panel figure for their models).  Returns the pairs copied."""
+    src, dest = Path(report) / PAIRS, Path(dest)
+    count = 0
+    for pid in _ids(src) if src.is_dir() else []:
+        pair = read_pair(src, pid)
+        if pair is None:
+            continue
+        pair.row.panel = pair.row.benign_panel = None
+        write_pair(dest, pid, pair.row, pair.classes, pair.key)
+        count += 1
+    return count
+
+
 def _ids(directory: Path) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.json")
                   if p.name != PLAN and not p.name.startswith(".") and not p.name.endswith(".time.json"))

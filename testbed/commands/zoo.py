@@ -19,7 +19,8 @@ LS_EXAMPLES = """examples:
   testbed zoo ls zoo-small/ --json"""
 VERIFY_EXAMPLES = """examples:
   testbed zoo verify zoo-small/          (exit 0: every file matches the manifest; 1: problems, one per line)
-  testbed zoo verify zoo-small/ --public-key publisher.pub   (also: the manifest is signed by that key)"""
+  testbed zoo verify zoo-small/ --public-key publisher.pub   (also: the manifest is signed by that key)
+  testbed zoo verify my-rebuild/ --against docs/results/camvid/zoo/   (does my rebuild reproduce the published zoo?)"""
 SIGN_EXAMPLES = """examples:
   openssl ecparam -name prime256v1 -genkey -noout -out zoo-key.pem && openssl ec -in zoo-key.pem -pubout -out zoo-key.pub
   testbed zoo sign zoo-small/ --private-key zoo-key.pem      (writes zoo-small/manifest.sig; publish zoo-key.pub)"""
@@ -79,6 +80,11 @@ def register(subparsers) -> None:
     v.add_argument("zoo", type=Path, help="zoo directory")
     v.add_argument("--public-key", "--trusted-key", dest="public_key", type=Path, metavar="PUB",
                    help="the publisher's public key (PEM): also require manifest.sig to be its signature of manifest.json")
+    v.add_argument("--against", type=Path, metavar="PUBLISHED",
+                   help="a published zoo's manifest.json (or its directory; no weights needed): compare every entry "
+                   "both hold — SAME (same settings, attack and data, byte-identical weights), DIFFERS (same "
+                   "experiment, other weights: the score differences are printed) or OTHER (not the same "
+                   "experiment: the first difference is named); exit 0 only when every compared entry is SAME")
     v.set_defaults(func=run_verify)
     _register_sign(sub)
 
@@ -162,7 +168,7 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from testbed.zoo import manifest as mf
+    from testbed.zoo import manifest as mf, reproduce
 
     zoo = args.zoo
     if not zoo.is_dir():
@@ -171,6 +177,7 @@ def run_verify(args: argparse.Namespace) -> int:
         from testbed.zoo.signing import key_file
 
         key_file(args.public_key, "--public-key")  # a missing key is a usage error, before any hashing
+    published = reproduce.load_published(args.against) if args.against is not None else None
     problems, manifest = mf.verify(zoo)
     if args.public_key is not None and manifest is not None:
         from testbed.zoo.signing import signature_problem
@@ -186,7 +193,12 @@ def run_verify(args: argparse.Namespace) -> int:
                + len(manifest.get("records") or {}))
     print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
           f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}" + ("; signed by the --public-key" if args.public_key else ""))
-    return 0
+    if published is None:
+        return 0
+    rows, only_here, only_published = reproduce.compare(manifest, published)
+    for line in reproduce.report_lines(rows, only_here, only_published, args.against):
+        print(line)
+    return 0 if rows and all(r.outcome == "same" for r in rows) else 1
 
 
 def run_sign(args: argparse.Namespace) -> int:
