@@ -70,6 +70,11 @@ def register(subparsers) -> None:
                     help="an attacked entry whose ASR is below this did not implant: marked FAILED (default 50)")
     ls.set_defaults(func=run_ls)
 
+    _register_verify(sub)
+    _register_sign(sub)
+
+
+def _register_verify(sub) -> None:
     v = sub.add_parser("verify", help="recompute every checksum of a zoo",
                        description="Recompute the sha256 of every file the zoo uses (datasets and their records, "
                        "plan.json, every entry file) and the manifest's own checksum; print each problem (mismatch, "
@@ -86,7 +91,6 @@ def register(subparsers) -> None:
                    "experiment, other weights: the score differences are printed) or OTHER (not the same "
                    "experiment: the first difference is named); exit 0 only when every compared entry is SAME")
     v.set_defaults(func=run_verify)
-    _register_sign(sub)
 
 
 def _register_sign(sub) -> None:
@@ -193,10 +197,15 @@ def run_verify(args: argparse.Namespace) -> int:
                + len(manifest.get("records") or {}))
     print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
           f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}" + ("; signed by the --public-key" if args.public_key else ""))
-    if published is None:
-        return 0
+    return 0 if published is None else _against(manifest, published, args.against)
+
+
+def _against(manifest: dict, published: dict, where: Path) -> int:
+    """`verify --against`: each entry both finished, SAME / DIFFERS / OTHER; 0 only when all compared are SAME."""
+    from testbed.zoo import reproduce
+
     rows, only_here, only_published = reproduce.compare(manifest, published)
-    for line in reproduce.report_lines(rows, only_here, only_published, args.against):
+    for line in reproduce.report_lines(rows, only_here, only_published, where):
         print(line)
     return 0 if rows and all(r.outcome == "same" for r in rows) else 1
 
