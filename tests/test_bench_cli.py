@@ -310,6 +310,11 @@ def test_bench_zoo(tmp_path, capsys):
     spec.write_text(ZOO_SPEC)
     assert main(["-q", "zoo", "build", str(spec), "--out", str(tmp_path / "zoo")]) == 0, capsys.readouterr().err
     entries = list(testbed.zoo.open(tmp_path / "zoo"))
+    from testbed.bench.run import zoo_models  # --entries: one glob, or several separated by commas
+
+    ids = [e.id for e in entries]
+    assert [m.id for m in zoo_models(tmp_path / "zoo", "*--benign--*")] == [i for i in ids if "--benign--" in i]
+    assert [m.id for m in zoo_models(tmp_path / "zoo", "*--benign--*, *-line--s0")] == ids
     out = tmp_path / "bench"
     rc = main(["-q", "bench", "--zoo", str(tmp_path / "zoo"), "--defense", f"{ME}:Brightness,{ME}:DarkFilter",
                "--param", f"{ME}:Brightness.limit=0.0", "--device", "cpu", "--no-figures", "--out", str(out)])

@@ -62,13 +62,14 @@ def split_names(spec: str | Sequence[Any]) -> list[Any]:
 
 
 def zoo_models(zoo_path: str | os.PathLike, entries: str | None = None) -> list[BenchModel]:
-    """The finished entries of a zoo (those whose id matches the glob ``entries``) as models to defend, each
-    attacked one with its benign floor (:func:`benign_floors`, from every entry of the zoo)."""
+    """The finished entries of a zoo (those whose id matches the glob ``entries``, or one of its comma-separated
+    globs) as models to defend, each attacked one with its benign floor (:func:`benign_floors`, from every entry of
+    the zoo)."""
     every = list(testbed.zoo.open(zoo_path))
     floors = benign_floors(every)
     out = [BenchModel(e.id, Path(e.run_dir), Path(e.data_path), e.attack_id, bool(e.is_benign), int(e.seed), e.group,
                       True, floors.get(e.id))
-           for e in every if entries is None or fnmatch.fnmatchcase(e.id, entries)]
+           for e in every if entries is None or any(fnmatch.fnmatchcase(e.id, g.strip()) for g in entries.split(","))]
     if not out:
         what = f" matching {entries!r}" if entries else ""
         raise UserError(f"zoo {zoo_path} has no finished entries{what}; build it with `testbed zoo build` or change --entries")

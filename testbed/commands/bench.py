@@ -77,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, metavar="D.h5", help="the (poisoned) dataset of --run")
     p.add_argument("--public-key", type=Path, metavar="PUB", help="with --zoo: the publisher's public key (PEM); "
                    "refuse the zoo unless its manifest is signed by it (`testbed zoo sign`)")
-    p.add_argument("--entries", metavar="GLOB", help="with --zoo: only entries whose id matches, e.g. '*fgba*'")
+    p.add_argument("--entries", metavar="GLOB", help="with --zoo: only entries whose id matches the glob, or one of the comma-separated globs, "
+                   "e.g. '*fgba*' or '*--benign--*,*-line--*'")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="run N model × defense pairs at once in "
                    "separate processes (default: 1, this process)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes, or Ray tasks on a "
