@@ -118,10 +118,11 @@ def collect(kind: str, name: str, src: Path) -> Path:
     else:
         if not (src / "results.json").is_file():
             raise UserError(f"{src}: no results.json (not a finished bench report)")
+        if (src / "pairs").is_dir():  # first: a report whose pairs do not match its rows is refused before any write
+            export_pairs(src, dest / "pairs", expect=len(load_bench(src)["rows"]))  # a later bench merges them
         for f in BENCH_FILES:
             if (src / f).is_file():
                 _copy(src / f, dest / f)
-        export_pairs(src, dest / "pairs")  # a later bench merges them: cp -r NAME/bench/. REPORT/
     return dest
 
 
@@ -433,7 +434,7 @@ def coverage_text(benched: set[str], zoo_ids: list[str]) -> str:
         by: dict[str, int] = {}
         for i in ids:
             by[i.split("--")[1]] = by.get(i.split("--")[1], 0) + 1
-        return ", ".join(f"{s} ({n})" for s, n in by.items())
+        return ", ".join(f"{s} ({n})" for s, n in by.items()) or "none"
 
     missing = [i for i in zoo_ids if i not in benched]
     if not zoo_ids or not missing:

@@ -349,6 +349,7 @@ def test_exported_pairs_merge_into_a_later_bench(backdoored_run, fgba_line_path,
     from safetensors.numpy import load_file
 
     from testbed.bench.store import export_pairs
+    from testbed.core.errors import UserError
 
     first, later = tmp_path / "first", tmp_path / "later"
     base = ["-q", "bench", "--run", str(backdoored_run), "--data", str(fgba_line_path), "--device", "cpu",
@@ -369,3 +370,30 @@ def test_exported_pairs_merge_into_a_later_bench(backdoored_run, fgba_line_path,
     for r in rows:
         if r["defense"] in earlier:
             assert r == earlier[r["defense"]]
+    # a merged pair whose key matches (settings, paths, weights) is not run again; nor one written before keys
+    # named the weights (its key lacks weights_sha256); a model with other bytes is
+    for f in (later / "pairs").glob("*.json"):
+        if not f.name.endswith(".time.json") and "dark-filter" in f.name:
+            doc = json.loads(f.read_text())
+            del doc["key"]["model"]["weights_sha256"]
+            f.write_text(json.dumps(doc))
+    again = [*base, f"{ME}:DarkFilter,median_filter_defense:MedianFilter", "--out", str(later)]
+    capsys.readouterr()
+    assert main(again[1:]) == 0
+    assert "2 of 2 pairs already finished" in capsys.readouterr().err
+    for f in (later / "pairs").glob("*median-filter*.json"):
+        if not f.name.endswith(".time.json"):
+            doc = json.loads(f.read_text())
+            doc["key"]["model"]["weights_sha256"] = "0" * 64
+            f.write_text(json.dumps(doc))
+    assert main(again[1:]) == 0
+    err = capsys.readouterr().err
+    assert "replacing 1 finished pair(s)" in err and "median-filter on" in err and "the model's files" in err
+    # exporting again replaces the folder (no stale pair stays); a count that does not match changes nothing
+    assert len(list((later / "pairs").glob("*brightness*.json"))) == 2  # .json and .time.json
+    assert export_pairs(first, later / "pairs") == 2 and not list((later / "pairs").glob("*brightness*"))
+    before = sorted((p.name, p.read_bytes()) for p in (later / "pairs").iterdir())
+    with pytest.raises(UserError, match="2 readable pairs in pairs/ for 3 rows"):
+        export_pairs(later, later / "pairs", expect=3)
+    assert sorted((p.name, p.read_bytes()) for p in (later / "pairs").iterdir()) == before
+    assert not [p for p in later.iterdir() if p.name.startswith("pairs.")]  # no staging folder left

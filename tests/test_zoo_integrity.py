@@ -590,7 +590,7 @@ def published_copy(built: Path, tmp_path: Path, edit: Callable[[dict], None] | N
 
 def verdicts(out: str) -> dict[str, str]:
     return {line.split()[1].rstrip(":"): line.split()[0] for line in out.splitlines()
-            if line.split() and line.split()[0] in ("SAME", "DIFFERS", "OTHER")}
+            if line.split() and line.split()[0] in ("SAME", "MISMATCH", "DIFFERS", "OTHER")}
 
 
 def test_rebuild_reproduces_the_published_zoo_byte_for_byte(built, rebuilt, tmp_path, capsys):
@@ -601,7 +601,8 @@ def test_rebuild_reproduces_the_published_zoo_byte_for_byte(built, rebuilt, tmp_
     assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path))]) == 0
     out = capsys.readouterr().out
     assert verdicts(out) == {BENIGN: "SAME", N1: "SAME"}
-    assert "2 entries compared: 2 byte-identical, 0 with other weights, 0 a different experiment" in out
+    assert ("2 entries compared: 2 byte-identical, 0 byte-identical with other published scores, 0 with other weights, "
+            "0 a different experiment") in out
 
 
 def _other_weights(m: dict) -> None:
@@ -640,6 +641,40 @@ def test_another_experiment_is_named_not_compared(built, rebuilt, tmp_path, caps
     assert needle in next(x for x in out.splitlines() if x.startswith(f"OTHER   {eid}"))
 
 
+def test_identical_weights_with_other_published_scores_are_a_mismatch(built, rebuilt, tmp_path, capsys):
+    """A published manifest whose scores were edited (and resealed): the weights match, the scores do not; exit 1."""
+    def edit(m: dict) -> None:
+        entry(m, N1)["metrics"]["ASR"] -= 0.5
+
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path, edit))]) == 1
+    out = capsys.readouterr().out
+    assert verdicts(out) == {BENIGN: "SAME", N1: "MISMATCH"} and "ASR +0.5000" in out
+
+
+def test_a_partial_spec_reproduces_its_benign_entry(built, tmp_path, capsys):
+    """A spec with part of the grid (benign only): its benign entry has no reference set for the attack it lacks,
+    and is still SAME (reference sets are compared for the attacks both zoos hold)."""
+    from testbed.zoo.build import build
+
+    spec = tiny_spec(built, epochs=1, attacks='["benign"]', name="benign-only.toml")
+    assert build(spec, tmp_path / "part", device="cpu", progress=False, say=lambda m: None).ok
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(tmp_path / "part"), "--against", str(built / "zoo")]) == 0
+    out = capsys.readouterr().out
+    assert verdicts(out) == {BENIGN: "SAME"} and "0 only here, 1 only published" in out
+
+
+def test_nothing_compared_says_so_and_exits_1(built, rebuilt, tmp_path, capsys):
+    def other_ids(m: dict) -> None:  # a publisher's zoo with none of these entries
+        m["entries"] = []
+
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(rebuilt), "--against", str(published_copy(built, tmp_path, other_ids))]) == 1
+    out = capsys.readouterr().out
+    assert "nothing compared" in out and "0 entries compared" in out
+
+
 def test_entries_only_one_side_holds_are_counted(built, rebuilt, tmp_path, capsys):
     """A partial rebuild is compared on what it holds; the rest is counted as only published."""
     def drop_benign(m: dict) -> None:
@@ -651,19 +686,41 @@ def test_entries_only_one_side_holds_are_counted(built, rebuilt, tmp_path, capsy
     assert verdicts(out) == {N1: "SAME"} and "1 only here, 0 only published" in out
 
 
+def _config_not_object(m: dict) -> None:
+    entry(m, N1)["config"] = ["x"]
+
+
+def _reference_not_map(m: dict) -> None:
+    entry(m, BENIGN)["reference_data"] = {"n1": ["a"]}
+
+
+def _no_content_hash(m: dict) -> None:
+    for d in m["datasets"].values():
+        d.pop("content_hash", None)
+
+
 @pytest.mark.parametrize("bad, needle", [("tampered", "checksum does not match"), ("missing", "no such file"),
-                                          ("not-json", "not valid JSON"), ("not-a-manifest", "not a zoo manifest")])
+                                          ("not-json", "not valid JSON"), ("not-a-manifest", "not a zoo manifest"),
+                                          (_config_not_object, "'config' is not an object"),
+                                          (_reference_not_map, "not a zoo manifest"),
+                                          (_no_content_hash, "has no content_hash")])
 def test_a_bad_published_manifest_is_one_line_and_exit_2(built, rebuilt, tmp_path, capsys, bad, needle):
-    path = published_copy(built, tmp_path)
+    """Bad or schema-valid-but-incomparable published manifests: one line, exit 2, nothing printed on stdout."""
+    path = published_copy(built, tmp_path, bad if callable(bad) else None)
     if bad == "tampered":
         path.write_text(path.read_text().replace('"seed": 0', '"seed": 7', 1))
     elif bad == "missing":
         path.unlink()
     elif bad == "not-json":
         path.write_text("{")
-    else:
+    elif bad == "not-a-manifest":
         path.write_text(json.dumps({"format": "something else"}))
-    outcome = run_main(["zoo", "verify", str(rebuilt), "--against", str(path)], capsys)
-    assert outcome.crashed is None and outcome.rc == 2
-    lines = outcome.err.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], outcome.err
+    capsys.readouterr()
+    try:
+        rc = main(["zoo", "verify", str(rebuilt), "--against", str(path)])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err

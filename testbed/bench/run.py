@@ -28,7 +28,7 @@ import testbed.zoo
 from testbed.zoo import benign_floors
 from testbed.bench.settings import BenchModel, BenchSettings, Execution, ModelSource, ReportOptions
 from testbed.bench.report import write_report
-from testbed.bench.store import ReportStore, pair_id, read_pair
+from testbed.bench.store import ReportStore, pair_id, read_pair, same_key
 from testbed.bench.workers import PairJob, default_threads, make_executor, say_result
 from testbed.core.device import machine, resolve_device
 from testbed.core.errors import UserError
@@ -161,7 +161,7 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
                  "is_benign": m.is_benign, "seed": m.seed, "group": m.group,
                  "weights_sha256": file_sha256(Path(m.run_dir) / "model.safetensors")}  # which model, across machines
-        if m.benign_floor is not None:  # only a zoo's attacked entries have one (a --run bench's key is unchanged)
+        if m.benign_floor is not None:  # only a zoo's attacked entries have one
             model["benign_floor"] = m.benign_floor
         for spec, name in zip(specs, names):
             pid = pair_id(m.id, name)
@@ -312,9 +312,9 @@ def _already_in_report(store: Any, plan: dict[str, dict[str, Any]], done: set[st
         old = None if pid in done else read_pair(store.pairs, pid)
         if old is None:
             continue
-        if old.key == key and not rerun:
+        if same_key(old.key, key) and not rerun:
             same.add(pid)
-        elif old.key != key:
+        elif not same_key(old.key, key):
             replaced.append(f"{key['name']} on {key['model']['id']} ({_key_change(old.key, key)})")
     if replaced:
         say(f"replacing {len(replaced)} finished pair(s) run with other settings: " + "; ".join(replaced))

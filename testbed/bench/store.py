@@ -91,22 +91,44 @@ def read_pair(directory: Path, pid: str) -> Pair | None:
     return Pair(row, list(doc.get("classes") or []), dict(doc.get("key") or {}))
 
 
-def export_pairs(report: str | os.PathLike, dest: str | os.PathLike) -> int:
+def export_pairs(report: str | os.PathLike, dest: str | os.PathLike, expect: int | None = None) -> int:
     """Copy the finished pairs of a report into ``dest`` (a ``pairs/`` folder) so that a bench on another machine
     or day, given ``dest`` as its report's ``pairs/``, merges them into its report: each pair's row, timing,
     settings key (which names the sha256 of the model's weights) and the arrays the statistics need (filter
     scores, flagged indices) and the defense's own figures.  The image panels are left out (the largest arrays;
-    a report regenerated from exported pairs has no panel figure for their models).  Returns the pairs copied."""
+    a report regenerated from exported pairs has no panel figure for their models).  ``dest`` is replaced as a
+    whole (pairs an earlier export left there go); with ``expect``, only when that many pairs were readable
+    (otherwise a UserError, and ``dest`` is left as it was).  Returns the pairs copied."""
     src, dest = Path(report) / PAIRS, Path(dest)
+    staged, old = dest.with_name(dest.name + ".exporting"), dest.with_name(dest.name + ".replaced")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
     count = 0
     for pid in _ids(src) if src.is_dir() else []:
         pair = read_pair(src, pid)
         if pair is None:
             continue
         pair.row.panel = pair.row.benign_panel = None
-        write_pair(dest, pid, pair.row, pair.classes, pair.key)
+        write_pair(staged, pid, pair.row, pair.classes, pair.key)
         count += 1
+    if expect is not None and count != expect:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(f"{report}: {count} readable pairs in {PAIRS}/ for {expect} rows in results.json; rerun the "
+                        "bench to regenerate the report")
+    shutil.rmtree(old, ignore_errors=True)  # then swap: dest holds the report's pairs and nothing older
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staged, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return count
+
+
+def same_key(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a finished pair's key is the key a bench would run it with.  A pair written before keys named the
+    weights' sha256 matches on the rest (its model is then identified by its paths, as it was when it ran)."""
+    if "weights_sha256" not in (old.get("model") or {}) and isinstance(new.get("model"), dict):
+        new = {**new, "model": {k: v for k, v in new["model"].items() if k != "weights_sha256"}}
+    return old == new
 
 
 def _ids(directory: Path) -> list[str]:
@@ -168,7 +190,7 @@ class ReportStore:
         old = read_json(self.work / PLAN)
         if old is not None and old.get("plan") == plan:
             done = {pid for pid in _ids(self.work) if pid in plan and (p := read_pair(self.work, pid)) is not None
-                    and p.key == plan[pid]}
+                    and same_key(p.key, plan[pid])}
             return done, []
         merged = self._promote(_ids(self.work)) if self.work.is_dir() else []
         shutil.rmtree(self.work, ignore_errors=True)

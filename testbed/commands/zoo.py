@@ -86,10 +86,12 @@ def _register_verify(sub) -> None:
     v.add_argument("--public-key", "--trusted-key", dest="public_key", type=Path, metavar="PUB",
                    help="the publisher's public key (PEM): also require manifest.sig to be its signature of manifest.json")
     v.add_argument("--against", type=Path, metavar="PUBLISHED",
-                   help="a published zoo's manifest.json (or its directory; no weights needed): compare every entry "
-                   "both hold — SAME (same settings, attack and data, byte-identical weights), DIFFERS (same "
-                   "experiment, other weights: the score differences are printed) or OTHER (not the same "
-                   "experiment: the first difference is named); exit 0 only when every compared entry is SAME")
+                   help="a published zoo's manifest.json (or its directory; no weights needed): once ZOO passes its "
+                   "own check, compare every entry both finished — SAME (same settings, attack and data, "
+                   "byte-identical weights and scores), MISMATCH (byte-identical weights, other published scores), "
+                   "DIFFERS (same experiment, other weights: the score differences are printed) or OTHER (not the "
+                   "same experiment: the first difference is named); exit 0 only when at least one entry was "
+                   "compared and every compared entry is SAME")
     v.set_defaults(func=run_verify)
 
 

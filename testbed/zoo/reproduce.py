@@ -10,7 +10,12 @@ Per entry present in both:
 - ``same``: the same experiment and byte-identical weights (the determinism contract: same seed, same machine
   type and thread count, same bytes);
 - ``differs``: the same experiment, other weights (another CPU, library version or thread count); the score
-  differences say how far apart the two models are.
+  differences say how far apart the two models are;
+- ``mismatch``: byte-identical weights but other scores: the published scores are not what these weights give
+  (an edited manifest, or another scorer).
+
+A benign entry's reference datasets (one per attack of the spec) are compared for the attacks both zoos hold, so
+a spec with part of the grid still reproduces its benign entries.
 
 Entries only one side has are counted, not compared: rebuilding part of a zoo is a normal way to check it.
 """
@@ -28,6 +33,7 @@ from testbed.zoo.integrity import schema_problems
 from testbed.zoo.manifest import MANIFEST, checksum
 
 SCORES = ("mIoU-B", "PA-B", "ASR", "mIoU-A", "PA-A", "PBA")
+SCORE_TOLERANCE = 1e-6  # percentage points: the same weights score the same to the last printed digit
 
 
 @dataclass
@@ -35,7 +41,7 @@ class Comparison:
     """The outcome for one entry id both manifests hold."""
 
     entry: str
-    outcome: str  # same | differs | other
+    outcome: str  # same | mismatch | differs | other
     detail: str = ""
     deltas: dict[str, float] = field(default_factory=dict)
 
@@ -47,7 +53,7 @@ def load_published(path: Path) -> dict[str, Any]:
         path = path / MANIFEST
     fix = "give a zoo directory or the manifest.json a publisher shipped"
     doc = safeload.load_object(path, fix, prefix="--against: ")
-    shape = schema_problems(doc)
+    shape = schema_problems(doc) or comparable_problems(doc)
     if shape:
         raise UserError(f"--against: {path} is not a zoo manifest ({shape[0]}); {fix}")
     if doc["checksum"] != checksum(doc):
@@ -55,14 +61,31 @@ def load_published(path: Path) -> dict[str, Any]:
     return doc
 
 
+def comparable_problems(manifest: dict[str, Any]) -> list[str]:
+    """What a manifest that passed the zoo schema still needs before its entries can be compared."""
+    out = [f"dataset {n!r} has no content_hash" for n, d in manifest["datasets"].items()
+           if not isinstance(d.get("content_hash"), str)]
+    for e in manifest["entries"]:
+        if not isinstance(e.get("config"), dict):
+            out.append(f"entry {e['id']!r}: 'config' is not an object")
+        if not isinstance(e.get("metrics") or {}, dict):
+            out.append(f"entry {e['id']!r}: 'metrics' is not an object")
+        ref = e.get("reference_data") or {}
+        if not isinstance(ref, dict) or not all(isinstance(v, str) and v in manifest["datasets"] for v in ref.values()):
+            out.append(f"entry {e['id']!r}: 'reference_data' must map attack ids to listed datasets")
+    return out
+
+
 def _data_hash(manifest: dict[str, Any], name: Any) -> Any:
-    return (manifest["datasets"].get(name) or {}).get("content_hash") if name is not None else None
+    return manifest["datasets"][name]["content_hash"] if name is not None else None
 
 
-def _definition(manifest: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """What makes two entries the same experiment: settings, attack and the content of every dataset used."""
-    config = {k: v for k, v in (entry.get("config") or {}).items() if k != "device"}
-    reference = {a: _data_hash(manifest, n) for a, n in sorted((entry.get("reference_data") or {}).items())}
+def _definition(manifest: dict[str, Any], entry: dict[str, Any], attacks: set[str]) -> dict[str, Any]:
+    """What makes two entries the same experiment: settings, attack and the content of every dataset used (of
+    the reference datasets, those of ``attacks``: the attack ids both zoos hold)."""
+    config = {k: v for k, v in entry["config"].items() if k != "device"}
+    reference = {a: _data_hash(manifest, n) for a, n in sorted((entry.get("reference_data") or {}).items())
+                 if a in attacks}
     return {"config": config, "attack": entry.get("attack"), "data": _data_hash(manifest, entry.get("dataset")),
             "reference_data": reference}
 
@@ -92,14 +115,20 @@ def _deltas(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
 def compare_entry(mine_doc: dict[str, Any], mine: dict[str, Any], theirs_doc: dict[str, Any],
                   theirs: dict[str, Any]) -> Comparison:
     """One entry id of both manifests (both finished)."""
-    diff = _first_difference(_definition(mine_doc, mine), _definition(theirs_doc, theirs))
+    attacks = set(mine.get("reference_data") or {}) & set(theirs.get("reference_data") or {})
+    diff = _first_difference(_definition(mine_doc, mine, attacks), _definition(theirs_doc, theirs, attacks))
     if diff:
         return Comparison(mine["id"], "other", diff)
-    if _weights(mine) is not None and _weights(mine) == _weights(theirs):
-        return Comparison(mine["id"], "same", f"weights sha256 {_weights(mine)[:12]}…")
     deltas = _deltas(mine, theirs)
     shown = ", ".join(f"{k} {v:+.2f}" for k, v in deltas.items()) or "no scores to compare"
-    return Comparison(mine["id"], "differs", f"weights differ; scores here minus published: {shown}", deltas)
+    if _weights(mine) is None or _weights(mine) != _weights(theirs):
+        return Comparison(mine["id"], "differs", f"weights differ; scores here minus published: {shown}", deltas)
+    off = {k: v for k, v in deltas.items() if abs(v) > SCORE_TOLERANCE}
+    if off:
+        return Comparison(mine["id"], "mismatch", "byte-identical weights, but the published scores are not what they "
+                          "score here (here minus published: " + ", ".join(f"{k} {v:+.4f}" for k, v in off.items()) + ")",
+                          deltas)
+    return Comparison(mine["id"], "same", f"weights sha256 {_weights(mine)[:12]}…")
 
 
 def _done(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -108,6 +137,9 @@ def _done(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def compare(mine_doc: dict[str, Any], theirs_doc: dict[str, Any]) -> tuple[list[Comparison], int, int]:
     """Comparisons over the finished entries both hold, and how many only this zoo / only the published one has."""
+    problems = comparable_problems(mine_doc)
+    if problems:
+        raise UserError(f"this zoo's manifest cannot be compared ({problems[0]}); rebuild it with `testbed zoo build`")
     mine, theirs = _done(mine_doc), _done(theirs_doc)
     both = [i for i in mine if i in theirs]
     rows = [compare_entry(mine_doc, mine[i], theirs_doc, theirs[i]) for i in both]
@@ -117,8 +149,11 @@ def compare(mine_doc: dict[str, Any], theirs_doc: dict[str, Any]) -> tuple[list[
 def report_lines(rows: list[Comparison], only_here: int, only_published: int, where: os.PathLike) -> list[str]:
     """The lines `zoo verify --against` prints after the zoo's own check."""
     lines = [f"{r.outcome.upper():7s} {r.entry}: {r.detail}" for r in rows]
-    count = {o: sum(r.outcome == o for r in rows) for o in ("same", "differs", "other")}
+    if not rows:
+        lines.append("nothing compared: no entry id is finished in both zoos (is this a build of the same spec?)")
+    count = {o: sum(r.outcome == o for r in rows) for o in ("same", "mismatch", "differs", "other")}
     lines.append(f"against {where}: {len(rows)} entries compared: {count['same']} byte-identical, "
+                 f"{count['mismatch']} byte-identical with other published scores, "
                  f"{count['differs']} with other weights, {count['other']} a different experiment; "
                  f"{only_here} only here, {only_published} only published (not compared)")
     return lines
