@@ -34,3 +34,19 @@ def test_plateau_rule_is_read_from_the_curve(tmp_path):
     (e / "metrics.json").write_text('{"mIoU-B": 30.0, "PA-B": 70.0}')
     row = m.entry_row(e, e)
     assert "| 50.0 (10) | 46.5 | fails (3.5 below) |" in row
+
+
+def test_the_camvid_parts_are_the_reference_zoo_split():
+    """examples/zoo-camvid-part-{a,b,c}.toml: the reference spec's data, training and attack tables unchanged, each
+    with the benign models, and together every setting of its grid (so their entries are the reference zoo's)."""
+    import tomllib
+
+    full = tomllib.loads((ROOT / "examples" / "zoo-camvid.toml").read_text())
+    seen = set()
+    for k in "abc":
+        part = tomllib.loads((ROOT / "examples" / f"zoo-camvid-part-{k}.toml").read_text())
+        assert {x: part[x] for x in ("data", "train", "attack")} == {x: full[x] for x in ("data", "train", "attack")}
+        assert part["grid"]["model"] == full["grid"]["model"] and part["grid"]["seed"] == full["grid"]["seed"]
+        assert "benign" in part["grid"]["attack"] and set(part["grid"]) == set(full["grid"])
+        seen |= set(part["grid"]["attack"])
+    assert seen == set(full["grid"]["attack"])
