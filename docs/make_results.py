@@ -47,6 +47,7 @@ import functools
 import io
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -430,11 +431,8 @@ def bench_machine(report: dict[str, Any]) -> str:
 
 def coverage_text(benched: set[str], zoo_ids: list[str]) -> str:
     """Which of the zoo's models the bench holds rows for, by setting (a bench may run on part of a zoo)."""
-    def settings(ids: Iterable[str]) -> str:
-        by: dict[str, int] = {}
-        for i in ids:
-            by[i.split("--")[1]] = by.get(i.split("--")[1], 0) + 1
-        return ", ".join(f"{s} ({n})" for s, n in by.items()) or "none"
+    def settings(ids: Iterable[str]) -> str:  # entry ids are MODEL--SETTING--sSEED
+        return ", ".join(f"{s} ({n})" for s, n in Counter(i.split("--")[1] for i in ids).items()) or "none"
 
     missing = [i for i in zoo_ids if i not in benched]
     if not zoo_ids or not missing:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import testbed.zoo
 from testbed.zoo import benign_floors
+from testbed.zoo.integrity import cached_sha256
 from testbed.bench.settings import BenchModel, BenchSettings, Execution, ModelSource, ReportOptions
 from testbed.bench.report import write_report
 from testbed.bench.store import ReportStore, pair_id, read_pair, same_key
@@ -33,7 +34,6 @@ from testbed.bench.workers import PairJob, default_threads, make_executor, say_r
 from testbed.core.device import machine, resolve_device
 from testbed.core.errors import UserError
 from testbed.core.guards import check_outputs
-from testbed.core.hashing import file_sha256
 from testbed.core.jsonutil import jsonable
 from testbed.core.paramtypes import is_int, is_num
 from testbed.data.h5data import open_dataset
@@ -160,7 +160,8 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
     for m in models:
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
                  "is_benign": m.is_benign, "seed": m.seed, "group": m.group,
-                 "weights_sha256": file_sha256(Path(m.run_dir) / "model.safetensors")}  # which model, across machines
+                 "weights_sha256": cached_sha256(Path(m.run_dir) / "model.safetensors")}  # which model, across machines
+        # (cached: opening a zoo has already hashed its entries' weights in this process)
         if m.benign_floor is not None:  # only a zoo's attacked entries have one
             model["benign_floor"] = m.benign_floor
         for spec, name in zip(specs, names):

@@ -199,17 +199,11 @@ def run_verify(args: argparse.Namespace) -> int:
                + len(manifest.get("records") or {}))
     print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
           f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}" + ("; signed by the --public-key" if args.public_key else ""))
-    return 0 if published is None else _against(manifest, published, args.against)
-
-
-def _against(manifest: dict, published: dict, where: Path) -> int:
-    """`verify --against`: each entry both finished, SAME / DIFFERS / OTHER; 0 only when all compared are SAME."""
-    from testbed.zoo import reproduce
-
-    rows, only_here, only_published = reproduce.compare(manifest, published)
-    for line in reproduce.report_lines(rows, only_here, only_published, where):
-        print(line)
-    return 0 if rows and all(r.outcome == "same" for r in rows) else 1
+    if published is None:
+        return 0
+    lines, reproduced = reproduce.verdict(manifest, published, args.against)
+    print("\n".join(lines))
+    return 0 if reproduced else 1
 
 
 def run_sign(args: argparse.Namespace) -> int:

@@ -146,6 +146,13 @@ def compare(mine_doc: dict[str, Any], theirs_doc: dict[str, Any]) -> tuple[list[
     return rows, len(mine) - len(both), len(theirs) - len(both)
 
 
+def verdict(mine_doc: dict[str, Any], theirs_doc: dict[str, Any], where: os.PathLike) -> tuple[list[str], bool]:
+    """`zoo verify --against`: the lines to print, and whether the zoo reproduces the published one (at least one
+    entry compared, every compared entry SAME)."""
+    rows, only_here, only_published = compare(mine_doc, theirs_doc)
+    return report_lines(rows, only_here, only_published, where), bool(rows) and all(r.outcome == "same" for r in rows)
+
+
 def report_lines(rows: list[Comparison], only_here: int, only_published: int, where: os.PathLike) -> list[str]:
     """The lines `zoo verify --against` prints after the zoo's own check."""
     lines = [f"{r.outcome.upper():7s} {r.entry}: {r.detail}" for r in rows]
