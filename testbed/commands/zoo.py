@@ -195,14 +195,14 @@ def run_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"zoo {zoo}: {len(problems)} problem(s)")
         return 1
+    # the comparison first: a manifest it cannot compare is one error line, not a half-printed report
+    lines, reproduced = reproduce.verdict(manifest, published, args.against) if published is not None else ([], True)
     n_files = (sum(len(e.get("files") or {}) for e in manifest["entries"]) + len(manifest["datasets"])
                + len(manifest.get("records") or {}))
     print(f"zoo {zoo}: OK, {len(manifest['entries'])} entries, {n_files} files verified; "
           f"manifest sha256 {mf.file_sha256(zoo / mf.MANIFEST)}" + ("; signed by the --public-key" if args.public_key else ""))
-    if published is None:
-        return 0
-    lines, reproduced = reproduce.verdict(manifest, published, args.against)
-    print("\n".join(lines))
+    for line in lines:
+        print(line)
     return 0 if reproduced else 1
 
 
