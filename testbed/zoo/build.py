@@ -139,7 +139,7 @@ def prepare(spec: ZooSpec, zoo: Path, stale_after: float = DEFAULT_STALE_AFTER,
     from other settings, one whose finished work no longer matches its manifest, outputs over inputs.
     """
     zoo = Path(zoo)
-    check_out(spec, zoo)
+    data = check_out(spec, zoo, say)
     created = not zoo.exists()
     try:
         for d in (zoo, mf.data_dir(zoo), mf.entries_dir(zoo)):
@@ -151,15 +151,16 @@ def prepare(spec: ZooSpec, zoo: Path, stale_after: float = DEFAULT_STALE_AFTER,
         for claim in d.glob("*.claim"):
             break_stale(claim, zoo, stale_after)
     try:
-        return _prepare(spec, zoo, stale_after, say)
+        return _prepare(spec, zoo, data, stale_after, say)
     except BaseException:
         if created and not any(f != ".lock" for _, _, files in os.walk(zoo) for f in files):
             shutil.rmtree(zoo, ignore_errors=True)  # a first build that wrote nothing leaves nothing
         raise
 
 
-def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], None]) -> dict[str, Any]:
-    clean = _ensure_dataset(zoo, "clean", {"source": spec.data_definition()}, _make_clean(spec.data), stale_after, say)
+def _prepare(spec: ZooSpec, zoo: Path, data: dict[str, Any], stale_after: float,
+             say: Callable[[str], None]) -> dict[str, Any]:
+    clean = _ensure_dataset(zoo, "clean", {"source": data}, _make_clean(spec.data), stale_after, say)
     clean_path = mf.dataset_file(zoo, "clean")
     names: dict[tuple[str, int], str] = {}
     for e in spec.entries:
@@ -182,7 +183,7 @@ def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], 
             row["data"] = names[(e.variant.label, e.seed)]
         rows[e.id] = row
     with zoo_lock(zoo):
-        plan = _check_plan(zoo, spec)
+        plan = _check_plan(zoo, spec, data)
         for eid, row in rows.items():
             if eid not in plan["entries"]:
                 plan["order"].append(eid)
@@ -192,13 +193,17 @@ def _prepare(spec: ZooSpec, zoo: Path, stale_after: float, say: Callable[[str], 
     return plan
 
 
-def check_out(spec: ZooSpec, zoo: Path) -> None:
-    """Refuse ``zoo`` as --out before anything is written there (see :func:`prepare`)."""
+def check_out(spec: ZooSpec, zoo: Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Refuse ``zoo`` as --out before anything is written there (see :func:`prepare`).
+
+    Returns the data definition the build records and compares (see :func:`_data_source`).
+    """
     if zoo.exists() and not zoo.is_dir():
         raise UserError(f"--out {zoo} is a file; choose a directory")
     outputs = [("--out", zoo / d) for d in ("data", "entries", mf.PLAN, mf.MANIFEST)]
     check_outputs(outputs, {"the spec": spec.path, "[data] path": spec.data.get("path")})
-    _check_plan(zoo, spec)
+    data = _data_source(zoo, spec, say or (lambda msg: None))
+    _check_plan(zoo, spec, data)
     _dry_run_attacks(spec, zoo)
     problems = mf.adoption_problems(zoo) if zoo.is_dir() else []
     if problems:
@@ -206,6 +211,7 @@ def check_out(spec: ZooSpec, zoo: Path) -> None:
         raise UserError(f"{zoo}: finished work no longer matches the manifest: {problems[0]}{more}; a rebuild would "
                         f"bless it: run `testbed zoo verify {zoo}`, then restore the files or delete the damaged "
                         "entries/ID directory (or data/NAME.*) to rebuild it")
+    return data
 
 
 def _dry_run_attacks(spec: ZooSpec, zoo: Path) -> None:
@@ -245,15 +251,45 @@ def _foreign(zoo: Path) -> list[Path]:
     return out
 
 
-def _check_plan(zoo: Path, spec: ZooSpec) -> dict[str, Any]:
+def _is_path_only(definition: Any) -> bool:
+    return isinstance(definition, dict) and set(definition) == {"path"} and isinstance(definition["path"], str)
+
+
+def _data_source(zoo: Path, spec: ZooSpec, say: Callable[[str], None]) -> dict[str, Any]:
+    """The data definition this build compares with the zoo's and records: the spec's, or the zoo's own when
+    ``[data] path`` names the zoo's data file moved (another path, the same content hash as ``data/clean.h5``).
+
+    The zoo keeps its original definition (plan.json, data/clean.json and the manifest are not rewritten): the
+    zoo's data is its own copy, so the old path is a record of where it came from, and builders that give the old
+    path or the new one agree.  Another content at another path is refused, naming both hashes.  Generated data
+    and zoos without a clean data record are left to :func:`_check_plan`.
+    """
+    ours = spec.data_definition()
+    plan = mf.load_plan(zoo) if (zoo / mf.PLAN).exists() else None
+    if plan is None or plan.get("data") == ours or not (_is_path_only(plan.get("data")) and _is_path_only(ours)):
+        return ours
+    record = mf.read_json(mf.dataset_record(zoo, "clean"))
+    recorded = record.get("content_hash") if isinstance(record, dict) else None
+    if not isinstance(recorded, str) or record.get("definition") != {"source": plan["data"]}:
+        return ours
+    old, new = plan["data"]["path"], ours["path"]
+    found = content_hash(new)
+    if found != recorded:
+        raise UserError(f"{zoo} was built from other data: {old} (content sha256 {recorded[:12]}); [data] path {new} "
+                        f"has other content (content sha256 {found[:12]}); use a new --out for this spec")
+    say(f"data moved: {old} now at {new}, same content sha256 {found[:12]}; the zoo keeps recording {old}")
+    return dict(plan["data"])
+
+
+def _check_plan(zoo: Path, spec: ZooSpec, data: dict[str, Any]) -> dict[str, Any]:
     plan = mf.load_plan(zoo) if (zoo / mf.PLAN).exists() else None
     if plan is None:
         foreign = _foreign(zoo)
         if foreign:
             raise UserError(f"--out {zoo} holds files but is not a zoo (e.g. {foreign[0].name}); choose an empty or "
                             "new directory")
-        return {"format": mf.FORMAT, "version": mf.VERSION, "data": spec.data_definition(), "order": [], "entries": {}}
-    if plan.get("data") != spec.data_definition():
+        return {"format": mf.FORMAT, "version": mf.VERSION, "data": data, "order": [], "entries": {}}
+    if plan.get("data") != data:
         raise UserError(f"{zoo} was built from other data ({json.dumps(plan.get('data'))}); use a new --out for this spec")
     for e in spec.entries:
         old = plan["entries"].get(e.id)
