@@ -19,6 +19,7 @@ from torch import nn
 from testbed.defenses._features import Budget, CostMeter, check, check_clean, is_num, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 from testbed.defenses.strip import check_filter, clean_threshold, score_clean
+from testbed.training.heap import all_on_heap
 
 SCALES = (3, 5, 7, 9, 11)
 
@@ -47,11 +48,17 @@ class ScaleUpScorer:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
         self.model.eval()
         out = np.empty(len(images), dtype=np.float64)
-        for s in range(0, len(images), self.per_forward):
-            chunk = images[s : s + self.per_forward]
-            out[s : s + len(chunk)] = spc(self.model, to_input(chunk, self.device), self.scales).double().cpu().numpy()
-            self.forward += len(chunk) * (len(self.scales) + 1)
+        with self.heap():
+            for s in range(0, len(images), self.per_forward):
+                chunk = images[s : s + self.per_forward]
+                x = to_input(chunk, self.device)
+                out[s : s + len(chunk)] = spc(self.model, x, self.scales).double().cpu().numpy()
+                self.forward += len(chunk) * (len(self.scales) + 1)
         return out
+
+    def heap(self):
+        """On CPU, blocks of every size from the C heap, reused from pass to pass (as STRIP's scorer)."""
+        return all_on_heap(torch.device(self.device).type == "cpu")
 
 
 class ScaleUp:
@@ -86,7 +93,8 @@ class ScaleUp:
         meter = CostMeter()
         budget = Budget.for_context(ctx, meter)
         scorer = ScaleUpScorer(model.to(ctx.device).eval(), ctx.device, tuple(self.scales), self.batch_size)
-        scores = score_clean(scorer, ctx, budget, meter, per_image=len(self.scales) + 1, label="SCALE-UP")
+        with scorer.heap():  # one kept heap for all the clean chunks, not one per call
+            scores = score_clean(scorer, ctx, budget, meter, per_image=len(self.scales) + 1, label="SCALE-UP")
         threshold = clean_threshold(scores, self.frr, self.threshold_rule)
         details = {
             "clean_scores": scores.tolist(), "threshold": threshold, "frr_target": self.frr,

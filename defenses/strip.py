@@ -24,6 +24,7 @@ from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, check, check_clean, is_int, is_num, report, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
+from testbed.training.heap import all_on_heap
 
 
 def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,16 @@ class StripScorer:
         if tuple(images.shape[1:3]) != tuple(self.pool.shape[-2:]):
             raise ValueError(f"images are {images.shape[1:3]} but the clean overlays are {tuple(self.pool.shape[-2:])}")
         self.model.eval()
+        with self.heap():
+            return self._scores(images, exclude)
+
+    def heap(self):
+        """On CPU, the forward passes' blocks — over glibc's largest mmap threshold at CamVid's size — come from
+        the C heap and are reused, not mapped and faulted in afresh each pass (:func:`all_on_heap`; the same
+        batches, so the same scores).  :meth:`Strip.run` holds it over the clean scores, each call over its own."""
+        return all_on_heap(torch.device(self.device).type == "cpu")
+
+    def _scores(self, images: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
         out = np.empty(len(images), dtype=np.float64)
         for s in range(0, len(images), self.per_forward):
             chunk = images[s : s + self.per_forward]
@@ -199,7 +210,8 @@ class Strip:
         scorer = self.scorer(model, ctx)
         # every clean image is scored against overlays drawn from the *other* clean images (leave-one-out),
         # so the threshold sees the same kind of overlays a test input gets
-        scores = score_clean(scorer, ctx, budget, meter, self.n_overlays, "STRIP", leave_one_out=True)
+        with scorer.heap():  # one kept heap for all the clean chunks, not one per call
+            scores = score_clean(scorer, ctx, budget, meter, self.n_overlays, "STRIP", leave_one_out=True)
         threshold = clean_threshold(scores, self.frr, self.threshold_rule)
         return DefenseResult(input_scores=scorer, threshold=threshold, cost=meter.cost(),
                              details={**self._details(scores, threshold, n, scorer), **budget.summary()})

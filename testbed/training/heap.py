@@ -21,6 +21,12 @@ again once more than that is free there, not only past the run's 1 GiB (memory b
 mapped, as with glibc's defaults).  Where a block lies never changes what is computed (PyTorch aligns every tensor to
 64 bytes either way): the weights stay byte-identical (tests/test_train_heap.py).
 Elsewhere than glibc (macOS, musl) this does nothing.
+
+:func:`all_on_heap` goes one step further for code whose blocks exceed :data:`MMAP_THRESHOLD` (an input filter's
+batch of 100 overlays per image: STRIP's activations reach ≈150 MiB a tensor at CamVid's 96×128): no block is
+mmap'd at all (``M_MMAP_MAX`` = 0), so those too come from the heap and are reused, unfaulted, by the next pass.
+Measured on STRIP with the CamVid zoo's model, one thread (BENCHMARKS.md): 75.2 M minor page faults → 4.2 M,
+269 → 154 CPU-s, scores byte-identical (the batches are the same; only where the blocks lie changes).
 """
 
 from __future__ import annotations
@@ -32,9 +38,12 @@ from typing import Iterator
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30  # free bytes at the heap's top kept mapped (glibc's default: 128 KiB, adaptive)
 MMAP_THRESHOLD = 32 << 20  # blocks up to this size come from the heap (glibc's largest allowed value)
 AFTER_TRIM_THRESHOLD = 64 << 20  # after a run: glibc's adaptive maximum (2 x its largest mmap threshold)
+DEFAULT_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX (blocks mmap'd at once), restored after all_on_heap
+_all_on_heap_depth = 0  # nesting of all_on_heap: only the outermost one sets and restores
 
 
 def _glibc():
@@ -78,3 +87,35 @@ def kept_heap(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         give_back()
+
+
+@contextlib.contextmanager
+def all_on_heap(enabled: bool = True) -> Iterator[None]:
+    """:func:`kept_heap`, and blocks of every size from the heap too (``M_MMAP_MAX`` = 0): no fresh pages mapped
+    and faulted in, zeroed, per large tensor.  Glibc still maps a block when the heap cannot grow.  Nested uses
+    share the outermost one (an inner exit neither trims nor restores).  After it, ``M_MMAP_MAX`` is glibc's
+    default (:data:`DEFAULT_MMAP_MAX`; a value set through ``GLIBC_TUNABLES`` cannot be read back) and the heap's
+    free memory is given back (:func:`give_back`)."""
+    global _all_on_heap_depth
+    if not enabled:
+        yield
+        return
+    _all_on_heap_depth += 1
+    try:
+        with _no_mmap() if _all_on_heap_depth == 1 else contextlib.nullcontext():
+            yield
+    finally:
+        _all_on_heap_depth -= 1
+
+
+@contextlib.contextmanager
+def _no_mmap() -> Iterator[None]:
+    """The outermost :func:`all_on_heap`: the kept heap with ``M_MMAP_MAX`` = 0 while the block runs."""
+    libc = _glibc()
+    with kept_heap():
+        took = libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
+        try:
+            yield
+        finally:
+            if took:
+                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
