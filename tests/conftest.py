@@ -65,3 +65,22 @@ def backdoored_run(fgba_line_path, tmp_path_factory) -> Path:
     # so tests that pin a documented finding on it hold on an AMD EPYC and on a Xeon with AMX alike
     cfg = TrainConfig(model="deeplabv3_tiny", epochs=6, batch_size=16, seed=0, device="cpu", precision="fp32")
     return train(fgba_line_path, out, cfg, progress=False)
+
+
+@pytest.fixture
+def fake_glibc(monkeypatch):
+    """``testbed.training.heap`` sees a C library that records its ``mallopt``/``malloc_trim`` calls (returned)."""
+    from testbed.training import heap
+
+    calls: list = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(heap, "_glibc", lambda: FakeLibc())
+    return calls

@@ -137,20 +137,10 @@ def test_scale_up_enters_the_heap_on_cpu(monkeypatch):
     assert seen == [(False, 0)]
 
 
-def test_all_on_heap_sets_nests_and_restores(monkeypatch):
+def test_all_on_heap_sets_nests_and_restores(fake_glibc):
     """The outermost use sets the kept heap and M_MMAP_MAX = 0 and restores both on the way out (error or not);
     nested and disabled uses call nothing."""
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-        def malloc_trim(self, pad):
-            calls.append(("trim", pad))
-
-    monkeypatch.setattr(heap, "_glibc", lambda: FakeLibc())
+    calls = fake_glibc
     with heap.all_on_heap(False):
         pass
     assert calls == []

@@ -96,22 +96,12 @@ def test_kept_heap_off_does_nothing(monkeypatch):
     assert calls == ["keep", "back"]  # given back on the way out, error or not
 
 
-def test_after_a_run_the_trim_threshold_comes_down(monkeypatch):
+def test_after_a_run_the_trim_threshold_comes_down(fake_glibc):
     """glibc cannot restore its adaptive settings, so after the run kept_heap sets the trim threshold to
     AFTER_TRIM_THRESHOLD (64 MiB) before trimming: a process that goes on (a bench worker after a retrain) does
     not keep the run's 1 GiB threshold.  (Whether freed memory really returns also depends on what lies above it
     in the heap, so the calls are checked, not the resident size.)"""
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-        def malloc_trim(self, pad):
-            calls.append(("trim", pad))
-
-    monkeypatch.setattr(heap, "_glibc", lambda: FakeLibc())
+    calls = fake_glibc
     with heap.kept_heap():
         assert calls == [(heap.M_TRIM_THRESHOLD, 1 << 30), (heap.M_MMAP_THRESHOLD, 32 << 20)]
     assert calls[2:] == [(heap.M_TRIM_THRESHOLD, 64 << 20), (heap.M_MMAP_THRESHOLD, 32 << 20), ("trim", 0)]
