@@ -1,7 +1,9 @@
 """Neural Attention Distillation (NAD; Li et al., ICLR 2021) adapted to segmentation.
 
 1. Teacher: a copy of the suspicious model fine-tuned on the clean subset for ``teacher_epochs`` (per-pixel
-   cross-entropy, SGD, cosine learning rate, as :mod:`ft`).
+   cross-entropy, SGD at a constant learning rate: BackdoorBench's ``CosineAnnealingLR(T_max=100)`` moves it
+   only from 0.01 to 0.0098 over its 10 teacher epochs; NAD fine-tunes its teacher with its own step schedule,
+   which never anneals to zero).
 2. Student: the suspicious model trained for ``epochs`` on the clean subset with per-pixel cross-entropy
    plus, for each chosen feature map l, ``beta_l`` × AT(student_l, teacher_l), where the attention map of a
    feature map ``F [N,C,h,w]`` is ``A = sum_c |F_c|^p``, divided by its L2 norm over the h×w positions, and
@@ -10,12 +12,21 @@
    unchanged.
 3. The student is the repaired model.
 
-Which feature maps: NAD distils the outputs of the last three residual groups of a WRN/ResNet (BackdoorBench:
-ResNet ``layer2``-``layer4``, betas 500, 1000, 1000 from shallow to deep).  Here ``layers`` names modules
-(dotted names of ``model.named_modules()``); by default the last three direct children of ``model.backbone``
-whose output is a 4-D tensor (descending into a lone container such as torchvision's ``features``): the tiny
-backbone's ``layer1``-``layer3``, a ResNet's ``layer2``-``layer4`` — NAD's choice.  The maps are read with
-forward hooks, so any model works.
+BatchNorm: both phases train in ``model.train()`` mode, BatchNorm on batch statistics (and updating its
+running statistics), as NAD's and BackdoorBench's loops do (``bn="train"``); ``bn="frozen"`` keeps the
+statistics fixed like the other repair defenses.  Frozen BN is *not* harmless here: it makes the student loss
+about 5× sharper (top Hessian eigenvalue measured on a CamVid model: 2 427 frozen, 478 in train mode), so at
+lr 0.01 the student diverges (AT loss and feature norms grow, clean mIoU collapses; docs/defenses.md, "nad").
+A batch of one image keeps BN frozen (train-mode BN needs more than one value per channel, and ASPP's pooled
+branch has one).
+
+Which feature maps: NAD distils the outputs of the three residual groups of its WRN-16-1 (``block1``-``block3``),
+betas 500, 1000, 1000 from shallow to deep.  (BackdoorBench's PreAct-ResNet-18 branch slices ``children()`` and
+so taps ``layer3``, ``layer4`` and the 1×1 average pool, whose normalised attention map is identically 1: its
+third term is 0.)  Here ``layers`` names modules (dotted names of ``model.named_modules()``); by default the
+last three direct children of ``model.backbone`` whose output is a 4-D tensor (descending into a lone container
+such as torchvision's ``features``): the tiny backbone's ``layer1``-``layer3``, a ResNet's ``layer2``-``layer4``
+— NAD's choice of the last three residual groups.  The maps are read with forward hooks, so any model works.
 """
 
 from __future__ import annotations
@@ -42,6 +53,13 @@ def attention_map(fm: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor
 def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
     """Attention-transfer loss: mean squared difference of the two attention maps."""
     return F.mse_loss(attention_map(student, p), attention_map(teacher, p))
+
+
+def set_bn_training(model: nn.Module, training: bool) -> None:
+    """Put every BatchNorm layer of ``model`` in training (batch statistics) or eval (running statistics) mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(training)
 
 
 def default_layers(model: nn.Module, image_size: tuple[int, int], device: torch.device) -> list[str]:
@@ -99,10 +117,14 @@ class NAD:
 
     Parameters: ``teacher_epochs``/``epochs`` (NAD and BackdoorBench: 10 each), ``betas`` (per layer, shallow
     to deep: 500, 1000, 1000), ``p`` (attention power, 2), ``layers`` (module names; None = the backbone's
-    last three stages), ``lr``/``batch_size``/``momentum``/``weight_decay`` (0.01, 8, 0.9, 1e-4).
+    last three stages), ``lr``/``batch_size``/``momentum``/``weight_decay`` (0.01, 8, 0.9, 1e-4), ``bn``
+    ("train": BatchNorm in training mode in both phases, as the references; "frozen": statistics fixed).
     """
 
     name = "nad"
+    # 2: BatchNorm in training mode and a constant teacher learning rate, as the references (was: frozen BN,
+    # cosine-annealed teacher; a bench's pairs of revision 1 are run again)
+    revision = 2
     paper = 'Li et al.: Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, ICLR 2021'
     reference = 'github.com/SCLBD/BackdoorBench defense/nad.py'
     uses_training_set = False
@@ -112,10 +134,11 @@ class NAD:
         "betas": "AT-loss weight per distilled layer, shallow to deep (NAD: 500, 1000, 1000)",
         "p": "power of the attention map sum_c |F_c|^p (NAD: 2)",
         "layers": "module names whose outputs are distilled; None = the last three stages of model.backbone",
-        "lr": "SGD learning rate (BackdoorBench: 0.01; teacher cosine-annealed, student constant)",
+        "lr": "SGD learning rate, constant in both phases (BackdoorBench: 0.01)",
         "batch_size": "clean images per SGD step",
         "momentum": "SGD momentum (0.9)",
         "weight_decay": "SGD weight decay (NAD: 1e-4)",
+        "bn": "BatchNorm while training: train (batch statistics, as NAD and BackdoorBench) or frozen",
     }
 
     # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
@@ -128,11 +151,13 @@ class NAD:
     batch_size: int = 8
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    bn: str = "train"
 
     def check_params(self) -> None:
         check_sgd(self)
         check(is_int(self.teacher_epochs), "teacher_epochs", "an integer >= 0", self.teacher_epochs)
         check(is_num(self.p) and self.p > 0, "p", "a number > 0", self.p)
+        check(self.bn in ("train", "frozen"), "bn", '"train" or "frozen"', self.bn)
         betas = self.betas
         check(isinstance(betas, (list, tuple)) and len(betas) > 0 and all(is_num(b) and b >= 0 for b in betas),
               "betas", "a non-empty list of numbers >= 0", betas)
@@ -154,9 +179,9 @@ class NAD:
         start = miou(student, ctx, meter)
         teacher = copy.deepcopy(student)
         ce = lambda m, x, y: (cross_entropy(m(x)["out"], y, ctx.ignore_index), len(x), len(x))  # noqa: E731
-        plan = SGDPlan(self.teacher_epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "cosine",
-                       "teacher", (0.0, 0.5))
-        teacher_done, stopped = train_clean(teacher, ctx, plan, ce, budget, meter)
+        plan = SGDPlan(self.teacher_epochs, self.lr, self.batch_size, self.momentum, self.weight_decay,
+                       "constant", "teacher", (0.0, 0.5))
+        teacher_done, stopped = train_clean(teacher, ctx, plan, self._bn_mode(ce), budget, meter)
         teacher.eval().requires_grad_(False)
         teacher_miou = miou(teacher, ctx, meter)
         student_done = 0
@@ -164,10 +189,21 @@ class NAD:
             student_done = self._distil(student, teacher, layers, ctx, budget, meter)
         final = miou(student, ctx, meter)
         report(ctx.progress, 1.0, f"nad done: clean mIoU {final:.3f}")
-        details = {"layers": layers, "betas": [float(b) for b in self.betas], "p": float(self.p),
+        details = {"layers": layers, "betas": [float(b) for b in self.betas], "p": float(self.p), "bn": self.bn,
                    "teacher_epochs_done": teacher_done, "epochs_done": student_done, "miou_clean_start": start,
                    "miou_clean_teacher": teacher_miou, "miou_clean_final": final, **budget.summary()}
         return DefenseResult(model=student, cost=meter.cost(), details=details)
+
+    def _bn_mode(self, loss_fn):
+        """``loss_fn`` with BatchNorm put in training mode first (``bn="train"``; ``train_clean`` freezes it at
+        each epoch's start), except for a one-image batch, which keeps the running statistics."""
+        if self.bn == "frozen":
+            return loss_fn
+
+        def wrapped(m, x, y):
+            set_bn_training(m, len(x) > 1)
+            return loss_fn(m, x, y)
+        return wrapped
 
     def _distil(self, student, teacher, layers, ctx, budget, meter) -> int:
         """The student phase: per-pixel CE + sum of beta_l × AT over the tapped layers (teacher detached)."""
@@ -182,11 +218,11 @@ class NAD:
                 loss = loss + float(beta) * at_loss(fs, ft.detach(), float(self.p))
             return loss, 2 * len(x), len(x)  # student and teacher forwards, student backward
 
-        # NAD's adjust_learning_rate keeps the learning rate for the first epochs (0.01 throughout at lr=0.01)
+        # BackdoorBench's adjust_learning_rate: the given lr for 2 epochs, then 0.01 (0.01 throughout at lr=0.01)
         plan = SGDPlan(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "constant",
                        "student", (0.5, 1.0))
         try:
-            done, _ = train_clean(student, ctx, plan, loss_fn, budget, meter, passes_per_image=3)
+            done, _ = train_clean(student, ctx, plan, self._bn_mode(loss_fn), budget, meter, passes_per_image=3)
         finally:
             s_taps.remove()
             t_taps.remove()

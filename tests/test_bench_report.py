@@ -836,3 +836,26 @@ def test_benign_floors_match_architecture_seed_and_training_axes():
            entry("a--iba--s1--epochs-2", "iba", 1, 2), entry("b--iba--s0--epochs-2", "iba", 0, 2)]
     assert benign_floors(zoo) == {"a--iba--s0--epochs-2": {"entry": "a--benign--s0--epochs-2", "ASR": 83.7},
                                   "a--iba--s0--epochs-4": {"entry": "a--benign--s0--epochs-4", "ASR": 12.0}}
+
+
+def test_a_defense_whose_revision_changed_is_run_again(zoo, tmp_path, monkeypatch):
+    """A class attribute ``revision`` (set when a defense's results change under the same parameters) is part of
+    each pair's key: the pairs of the older code are replaced and rerun, not merged with the new ones."""
+    from testbed.bench.run import run_bench
+
+    out = tmp_path / "r"
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None,
+              entries="*s0")
+    pairs = sorted(p for p in (out / "pairs").glob("*--brightness--*.json") if not p.name.endswith(".time.json"))
+    assert pairs and all("revision" not in json.loads(p.read_text())["key"] for p in pairs)
+    monkeypatch.setattr(Brightness, "revision", 2, raising=False)
+    said = []
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              entries="*s0")
+    (line,) = [m for m in said if m.startswith("replacing")]
+    assert line.startswith(f"replacing {len(pairs)} finished pair(s)") and "the defense's revision None → 2" in line
+    assert all(json.loads(p.read_text())["key"]["revision"] == 2 for p in pairs)
+    said.clear()  # the same revision again: nothing to do
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              entries="*s0")
+    assert any("nothing to do" in m for m in said) and not any(m.startswith("replacing") for m in said)

@@ -157,6 +157,7 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
           settings: BenchSettings, notes: dict[str, list[str]]) -> tuple[dict[str, PairJob], dict[str, Any]]:
     """One job per model × defense (pair id → job) and the defense objects handed over in this process."""
     jobs, objects = {}, {}
+    revisions = [_revision(spec, params.get(spec, {}) if isinstance(spec, str) else {}) for spec in specs]
     for m in models:
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
                  "is_benign": m.is_benign, "seed": m.seed, "group": m.group,
@@ -164,18 +165,28 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
         # (cached: opening a zoo has already hashed its entries' weights in this process)
         if m.benign_floor is not None:  # only a zoo's attacked entries have one
             model["benign_floor"] = m.benign_floor
-        for spec, name in zip(specs, names):
+        for spec, name, revision in zip(specs, names, revisions):
             pid = pair_id(m.id, name)
             p = params.get(spec, {}) if isinstance(spec, str) else {}
             spec_name = spec if isinstance(spec, str) else None
             typed = spec_name or f"{type(spec).__module__}:{type(spec).__qualname__}"
             setting = {**dataclasses.asdict(settings), "params": p, "defense": typed}  # as typed: `compare` accepts it too
-            key = jsonable({"model": model, "defense": typed, "name": name, "settings": setting})
+            key = {"model": model, "defense": typed, "name": name, "settings": setting}
+            if revision is not None:  # a defense whose results changed says so; its older pairs then rerun
+                key["revision"] = revision
+            key = jsonable(key)
             jobs[pid] = PairJob(out=str(out), pid=pid, model=jsonable(model), defense=spec_name, name=name,
                                 params=jsonable(p), settings=jsonable(setting), key=key, notes=list(notes.get(m.id, [])))
             if spec_name is None:
                 objects[pid] = spec
     return jobs, objects
+
+
+def _revision(spec: Any, params: dict[str, Any]) -> Any:
+    """The defense class's ``revision`` attribute (None when it has none): bumped by a defense's author when its
+    results change under the same parameters, so a report's pairs from the older code are replaced, not mixed in."""
+    cls = type(load_defense(spec, **params)) if isinstance(spec, str) else type(spec)
+    return getattr(cls, "revision", None)
 
 
 @dataclasses.dataclass
@@ -335,6 +346,8 @@ def _key_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     floors = [(k.get("model") or {}).get("benign_floor") for k in (old, new)]
     if floors[0] != floors[1]:
         diffs.append(f"the benign floor {floors[0]!r} → {floors[1]!r}")
+    if old.get("revision") != new.get("revision"):
+        diffs.append(f"the defense's revision {old.get('revision')!r} → {new.get('revision')!r}")
     if {**(old.get("model") or {}), "benign_floor": None} != {**(new.get("model") or {}), "benign_floor": None}:
         diffs.append("the model's files")
     return ", ".join(diffs) or "another defense class"
