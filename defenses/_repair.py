@@ -1,5 +1,5 @@
 """Helpers the repair defenses (ft, nad, anp, i-bau) share: parameter checks, the clean-subset SGD loop,
-BatchNorm freezing and the clean mIoU bookends.
+BatchNorm freezing or training (``bn_mode``) and the clean mIoU bookends.
 
 Kept apart from :mod:`testbed.defenses._features` (helpers of every defense) because only the defenses that
 train the model on the clean subset need them.
@@ -51,11 +51,38 @@ def probe(model: nn.Module, hooks: list, image_size: tuple[int, int], device: to
             h.remove()
 
 
-def freeze_bn(model: nn.Module) -> None:
-    """Keep BatchNorm statistics fixed: the clean subset is too small to re-estimate them."""
+def set_bn_training(model: nn.Module, training: bool) -> None:
+    """Put every BatchNorm layer of ``model`` in training (batch statistics) or eval (running statistics) mode."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+            m.train(training)
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """Keep BatchNorm statistics fixed (eval-mode BN)."""
+    set_bn_training(model, False)
+
+
+BN_MODES = ("train", "frozen")
+
+
+def check_bn(obj: Any) -> None:
+    """The ``bn`` parameter of the defenses that let BatchNorm train (ft, nad): "train" or "frozen"."""
+    check(obj.bn in BN_MODES, "bn", '"train" or "frozen"', obj.bn)
+
+
+def bn_mode(bn: str, loss_fn: BatchLoss) -> BatchLoss:
+    """``loss_fn`` for ``train_clean`` with BatchNorm as ``bn`` says: "frozen" returns it as is (``train_clean``
+    freezes BN at each epoch's start); "train" puts BN in training mode before every batch — batch statistics,
+    running statistics updated, as the references' ``model.train()`` — except a one-image batch, which keeps
+    the running statistics (train-mode BN needs more than one value per channel; ASPP's pooled branch has one)."""
+    if bn == "frozen":
+        return loss_fn
+
+    def wrapped(m, x, y):
+        set_bn_training(m, len(x) > 1)
+        return loss_fn(m, x, y)
+    return wrapped
 
 
 def check_sgd(obj: Any, epochs: str = "epochs") -> None:
@@ -89,7 +116,8 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 def train_clean(model: nn.Module, ctx: DefenseContext, plan: SGDPlan, loss_fn: BatchLoss, budget: Budget,
                 meter: CostMeter, passes_per_image: int = 2,
                 after_step: Callable[[], None] | None = None) -> tuple[int, bool]:
-    """SGD over the clean subset for ``plan.epochs`` (BatchNorm statistics frozen), seeded by ``ctx.seed``.
+    """SGD over the clean subset for ``plan.epochs``, seeded by ``ctx.seed``.  BatchNorm is frozen (eval mode)
+    at each epoch's start; a ``loss_fn`` wrapped by :func:`bn_mode` with "train" puts it in training mode per batch.
 
     Before every batch ``budget`` is asked for the batch's ``passes_per_image`` × images plus one clean
     forward per image in reserve (the final clean mIoU); ``after_step`` runs after every optimiser step

@@ -13,12 +13,12 @@
 3. The student is the repaired model.
 
 BatchNorm: both phases train in ``model.train()`` mode, BatchNorm on batch statistics (and updating its
-running statistics), as NAD's and BackdoorBench's loops do (``bn="train"``); ``bn="frozen"`` keeps the
-statistics fixed like the other repair defenses.  Frozen BN is *not* harmless here: it makes the student loss
-about 5× sharper (top Hessian eigenvalue measured on a CamVid model: 2 427 frozen, 478 in train mode), so at
-lr 0.01 the student diverges (AT loss and feature norms grow, clean mIoU collapses; docs/defenses.md, "nad").
-A batch of one image keeps BN frozen (train-mode BN needs more than one value per channel, and ASPP's pooled
-branch has one).
+running statistics), as NAD's and BackdoorBench's loops do (``bn="train"``; ft switches BN the same way,
+``_repair.bn_mode``); ``bn="frozen"`` keeps the statistics fixed (eval-mode BN), like anp and fine-pruning.
+Frozen BN is *not* harmless here: it makes the student loss about 5× sharper (top Hessian eigenvalue measured
+on a CamVid model: 2 427 frozen, 478 in train mode), so at lr 0.01 the student diverges (AT loss and feature
+norms grow, clean mIoU collapses; docs/defenses.md, "nad").  A batch of one image keeps BN frozen (train-mode BN
+needs more than one value per channel, and ASPP's pooled branch has one).
 
 Which feature maps: NAD distils the outputs of the three residual groups of its WRN-16-1 (``block1``-``block3``),
 betas 500, 1000, 1000 from shallow to deep.  (BackdoorBench's PreAct-ResNet-18 branch slices ``children()`` and
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
-from testbed.defenses._repair import (SGDPlan, check, check_clean, check_sgd, is_int, is_num, miou, probe,
-                                      train_clean)
+from testbed.defenses._repair import (SGDPlan, bn_mode, check, check_bn, check_clean, check_sgd, is_int, is_num,
+                                      miou, probe, train_clean)
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -53,13 +53,6 @@ def attention_map(fm: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor
 def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float) -> torch.Tensor:
     """Attention-transfer loss: mean squared difference of the two attention maps."""
     return F.mse_loss(attention_map(student, p), attention_map(teacher, p))
-
-
-def set_bn_training(model: nn.Module, training: bool) -> None:
-    """Put every BatchNorm layer of ``model`` in training (batch statistics) or eval (running statistics) mode."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train(training)
 
 
 def default_layers(model: nn.Module, image_size: tuple[int, int], device: torch.device) -> list[str]:
@@ -157,7 +150,7 @@ class NAD:
         check_sgd(self)
         check(is_int(self.teacher_epochs), "teacher_epochs", "an integer >= 0", self.teacher_epochs)
         check(is_num(self.p) and self.p > 0, "p", "a number > 0", self.p)
-        check(self.bn in ("train", "frozen"), "bn", '"train" or "frozen"', self.bn)
+        check_bn(self)
         betas = self.betas
         check(isinstance(betas, (list, tuple)) and len(betas) > 0 and all(is_num(b) and b >= 0 for b in betas),
               "betas", "a non-empty list of numbers >= 0", betas)
@@ -181,7 +174,7 @@ class NAD:
         ce = lambda m, x, y: (cross_entropy(m(x)["out"], y, ctx.ignore_index), len(x), len(x))  # noqa: E731
         plan = SGDPlan(self.teacher_epochs, self.lr, self.batch_size, self.momentum, self.weight_decay,
                        "constant", "teacher", (0.0, 0.5))
-        teacher_done, stopped = train_clean(teacher, ctx, plan, self._bn_mode(ce), budget, meter)
+        teacher_done, stopped = train_clean(teacher, ctx, plan, bn_mode(self.bn, ce), budget, meter)
         teacher.eval().requires_grad_(False)
         teacher_miou = miou(teacher, ctx, meter)
         student_done = 0
@@ -193,17 +186,6 @@ class NAD:
                    "teacher_epochs_done": teacher_done, "epochs_done": student_done, "miou_clean_start": start,
                    "miou_clean_teacher": teacher_miou, "miou_clean_final": final, **budget.summary()}
         return DefenseResult(model=student, cost=meter.cost(), details=details)
-
-    def _bn_mode(self, loss_fn):
-        """``loss_fn`` with BatchNorm put in training mode first (``bn="train"``; ``train_clean`` freezes it at
-        each epoch's start), except for a one-image batch, which keeps the running statistics."""
-        if self.bn == "frozen":
-            return loss_fn
-
-        def wrapped(m, x, y):
-            set_bn_training(m, len(x) > 1)
-            return loss_fn(m, x, y)
-        return wrapped
 
     def _distil(self, student, teacher, layers, ctx, budget, meter) -> int:
         """The student phase: per-pixel CE + sum of beta_l × AT over the tapped layers (teacher detached)."""
@@ -222,7 +204,7 @@ class NAD:
         plan = SGDPlan(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "constant",
                        "student", (0.5, 1.0))
         try:
-            done, _ = train_clean(student, ctx, plan, self._bn_mode(loss_fn), budget, meter, passes_per_image=3)
+            done, _ = train_clean(student, ctx, plan, bn_mode(self.bn, loss_fn), budget, meter, passes_per_image=3)
         finally:
             s_taps.remove()
             t_taps.remove()
