@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from testbed.core.errors import UserError
-from testbed.defense import DefenseContext
 from testbed.defenses import nad as nad_module
 from testbed.defenses._repair import bn_mode, set_bn_training
 from testbed.defenses.ft import FineTuning
