@@ -1,5 +1,5 @@
-"""Helpers the repair defenses (ft, nad, anp, i-bau) share: parameter checks, the clean-subset SGD loop,
-BatchNorm freezing or training (``bn_mode``) and the clean mIoU bookends.
+"""Helpers the repair defenses (ft, nad, anp, i-bau, fine-pruning) share: parameter checks, the clean-subset SGD
+loop, BatchNorm freezing or training (``bn_mode``) and the clean mIoU bookends.
 
 Kept apart from :mod:`testbed.defenses._features` (helpers of every defense) because only the defenses that
 train the model on the clean subset need them.
@@ -67,7 +67,8 @@ BN_MODES = ("train", "frozen")
 
 
 def check_bn(obj: Any) -> None:
-    """The ``bn`` parameter of the defenses that let BatchNorm train (ft, nad): "train" or "frozen"."""
+    """The ``bn`` parameter of the defenses that let BatchNorm train (ft, nad, fine-pruning, anp): "train" or
+    "frozen"."""
     check(obj.bn in BN_MODES, "bn", '"train" or "frozen"', obj.bn)
 
 

@@ -15,10 +15,16 @@ After ``nb_iter`` iterations the suspicious model is pruned: the channels whose 
 get BatchNorm weight 0 (the reference's ``pruning``: the bias is kept).  The model's own weights are never
 trained.  Reference: BackdoorBench ``defense/anp.py`` and ``anp_model/anp_batchnorm.py`` (ANP's own code).
 
-BatchNorm: the reference optimises the masks in train mode (batch statistics of 128 images); here BN uses its
-running statistics (eval mode) because the clean subset may be a dozen images, and the pruned network is
-then the deployed one.  The masks/perturbations are applied by forward hooks that recompute each BN output,
-so any model with ``nn.BatchNorm2d`` layers works.
+BatchNorm: both references optimise the masks in ``model.train()`` mode (ANP's ``optimize_mask_cifar.py``
+``mask_train``, BackdoorBench's ``defense/anp.py`` ``mask_train``), so ``NoisyBatchNorm2d`` normalises by the
+batch's statistics; the running statistics it updates on the way are never used for the result, because both
+prune a fresh copy of the original checkpoint (ANP's ``prune_neuron_cifar.py``; BackdoorBench's ``net_prune``).
+``bn="train"`` (the default, revision 2) does the same: the hook normalises by the batch's statistics and leaves
+the running statistics untouched, so the pruned model keeps the suspicious model's; a batch of one image uses
+the running statistics (train-mode BN needs more than one value per channel, and ASPP's pooled branch has one).
+``bn="frozen"`` normalises by the running statistics (eval-mode BN), anp's behaviour before revision 2.  The rest
+of the model stays in eval mode (dropout off).  The masks/perturbations are applied by forward hooks that
+recompute each BN output, so any model with ``nn.BatchNorm2d`` layers works.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import cross_entropy, report, to_input
-from testbed.defenses._repair import begin, check, is_int, is_num, miou
+from testbed.defenses._repair import begin, check, check_bn, is_int, is_num, miou
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 PRUNE_BY = ("threshold", "fraction")
@@ -39,9 +45,10 @@ PRUNE_BY = ("threshold", "fraction")
 class NoisyBN:
     """Mask and perturbation parameters for one BatchNorm2d, applied by a forward hook."""
 
-    def __init__(self, bn: nn.BatchNorm2d) -> None:
+    def __init__(self, bn: nn.BatchNorm2d, batch_stats: bool = False) -> None:
         c, dev = bn.num_features, bn.weight.device
         self.bn = bn
+        self.batch_stats = batch_stats  # normalise by the batch's statistics (train-mode BN, running ones untouched)
         self.mask = torch.ones(c, device=dev, requires_grad=True)
         self.noise = torch.zeros(c, device=dev, requires_grad=True)
         self.noise_bias = torch.zeros(c, device=dev, requires_grad=True)
@@ -51,7 +58,10 @@ class NoisyBN:
     def _forward(self, bn, inputs, output):
         weight = bn.weight * (self.mask + self.noise if self.perturbed else self.mask)
         bias = bn.bias * (1 + self.noise_bias) if self.perturbed else bn.bias
-        return F.batch_norm(inputs[0], bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+        x = inputs[0]
+        if self.batch_stats and len(x) > 1:  # as NoisyBatchNorm2d in train mode, without updating the buffers
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
 
 
 def batchnorms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -65,10 +75,14 @@ class ANP:
 
     Parameters: ``eps`` (0.4), ``alpha`` (0.2), ``anp_steps`` (1), ``nb_iter`` (ANP: 2000), ``lr`` (mask SGD
     learning rate, ANP: 0.2), ``batch_size`` (16; ANP: 128), ``prune_by`` ("threshold" | "fraction"),
-    ``threshold`` (0.2), ``fraction`` (0.05).
+    ``threshold`` (0.2), ``fraction`` (0.05), ``bn`` ("train": masks optimised on batch statistics, as ANP's
+    ``model.train()``; "frozen": on the running statistics).
     """
 
     name = "anp"
+    # 2: the masks are optimised with BatchNorm on batch statistics, as the references' model.train() (was: running
+    # statistics; a bench's pairs of revision 1 are run again)
+    revision = 2
     paper = 'Wu & Wang: Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021'
     reference = 'github.com/SCLBD/BackdoorBench defense/anp.py, utils/defense_utils/anp/anp_model/anp_batchnorm.py'
     uses_training_set = False
@@ -82,6 +96,7 @@ class ANP:
         "prune_by": '"threshold": prune masks <= threshold; "fraction": prune that share of smallest masks',
         "threshold": "mask value at or below which a channel is pruned (ANP: 0.2)",
         "fraction": "share of channels pruned when prune_by is fraction",
+        "bn": "BatchNorm while optimising the masks: train (batch statistics, as ANP) or frozen (running statistics)",
     }
 
     # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
@@ -94,6 +109,7 @@ class ANP:
     prune_by: str = "threshold"
     threshold: float = 0.2
     fraction: float = 0.05
+    bn: str = "train"
 
     def check_params(self) -> None:
         check(is_num(self.eps) and self.eps >= 0, "eps", "a number >= 0", self.eps)
@@ -105,12 +121,13 @@ class ANP:
         check(self.prune_by in PRUNE_BY, "prune_by", " or ".join(map(repr, PRUNE_BY)), self.prune_by)
         check(is_num(self.threshold) and 0 <= self.threshold <= 1, "threshold", "a number in [0, 1]", self.threshold)
         check(is_num(self.fraction) and 0 <= self.fraction <= 1, "fraction", "a number in [0, 1]", self.fraction)
+        check_bn(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
         first = begin(self, model, ctx)
         model, meter, budget, start = first.model.requires_grad_(False), first.meter, first.budget, first.miou
         names = [name for name, _ in batchnorms(model)]
-        noisy = [NoisyBN(bn) for _, bn in batchnorms(model)]
+        noisy = [NoisyBN(bn, self.bn == "train") for _, bn in batchnorms(model)]
         try:
             done = self._optimise(model, noisy, ctx, budget, meter)
         finally:
@@ -126,7 +143,7 @@ class ANP:
         details = {"iterations": done, "channels": total, "pruned": count,
                    "pruned_fraction": count / total if total else 0.0,
                    "pruned_channels": {k: v for k, v in pruned.items() if v}, "mask_quantiles": quantiles,
-                   "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by,
+                   "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by, "bn": self.bn,
                    **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)
 

@@ -5,6 +5,14 @@ input of the final 1×1 classifier (the "classifier features"): channels are ran
 on the trusted clean subset and the least active are cut (their columns of ``model.classifier.weight`` are
 zeroed) in ``step`` increments while the clean mIoU stays within ``max_drop`` (relative) of the start.  The
 pruned model is then fine-tuned on the clean subset, keeping the pruned columns at zero.
+
+BatchNorm while fine-tuning: training mode, BatchNorm on batch statistics (and updating its running statistics),
+as BackdoorBench's port does (``defense/fp.py`` calls ``last_net.train()`` before fine-tuning with
+``BackdoorModelTrainer``, whose ``ModelTrainerCLS_v2.one_forward_backward`` calls ``self.model.train()`` before
+every batch) — ``bn="train"``, the default (revision 2); ``bn="frozen"`` keeps the statistics fixed (eval-mode
+BN), fine-pruning's behaviour before revision 2.  A batch of one image keeps BN frozen (train-mode BN needs more
+than one value per channel, and ASPP's pooled branch has one); see :func:`testbed.defenses._repair.bn_mode`,
+shared with ft and nad.  Pruning and channel ranking run in eval mode (BackdoorBench: ``netC.eval()``).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from torch import nn
 
 from testbed.defenses._features import (check, classifier_features, clean_miou, cross_entropy, is_num, report,
                                         to_input)
-from testbed.defenses._repair import SGDPlan, begin, check_sgd, train_clean
+from testbed.defenses._repair import SGDPlan, begin, bn_mode, check_bn, check_sgd, train_clean
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -63,23 +71,28 @@ class FinePruning:
     Parameters: ``step`` (fraction pruned per step, 1%), ``max_drop`` (allowed relative clean-mIoU drop,
     0.10), ``max_fraction`` (never prune more than this, 0.95), ``epochs``/``lr``/``batch_size``/``momentum``/
     ``weight_decay`` for the SGD fine-tuning (5, 0.01, 8, 0.9, 0), ``ranking`` ("mean" | "max": how channels
-    are ranked from least to most active, see ``channel_activation``).
+    are ranked from least to most active, see ``channel_activation``), ``bn`` ("train": BatchNorm in training
+    mode while fine-tuning, as BackdoorBench's ``fp.py``; "frozen": statistics fixed).
     """
 
     name = "fine-pruning"
+    # 2: fine-tuning with BatchNorm in training mode, as BackdoorBench's fp.py (was: frozen BN; a bench's pairs of
+    # revision 1 are run again)
+    revision = 2
     paper = 'Liu, Dolan-Gavitt & Garg: Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks, RAID 2018'
-    reference = 'none read: implemented from the paper (a public port: github.com/SCLBD/BackdoorBench defense/fp.py)'
+    reference = 'implemented from the paper; github.com/SCLBD/BackdoorBench defense/fp.py read for its fine-tuning (BatchNorm mode)'
     uses_training_set = False
     params_doc = {
         "step": "share of the classifier-input channels pruned per step",
         "max_drop": "stop pruning before clean mIoU falls below (1 - max_drop) x its start",
         "max_fraction": "never prune more than this share of the channels",
-        "epochs": "fine-tuning epochs on the clean subset (SGD, BatchNorm frozen)",
+        "epochs": "fine-tuning epochs on the clean subset (SGD)",
         "lr": "fine-tuning learning rate",
         "batch_size": "fine-tuning batch size",
         "momentum": "fine-tuning SGD momentum",
         "weight_decay": "fine-tuning SGD weight decay",
         "ranking": '"mean": channel activation over all positions (Liu et al.); "max": per-image max over positions',
+        "bn": "BatchNorm while fine-tuning: train (batch statistics, as BackdoorBench's fp.py) or frozen",
     }
 
     # the parameters, stored as given (the dataclass writes the plain storing ``__init__``); checked in check_params
@@ -92,6 +105,7 @@ class FinePruning:
     momentum: float = 0.9
     weight_decay: float = 0.0
     ranking: str = "mean"
+    bn: str = "train"
 
     def check_params(self) -> None:
         check(is_num(self.step) and 0 < self.step <= 1, "step", "a number in (0, 1]", self.step)
@@ -100,6 +114,7 @@ class FinePruning:
               self.max_fraction)
         check_sgd(self)
         check(self.ranking in RANKINGS, "ranking", f"one of {', '.join(RANKINGS)}", self.ranking)
+        check_bn(self)
 
     def run(self, model: nn.Module, ctx: DefenseContext) -> DefenseResult:
         first = begin(self, model, ctx)
@@ -118,7 +133,7 @@ class FinePruning:
             plan = SGDPlan(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay, "constant",
                            "fine-tuning", (0.5, 1.0))
             ce = lambda m, x, y: (cross_entropy(m(x)["out"], y, ctx.ignore_index), len(x), len(x))  # noqa: E731
-            epochs_done, stopped_by_budget = train_clean(model, ctx, plan, ce, budget, meter,
+            epochs_done, stopped_by_budget = train_clean(model, ctx, plan, bn_mode(self.bn, ce), budget, meter,
                                                          after_step=lambda: prune_channels(model, pruned))
         final = self._miou(model, ctx, meter)
         report(ctx.progress, 1.0, f"fine-pruning done: {kept} channels pruned, clean mIoU {final:.3f}")
@@ -134,6 +149,7 @@ class FinePruning:
             "miou_floor": (1.0 - self.max_drop) * start,
             "fine_tune_epochs": epochs_done,
             "ranking": self.ranking,
+            "bn": self.bn,
             **budget.summary(),
         }
         return DefenseResult(model=model, cost=meter.cost(), details=details)
