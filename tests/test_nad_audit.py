@@ -82,6 +82,17 @@ def _model_and_ctx(n_images: int, k: int = 4, size: int = 32):
     ctx = DefenseContext(images, labels, classes, torch.device("cpu"), image_size=(size, size))
     return model, ctx
 
+def assert_running_stats_follow(bn, before, x, momentum):
+    """``bn``'s running statistics moved from ``before`` (mean, var) by ``momentum`` towards those of the batch
+    ``x`` it saw (computed here by hand: the batch mean and the unbiased variance over N, H, W)."""
+    mean0, var0 = before
+    torch.testing.assert_close(bn.running_mean, (1 - momentum) * mean0 + momentum * x.mean(dim=(0, 2, 3)),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, (1 - momentum) * var0 + momentum * x.var(dim=(0, 2, 3), unbiased=True),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.equal(bn.running_mean, mean0)
+
+
 
 def _record_training_forwards(model) -> list[tuple[bool, torch.Tensor]]:
     """(BN in training mode?, its input) for every forward of BN that builds a graph (the SGD phases); the hook
