@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, check, is_int, is_num, report, to_input
+from testbed.defenses._repair import set_bn_training
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 INITS = ("scratch", "model")
@@ -62,7 +63,7 @@ class ABL:
 
     name = "abl"
     paper = 'Li et al.: Anti-Backdoor Learning: Training Clean Models on Poisoned Data, NeurIPS 2021'
-    reference = "github.com/bboylyg/ABL (the authors' release; not read: implemented from the paper)"
+    reference = "github.com/bboylyg/ABL (the authors' release; read only for its BatchNorm mode: implemented from the paper)"
     uses_training_set = True
     params_doc = {
         "epochs": "LGA isolation epochs over the training set (paper: T_te = 20; 5 is the CPU default)",
@@ -118,6 +119,7 @@ class ABL:
                 if budget.spent(2 * len(idx) + n):  # keep room for the loss pass over the training set
                     return epoch
                 x, y = self._batch(ctx, idx)
+                set_bn_training(net, len(idx) > 1)  # a one-image batch keeps the running statistics
                 loss = lga_loss(image_losses(net(x)["out"], y, ctx.ignore_index), self.gamma)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -150,6 +152,7 @@ class ABL:
                 if budget.spent(2 * len(idx)):
                     return net.eval(), epoch
                 x, y = self._batch(ctx, idx)
+                set_bn_training(net, len(idx) > 1)  # a one-image batch keeps the running statistics
                 loss = -image_losses(net(x)["out"], y, ctx.ignore_index).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

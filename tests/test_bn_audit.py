@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from testbed.core.errors import UserError
+from testbed.defense import DefenseContext, ReadOnlyArray, TrainingSet
 from testbed.defenses import anp as anp_module
 from testbed.defenses import fine_pruning as fp_module
 from testbed.defenses._repair import bn_mode
+from testbed.defenses.abl import ABL
 from testbed.defenses.anp import ANP, NoisyBN
 from testbed.defenses.fine_pruning import FinePruning
 from testbed.defenses.registry import load_defense
+from testbed.models import create
 
 from test_nad_audit import BN, _model_and_ctx, _record_training_forwards, assert_running_stats_follow  # noqa: E501
 
@@ -186,3 +190,21 @@ def test_revision_2_and_bn_defaults_to_train(name, cls):
 
     assert cls.revision == 2 and _revision(name, {}) == 2
     assert inspect.signature(cls).parameters["bn"].default == "train" and "bn" in cls.params_doc
+
+
+def test_abl_trains_through_a_one_image_batch_on_a_model_with_image_pooling():
+    """17 training images in batches of 16 leave a last batch of one; deeplabv3plus_tiny's ASPP pools to 1×1, where
+    train-mode BatchNorm has one value per channel and cannot normalise. ABL keeps that batch on the running
+    statistics (as ft, nad, fine-pruning and anp do) instead of failing, isolation and unlearning alike."""
+    torch.manual_seed(0)
+    model = create("deeplabv3plus_tiny", num_classes=3).eval()
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (17, 32, 32, 3), dtype=np.uint8)
+    labs = rng.integers(0, 3, (17, 32, 32), dtype=np.uint8)
+    train = TrainingSet(ReadOnlyArray(lambda i: imgs[i], imgs.shape, imgs.dtype),
+                        ReadOnlyArray(lambda i: labs[i], labs.shape, labs.dtype))
+    ctx = DefenseContext(imgs[:4], labs[:4], ("a", "b", "c"), torch.device("cpu"), train=train, image_size=(32, 32))
+    res = ABL(epochs=1, isolation_ratio=1 / 17 + 1e-9, init="model", unlearn=True, unlearn_epochs=1).run(model, ctx)
+    assert len(res.flagged_train) == 2 and res.model is not None  # ceil(17 × ratio) = 2: one batch of 2 unlearned
+    res = ABL(epochs=1, init="model", unlearn=True, unlearn_epochs=1, batch_size=1).run(model, ctx)
+    assert res.model is not None and not res.model.training
