@@ -583,6 +583,32 @@ def test_an_attack_added_to_a_built_zoo_gets_its_benign_reference_scores(tmp_pat
     assert [r["scored"] for r in json.loads((zoo / "entries" / benign / "done.json").read_text())["rescored"]] == [["n1-half"]]
 
 
+def test_a_spec_with_another_part_of_the_grid_keeps_the_benign_scores_of_the_first(tmp_path):
+    """Two specs of one zoo, each with the benign entry and other attacks (the CamVid benchmark's parts): building
+    the second adds its attack's reference scores to the benign entry and keeps those of the first — the attacked
+    entries of the first part keep their benign floor (in a bench's pair keys and `zoo ls`)."""
+    import testbed.zoo
+    from testbed.zoo import build as zb
+
+    first = tiny_spec(tmp_path, epochs=1)
+    zoo = tmp_path / "zoo"
+    assert zb.build(first, zoo, device="cpu", progress=False, say=lambda m: None).ok
+    floor = testbed.zoo.benign_floors(list(testbed.zoo.open(zoo)))["deeplabv3_tiny--n1--s0"]
+    second = tmp_path / "second.toml"
+    second.write_text(first.read_text().replace("[grid]", '[[attack]]\nid = "n1-half"\nattack = "fgba"\n'
+                                                 'preset = "n-to-1"\ntarget = "wall"\ntrigger = "line"\nrate = 0.5\n[grid]')
+                      .replace('attack = ["benign", "n1"]', 'attack = ["benign", "n1-half"]'))
+    said: list[str] = []
+    assert zb.build(second, zoo, device="cpu", progress=False, say=said.append).ok
+    assert any("benign reference scores added for n1-half" in m for m in said)
+    entries = list(testbed.zoo.open(zoo))
+    benign = {e.id: e for e in entries}["deeplabv3_tiny--benign--s0"]
+    assert sorted(benign.metrics["reference"]) == ["n1", "n1-half"]
+    floors = testbed.zoo.benign_floors(entries)
+    assert floors["deeplabv3_tiny--n1--s0"] == floor and "deeplabv3_tiny--n1-half--s0" in floors
+    assert main(["zoo", "verify", str(zoo)]) == 0
+
+
 def test_a_rescore_never_seals_a_file_changed_while_it_scored(tmp_path, monkeypatch):
     """Tampering during the rescore (here: metrics.json edited while the model scores) is refused, not sealed."""
     from testbed.zoo import build as zb

@@ -185,8 +185,11 @@ def _prepare(spec: ZooSpec, zoo: Path, data: dict[str, Any], stale_after: float,
     with zoo_lock(zoo):
         plan = _check_plan(zoo, spec, data)
         for eid, row in rows.items():
-            if eid not in plan["entries"]:
+            old = plan["entries"].get(eid)
+            if old is None:
                 plan["order"].append(eid)
+            elif "reference" in row:  # a spec with part of the grid keeps the attacks the others added
+                row["reference"] = {**(old.get("reference") or {}), **row["reference"]}
             plan["entries"][eid] = row
         atomic.write_json(zoo / mf.PLAN, plan)
     mf.write_manifest(zoo)
