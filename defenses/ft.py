@@ -10,7 +10,7 @@ statistics), as BackdoorBench's trainer does (``PureCleanModelTrainer``, whose
 the default; ``bn="frozen"`` keeps the statistics fixed (eval-mode BN), ft's behaviour before revision 2, which
 made fine-tuning at lr 0.01 unstable on CamVid models (docs/defenses.md, "ft").  A batch of one image keeps
 BN frozen (train-mode BN needs more than one value per channel, and ASPP's pooled branch has one); see
-:func:`testbed.defenses._repair.bn_mode`, shared with nad.
+:func:`testbed.defenses._repair.bn_mode`, shared with nad and fine-pruning.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@
 
 BatchNorm: both phases train in ``model.train()`` mode, BatchNorm on batch statistics (and updating its
 running statistics), as NAD's and BackdoorBench's loops do (``bn="train"``; ft switches BN the same way,
-``_repair.bn_mode``); ``bn="frozen"`` keeps the statistics fixed (eval-mode BN), like anp and fine-pruning.
+``_repair.bn_mode``); ``bn="frozen"`` keeps the statistics fixed (eval-mode BN; with revision 2's constant teacher learning rate, so
+not nad's behaviour before revision 2 as a whole).
 Frozen BN is *not* harmless here: it makes the student loss about 5× sharper (top Hessian eigenvalue measured
 on a CamVid model: 2 427 frozen, 478 in train mode), so at lr 0.01 the student diverges (AT loss and feature
 norms grow, clean mIoU collapses; docs/defenses.md, "nad").  A batch of one image keeps BN frozen (train-mode BN

@@ -859,3 +859,28 @@ def test_a_defense_whose_revision_changed_is_run_again(zoo, tmp_path, monkeypatc
     run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
               entries="*s0")
     assert any("nothing to do" in m for m in said) and not any(m.startswith("replacing") for m in said)
+
+
+def test_pairs_of_other_models_at_an_older_revision_are_left_out_of_the_report(zoo, tmp_path, monkeypatch):
+    """A bench over some models, at a new revision, into a report that holds the defense's older pairs of other
+    models: the report is made of one revision only (the older pairs stay on disk, named in one line), so old and
+    new results of one defense are never aggregated or compared together."""
+    from testbed.bench.run import run_bench
+
+    out = tmp_path / "mixed"
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=lambda m: None)
+    every = {r["model"] for r in results(out)["rows"]}
+    s0 = {m for m in every if m.endswith("s0")}
+    assert s0 and every - s0
+    monkeypatch.setattr(Brightness, "revision", 2, raising=False)
+    said = []
+    run_bench(out, f"{ME}:Brightness", zoo=zoo, device="cpu", figures=False, progress=False, log=said.append,
+              entries="*s0")
+    doc = results(out)
+    assert {r["model"] for r in doc["rows"]} == s0
+    older = sorted(doc["meta"]["left_out_older_revision"])
+    files = [p.stem for p in (out / "pairs").glob("*.json") if not p.name.endswith(".time.json")]
+    assert older == sorted(f for f in files if not any(f.startswith(f"{m}--") for m in s0))  # left on disk
+    assert len(older) == len(every - s0)
+    (line,) = [m for m in said if m.startswith("left out of the report")]
+    assert f"{len(older)} pair(s)" in line

@@ -72,7 +72,7 @@ def test_strip_same_scores_without_faulting_each_pass():
     """deeplabv3plus_tiny at 64×64 with 200 overlays a pass (tensors over glibc's 32 MiB mmap threshold): the clean
     scores, the threshold and the test scores are byte-identical with the heap settings and without (glibc's
     defaults), and a second call faults in a small share of the pages it faults in with the defaults."""
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(SIDES)], cwd=ROOT, env=dict(os.environ),
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(SIDES)], cwd=ROOT, env={k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "MALLOC_"))},
                          capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     words = out.stdout.split()

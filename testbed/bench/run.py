@@ -380,11 +380,30 @@ def _add_error_counts(doc: dict[str, Any], failed: list[dict[str, Any]]) -> dict
     return doc
 
 
+def _current_revisions(pairs: list[Any], jobs: dict[str, Any], this: set[str]) -> tuple[list[Any], list[str]]:
+    """The pairs a report is made of: those of this bench, and earlier ones (other models) unless their defense
+    runs at another revision in this bench — old and new results of one defense are never mixed in a table.
+    Returns (pairs kept, ids of pairs left out; their files stay in ``pairs/``)."""
+    current = {job.name: job.key.get("revision") for job in jobs.values()}
+    kept, older = [], []
+    for p in pairs:
+        pid, name = pair_id(p.row.model, p.row.defense), p.key.get("name")
+        if pid not in this and name in current and p.key.get("revision") != current[name]:
+            older.append(pid)
+        else:
+            kept.append(p)
+    return kept, older
+
+
 def _write(bench: _Bench, order: list[str], what: dict[str, Any]) -> dict[str, Any]:
     """The report regenerated from every finished pair of ``out`` (``what``: this bench's defense names, models,
     model source and start time)."""
     store, settings, source = bench.store, bench.settings, what["source"]
-    pairs = store.all_pairs(order)
+    pairs, older = _current_revisions(store.all_pairs(order), bench.jobs, set(order))
+    if older:
+        bench.say(f"left out of the report: {len(older)} pair(s) of other models computed by an older revision of "
+                  f"their defense ({', '.join(older[:3])}{', ...' if len(older) > 3 else ''}); a bench over those "
+                  "models (--entries) reruns them")
     rows = [p.row for p in pairs]
     classes = {p.row.model: p.classes for p in pairs}
     this = set(order)
@@ -396,6 +415,7 @@ def _write(bench: _Bench, order: list[str], what: dict[str, Any]) -> dict[str, A
         "budget_passes": settings.budget_passes, "threads": settings.threads, "min_asr": settings.min_asr,
         "defenses": list(dict.fromkeys(r.defense for r in rows)), "models": list(dict.fromkeys(r.model for r in rows)),
         "this_run": {"defenses": what["names"], "models": [m.id for m in what["models"]]}, "rows_from_earlier_runs": kept,
+        "left_out_older_revision": older,
         "command_seconds": round(time.perf_counter() - what["started"], 1),  # pairs run + scoring, before figures
         "machine": machine(settings.device),  # where this run's rows ran (rows kept from earlier runs say nothing of theirs)
     }
