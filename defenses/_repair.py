@@ -58,6 +58,13 @@ def set_bn_training(model: nn.Module, training: bool) -> None:
             m.train(training)
 
 
+def batch_trains_bn(n_images: int) -> bool:
+    """Whether a batch of ``n_images`` may normalise by its own statistics: not a batch of one image, because
+    train-mode BatchNorm needs more than one value per channel and a model that pools to 1×1 (the ASPP of
+    ``deeplabv3plus_tiny``) has only one there; such a batch keeps the running statistics."""
+    return n_images > 1
+
+
 def freeze_bn(model: nn.Module) -> None:
     """Keep BatchNorm statistics fixed (eval-mode BN)."""
     set_bn_training(model, False)
@@ -75,13 +82,13 @@ def check_bn(obj: Any) -> None:
 def bn_mode(bn: str, loss_fn: BatchLoss) -> BatchLoss:
     """``loss_fn`` for ``train_clean`` with BatchNorm as ``bn`` says: "frozen" returns it as is (``train_clean``
     freezes BN at each epoch's start); "train" puts BN in training mode before every batch — batch statistics,
-    running statistics updated, as the references' ``model.train()`` — except a one-image batch, which keeps
-    the running statistics (train-mode BN needs more than one value per channel; ASPP's pooled branch has one)."""
+    running statistics updated, as the references' ``model.train()`` — except where :func:`batch_trains_bn` says
+    the batch cannot (one image)."""
     if bn == "frozen":
         return loss_fn
 
     def wrapped(m, x, y):
-        set_bn_training(m, len(x) > 1)
+        set_bn_training(m, batch_trains_bn(len(x)))
         return loss_fn(m, x, y)
     return wrapped
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, check, is_int, is_num, report, to_input
-from testbed.defenses._repair import set_bn_training
+from testbed.defenses._repair import batch_trains_bn, set_bn_training
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 INITS = ("scratch", "model")
@@ -119,7 +119,7 @@ class ABL:
                 if budget.spent(2 * len(idx) + n):  # keep room for the loss pass over the training set
                     return epoch
                 x, y = self._batch(ctx, idx)
-                set_bn_training(net, len(idx) > 1)  # a one-image batch keeps the running statistics
+                set_bn_training(net, batch_trains_bn(len(idx)))
                 loss = lga_loss(image_losses(net(x)["out"], y, ctx.ignore_index), self.gamma)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -152,7 +152,7 @@ class ABL:
                 if budget.spent(2 * len(idx)):
                     return net.eval(), epoch
                 x, y = self._batch(ctx, idx)
-                set_bn_training(net, len(idx) > 1)  # a one-image batch keeps the running statistics
+                set_bn_training(net, batch_trains_bn(len(idx)))
                 loss = -image_losses(net(x)["out"], y, ctx.ignore_index).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

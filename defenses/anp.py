@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import cross_entropy, report, to_input
-from testbed.defenses._repair import begin, check, check_bn, is_int, is_num, miou
+from testbed.defenses._repair import batch_trains_bn, begin, check, check_bn, is_int, is_num, miou
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 PRUNE_BY = ("threshold", "fraction")
@@ -59,7 +59,7 @@ class NoisyBN:
         weight = bn.weight * (self.mask + self.noise if self.perturbed else self.mask)
         bias = bn.bias * (1 + self.noise_bias) if self.perturbed else bn.bias
         x = inputs[0]
-        if self.batch_stats and len(x) > 1:  # as NoisyBatchNorm2d in train mode, without updating the buffers
+        if self.batch_stats and batch_trains_bn(len(x)):  # as NoisyBatchNorm2d in train mode, buffers untouched
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
         return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
 

@@ -34,9 +34,8 @@ from testbed.defenses.fine_pruning import FinePruning
 from testbed.defenses.registry import load_defense
 from testbed.models import create
 
-from test_nad_audit import BN, _model_and_ctx, _record_training_forwards, assert_running_stats_follow  # noqa: E501
-
-BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+from test_nad_audit import (BN, _model_and_ctx, _record_training_forwards,
+                            assert_frozen_bn_keeps_the_running_statistics, assert_running_stats_follow)
 
 
 # --- fine-pruning -------------------------------------------------------------------------------------------------
@@ -59,15 +58,7 @@ def test_fine_pruning_fine_tunes_batchnorm_on_batch_statistics():
 
 
 def test_fine_pruning_frozen_bn_keeps_the_running_statistics():
-    model, ctx = _model_and_ctx(5)
-    seen = _record_training_forwards(model)
-    res = FinePruning(epochs=2, bn="frozen").run(model, ctx)
-    assert [t for t, _ in seen] == [False, False]
-    assert res.details["bn"] == "frozen"
-    for name, before in model.state_dict().items():
-        if name.endswith(BUFFERS):
-            assert torch.equal(res.model.state_dict()[name], before), name
-    assert any(not torch.equal(res.model.state_dict()[n], v) for n, v in model.state_dict().items())
+    assert_frozen_bn_keeps_the_running_statistics(FinePruning(epochs=2, bn="frozen"))
 
 
 def test_fine_pruning_one_image_batch_keeps_bn_frozen():
@@ -188,7 +179,7 @@ def test_revision_2_and_bn_defaults_to_train(name, cls):
     """The revision enters a bench's pair key, so a report's pairs computed with frozen BN are rerun."""
     from testbed.bench.run import _revision
 
-    assert cls.revision == 2 and _revision(name, {}) == 2
+    assert cls.revision == 2 and _revision(load_defense(name)) == 2
     assert inspect.signature(cls).parameters["bn"].default == "train" and "bn" in cls.params_doc
 
 

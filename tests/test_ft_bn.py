@@ -22,7 +22,8 @@ from testbed.defenses._repair import bn_mode, set_bn_training
 from testbed.defenses.ft import FineTuning
 from testbed.defenses.registry import load_defense
 
-from test_nad_audit import BN, _model_and_ctx, _record_training_forwards, assert_running_stats_follow  # noqa: E501
+from test_nad_audit import (BN, _model_and_ctx, _record_training_forwards,
+                            assert_frozen_bn_keeps_the_running_statistics, assert_running_stats_follow)
 
 
 def test_ft_trains_batchnorm_on_batch_statistics():
@@ -40,15 +41,7 @@ def test_ft_trains_batchnorm_on_batch_statistics():
 
 
 def test_ft_frozen_bn_keeps_the_running_statistics():
-    model, ctx = _model_and_ctx(5)
-    seen = _record_training_forwards(model)
-    res = FineTuning(epochs=2, bn="frozen").run(model, ctx)
-    assert [t for t, _ in seen] == [False, False]
-    assert res.details["bn"] == "frozen"
-    for name, before in model.state_dict().items():  # weights trained, BN buffers untouched
-        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            assert torch.equal(res.model.state_dict()[name], before), name
-    assert any(not torch.equal(res.model.state_dict()[n], v) for n, v in model.state_dict().items())
+    assert_frozen_bn_keeps_the_running_statistics(FineTuning(epochs=2, bn="frozen"))
 
 
 def test_ft_bn_is_in_training_mode_in_every_epoch_and_frozen_for_a_one_image_batch():
@@ -94,7 +87,7 @@ def test_ft_declares_revision_2_and_bn_defaults_to_train():
     """The revision enters a bench's pair key, so a report's ft pairs computed with frozen BN are rerun."""
     from testbed.bench.run import _revision
 
-    assert FineTuning.revision == 2 and _revision("ft", {}) == 2
+    assert FineTuning.revision == 2 and _revision(load_defense("ft")) == 2
     assert inspect.signature(FineTuning).parameters["bn"].default == "train" and "bn" in FineTuning.params_doc
 
 

@@ -93,6 +93,19 @@ def assert_running_stats_follow(bn, before, x, momentum):
     assert not torch.equal(bn.running_mean, mean0)
 
 
+def assert_frozen_bn_keeps_the_running_statistics(defense):
+    """``defense`` (with ``bn="frozen"`` and 2 epochs) on 5 images: BN in eval mode in both SGD steps, the BN
+    buffers untouched while the weights train."""
+    model, ctx = _model_and_ctx(5)
+    seen = _record_training_forwards(model)
+    res = defense.run(model, ctx)
+    assert [t for t, _ in seen] == [False, False]
+    assert res.details["bn"] == "frozen"
+    for name, before in model.state_dict().items():  # weights trained, BN buffers untouched
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(res.model.state_dict()[name], before), name
+    assert any(not torch.equal(res.model.state_dict()[n], v) for n, v in model.state_dict().items())
+
 
 def _record_training_forwards(model) -> list[tuple[bool, torch.Tensor]]:
     """(BN in training mode?, its input) for every forward of BN that builds a graph (the SGD phases); the hook

@@ -94,8 +94,8 @@ def _check_execution(execution: Execution) -> None:
 
 
 def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]],
-                settings: BenchSettings) -> tuple[list[Any], list[str]]:
-    """The defense specs and their names, every one loaded once so a bad name or parameter fails up front."""
+                settings: BenchSettings) -> tuple[list[Any], list[Any]]:
+    """The defense specs and their loaded defenses (each loaded once, so a bad name or parameter fails up front)."""
     check_budgets(settings.budget_s, settings.budget_passes)
     check_min_asr(settings.min_asr, "--min-asr")
     if settings.batch_size < 1:
@@ -106,12 +106,13 @@ def _check_args(defenses: str | Sequence[Any], params: dict[str, dict[str, Any]]
     unknown = sorted(set(params) - {s for s in specs if isinstance(s, str)})
     if unknown:
         raise UserError(f"parameters given for {', '.join(unknown)}, which is not among the defenses; check --param names")
-    names = [load_defense(s, **params.get(s, {})).name if isinstance(s, str) else load_defense(s).name for s in specs]
+    loaded = [load_defense(s, **params.get(s, {})) if isinstance(s, str) else load_defense(s) for s in specs]
+    names = [d.name for d in loaded]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"two of the --defense entries are both named {dup[0]!r}; a report holds one row per model and "
                         "defense name, so run them into separate reports")
-    return specs, names
+    return specs, loaded
 
 
 def _models(source: ModelSource) -> list[BenchModel]:
@@ -153,11 +154,12 @@ def _preflight(models: list[BenchModel]) -> dict[str, list[str]]:
     return notes
 
 
-def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str], params: dict[str, dict[str, Any]],
+def _plan(out: Path, models: list[BenchModel], specs: list[Any], loaded: list[Any], params: dict[str, dict[str, Any]],
           settings: BenchSettings, notes: dict[str, list[str]]) -> tuple[dict[str, PairJob], dict[str, Any]]:
-    """One job per model × defense (pair id → job) and the defense objects handed over in this process."""
+    """One job per model × defense (pair id → job) and the defense objects handed over in this process
+    (``loaded``: the specs' defenses, loaded once, for their names and revisions)."""
     jobs, objects = {}, {}
-    revisions = [_revision(spec, params.get(spec, {}) if isinstance(spec, str) else {}) for spec in specs]
+    names, revisions = [d.name for d in loaded], [_revision(d) for d in loaded]
     for m in models:
         model = {"id": m.id, "run_dir": str(m.run_dir), "data_path": str(m.data_path), "attack": m.attack,
                  "is_benign": m.is_benign, "seed": m.seed, "group": m.group,
@@ -182,11 +184,10 @@ def _plan(out: Path, models: list[BenchModel], specs: list[Any], names: list[str
     return jobs, objects
 
 
-def _revision(spec: Any, params: dict[str, Any]) -> Any:
+def _revision(defense: Any) -> Any:
     """The defense class's ``revision`` attribute (None when it has none): bumped by a defense's author when its
     results change under the same parameters, so a report's pairs from the older code are replaced, not mixed in."""
-    cls = type(load_defense(spec, **params)) if isinstance(spec, str) else type(spec)
-    return getattr(cls, "revision", None)
+    return getattr(type(defense), "revision", None)
 
 
 @dataclasses.dataclass
@@ -281,7 +282,8 @@ def run_bench(out: str | os.PathLike, defenses: str | Sequence[Any],
     settings.seed, settings.save_model = int(settings.seed), bool(settings.save_model)
     if settings.threads is None:
         settings.threads = default_threads(execution.workers, execution.backend)
-    specs, names = _check_args(defenses, params, settings)
+    specs, loaded = _check_args(defenses, params, settings)
+    names = [d.name for d in loaded]
     listed = _models(source)
     _check_inputs(Path(out), listed, source.zoo)
     store = ReportStore(out)
@@ -293,7 +295,7 @@ def run_bench(out: str | os.PathLike, defenses: str | Sequence[Any],
     for m in listed:
         for note in notes[m.id]:
             say(f"note: {note}")
-    jobs, objects = _plan(store.out, listed, specs, names, params, settings, notes)
+    jobs, objects = _plan(store.out, listed, specs, loaded, params, settings, notes)
     bench = _Bench(store, settings, execution, report, jobs, objects, say)
     return _run_locked(bench, {"names": names, "models": listed, "source": source, "started": time.perf_counter()})
 
