@@ -79,6 +79,15 @@ def check_bn(obj: Any) -> None:
     check(obj.bn in BN_MODES, "bn", '"train" or "frozen"', obj.bn)
 
 
+def bn_used(bn: str, batch_size: int, n_images: int) -> str:
+    """What a run's details report as its BatchNorm mode: ``bn`` as asked, except "train" with batches that
+    cannot train BN (:func:`batch_trains_bn`: a ``batch_size`` of 1, or a clean subset of one image), which
+    keep the running statistics and say so."""
+    if bn == "train" and not batch_trains_bn(min(batch_size, n_images)):
+        return "frozen (batches of one image keep the running statistics)"
+    return bn
+
+
 def bn_mode(bn: str, loss_fn: BatchLoss) -> BatchLoss:
     """``loss_fn`` for ``train_clean`` with BatchNorm as ``bn`` says: "frozen" returns it as is (``train_clean``
     freezes BN at each epoch's start); "train" puts BN in training mode before every batch — batch statistics,

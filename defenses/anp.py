@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import cross_entropy, report, to_input
-from testbed.defenses._repair import batch_trains_bn, begin, check, check_bn, is_int, is_num, miou
+from testbed.defenses._repair import batch_trains_bn, begin, bn_used, check, check_bn, is_int, is_num, miou
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 PRUNE_BY = ("threshold", "fraction")
@@ -143,7 +143,8 @@ class ANP:
         details = {"iterations": done, "channels": total, "pruned": count,
                    "pruned_fraction": count / total if total else 0.0,
                    "pruned_channels": {k: v for k, v in pruned.items() if v}, "mask_quantiles": quantiles,
-                   "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by, "bn": self.bn,
+                   "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by,
+                   "bn": bn_used(self.bn, self.batch_size, self.batch_size),
                    **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)
 

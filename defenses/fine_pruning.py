@@ -26,7 +26,7 @@ from torch import nn
 
 from testbed.defenses._features import (check, classifier_features, clean_miou, cross_entropy, is_num, report,
                                         to_input)
-from testbed.defenses._repair import SGDPlan, begin, bn_mode, check_bn, check_sgd, train_clean
+from testbed.defenses._repair import SGDPlan, begin, bn_mode, bn_used, check_bn, check_sgd, train_clean
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -149,7 +149,7 @@ class FinePruning:
             "miou_floor": (1.0 - self.max_drop) * start,
             "fine_tune_epochs": epochs_done,
             "ranking": self.ranking,
-            "bn": self.bn,
+            "bn": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
             **budget.summary(),
         }
         return DefenseResult(model=model, cost=meter.cost(), details=details)

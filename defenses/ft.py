@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from testbed.defenses._features import cross_entropy, report
-from testbed.defenses._repair import SGDPlan, begin, bn_mode, check_bn, check_sgd, miou, train_clean
+from testbed.defenses._repair import SGDPlan, begin, bn_mode, bn_used, check_bn, check_sgd, miou, train_clean
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -66,6 +66,7 @@ class FineTuning:
         done, _ = train_clean(model, ctx, plan, bn_mode(self.bn, loss_fn), budget, meter)
         final = miou(model, ctx, meter)
         report(ctx.progress, 1.0, f"ft done: {done} epochs, clean mIoU {final:.3f}")
-        details = {"epochs_done": done, "bn": self.bn, "miou_clean_start": start, "miou_clean_final": final,
+        details = {"epochs_done": done, "bn": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
+                   "miou_clean_start": start, "miou_clean_final": final,
                    **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, cross_entropy, report
-from testbed.defenses._repair import (SGDPlan, bn_mode, check, check_bn, check_clean, check_sgd, is_int, is_num,
-                                      miou, probe, train_clean)
+from testbed.defenses._repair import (SGDPlan, bn_mode, bn_used, check, check_bn, check_clean, check_sgd, is_int,
+                                      is_num, miou, probe, train_clean)
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 
 
@@ -183,7 +183,8 @@ class NAD:
             student_done = self._distil(student, teacher, layers, ctx, budget, meter)
         final = miou(student, ctx, meter)
         report(ctx.progress, 1.0, f"nad done: clean mIoU {final:.3f}")
-        details = {"layers": layers, "betas": [float(b) for b in self.betas], "p": float(self.p), "bn": self.bn,
+        details = {"layers": layers, "betas": [float(b) for b in self.betas], "p": float(self.p),
+                   "bn": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
                    "teacher_epochs_done": teacher_done, "epochs_done": student_done, "miou_clean_start": start,
                    "miou_clean_teacher": teacher_miou, "miou_clean_final": final, **budget.summary()}
         return DefenseResult(model=student, cost=meter.cost(), details=details)

@@ -19,7 +19,7 @@ from torch import nn
 from testbed.defenses._features import Budget, CostMeter, check, check_clean, is_num, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
 from testbed.defenses.strip import check_filter, clean_threshold, score_clean
-from testbed.training.heap import all_on_heap
+from testbed.training.heap import all_on_heap_on_cpu
 
 SCALES = (3, 5, 7, 9, 11)
 
@@ -58,7 +58,7 @@ class ScaleUpScorer:
 
     def heap(self):
         """On CPU, blocks of every size from the C heap, reused from pass to pass (as STRIP's scorer)."""
-        return all_on_heap(torch.device(self.device).type == "cpu")
+        return all_on_heap_on_cpu(self.device)
 
 
 class ScaleUp:

@@ -24,7 +24,7 @@ from torch import nn
 
 from testbed.defenses._features import Budget, CostMeter, check, check_clean, is_int, is_num, report, to_input
 from testbed.defenses.protocol import DefenseContext, DefenseResult
-from testbed.training.heap import all_on_heap
+from testbed.training.heap import all_on_heap_on_cpu
 
 
 def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class StripScorer:
         """On CPU, the forward passes' blocks — over glibc's largest mmap threshold at CamVid's size — come from
         the C heap and are reused, not mapped and faulted in afresh each pass (:func:`all_on_heap`; the same
         batches, so the same scores).  :meth:`Strip.run` holds it over the clean scores, each call over its own."""
-        return all_on_heap(torch.device(self.device).type == "cpu")
+        return all_on_heap_on_cpu(self.device)
 
     def _scores(self, images: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
         out = np.empty(len(images), dtype=np.float64)

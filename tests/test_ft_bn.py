@@ -94,3 +94,17 @@ def test_ft_declares_revision_2_and_bn_defaults_to_train():
 def test_nad_uses_the_shared_bn_helper():
     """nad and ft switch BatchNorm with the same helper (no second copy in nad)."""
     assert nad_module.bn_mode is bn_mode and not hasattr(nad_module, "set_bn_training")
+
+
+def test_ft_with_one_image_batches_reports_the_bn_it_used():
+    """``batch_size=1`` with ``bn="train"``: every batch is one image, so BatchNorm keeps its running statistics
+    (checked on the buffers) and the details say so instead of repeating the parameter."""
+    model, ctx = _model_and_ctx(3)
+    bn0 = dict(model.named_modules())[BN]
+    mean0, var0 = bn0.running_mean.clone(), bn0.running_var.clone()
+    res = FineTuning(epochs=1, batch_size=1).run(model, ctx)
+    bn1 = dict(res.model.named_modules())[BN]
+    assert torch.equal(bn1.running_mean, mean0) and torch.equal(bn1.running_var, var0)
+    assert res.details["bn"].startswith("frozen (batches of one image")
+    res2 = FineTuning(epochs=1, batch_size=2).run(*_model_and_ctx(3))
+    assert res2.details["bn"] == "train"

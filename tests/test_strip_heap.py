@@ -21,8 +21,6 @@ import torch
 from torch import nn
 
 from testbed.defense import DefenseContext
-from testbed.defenses import scale_up as scale_up_mod
-from testbed.defenses import strip as strip_mod
 from testbed.defenses.scale_up import ScaleUp, ScaleUpScorer
 from testbed.defenses.strip import Strip, StripScorer
 from testbed.training import heap
@@ -34,8 +32,8 @@ SIDES = """
     import contextlib, resource, numpy as np, torch
     from testbed import models
     from testbed.defense import DefenseContext
-    from testbed.defenses import strip as strip_mod
     from testbed.defenses.strip import Strip
+    from testbed.training import heap as heap_mod
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -58,10 +56,10 @@ SIDES = """
         clean_scores = np.asarray(res.details["clean_scores"]).tobytes().hex()
         return clean_scores, repr(res.threshold), first.tobytes().hex(), faults
 
-    held = strip_mod.all_on_heap
-    strip_mod.all_on_heap = lambda enabled=True: contextlib.nullcontext()
+    held = heap_mod.all_on_heap  # what the scorers' all_on_heap_on_cpu calls
+    heap_mod.all_on_heap = lambda enabled=True: contextlib.nullcontext()
     off = side()
-    strip_mod.all_on_heap = held
+    heap_mod.all_on_heap = held
     on = side()
     print(*off, *on)
 """
@@ -92,15 +90,16 @@ class _Tiny(nn.Module):
         return {"out": self.conv(x)}
 
 
-def _recorder(monkeypatch, module) -> list[tuple[bool, int]]:
-    """Replace ``module.all_on_heap`` by the real one that also records (enabled, nesting depth on entry)."""
+def _recorder(monkeypatch) -> list[tuple[bool, int]]:
+    """Replace ``heap.all_on_heap`` (which the scorers reach through ``all_on_heap_on_cpu``) by the real one that
+    also records (enabled, nesting depth on entry)."""
     seen, real = [], heap.all_on_heap
 
     def record(enabled=True):
         seen.append((enabled, heap._all_on_heap_depth))
         return real(enabled)
 
-    monkeypatch.setattr(module, "all_on_heap", record)
+    monkeypatch.setattr(heap, "all_on_heap", record)
     return seen
 
 
@@ -111,7 +110,7 @@ def _ctx(n: int = 4) -> DefenseContext:
 
 
 def test_strip_enters_the_heap_on_cpu_once_for_its_clean_scores(monkeypatch):
-    seen = _recorder(monkeypatch, strip_mod)
+    seen = _recorder(monkeypatch)
     ctx = _ctx()
     res = Strip(n_overlays=4, batch_size=8).run(_Tiny(), ctx)  # 2 images a call: two calls for the clean scores
     assert seen == [(True, 0), (True, 1), (True, 1)]  # run holds it; the calls nest inside (no trim between)
@@ -125,7 +124,7 @@ def test_strip_enters_the_heap_on_cpu_once_for_its_clean_scores(monkeypatch):
 
 
 def test_scale_up_enters_the_heap_on_cpu(monkeypatch):
-    seen = _recorder(monkeypatch, scale_up_mod)
+    seen = _recorder(monkeypatch)
     ctx = _ctx()
     res = ScaleUp(batch_size=12).run(_Tiny(), ctx)  # 2 images a call
     assert seen == [(True, 0), (True, 1), (True, 1)]
