@@ -80,12 +80,18 @@ def check_bn(obj: Any) -> None:
 
 
 def bn_used(bn: str, batch_size: int, n_images: int) -> str:
-    """What a run's details report as its BatchNorm mode: ``bn`` as asked, except "train" with batches that
-    cannot train BN (:func:`batch_trains_bn`: a ``batch_size`` of 1, or a clean subset of one image), which
-    keep the running statistics and say so."""
-    if bn == "train" and not batch_trains_bn(min(batch_size, n_images)):
-        return "frozen (batches of one image keep the running statistics)"
-    return bn
+    """The details' ``bn_used``: what BatchNorm did with ``bn`` (the parameter, kept as the details' ``bn``) over
+    epochs of ``n_images`` in batches of ``batch_size`` (the last one short, as ``clean_loader`` makes them).
+    "train" runs on batch statistics except in batches :func:`batch_trains_bn` refuses (one image), which keep the
+    running statistics: every batch when ``min(batch_size, n_images)`` is 1, else the last one when
+    ``n_images % batch_size`` is 1."""
+    if bn != "train":
+        return bn
+    if not batch_trains_bn(min(batch_size, n_images)):
+        return "frozen (every batch is one image: the running statistics are kept)"
+    if n_images > batch_size and not batch_trains_bn(n_images % batch_size or batch_size):
+        return "train (except each epoch's last batch, one image, on the running statistics)"
+    return "train"
 
 
 def bn_mode(bn: str, loss_fn: BatchLoss) -> BatchLoss:

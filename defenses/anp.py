@@ -144,7 +144,8 @@ class ANP:
                    "pruned_fraction": count / total if total else 0.0,
                    "pruned_channels": {k: v for k, v in pruned.items() if v}, "mask_quantiles": quantiles,
                    "miou_clean_start": start, "miou_clean_final": final, "prune_by": self.prune_by,
-                   "bn": bn_used(self.bn, self.batch_size, self.batch_size),
+                   "bn": self.bn,
+                   "bn_used": bn_used(self.bn, self.batch_size, self.batch_size),  # drawn with replacement
                    **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)
 

@@ -149,7 +149,8 @@ class FinePruning:
             "miou_floor": (1.0 - self.max_drop) * start,
             "fine_tune_epochs": epochs_done,
             "ranking": self.ranking,
-            "bn": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
+            "bn": self.bn,
+            "bn_used": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
             **budget.summary(),
         }
         return DefenseResult(model=model, cost=meter.cost(), details=details)

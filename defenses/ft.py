@@ -66,7 +66,7 @@ class FineTuning:
         done, _ = train_clean(model, ctx, plan, bn_mode(self.bn, loss_fn), budget, meter)
         final = miou(model, ctx, meter)
         report(ctx.progress, 1.0, f"ft done: {done} epochs, clean mIoU {final:.3f}")
-        details = {"epochs_done": done, "bn": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
-                   "miou_clean_start": start, "miou_clean_final": final,
-                   **budget.summary()}
+        details = {"epochs_done": done, "bn": self.bn,
+                   "bn_used": bn_used(self.bn, self.batch_size, len(ctx.clean_images)), "miou_clean_start": start,
+                   "miou_clean_final": final, **budget.summary()}
         return DefenseResult(model=model, cost=meter.cost(), details=details)

@@ -184,7 +184,8 @@ class NAD:
         final = miou(student, ctx, meter)
         report(ctx.progress, 1.0, f"nad done: clean mIoU {final:.3f}")
         details = {"layers": layers, "betas": [float(b) for b in self.betas], "p": float(self.p),
-                   "bn": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
+                   "bn": self.bn,
+                   "bn_used": bn_used(self.bn, self.batch_size, len(ctx.clean_images)),
                    "teacher_epochs_done": teacher_done, "epochs_done": student_done, "miou_clean_start": start,
                    "miou_clean_teacher": teacher_miou, "miou_clean_final": final, **budget.summary()}
         return DefenseResult(model=student, cost=meter.cost(), details=details)

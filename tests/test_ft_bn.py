@@ -96,15 +96,31 @@ def test_nad_uses_the_shared_bn_helper():
     assert nad_module.bn_mode is bn_mode and not hasattr(nad_module, "set_bn_training")
 
 
-def test_ft_with_one_image_batches_reports_the_bn_it_used():
-    """``batch_size=1`` with ``bn="train"``: every batch is one image, so BatchNorm keeps its running statistics
-    (checked on the buffers) and the details say so instead of repeating the parameter."""
+
+@pytest.mark.parametrize("name", ["ft", "nad", "fine-pruning"])
+@pytest.mark.parametrize("batch_size, n_images, used", [
+    (1, 3, "frozen (every batch"),    # every batch one image: BN never trains
+    (2, 3, "train (except each"),     # 2 + 1: the last batch of each epoch keeps the running statistics
+    (2, 4, "train"),                  # 2 + 2
+    (4, 1, "frozen (every batch"),    # a one-image subset
+])
+def test_details_say_which_batches_trained_batchnorm(name, batch_size, n_images, used):
+    """``bn`` repeats the parameter; ``bn_used`` says what BatchNorm did, and agrees with the training-mode flags
+    recorded on the model's forwards (one flag per batch)."""
+    model, ctx = _model_and_ctx(n_images)
+    seen = _record_training_forwards(model)
+    extra = {"teacher_epochs": 1} if name == "nad" else {}
+    res = load_defense(name, epochs=1, batch_size=batch_size, **extra).run(model, ctx)
+    assert res.details["bn"] == "train" and res.details["bn_used"].startswith(used)
+    flags = {t for t, x in seen if len(x) > 1}
+    one = {t for t, x in seen if len(x) == 1}
+    assert flags <= {True} and one <= {False}  # BN trains on every batch of 2+ images, never on one image
+    assert bool(one) == (used != "train") and bool(flags) == used.startswith("train")
+
+
+@pytest.mark.parametrize("batch_size, used", [(1, "frozen (every batch"), (16, "train")])
+def test_anp_details_say_whether_batchnorm_trained(batch_size, used):
+    """anp draws ``batch_size`` images with replacement per iteration: every batch is that size."""
     model, ctx = _model_and_ctx(3)
-    bn0 = dict(model.named_modules())[BN]
-    mean0, var0 = bn0.running_mean.clone(), bn0.running_var.clone()
-    res = FineTuning(epochs=1, batch_size=1).run(model, ctx)
-    bn1 = dict(res.model.named_modules())[BN]
-    assert torch.equal(bn1.running_mean, mean0) and torch.equal(bn1.running_var, var0)
-    assert res.details["bn"].startswith("frozen (batches of one image")
-    res2 = FineTuning(epochs=1, batch_size=2).run(*_model_and_ctx(3))
-    assert res2.details["bn"] == "train"
+    res = load_defense("anp", nb_iter=2, batch_size=batch_size).run(model, ctx)
+    assert res.details["bn"] == "train" and res.details["bn_used"].startswith(used)

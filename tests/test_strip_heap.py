@@ -153,3 +153,13 @@ def test_all_on_heap_sets_nests_and_restores(fake_glibc):
     assert calls[3:] == [(heap.M_MMAP_MAX, 65536), (heap.M_TRIM_THRESHOLD, 64 << 20), (heap.M_MMAP_THRESHOLD, 32 << 20),
                          ("trim", 0)]
     assert heap._all_on_heap_depth == 0
+
+
+@pytest.mark.parametrize("device, on", [("cpu", True), ("cpu:0", True), (torch.device("cpu"), True),
+                                        ("cuda", False), ("cuda:0", False), (torch.device("cuda", 0), False),
+                                        (torch.device("meta"), False)])
+def test_all_on_heap_on_cpu_is_enabled_on_the_cpu_only(monkeypatch, device, on):
+    seen = _recorder(monkeypatch)
+    with heap.all_on_heap_on_cpu(device):
+        pass
+    assert seen == [(on, 0)]

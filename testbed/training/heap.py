@@ -89,7 +89,7 @@ def kept_heap(enabled: bool = True) -> Iterator[None]:
         give_back()
 
 
-def all_on_heap_on_cpu(device) -> contextlib.AbstractContextManager:
+def all_on_heap_on_cpu(device: object) -> contextlib.AbstractContextManager:
     """:func:`all_on_heap` where ``device`` (a torch device or its name) is the CPU; nothing on another device
     (the input filters' scorers hold it over their forward passes)."""
     return all_on_heap(str(device).split(":")[0] == "cpu")
