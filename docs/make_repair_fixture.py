@@ -51,19 +51,18 @@ def fixture(work: Path, seed: int) -> tuple[Path, Path]:
     return run_dir, data
 
 
-def record(run, name: str, seed: int, defense_seed: int) -> dict:
-    """One defense at its defaults on a loaded pair: before/after, cost, the small details."""
-    defense = load_defense(name)
+def record(run, defense, seed: int, defense_seed: int, env: dict) -> dict:
+    """One defense (loaded at its defaults) on a loaded pair: before/after, cost, the small details, ``env``."""
     t0 = time.perf_counter()
     row = run_defense(defense, run, DefenseSettings(seed=defense_seed, panels=0))
     details = {k: v for k, v in (row.details or {}).items()
                if not isinstance(v, (list, dict)) or len(json.dumps(v)) < 300}
     before, after = row.before or {}, row.after or {}
-    return {"seed": seed, "defense_seed": defense_seed, "defense": name, "revision": getattr(defense, "revision", None),
+    return {"seed": seed, "defense_seed": defense_seed, "defense": defense.name, "revision": getattr(defense, "revision", None),
             "error": row.error, "ASR_before": before.get("ASR"), "mIoU_B_before": before.get("mIoU-B"),
             "ASR_after": after.get("ASR"), "mIoU_B_after": after.get("mIoU-B"),
             "fwd": row.cost.forward_passes, "bwd": row.cost.backward_passes, "seconds": row.cost.seconds,
-            "wall_incl_scoring": round(time.perf_counter() - t0, 1), "details": details, **environment()}
+            "wall_incl_scoring": round(time.perf_counter() - t0, 1), "details": details, **env}
 
 
 def environment() -> dict:
@@ -105,16 +104,17 @@ def main() -> None:
     torch.set_num_threads(1)
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    done = finished(a.out)
+    done, env = finished(a.out), environment()
     for seed in map(int, a.seeds.split(",")):
         run_dir, data = fixture(a.work, seed)
         dseeds = [seed] if a.defense_seeds is None else list(map(int, a.defense_seeds.split(",")))
         with load_pair(run_dir, data, "cpu") as run:
             for name in a.defenses.split(","):
+                defense = load_defense(name)
                 for ds in dseeds:
-                    if (seed, name, getattr(load_defense(name), "revision", None), ds) in done:
+                    if (seed, name, getattr(defense, "revision", None), ds) in done:
                         continue
-                    rec = record(run, name, seed, ds)
+                    rec = record(run, defense, seed, ds, env)
                     with a.out.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     print(show(rec), flush=True)

@@ -36,6 +36,8 @@ import ctypes
 import platform
 from typing import Iterator
 
+import torch
+
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
@@ -89,10 +91,10 @@ def kept_heap(enabled: bool = True) -> Iterator[None]:
         give_back()
 
 
-def all_on_heap_on_cpu(device: object) -> contextlib.AbstractContextManager:
+def all_on_heap_on_cpu(device: str | torch.device) -> contextlib.AbstractContextManager:
     """:func:`all_on_heap` where ``device`` (a torch device or its name) is the CPU; nothing on another device
     (the input filters' scorers hold it over their forward passes)."""
-    return all_on_heap(str(device).split(":")[0] == "cpu")
+    return all_on_heap(torch.device(device).type == "cpu")
 
 
 @contextlib.contextmanager
