@@ -553,3 +553,43 @@ def test_cli_precision_and_epoch_lines_in_a_log(tiny_data, tmp_path, capsys, mon
     assert len(lines) == 2, lines
     for i, line in enumerate(lines, 1):
         assert re.fullmatch(rf"epoch {i}/2: loss \d+\.\d{{4}}, \d+ img/s, \d+\.\ds", line), line
+
+
+def test_ctrl_c_inside_a_checkpoint_write_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C landing in one of torch.save's writes: torch.save turns it into a RuntimeError ("unexpected pos")
+    when it closes the archive; save_checkpoint re-raises the KeyboardInterrupt (so the CLI's one-line
+    "interrupted" path takes it, not a traceback) and the existing checkpoint is untouched."""
+    import builtins
+
+    import torch
+
+    from testbed.training import rundir
+
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    real_open, writes = builtins.open, []
+
+    class Interrupted:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            writes.append(len(b))
+            if len(writes) == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(rundir, "open", lambda p, mode="r": Interrupted(real_open(p, mode)), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.save_checkpoint({"w": torch.zeros(50_000)}, path)
+    assert len(writes) >= 3 and path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left

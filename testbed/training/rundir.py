@@ -46,8 +46,9 @@ def _resume_key(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 class _KeepError(io.RawIOBase):
-    """A file wrapper that remembers the OSError of a failed write: ``torch.save`` turns it into an opaque
-    RuntimeError ("unexpected pos ..."), so a full disk would otherwise not be recognisable."""
+    """A file wrapper that remembers the OSError of a failed write — or the Ctrl-C that interrupted one:
+    ``torch.save`` turns either into an opaque RuntimeError ("unexpected pos ...") when it closes the archive, so a
+    full disk would otherwise not be recognisable and an interrupt would surface as a traceback."""
 
     def __init__(self, f) -> None:
         self.f, self.error = f, None
@@ -58,7 +59,7 @@ class _KeepError(io.RawIOBase):
     def write(self, b) -> int:
         try:
             return self.f.write(b)
-        except OSError as e:
+        except (OSError, KeyboardInterrupt) as e:
             self.error = e
             raise
 
