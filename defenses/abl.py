@@ -59,7 +59,9 @@ class ABL:
     """Parameters (defaults): ``epochs`` (5 on CPU; the paper's T_te is 20), ``gamma`` (0.5, the LGA threshold),
     ``isolation_ratio`` (0.01), ``init`` ("scratch": a freshly initialised copy of the architecture, as ABL
     trains from scratch; "model": start from the suspicious model), ``lr`` (2e-3, AdamW), ``batch_size``
-    (16), ``unlearn`` (False), ``unlearn_epochs`` (5), ``unlearn_lr`` (5e-4)."""
+    (16), ``unlearn`` (False), ``unlearn_epochs`` (5), ``unlearn_lr`` (5e-4).  After ``run``, ``losses_`` holds
+    every training image's loss under the isolation model (training-set order), from which the isolated share
+    is the lowest."""
 
     name = "abl"
     paper = 'Li et al.: Anti-Backdoor Learning: Training Clean Models on Poisoned Data, NeurIPS 2021'
@@ -176,6 +178,7 @@ class ABL:
             losses = self._losses(net, ctx, meter)
             k = max(1, math.ceil(self.isolation_ratio * n))
             isolated = np.sort(np.argsort(losses, kind="stable")[:k]).astype(np.int64)
+            self.losses_ = losses  # every training image's isolation loss, in training-set order (for analysis)
             repaired, unlearned = (self._unlearn(model, ctx, isolated, budget, meter) if self.unlearn else (None, 0))
         report(ctx.progress, 1.0, f"ABL isolated {k} of {n} training images")
         details = {

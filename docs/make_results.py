@@ -20,11 +20,16 @@ the thread count):
     testbed bench --zoo zoo-bench/ --defense strip --param mode=blend --workers 2 --threads 1 --out bench-strip-blend/
     testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
     testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers 2 --threads 1
-    testbed bench --zoo zoo-arch/ --defense fine-pruning,strip,trigger-synthesis --workers 2 --threads 1 --out bench-arch/
+    testbed bench --zoo zoo-arch/ --defense DEFENSES_7 --workers 2 --threads 1 --out bench-arch/
+    testbed zoo build examples/zoo-attacks.toml --out zoo-attacks/ --workers 2 --threads 1
+    testbed bench --zoo zoo-attacks/ --defense DEFENSES_7 --workers 2 --threads 1 --out bench-attacks/
 
 with DEFENSES every built-in (`testbed defenses`), TRAINING_SET the three that read the training set and
 retrain (activation-clustering, spectral-signature, abl: on CamVid only the paper's three line settings and the
-benign models, about 12 CPU-hours; all 30 models would take about 30) and NON_TRAINING_SET the other nine.  What a folder of docs/results/ holds:
+benign models, about 12 CPU-hours; all 30 models would take about 30), NON_TRAINING_SET the other nine and
+DEFENSES_7 the seven the synthetic benchmark has run on every model (fine-pruning,strip,scale-up,clp,ft,nad,i-bau).
+Attack suite II's zoo and bench go in ``attacks/`` (``--collect-zoo attacks zoo-attacks/ --collect-bench attacks
+bench-attacks/``); its IBA distance table and figure come from ``python docs/make_attack_results.py``.  What a folder of docs/results/ holds:
 ``NAME/zoo/`` the zoo's manifest.json and, per entry, config.json, metrics.json, curve.csv (and the benign
 entries' reference.json: the benign model scored on every attacked test set); ``NAME/bench/`` (and
 ``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv, and
@@ -70,7 +75,8 @@ RESULTS = DOCS / "results"
 NOTES = "<!-- notes -->"
 ENTRY_FILES = ("config.json", "metrics.json", "curve.csv", "reference.json")
 BENCH_FILES = ("results.json", "results.csv", "results-aggregate.csv")
-DATASETS = {"camvid": "Real data: CamVid", "synthetic": "Synthetic scenes (the demo's data)"}
+DATASETS = {"camvid": "Real data: CamVid", "synthetic": "Synthetic scenes (the demo's data)",
+            "attacks": "Attack suite II on synthetic scenes (IBA, object-bound, blended and warp triggers; one seed)"}
 
 
 # -- reading what is committed ------------------------------------------------------------------------------

@@ -75,3 +75,18 @@ def test_benchmark_scripts_order_and_only():
     numbers = [int(re.match(r"p(\d+)", s.name).group(1)) for s in run_all.benchmark_scripts()]
     assert numbers == sorted(numbers) and len(numbers) >= 9
     assert [s.name[:3] for s in run_all.benchmark_scripts("p1_,p4")] == ["p1_", "p4_"]
+
+
+def test_p9_ratio_path_is_auto_with_native_bf16_else_the_fastest_layout():
+    spec = importlib.util.spec_from_file_location("p9_under_test", BENCH / "p9_cpu_fast_path.py")
+    p9 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(p9)
+    rates = {"fp32": [10.0, 11.0, 12.0], "fp32_cl": [13.0, 14.0, 9.0], "bf16": [5.0, 5.0, 5.0],
+             "bf16_cl": [6.0, 6.0, 6.0], "auto": [10.5, 11.5, 12.5]}
+    assert p9.best_path(rates, native_bf16=True) == "auto"  # the path users get, even when another is faster
+    assert p9.best_path(rates, native_bf16=False) == "fp32_cl"  # medians 11, 13, 5, 6, 11.5
+    assert p9.best_path({**rates, "auto": [20.0, 20.0, 20.0]}, native_bf16=False) == "fp32_cl"  # auto = fp32 there
+    assert p9.best_path({"fp32": [10.0], "fp32_cl": [9.0], "auto": [11.0]}, native_bf16=False) == "fp32"
+    assert p9.timed_layouts(native_bf16=True, all_layouts=False) == list(p9.LAYOUTS)
+    assert p9.timed_layouts(native_bf16=False, all_layouts=False) == ["fp32", "fp32_cl", "auto"]  # no emulated bf16
+    assert p9.timed_layouts(native_bf16=False, all_layouts=True) == list(p9.LAYOUTS)

@@ -173,9 +173,11 @@ def _ctx(setup, **kw):
 
 
 def test_batched_equals_sequential(setup, one_thread):
-    """Same candidates, same seed: the same verdict, steps and passes; norms and score within 1e-3 (relative).
+    """Same candidates, same seed: the same verdict, steps and passes; norms and score within 5e-3 (relative).
 
-    The two modes run the same arithmetic per candidate; only the batched kernels' float rounding differs.
+    The two modes run the same arithmetic per candidate; only the batched kernels' float rounding differs, and it
+    accumulates over the steps: under 1e-3 on an Intel Xeon (AVX-512 kernels), 1.1e-3 on one of two norms on an
+    AMD EPYC (AVX2 kernels).  A wrong candidate, mask or step count moves them by far more.
     """
     model = setup[0]
     kw = dict(steps=40, batch_size=6, patience=2, early_stop_patience=3, init_cost=1e-2, max_candidates=4)
@@ -183,13 +185,13 @@ def test_batched_equals_sequential(setup, one_thread):
     bat = TriggerSynthesis(candidate_batch=4, **kw).run(model, _ctx(setup))
     for key in ("backdoored", "status", "suspected", "coverage"):
         assert getattr(seq.verdict, key) == getattr(bat.verdict, key), key
-    assert bat.verdict.score == pytest.approx(seq.verdict.score, rel=1e-3)
+    assert bat.verdict.score == pytest.approx(seq.verdict.score, rel=5e-3)
     assert seq.details["steps"] == bat.details["steps"] and seq.details["stop_reason"] == bat.details["stop_reason"]
     assert (seq.cost.forward_passes, seq.cost.backward_passes) == (bat.cost.forward_passes, bat.cost.backward_passes)
     assert seq.details["reached"] == bat.details["reached"] and len(seq.details["reached"]) == 4
     a, b = seq.details["norms"], bat.details["norms"]  # the converged candidates' norms (the MAD's input)
     assert list(a) == list(b) and len(a) == sum(seq.details["reached"].values())
-    np.testing.assert_allclose([b[k] for k in b], [a[k] for k in a], rtol=1e-3)
+    np.testing.assert_allclose([b[k] for k in b], [a[k] for k in a], rtol=5e-3)
     assert "converged" in seq.details["stop_reason"].values()  # NC's early stop was exercised
     curves = seq.details["mask_norm_curves"]
     assert all(len(curves[lab]) == seq.details["steps"][lab] for lab in curves)
