@@ -85,6 +85,14 @@ def finished(out: Path) -> set[tuple]:
     return keys
 
 
+def start(a: argparse.Namespace) -> tuple[set[tuple], dict]:
+    """One torch thread, the work and output folders made; (the records already in ``a.out``, the environment)."""
+    torch.set_num_threads(1)
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    return finished(a.out), environment()
+
+
 def show(rec: dict) -> str:
     """One progress line; a failed defense shows its error."""
     if rec["error"]:
@@ -101,10 +109,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("repair-fixture-work"), help="data and models (built once)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    a.work.mkdir(parents=True, exist_ok=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    done, env = finished(a.out), environment()
+    done, env = start(a)
     for seed in map(int, a.seeds.split(",")):
         run_dir, data = fixture(a.work, seed)
         dseeds = [seed] if a.defense_seeds is None else list(map(int, a.defense_seeds.split(",")))

@@ -29,7 +29,7 @@ retrain (activation-clustering, spectral-signature, abl: on CamVid only the pape
 benign models, about 12 CPU-hours; all 30 models would take about 30), NON_TRAINING_SET the other nine and
 DEFENSES_7 the seven the synthetic benchmark has run on every model (fine-pruning,strip,scale-up,clp,ft,nad,i-bau).
 Attack suite II's zoo and bench go in ``attacks/`` (``--collect-zoo attacks zoo-attacks/ --collect-bench attacks
-bench-attacks/``); its IBA distance table and figure come from ``python docs/make_attack_results.py``.  What a folder of docs/results/ holds:
+bench-attacks/``); its IBA distance table and figure come from ``python docs/make_attack_results.py zoo-attacks/ --no-bench``.  What a folder of docs/results/ holds:
 ``NAME/zoo/`` the zoo's manifest.json and, per entry, config.json, metrics.json, curve.csv (and the benign
 entries' reference.json: the benign model scored on every attacked test set); ``NAME/bench/`` (and
 ``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv, and
@@ -450,8 +450,8 @@ def coverage_text(benched: set[str], zoo_ids: list[str]) -> str:
 def bench_section(name: str, report: dict[str, Any] | None, zoo_ids: list[str] = ()) -> list[str]:
     head = "### The defenses"
     if report is None:
-        return [head, "", f"Not run yet: no bench report in `docs/results/{name}/bench/` (the commands are at the "
-                "top of this page).", ""]
+        return [head, "", f"Not run yet: no bench report in `docs/results/{name}/bench/` (the commands are in the "
+                "docstring of `docs/make_results.py`).", ""]
     rows = report["rows"]
     errors = [r for r in rows if r.get("error")]
     defenses = list(dict.fromkeys(r["defense"] for r in rows))

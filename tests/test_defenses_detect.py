@@ -196,34 +196,25 @@ def _ctx(p, train=None, budget_passes=None, seed=0):
                           image_size=p["images"].shape[1:3], budget_passes=budget_passes)
 
 
-def _auroc_low_is_positive(scores: np.ndarray, positive: np.ndarray) -> float:
-    """P(a negative's score > a positive's score), ties half: AUROC of "a low score means positive", by pairs."""
-    pos, neg = scores[positive], scores[~positive]
-    return float(((neg[:, None] > pos[None, :]).sum() + 0.5 * (neg[:, None] == pos[None, :]).sum()) / (len(pos) * len(neg)))
-
-
-def test_abl_isolation_losses_rank_poison_lower(model, poisoned):
-    """ABL's premise on the tiny poisoned set of the fixtures (240 images, 10% poisoned; two isolation epochs from
-    scratch, the paper: 20): under the LGA-trained isolation model the poisoned images have lower losses than the
-    clean ones (AUROC of "low loss = poisoned" ≥ 0.65, for two defense seeds; measured 0.709 and 0.839 on an AMD
-    EPYC — 24 poisoned × 216 clean images put 0.5 about five standard errors below 0.65), and the isolated images
-    are the lowest-loss ones.  What is NOT asserted: that the paper's 1% (3 images here) are mostly poisoned.  Over
-    epochs 2/5/10 × seeds 0-2 they held 0 of 3 on seven runs of nine (docs/defenses.md): the very lowest losses are
-    a few easy clean images, so a precision test on 3 images passes or fails with the seed and the CPU."""
+def test_abl_isolates_the_lowest_loss_images_within_its_pass_budget(model, poisoned):
+    """ABL on the tiny poisoned set of the fixtures (240 images, 10% poisoned; two isolation epochs from scratch,
+    the paper: 20): the isolated images are the paper's 1% with the lowest loss under the LGA-trained isolation
+    model (``losses_``), and the passes are the epochs' plus one loss pass.  What is NOT asserted: that they are
+    poisoned.  Measured over epochs 2/5/10 × defense seeds 0-2 (`docs/make_abl_fixture.py`, docs/defenses.md), the
+    isolated 3 held 0 poisoned images on seven runs of nine and the loss ranking's AUROC ranged 0.25-0.98: on this
+    fixture ABL's isolation is a seed and CPU lottery (the earlier precision test passed on an Intel Xeon and
+    failed on an AMD EPYC), so issue 22's precision item is a finding here, not a test."""
     train = np.arange(len(poisoned["images"]))
-    truth = np.isin(train, poisoned["poison"])  # from the file's poison_index, never seen by the defense
-    rate = truth.mean()
-    assert 0 < rate < 0.5
-    for seed in (0, 1):
-        abl = ABL(epochs=2)
-        res = abl.run(model, _ctx(poisoned, train, seed=seed))
-        _strict_json(res)
-        fl, losses = res.flagged_train, abl.losses_
-        assert fl.dtype == np.int64 and len(fl) == math.ceil(0.01 * len(train)) and res.model is None
-        assert losses.shape == (len(train),) and losses[fl].max() <= np.delete(losses, fl).min()  # the lowest
-        assert res.details["isolated_losses"] == pytest.approx(losses[fl].tolist())
-        assert _auroc_low_is_positive(losses, truth) >= 0.65, seed
-        assert res.cost.forward_passes == 2 * len(train) + len(train) and res.cost.backward_passes == 2 * len(train)
+    abl = ABL(epochs=2)
+    res = abl.run(model, _ctx(poisoned, train))
+    _strict_json(res)
+    fl, losses = res.flagged_train, abl.losses_
+    assert fl.dtype == np.int64 and len(fl) == math.ceil(0.01 * len(train)) and res.model is None
+    assert losses.shape == (len(train),) and np.isfinite(losses).all()
+    assert losses[fl].max() <= np.delete(losses, fl).min()  # the lowest
+    assert res.details["isolated_losses"] == pytest.approx(losses[fl].tolist())
+    assert res.details["median_loss"] == pytest.approx(float(np.median(losses)))
+    assert res.cost.forward_passes == 2 * len(train) + len(train) and res.cost.backward_passes == 2 * len(train)
     with pytest.raises(ValueError, match="training set"):
         abl.run(model, _ctx(poisoned))
 

@@ -151,12 +151,14 @@ def test_reads_two_built_zoos_and_bad_input_is_one_line(tmp_path, capsys):
     assert "both zoos trained in fp32" in lines[0] and "Traceback" not in err.err
 
 
-def test_bf16_spec_is_the_reference_benchmark_in_bf16():
-    """examples/zoo-bench-bf16.toml pairs entry for entry with examples/zoo-bench.toml; only the precision differs."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_pinned_specs_are_the_reference_benchmark_at_one_precision(precision):
+    """examples/zoo-bench-bf16.toml and zoo-bench-fp32.toml (the zoo docs/results.md reports, which zoo-arch.toml
+    pairs with) pair entry for entry with examples/zoo-bench.toml; only the precision differs."""
     from testbed.zoo.spec import parse_spec
 
-    bench, bf16 = parse_spec(REPO / "examples" / "zoo-bench.toml"), parse_spec(REPO / "examples" / "zoo-bench-bf16.toml")
-    assert bf16.train == {**bench.train, "precision": "bf16"} and "precision" not in bench.train
-    assert bf16.data == bench.data
-    assert {v.label: v.params for v in bf16.variants} == {v.label: v.params for v in bench.variants}
-    assert [(e.id, e.seed) for e in bf16.entries] == [(e.id, e.seed) for e in bench.entries] and len(bf16.entries) == 21
+    bench, pinned = parse_spec(REPO / "examples" / "zoo-bench.toml"), parse_spec(REPO / "examples" / f"zoo-bench-{precision}.toml")
+    assert pinned.train == {**bench.train, "precision": precision} and "precision" not in bench.train
+    assert pinned.data == bench.data
+    assert {v.label: v.params for v in pinned.variants} == {v.label: v.params for v in bench.variants}
+    assert [(e.id, e.seed) for e in pinned.entries] == [(e.id, e.seed) for e in bench.entries] and len(pinned.entries) == 21
