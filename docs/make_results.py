@@ -21,6 +21,7 @@ the thread count):
     testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
     testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers 2 --threads 1
     testbed bench --zoo zoo-arch/ --defense DEFENSES_7 --workers 2 --threads 1 --out bench-arch/
+    python docs/make_results.py --collect-zoo synthetic/arch zoo-arch/ --collect-bench synthetic/arch bench-arch/
     testbed zoo build examples/zoo-attacks.toml --out zoo-attacks/ --workers 2 --threads 1
     testbed bench --zoo zoo-attacks/ --defense DEFENSES_7 --workers 2 --threads 1 --out bench-attacks/
 
@@ -136,7 +137,8 @@ def collect(kind: str, name: str, src: Path) -> Path:
 # -- the zoo: models before any defense ---------------------------------------------------------------------
 def _bar(attack: dict[str, Any] | None) -> float:
     """The ASR at which a setting counts as implanted for the reference benchmark, fixed before the runs: 90% for
-    BadNets and N-to-1 label maps, 75% for 1-to-1 and IBA (they flip one class inside a scene)."""
+    BadNets and N-to-1 label maps, 75% for the others — 1-to-1, IBA, object-bound (they flip one class or object
+    inside a scene)."""
     attack = attack or {}
     return 90.0 if attack.get("attack") == "badnets" or attack.get("preset") == "n-to-1" else 75.0
 
@@ -265,8 +267,8 @@ def zoo_section(name: str, entries: list[dict[str, Any]] | None, rows: list[dict
     return [head, "", f"Zoo `docs/results/{name}/zoo/`: {len(entries)} of {planned or len(entries)} planned models "
             f"finished. {zoo_machine(entries)}. {zoo_cost(entries)}. Per seed: `{csv_path.relative_to(DOCS.parent)}`.", "",
             zoo_table(rows), "",
-            "*Implanted*: ASR at or above the bar fixed before the runs (90% for BadNets and N-to-1, 75% for 1-to-1 "
-            "and IBA) and above the benign floor (the benign model of the same seed on the same attacked test set). "
+            "*Implanted*: ASR at or above the bar fixed before the runs (90% for BadNets and N-to-1, 75% for the others: "
+            "1-to-1, IBA, object-bound) and above the benign floor (the benign model of the same seed on the same attacked test set). "
             "A setting below it is *not implanted at this budget*, not a finding about the attack. *Plateau rule*: "
             "the best val mIoU over the last 20% of the epochs is within 1 point of the best of the whole curve (*no curve*: "
             "the zoo was built without `val_every`). *Poisoned*: the share of the training images the attack "
