@@ -68,16 +68,18 @@ def timed_layouts(native_bf16: bool, all_layouts: bool) -> list[str]:
     return [n for n in LAYOUTS if native_bf16 or all_layouts or LAYOUTS[n][0] != "bf16"]
 
 
-def _report(rates: dict[str, list], cpu_rates: dict[str, list], used: dict, args: argparse.Namespace) -> str:
-    """Print the P9 line and the details; return the layout the ratio was taken for."""
-    from testbed.core.device import cpu_bf16_support
+def over_fp32(rates: dict[str, list], name: str) -> list[float]:
+    """``name``'s rate ÷ fp32's, round by round."""
+    return [a / b for a, b in zip(rates[name], rates["fp32"])]
 
-    cpu = cpu_bf16_support()
-    ratios = [a / b for a, b in zip(rates["auto"], rates["fp32"])]
-    cpu_ratios = [a / b for a, b in zip(cpu_rates["auto"], cpu_rates["fp32"])]
+
+def _report(rates: dict[str, list], cpu_rates: dict[str, list], used: dict, args: argparse.Namespace,
+            cpu: dict) -> str:
+    """Print the P9 line and the details (``cpu``: :func:`cpu_bf16_support`); return the layout the ratio was
+    taken for."""
+    ratios, cpu_ratios = over_fp32(rates, "auto"), over_fp32(cpu_rates, "auto")
     best = best_path(rates, cpu["native_bf16"])
-    best_ratios = [a / b for a, b in zip(rates[best], rates["fp32"])]
-    best_cpu = [a / b for a, b in zip(cpu_rates[best], cpu_rates["fp32"])]
+    best_ratios, best_cpu = over_fp32(rates, best), over_fp32(cpu_rates, best)
     print(f"P9 cpu_fast_path_vs_fp32 ratio={statistics.median(best_ratios):.2f} target>={TARGET}")
     if not cpu["native_bf16"]:
         print(f"  no native bf16 on this CPU: the ratio is the best available path ({best}) ÷ fp32 (per round: "
@@ -118,7 +120,7 @@ def ceiling(data: Path, args: argparse.Namespace, path: str) -> None:
     for r in range(args.rounds):
         for n in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]):
             rates[n].append(bare_loop(cfgs[n], images, labels, k, args.epochs)[1])
-    ratios = [a / b for a, b in zip(rates[path], rates["fp32"])]
+    ratios = over_fp32(rates, path)
     print(f"  ceiling (P3's bare loop, no trainer): {path} / fp32 per CPU-second median {statistics.median(ratios):.3f} "
           f"({', '.join(f'{x:.3f}' for x in ratios)}); img per CPU-s fp32 {statistics.median(rates['fp32']):.1f}, "
           f"{path} {statistics.median(rates[path]):.1f}")
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from testbed.core.device import cpu_bf16_support, torch_threads
     from testbed.data.synth import make_synth_dataset
 
-    names = timed_layouts(cpu_bf16_support()["native_bf16"], args.all_layouts or args.smoke)
+    cpu_info = cpu_bf16_support()
+    names = timed_layouts(cpu_info["native_bf16"], args.all_layouts or args.smoke)
     tmp = Path(tempfile.mkdtemp(prefix="p9-"))
     try:
         with torch_threads(args.threads):
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall, cpu, used[name] = trainer(data, tmp / "run", name, args)
                     rates[name].append(wall)
                     cpu_rates[name].append(cpu)
-            best = _report(rates, cpu_rates, used, args)
+            best = _report(rates, cpu_rates, used, args, cpu_info)
             if not args.no_ceiling:
                 ceiling(data, args, best)
     finally:

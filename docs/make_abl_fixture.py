@@ -28,7 +28,7 @@ from testbed import attacks
 from testbed.data.h5data import open_dataset
 from testbed.data.synth import make_synth_dataset
 from testbed.defenses.abl import ABL
-from testbed.defense import DefenseContext, ReadOnlyArray, TrainingSet
+from testbed.evaluation.threat_model import make_context
 from testbed.stats.intervals import auroc
 from testbed.training.loop import TrainConfig, train
 from testbed.training.runs import load_run
@@ -36,8 +36,9 @@ from testbed.training.runs import load_run
 OUT = Path(__file__).parent / "results/synthetic/findings/abl-fixture-isolation/results.jsonl"
 
 
-def fixture(work: Path) -> tuple[torch.nn.Module, dict]:
-    """The shared fixture's model and the arrays ABL's context needs (built once under ``work``)."""
+def fixture(work: Path) -> tuple[torch.nn.Module, Path, np.ndarray]:
+    """The shared fixture's model, its poisoned data file and which training images are poisoned (from the file's
+    poison index; the defense never sees it), built once under ``work``."""
     synth, data, run_dir = work / "synth.h5", work / "fgba-n1-line.h5", work / "run"
     if not synth.exists():
         make_synth_dataset(synth, n_train=240, n_test=48, size=64, seed=0)
@@ -47,25 +48,14 @@ def fixture(work: Path) -> tuple[torch.nn.Module, dict]:
         cfg = TrainConfig(model="deeplabv3_tiny", epochs=6, batch_size=16, seed=0, device="cpu", precision="fp32")
         train(data, run_dir, cfg, progress=False)
     with open_dataset(data) as f:
-        n = f.length("train")
-        arrays = {"clean_index": np.asarray(f["defense/clean_index"], np.int64), "classes": tuple(f.classes),
-                  "images": f.read("train/images", np.arange(n)), "labels": f.read("train/labels", np.arange(n)),
-                  "poison": np.asarray(f["train/poison_index"], np.int64)}
-    return load_run(run_dir)[0], arrays
+        truth = np.isin(np.arange(f.length("train")), np.asarray(f["train/poison_index"], np.int64))
+    return load_run(run_dir)[0], data, truth
 
 
-def context(p: dict, seed: int) -> DefenseContext:
-    imgs, labs, ci = p["images"], p["labels"], p["clean_index"]
-    ts = TrainingSet(ReadOnlyArray(lambda i: imgs[i], imgs.shape, imgs.dtype),
-                     ReadOnlyArray(lambda i: labs[i], labs.shape, labs.dtype))
-    return DefenseContext(imgs[ci], labs[ci], p["classes"], torch.device("cpu"), seed=seed, train=ts,
-                          image_size=imgs.shape[1:3])
-
-
-def record(model: torch.nn.Module, p: dict, epochs: int, seed: int, env: dict) -> dict:
+def record(model: torch.nn.Module, data: Path, truth: np.ndarray, epochs: int, seed: int, env: dict) -> dict:
+    """ABL at ``epochs`` with defense seed ``seed``, in the context the bench runner gives it (make_context)."""
     abl = ABL(epochs=epochs)
-    res = abl.run(model, context(p, seed))
-    truth = np.isin(np.arange(len(p["images"])), p["poison"])
+    res = abl.run(model, make_context(abl, data, device=torch.device("cpu"), seed=seed))
     losses, isolated = abl.losses_, res.flagged_train
     return {"seed": seed, "defense": f"abl-epochs-{epochs}", "revision": None, "defense_seed": seed, "epochs": epochs,
             "isolated": isolated.tolist(), "isolated_poisoned": int(truth[isolated].sum()),
@@ -82,12 +72,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     done, env = start(a)
-    model, arrays = fixture(a.work)
+    model, data, truth = fixture(a.work)
     for epochs in map(int, a.epochs.split(",")):
         for seed in map(int, a.seeds.split(",")):
             if (seed, f"abl-epochs-{epochs}", None, seed) in done:
                 continue
-            rec = record(model, arrays, epochs, seed, env)
+            rec = record(model, data, truth, epochs, seed, env)
             with a.out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"epochs {epochs} seed {seed}: {rec['isolated_poisoned']} of {len(rec['isolated'])} isolated poisoned "

@@ -30,7 +30,8 @@ retrain (activation-clustering, spectral-signature, abl: on CamVid only the pape
 benign models, about 12 CPU-hours; all 30 models would take about 30), NON_TRAINING_SET the other nine and
 DEFENSES_7 the seven the synthetic benchmark has run on every model (fine-pruning,strip,scale-up,clp,ft,nad,i-bau).
 Attack suite II's zoo and bench go in ``attacks/`` (``--collect-zoo attacks zoo-attacks/ --collect-bench attacks
-bench-attacks/``); its IBA distance table and figure come from ``python docs/make_attack_results.py zoo-attacks/ --no-bench``.  What a folder of docs/results/ holds:
+bench-attacks/``); its IBA distance table and figure come from ``python docs/make_attack_results.py zoo-attacks/
+--no-bench``.  What a folder of docs/results/ holds:
 ``NAME/zoo/`` the zoo's manifest.json and, per entry, config.json, metrics.json, curve.csv (and the benign
 entries' reference.json: the benign model scored on every attacked test set); ``NAME/bench/`` (and
 ``strip-blend/``, ``fp-max/``, ``arch/``) a bench's results.json, results.csv and results-aggregate.csv, and
