@@ -242,3 +242,41 @@ def test_the_weights_metadata_is_written_the_same_way_every_time(tmp_path):
         save_file({"w": torch.ones(3)}, str(tmp_path / "m.safetensors"), metadata=weights_metadata(config))
         files.add((tmp_path / "m.safetensors").read_bytes())
     assert len(files) == 1
+
+
+def _wait_for_ctrl_c(target, job_id, device, threads, progress, stale_after):
+    """A job that runs until interrupted (a pool task: module level, so a spawned worker can import it)."""
+    Path(target, job_id).write_text(str(os.getpid()))
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        return {"status": "interrupted"}
+    return {"status": "done"}
+
+
+def test_a_pool_worker_ignores_ctrl_c_while_idle_and_takes_it_inside_a_job(tmp_path, capfd):
+    """Ctrl-C reaches every process of the terminal's group. A worker waiting for work must not die of it (its
+    traceback from the pool's queue reached the terminal and broke the pool); a worker running a job gets the
+    KeyboardInterrupt there, as the job would inline, so the job keeps its checkpoint and ends."""
+    from testbed.execution.executors import ProcessExecutor
+
+    pool = ProcessExecutor(tmp_path, 1, "cpu", 9.0, True, 1, task=_wait_for_ctrl_c)
+    try:
+        pid = pool.pool.submit(os.getpid).result(timeout=120)
+        os.kill(pid, signal.SIGINT)  # idle
+        time.sleep(1.0)
+        assert pool.pool.submit(os.getpid).result(timeout=30) == pid, "the idle worker died of Ctrl-C"
+        handle = pool.start("job")
+        deadline = time.time() + 60
+        while not (tmp_path / "job").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGINT)  # inside the job
+        done = pool.wait([handle], timeout=30)
+        assert [r for _, r in done] == [{"status": "interrupted"}]
+        os.kill(pid, signal.SIGINT)  # idle again, after a job
+        time.sleep(1.0)
+        assert pool.pool.submit(os.getpid).result(timeout=30) == pid
+    finally:
+        pool.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

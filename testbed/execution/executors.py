@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import multiprocessing as mp
+import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -74,6 +75,7 @@ def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
     except OSError:
         pass
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle in the pool's queue, Ctrl-C is the builder's to handle
     progress.set_quiet(quiet)
     index = index_queue.get()
     torch.set_num_threads(threads)
@@ -83,7 +85,14 @@ def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
 
 
 def _pool_task(task: Task, target: str, entry_id: str, stale_after: float) -> dict[str, Any]:
-    return task(target, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
+    """Ctrl-C (SIGINT to the terminal's process group) interrupts the job this worker runs, as it does inline: the
+    job keeps its last checkpoint and its KeyboardInterrupt goes back to the builder. An idle worker ignores it (its
+    own traceback from the pool's queue would otherwise reach the terminal, and the pool would break)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return task(target, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ProcessExecutor(Executor):
