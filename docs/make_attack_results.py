@@ -8,8 +8,9 @@ Usage: python docs/make_attack_results.py [ZOO/] [--budget-passes N] [--bench BE
    PBA, the trigger's PSNR/SSIM (`testbed data info`), IBA's ASR per trigger–victim distance bin (also for the
    benign model on the same attacked images), object-bound's false-flip rate;
 3. draws docs/img/iba-asr-distance.png (ASR against distance, one line per variant);
-4. unless --no-bench: `testbed bench --zoo ZOO/ --defense ALL [--budget-passes N] --out BENCH/` and the defenses table
-   (a pass budget, not a wall-clock one: the same result on any machine).
+4. unless --no-bench: `testbed bench --zoo ZOO/ --defense DEFENSES [--budget-passes N] --out BENCH/` and the defenses
+   table (a pass budget, not a wall-clock one: the same result on any machine); DEFENSES are the seven the synthetic
+   reference benchmark runs on every model, as docs/results/attacks/bench/ was made.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from testbed.cli import main as testbed
 HERE = Path(__file__).resolve().parent
 SPEC = HERE.parent / "examples" / "zoo-attacks.toml"
 FIGURE = HERE / "img" / "iba-asr-distance.png"
-DEFENSES = "fine-pruning,strip,trigger-synthesis,activation-clustering,spectral-signature"
+DEFENSES = "fine-pruning,strip,scale-up,clp,ft,nad,i-bau"  # docs/make_results.py's DEFENSES_7
 
 
 def _f(x, digits: int = 1) -> str:
