@@ -6,8 +6,8 @@ Neural Cleanse's MAD outlier test sees only the candidates whose mask reached th
 ``reg_best < inf``); this project's earlier trigger synthesis put every candidate's last mask norm into the MAD.
 Each row of FOLDER/results.json (a `testbed bench` report with trigger-synthesis rows) lists the norms of its
 converged candidates and the last norm of each unconverged one, so the earlier rule can be recomputed on the
-very same searches: every norm in the MAD, flagged when below the median with an anomaly index above 2, and no
-`inconclusive` (the earlier rule had none). Prints the bench's detection table for both rules (the same code as
+very same searches: every norm in the MAD, flagged when below the median with an anomaly index above the run's
+``anomaly_threshold`` (2), `inconclusive` only for a partial search or fewer than 3 candidates. Prints the bench's detection table for both rules (the same code as
 the report: rates with Wilson intervals, AUROC of the score with its stratified bootstrap interval).
 
 Only the rule differs between the two lines: the searches (schedule, success counted per image, the raw L1
@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from testbed.defenses.trigger_synthesis import anomaly_index, flag_small
+from testbed.core.errors import UserError
+from testbed.defenses.trigger_synthesis import anomaly_index, flag_small, verdict_status
 from testbed.stats import read_report
 from testbed.stats.detection import detection_summary
 from testbed.stats.render import detection_markdown
@@ -37,13 +38,23 @@ def every_candidate(row: dict[str, Any]) -> dict[str, Any]:
     d = row["details"]
     labels = [*d["norms"], *d["unconverged"]]
     norms = np.array([*d["norms"].values(), *(u["last_norm"] for u in d["unconverged"].values())], dtype=np.float64)
-    flagged = flag_small(norms)
+    threshold = ((row.get("settings") or {}).get("params") or {}).get("anomaly_threshold", 2.0)
+    flagged = flag_small(norms, threshold)
     small = norms < np.median(norms)
     score = float(anomaly_index(norms)[small].max()) if small.any() else 0.0
-    suspected = [lab.split("->") for lab, f in zip(labels, flagged) if f]
-    verdict = {**row["verdict"], "backdoored": bool(suspected), "score": score, "suspected": suspected,
-               "status": "backdoored" if suspected else "clean"}
+    total = round(len(norms) / d["coverage"]) if d["coverage"] else 0
+    status = verdict_status(bool(flagged.any()), len(norms), total)  # every candidate counted as converged
+    suspected = [lab.split("->") for lab, f in zip(labels, flagged) if f] if status == "backdoored" else []
+    verdict = {**row["verdict"], "backdoored": status == "backdoored", "score": score, "suspected": suspected,
+               "status": status}
     return {**row, "defense": EVERY, "settings": {}, "verdict": verdict}
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    rows = [r for r in read_report(path)["rows"] if r.get("defense") == "trigger-synthesis" and not r.get("error")]
+    if not rows:
+        raise UserError(f"{path} has no trigger-synthesis rows")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("folder", type=Path, nargs="?", default=FOLDER)
     args = ap.parse_args(argv)
     path = args.folder / "results.json"
-    if not path.is_file():
-        print(f"make_nc_rule: no {path}", file=sys.stderr)
+    try:
+        rows = _rows(path)
+        now = [{**r, "defense": "converged candidates only (Neural Cleanse; current)", "settings": {}} for r in rows]
+        table = detection_markdown(detection_summary(now + [every_candidate(r) for r in rows]))
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+        print(f"make_nc_rule: {path}: {e}", file=sys.stderr)
         return 2
-    rows = [r for r in read_report(path)["rows"] if r["defense"] == "trigger-synthesis" and not r.get("error")]
-    now = [{**r, "defense": "converged candidates only (Neural Cleanse; current)", "settings": {}} for r in rows]
-    print(detection_markdown(detection_summary(now + [every_candidate(r) for r in rows])))
+    print(table)
     return 0
 
 

@@ -61,8 +61,9 @@ def backdoored_run(fgba_line_path, tmp_path_factory) -> Path:
     from testbed.training.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "fgba-n1-line"
-    # fp32 pinned: the shared fixture is the same model on every CPU (auto would take bf16 where the CPU has it),
-    # so tests that pin a documented finding on it hold on an AMD EPYC and on a Xeon with AMX alike
+    # fp32 pinned: the shared fixture trains the same arithmetic on every CPU (auto would take bf16 where the CPU
+    # has it); the bytes still differ between CPUs' kernels, so tests that pin a documented finding on it assert
+    # margins, checked on AMD EPYCs and on a Xeon with AMX
     cfg = TrainConfig(model="deeplabv3_tiny", epochs=6, batch_size=16, seed=0, device="cpu", precision="fp32")
     return train(fgba_line_path, out, cfg, progress=False)
 

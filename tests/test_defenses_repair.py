@@ -18,7 +18,7 @@ from testbed import defenses
 from testbed.defense import DefenseContext
 from testbed.defenses.clp import channel_lipschitz, conv_bn_pairs
 from testbed.defenses.ibau import fixed_point_hypergrad
-from testbed.defenses.nad import at_loss, attention_map, default_layers
+from testbed.defenses.nad import at_loss, attention_map, default_layers, stage_outputs
 from testbed.defenses.registry import load_defense
 from testbed.core.errors import UserError
 
@@ -68,6 +68,29 @@ def test_attention_map_and_at_loss_by_hand():
 def test_nad_default_layers_are_the_last_three_backbone_stages():
     assert default_layers(_tiny_model(), (32, 32), torch.device("cpu")) == ["backbone.layer1", "backbone.layer2",
                                                                             "backbone.layer3"]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("segformer_tiny", ["norm2", "norm3", "norm4"]),  # revision 2: patch_embed4, block4, norm4 (one stage)
+    ("deeplabv3_resnet18", ["layer2", "layer3", "layer4"]),  # conv1/bn1 end in 1 too: stage 1 is layer1
+    ("unet_mobilenet_v3_large", ["model.blocks.4", "model.blocks.5", "model.blocks.6"]),  # timm runs blocks piecewise
+])
+def test_nad_taps_the_outputs_of_the_last_three_stages_on_other_backbones(name, expected):
+    """The encoders' own stage structure, written out here from their module names: MiT's stage i is
+    patch_embed{i}, block{i}, norm{i} (norm{i} is what the decoder reads); a ResNet's is layer{i}; timm's
+    MobileNetV3 runs `blocks.0`-`blocks.6` one by one (the `blocks` container never runs as a whole)."""
+    import models
+
+    model = models.create(name, num_classes=5)
+    assert default_layers(model, (64, 64), torch.device("cpu")) == [f"backbone.{n}" for n in expected]
+
+
+def test_stage_outputs_groups_names_by_their_number():
+    assert stage_outputs(["stem", "layer1", "layer2"]) == ["stem", "layer1", "layer2"]
+    assert stage_outputs(["patch_embed1", "block1", "norm1", "patch_embed2", "block2", "norm2"]) == ["norm1", "norm2"]
+    assert stage_outputs(["0", "1", "2"]) == ["0", "1", "2"]  # torchvision's numbered `features`: one stage each
+    assert stage_outputs(["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]) == ["relu", "maxpool", "layer1",
+                                                                                      "layer2"]
 
 
 def test_clp_pairs_convs_with_the_batchnorm_they_feed_and_bounds_by_hand():

@@ -245,37 +245,79 @@ def test_the_weights_metadata_is_written_the_same_way_every_time(tmp_path):
 
 
 def _wait_for_ctrl_c(target, job_id, device, threads, progress, stale_after):
-    """A job that runs until interrupted (a pool task: module level, so a spawned worker can import it)."""
-    Path(target, job_id).write_text(str(os.getpid()))
+    """A pool task (module level: a spawned worker imports it). ``quick``: returns at once; ``wait-S``: writes its
+    file, then sleeps S seconds unless interrupted."""
+    if job_id == "quick":
+        return {"status": "done", "pid": os.getpid()}
     try:
-        time.sleep(60)
+        Path(target, job_id).write_text(str(os.getpid()))
+        time.sleep(float(job_id.split("-")[1]))
     except KeyboardInterrupt:
         return {"status": "interrupted"}
     return {"status": "done"}
+
+
+def _one_result(pool, handle, timeout: float) -> dict:
+    try:
+        done = pool.wait([handle], timeout=timeout)
+    except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt leaking out of the pool is this test's failure
+        pytest.fail(f"the pool raised {type(e).__name__}")
+    assert len(done) == 1, "the job did not end in time"
+    return done[0][1]
+
+
+def _run_job(pool, tmp_path: Path, job: str) -> dict:
+    """Start ``job`` (a ``wait-S``), SIGINT its worker once the job runs, return its result."""
+    handle = pool.start(job)
+    deadline = time.time() + 120
+    while not (tmp_path / job).is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / job).is_file(), "the job never started"
+    time.sleep(0.2)  # inside its sleep
+    os.kill(int((tmp_path / job).read_text()), signal.SIGINT)
+    return _one_result(pool, handle, 60)
+
+
+def _quick_pid(pool) -> int:
+    return _one_result(pool, pool.start("quick"), 120)["pid"]
+
+
+def _pool(tmp_path: Path, sigint) -> object:
+    """A one-worker pool made by a builder whose SIGINT handler is ``sigint`` (restored after)."""
+    from testbed.execution.executors import ProcessExecutor
+
+    before = signal.signal(signal.SIGINT, sigint)
+    try:
+        return ProcessExecutor(tmp_path, 1, "cpu", 9.0, True, 1, task=_wait_for_ctrl_c)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_pool_worker_ignores_ctrl_c_while_idle_and_takes_it_inside_a_job(tmp_path, capfd):
     """Ctrl-C reaches every process of the terminal's group. A worker waiting for work must not die of it (its
     traceback from the pool's queue reached the terminal and broke the pool); a worker running a job gets the
     KeyboardInterrupt there, as the job would inline, so the job keeps its checkpoint and ends."""
-    from testbed.execution.executors import ProcessExecutor
-
-    pool = ProcessExecutor(tmp_path, 1, "cpu", 9.0, True, 1, task=_wait_for_ctrl_c)
+    pool = _pool(tmp_path, signal.default_int_handler)
     try:
-        pid = pool.pool.submit(os.getpid).result(timeout=120)
+        pid = _quick_pid(pool)
         os.kill(pid, signal.SIGINT)  # idle
         time.sleep(1.0)
-        assert pool.pool.submit(os.getpid).result(timeout=30) == pid, "the idle worker died of Ctrl-C"
-        handle = pool.start("job")
-        deadline = time.time() + 60
-        while not (tmp_path / "job").is_file() and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGINT)  # inside the job
-        done = pool.wait([handle], timeout=30)
-        assert [r for _, r in done] == [{"status": "interrupted"}]
+        assert _quick_pid(pool) == pid, "the idle worker died of Ctrl-C"
+        assert _run_job(pool, tmp_path, "wait-60") == {"status": "interrupted"}
         os.kill(pid, signal.SIGINT)  # idle again, after a job
         time.sleep(1.0)
-        assert pool.pool.submit(os.getpid).result(timeout=30) == pid
+        assert _quick_pid(pool) == pid
+    finally:
+        pool.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_a_builder_started_with_ctrl_c_ignored_keeps_its_workers_deaf_to_it(tmp_path, capfd):
+    """A build started as a background job (SIGINT ignored, POSIX) is not interrupted through its workers either."""
+    pool = _pool(tmp_path, signal.SIG_IGN)
+    try:
+        assert _run_job(pool, tmp_path, "wait-3") == {"status": "done"}
     finally:
         pool.close()
     err = capfd.readouterr().err

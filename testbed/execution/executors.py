@@ -13,9 +13,11 @@ Why the executors are this small interface (``slots``, ``start``, ``wait``, ``cl
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import multiprocessing as mp
 import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -65,17 +67,29 @@ class InlineExecutor(Executor):
         return [(h, self.results.pop(h)) for h in handles]
 
 
-_WORKER: dict[str, Any] = {}
+_WORKER: dict[str, Any] = {"busy": False}
 
 
-def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
-    """Per-process setup: dies with its parent (a killed builder takes its workers along), its own GPU."""
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) in a worker: a KeyboardInterrupt inside a job, as inline (the
+    job keeps its last checkpoint and the interrupt goes back to the builder); nothing while idle (a traceback from
+    the pool's queue would reach the terminal and break the pool). One handler for the worker's life, switched by
+    a plain flag: no moment at which an idle worker is left with Python's default handler."""
+    if _WORKER["busy"]:
+        raise KeyboardInterrupt
+
+
+def _init_worker(index_queue, device: str, threads: int, quiet: bool, interruptible: bool) -> None:
+    """Per-process setup: dies with its parent (a killed builder takes its workers along), its own GPU. The worker
+    starts with SIGINT ignored (:meth:`ProcessExecutor.start`); ``interruptible``: the builder itself takes Ctrl-C
+    (a builder started with SIGINT ignored, as a background job, keeps its workers deaf to it too)."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
     except OSError:
         pass
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle in the pool's queue, Ctrl-C is the builder's to handle
+    if interruptible:
+        signal.signal(signal.SIGINT, _on_sigint)
     progress.set_quiet(quiet)
     index = index_queue.get()
     torch.set_num_threads(threads)
@@ -85,14 +99,25 @@ def _init_worker(index_queue, device: str, threads: int, quiet: bool) -> None:
 
 
 def _pool_task(task: Task, target: str, entry_id: str, stale_after: float) -> dict[str, Any]:
-    """Ctrl-C (SIGINT to the terminal's process group) interrupts the job this worker runs, as it does inline: the
-    job keeps its last checkpoint and its KeyboardInterrupt goes back to the builder. An idle worker ignores it (its
-    own traceback from the pool's queue would otherwise reach the terminal, and the pool would break)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _WORKER["busy"] = True
     try:
         return task(target, entry_id, _WORKER["device"], _WORKER["threads"], False, stale_after)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _WORKER["busy"] = False
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this process while the pool spawns its workers (they start with it ignored, so a Ctrl-C
+    during their seconds of imports cannot kill them); only the main thread may change a signal's handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class ProcessExecutor(Executor):
@@ -109,14 +134,16 @@ class ProcessExecutor(Executor):
         threads = threads or max(1, usable_cores() // workers)
         self.slots = workers
         self.target, self.stale_after, self.task = str(target), stale_after, task  # a zoo or a bench report
+        interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(q, device, int(threads), quiet))
+                                           initargs=(q, device, int(threads), quiet, interruptible))
         self._cf = cf
 
     def start(self, entry_id: str):
         if self.task is None:
             raise TypeError("ProcessExecutor needs a task (or a subclass that overrides start)")
-        return self.pool.submit(_pool_task, self.task, self.target, entry_id, self.stale_after)
+        with _sigint_ignored():  # the first submit spawns the workers
+            return self.pool.submit(_pool_task, self.task, self.target, entry_id, self.stale_after)
 
     def wait(self, handles, timeout):
         done, _ = self._cf.wait(handles, timeout=timeout, return_when=self._cf.FIRST_COMPLETED)
