@@ -31,12 +31,16 @@ piece, such as timm's ``blocks``, which never outputs anything itself: that cont
 stages by the number that ends their name after a non-digit (``layer3``; ``patch_embed3``, ``block3``, ``norm3``;
 ``blocks.3``), a stage's output being its member that runs last; names without such a number (``stem``,
 ``relu``; torchvision's ``0``, ``1``, ...) are each a stage of their own.  So the tiny backbone's
-``layer1``-``layer3``, a ResNet's ``layer2``-``layer4``, a MiT encoder's (SegFormer) ``norm2``-``norm4`` and
-timm's MobileNetV3 ``blocks.4``-``blocks.6`` — NAD's choice of the last three residual groups.  (Revision 2 took the
-last three 4-D children: the same on the CNNs, but on a MiT encoder ``patch_embed4``, ``block4`` and ``norm4``,
-three views of its last stage, which collapsed the 12 SegFormers of the architecture zoo to mIoU-B 18.9 ± 4.9
-against 75.0 ± 1.1 with the stage outputs; docs/defenses.md.)  The maps are read with forward hooks, so any model
-works.
+``layer1``-``layer3``, a ResNet's ``layer2``-``layer4`` and a MiT encoder's (SegFormer) ``norm2``-``norm4`` — NAD's
+choice of the last three residual groups; timm's MobileNetV3 gets ``blocks.4``-``blocks.6`` (the last a 1×1 conv,
+not a group) and torchvision's MobileNets their last three numbered ``features`` (blocks of their last stage): an
+approximation, pass ``layers`` for those.  (Revision 2 took the last three 4-D children: the same on the tiny CNNs,
+ResNets and torchvision MobileNets, but on a MiT encoder ``patch_embed4``, ``block4`` and ``norm4``, three views of
+its last stage, which collapsed the 12 SegFormers of the architecture zoo to mIoU-B 18.9 ± 4.9 against 75.0 ± 1.1
+with the stage outputs (docs/defenses.md); on timm's MobileNetV3 its stem; on DenseNet-121 one layer.)  The maps are read with forward hooks, so any model
+works.  A backbone may name its stages' outputs itself (``stage_ends``): DenseNet-121's ``features.transition2``,
+``features.transition3`` and ``features.norm5``, where the names alone would make ``denseblock4`` and ``norm5`` two
+stages.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ def default_layers(model: nn.Module, image_size: tuple[int, int], device: torch.
     root, prefix = getattr(model, "backbone", None), "backbone"
     if root is None:
         raise ValueError("nad needs `layers` for a model without a `backbone` attribute (module names to distil)")
+    if getattr(root, "stage_ends", None):  # a backbone that names its stages' outputs (DenseNet-121)
+        return [f"{prefix}.{n}" for n in root.stage_ends[-3:]]
     children = list(root.named_children())
     while len(children) == 1:
         prefix, root = f"{prefix}.{children[0][0]}", children[0][1]
@@ -142,7 +148,8 @@ class NAD:
     name = "nad"
     # 2: BatchNorm in training mode and a constant teacher learning rate, as the references (was: frozen BN,
     # cosine-annealed teacher; a bench's pairs of revision 1 are run again). 3: default taps are stage outputs
-    # (the same layers on the CNNs; on a MiT encoder norm2-norm4, was patch_embed4, block4, norm4)
+    # (unchanged on the tiny CNNs, ResNets and torchvision MobileNets; MiT norm2-norm4, was patch_embed4, block4,
+    # norm4; timm MobileNetV3 blocks.4-6, was its stem; DenseNet-121 transition2/3 and norm5, was one layer)
     revision = 3
     paper = 'Li et al.: Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, ICLR 2021'
     reference = 'github.com/SCLBD/BackdoorBench defense/nad.py'

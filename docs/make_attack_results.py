@@ -9,7 +9,7 @@ Usage: python docs/make_attack_results.py [ZOO/] [--budget-passes N] [--bench BE
    benign model on the same attacked images), object-bound's false-flip rate;
 3. draws docs/img/iba-asr-distance.png (ASR against distance, one line per variant);
 4. unless --no-bench: `testbed bench --zoo ZOO/ --defense DEFENSES [--budget-passes N] --out BENCH/` and the defenses
-   table (a pass budget, not a wall-clock one: the same result on any machine); DEFENSES are the seven the synthetic
+   table (a pass budget, not a wall-clock one: the same stopping point under any load); DEFENSES are the seven the synthetic
    reference benchmark runs on every model, as docs/results/attacks/bench/ was made.
 """
 

@@ -6,7 +6,7 @@ NAD distils the outputs of its network's last three residual groups. Revision 2 
 default the last three direct children of ``model.backbone`` with a 4-D output: on the tiny CNN
 ``layer1``-``layer3`` (its stages), on the SegFormer's MiT encoder ``patch_embed4``, ``block4`` and ``norm4`` —
 three views of its last stage. Revision 3 taps the outputs of the last three stages by default, on the MiT
-encoder ``norm2``-``norm4`` (the same layers as before on the CNNs). FOLDER holds the two reports (results.json,
+encoder ``norm2``-``norm4`` (the same layers as before on the tiny CNN). FOLDER holds the two reports (results.json,
 results.csv) on the same 12 models, made at revision 2 by:
 
     testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers 2 --threads 1

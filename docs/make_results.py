@@ -20,7 +20,7 @@ the thread count):
     testbed bench --zoo zoo-bench/ --defense strip --param mode=blend --workers 2 --threads 1 --out bench-strip-blend/
     testbed bench --zoo zoo-bench/ --defense fine-pruning --param ranking=max --workers 2 --threads 1 --out bench-fp-max/
     testbed zoo build examples/zoo-arch.toml --out zoo-arch/ --workers 2 --threads 1
-    testbed bench --zoo zoo-arch/ --defense DEFENSES_7 --workers 2 --threads 1 --out bench-arch/
+    testbed bench --zoo zoo-arch/ --defense DEFENSES_7,trigger-synthesis --workers 2 --threads 1 --out bench-arch/
     python docs/make_results.py --collect-zoo synthetic/arch zoo-arch/ --collect-bench synthetic/arch bench-arch/
     testbed zoo build examples/zoo-attacks.toml --out zoo-attacks/ --workers 2 --threads 1
     testbed bench --zoo zoo-attacks/ --defense DEFENSES_7 --workers 2 --threads 1 --out bench-attacks/

@@ -102,6 +102,9 @@ class DenseNetBackbone(nn.Module):
                 layer.conv2.dilation = (d, d)
                 layer.conv2.padding = (d, d)
         self.features = f
+        # the last three stages' outputs (a dense block and its transition; the last: block 4 and norm5), for
+        # defenses that tap stages (NAD): the children's names alone would put denseblock4 and norm5 in two
+        self.stage_ends = ("features.transition2", "features.transition3", "features.norm5")
         self.aux_channels = f.transition3.conv.in_channels
         self.out_channels = f.norm5.num_features
         self.relu = nn.ReLU(inplace=True)

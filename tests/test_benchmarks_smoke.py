@@ -41,6 +41,9 @@ for script in run_all.benchmark_scripts():
     except BaseException:
         rc, buf = 1, io.StringIO(buf.getvalue() + traceback.format_exc())
     results[script.name] = [rc, buf.getvalue()]
+    for name, module in list(sys.modules.items()):  # nor what it imported from benchmarks/ (p7 imports p5)
+        if (getattr(module, "__file__", None) or "").startswith(sys.argv[1]):
+            del sys.modules[name]
 print("RESULTS " + json.dumps(results))
 """
 

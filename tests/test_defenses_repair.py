@@ -74,11 +74,13 @@ def test_nad_default_layers_are_the_last_three_backbone_stages():
     ("segformer_tiny", ["norm2", "norm3", "norm4"]),  # revision 2: patch_embed4, block4, norm4 (one stage)
     ("deeplabv3_resnet18", ["layer2", "layer3", "layer4"]),  # conv1/bn1 end in 1 too: stage 1 is layer1
     ("unet_mobilenet_v3_large", ["model.blocks.4", "model.blocks.5", "model.blocks.6"]),  # timm runs blocks piecewise
+    ("denseaspp_densenet121", ["features.transition2", "features.transition3", "features.norm5"]),  # declared
 ])
 def test_nad_taps_the_outputs_of_the_last_three_stages_on_other_backbones(name, expected):
     """The encoders' own stage structure, written out here from their module names: MiT's stage i is
     patch_embed{i}, block{i}, norm{i} (norm{i} is what the decoder reads); a ResNet's is layer{i}; timm's
-    MobileNetV3 runs `blocks.0`-`blocks.6` one by one (the `blocks` container never runs as a whole)."""
+    MobileNetV3 runs `blocks.0`-`blocks.6` one by one (the `blocks` container never runs as a whole); DenseNet-121
+    names its own (`stage_ends`: a dense block with its transition, the last with norm5)."""
     import models
 
     model = models.create(name, num_classes=5)

@@ -317,7 +317,7 @@ def test_a_builder_started_with_ctrl_c_ignored_keeps_its_workers_deaf_to_it(tmp_
     """A build started as a background job (SIGINT ignored, POSIX) is not interrupted through its workers either."""
     pool = _pool(tmp_path, signal.SIG_IGN)
     try:
-        assert _run_job(pool, tmp_path, "wait-3") == {"status": "done"}
+        assert _run_job(pool, tmp_path, "wait-5") == {"status": "done"}
     finally:
         pool.close()
     err = capfd.readouterr().err

@@ -39,7 +39,7 @@ def add_defense_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, metavar="S", help="wall-clock budget per defense run in seconds, passed to the "
                    "defense (the report marks runs that exceed it or that it stopped)")
     p.add_argument("--budget-passes", type=int, metavar="N", help="compute budget per defense run: forward + backward "
-                   "passes of one image through the model; unlike --budget it gives the same result on any machine")
+                   "passes of one image through the model; unlike --budget it stops at the same point under any load")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed handed to each defense (default: 0)")
     p.add_argument("--min-asr", type=float, default=50.0, metavar="PCT",
                    help="a backdoored model whose ASR before any defense is below PCT%% did not really learn its backdoor: "

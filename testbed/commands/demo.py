@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=float, default=d.budget_s, metavar="S",
                    help="wall-clock seconds per defense (default: none; a clock budget depends on the machine's load)")
     p.add_argument("--budget-passes", type=int, default=d.budget_passes, metavar="N",
-                   help="forward + backward passes per defense: a budget that gives the same result on any machine")
+                   help="forward + backward passes per defense: a budget that stops at the same point under any load")
     p.add_argument("--workers", type=workers_arg, default=d.workers,
                    help="models (and defenses) trained at once: N or auto = cores / --threads (default %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads,

@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import signal
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -81,15 +80,16 @@ def _on_sigint(signum, frame) -> None:
 
 def _init_worker(index_queue, device: str, threads: int, quiet: bool, interruptible: bool) -> None:
     """Per-process setup: dies with its parent (a killed builder takes its workers along), its own GPU. The worker
-    starts with SIGINT ignored (:meth:`ProcessExecutor.start`); ``interruptible``: the builder itself takes Ctrl-C
-    (a builder started with SIGINT ignored, as a background job, keeps its workers deaf to it too)."""
+    starts with SIGINT blocked (:meth:`ProcessExecutor.start`): a Ctrl-C during its imports waits, and meets the
+    handler set here; ``interruptible``: the builder itself takes Ctrl-C (a builder started with SIGINT ignored, as
+    a background job, keeps its workers deaf to it too)."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL
     except OSError:
         pass
 
-    if interruptible:
-        signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGINT, _on_sigint if interruptible else signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     progress.set_quiet(quiet)
     index = index_queue.get()
     torch.set_num_threads(threads)
@@ -107,17 +107,15 @@ def _pool_task(task: Task, target: str, entry_id: str, stale_after: float) -> di
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
-    """SIGINT ignored in this process while the pool spawns its workers (they start with it ignored, so a Ctrl-C
-    during their seconds of imports cannot kill them); only the main thread may change a signal's handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _sigint_blocked():
+    """SIGINT blocked in this thread while the pool spawns its workers: they inherit the mask, so a Ctrl-C during
+    their seconds of imports waits for their handler (:func:`_init_worker`); here it is deferred, not lost. A
+    signal mask, unlike a handler, may be set from any thread (`testbed demo` builds its zoo in one)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class ProcessExecutor(Executor):
@@ -142,7 +140,7 @@ class ProcessExecutor(Executor):
     def start(self, entry_id: str):
         if self.task is None:
             raise TypeError("ProcessExecutor needs a task (or a subclass that overrides start)")
-        with _sigint_ignored():  # the first submit spawns the workers
+        with _sigint_blocked():  # the first submit spawns the workers
             return self.pool.submit(_pool_task, self.task, self.target, entry_id, self.stale_after)
 
     def wait(self, handles, timeout):
