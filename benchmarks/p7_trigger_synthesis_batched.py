@@ -13,8 +13,12 @@ setting, and a check that both modes gave the same verdict and norms.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark P5 (run_all runs from the repo root)
 
 
 def one(model, ctx, steps: int, batch: int, candidate_batch: int):
@@ -27,10 +31,6 @@ def one(model, ctx, steps: int, batch: int, candidate_batch: int):
 
 
 def measure(k: int, size: int, clean: int, batch: int, steps: int, rounds: int, threads: int) -> dict:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from p5_trigger_synthesis import setup
 
     before = torch.get_num_threads()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's testbed, not an installed one
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark P3 (run_all runs from the repo root)
 
 TARGET = 1.5
 # name → (precision, channels_last); "auto" is what a user gets without flags
@@ -105,8 +105,6 @@ def _report(rates: dict[str, list], cpu_rates: dict[str, list], used: dict, args
 def ceiling(data: Path, args: argparse.Namespace, path: str) -> None:
     """Print P3's bare loop on ``path`` (the layout P9's ratio was taken for) ÷ the same loop in fp32, per
     CPU-second, ``args.rounds`` alternating rounds (after one warm-up each)."""
-    if str(HERE) not in sys.path:  # run_all runs this script from the repository root: the folder is not on the path
-        sys.path.insert(0, str(HERE))
     from p3_train import bare_loop  # the sibling benchmark's loop
 
     from testbed.data import h5data
