@@ -13,6 +13,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = str(ROOT / "docs")
 sys.path.insert(0, DOCS)
+import make_nc_rule  # noqa: E402
 import make_results  # noqa: E402  (a script beside the page, not a package)
 
 while DOCS in sys.path:  # make_results puts docs/ on the path too
@@ -138,3 +139,21 @@ def test_a_bench_on_part_of_a_zoo_says_which_models_it_holds():
     assert text == ("Models benchmarked: 7 of the zoo's 9, by setting (models): benign (3), bd (3), warp (1). "
                     "Not benchmarked yet: warp (2).")
     assert make_results.coverage_text(set(zoo), zoo) == "" and make_results.coverage_text(benched, []) == ""
+
+
+def test_the_earlier_nc_rule_puts_unconverged_norms_back_into_the_mad():
+    """docs/make_nc_rule.py's counterfactual on a hand-made row. Converged norms 100, 1000, 1100, 1200: median 1050,
+    MAD 100, so 100 sits 950 / (1.4826 x 100) = 6.4 scaled MADs below (flagged: the current rule). With the two
+    unconverged last norms 4000, 4000 back in: median 1150, MAD 600, index 1050 / 889.6 = 1.18 (clean)."""
+    row = {"defense": "trigger-synthesis", "settings": {"params": {}},
+           "verdict": {"backdoored": True, "score": 6.4, "status": "backdoored", "suspected": [["*", "a"]]},
+           "details": {"norms": {"*->a": 100.0, "*->b": 1000.0, "*->c": 1100.0, "*->d": 1200.0},
+                       "unconverged": {"*->e": {"last_norm": 4000.0}, "*->f": {"last_norm": 4000.0}},
+                       "coverage": 1.0}}
+    earlier = make_nc_rule.every_candidate(row)["verdict"]
+    assert earlier["status"] == "clean" and earlier["suspected"] == [] and not earlier["backdoored"]
+    assert abs(earlier["score"] - 1050 / (1.4826 * 600)) < 1e-9
+    row["details"]["unconverged"] = {}  # the same rule on the converged four alone flags a: index 6.4
+    alone = make_nc_rule.every_candidate(row)["verdict"]
+    assert alone["status"] == "backdoored" and alone["suspected"] == [["*", "a"]]
+    assert abs(alone["score"] - 950 / (1.4826 * 100)) < 1e-9
